@@ -1,0 +1,145 @@
+//! Recording many dispatches into one submission.
+//!
+//! A [`Batch`] collects dispatches (pipeline, storage buffers, a small uniform parameter block,
+//! workgroup counts). On [`Batch::submit`] all parameter blocks go into one uniform buffer, the
+//! bind groups are created against it, and every dispatch is encoded into a single compute pass
+//! and submitted once. wgpu inserts the barriers between dispatches that touch the same buffer.
+
+use std::num::NonZeroU64;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+
+use super::buffer::GpuBuffer;
+use super::context::Gpu;
+
+struct Dispatch {
+    pipeline: Arc<wgpu::ComputePipeline>,
+    /// (buffer, bound length): bound at bindings 1.. in order; binding 0 is the uniform block.
+    storage: Vec<(wgpu::Buffer, u64)>,
+    params: std::ops::Range<usize>,
+    workgroups: [u32; 3],
+}
+
+/// Dispatches waiting to be submitted together.
+pub struct Batch<'g> {
+    gpu: &'g Gpu,
+    dispatches: Vec<Dispatch>,
+    params: Vec<u8>,
+}
+
+impl<'g> Batch<'g> {
+    pub fn new(gpu: &'g Gpu) -> Self {
+        Batch {
+            gpu,
+            dispatches: Vec::new(),
+            params: Vec::new(),
+        }
+    }
+
+    pub fn gpu(&self) -> &'g Gpu {
+        self.gpu
+    }
+
+    pub fn len(&self) -> usize {
+        self.dispatches.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.dispatches.is_empty()
+    }
+
+    /// Queue one dispatch. `params` is the kernel's uniform block (binding 0); `storage` are the
+    /// buffers at bindings 1, 2, ... in order, each bound over its requested length.
+    pub fn dispatch<P: bytemuck::Pod>(
+        &mut self,
+        pipeline: Arc<wgpu::ComputePipeline>,
+        params: &P,
+        storage: &[&GpuBuffer],
+        workgroups: [u32; 3],
+    ) -> Result<()> {
+        let max = self.gpu.caps().max_workgroups_per_dim;
+        if workgroups.iter().any(|&w| w > max) {
+            return Err(Error::Shape(format!(
+                "dispatch of {workgroups:?} workgroups exceeds the device limit of {max} per dimension"
+            )));
+        }
+        if workgroups.contains(&0) {
+            return Ok(());
+        }
+        let align = self.gpu.caps().min_uniform_align.max(16) as usize;
+        let start = self.params.len().div_ceil(align) * align;
+        self.params.resize(start, 0);
+        self.params.extend_from_slice(bytemuck::bytes_of(params));
+        let end = self.params.len();
+        // Uniform bindings must be a multiple of 16 bytes.
+        self.params.resize(start + (end - start).div_ceil(16) * 16, 0);
+        let end = self.params.len();
+        self.dispatches.push(Dispatch {
+            pipeline,
+            storage: storage.iter().map(|b| (b.raw().clone(), b.len())).collect(),
+            params: start..end,
+            workgroups,
+        });
+        Ok(())
+    }
+
+    /// Encode everything into one compute pass and submit it. Does not wait for completion.
+    pub fn submit(self) -> Result<()> {
+        if self.dispatches.is_empty() {
+            return Ok(());
+        }
+        let gpu = self.gpu;
+        let device = &gpu.device;
+        let uniform = gpu.buffer(
+            self.params.len() as u64,
+            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        )?;
+        gpu.queue.write_buffer(uniform.raw(), 0, &self.params);
+        gpu.scoped("kernel submission", || {
+            let groups: Vec<wgpu::BindGroup> = self
+                .dispatches
+                .iter()
+                .map(|d| {
+                    let layout = d.pipeline.get_bind_group_layout(0);
+                    let mut entries = vec![wgpu::BindGroupEntry {
+                        binding: 0,
+                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: uniform.raw(),
+                            offset: d.params.start as u64,
+                            size: NonZeroU64::new((d.params.end - d.params.start) as u64),
+                        }),
+                    }];
+                    for (i, (buf, len)) in d.storage.iter().enumerate() {
+                        entries.push(wgpu::BindGroupEntry {
+                            binding: i as u32 + 1,
+                            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                buffer: buf,
+                                offset: 0,
+                                size: NonZeroU64::new(*len),
+                            }),
+                        });
+                    }
+                    device.create_bind_group(&wgpu::BindGroupDescriptor {
+                        label: None,
+                        layout: &layout,
+                        entries: &entries,
+                    })
+                })
+                .collect();
+            let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("batch") });
+            {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("batch"),
+                    timestamp_writes: None,
+                });
+                for (d, g) in self.dispatches.iter().zip(&groups) {
+                    pass.set_pipeline(&d.pipeline);
+                    pass.set_bind_group(0, g, &[]);
+                    pass.dispatch_workgroups(d.workgroups[0], d.workgroups[1], d.workgroups[2]);
+                }
+            }
+            gpu.queue.submit([enc.finish()]);
+        })
+    }
+}

@@ -1,0 +1,327 @@
+//! The opened device: adapter choice, real limits, optional features, error capture, buffer
+//! creation and readback.
+
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+
+use super::adapter::{self, AdapterReport, BackendChoice, GpuOptions};
+use super::buffer::{size_class, BufferPool, GpuBuffer, MemoryStats};
+use super::pipeline::{Kernel, PipelineCache, Spec};
+
+/// Limits and capabilities the kernels plan with (the device's real limits, possibly lowered by
+/// [`GpuOptions::max_binding_bytes`]).
+#[derive(Clone, Debug)]
+pub struct Caps {
+    /// Largest storage binding, rounded down to 16 bytes.
+    pub max_binding: u64,
+    pub max_buffer: u64,
+    pub max_workgroups_per_dim: u32,
+    pub max_invocations: u32,
+    pub min_uniform_align: u32,
+    pub shader_f16: bool,
+    pub subgroups: bool,
+    pub timestamps: bool,
+    pub subgroup_min: u32,
+    /// A software rasterizer (lavapipe, llvmpipe, WARP): prefers different tiles.
+    pub is_cpu: bool,
+}
+
+/// An open GPU device with its queue, pipeline cache and buffer pool.
+pub struct Gpu {
+    _instance: wgpu::Instance,
+    _adapter: wgpu::Adapter,
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    report: AdapterReport,
+    caps: Caps,
+    pipelines: PipelineCache,
+    pub(crate) pool: Arc<BufferPool>,
+    lost: Arc<Mutex<Option<String>>>,
+    uncaptured: Arc<Mutex<Option<String>>>,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Gpu({})", self.describe())
+    }
+}
+
+impl Gpu {
+    /// Open the adapter the options select (default: best discrete, integrated, then CPU).
+    pub fn new(opts: &GpuOptions) -> Result<Gpu> {
+        let backend = opts.backend.unwrap_or(BackendChoice::All);
+        let (instance, adapters) = adapter::enumerate(backend);
+        let (index, adapter) = adapter::select(adapters, backend, opts.adapter.as_ref())?;
+        let report = adapter::report(index, &adapter);
+
+        let wanted = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
+        let features = adapter.features() & wanted;
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("pumice"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| Error::RequestDevice {
+            adapter: report.name.clone(),
+            msg: e.to_string(),
+        })?;
+
+        let lost = Arc::new(Mutex::new(None));
+        let lost_cb = lost.clone();
+        device.set_device_lost_callback(move |reason, msg| {
+            // Dropping the device at exit also "loses" it; that is not an error.
+            if reason != wgpu::DeviceLostReason::Destroyed {
+                *lost_cb.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("{reason:?}: {msg}"));
+            }
+        });
+        let uncaptured = Arc::new(Mutex::new(None));
+        let unc = uncaptured.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            let mut slot = unc.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.is_none() {
+                *slot = Some(e.to_string());
+            }
+        }));
+
+        let mut max_binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        let mut max_buffer = limits.max_buffer_size;
+        if let Some(cap) = opts.max_binding_bytes {
+            max_binding = max_binding.min(cap.max(256));
+            max_buffer = max_buffer.min(cap.max(256));
+        }
+        let caps = Caps {
+            max_binding: max_binding & !15,
+            max_buffer,
+            max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
+            max_invocations: limits.max_compute_invocations_per_workgroup,
+            min_uniform_align: limits.min_uniform_buffer_offset_alignment,
+            shader_f16: features.contains(wgpu::Features::SHADER_F16),
+            subgroups: features.contains(wgpu::Features::SUBGROUP),
+            timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
+            subgroup_min: report.limits.subgroup_min_size,
+            is_cpu: adapter.get_info().device_type == wgpu::DeviceType::Cpu,
+        };
+        tracing::debug!(adapter = %report.name, backend = %report.backend, ?caps, "opened GPU");
+        Ok(Gpu {
+            _instance: instance,
+            _adapter: adapter,
+            device,
+            queue,
+            report,
+            caps,
+            pipelines: PipelineCache::default(),
+            pool: Arc::new(BufferPool::default()),
+            lost,
+            uncaptured,
+        })
+    }
+
+    /// Open with options from the environment (`PUMICE_BACKEND`, `PUMICE_ADAPTER`, ...).
+    pub fn from_env() -> Result<Gpu> {
+        Gpu::new(&GpuOptions::from_env()?)
+    }
+
+    pub fn report(&self) -> &AdapterReport {
+        &self.report
+    }
+
+    pub fn caps(&self) -> &Caps {
+        &self.caps
+    }
+
+    /// "name (backend, type)" for logs and test output.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({}, {}, driver {})",
+            self.report.name, self.report.backend, self.report.device_type, self.report.driver
+        )
+    }
+
+    pub fn memory(&self) -> MemoryStats {
+        self.pool.stats()
+    }
+
+    pub fn reset_peak_memory(&self) {
+        self.pool.reset_peak()
+    }
+
+    /// Release idle pooled buffers.
+    pub fn trim(&self) {
+        self.pool.trim()
+    }
+
+    pub fn pipelines_built(&self) -> usize {
+        self.pipelines.len()
+    }
+
+    pub(crate) fn pipeline(&self, kernel: &Kernel, spec: &Spec) -> Result<Arc<wgpu::ComputePipeline>> {
+        self.check_health()?;
+        self.pipelines.get_or_build(&self.device, kernel, spec)
+    }
+
+    /// Fail with a typed error if the device was lost or reported an uncaptured error.
+    pub fn check_health(&self) -> Result<()> {
+        if let Some(msg) = self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Err(Error::DeviceLost(msg));
+        }
+        if let Some(msg) = self.uncaptured.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(Error::Gpu {
+                op: "an earlier operation".into(),
+                msg,
+            });
+        }
+        Ok(())
+    }
+
+    /// Run `f` inside validation and out-of-memory error scopes and turn what they catch into
+    /// [`Error::Gpu`].
+    pub(crate) fn scoped<T>(&self, op: &str, f: impl FnOnce() -> T) -> Result<T> {
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let val = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let out = f();
+        let e1 = pollster::block_on(val.pop());
+        let e2 = pollster::block_on(oom.pop());
+        if let Some(e) = e1.or(e2) {
+            return Err(Error::Gpu {
+                op: op.to_string(),
+                msg: e.to_string(),
+            });
+        }
+        self.check_health()?;
+        Ok(out)
+    }
+
+    /// A storage buffer of at least `bytes` (rounded up to 16) from the pool. Contents are
+    /// undefined unless `zeroed`.
+    pub fn storage(&self, bytes: u64, zeroed: bool) -> Result<GpuBuffer> {
+        let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;
+        let len = bytes.max(4).div_ceil(16) * 16;
+        if len > self.caps.max_buffer {
+            return Err(Error::TooLarge {
+                what: "a storage buffer".into(),
+                bytes: len,
+                limit: self.caps.max_buffer,
+            });
+        }
+        let buf = self.buffer(len, usage)?;
+        if zeroed {
+            let mut enc = self.device.create_command_encoder(&Default::default());
+            enc.clear_buffer(buf.raw(), 0, Some(len));
+            self.queue.submit([enc.finish()]);
+        }
+        Ok(buf)
+    }
+
+    pub(crate) fn buffer(&self, len: u64, usage: wgpu::BufferUsages) -> Result<GpuBuffer> {
+        // Classes never exceed the next power of two, but an odd (artificial) limit could be
+        // smaller than the class: then allocate exactly.
+        let mut class = size_class(len);
+        if class > self.caps.max_buffer {
+            class = len;
+        }
+        let raw = match self.pool.take(class, usage) {
+            Some(b) => b,
+            None => {
+                let b = self.scoped("buffer allocation", || {
+                    self.device.create_buffer(&wgpu::BufferDescriptor {
+                        label: None,
+                        size: class,
+                        usage,
+                        mapped_at_creation: false,
+                    })
+                })?;
+                self.pool.note_created(class);
+                b
+            }
+        };
+        Ok(GpuBuffer::new(raw, len, class, usage, self.pool.clone()))
+    }
+
+    /// Upload bytes into a new storage buffer (padded with zeros to a multiple of 4 bytes).
+    pub fn upload(&self, bytes: &[u8]) -> Result<GpuBuffer> {
+        let buf = self.storage(bytes.len() as u64, false)?;
+        let whole = bytes.len() / 4 * 4;
+        if whole > 0 {
+            self.queue.write_buffer(buf.raw(), 0, &bytes[..whole]);
+        }
+        let mut tail = [0u8; 16];
+        let rest = &bytes[whole..];
+        tail[..rest.len()].copy_from_slice(rest);
+        // Pad up to the 16-byte length so vector loads see zeros, never stale pool data.
+        let pad = (buf.len() - whole as u64) as usize;
+        if pad > 0 {
+            self.queue.write_buffer(buf.raw(), whole as u64, &tail[..pad]);
+        }
+        Ok(buf)
+    }
+
+    /// Copy `len` bytes at `offset` of a buffer back to the host, waiting for queued work.
+    pub fn read_bytes(&self, buf: &GpuBuffer, offset: u64, len: u64) -> Result<Vec<u8>> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let padded = len.div_ceil(4) * 4;
+        if offset % 4 != 0 || offset + padded > buf.len() {
+            return Err(Error::Shape(format!(
+                "readback of {len} bytes at {offset} from a {}-byte buffer",
+                buf.len()
+            )));
+        }
+        let staging = self.buffer(padded, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)?;
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(buf.raw(), offset, staging.raw(), 0, Some(padded));
+        self.scoped("readback", || self.queue.submit([enc.finish()]))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging
+            .raw()
+            .slice(..padded)
+            .map_async(wgpu::MapMode::Read, move |r| {
+                let _ = tx.send(r);
+            });
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu {
+                op: "waiting for the GPU".into(),
+                msg: e.to_string(),
+            })?;
+        self.check_health()?;
+        match rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(Error::Gpu {
+                    op: "mapping a readback buffer".into(),
+                    msg: e.to_string(),
+                })
+            }
+            Err(_) => return Err(Error::DeviceLost("readback callback never ran".into())),
+        }
+        let out = {
+            let view = staging
+                .raw()
+                .get_mapped_range(..padded)
+                .map_err(|e| Error::Gpu {
+                    op: "mapping a readback buffer".into(),
+                    msg: format!("{e:?}"),
+                })?;
+            view[..len as usize].to_vec()
+        };
+        staging.raw().unmap();
+        Ok(out)
+    }
+
+    /// Block until all submitted work has finished.
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu {
+                op: "waiting for the GPU".into(),
+                msg: e.to_string(),
+            })?;
+        self.check_health()
+    }
+}

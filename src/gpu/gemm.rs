@@ -1,0 +1,180 @@
+//! General matrix multiply on the GPU: `C (+)= A · B` or `C (+)= A · Bᵀ`, with A and B stored as
+//! f32, f16 or bf16 and f32 accumulation and output.
+//!
+//! Chunked operands: A and C are walked chunk against chunk over the rows they share. For
+//! `A · B`, B's chunks are ranges of the contraction (k), so they are accumulated one after the
+//! other into C; for `A · Bᵀ`, B's chunks are ranges of C's columns and write disjoint blocks.
+
+use crate::error::{Error, Result};
+
+use super::batch::Batch;
+use super::context::Gpu;
+use super::matrix::GpuMatrix;
+use super::operand::{aligned, operand_wgsl};
+use super::pipeline::{Kernel, Spec};
+
+const KERNEL: Kernel = Kernel {
+    name: "gemm",
+    template: include_str!("../../shaders/gemm.wgsl"),
+};
+
+/// Output tile per workgroup: each invocation computes 4×4 elements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmConfig {
+    pub wg_x: u32,
+    pub wg_y: u32,
+}
+
+impl GemmConfig {
+    /// Tile choice per adapter: 64×64 tiles (256 invocations) on GPUs; 32×32 on CPU adapters,
+    /// whose SIMD lanes gain nothing from bigger groups and whose caches like smaller tiles.
+    pub fn for_gpu(gpu: &Gpu) -> GemmConfig {
+        let caps = gpu.caps();
+        if caps.is_cpu || caps.max_invocations < 256 {
+            GemmConfig { wg_x: 8, wg_y: 8 }
+        } else {
+            GemmConfig { wg_x: 16, wg_y: 16 }
+        }
+    }
+    fn tile_m(&self) -> usize {
+        4 * self.wg_y as usize
+    }
+    fn tile_n(&self) -> usize {
+        4 * self.wg_x as usize
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+struct GemmParams {
+    m: u32,
+    n: u32,
+    k: u32,
+    lda: u32,
+    ldb: u32,
+    ldc: u32,
+    a_off: u32,
+    b_off: u32,
+    c_off: u32,
+    accumulate: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+/// Which product to form.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmOp {
+    /// C = A · B, B stored [k, n].
+    NN,
+    /// C = A · Bᵀ, B stored [n, k] (a linear layer's weight).
+    NT,
+}
+
+/// Record `C (+)= A · op(B)` into `batch`. C must be f32 with shape [A.rows, n].
+pub fn gemm(batch: &mut Batch<'_>, a: &GpuMatrix, b: &GpuMatrix, op: GemmOp, c: &GpuMatrix, accumulate: bool) -> Result<()> {
+    let (m, k) = (a.rows(), a.cols());
+    let (kb, n) = match op {
+        GemmOp::NN => (b.rows(), b.cols()),
+        GemmOp::NT => (b.cols(), b.rows()),
+    };
+    if kb != k || c.rows() != m || c.cols() != n {
+        return Err(Error::Shape(format!(
+            "gemm {op:?}: A {:?}, B {:?}, C {:?}",
+            a.shape(),
+            b.shape(),
+            c.shape()
+        )));
+    }
+    if c.dtype() != crate::dtype::DType::F32 {
+        return Err(Error::Shape(format!("gemm output must be f32, not {}", c.dtype())));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        return Err(Error::Shape("gemm with an empty contraction (k = 0)".into()));
+    }
+    let gpu = batch.gpu();
+    let cfg = GemmConfig::for_gpu(gpu);
+    let max_wg = gpu.caps().max_workgroups_per_dim as usize;
+    let rows_per_dispatch = max_wg * cfg.tile_m();
+    let cols_per_dispatch = max_wg * cfg.tile_n();
+
+    for ac in a.chunks() {
+        for cc in c.chunks() {
+            let r0 = ac.row0.max(cc.row0);
+            let r1 = (ac.row0 + ac.rows).min(cc.row0 + cc.rows);
+            if r0 >= r1 {
+                continue;
+            }
+            for (bi, bc) in b.chunks().iter().enumerate() {
+                // (first column of C, columns, first k, contraction length, accumulate)
+                let (col0, ncols, k0, kc, acc) = match op {
+                    GemmOp::NT => (bc.row0, bc.rows, 0, k, accumulate),
+                    GemmOp::NN => (0, n, bc.row0, bc.rows, accumulate || bi > 0),
+                };
+                let mut rs = r0;
+                while rs < r1 {
+                    let rn = (r1 - rs).min(rows_per_dispatch);
+                    let mut cs = 0;
+                    while cs < ncols {
+                        let cn = (ncols - cs).min(cols_per_dispatch);
+                        let a_off = (rs - ac.row0) * k + k0;
+                        let b_off = match op {
+                            GemmOp::NT => cs * k,
+                            GemmOp::NN => cs,
+                        };
+                        let params = GemmParams {
+                            m: rn as u32,
+                            n: cn as u32,
+                            k: kc as u32,
+                            lda: k as u32,
+                            ldb: b.cols() as u32,
+                            ldc: n as u32,
+                            a_off: a_off as u32,
+                            b_off: b_off as u32,
+                            c_off: ((rs - cc.row0) * n + col0 + cs) as u32,
+                            accumulate: acc as u32,
+                            _pad0: 0,
+                            _pad1: 0,
+                        };
+                        let a_al = aligned(a_off, k);
+                        let b_al = aligned(b_off, b.cols());
+                        let spec = Spec::new()
+                            .set("OPERANDS", format!(
+                                "{}{}",
+                                operand_wgsl("a", 1, a.dtype(), a_al),
+                                operand_wgsl("b", 2, b.dtype(), b_al)
+                            ))
+                            .set("WG_X", cfg.wg_x)
+                            .set("WG_Y", cfg.wg_y)
+                            .set("B_T", op == GemmOp::NT);
+                        let pipeline = gpu.pipeline(&KERNEL, &spec)?;
+                        let wg = [
+                            cn.div_ceil(cfg.tile_n()) as u32,
+                            rn.div_ceil(cfg.tile_m()) as u32,
+                            1,
+                        ];
+                        batch.dispatch(pipeline, &params, &[&ac.buf, &bc.buf, &cc.buf], wg)?;
+                        cs += cn;
+                    }
+                    rs += rn;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `A · op(B)` into a new f32 matrix, submitted at once.
+pub fn matmul(gpu: &Gpu, a: &GpuMatrix, b: &GpuMatrix, op: GemmOp) -> Result<GpuMatrix> {
+    let n = match op {
+        GemmOp::NN => b.cols(),
+        GemmOp::NT => b.rows(),
+    };
+    let c = GpuMatrix::uninit(gpu, a.rows(), n)?;
+    let mut batch = Batch::new(gpu);
+    gemm(&mut batch, a, b, op, &c, false)?;
+    batch.submit()?;
+    Ok(c)
+}

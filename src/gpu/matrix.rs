@@ -1,0 +1,153 @@
+//! Row-major matrices on the GPU, split into row blocks that each fit one storage binding.
+//!
+//! A tensor larger than `max_storage_buffer_binding_size` (128 MiB on lavapipe) cannot be bound
+//! whole, so a [`GpuMatrix`] is a list of [`Chunk`]s, each holding whole consecutive rows in
+//! its own buffer. Kernels take (chunk, row offset) pairs; see `gemm.rs` for how products over
+//! chunked operands are planned.
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+
+use super::buffer::GpuBuffer;
+use super::context::Gpu;
+
+/// One block of whole rows `[row0, row0 + rows)`.
+#[derive(Debug)]
+pub struct Chunk {
+    pub buf: GpuBuffer,
+    pub row0: usize,
+    pub rows: usize,
+}
+
+/// A row-major `rows × cols` matrix stored as f32, f16 or bf16 (16-bit types packed two per
+/// 32-bit word, element order = memory order).
+#[derive(Debug)]
+pub struct GpuMatrix {
+    rows: usize,
+    cols: usize,
+    dtype: DType,
+    chunks: Vec<Chunk>,
+}
+
+/// How many rows of `cols` elements of `dtype` fit in one binding of `max_binding` bytes.
+pub(crate) fn rows_per_chunk(gpu: &Gpu, cols: usize, dtype: DType, what: &str) -> Result<usize> {
+    let row_bytes = (cols * dtype.size()) as u64;
+    let limit = gpu.caps().max_binding;
+    if row_bytes > limit {
+        return Err(Error::TooLarge {
+            what: format!("one row of {what} ({cols} × {dtype})"),
+            bytes: row_bytes,
+            limit,
+        });
+    }
+    // Keep element indices within u32 for the kernels.
+    let by_bytes = (limit / row_bytes.max(1)) as usize;
+    let by_index = (u32::MAX as usize / 2) / cols.max(1);
+    let per = by_bytes.min(by_index).max(1);
+    // Multiples of 4 rows keep chunk boundaries on the kernels' vector alignment.
+    Ok(if per >= 4 { per / 4 * 4 } else { per })
+}
+
+fn chunk_ranges(rows: usize, per: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..rows).step_by(per).map(move |r0| (r0, per.min(rows - r0)))
+}
+
+impl GpuMatrix {
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn chunks(&self) -> &[Chunk] {
+        &self.chunks
+    }
+    pub fn shape(&self) -> [usize; 2] {
+        [self.rows, self.cols]
+    }
+
+    /// A zero-filled f32 matrix.
+    pub fn zeros(gpu: &Gpu, rows: usize, cols: usize) -> Result<GpuMatrix> {
+        Self::alloc(gpu, rows, cols, DType::F32, true)
+    }
+
+    /// An f32 matrix with undefined contents (for outputs that will be overwritten).
+    pub fn uninit(gpu: &Gpu, rows: usize, cols: usize) -> Result<GpuMatrix> {
+        Self::alloc(gpu, rows, cols, DType::F32, false)
+    }
+
+    fn alloc(gpu: &Gpu, rows: usize, cols: usize, dtype: DType, zeroed: bool) -> Result<GpuMatrix> {
+        let per = rows_per_chunk(gpu, cols, dtype, "a matrix")?;
+        let chunks = chunk_ranges(rows, per)
+            .map(|(row0, n)| {
+                Ok(Chunk {
+                    buf: gpu.storage((n * cols * dtype.size()) as u64, zeroed)?,
+                    row0,
+                    rows: n,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(GpuMatrix {
+            rows,
+            cols,
+            dtype,
+            chunks,
+        })
+    }
+
+    /// Upload raw little-endian bytes of `dtype` (exactly `rows * cols` elements).
+    pub fn from_bytes(gpu: &Gpu, rows: usize, cols: usize, dtype: DType, bytes: &[u8]) -> Result<GpuMatrix> {
+        let expect = rows * cols * dtype.size();
+        if bytes.len() != expect {
+            return Err(Error::Shape(format!(
+                "{} bytes given for a {rows}×{cols} {dtype} matrix ({expect} expected)",
+                bytes.len()
+            )));
+        }
+        let per = rows_per_chunk(gpu, cols, dtype, "a matrix")?;
+        let row_bytes = cols * dtype.size();
+        let chunks = chunk_ranges(rows, per)
+            .map(|(row0, n)| {
+                Ok(Chunk {
+                    buf: gpu.upload(&bytes[row0 * row_bytes..(row0 + n) * row_bytes])?,
+                    row0,
+                    rows: n,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(GpuMatrix {
+            rows,
+            cols,
+            dtype,
+            chunks,
+        })
+    }
+
+    /// Upload f32 values, stored as `dtype` (rounded to nearest even for 16-bit types).
+    pub fn from_f32(gpu: &Gpu, rows: usize, cols: usize, dtype: DType, values: &[f32]) -> Result<GpuMatrix> {
+        if values.len() != rows * cols {
+            return Err(Error::Shape(format!(
+                "{} values given for a {rows}×{cols} matrix",
+                values.len()
+            )));
+        }
+        match dtype {
+            DType::F32 => Self::from_bytes(gpu, rows, cols, dtype, bytemuck::cast_slice(values)),
+            _ => Self::from_bytes(gpu, rows, cols, dtype, &dtype.encode_f32(values)),
+        }
+    }
+
+    /// Read the whole matrix back as f32.
+    pub fn to_f32(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(self.rows * self.cols);
+        for c in &self.chunks {
+            let n = (c.rows * self.cols * self.dtype.size()) as u64;
+            let bytes = gpu.read_bytes(&c.buf, 0, n)?;
+            self.dtype.decode_f32(&bytes, &mut out);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,28 @@
+//! The GPU runtime: the only module that touches wgpu.
+//!
+//! - [`adapter`]: enumerate adapters on every backend, select one (`--backend`, `--adapter`).
+//! - [`Gpu`] (context.rs): the device with its real limits and optional features, error scopes
+//!   and the device-lost callback mapped to [`crate::Error`], buffer creation and readback.
+//! - [`buffer`]: the buffer pool and memory accounting.
+//! - [`pipeline`]: WGSL templates specialized by substitution, pipelines cached per variant.
+//! - [`Batch`]: many dispatches per submission.
+//! - [`GpuMatrix`]: row-major matrices split into binding-sized row chunks.
+//! - kernels: [`gemm`], [`hessian`].
+
+pub mod adapter;
+mod batch;
+pub mod buffer;
+mod context;
+pub mod gemm;
+pub mod hessian;
+mod matrix;
+mod operand;
+pub mod pipeline;
+
+pub use adapter::{list_adapters, AdapterReport, AdapterSelector, BackendChoice, GpuOptions};
+pub use batch::Batch;
+pub use buffer::{GpuBuffer, MemoryStats};
+pub use context::{Caps, Gpu};
+pub use gemm::{gemm, matmul, GemmConfig, GemmOp};
+pub use hessian::HessianAccumulator;
+pub use matrix::{Chunk, GpuMatrix};

@@ -1,0 +1,13 @@
+//! pumice: make large language models small enough for the hardware people have, on whatever
+//! GPU is in the machine (wgpu: Vulkan, Metal, DX12, GL).
+//!
+//! See ARCHITECTURE.md for the module map and the invariants.
+
+pub mod cpu;
+pub mod dtype;
+pub mod error;
+pub mod gpu;
+pub mod model;
+
+pub use dtype::DType;
+pub use error::{Error, Result};

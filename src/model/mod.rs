@@ -1,0 +1,15 @@
+//! Model input: Hugging Face checkpoints (config.json, safetensors single or sharded, memory
+//! mapped), their typed architecture, and tokenizer.json. Nothing here touches the GPU.
+
+pub mod arch;
+pub mod checkpoint;
+pub mod config;
+pub mod safetensors;
+pub mod summary;
+pub mod tokenizer;
+
+pub use arch::{Architecture, InputGroup, LayerSpec, LinearKind, LinearSpec, TensorSpec};
+pub use checkpoint::{Checkpoint, TensorRef};
+pub use config::{Family, ModelConfig, RopeConfig, RopeScaling};
+pub use tokenizer::Tokenizer;
+pub use summary::ModelSummary;
