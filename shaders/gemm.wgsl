@@ -1,15 +1,16 @@
 // C (+)= A · op(B), f32 accumulation, register-tiled.
 //
-// Each invocation computes a 4×4 block of C held in four vec4 registers; a workgroup of
-// WG_X × WG_Y invocations covers a (4·WG_Y) × (4·WG_X) tile. Operands are read straight from
+// Each invocation computes a TM×4 block of C held in TM vec4 registers; a workgroup of
+// WG_X × WG_Y invocations covers a (TM·WG_Y) × (4·WG_X) tile. Operands are read straight from
 // storage with vec4 loads (no workgroup memory: on CPU adapters barriers cost more than they
-// save; the tile size is chosen per adapter by the host).
+// save). The host picks the shape per adapter: on CPU adapters (lavapipe) WG_Y = 1 makes the
+// rows of A uniform across the SIMD lanes, so its loads are broadcasts and only B is gathered.
 //
 // Specialized by the host (src/gpu/gemm.rs):
 //   OPERANDS  bindings 1 (A) and 2 (B) plus load_a4/load_a1/load_b4/load_b1, which decode
 //                 f32, f16 or bf16 storage to f32; the *4 loads assume 4-element alignment
 //                 when the host picked the aligned variant.
-//   WG_X, WG_Y  workgroup shape.
+//   WG_X, WG_Y  workgroup shape; TM rows of C per invocation.
 //   B_T      true: C = A · Bᵀ with B stored [n, k]; false: C = A · B with B stored [k, n].
 //
 // All offsets are element offsets into the bound chunk buffers, so one pipeline serves every
@@ -36,6 +37,7 @@ struct Params {
 
 const WG_X: u32 = {{WG_X}}u;
 const WG_Y: u32 = {{WG_Y}}u;
+const TM: u32 = {{TM}}u;
 const B_T: bool = {{B_T}};
 
 // Four consecutive columns j0..j0+3 of row `row_base` of B (B stored [k, n]); columns past n
@@ -71,21 +73,19 @@ fn store(i: u32, j0: u32, v: vec4<f32>) {
 
 @compute @workgroup_size(WG_X, WG_Y, 1)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let i0 = (wid.y * WG_Y + lid.y) * 4u;
+    let i0 = (wid.y * WG_Y + lid.y) * TM;
     let j0 = (wid.x * WG_X + lid.x) * 4u;
     if (i0 >= p.m || j0 >= p.n) {
         return;
     }
     // Rows past m are clamped for loading; their results are discarded in store().
     let last_i = p.m - 1u;
-    let a0 = p.a_off + min(i0, last_i) * p.lda;
-    let a1 = p.a_off + min(i0 + 1u, last_i) * p.lda;
-    let a2 = p.a_off + min(i0 + 2u, last_i) * p.lda;
-    let a3 = p.a_off + min(i0 + 3u, last_i) * p.lda;
-    var c0 = vec4<f32>(0.0);
-    var c1 = vec4<f32>(0.0);
-    var c2 = vec4<f32>(0.0);
-    var c3 = vec4<f32>(0.0);
+    var a_row: array<u32, TM>;
+    var acc: array<vec4<f32>, TM>;
+    for (var r = 0u; r < TM; r = r + 1u) {
+        a_row[r] = p.a_off + min(i0 + r, last_i) * p.lda;
+        acc[r] = vec4<f32>(0.0);
+    }
     let k4 = p.k & ~3u;
 
     if (B_T) {
@@ -96,53 +96,42 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
         let b2 = p.b_off + min(j0 + 2u, last_j) * p.ldb;
         let b3 = p.b_off + min(j0 + 3u, last_j) * p.ldb;
         for (var kk = 0u; kk < k4; kk = kk + 4u) {
-            let x0 = load_a4(a0 + kk);
-            let x1 = load_a4(a1 + kk);
-            let x2 = load_a4(a2 + kk);
-            let x3 = load_a4(a3 + kk);
             let y0 = load_b4(b0 + kk);
             let y1 = load_b4(b1 + kk);
             let y2 = load_b4(b2 + kk);
             let y3 = load_b4(b3 + kk);
-            c0 = c0 + vec4<f32>(dot(x0, y0), dot(x0, y1), dot(x0, y2), dot(x0, y3));
-            c1 = c1 + vec4<f32>(dot(x1, y0), dot(x1, y1), dot(x1, y2), dot(x1, y3));
-            c2 = c2 + vec4<f32>(dot(x2, y0), dot(x2, y1), dot(x2, y2), dot(x2, y3));
-            c3 = c3 + vec4<f32>(dot(x3, y0), dot(x3, y1), dot(x3, y2), dot(x3, y3));
+            for (var r = 0u; r < TM; r = r + 1u) {
+                let x = load_a4(a_row[r] + kk);
+                acc[r] = acc[r] + vec4<f32>(dot(x, y0), dot(x, y1), dot(x, y2), dot(x, y3));
+            }
         }
         for (var kk = k4; kk < p.k; kk = kk + 1u) {
             let y = vec4<f32>(load_b1(b0 + kk), load_b1(b1 + kk), load_b1(b2 + kk), load_b1(b3 + kk));
-            c0 = c0 + load_a1(a0 + kk) * y;
-            c1 = c1 + load_a1(a1 + kk) * y;
-            c2 = c2 + load_a1(a2 + kk) * y;
-            c3 = c3 + load_a1(a3 + kk) * y;
+            for (var r = 0u; r < TM; r = r + 1u) {
+                acc[r] = acc[r] + load_a1(a_row[r] + kk) * y;
+            }
         }
     } else {
         // A contiguous along k, B contiguous along n: four rank-1 updates per step.
         for (var kk = 0u; kk < k4; kk = kk + 4u) {
-            let x0 = load_a4(a0 + kk);
-            let x1 = load_a4(a1 + kk);
-            let x2 = load_a4(a2 + kk);
-            let x3 = load_a4(a3 + kk);
             let rb = p.b_off + kk * p.ldb;
             let y0 = load_b_cols(rb, j0);
             let y1 = load_b_cols(rb + p.ldb, j0);
             let y2 = load_b_cols(rb + 2u * p.ldb, j0);
             let y3 = load_b_cols(rb + 3u * p.ldb, j0);
-            c0 = c0 + x0.x * y0 + x0.y * y1 + x0.z * y2 + x0.w * y3;
-            c1 = c1 + x1.x * y0 + x1.y * y1 + x1.z * y2 + x1.w * y3;
-            c2 = c2 + x2.x * y0 + x2.y * y1 + x2.z * y2 + x2.w * y3;
-            c3 = c3 + x3.x * y0 + x3.y * y1 + x3.z * y2 + x3.w * y3;
+            for (var r = 0u; r < TM; r = r + 1u) {
+                let x = load_a4(a_row[r] + kk);
+                acc[r] = acc[r] + x.x * y0 + x.y * y1 + x.z * y2 + x.w * y3;
+            }
         }
         for (var kk = k4; kk < p.k; kk = kk + 1u) {
             let y = load_b_cols(p.b_off + kk * p.ldb, j0);
-            c0 = c0 + load_a1(a0 + kk) * y;
-            c1 = c1 + load_a1(a1 + kk) * y;
-            c2 = c2 + load_a1(a2 + kk) * y;
-            c3 = c3 + load_a1(a3 + kk) * y;
+            for (var r = 0u; r < TM; r = r + 1u) {
+                acc[r] = acc[r] + load_a1(a_row[r] + kk) * y;
+            }
         }
     }
-    store(i0, j0, c0);
-    store(i0 + 1u, j0, c1);
-    store(i0 + 2u, j0, c2);
-    store(i0 + 3u, j0, c3);
+    for (var r = 0u; r < TM; r = r + 1u) {
+        store(i0 + r, j0, acc[r]);
+    }
 }

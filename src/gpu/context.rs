@@ -74,10 +74,8 @@ impl Gpu {
         let lost = Arc::new(Mutex::new(None));
         let lost_cb = lost.clone();
         device.set_device_lost_callback(move |reason, msg| {
-            // Dropping the device at exit also "loses" it; that is not an error.
-            if reason != wgpu::DeviceLostReason::Destroyed {
-                *lost_cb.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("{reason:?}: {msg}"));
-            }
+            // Also fires when the device is dropped; by then no one reads the flag.
+            *lost_cb.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("{reason:?}: {msg}"));
         });
         let uncaptured = Arc::new(Mutex::new(None));
         let unc = uncaptured.clone();
@@ -159,7 +157,8 @@ impl Gpu {
         self.pipelines.len()
     }
 
-    pub(crate) fn pipeline(&self, kernel: &Kernel, spec: &Spec) -> Result<Arc<wgpu::ComputePipeline>> {
+    /// The compute pipeline for a kernel variant, built on first use and cached.
+    pub fn pipeline(&self, kernel: &Kernel, spec: &Spec) -> Result<Arc<wgpu::ComputePipeline>> {
         self.check_health()?;
         self.pipelines.get_or_build(&self.device, kernel, spec)
     }
@@ -312,6 +311,14 @@ impl Gpu {
         };
         staging.raw().unmap();
         Ok(out)
+    }
+
+    /// Destroy the device as a driver reset would: every later operation fails with
+    /// [`Error::DeviceLost`]. For testing error paths.
+    #[doc(hidden)]
+    pub fn simulate_device_loss(&self) {
+        self.device.destroy();
+        let _ = self.device.poll(wgpu::PollType::Poll);
     }
 
     /// Block until all submitted work has finished.

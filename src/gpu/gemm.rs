@@ -18,26 +18,41 @@ const KERNEL: Kernel = Kernel {
     template: include_str!("../../shaders/gemm.wgsl"),
 };
 
-/// Output tile per workgroup: each invocation computes 4×4 elements.
+/// Output tile per workgroup: each invocation computes `tm`×4 elements, a workgroup
+/// (`tm`·`wg_y`)×(4·`wg_x`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GemmConfig {
     pub wg_x: u32,
     pub wg_y: u32,
+    pub tm: u32,
 }
 
 impl GemmConfig {
     /// Tile choice per adapter: 64×64 tiles (256 invocations) on GPUs; 32×32 on CPU adapters,
     /// whose SIMD lanes gain nothing from bigger groups and whose caches like smaller tiles.
     pub fn for_gpu(gpu: &Gpu) -> GemmConfig {
+        if let Some(c) = std::env::var("PUMICE_GEMM_TILE").ok().and_then(|v| Self::parse(&v)) {
+            return c;
+        }
         let caps = gpu.caps();
-        if caps.is_cpu || caps.max_invocations < 256 {
-            GemmConfig { wg_x: 8, wg_y: 8 }
+        if caps.is_cpu {
+            GemmConfig { wg_x: 8, wg_y: 1, tm: 8 }
+        } else if caps.max_invocations < 256 {
+            GemmConfig { wg_x: 8, wg_y: 8, tm: 4 }
         } else {
-            GemmConfig { wg_x: 16, wg_y: 16 }
+            GemmConfig { wg_x: 16, wg_y: 16, tm: 4 }
+        }
+    }
+    /// `WGXxWGYxTM`, e.g. `8x1x8` (the `PUMICE_GEMM_TILE` override used for tuning).
+    pub fn parse(s: &str) -> Option<GemmConfig> {
+        let v: Vec<u32> = s.split('x').map(|p| p.trim().parse().ok()).collect::<Option<_>>()?;
+        match v[..] {
+            [wg_x, wg_y, tm] if wg_x > 0 && wg_y > 0 && (1..=16).contains(&tm) => Some(GemmConfig { wg_x, wg_y, tm }),
+            _ => None,
         }
     }
     fn tile_m(&self) -> usize {
-        4 * self.wg_y as usize
+        (self.tm * self.wg_y) as usize
     }
     fn tile_n(&self) -> usize {
         4 * self.wg_x as usize
@@ -148,6 +163,7 @@ pub fn gemm(batch: &mut Batch<'_>, a: &GpuMatrix, b: &GpuMatrix, op: GemmOp, c: 
                             ))
                             .set("WG_X", cfg.wg_x)
                             .set("WG_Y", cfg.wg_y)
+                            .set("TM", cfg.tm)
                             .set("B_T", op == GemmOp::NT);
                         let pipeline = gpu.pipeline(&KERNEL, &spec)?;
                         let wg = [

@@ -67,3 +67,121 @@ pub fn rel_err(got: &[f32], want: &[f64]) -> f64 {
         .fold(0.0f64, |m, (&g, &w)| m.max((g as f64 - w).abs()))
         / scale
 }
+
+/// One tensor for [`write_safetensors`]: name, dtype string, shape, raw bytes, and optional
+/// data offsets overriding the sequential layout (to build hostile files).
+pub struct RawTensor {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+    pub offsets: Option<(u64, u64)>,
+}
+
+/// Write a safetensors file byte by byte (independent of the reader under test).
+pub fn write_safetensors(path: &std::path::Path, tensors: &[RawTensor]) {
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for t in tensors {
+        let start = data.len() as u64;
+        data.extend_from_slice(&t.bytes);
+        let (b, e) = t.offsets.unwrap_or((start, data.len() as u64));
+        header.insert(
+            t.name.clone(),
+            serde_json::json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [b, e]}),
+        );
+    }
+    let mut h = serde_json::to_vec(&serde_json::Value::Object(header)).unwrap();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&data);
+    std::fs::write(path, out).unwrap();
+}
+
+/// Shape of a tiny synthetic Llama for I/O tests.
+pub struct TinyLlama {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub vocab: usize,
+    pub tied: bool,
+}
+
+impl Default for TinyLlama {
+    fn default() -> Self {
+        TinyLlama { hidden: 8, intermediate: 12, layers: 2, heads: 2, kv_heads: 1, vocab: 16, tied: false }
+    }
+}
+
+impl TinyLlama {
+    pub fn config_json(&self, dtype: &str) -> String {
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "vocab_size": self.vocab,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "tie_word_embeddings": self.tied,
+            "torch_dtype": dtype,
+        })
+        .to_string()
+    }
+
+    /// Every tensor (f32, deterministic values) in checkpoint order.
+    pub fn tensors(&self) -> Vec<RawTensor> {
+        let (h, i, v) = (self.hidden, self.intermediate, self.vocab);
+        let hd = h / self.heads;
+        let mut shapes: Vec<(String, Vec<usize>)> = vec![("model.embed_tokens.weight".into(), vec![v, h])];
+        for l in 0..self.layers {
+            let p = format!("model.layers.{l}");
+            shapes.push((format!("{p}.input_layernorm.weight"), vec![h]));
+            shapes.push((format!("{p}.self_attn.q_proj.weight"), vec![self.heads * hd, h]));
+            shapes.push((format!("{p}.self_attn.k_proj.weight"), vec![self.kv_heads * hd, h]));
+            shapes.push((format!("{p}.self_attn.v_proj.weight"), vec![self.kv_heads * hd, h]));
+            shapes.push((format!("{p}.self_attn.o_proj.weight"), vec![h, self.heads * hd]));
+            shapes.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+            shapes.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
+            shapes.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
+            shapes.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
+        }
+        shapes.push(("model.norm.weight".into(), vec![h]));
+        if !self.tied {
+            shapes.push(("lm_head.weight".into(), vec![v, h]));
+        }
+        shapes
+            .into_iter()
+            .enumerate()
+            .map(|(k, (name, shape))| {
+                let n: usize = shape.iter().product();
+                let vals = random(n, k as u64 + 1, 0.0);
+                RawTensor {
+                    name,
+                    dtype: "F32".into(),
+                    shape,
+                    bytes: vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    offsets: None,
+                }
+            })
+            .collect()
+    }
+
+    pub fn parameters(&self) -> usize {
+        self.tensors().iter().map(|t| t.shape.iter().product::<usize>()).sum()
+    }
+
+    /// Write config.json and model.safetensors into `dir` (created if needed).
+    pub fn write(&self, dir: &std::path::Path) {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("config.json"), self.config_json("float32")).unwrap();
+        write_safetensors(&dir.join("model.safetensors"), &self.tensors());
+    }
+}

@@ -1,0 +1,139 @@
+//! The GPU runtime itself: adapter selection, pipeline cache, buffer pool, typed errors,
+//! operands larger than the device's real binding limit.
+
+mod common;
+
+use common::{gpu, gpu_with, random, rel_err};
+use pumice::gpu::pipeline::{Kernel, Spec};
+use pumice::gpu::{list_adapters, matmul, AdapterSelector, Batch, GemmOp, Gpu, GpuMatrix, GpuOptions};
+use pumice::{cpu, DType, Error};
+
+#[test]
+fn adapters_are_listed_and_selectable() {
+    let opts = GpuOptions::from_env().unwrap();
+    let all = list_adapters(&opts);
+    assert!(!all.is_empty(), "no adapter: install mesa-vulkan-drivers (lavapipe)");
+    assert_eq!(all.iter().filter(|a| a.selected).count(), 1);
+    for a in &all {
+        assert!(a.limits.max_storage_buffer_binding_size >= 1 << 20, "{a:?}");
+        assert!(a.limits.subgroup_min_size <= a.limits.subgroup_max_size || a.limits.subgroup_max_size == 0);
+    }
+    // By index and by name substring (case-insensitive).
+    let last = all.last().unwrap();
+    let g = gpu_with(&GpuOptions { adapter: Some(AdapterSelector::Index(last.index)), ..opts.clone() });
+    assert_eq!(g.report().name, last.name);
+    let needle = last.name.to_uppercase();
+    let g = gpu_with(&GpuOptions { adapter: Some(AdapterSelector::Name(needle[..needle.len().min(6)].into())), ..opts.clone() });
+    assert!(g.report().name.to_uppercase().contains(&needle[..needle.len().min(6)]));
+    // Out of range and unknown names are typed errors listing what exists.
+    let e = Gpu::new(&GpuOptions { adapter: Some(AdapterSelector::Index(999)), ..opts.clone() }).unwrap_err();
+    assert!(matches!(e, Error::NoAdapter(_)) && e.to_string().contains("available"), "{e}");
+    let e = Gpu::new(&GpuOptions { adapter: Some(AdapterSelector::Name("no such gpu".into())), ..opts }).unwrap_err();
+    assert!(matches!(e, Error::NoAdapter(_)), "{e}");
+}
+
+#[test]
+fn device_uses_real_limits() {
+    let g = gpu();
+    let r = g.report();
+    assert_eq!(g.caps().max_binding, r.limits.max_storage_buffer_binding_size.min(r.limits.max_buffer_size) & !15);
+    assert_eq!(g.caps().max_workgroups_per_dim, r.limits.max_compute_workgroups_per_dimension);
+}
+
+#[test]
+fn pipelines_are_cached_per_variant() {
+    let g = gpu();
+    let a = GpuMatrix::from_f32(&g, 8, 8, DType::F32, &random(64, 1, 0.0)).unwrap();
+    matmul(&g, &a, &a, GemmOp::NT).unwrap();
+    let n = g.pipelines_built();
+    for _ in 0..3 {
+        matmul(&g, &a, &a, GemmOp::NT).unwrap();
+    }
+    assert_eq!(g.pipelines_built(), n, "same variant rebuilt");
+    matmul(&g, &a, &a, GemmOp::NN).unwrap();
+    assert_eq!(g.pipelines_built(), n + 1, "a new variant is one new pipeline");
+}
+
+#[test]
+fn broken_shader_is_a_typed_error() {
+    let g = gpu();
+    const BAD: Kernel = Kernel { name: "broken", template: "@compute @workgroup_size(1) fn main() { let x: u32 = {{V}}; }" };
+    let e = g.pipeline(&BAD, &Spec::new().set("V", "1.5")).unwrap_err();
+    match &e {
+        Error::Shader { kernel, msg } => {
+            assert!(kernel.starts_with("broken"), "{kernel}");
+            assert!(!msg.is_empty());
+        }
+        other => panic!("expected a shader error, got {other:?}"),
+    }
+    assert_eq!(e.to_string().lines().count(), 1, "{e}");
+    // The device is still usable afterwards.
+    let a = GpuMatrix::from_f32(&g, 2, 2, DType::F32, &[1.0, 2.0, 3.0, 4.0]).unwrap();
+    assert_eq!(matmul(&g, &a, &a, GemmOp::NN).unwrap().to_f32(&g).unwrap(), [7.0, 10.0, 15.0, 22.0]);
+}
+
+#[test]
+fn lost_device_is_a_typed_error() {
+    let g = gpu();
+    let a = GpuMatrix::from_f32(&g, 2, 2, DType::F32, &[1.0; 4]).unwrap();
+    g.simulate_device_loss();
+    let e = g.wait().unwrap_err();
+    assert!(matches!(e, Error::DeviceLost(_)), "{e:?}");
+    let e = matmul(&g, &a, &a, GemmOp::NN).unwrap_err();
+    assert!(matches!(e, Error::DeviceLost(_)), "{e:?}");
+}
+
+#[test]
+fn buffer_pool_reuses_and_accounts() {
+    let g = gpu();
+    let before = g.memory();
+    let b1 = g.storage(1 << 20, false).unwrap();
+    let live = g.memory().live_bytes;
+    assert!(live >= before.live_bytes + (1 << 20));
+    drop(b1);
+    assert_eq!(g.memory().live_bytes, before.live_bytes);
+    assert!(g.memory().idle_bytes >= 1 << 20, "returned buffer not pooled");
+    // Same size class comes from the pool: idle shrinks, nothing new is created.
+    let _b2 = g.storage((1 << 20) - 100, false).unwrap();
+    assert_eq!(g.memory().idle_bytes, before.idle_bytes);
+    assert!(g.memory().peak_bytes >= 1 << 20);
+    g.trim();
+    assert_eq!(g.memory().idle_bytes, 0);
+}
+
+#[test]
+fn many_dispatches_in_one_submission() {
+    let g = gpu();
+    let n = 16;
+    let a = GpuMatrix::from_f32(&g, n, n, DType::F32, &random(n * n, 3, 0.0)).unwrap();
+    let b = GpuMatrix::from_f32(&g, n, n, DType::F32, &random(n * n, 4, 0.0)).unwrap();
+    let c = GpuMatrix::zeros(&g, n, n).unwrap();
+    let mut batch = Batch::new(&g);
+    for _ in 0..50 {
+        pumice::gpu::gemm(&mut batch, &a, &b, GemmOp::NN, &c, true).unwrap();
+    }
+    assert_eq!(batch.len(), 50);
+    batch.submit().unwrap();
+    let got = c.to_f32(&g).unwrap();
+    let want: Vec<f64> = cpu::gemm_f64(&a.to_f32(&g).unwrap(), &b.to_f32(&g).unwrap(), n, n, n, false).iter().map(|v| v * 50.0).collect();
+    assert!(rel_err(&got, &want) < 1e-5);
+}
+
+/// An operand larger than the device's real storage-binding limit (128 MiB on lavapipe) is
+/// chunked and multiplied correctly.
+#[test]
+fn operand_larger_than_real_binding_limit() {
+    let g = gpu();
+    let limit = g.caps().max_binding as usize;
+    let k = 4100;
+    let m = limit / (4 * k) + 37; // just over one binding of f32 rows
+    let a = random(m * k, 11, 0.0);
+    let b = random(3 * k, 12, 0.0);
+    let ga = GpuMatrix::from_f32(&g, m, k, DType::F32, &a).unwrap();
+    assert!(ga.chunks().len() >= 2, "{} bytes fit one binding of {limit}?", m * k * 4);
+    let gb = GpuMatrix::from_f32(&g, 3, k, DType::F32, &b).unwrap();
+    let c = matmul(&g, &ga, &gb, GemmOp::NT).unwrap().to_f32(&g).unwrap();
+    let want = cpu::gemm_f64(&a, &b, m, k, 3, true);
+    let e = rel_err(&c, &want);
+    assert!(e < 1e-5, "rel err {e:.3e}");
+}
