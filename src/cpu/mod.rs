@@ -116,3 +116,124 @@ mod tests {
         }
     }
 }
+
+/// Reference transformer pieces in f64, matching the kernels in `gpu::ops`.
+pub mod ops {
+    /// RMSNorm of each row of `x` ([rows, h]) times `w`.
+    pub fn rms_norm(x: &[f32], w: &[f32], h: usize, eps: f64) -> Vec<f64> {
+        x.chunks(h)
+            .flat_map(|row| {
+                let ms = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / h as f64;
+                let inv = 1.0 / (ms + eps).sqrt();
+                row.iter().zip(w).map(move |(&v, &g)| g as f64 * v as f64 * inv).collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// RoPE (rotate_half layout) on rows of `heads · 2·half` values; `positions[r]` per row.
+    pub fn rope(x: &[f32], heads: usize, inv_freq: &[f32], positions: &[u32]) -> Vec<f64> {
+        let half = inv_freq.len();
+        let d = 2 * half;
+        let mut out: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        for (r, &pos) in positions.iter().enumerate() {
+            for hh in 0..heads {
+                let b = r * heads * d + hh * d;
+                for i in 0..half {
+                    let a = (pos as f32 * inv_freq[i]) as f64;
+                    let (x1, x2) = (x[b + i] as f64, x[b + i + half] as f64);
+                    out[b + i] = x1 * a.cos() - x2 * a.sin();
+                    out[b + i + half] = x2 * a.cos() + x1 * a.sin();
+                }
+            }
+        }
+        out
+    }
+
+    /// Causal GQA attention over `nseq` sequences: q [nseq·t, heads·d], k/v [nseq·s, kv·d];
+    /// query i sees keys j ≤ q_pos0 + i (and > q_pos0 + i − window when window > 0).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(q: &[f32], k: &[f32], v: &[f32], nseq: usize, t: usize, s: usize, heads: usize, kv_heads: usize, d: usize, q_pos0: usize, window: usize) -> Vec<f64> {
+        let mut out = vec![0.0f64; nseq * t * heads * d];
+        let scale = 1.0 / (d as f64).sqrt();
+        for b in 0..nseq {
+            for i in 0..t {
+                let pos = q_pos0 + i;
+                let lo = if window > 0 && pos + 1 > window { pos + 1 - window } else { 0 };
+                for h in 0..heads {
+                    let kh = h / (heads / kv_heads);
+                    let qr = &q[(b * t + i) * heads * d + h * d..][..d];
+                    let keys: Vec<usize> = (lo..=pos.min(s - 1)).collect();
+                    let scores: Vec<f64> = keys
+                        .iter()
+                        .map(|&j| {
+                            let kr = &k[(b * s + j) * kv_heads * d + kh * d..][..d];
+                            qr.iter().zip(kr).map(|(&a, &c)| a as f64 * c as f64).sum::<f64>() * scale
+                        })
+                        .collect();
+                    let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
+                    let o = &mut out[(b * t + i) * heads * d + h * d..][..d];
+                    for (&j, sc) in keys.iter().zip(&scores) {
+                        let w = (sc - m).exp() / z;
+                        let vr = &v[(b * s + j) * kv_heads * d + kh * d..][..d];
+                        for (od, &vv) in o.iter_mut().zip(vr) {
+                            *od += w * vv as f64;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// silu(g) · u elementwise.
+    pub fn swiglu(g: &[f32], u: &[f32]) -> Vec<f64> {
+        g.iter()
+            .zip(u)
+            .map(|(&g, &u)| {
+                let g = g as f64;
+                g / (1.0 + (-g).exp()) * u as f64
+            })
+            .collect()
+    }
+
+    /// Per-row (NLL of target, KL(ref ‖ z), argmax z, argmax ref) of logits rows of length v.
+    pub fn logit_stats(z: &[f32], z_ref: Option<&[f32]>, targets: &[u32], v: usize) -> Vec<(f64, f64, usize, usize)> {
+        let lse = |row: &[f32]| {
+            let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+            m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln()
+        };
+        let argmax = |row: &[f32]| {
+            let mut best = 0;
+            for (i, &x) in row.iter().enumerate() {
+                if x > row[best] {
+                    best = i;
+                }
+            }
+            best
+        };
+        z.chunks(v)
+            .enumerate()
+            .map(|(r, row)| {
+                let lz = lse(row);
+                let nll = lz - row[targets[r] as usize] as f64;
+                match z_ref {
+                    None => (nll, 0.0, argmax(row), argmax(row)),
+                    Some(zr) => {
+                        let rr = &zr[r * v..(r + 1) * v];
+                        let lr = lse(rr);
+                        let kl = rr
+                            .iter()
+                            .zip(row)
+                            .map(|(&a, &b)| {
+                                let lp = a as f64 - lr;
+                                lp.exp() * (lp - (b as f64 - lz))
+                            })
+                            .sum::<f64>();
+                        (nll, kl, argmax(row), argmax(rr))
+                    }
+                }
+            })
+            .collect()
+    }
+}

@@ -5,6 +5,8 @@
 //! `A · B`, B's chunks are ranges of the contraction (k), so they are accumulated one after the
 //! other into C; for `A · Bᵀ`, B's chunks are ranges of C's columns and write disjoint blocks.
 
+use std::ops::Range;
+
 use crate::error::{Error, Result};
 
 use super::batch::Batch;
@@ -87,14 +89,40 @@ pub enum GemmOp {
 
 /// Record `C (+)= A · op(B)` into `batch`. C must be f32 with shape [A.rows, n].
 pub fn gemm(batch: &mut Batch<'_>, a: &GpuMatrix, b: &GpuMatrix, op: GemmOp, c: &GpuMatrix, accumulate: bool) -> Result<()> {
-    let (m, k) = (a.rows(), a.cols());
+    if c.rows() != a.rows() {
+        return Err(Error::Shape(format!(
+            "gemm {op:?}: A {:?}, B {:?}, C {:?}",
+            a.shape(),
+            b.shape(),
+            c.shape()
+        )));
+    }
+    gemm_rows(batch, a, 0..a.rows(), b, op, c, 0, accumulate)
+}
+
+/// Record `C[c_row0 + i] (+)= A[a_rows.start + i] · op(B)` for `i < a_rows.len()`: a product
+/// over a range of A's rows written at an offset in C (e.g. new tokens into a KV cache, or the
+/// LM head over a block of positions). C must be f32.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_rows(
+    batch: &mut Batch<'_>,
+    a: &GpuMatrix,
+    a_rows: Range<usize>,
+    b: &GpuMatrix,
+    op: GemmOp,
+    c: &GpuMatrix,
+    c_row0: usize,
+    accumulate: bool,
+) -> Result<()> {
+    let k = a.cols();
     let (kb, n) = match op {
         GemmOp::NN => (b.rows(), b.cols()),
         GemmOp::NT => (b.cols(), b.rows()),
     };
-    if kb != k || c.rows() != m || c.cols() != n {
+    let m = a_rows.len();
+    if kb != k || c.cols() != n || a_rows.end > a.rows() || c_row0 + m > c.rows() {
         return Err(Error::Shape(format!(
-            "gemm {op:?}: A {:?}, B {:?}, C {:?}",
+            "gemm {op:?}: A {:?} rows {a_rows:?}, B {:?}, C {:?} from row {c_row0}",
             a.shape(),
             b.shape(),
             c.shape()
@@ -114,11 +142,16 @@ pub fn gemm(batch: &mut Batch<'_>, a: &GpuMatrix, b: &GpuMatrix, op: GemmOp, c: 
     let max_wg = gpu.caps().max_workgroups_per_dim as usize;
     let rows_per_dispatch = max_wg * cfg.tile_m();
     let cols_per_dispatch = max_wg * cfg.tile_n();
+    // Row i of A (in a_rows) goes to row i + shift of C.
+    let shift = c_row0 as isize - a_rows.start as isize;
 
     for ac in a.chunks() {
+        let ar0 = ac.row0.max(a_rows.start);
+        let ar1 = (ac.row0 + ac.rows).min(a_rows.end);
         for cc in c.chunks() {
-            let r0 = ac.row0.max(cc.row0);
-            let r1 = (ac.row0 + ac.rows).min(cc.row0 + cc.rows);
+            // The A rows of this chunk pair, in A's coordinates.
+            let r0 = ar0.max((cc.row0 as isize - shift).max(0) as usize);
+            let r1 = ar1.min(((cc.row0 + cc.rows) as isize - shift).max(0) as usize);
             if r0 >= r1 {
                 continue;
             }
@@ -131,6 +164,7 @@ pub fn gemm(batch: &mut Batch<'_>, a: &GpuMatrix, b: &GpuMatrix, op: GemmOp, c: 
                 let mut rs = r0;
                 while rs < r1 {
                     let rn = (r1 - rs).min(rows_per_dispatch);
+                    let c_local = (rs as isize + shift) as usize - cc.row0;
                     let mut cs = 0;
                     while cs < ncols {
                         let cn = (ncols - cs).min(cols_per_dispatch);
@@ -148,7 +182,7 @@ pub fn gemm(batch: &mut Batch<'_>, a: &GpuMatrix, b: &GpuMatrix, op: GemmOp, c: 
                             ldc: n as u32,
                             a_off: a_off as u32,
                             b_off: b_off as u32,
-                            c_off: ((rs - cc.row0) * n + col0 + cs) as u32,
+                            c_off: (c_local * n + col0 + cs) as u32,
                             accumulate: acc as u32,
                             _pad0: 0,
                             _pad1: 0,

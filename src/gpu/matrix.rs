@@ -48,6 +48,22 @@ pub(crate) fn rows_per_chunk(gpu: &Gpu, cols: usize, dtype: DType, what: &str) -
     Ok(if per >= 4 { per / 4 * 4 } else { per })
 }
 
+/// Rows per chunk when chunks must hold whole groups of `group` rows.
+fn grouped_rows(gpu: &Gpu, cols: usize, dtype: DType, group: usize) -> Result<usize> {
+    let per = rows_per_chunk(gpu, cols, dtype, "a matrix")?;
+    if group <= 1 {
+        return Ok(per);
+    }
+    if per < group {
+        return Err(Error::TooLarge {
+            what: format!("a group of {group} rows of {cols} × {dtype}"),
+            bytes: (group * cols * dtype.size()) as u64,
+            limit: gpu.caps().max_binding,
+        });
+    }
+    Ok(per / group * group)
+}
+
 fn chunk_ranges(rows: usize, per: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..rows).step_by(per).map(move |r0| (r0, per.min(rows - r0)))
 }
@@ -79,8 +95,18 @@ impl GpuMatrix {
         Self::alloc(gpu, rows, cols, DType::F32, false)
     }
 
+    /// An f32 matrix whose chunks hold whole groups of `group` rows (e.g. whole sequences, so
+    /// attention never straddles a chunk boundary). Contents undefined.
+    pub fn uninit_grouped(gpu: &Gpu, rows: usize, cols: usize, group: usize) -> Result<GpuMatrix> {
+        Self::alloc_grouped(gpu, rows, cols, DType::F32, false, group.max(1))
+    }
+
     fn alloc(gpu: &Gpu, rows: usize, cols: usize, dtype: DType, zeroed: bool) -> Result<GpuMatrix> {
-        let per = rows_per_chunk(gpu, cols, dtype, "a matrix")?;
+        Self::alloc_grouped(gpu, rows, cols, dtype, zeroed, 1)
+    }
+
+    fn alloc_grouped(gpu: &Gpu, rows: usize, cols: usize, dtype: DType, zeroed: bool, group: usize) -> Result<GpuMatrix> {
+        let per = grouped_rows(gpu, cols, dtype, group)?;
         let chunks = chunk_ranges(rows, per)
             .map(|(row0, n)| {
                 Ok(Chunk {
@@ -100,6 +126,18 @@ impl GpuMatrix {
 
     /// Upload raw little-endian bytes of `dtype` (exactly `rows * cols` elements).
     pub fn from_bytes(gpu: &Gpu, rows: usize, cols: usize, dtype: DType, bytes: &[u8]) -> Result<GpuMatrix> {
+        Self::from_bytes_grouped(gpu, rows, cols, dtype, bytes, 1)
+    }
+
+    /// Upload f32 values with chunks holding whole groups of `group` rows.
+    pub fn from_f32_grouped(gpu: &Gpu, rows: usize, cols: usize, group: usize, values: &[f32]) -> Result<GpuMatrix> {
+        if values.len() != rows * cols {
+            return Err(Error::Shape(format!("{} values given for a {rows}×{cols} matrix", values.len())));
+        }
+        Self::from_bytes_grouped(gpu, rows, cols, DType::F32, bytemuck::cast_slice(values), group)
+    }
+
+    fn from_bytes_grouped(gpu: &Gpu, rows: usize, cols: usize, dtype: DType, bytes: &[u8], group: usize) -> Result<GpuMatrix> {
         let expect = rows * cols * dtype.size();
         if bytes.len() != expect {
             return Err(Error::Shape(format!(
@@ -107,7 +145,7 @@ impl GpuMatrix {
                 bytes.len()
             )));
         }
-        let per = rows_per_chunk(gpu, cols, dtype, "a matrix")?;
+        let per = grouped_rows(gpu, cols, dtype, group.max(1))?;
         let row_bytes = cols * dtype.size();
         let chunks = chunk_ranges(rows, per)
             .map(|(row0, n)| {
@@ -138,6 +176,23 @@ impl GpuMatrix {
             DType::F32 => Self::from_bytes(gpu, rows, cols, dtype, bytemuck::cast_slice(values)),
             _ => Self::from_bytes(gpu, rows, cols, dtype, &dtype.encode_f32(values)),
         }
+    }
+
+    /// The pieces of `rows` (global row indices) as (chunk, first row within the chunk, row
+    /// count, first global row).
+    pub fn segments(&self, rows: std::ops::Range<usize>) -> impl Iterator<Item = (&Chunk, usize, usize, usize)> + '_ {
+        self.chunks.iter().filter_map(move |c| {
+            let r0 = rows.start.max(c.row0);
+            let r1 = rows.end.min(c.row0 + c.rows);
+            (r0 < r1).then(|| (c, r0 - c.row0, r1 - r0, r0))
+        })
+    }
+
+    /// Whether two matrices are split into the same row chunks (elementwise kernels need it).
+    pub fn same_layout(&self, other: &GpuMatrix) -> bool {
+        self.rows == other.rows
+            && self.chunks.len() == other.chunks.len()
+            && self.chunks.iter().zip(&other.chunks).all(|(a, b)| a.row0 == b.row0 && a.rows == b.rows)
     }
 
     /// Read the whole matrix back as f32.

@@ -7,7 +7,7 @@
 //! - [`pipeline`]: WGSL templates specialized by substitution, pipelines cached per variant.
 //! - [`Batch`]: many dispatches per submission.
 //! - [`GpuMatrix`]: row-major matrices split into binding-sized row chunks.
-//! - kernels: [`gemm`], [`hessian`].
+//! - kernels: [`gemm`], [`hessian`], and the transformer ops in [`ops`].
 
 pub mod adapter;
 mod batch;
@@ -17,12 +17,13 @@ pub mod gemm;
 pub mod hessian;
 mod matrix;
 mod operand;
+pub mod ops;
 pub mod pipeline;
 
 pub use adapter::{list_adapters, AdapterReport, AdapterSelector, BackendChoice, GpuOptions};
 pub use batch::Batch;
 pub use buffer::{GpuBuffer, MemoryStats};
 pub use context::{Caps, Gpu};
-pub use gemm::{gemm, matmul, GemmConfig, GemmOp};
+pub use gemm::{gemm, gemm_rows, matmul, GemmConfig, GemmOp};
 pub use hessian::HessianAccumulator;
 pub use matrix::{Chunk, GpuMatrix};

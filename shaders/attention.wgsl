@@ -1,0 +1,99 @@
+// Causal self-attention with grouped-query heads, one invocation per (query row, head).
+//
+// Keys are streamed in blocks of KB with an online softmax (running max m, running sum l and
+// an HD-wide accumulator rescaled once per block), so memory is O(T·d): no T×T score matrix
+// ever exists. Query i of a sequence has position q_pos0 + i and sees keys j ≤ its position
+// (and, with a sliding window w > 0, j > position − w).
+//
+// Layouts (row-major, chunk-local element offsets):
+//   q, out: [nseq · t, heads · HD]     k, v: [nseq · s, kv_heads · HD]
+// Specialized by the host: HD (head dim), KB (keys per block).
+
+struct Params {
+    rows: u32,     // nseq · t query rows in this dispatch
+    t: u32,        // queries per sequence
+    s: u32,        // keys per sequence (row stride between sequences in k/v)
+    heads: u32,
+    kv_heads: u32,
+    q_pos0: u32,   // position of query 0
+    window: u32,   // sliding window (0: none)
+    scale: f32,    // 1 / sqrt(HD)
+    q_off: u32,
+    k_off: u32,
+    o_off: u32,
+    _pad: u32,
+};
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> q: array<f32>;
+@group(0) @binding(2) var<storage, read> k: array<f32>;
+@group(0) @binding(3) var<storage, read> v: array<f32>;
+@group(0) @binding(4) var<storage, read_write> o: array<f32>;
+
+const HD: u32 = {{HD}}u;
+const KB: u32 = {{KB}}u;
+
+@compute @workgroup_size(64, 1, 1)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let row = gid.x;
+    let head = gid.y;
+    if (row >= p.rows || head >= p.heads) {
+        return;
+    }
+    let seq = row / p.t;
+    let i = row % p.t;
+    let pos = p.q_pos0 + i;
+    let kvh = head / (p.heads / p.kv_heads);
+    let q_base = p.q_off + row * p.heads * HD + head * HD;
+    let kv_stride = p.kv_heads * HD;
+    let kv_base = p.k_off + seq * p.s * kv_stride + kvh * HD;
+
+    var qv: array<f32, HD>;
+    for (var d = 0u; d < HD; d = d + 1u) {
+        qv[d] = q[q_base + d] * p.scale;
+    }
+    var acc: array<f32, HD>;
+    for (var d = 0u; d < HD; d = d + 1u) {
+        acc[d] = 0.0;
+    }
+    var m = -3.0e38;
+    var l = 0.0;
+    let end = min(pos + 1u, p.s);
+    var start = 0u;
+    if (p.window > 0u && pos + 1u > p.window) {
+        start = pos + 1u - p.window;
+    }
+    var scores: array<f32, KB>;
+    for (var j0 = start; j0 < end; j0 = j0 + KB) {
+        let nb = min(KB, end - j0);
+        var bm = m;
+        for (var jj = 0u; jj < nb; jj = jj + 1u) {
+            let kb = kv_base + (j0 + jj) * kv_stride;
+            var sc = 0.0;
+            for (var d = 0u; d < HD; d = d + 1u) {
+                sc = sc + qv[d] * k[kb + d];
+            }
+            scores[jj] = sc;
+            bm = max(bm, sc);
+        }
+        let corr = exp(m - bm);
+        l = l * corr;
+        for (var d = 0u; d < HD; d = d + 1u) {
+            acc[d] = acc[d] * corr;
+        }
+        for (var jj = 0u; jj < nb; jj = jj + 1u) {
+            let w = exp(scores[jj] - bm);
+            l = l + w;
+            let vb = kv_base + (j0 + jj) * kv_stride;
+            for (var d = 0u; d < HD; d = d + 1u) {
+                acc[d] = acc[d] + w * v[vb + d];
+            }
+        }
+        m = bm;
+    }
+    let o_base = p.o_off + row * p.heads * HD + head * HD;
+    let inv = select(0.0, 1.0 / l, l > 0.0);
+    for (var d = 0u; d < HD; d = d + 1u) {
+        o[o_base + d] = acc[d] * inv;
+    }
+}

@@ -1,0 +1,417 @@
+//! Host side of the transformer kernels: embedding gather, RMSNorm, RoPE, attention,
+//! elementwise ops and per-row logit statistics. Each records dispatches into a [`Batch`] and
+//! walks the row chunks of its operands.
+
+use std::ops::Range;
+
+use crate::error::{Error, Result};
+
+use super::batch::Batch;
+use super::buffer::GpuBuffer;
+use super::context::Gpu;
+use super::matrix::GpuMatrix;
+use super::operand::operand_wgsl;
+use super::pipeline::{Kernel, Spec};
+
+const EMBED: Kernel = Kernel { name: "embed", template: include_str!("../../shaders/embed.wgsl") };
+const RMSNORM: Kernel = Kernel { name: "rmsnorm", template: include_str!("../../shaders/rmsnorm.wgsl") };
+const ROPE: Kernel = Kernel { name: "rope", template: include_str!("../../shaders/rope.wgsl") };
+const ATTENTION: Kernel = Kernel { name: "attention", template: include_str!("../../shaders/attention.wgsl") };
+const ELEMENTWISE: Kernel = Kernel { name: "elementwise", template: include_str!("../../shaders/elementwise.wgsl") };
+const LOGITS: Kernel = Kernel { name: "logits", template: include_str!("../../shaders/logits.wgsl") };
+
+/// Rows per dispatch dimension for kernels that index rows with (y, z) workgroups.
+const ROWS_Y: usize = 65535;
+
+/// Workgroup size for per-row reductions: wide on GPUs, narrow on CPU adapters where each
+/// barrier is expensive.
+fn reduce_wg(gpu: &Gpu) -> u32 {
+    if gpu.caps().is_cpu {
+        32
+    } else {
+        256.min(gpu.caps().max_invocations).max(32)
+    }
+}
+
+fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
+    if cond {
+        Ok(())
+    } else {
+        Err(Error::Shape(msg()))
+    }
+}
+
+/// `u32` values in a storage buffer (token ids, targets, positions).
+pub fn upload_u32(gpu: &Gpu, values: &[u32]) -> Result<GpuBuffer> {
+    gpu.upload(bytemuck::cast_slice(values))
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct EmbedParams {
+    n: u32,
+    h: u32,
+    row0: u32,
+    rows: u32,
+    ids_off: u32,
+    out_off: u32,
+    _pad: [u32; 2],
+}
+
+/// `out[r] = table[ids[r]]` for every row of `out` (ids has out.rows() entries). Ids outside
+/// the table leave their row untouched; callers validate ids against the vocabulary first.
+pub fn embed(batch: &mut Batch<'_>, ids: &GpuBuffer, table: &GpuMatrix, out: &GpuMatrix) -> Result<()> {
+    let h = table.cols();
+    check(out.cols() == h && ids.len() >= 4 * out.rows() as u64, || {
+        format!("embed: table {:?}, out {:?}, {} id bytes", table.shape(), out.shape(), ids.len())
+    })?;
+    let gpu = batch.gpu();
+    for oc in out.chunks() {
+        for tc in table.chunks() {
+            let spec = Spec::new().set("OPERANDS", operand_wgsl("e", 2, table.dtype(), false));
+            let pipeline = gpu.pipeline(&EMBED, &spec)?;
+            let mut r = 0;
+            while r < oc.rows {
+                let n = (oc.rows - r).min(ROWS_Y * ROWS_Y);
+                let params = EmbedParams {
+                    n: n as u32,
+                    h: h as u32,
+                    row0: tc.row0 as u32,
+                    rows: tc.rows as u32,
+                    ids_off: (oc.row0 + r) as u32,
+                    out_off: (r * h) as u32,
+                    _pad: [0; 2],
+                };
+                let wg = [h.div_ceil(64) as u32, n.min(ROWS_Y) as u32, n.div_ceil(ROWS_Y) as u32];
+                batch.dispatch(pipeline.clone(), &params, &[ids, &tc.buf, &oc.buf], wg)?;
+                r += n;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct NormParams {
+    rows: u32,
+    h: u32,
+    eps: f32,
+    row_base: u32,
+}
+
+/// `y = rmsnorm(x) ⊙ w` row by row. `w` is a 1×h matrix of any dtype; x and y share a layout.
+pub fn rms_norm(batch: &mut Batch<'_>, x: &GpuMatrix, w: &GpuMatrix, eps: f32, y: &GpuMatrix) -> Result<()> {
+    let h = x.cols();
+    check(w.rows() == 1 && w.cols() == h && y.cols() == h && x.same_layout(y), || {
+        format!("rms_norm: x {:?}, w {:?}, y {:?}", x.shape(), w.shape(), y.shape())
+    })?;
+    let gpu = batch.gpu();
+    let wg = reduce_wg(gpu);
+    let spec = Spec::new()
+        .set("OPERANDS", operand_wgsl("w", 2, w.dtype(), false))
+        .set("WG", wg);
+    let pipeline = gpu.pipeline(&RMSNORM, &spec)?;
+    let max = gpu.caps().max_workgroups_per_dim as usize;
+    for (xc, yc) in x.chunks().iter().zip(y.chunks()) {
+        let mut r = 0;
+        while r < xc.rows {
+            let n = (xc.rows - r).min(max);
+            let params = NormParams {
+                rows: xc.rows as u32,
+                h: h as u32,
+                eps,
+                row_base: r as u32,
+            };
+            batch.dispatch(pipeline.clone(), &params, &[&xc.buf, &w.chunks()[0].buf, &yc.buf], [n as u32, 1, 1])?;
+            r += n;
+        }
+    }
+    Ok(())
+}
+
+/// cos/sin tables for RoPE, computed on the host.
+pub struct RopeTable {
+    cos: GpuBuffer,
+    sin: GpuBuffer,
+    positions: usize,
+    half: usize,
+}
+
+impl RopeTable {
+    /// Tables for positions `0..positions` from per-pair inverse frequencies (length d/2).
+    ///
+    /// The angle is formed as transformers forms it — f32 position times f32 inverse
+    /// frequency, rounded to f32 — and its cosine and sine are taken in f64.
+    pub fn new(gpu: &Gpu, inv_freq: &[f32], positions: usize) -> Result<RopeTable> {
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(positions * half);
+        let mut sin = Vec::with_capacity(positions * half);
+        for p in 0..positions {
+            for &f in inv_freq {
+                let angle = (p as f32 * f) as f64;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        Ok(RopeTable {
+            cos: gpu.upload(bytemuck::cast_slice(&cos))?,
+            sin: gpu.upload(bytemuck::cast_slice(&sin))?,
+            positions,
+            half,
+        })
+    }
+
+    pub fn positions(&self) -> usize {
+        self.positions
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct RopeParams {
+    rows: u32,
+    heads: u32,
+    half: u32,
+    row_off: u32,
+    x_off: u32,
+    max_pos: u32,
+    _pad: [u32; 2],
+}
+
+/// Rotate rows `rows` of `x` ([.., heads · d]) in place; `positions[r]` is the position of global
+/// row r.
+pub fn rope(batch: &mut Batch<'_>, x: &GpuMatrix, rows: Range<usize>, heads: usize, positions: &GpuBuffer, table: &RopeTable) -> Result<()> {
+    let half = table.half;
+    check(x.cols() == heads * 2 * half && rows.end <= x.rows() && positions.len() >= 4 * rows.end as u64, || {
+        format!("rope: x {:?} rows {rows:?}, {heads} heads of {}", x.shape(), 2 * half)
+    })?;
+    let gpu = batch.gpu();
+    let pipeline = gpu.pipeline(&ROPE, &Spec::new())?;
+    for (c, local0, n, global0) in x.segments(rows) {
+        let mut r = 0;
+        while r < n {
+            let m = (n - r).min(ROWS_Y * ROWS_Y);
+            let params = RopeParams {
+                rows: m as u32,
+                heads: heads as u32,
+                half: half as u32,
+                row_off: (global0 + r) as u32,
+                x_off: ((local0 + r) * x.cols()) as u32,
+                max_pos: table.positions as u32,
+                _pad: [0; 2],
+            };
+            let wg = [(heads * half).div_ceil(64) as u32, m.min(ROWS_Y) as u32, m.div_ceil(ROWS_Y) as u32];
+            batch.dispatch(pipeline.clone(), &params, &[positions, &table.cos, &table.sin, &c.buf], wg)?;
+            r += m;
+        }
+    }
+    Ok(())
+}
+
+/// Shape of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionShape {
+    /// Query rows per sequence.
+    pub t: usize,
+    /// Key rows per sequence in k/v (row stride between sequences).
+    pub s: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Position of the first query of each sequence (keys start at position 0).
+    pub q_pos0: usize,
+    /// Sliding window (0: none).
+    pub window: usize,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct AttnParams {
+    rows: u32,
+    t: u32,
+    s: u32,
+    heads: u32,
+    kv_heads: u32,
+    q_pos0: u32,
+    window: u32,
+    scale: f32,
+    q_off: u32,
+    k_off: u32,
+    o_off: u32,
+    _pad: u32,
+}
+
+/// Causal GQA attention: `out = softmax(q kᵀ / √d + causal mask) v` per sequence and head.
+/// q/out chunks must hold whole sequences of `t` rows; k/v chunks the matching sequences of
+/// `s` rows (allocate with [`GpuMatrix::uninit_grouped`]).
+pub fn attention(batch: &mut Batch<'_>, q: &GpuMatrix, k: &GpuMatrix, v: &GpuMatrix, out: &GpuMatrix, sh: AttentionShape) -> Result<()> {
+    let qd = sh.heads * sh.head_dim;
+    let kd = sh.kv_heads * sh.head_dim;
+    let nseq = q.rows() / sh.t.max(1);
+    check(
+        sh.t > 0
+            && q.rows() % sh.t == 0
+            && q.cols() == qd
+            && out.cols() == qd
+            && q.same_layout(out)
+            && k.cols() == kd
+            && v.cols() == kd
+            && k.same_layout(v)
+            && k.rows() >= nseq * sh.s
+            && sh.kv_heads > 0
+            && sh.heads % sh.kv_heads == 0
+            && sh.q_pos0 + sh.t <= sh.s,
+        || format!("attention: q {:?}, k {:?}, v {:?}, out {:?}, {sh:?}", q.shape(), k.shape(), v.shape(), out.shape()),
+    )?;
+    let gpu = batch.gpu();
+    let spec = Spec::new().set("HD", sh.head_dim).set("KB", 8);
+    let pipeline = gpu.pipeline(&ATTENTION, &spec)?;
+    for (qc, oc) in q.chunks().iter().zip(out.chunks()) {
+        check(qc.row0 % sh.t == 0 && qc.rows % sh.t == 0, || "attention: a q chunk splits a sequence".into())?;
+        let seq0 = qc.row0 / sh.t;
+        let nseq_c = qc.rows / sh.t;
+        // The k/v chunk holding these sequences.
+        let kv0 = seq0 * sh.s;
+        let (kc, vc) = k
+            .chunks()
+            .iter()
+            .zip(v.chunks())
+            .find(|(kc, _)| kc.row0 <= kv0 && kv0 + nseq_c * sh.s <= kc.row0 + kc.rows)
+            .ok_or_else(|| Error::Shape("attention: k/v chunks do not hold whole sequences".into()))?;
+        let params = AttnParams {
+            rows: qc.rows as u32,
+            t: sh.t as u32,
+            s: sh.s as u32,
+            heads: sh.heads as u32,
+            kv_heads: sh.kv_heads as u32,
+            q_pos0: sh.q_pos0 as u32,
+            window: sh.window as u32,
+            scale: 1.0 / (sh.head_dim as f32).sqrt(),
+            q_off: 0,
+            k_off: ((kv0 - kc.row0) * kd) as u32,
+            o_off: 0,
+            _pad: 0,
+        };
+        let wg = [qc.rows.div_ceil(64) as u32, sh.heads as u32, 1];
+        batch.dispatch(pipeline.clone(), &params, &[&qc.buf, &kc.buf, &vc.buf, &oc.buf], wg)?;
+    }
+    Ok(())
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct EltParams {
+    n: u32,
+    cols: u32,
+    y_off: u32,
+    x_off: u32,
+}
+
+fn elementwise(batch: &mut Batch<'_>, op: u32, y: &GpuMatrix, rows: Range<usize>, x: &GpuMatrix, x_is_bias: bool) -> Result<()> {
+    let gpu = batch.gpu();
+    let spec = Spec::new()
+        .set("OPERANDS", operand_wgsl("x", 1, x.dtype(), false))
+        .set("OP", op);
+    let pipeline = gpu.pipeline(&ELEMENTWISE, &spec)?;
+    let max = gpu.caps().max_workgroups_per_dim as usize;
+    let cols = y.cols();
+    for (yc, local0, n, global0) in y.segments(rows) {
+        let xbuf = if x_is_bias {
+            &x.chunks()[0].buf
+        } else {
+            // Same layout as y: the chunk with the same index covers the same rows.
+            let xc = x
+                .chunks()
+                .iter()
+                .find(|c| c.row0 <= global0 && global0 + n <= c.row0 + c.rows)
+                .ok_or_else(|| Error::Shape("elementwise: operands are chunked differently".into()))?;
+            check(xc.row0 == yc.row0, || "elementwise: operands are chunked differently".into())?;
+            &xc.buf
+        };
+        let total = n * cols;
+        let groups = total.div_ceil(256);
+        let gx = groups.min(max);
+        let params = EltParams {
+            n: total as u32,
+            cols: cols as u32,
+            y_off: (local0 * cols) as u32,
+            x_off: (local0 * cols) as u32,
+        };
+        batch.dispatch(pipeline.clone(), &params, &[xbuf, &yc.buf], [gx as u32, groups.div_ceil(gx) as u32, 1])?;
+    }
+    Ok(())
+}
+
+/// `y += x` (residual connection).
+pub fn add(batch: &mut Batch<'_>, y: &GpuMatrix, x: &GpuMatrix) -> Result<()> {
+    check(y.shape() == x.shape() && y.same_layout(x), || format!("add: {:?} += {:?}", y.shape(), x.shape()))?;
+    elementwise(batch, 0, y, 0..y.rows(), x, false)
+}
+
+/// `gate = silu(gate) ⊙ up` (SwiGLU), in place in `gate`.
+pub fn swiglu(batch: &mut Batch<'_>, gate: &GpuMatrix, up: &GpuMatrix) -> Result<()> {
+    check(gate.shape() == up.shape() && gate.same_layout(up), || format!("swiglu: {:?} vs {:?}", gate.shape(), up.shape()))?;
+    elementwise(batch, 1, gate, 0..gate.rows(), up, false)
+}
+
+/// `y[r] += bias` for r in `rows`; `bias` is 1×cols of any dtype.
+pub fn add_bias(batch: &mut Batch<'_>, y: &GpuMatrix, rows: Range<usize>, bias: &GpuMatrix) -> Result<()> {
+    check(bias.rows() == 1 && bias.cols() == y.cols() && rows.end <= y.rows(), || {
+        format!("add_bias: y {:?} rows {rows:?}, bias {:?}", y.shape(), bias.shape())
+    })?;
+    elementwise(batch, 2, y, rows, bias, true)
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct LogitParams {
+    rows: u32,
+    v: u32,
+    z_off: u32,
+    row_base: u32,
+    wg_base: u32,
+    _pad: [u32; 3],
+}
+
+/// Per-row statistics of logits `z` ([rows, vocab]): writes 4 floats per row into `out`
+/// (from `out_row0`): NLL of `targets[out_row0 + r]`, KL(softmax(z_ref) ‖ softmax(z)) when
+/// `z_ref` is given (else 0), argmax z, argmax z_ref (else argmax z).
+pub fn logit_stats(
+    batch: &mut Batch<'_>,
+    z: &GpuMatrix,
+    z_ref: Option<&GpuMatrix>,
+    targets: &GpuBuffer,
+    out: &GpuBuffer,
+    out_row0: usize,
+) -> Result<()> {
+    if let Some(r) = z_ref {
+        check(r.shape() == z.shape() && r.same_layout(z), || format!("logit_stats: {:?} vs ref {:?}", z.shape(), r.shape()))?;
+    }
+    check(
+        out.len() >= 16 * (out_row0 + z.rows()) as u64 && targets.len() >= 4 * (out_row0 + z.rows()) as u64,
+        || "logit_stats: output or targets too short".into(),
+    )?;
+    let gpu = batch.gpu();
+    let spec = Spec::new().set("WG", reduce_wg(gpu)).set("KL", z_ref.is_some());
+    let pipeline = gpu.pipeline(&LOGITS, &spec)?;
+    let max = gpu.caps().max_workgroups_per_dim as usize;
+    for (i, zc) in z.chunks().iter().enumerate() {
+        let rc = z_ref.map(|r| &r.chunks()[i].buf).unwrap_or(&zc.buf);
+        let mut r = 0;
+        while r < zc.rows {
+            let n = (zc.rows - r).min(max);
+            let params = LogitParams {
+                rows: zc.rows as u32,
+                v: z.cols() as u32,
+                z_off: 0,
+                row_base: (out_row0 + zc.row0) as u32,
+                wg_base: r as u32,
+                _pad: [0; 3],
+            };
+            batch.dispatch(pipeline.clone(), &params, &[&zc.buf, rc, targets, out], [n as u32, 1, 1])?;
+            r += n;
+        }
+    }
+    Ok(())
+}
