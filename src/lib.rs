@@ -7,6 +7,7 @@ pub mod cpu;
 pub mod dtype;
 pub mod error;
 pub mod gpu;
+pub mod infer;
 pub mod model;
 
 pub use dtype::DType;

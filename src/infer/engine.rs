@@ -1,0 +1,449 @@
+//! The transformer forward pass on the GPU, streaming decoder layers from the memory-mapped
+//! checkpoint.
+//!
+//! Activations of the current batch live on the GPU for the whole pass; decoder layers are
+//! uploaded one at a time (and kept only if the whole model fits the resident budget). Each
+//! layer is one submission: while the GPU runs layer l, the host uploads layer l + 1, and a
+//! helper thread pages in layer l + 2 from disk, so reading, uploading and computing overlap.
+
+use std::ops::Range;
+
+use crate::error::{Error, Result};
+use crate::gpu::ops::{self, AttentionShape, RopeTable};
+use crate::gpu::{gemm_rows, Batch, GemmOp, Gpu, GpuBuffer, GpuMatrix};
+use crate::model::{Checkpoint, LayerSpec, LinearKind, RopeScaling, TensorRef};
+
+/// How the engine uses GPU memory.
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// Keep every decoder layer on the GPU after its first upload when all of them together
+    /// take at most this many bytes; otherwise stream them for every batch.
+    pub resident_bytes: u64,
+    /// Positions the RoPE table covers (the longest sequence plus generated tokens).
+    pub max_positions: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            resident_bytes: 2 << 30,
+            max_positions: 4096,
+        }
+    }
+}
+
+/// One decoder layer's weights on the GPU, in their stored dtype.
+struct LayerWeights {
+    input_norm: GpuMatrix,
+    post_norm: GpuMatrix,
+    linears: Vec<(LinearKind, GpuMatrix, Option<GpuMatrix>)>,
+}
+
+impl LayerWeights {
+    fn linear(&self, kind: LinearKind) -> (&GpuMatrix, Option<&GpuMatrix>) {
+        let (_, w, b) = self.linears.iter().find(|(k, _, _)| *k == kind).expect("all seven linears are loaded");
+        (w, b.as_ref())
+    }
+}
+
+/// A key/value cache for incremental decoding of one sequence.
+pub struct KvCache {
+    layers: Vec<(GpuMatrix, GpuMatrix)>,
+    len: usize,
+    capacity: usize,
+}
+
+impl KvCache {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+/// A model ready to run on a GPU.
+pub struct Engine<'a> {
+    gpu: &'a Gpu,
+    ck: &'a Checkpoint,
+    embed: GpuMatrix,
+    final_norm: GpuMatrix,
+    lm_head: Option<GpuMatrix>,
+    layers: Vec<Option<LayerWeights>>,
+    verified: Vec<bool>,
+    resident: bool,
+    rope: RopeTable,
+    /// Positions 0..max_positions, for the RoPE of KV-cache rows.
+    cache_positions: GpuBuffer,
+}
+
+/// Upload a checkpoint tensor as a rows × cols matrix in its stored dtype.
+fn upload(gpu: &Gpu, t: &TensorRef<'_>, rows: usize, cols: usize) -> Result<GpuMatrix> {
+    GpuMatrix::from_bytes(gpu, rows, cols, t.dtype, t.bytes)
+}
+
+fn check_finite(t: &TensorRef<'_>) -> Result<()> {
+    match t.first_non_finite() {
+        None => Ok(()),
+        Some(i) => Err(Error::Tensor {
+            path: t.file.to_path_buf(),
+            tensor: t.name.to_string(),
+            msg: format!("element {i} is not finite (weights must be finite)"),
+        }),
+    }
+}
+
+/// Inverse RoPE frequencies per pair, as transformers computes them (in f32), with scaling.
+pub fn rope_inv_freq(ck: &Checkpoint) -> Vec<f32> {
+    let c = ck.config();
+    let d = c.head_dim;
+    let base = c.rope.theta as f32;
+    let inv: Vec<f32> = (0..d / 2)
+        .map(|i| 1.0 / base.powf((2 * i) as f32 / d as f32))
+        .collect();
+    match &c.rope.scaling {
+        RopeScaling::Default => inv,
+        RopeScaling::Linear { factor } => inv.iter().map(|f| f / *factor as f32).collect(),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
+            let old = *original_max_position_embeddings as f64;
+            let low_wl = old / low_freq_factor;
+            let high_wl = old / high_freq_factor;
+            inv.iter()
+                .map(|&f| {
+                    let f64f = f as f64;
+                    let wl = 2.0 * std::f64::consts::PI / f64f;
+                    let v = if wl < high_wl {
+                        f64f
+                    } else if wl > low_wl {
+                        f64f / factor
+                    } else {
+                        let smooth = (old / wl - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * f64f / factor + smooth * f64f
+                    };
+                    v as f32
+                })
+                .collect()
+        }
+    }
+}
+
+impl<'a> Engine<'a> {
+    pub fn new(gpu: &'a Gpu, ck: &'a Checkpoint, opts: &EngineOptions) -> Result<Engine<'a>> {
+        let c = ck.config();
+        let arch = ck.arch();
+        let e = ck.tensor(&arch.embed_tokens.name)?;
+        check_finite(&e)?;
+        let embed = upload(gpu, &e, c.vocab_size, c.hidden_size)?;
+        let n = ck.tensor(&arch.final_norm.name)?;
+        check_finite(&n)?;
+        let final_norm = upload(gpu, &n, 1, c.hidden_size)?;
+        let lm_head = match &arch.lm_head {
+            Some(h) => {
+                let t = ck.tensor(&h.name)?;
+                check_finite(&t)?;
+                Some(upload(gpu, &t, c.vocab_size, c.hidden_size)?)
+            }
+            None => None,
+        };
+        let layer_bytes: u64 = arch
+            .layers
+            .iter()
+            .flat_map(|l| l.tensors())
+            .map(|t| ck.tensor(&t.name).map(|r| r.bytes.len() as u64).unwrap_or(0))
+            .sum();
+        let max_positions = opts.max_positions.max(1);
+        let rope = RopeTable::new(gpu, &rope_inv_freq(ck), max_positions)?;
+        let positions: Vec<u32> = (0..max_positions as u32).collect();
+        Ok(Engine {
+            gpu,
+            ck,
+            embed,
+            final_norm,
+            lm_head,
+            layers: (0..c.num_layers).map(|_| None).collect(),
+            verified: vec![false; c.num_layers],
+            resident: layer_bytes <= opts.resident_bytes,
+            rope,
+            cache_positions: ops::upload_u32(gpu, &positions)?,
+        })
+    }
+
+    pub fn gpu(&self) -> &'a Gpu {
+        self.gpu
+    }
+
+    pub fn checkpoint(&self) -> &'a Checkpoint {
+        self.ck
+    }
+
+    /// Whether decoder layers stay on the GPU between batches.
+    pub fn resident(&self) -> bool {
+        self.resident
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.rope.positions()
+    }
+
+    fn load_layer(&mut self, l: usize) -> Result<()> {
+        if self.layers[l].is_some() {
+            return Ok(());
+        }
+        let spec: &LayerSpec = &self.ck.arch().layers[l];
+        let verify = !self.verified[l];
+        let get = |name: &str, rows: usize, cols: usize| -> Result<GpuMatrix> {
+            let t = self.ck.tensor(name)?;
+            if verify {
+                check_finite(&t)?;
+            }
+            upload(self.gpu, &t, rows, cols)
+        };
+        let h = self.ck.config().hidden_size;
+        let mut linears = Vec::with_capacity(7);
+        for lin in &spec.linears {
+            let w = get(&lin.weight.name, lin.out_features, lin.in_features)?;
+            let b = match &lin.bias {
+                Some(b) => Some(get(&b.name, 1, lin.out_features)?),
+                None => None,
+            };
+            linears.push((lin.kind, w, b));
+        }
+        self.layers[l] = Some(LayerWeights {
+            input_norm: get(&spec.input_norm.name, 1, h)?,
+            post_norm: get(&spec.post_attention_norm.name, 1, h)?,
+            linears,
+        });
+        self.verified[l] = true;
+        Ok(())
+    }
+
+    /// Touch every page of a layer's tensors so a later upload reads from memory, not disk.
+    fn prefetch_pages(ck: &Checkpoint, l: usize) {
+        let Some(spec) = ck.arch().layers.get(l) else { return };
+        let mut sum = 0u8;
+        for t in spec.tensors() {
+            if let Ok(r) = ck.tensor(&t.name) {
+                for b in r.bytes.iter().step_by(4096) {
+                    sum = sum.wrapping_add(*b);
+                }
+            }
+        }
+        std::hint::black_box(sum);
+    }
+
+    fn validate_ids(&self, ids: &[u32]) -> Result<()> {
+        let v = self.ck.config().vocab_size;
+        match ids.iter().find(|&&t| t as usize >= v) {
+            Some(bad) => Err(Error::InvalidArgument(format!(
+                "token id {bad} is outside the vocabulary of {} ({v} tokens)",
+                self.ck.dir().display()
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Run `tokens.len() / seq_len` sequences of `seq_len` tokens (positions 0..seq_len each)
+    /// through every decoder layer and the final norm. Returns the normed hidden states
+    /// [n · seq_len, hidden], chunked by whole sequences.
+    pub fn hidden_states(&mut self, tokens: &[u32], seq_len: usize) -> Result<GpuMatrix> {
+        let c = self.ck.config().clone();
+        if seq_len == 0 || tokens.is_empty() || tokens.len() % seq_len != 0 {
+            return Err(Error::Shape(format!("{} tokens are not whole sequences of {seq_len}", tokens.len())));
+        }
+        if seq_len > self.rope.positions() {
+            return Err(Error::InvalidArgument(format!(
+                "sequence length {seq_len} exceeds the {} positions this engine was built for",
+                self.rope.positions()
+            )));
+        }
+        self.validate_ids(tokens)?;
+        let gpu = self.gpu;
+        let rows = tokens.len();
+        let ids = ops::upload_u32(gpu, tokens)?;
+        let positions: Vec<u32> = (0..rows).map(|r| (r % seq_len) as u32).collect();
+        let pos = ops::upload_u32(gpu, &positions)?;
+        let x = GpuMatrix::uninit_grouped(gpu, rows, c.hidden_size, seq_len)?;
+        let mut b = Batch::new(gpu);
+        ops::embed(&mut b, &ids, &self.embed, &x)?;
+        b.submit()?;
+
+        let n_layers = c.num_layers;
+        std::thread::scope(|scope| -> Result<()> {
+            let ck = self.ck;
+            let mut prefetch = None;
+            for l in 0..n_layers {
+                if !self.resident || self.layers[l].is_none() {
+                    if let Some(h) = prefetch.take() {
+                        let _ = std::thread::ScopedJoinHandle::join(h);
+                    }
+                    if l + 1 < n_layers && (!self.resident || self.layers[l + 1].is_none()) {
+                        prefetch = Some(scope.spawn(move || Self::prefetch_pages(ck, l + 1)));
+                    }
+                }
+                self.load_layer(l)?;
+                let w = self.layers[l].as_ref().expect("just loaded");
+                self.layer(w, &x, &pos, seq_len, None)?;
+                if !self.resident {
+                    self.layers[l] = None;
+                }
+            }
+            Ok(())
+        })?;
+        let y = GpuMatrix::uninit_grouped(gpu, rows, c.hidden_size, seq_len)?;
+        let mut b = Batch::new(gpu);
+        ops::rms_norm(&mut b, &x, &self.final_norm, c.rms_norm_eps as f32, &y)?;
+        b.submit()?;
+        Ok(y)
+    }
+
+    /// One decoder layer on `x` (rows grouped by `t`), in place. Without a cache, each group
+    /// of t rows is a sequence starting at position 0. With a cache, x holds t new tokens of
+    /// one sequence at positions cache.len.., whose keys and values are appended.
+    fn layer(&self, w: &LayerWeights, x: &GpuMatrix, pos: &GpuBuffer, t: usize, cache: Option<(&GpuMatrix, &GpuMatrix, usize)>) -> Result<()> {
+        let c = self.ck.config();
+        let gpu = self.gpu;
+        let rows = x.rows();
+        let (qd, kd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let eps = c.rms_norm_eps as f32;
+        let mut b = Batch::new(gpu);
+        let h = GpuMatrix::uninit_grouped(gpu, rows, c.hidden_size, t)?;
+        ops::rms_norm(&mut b, x, &w.input_norm, eps, &h)?;
+        let q = GpuMatrix::uninit_grouped(gpu, rows, qd, t)?;
+        linear(&mut b, &h, 0..rows, w.linear(LinearKind::QProj), &q, 0, false)?;
+        ops::rope(&mut b, &q, 0..rows, c.num_heads, pos, &self.rope)?;
+        let attn = GpuMatrix::uninit_grouped(gpu, rows, qd, t)?;
+        let window = c.sliding_window.unwrap_or(0);
+        match cache {
+            None => {
+                let k = GpuMatrix::uninit_grouped(gpu, rows, kd, t)?;
+                let v = GpuMatrix::uninit_grouped(gpu, rows, kd, t)?;
+                linear(&mut b, &h, 0..rows, w.linear(LinearKind::KProj), &k, 0, false)?;
+                linear(&mut b, &h, 0..rows, w.linear(LinearKind::VProj), &v, 0, false)?;
+                ops::rope(&mut b, &k, 0..rows, c.num_kv_heads, pos, &self.rope)?;
+                let sh = AttentionShape { t, s: t, heads: c.num_heads, kv_heads: c.num_kv_heads, head_dim: c.head_dim, q_pos0: 0, window };
+                ops::attention(&mut b, &q, &k, &v, &attn, sh)?;
+            }
+            Some((kc, vc, start)) => {
+                linear(&mut b, &h, 0..rows, w.linear(LinearKind::KProj), kc, start, false)?;
+                linear(&mut b, &h, 0..rows, w.linear(LinearKind::VProj), vc, start, false)?;
+                ops::rope(&mut b, kc, start..start + rows, c.num_kv_heads, &self.cache_positions, &self.rope)?;
+                let sh = AttentionShape { t: rows, s: start + rows, heads: c.num_heads, kv_heads: c.num_kv_heads, head_dim: c.head_dim, q_pos0: start, window };
+                ops::attention(&mut b, &q, kc, vc, &attn, sh)?;
+            }
+        }
+        // x += attn · W_oᵀ (+ b_o)
+        linear(&mut b, &attn, 0..rows, w.linear(LinearKind::OProj), x, 0, true)?;
+        let h2 = GpuMatrix::uninit_grouped(gpu, rows, c.hidden_size, t)?;
+        ops::rms_norm(&mut b, x, &w.post_norm, eps, &h2)?;
+        let gate = GpuMatrix::uninit_grouped(gpu, rows, c.intermediate_size, t)?;
+        let up = GpuMatrix::uninit_grouped(gpu, rows, c.intermediate_size, t)?;
+        linear(&mut b, &h2, 0..rows, w.linear(LinearKind::GateProj), &gate, 0, false)?;
+        linear(&mut b, &h2, 0..rows, w.linear(LinearKind::UpProj), &up, 0, false)?;
+        ops::swiglu(&mut b, &gate, &up)?;
+        linear(&mut b, &gate, 0..rows, w.linear(LinearKind::DownProj), x, 0, true)?;
+        b.submit()
+    }
+
+    /// Logits [rows.len(), vocab] of a block of rows of normed hidden states.
+    pub fn logits(&self, hidden: &GpuMatrix, rows: Range<usize>) -> Result<GpuMatrix> {
+        let v = self.ck.config().vocab_size;
+        let z = GpuMatrix::uninit(self.gpu, rows.len(), v)?;
+        let mut b = Batch::new(self.gpu);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        gemm_rows(&mut b, hidden, rows, head, GemmOp::NT, &z, 0, false)?;
+        b.submit()?;
+        Ok(z)
+    }
+
+    /// An empty KV cache for up to `capacity` positions.
+    pub fn new_cache(&mut self, capacity: usize) -> Result<KvCache> {
+        let c = self.ck.config();
+        if capacity > self.rope.positions() {
+            return Err(Error::InvalidArgument(format!(
+                "a cache of {capacity} positions exceeds the {} this engine was built for",
+                self.rope.positions()
+            )));
+        }
+        let kd = c.num_kv_heads * c.head_dim;
+        let layers = (0..c.num_layers)
+            .map(|_| {
+                Ok((
+                    GpuMatrix::uninit_grouped(self.gpu, capacity, kd, capacity)?,
+                    GpuMatrix::uninit_grouped(self.gpu, capacity, kd, capacity)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache {
+            layers,
+            len: 0,
+            capacity,
+        })
+    }
+
+    /// Append `tokens` to the cached sequence and return the normed hidden states of the new
+    /// tokens ([tokens.len(), hidden]; the last row predicts the next token).
+    pub fn extend(&mut self, cache: &mut KvCache, tokens: &[u32]) -> Result<GpuMatrix> {
+        let c = self.ck.config().clone();
+        let n = tokens.len();
+        if n == 0 {
+            return Err(Error::InvalidArgument("no tokens to append".into()));
+        }
+        if cache.len + n > cache.capacity {
+            return Err(Error::InvalidArgument(format!(
+                "the sequence would reach {} tokens, past the cache of {}",
+                cache.len + n,
+                cache.capacity
+            )));
+        }
+        self.validate_ids(tokens)?;
+        let gpu = self.gpu;
+        let ids = ops::upload_u32(gpu, tokens)?;
+        let positions: Vec<u32> = (cache.len..cache.len + n).map(|p| p as u32).collect();
+        let pos = ops::upload_u32(gpu, &positions)?;
+        let x = GpuMatrix::uninit_grouped(gpu, n, c.hidden_size, n)?;
+        let mut b = Batch::new(gpu);
+        ops::embed(&mut b, &ids, &self.embed, &x)?;
+        b.submit()?;
+        for l in 0..c.num_layers {
+            self.load_layer(l)?;
+            let w = self.layers[l].as_ref().expect("just loaded");
+            let (kc, vc) = &cache.layers[l];
+            self.layer(w, &x, &pos, n, Some((kc, vc, cache.len)))?;
+            if !self.resident {
+                self.layers[l] = None;
+            }
+        }
+        cache.len += n;
+        let y = GpuMatrix::uninit_grouped(gpu, n, c.hidden_size, n)?;
+        let mut b = Batch::new(gpu);
+        ops::rms_norm(&mut b, &x, &self.final_norm, c.rms_norm_eps as f32, &y)?;
+        b.submit()?;
+        Ok(y)
+    }
+}
+
+/// `out[out_row0..] (+)= inp[rows] · Wᵀ (+ bias)`.
+fn linear(
+    b: &mut Batch<'_>,
+    inp: &GpuMatrix,
+    rows: Range<usize>,
+    (w, bias): (&GpuMatrix, Option<&GpuMatrix>),
+    out: &GpuMatrix,
+    out_row0: usize,
+    accumulate: bool,
+) -> Result<()> {
+    let n = rows.len();
+    gemm_rows(b, inp, rows, w, GemmOp::NT, out, out_row0, accumulate)?;
+    if let Some(bias) = bias {
+        ops::add_bias(b, out, out_row0..out_row0 + n, bias)?;
+    }
+    Ok(())
+}
