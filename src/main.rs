@@ -6,8 +6,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use pumice::gpu::{list_adapters, AdapterReport, AdapterSelector, BackendChoice, GpuOptions};
-use pumice::model::{Checkpoint, ModelSummary};
+use pumice::gpu::{list_adapters, AdapterReport, AdapterSelector, BackendChoice, Gpu, GpuOptions};
+use pumice::infer::eval::{evaluate, window_count, EvalOptions, EvalProgress};
+use pumice::infer::generate::{generate, GenerateOptions};
+use pumice::infer::{Engine, EngineOptions};
+use pumice::model::{Checkpoint, ModelSummary, Tokenizer};
+
+mod progress;
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -83,6 +88,78 @@ enum Command {
         #[arg(long)]
         check_weights: bool,
     },
+    /// Perplexity of a model on a text (and KL divergence against a reference model).
+    #[command(after_help = EVAL_PROTOCOL)]
+    Eval(EvalArgs),
+    /// Continue a prompt; tokens stream to stdout as they are generated.
+    Generate(GenerateArgs),
+}
+
+const EVAL_PROTOCOL: &str = "\
+Protocol: the whole file is tokenized with the model's tokenizer.json, no special tokens; it is
+cut into consecutive non-overlapping windows of --ctx tokens and the tail is dropped; no BOS is
+added; each window is scored on its positions 1..ctx-1 (each predicted from the tokens before it
+in the window); the mean NLL is taken over all scored positions and perplexity = exp(mean NLL).
+With --ref, the reference model runs on the same windows: kl_divergence is the mean over scored
+positions of KL(ref || model), kl_divergence_p99 its 99th percentile, top1_agreement the fraction
+of positions where both models' most likely next token agree.";
+
+#[derive(Args, Debug)]
+struct EvalArgs {
+    /// Model directory.
+    model: PathBuf,
+    /// Text file to evaluate on (tokenized with the model's tokenizer.json).
+    #[arg(long, required_unless_present = "token_file", conflicts_with = "token_file")]
+    text: Option<PathBuf>,
+    /// Whitespace-separated token ids instead of text (for models without a tokenizer).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Window length in tokens.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Evaluate only the first N windows.
+    #[arg(long)]
+    max_windows: Option<usize>,
+    /// Windows per forward batch.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Reference model (e.g. the uncompressed original) for KL divergence and top-1 agreement.
+    #[arg(long = "ref")]
+    reference: Option<PathBuf>,
+    /// Keep decoder layers on the GPU when they fit in this many MiB; larger models are
+    /// streamed layer by layer for every batch.
+    #[arg(long, default_value_t = 2048)]
+    max_resident_mb: u64,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct GenerateArgs {
+    /// Model directory.
+    model: PathBuf,
+    /// Prompt text (empty: start from the BOS token).
+    #[arg(long, default_value = "")]
+    prompt: String,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy (deterministic).
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass.
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Keep going past the end-of-sequence token.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// See `eval --max-resident-mb`.
+    #[arg(long, default_value_t = 2048)]
+    max_resident_mb: u64,
 }
 
 fn main() -> ExitCode {
@@ -147,7 +224,125 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             check_weights,
         } => inspect(&model, json, check_weights),
+        Command::Eval(args) => eval(&cli.gpu.options(), args),
+        Command::Generate(args) => generate_cmd(&cli.gpu.options(), args),
     }
+}
+
+fn read_token_file(path: &std::path::Path) -> Result<Vec<u32>, pumice::Error> {
+    let text = std::fs::read_to_string(path).map_err(|e| pumice::Error::Io { path: path.to_path_buf(), source: e })?;
+    text.split_whitespace()
+        .enumerate()
+        .map(|(i, s)| {
+            s.parse::<u32>().map_err(|_| {
+                pumice::Error::InvalidArgument(format!("{}: item {} (`{s}`) is not a token id", path.display(), i + 1))
+            })
+        })
+        .collect()
+}
+
+fn eval(gpu_opts: &GpuOptions, a: EvalArgs) -> anyhow::Result<()> {
+    let ck = Checkpoint::open(&a.model)?;
+    let reference = a.reference.as_ref().map(Checkpoint::open).transpose()?;
+    let tokens = match (&a.text, &a.token_file) {
+        (_, Some(f)) => read_token_file(f)?,
+        (Some(t), None) => {
+            let tok = Tokenizer::from_model_dir(&a.model)?.ok_or_else(|| {
+                pumice::Error::InvalidArgument(format!(
+                    "{} has no tokenizer.json; pass token ids with --token-file",
+                    a.model.display()
+                ))
+            })?;
+            let text = std::fs::read_to_string(t).map_err(|e| pumice::Error::Io { path: t.clone(), source: e })?;
+            tok.encode(&text)?
+        }
+        (None, None) => unreachable!("clap requires --text or --token-file"),
+    };
+    let windows = window_count(tokens.len(), a.ctx, a.max_windows);
+    let gpu = Gpu::new(gpu_opts)?;
+    tracing::info!("evaluating on {}", gpu.describe());
+    let eopts = EngineOptions { resident_bytes: a.max_resident_mb << 20, max_positions: a.ctx };
+    let mut engine = Engine::new(&gpu, &ck, &eopts)?;
+    let mut ref_engine = match &reference {
+        Some(r) => Some(Engine::new(&gpu, r, &eopts)?),
+        None => None,
+    };
+    let opts = EvalOptions { ctx: a.ctx, max_windows: a.max_windows, batch: a.batch };
+    let mut bar = progress::Progress::new("eval", windows as u64, "windows");
+    let report = evaluate(&mut engine, ref_engine.as_mut(), &tokens, &opts, &mut |p: EvalProgress| {
+        bar.set(p.windows_done as u64)
+    })?;
+    bar.finish();
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        let mut v = serde_json::to_value(&report)?;
+        let o = v.as_object_mut().expect("report is an object");
+        o.insert("model".into(), a.model.display().to_string().into());
+        if let Some(t) = a.text.as_ref().or(a.token_file.as_ref()) {
+            o.insert("text".into(), t.display().to_string().into());
+        }
+        if let Some(r) = &a.reference {
+            o.insert("reference".into(), r.display().to_string().into());
+        }
+        o.insert("adapter".into(), gpu.describe().into());
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "perplexity {:.4} (mean NLL {:.6}) over {} windows of {} tokens ({} scored)",
+        report.perplexity, report.mean_nll, report.windows, report.ctx, report.predicted_tokens
+    )?;
+    if let (Some(kl), Some(p99), Some(top1)) = (report.kl_divergence, report.kl_divergence_p99, report.top1_agreement) {
+        writeln!(out, "KL(ref || model) {kl:.6} (p99 {p99:.6}), top-1 agreement {top1:.4}")?;
+    }
+    writeln!(
+        out,
+        "{:.1} s, {:.0} tokens/s, peak GPU memory {:.1} MiB ({}) on {}",
+        report.seconds,
+        report.tokens_per_second,
+        report.peak_gpu_bytes as f64 / (1u64 << 20) as f64,
+        if report.resident_layers { "layers resident" } else { "layers streamed" },
+        gpu.describe()
+    )?;
+    Ok(())
+}
+
+fn generate_cmd(gpu_opts: &GpuOptions, a: GenerateArgs) -> anyhow::Result<()> {
+    let ck = Checkpoint::open(&a.model)?;
+    let tok = Tokenizer::from_model_dir(&a.model)?.ok_or_else(|| {
+        pumice::Error::InvalidArgument(format!("{} has no tokenizer.json", a.model.display()))
+    })?;
+    let prompt = tok.encode(&a.prompt)?;
+    let gpu = Gpu::new(gpu_opts)?;
+    let positions = (prompt.len().max(1) + a.max_tokens).min(ck.config().max_position_embeddings.max(1));
+    let mut engine = Engine::new(&gpu, &ck, &EngineOptions { resident_bytes: a.max_resident_mb << 20, max_positions: positions })?;
+    let opts = GenerateOptions {
+        max_tokens: a.max_tokens,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed,
+        stop_at_eos: !a.ignore_eos,
+    };
+    let mut out = std::io::stdout().lock();
+    write!(out, "{}", a.prompt)?;
+    out.flush()?;
+    // Decode the whole continuation each time and print what is new, so multi-token characters
+    // come out whole.
+    let mut ids = Vec::new();
+    let mut shown = String::new();
+    generate(&mut engine, &prompt, &opts, &mut |id| {
+        ids.push(id);
+        let text = tok.decode(&ids)?;
+        if let Some(new) = text.strip_prefix(shown.as_str()) {
+            let _ = write!(out, "{new}");
+            let _ = out.flush();
+            shown = text;
+        }
+        Ok(())
+    })?;
+    writeln!(out)?;
+    Ok(())
 }
 
 fn devices(opts: &GpuOptions, json: bool) -> anyhow::Result<()> {

@@ -117,6 +117,8 @@ mod tests {
     }
 }
 
+pub mod forward;
+
 /// Reference transformer pieces in f64, matching the kernels in `gpu::ops`.
 pub mod ops {
     /// RMSNorm of each row of `x` ([rows, h]) times `w`.

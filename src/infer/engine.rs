@@ -11,7 +11,7 @@ use std::ops::Range;
 use crate::error::{Error, Result};
 use crate::gpu::ops::{self, AttentionShape, RopeTable};
 use crate::gpu::{gemm_rows, Batch, GemmOp, Gpu, GpuBuffer, GpuMatrix};
-use crate::model::{Checkpoint, LayerSpec, LinearKind, RopeScaling, TensorRef};
+use crate::model::{Checkpoint, LayerSpec, LinearKind, TensorRef};
 
 /// How the engine uses GPU memory.
 #[derive(Clone, Debug)]
@@ -96,45 +96,6 @@ fn check_finite(t: &TensorRef<'_>) -> Result<()> {
     }
 }
 
-/// Inverse RoPE frequencies per pair, as transformers computes them (in f32), with scaling.
-pub fn rope_inv_freq(ck: &Checkpoint) -> Vec<f32> {
-    let c = ck.config();
-    let d = c.head_dim;
-    let base = c.rope.theta as f32;
-    let inv: Vec<f32> = (0..d / 2)
-        .map(|i| 1.0 / base.powf((2 * i) as f32 / d as f32))
-        .collect();
-    match &c.rope.scaling {
-        RopeScaling::Default => inv,
-        RopeScaling::Linear { factor } => inv.iter().map(|f| f / *factor as f32).collect(),
-        RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position_embeddings,
-        } => {
-            let old = *original_max_position_embeddings as f64;
-            let low_wl = old / low_freq_factor;
-            let high_wl = old / high_freq_factor;
-            inv.iter()
-                .map(|&f| {
-                    let f64f = f as f64;
-                    let wl = 2.0 * std::f64::consts::PI / f64f;
-                    let v = if wl < high_wl {
-                        f64f
-                    } else if wl > low_wl {
-                        f64f / factor
-                    } else {
-                        let smooth = (old / wl - low_freq_factor) / (high_freq_factor - low_freq_factor);
-                        (1.0 - smooth) * f64f / factor + smooth * f64f
-                    };
-                    v as f32
-                })
-                .collect()
-        }
-    }
-}
-
 impl<'a> Engine<'a> {
     pub fn new(gpu: &'a Gpu, ck: &'a Checkpoint, opts: &EngineOptions) -> Result<Engine<'a>> {
         let c = ck.config();
@@ -160,7 +121,7 @@ impl<'a> Engine<'a> {
             .map(|t| ck.tensor(&t.name).map(|r| r.bytes.len() as u64).unwrap_or(0))
             .sum();
         let max_positions = opts.max_positions.max(1);
-        let rope = RopeTable::new(gpu, &rope_inv_freq(ck), max_positions)?;
+        let rope = RopeTable::new(gpu, &c.rope_inv_freq(), max_positions)?;
         let positions: Vec<u32> = (0..max_positions as u32).collect();
         Ok(Engine {
             gpu,

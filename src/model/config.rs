@@ -268,6 +268,45 @@ impl ModelConfig {
     }
 }
 
+impl ModelConfig {
+    /// Inverse RoPE frequency of each of the head_dim/2 rotation pairs, with the configured
+    /// scaling, computed in f32 as transformers computes it.
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        let d = self.head_dim;
+        let base = self.rope.theta as f32;
+        let inv: Vec<f32> = (0..d / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / d as f32)).collect();
+        match &self.rope.scaling {
+            RopeScaling::Default => inv,
+            RopeScaling::Linear { factor } => inv.iter().map(|f| f / *factor as f32).collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let old = *original_max_position_embeddings as f64;
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                inv.iter()
+                    .map(|&f| {
+                        let f = f as f64;
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        let scaled = if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        };
+                        scaled as f32
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
 /// RoPE from either `rope_parameters` (transformers ≥ 5) or top-level `rope_theta` plus
 /// `rope_scaling` (earlier versions).
 fn parse_rope(f: &Fields<'_>) -> Result<RopeConfig> {

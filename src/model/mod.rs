@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod safetensors;
 pub mod summary;
+pub mod synthetic;
 pub mod tokenizer;
 
 pub use arch::{Architecture, InputGroup, LayerSpec, LinearKind, LinearSpec, TensorSpec};

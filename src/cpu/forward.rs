@@ -1,0 +1,115 @@
+//! A plain f64 forward pass of a whole checkpoint: the reference the GPU engine is tested
+//! against on configurations transformers reference data does not cover (biases, tied heads,
+//! scaled RoPE, sliding windows). Slow by design; for tiny models.
+
+use crate::error::Result;
+use crate::model::{Checkpoint, LinearKind};
+
+fn tensor(ck: &Checkpoint, name: &str) -> Result<Vec<f64>> {
+    Ok(ck.tensor(name)?.to_f32()?.into_iter().map(f64::from).collect())
+}
+
+/// y[r] = x[r] · Wᵀ (+ b) for x [rows, inp], W [out, inp].
+fn linear(x: &[f64], w: &[f64], b: Option<&[f64]>, inp: usize, out: usize) -> Vec<f64> {
+    let rows = x.len() / inp;
+    let mut y = vec![0.0; rows * out];
+    for r in 0..rows {
+        let xr = &x[r * inp..(r + 1) * inp];
+        for o in 0..out {
+            let wr = &w[o * inp..(o + 1) * inp];
+            y[r * out + o] = xr.iter().zip(wr).map(|(a, c)| a * c).sum::<f64>() + b.map_or(0.0, |b| b[o]);
+        }
+    }
+    y
+}
+
+fn rms_norm(x: &[f64], w: &[f64], eps: f64) -> Vec<f64> {
+    let h = w.len();
+    x.chunks(h)
+        .flat_map(|row| {
+            let inv = 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / h as f64 + eps).sqrt();
+            row.iter().zip(w).map(move |(v, g)| g * v * inv).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn rope(x: &mut [f64], heads: usize, inv_freq: &[f32], seq_len: usize) {
+    let half = inv_freq.len();
+    let d = 2 * half;
+    for (r, row) in x.chunks_mut(heads * d).enumerate() {
+        let pos = (r % seq_len) as f32;
+        for h in 0..heads {
+            for i in 0..half {
+                let a = (pos * inv_freq[i]) as f64;
+                let (x1, x2) = (row[h * d + i], row[h * d + i + half]);
+                row[h * d + i] = x1 * a.cos() - x2 * a.sin();
+                row[h * d + i + half] = x2 * a.cos() + x1 * a.sin();
+            }
+        }
+    }
+}
+
+/// Logits [ids.len(), vocab] for sequences of `seq_len` tokens (each starting at position 0).
+pub fn reference_logits(ck: &Checkpoint, ids: &[u32], seq_len: usize) -> Result<Vec<f64>> {
+    let c = ck.config();
+    let (h, hd) = (c.hidden_size, c.head_dim);
+    let (nh, nkv) = (c.num_heads, c.num_kv_heads);
+    let rows = ids.len();
+    let emb = tensor(ck, &ck.arch().embed_tokens.name)?;
+    let mut x: Vec<f64> = ids.iter().flat_map(|&t| emb[t as usize * h..(t as usize + 1) * h].to_vec()).collect();
+    let inv = c.rope_inv_freq();
+    let window = c.sliding_window.unwrap_or(0);
+    for spec in &ck.arch().layers {
+        let lin = |kind: LinearKind, inp: &[f64]| -> Result<Vec<f64>> {
+            let l = spec.linear(kind);
+            let w = tensor(ck, &l.weight.name)?;
+            let b = l.bias.as_ref().map(|b| tensor(ck, &b.name)).transpose()?;
+            Ok(linear(inp, &w, b.as_deref(), l.in_features, l.out_features))
+        };
+        let hn = rms_norm(&x, &tensor(ck, &spec.input_norm.name)?, c.rms_norm_eps);
+        let mut q = lin(LinearKind::QProj, &hn)?;
+        let mut k = lin(LinearKind::KProj, &hn)?;
+        let v = lin(LinearKind::VProj, &hn)?;
+        rope(&mut q, nh, &inv, seq_len);
+        rope(&mut k, nkv, &inv, seq_len);
+        let mut attn = vec![0.0; rows * nh * hd];
+        let scale = 1.0 / (hd as f64).sqrt();
+        for r in 0..rows {
+            let (seq, i) = (r / seq_len, r % seq_len);
+            let lo = if window > 0 && i + 1 > window { i + 1 - window } else { 0 };
+            for head in 0..nh {
+                let kh = head / (nh / nkv);
+                let qr = &q[r * nh * hd + head * hd..][..hd];
+                let scores: Vec<f64> = (lo..=i)
+                    .map(|j| {
+                        let kr = &k[(seq * seq_len + j) * nkv * hd + kh * hd..][..hd];
+                        qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f64>() * scale
+                    })
+                    .collect();
+                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
+                for (jj, s) in scores.iter().enumerate() {
+                    let p = (s - m).exp() / z;
+                    let vr = &v[(seq * seq_len + lo + jj) * nkv * hd + kh * hd..][..hd];
+                    for d in 0..hd {
+                        attn[r * nh * hd + head * hd + d] += p * vr[d];
+                    }
+                }
+            }
+        }
+        let o = lin(LinearKind::OProj, &attn)?;
+        x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+        let h2 = rms_norm(&x, &tensor(ck, &spec.post_attention_norm.name)?, c.rms_norm_eps);
+        let g = lin(LinearKind::GateProj, &h2)?;
+        let u = lin(LinearKind::UpProj, &h2)?;
+        let act: Vec<f64> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+        let d = lin(LinearKind::DownProj, &act)?;
+        x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
+    }
+    let xn = rms_norm(&x, &tensor(ck, &ck.arch().final_norm.name)?, c.rms_norm_eps);
+    let head = match &ck.arch().lm_head {
+        Some(hs) => tensor(ck, &hs.name)?,
+        None => emb,
+    };
+    Ok(linear(&xn, &head, None, h, c.vocab_size))
+}
