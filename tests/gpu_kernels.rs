@@ -22,6 +22,7 @@ fn rounded(v: &[f32], dt: DType) -> Vec<f32> {
     out
 }
 
+#[allow(clippy::too_many_arguments)]
 fn check_gemm(g: &Gpu, m: usize, k: usize, n: usize, op: GemmOp, da: DType, db: DType, seed: u64) {
     let a = rounded(&random(m * k, seed, 0.0), da);
     let b = rounded(&random(k * n, seed + 1, 0.0), db);

@@ -82,6 +82,7 @@ fn rope_matches_reference() {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn check_attention(g: &Gpu, nseq: usize, t: usize, heads: usize, kv: usize, d: usize, q_pos0: usize, window: usize, seed: u64) {
     let s = q_pos0 + t;
     let q = random(nseq * t * heads * d, seed, 0.0);

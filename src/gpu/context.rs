@@ -265,7 +265,7 @@ impl Gpu {
             return Ok(Vec::new());
         }
         let padded = len.div_ceil(4) * 4;
-        if offset % 4 != 0 || offset + padded > buf.len() {
+        if !offset.is_multiple_of(4) || offset + padded > buf.len() {
             return Err(Error::Shape(format!(
                 "readback of {len} bytes at {offset} from a {}-byte buffer",
                 buf.len()

@@ -114,7 +114,7 @@ impl HessianAccumulator {
     /// Convenience: upload host activations (f32, row-major [tokens, features]) and accumulate.
     pub fn accumulate_host(&mut self, gpu: &Gpu, x: &[f32]) -> Result<()> {
         let f = self.features;
-        if x.len() % f != 0 {
+        if !x.len().is_multiple_of(f) {
             return Err(Error::Shape(format!("{} values are not rows of {f} features", x.len())));
         }
         let xm = GpuMatrix::from_f32(gpu, x.len() / f, f, DType::F32, x)?;

@@ -10,7 +10,7 @@ use crate::dtype::DType;
 /// Whether an operand can take the vector path: every load offset the kernel forms is a
 /// multiple of 4 when the base offset and the row stride are.
 pub(crate) fn aligned(offset: usize, stride: usize) -> bool {
-    offset % 4 == 0 && stride % 4 == 0
+    offset.is_multiple_of(4) && stride.is_multiple_of(4)
 }
 
 pub(crate) fn operand_wgsl(name: &str, binding: u32, dtype: DType, aligned: bool) -> String {

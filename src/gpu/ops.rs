@@ -251,7 +251,7 @@ pub fn attention(batch: &mut Batch<'_>, q: &GpuMatrix, k: &GpuMatrix, v: &GpuMat
     let nseq = q.rows() / sh.t.max(1);
     check(
         sh.t > 0
-            && q.rows() % sh.t == 0
+            && q.rows().is_multiple_of(sh.t)
             && q.cols() == qd
             && out.cols() == qd
             && q.same_layout(out)
@@ -260,7 +260,7 @@ pub fn attention(batch: &mut Batch<'_>, q: &GpuMatrix, k: &GpuMatrix, v: &GpuMat
             && k.same_layout(v)
             && k.rows() >= nseq * sh.s
             && sh.kv_heads > 0
-            && sh.heads % sh.kv_heads == 0
+            && sh.heads.is_multiple_of(sh.kv_heads)
             && sh.q_pos0 + sh.t <= sh.s,
         || format!("attention: q {:?}, k {:?}, v {:?}, out {:?}, {sh:?}", q.shape(), k.shape(), v.shape(), out.shape()),
     )?;

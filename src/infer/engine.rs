@@ -216,7 +216,7 @@ impl<'a> Engine<'a> {
     /// [n · seq_len, hidden], chunked by whole sequences.
     pub fn hidden_states(&mut self, tokens: &[u32], seq_len: usize) -> Result<GpuMatrix> {
         let c = self.ck.config().clone();
-        if seq_len == 0 || tokens.is_empty() || tokens.len() % seq_len != 0 {
+        if seq_len == 0 || tokens.is_empty() || !tokens.len().is_multiple_of(seq_len) {
             return Err(Error::Shape(format!("{} tokens are not whole sequences of {seq_len}", tokens.len())));
         }
         if seq_len > self.rope.positions() {

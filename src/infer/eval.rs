@@ -76,7 +76,7 @@ pub struct EvalReport {
 
 /// Number of windows the protocol takes from `tokens`.
 pub fn window_count(tokens: usize, ctx: usize, max_windows: Option<usize>) -> usize {
-    let n = if ctx == 0 { 0 } else { tokens / ctx };
+    let n = tokens.checked_div(ctx).unwrap_or(0);
     max_windows.map_or(n, |m| n.min(m))
 }
 
