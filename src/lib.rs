@@ -9,6 +9,7 @@ pub mod error;
 pub mod gpu;
 pub mod infer;
 pub mod model;
+pub mod quant;
 
 pub use dtype::DType;
 pub use error::{Error, Result};

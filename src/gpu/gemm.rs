@@ -89,7 +89,11 @@ pub enum GemmOp {
 
 /// Record `C (+)= A · op(B)` into `batch`. C must be f32 with shape [A.rows, n].
 pub fn gemm(batch: &mut Batch<'_>, a: &GpuMatrix, b: &GpuMatrix, op: GemmOp, c: &GpuMatrix, accumulate: bool) -> Result<()> {
-    if c.rows() != a.rows() {
+    let n = match op {
+        GemmOp::NN => b.cols(),
+        GemmOp::NT => b.rows(),
+    };
+    if c.rows() != a.rows() || c.cols() != n {
         return Err(Error::Shape(format!(
             "gemm {op:?}: A {:?}, B {:?}, C {:?}",
             a.shape(),
@@ -114,13 +118,38 @@ pub fn gemm_rows(
     c_row0: usize,
     accumulate: bool,
 ) -> Result<()> {
+    let n = match op {
+        GemmOp::NN => b.cols(),
+        GemmOp::NT => b.rows(),
+    };
+    if c.cols() != n {
+        return Err(Error::Shape(format!("gemm_rows: C has {} columns, op(B) {n}", c.cols())));
+    }
+    gemm_region(batch, a, a_rows, b, op, c, c_row0, 0, accumulate)
+}
+
+/// Like [`gemm_rows`], writing the product into the columns `c_col0..c_col0 + n` of C (C may
+/// be wider than op(B)); e.g. GPTQ's lazy update of the columns after a block.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_region(
+    batch: &mut Batch<'_>,
+    a: &GpuMatrix,
+    a_rows: Range<usize>,
+    b: &GpuMatrix,
+    op: GemmOp,
+    c: &GpuMatrix,
+    c_row0: usize,
+    c_col0: usize,
+    accumulate: bool,
+) -> Result<()> {
     let k = a.cols();
     let (kb, n) = match op {
         GemmOp::NN => (b.rows(), b.cols()),
         GemmOp::NT => (b.cols(), b.rows()),
     };
     let m = a_rows.len();
-    if kb != k || c.cols() != n || a_rows.end > a.rows() || c_row0 + m > c.rows() {
+    let ldc = c.cols();
+    if kb != k || c_col0 + n > ldc || a_rows.end > a.rows() || c_row0 + m > c.rows() {
         return Err(Error::Shape(format!(
             "gemm {op:?}: A {:?} rows {a_rows:?}, B {:?}, C {:?} from row {c_row0}",
             a.shape(),
@@ -179,10 +208,10 @@ pub fn gemm_rows(
                             k: kc as u32,
                             lda: k as u32,
                             ldb: b.cols() as u32,
-                            ldc: n as u32,
+                            ldc: ldc as u32,
                             a_off: a_off as u32,
                             b_off: b_off as u32,
-                            c_off: (c_local * n + col0 + cs) as u32,
+                            c_off: (c_local * ldc + c_col0 + col0 + cs) as u32,
                             accumulate: acc as u32,
                             _pad0: 0,
                             _pad1: 0,

@@ -188,6 +188,34 @@ impl GpuMatrix {
         })
     }
 
+    /// Split `rows` at every chunk boundary of every matrix in `mats`: each returned piece lies
+    /// within one chunk of each matrix, given as (chunk, first row within it).
+    pub fn common_segments<'m>(mats: &[&'m GpuMatrix], rows: std::ops::Range<usize>) -> Vec<(std::ops::Range<usize>, Vec<(&'m Chunk, usize)>)> {
+        let mut cuts: Vec<usize> = vec![rows.start, rows.end];
+        for m in mats {
+            cuts.extend(m.chunks.iter().map(|c| c.row0).filter(|&r| r > rows.start && r < rows.end));
+        }
+        cuts.sort_unstable();
+        cuts.dedup();
+        cuts.windows(2)
+            .filter(|w| w[0] < w[1])
+            .map(|w| {
+                let parts = mats
+                    .iter()
+                    .map(|m| {
+                        let c = m
+                            .chunks
+                            .iter()
+                            .find(|c| c.row0 <= w[0] && w[1] <= c.row0 + c.rows)
+                            .expect("cuts include every chunk boundary");
+                        (c, w[0] - c.row0)
+                    })
+                    .collect();
+                (w[0]..w[1], parts)
+            })
+            .collect()
+    }
+
     /// Whether two matrices are split into the same row chunks (elementwise kernels need it).
     pub fn same_layout(&self, other: &GpuMatrix) -> bool {
         self.rows == other.rows

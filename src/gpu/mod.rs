@@ -19,11 +19,12 @@ mod matrix;
 mod operand;
 pub mod ops;
 pub mod pipeline;
+pub mod quant;
 
 pub use adapter::{list_adapters, AdapterReport, AdapterSelector, BackendChoice, GpuOptions};
 pub use batch::Batch;
 pub use buffer::{GpuBuffer, MemoryStats};
 pub use context::{Caps, Gpu};
-pub use gemm::{gemm, gemm_rows, matmul, GemmConfig, GemmOp};
+pub use gemm::{gemm, gemm_region, gemm_rows, matmul, GemmConfig, GemmOp};
 pub use hessian::HessianAccumulator;
 pub use matrix::{Chunk, GpuMatrix};

@@ -1,0 +1,48 @@
+// Dequantize packed codes to f32: out[r, perm[j]] = scale[r, j / g] · (code[r, j] − zero[r, j / g]).
+// Codes are a little-endian bit stream per row of `words` u32; scales/zeros may be f16 or f32
+// (OPERANDS: bindings 2 and 3, load_s1 / load_z1). Without act-order, perm is the identity.
+
+struct Params {
+    rows: u32,
+    n: u32,
+    words: u32,    // u32 words per packed row
+    bits: u32,
+    g: u32,
+    ng: u32,
+    c_off: u32,    // element offset of this dispatch's first row in the codes chunk
+    o_off: u32,    // element offset of this dispatch's first row in the output chunk
+    sz_row0: u32,  // index of this dispatch's first row in scales / zeros
+    has_perm: u32,
+    _pad0: u32,
+    _pad1: u32,
+};
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> codes: array<u32>;
+{{OPERANDS}}
+@group(0) @binding(4) var<storage, read> perm: array<u32>;
+@group(0) @binding(5) var<storage, read_write> out: array<f32>;
+
+@compute @workgroup_size(64, 1, 1)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let j = gid.x;
+    let r = gid.y + gid.z * 65535u;
+    if (j >= p.n || r >= p.rows) {
+        return;
+    }
+    let bit = j * p.bits;
+    let wi = p.c_off + r * p.words + bit / 32u;
+    let o = bit % 32u;
+    var v = codes[wi] >> o;
+    if (o + p.bits > 32u) {
+        v = v | (codes[wi + 1u] << (32u - o));
+    }
+    let q = f32(v & ((1u << p.bits) - 1u));
+    let gi = (p.sz_row0 + r) * p.ng + j / p.g;
+    let x = load_s1(gi) * (q - load_z1(gi));
+    var col = j;
+    if (p.has_perm != 0u) {
+        col = perm[j];
+    }
+    out[p.o_off + r * p.n + col] = x;
+}

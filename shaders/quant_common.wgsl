@@ -1,0 +1,37 @@
+// Shared by the quantization kernels (prepended by the host).
+
+// Round half away from zero, as Rust's f32::round (WGSL's round() is half-to-even).
+fn round_away(v: f32) -> f32 {
+    return sign(v) * floor(abs(v) + 0.5);
+}
+
+// Round to the nearest f16 value (scales are stored in f16), kept positive and finite.
+fn to_f16(v: f32) -> f32 {
+    let r = unpack2x16float(pack2x16float(vec2<f32>(min(v, 65504.0), 0.0))).x;
+    return max(r, 5.9604645e-8);
+}
+
+// Grid parameters of a group from its min and max: returns (scale, zero). See src/quant/grid.rs.
+fn grid_params(lo_in: f32, hi_in: f32, maxq: f32, symmetric: bool) -> vec2<f32> {
+    var lo = min(lo_in, 0.0);
+    var hi = max(hi_in, 0.0);
+    if (symmetric) {
+        let m = max(hi, -lo);
+        lo = -m;
+        hi = m;
+    }
+    if (lo == hi) {
+        lo = -1.0;
+        hi = 1.0;
+    }
+    let scale = to_f16((hi - lo) / maxq);
+    var zero = (maxq + 1.0) / 2.0;
+    if (!symmetric) {
+        zero = clamp(round_away(-lo / scale), 0.0, maxq);
+    }
+    return vec2<f32>(scale, zero);
+}
+
+fn code_of(x: f32, sz: vec2<f32>, maxq: f32) -> f32 {
+    return clamp(round_away(x / sz.x) + sz.y, 0.0, maxq);
+}

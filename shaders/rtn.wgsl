@@ -1,0 +1,50 @@
+// Round-to-nearest quantization: one invocation per (row, group) computes the group's grid
+// from its min/max and writes unpacked codes (one u32 per weight) and f32 scales/zeros (already
+// f16-rounded). W may be f32/f16/bf16 (OPERANDS: binding 1, load_w1); COMMON is
+// quant_common.wgsl.
+
+struct Params {
+    rows: u32,
+    n: u32,
+    g: u32,        // group length
+    ng: u32,       // groups per row
+    maxq: f32,
+    symmetric: u32,
+    sz_row0: u32,  // index of this dispatch's first row in scales / zeros
+    w_off: u32,    // element offset of the first row in the weight chunk
+    c_off: u32,    // element offset of the first row in the codes chunk
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+};
+
+@group(0) @binding(0) var<uniform> p: Params;
+{{COMMON}}
+{{OPERANDS}}
+@group(0) @binding(2) var<storage, read_write> codes: array<u32>;
+@group(0) @binding(3) var<storage, read_write> scales: array<f32>;
+@group(0) @binding(4) var<storage, read_write> zeros: array<f32>;
+
+@compute @workgroup_size(64, 1, 1)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let gi = gid.x;
+    let r = gid.y + gid.z * 65535u;
+    if (gi >= p.ng || r >= p.rows) {
+        return;
+    }
+    let c0 = gi * p.g;
+    let c1 = min(c0 + p.g, p.n);
+    var lo = 0.0;
+    var hi = 0.0;
+    for (var c = c0; c < c1; c = c + 1u) {
+        let x = load_w1(p.w_off + r * p.n + c);
+        lo = min(lo, x);
+        hi = max(hi, x);
+    }
+    let sz = grid_params(lo, hi, p.maxq, p.symmetric != 0u);
+    scales[(p.sz_row0 + r) * p.ng + gi] = sz.x;
+    zeros[(p.sz_row0 + r) * p.ng + gi] = sz.y;
+    for (var c = c0; c < c1; c = c + 1u) {
+        codes[p.c_off + r * p.n + c] = u32(code_of(load_w1(p.w_off + r * p.n + c), sz, p.maxq));
+    }
+}
