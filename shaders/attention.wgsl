@@ -6,13 +6,16 @@
 // (and, with a sliding window w > 0, j > position − w).
 //
 // Layouts (row-major, chunk-local element offsets):
-//   q, out: [nseq · t, heads · HD]     k, v: [nseq · s, kv_heads · HD]
+//   q, out: [nseq · t, heads · HD]
+//   k, v:   key j of sequence b is row b · kv_seq_stride + j · kv_pos_stride, [.., kv_heads · HD]
+//           (contiguous sequences: strides (s, 1); an interleaved KV cache of nseq sequences:
+//           strides (1, nseq))
 // Specialized by the host: HD (head dim), KB (keys per block).
 
 struct Params {
     rows: u32,     // nseq · t query rows in this dispatch
     t: u32,        // queries per sequence
-    s: u32,        // keys per sequence (row stride between sequences in k/v)
+    s: u32,        // keys per sequence visible at most (causal limit)
     heads: u32,
     kv_heads: u32,
     q_pos0: u32,   // position of query 0
@@ -21,7 +24,11 @@ struct Params {
     q_off: u32,
     k_off: u32,
     o_off: u32,
-    _pad: u32,
+    kv_seq_stride: u32, // rows between sequences in k/v
+    kv_pos_stride: u32, // rows between positions in k/v
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 };
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -46,7 +53,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let kvh = head / (p.heads / p.kv_heads);
     let q_base = p.q_off + row * p.heads * HD + head * HD;
     let kv_stride = p.kv_heads * HD;
-    let kv_base = p.k_off + seq * p.s * kv_stride + kvh * HD;
+    let kv_base = p.k_off + seq * p.kv_seq_stride * kv_stride + kvh * HD;
+    let kv_step = p.kv_pos_stride * kv_stride;
 
     var qv: array<f32, HD>;
     for (var d = 0u; d < HD; d = d + 1u) {
@@ -68,7 +76,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         let nb = min(KB, end - j0);
         var bm = m;
         for (var jj = 0u; jj < nb; jj = jj + 1u) {
-            let kb = kv_base + (j0 + jj) * kv_stride;
+            let kb = kv_base + (j0 + jj) * kv_step;
             var sc = 0.0;
             for (var d = 0u; d < HD; d = d + 1u) {
                 sc = sc + qv[d] * k[kb + d];
@@ -84,7 +92,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         for (var jj = 0u; jj < nb; jj = jj + 1u) {
             let w = exp(scores[jj] - bm);
             l = l + w;
-            let vb = kv_base + (j0 + jj) * kv_stride;
+            let vb = kv_base + (j0 + jj) * kv_step;
             for (var d = 0u; d < HD; d = d + 1u) {
                 acc[d] = acc[d] + w * v[vb + d];
             }

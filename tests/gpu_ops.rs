@@ -7,7 +7,7 @@ mod common;
 use common::{gpu, gpu_limited, random};
 use proptest::prelude::*;
 use pumice::cpu;
-use pumice::gpu::ops::{self, AttentionShape, RopeTable};
+use pumice::gpu::ops::{self, AttentionShape, KvLayout, RopeTable};
 use pumice::gpu::{gemm_rows, Batch, GemmOp, Gpu, GpuMatrix};
 use pumice::DType;
 
@@ -94,7 +94,7 @@ fn check_attention(g: &Gpu, nseq: usize, t: usize, heads: usize, kv: usize, d: u
     let vm = up(nseq * s, kv * d, s, &v);
     let out = GpuMatrix::uninit_grouped(g, nseq * t, heads * d, t).unwrap();
     let mut b = Batch::new(g);
-    let sh = AttentionShape { t, s, heads, kv_heads: kv, head_dim: d, q_pos0, window };
+    let sh = AttentionShape { t, s, heads, kv_heads: kv, head_dim: d, q_pos0, window, kv_layout: KvLayout::Contiguous };
     ops::attention(&mut b, &qm, &km, &vm, &out, sh).unwrap();
     b.submit().unwrap();
     let want = cpu::ops::attention(&q, &k, &v, nseq, t, s, heads, kv, d, q_pos0, window);
@@ -117,6 +117,38 @@ fn attention_matches_reference() {
     check_attention(&gpu_limited(2048), 5, 7, 2, 1, 8, 0, 0, 7);
 }
 
+/// An interleaved KV cache (key j of sequence b at row j·nseq + b), one query per sequence.
+#[test]
+fn attention_interleaved_cache() {
+    let g = gpu();
+    let (nseq, heads, kv, d, pos) = (5, 4, 2, 8, 11);
+    let s = pos + 1;
+    let q = random(nseq * heads * d, 31, 0.0);
+    let k = random(nseq * s * kv * d, 32, 0.0);
+    let v = random(nseq * s * kv * d, 33, 0.0);
+    // Interleave the contiguous reference layout.
+    let row = kv * d;
+    let inter = |x: &[f32]| {
+        let mut out = vec![0.0f32; x.len()];
+        for b in 0..nseq {
+            for j in 0..s {
+                out[(j * nseq + b) * row..][..row].copy_from_slice(&x[(b * s + j) * row..][..row]);
+            }
+        }
+        out
+    };
+    let qm = GpuMatrix::from_f32(&g, nseq, heads * d, DType::F32, &q).unwrap();
+    let km = GpuMatrix::from_f32(&g, nseq * s, row, DType::F32, &inter(&k)).unwrap();
+    let vm = GpuMatrix::from_f32(&g, nseq * s, row, DType::F32, &inter(&v)).unwrap();
+    let out = GpuMatrix::uninit(&g, nseq, heads * d).unwrap();
+    let mut b = Batch::new(&g);
+    let sh = AttentionShape { t: 1, s, heads, kv_heads: kv, head_dim: d, q_pos0: pos, window: 0, kv_layout: KvLayout::Interleaved };
+    ops::attention(&mut b, &qm, &km, &vm, &out, sh).unwrap();
+    b.submit().unwrap();
+    let want = cpu::ops::attention(&q, &k, &v, nseq, 1, s, heads, kv, d, pos, 0);
+    assert!(max_abs_diff(&out.to_f32(&g).unwrap(), &want) < 1e-5);
+}
+
 #[test]
 fn attention_long_context_is_stable() {
     // Large logits (scaled inputs) over 600 keys: the online softmax must not overflow.
@@ -130,7 +162,7 @@ fn attention_long_context_is_stable() {
     let vm = GpuMatrix::from_f32_grouped(&g, t, h * d, t, &v).unwrap();
     let out = GpuMatrix::uninit_grouped(&g, t, h * d, t).unwrap();
     let mut b = Batch::new(&g);
-    ops::attention(&mut b, &qm, &km, &vm, &out, AttentionShape { t, s: t, heads: h, kv_heads: h, head_dim: d, q_pos0: 0, window: 0 }).unwrap();
+    ops::attention(&mut b, &qm, &km, &vm, &out, AttentionShape { t, s: t, heads: h, kv_heads: h, head_dim: d, q_pos0: 0, window: 0, kv_layout: KvLayout::Contiguous }).unwrap();
     b.submit().unwrap();
     let got = out.to_f32(&g).unwrap();
     assert!(got.iter().all(|v| v.is_finite()));

@@ -223,6 +223,18 @@ pub struct AttentionShape {
     pub q_pos0: usize,
     /// Sliding window (0: none).
     pub window: usize,
+    /// Where keys live in k/v.
+    pub kv_layout: KvLayout,
+}
+
+/// Row layout of keys and values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvLayout {
+    /// Sequence b occupies rows [b·s, (b+1)·s) (a prefill batch).
+    Contiguous,
+    /// Key j of sequence b is row j·nseq + b (a KV cache of nseq sequences decoded in
+    /// lockstep: the new tokens of one step are consecutive rows). k and v must be one chunk.
+    Interleaved,
 }
 
 #[repr(C)]
@@ -239,7 +251,9 @@ struct AttnParams {
     q_off: u32,
     k_off: u32,
     o_off: u32,
-    _pad: u32,
+    kv_seq_stride: u32,
+    kv_pos_stride: u32,
+    _pad: [u32; 3],
 }
 
 /// Causal GQA attention: `out = softmax(q kᵀ / √d + causal mask) v` per sequence and head.
@@ -258,7 +272,8 @@ pub fn attention(batch: &mut Batch<'_>, q: &GpuMatrix, k: &GpuMatrix, v: &GpuMat
             && k.cols() == kd
             && v.cols() == kd
             && k.same_layout(v)
-            && k.rows() >= nseq * sh.s
+            && (sh.kv_layout == KvLayout::Interleaved || k.rows() >= nseq * sh.s)
+            && (sh.kv_layout == KvLayout::Contiguous || (k.chunks().len() == 1 && k.rows() >= nseq * sh.s))
             && sh.kv_heads > 0
             && sh.heads.is_multiple_of(sh.kv_heads)
             && sh.q_pos0 + sh.t <= sh.s,
@@ -271,14 +286,20 @@ pub fn attention(batch: &mut Batch<'_>, q: &GpuMatrix, k: &GpuMatrix, v: &GpuMat
         check(qc.row0 % sh.t == 0 && qc.rows % sh.t == 0, || "attention: a q chunk splits a sequence".into())?;
         let seq0 = qc.row0 / sh.t;
         let nseq_c = qc.rows / sh.t;
-        // The k/v chunk holding these sequences.
-        let kv0 = seq0 * sh.s;
-        let (kc, vc) = k
-            .chunks()
-            .iter()
-            .zip(v.chunks())
-            .find(|(kc, _)| kc.row0 <= kv0 && kv0 + nseq_c * sh.s <= kc.row0 + kc.rows)
-            .ok_or_else(|| Error::Shape("attention: k/v chunks do not hold whole sequences".into()))?;
+        let (kc, vc, k_off, seq_stride, pos_stride) = match sh.kv_layout {
+            KvLayout::Contiguous => {
+                // The k/v chunk holding these sequences.
+                let kv0 = seq0 * sh.s;
+                let (kc, vc) = k
+                    .chunks()
+                    .iter()
+                    .zip(v.chunks())
+                    .find(|(kc, _)| kc.row0 <= kv0 && kv0 + nseq_c * sh.s <= kc.row0 + kc.rows)
+                    .ok_or_else(|| Error::Shape("attention: k/v chunks do not hold whole sequences".into()))?;
+                (kc, vc, (kv0 - kc.row0) * kd, sh.s, 1)
+            }
+            KvLayout::Interleaved => (&k.chunks()[0], &v.chunks()[0], seq0 * kd, 1, nseq),
+        };
         let params = AttnParams {
             rows: qc.rows as u32,
             t: sh.t as u32,
@@ -289,9 +310,11 @@ pub fn attention(batch: &mut Batch<'_>, q: &GpuMatrix, k: &GpuMatrix, v: &GpuMat
             window: sh.window as u32,
             scale: 1.0 / (sh.head_dim as f32).sqrt(),
             q_off: 0,
-            k_off: ((kv0 - kc.row0) * kd) as u32,
+            k_off: k_off as u32,
             o_off: 0,
-            _pad: 0,
+            kv_seq_stride: seq_stride as u32,
+            kv_pos_stride: pos_stride as u32,
+            _pad: [0; 3],
         };
         let wg = [qc.rows.div_ceil(64) as u32, sh.heads as u32, 1];
         batch.dispatch(pipeline.clone(), &params, &[&qc.buf, &kc.buf, &vc.buf, &oc.buf], wg)?;

@@ -9,7 +9,7 @@
 use std::ops::Range;
 
 use crate::error::{Error, Result};
-use crate::gpu::ops::{self, AttentionShape, RopeTable};
+use crate::gpu::ops::{self, AttentionShape, KvLayout, RopeTable};
 use crate::gpu::{gemm_rows, Batch, GemmOp, Gpu, GpuBuffer, GpuMatrix};
 use crate::model::{Checkpoint, LayerSpec, LinearKind, TensorRef};
 
@@ -46,14 +46,32 @@ impl LayerWeights {
     }
 }
 
-/// A key/value cache for incremental decoding of one sequence.
+/// A key/value cache for incremental decoding of `nseq` sequences in lockstep. Rows are
+/// interleaved (position p of sequence b is row p·nseq + b), so one step's new keys are
+/// consecutive rows.
 pub struct KvCache {
     layers: Vec<(GpuMatrix, GpuMatrix)>,
+    /// Position of every cache row (row / nseq), for RoPE.
+    positions: GpuBuffer,
+    nseq: usize,
     len: usize,
     capacity: usize,
 }
 
+/// The part of a KV cache one layer call writes and reads.
+struct CacheView<'c> {
+    k: &'c GpuMatrix,
+    v: &'c GpuMatrix,
+    positions: &'c GpuBuffer,
+    /// Positions already cached (the new tokens start here).
+    start: usize,
+    nseq: usize,
+}
+
 impl KvCache {
+    pub fn sequences(&self) -> usize {
+        self.nseq
+    }
     pub fn len(&self) -> usize {
         self.len
     }
@@ -76,8 +94,6 @@ pub struct Engine<'a> {
     verified: Vec<bool>,
     resident: bool,
     rope: RopeTable,
-    /// Positions 0..max_positions, for the RoPE of KV-cache rows.
-    cache_positions: GpuBuffer,
 }
 
 /// Upload a checkpoint tensor as a rows × cols matrix in its stored dtype.
@@ -122,7 +138,6 @@ impl<'a> Engine<'a> {
             .sum();
         let max_positions = opts.max_positions.max(1);
         let rope = RopeTable::new(gpu, &c.rope_inv_freq(), max_positions)?;
-        let positions: Vec<u32> = (0..max_positions as u32).collect();
         Ok(Engine {
             gpu,
             ck,
@@ -133,7 +148,6 @@ impl<'a> Engine<'a> {
             verified: vec![false; c.num_layers],
             resident: layer_bytes <= opts.resident_bytes,
             rope,
-            cache_positions: ops::upload_u32(gpu, &positions)?,
         })
     }
 
@@ -266,9 +280,10 @@ impl<'a> Engine<'a> {
     }
 
     /// One decoder layer on `x` (rows grouped by `t`), in place. Without a cache, each group
-    /// of t rows is a sequence starting at position 0. With a cache, x holds t new tokens of
-    /// one sequence at positions cache.len.., whose keys and values are appended.
-    fn layer(&self, w: &LayerWeights, x: &GpuMatrix, pos: &GpuBuffer, t: usize, cache: Option<(&GpuMatrix, &GpuMatrix, usize)>) -> Result<()> {
+    /// of t rows is a sequence starting at position 0. With a cache of nseq sequences, x holds
+    /// the new tokens (t per sequence, interleaved like the cache: with nseq > 1, t = 1) at
+    /// positions start.., whose keys and values are appended.
+    fn layer(&self, w: &LayerWeights, x: &GpuMatrix, pos: &GpuBuffer, t: usize, cache: Option<CacheView<'_>>) -> Result<()> {
         let c = self.ck.config();
         let gpu = self.gpu;
         let rows = x.rows();
@@ -289,15 +304,35 @@ impl<'a> Engine<'a> {
                 linear(&mut b, &h, 0..rows, w.linear(LinearKind::KProj), &k, 0, false)?;
                 linear(&mut b, &h, 0..rows, w.linear(LinearKind::VProj), &v, 0, false)?;
                 ops::rope(&mut b, &k, 0..rows, c.num_kv_heads, pos, &self.rope)?;
-                let sh = AttentionShape { t, s: t, heads: c.num_heads, kv_heads: c.num_kv_heads, head_dim: c.head_dim, q_pos0: 0, window };
+                let sh = AttentionShape {
+                    t,
+                    s: t,
+                    heads: c.num_heads,
+                    kv_heads: c.num_kv_heads,
+                    head_dim: c.head_dim,
+                    q_pos0: 0,
+                    window,
+                    kv_layout: KvLayout::Contiguous,
+                };
                 ops::attention(&mut b, &q, &k, &v, &attn, sh)?;
             }
-            Some((kc, vc, start)) => {
-                linear(&mut b, &h, 0..rows, w.linear(LinearKind::KProj), kc, start, false)?;
-                linear(&mut b, &h, 0..rows, w.linear(LinearKind::VProj), vc, start, false)?;
-                ops::rope(&mut b, kc, start..start + rows, c.num_kv_heads, &self.cache_positions, &self.rope)?;
-                let sh = AttentionShape { t: rows, s: start + rows, heads: c.num_heads, kv_heads: c.num_kv_heads, head_dim: c.head_dim, q_pos0: start, window };
-                ops::attention(&mut b, &q, kc, vc, &attn, sh)?;
+            Some(cv) => {
+                let row0 = cv.start * cv.nseq;
+                let tq = rows / cv.nseq;
+                linear(&mut b, &h, 0..rows, w.linear(LinearKind::KProj), cv.k, row0, false)?;
+                linear(&mut b, &h, 0..rows, w.linear(LinearKind::VProj), cv.v, row0, false)?;
+                ops::rope(&mut b, cv.k, row0..row0 + rows, c.num_kv_heads, cv.positions, &self.rope)?;
+                let sh = AttentionShape {
+                    t: tq,
+                    s: cv.start + tq,
+                    heads: c.num_heads,
+                    kv_heads: c.num_kv_heads,
+                    head_dim: c.head_dim,
+                    q_pos0: cv.start,
+                    window,
+                    kv_layout: KvLayout::Interleaved,
+                };
+                ops::attention(&mut b, &q, cv.k, cv.v, &attn, sh)?;
             }
         }
         // x += attn · W_oᵀ (+ b_o)
@@ -324,8 +359,13 @@ impl<'a> Engine<'a> {
         Ok(z)
     }
 
-    /// An empty KV cache for up to `capacity` positions.
+    /// An empty KV cache for one sequence of up to `capacity` positions.
     pub fn new_cache(&mut self, capacity: usize) -> Result<KvCache> {
+        self.new_batch_cache(1, capacity)
+    }
+
+    /// An empty KV cache for `nseq` sequences decoded in lockstep, `capacity` positions each.
+    pub fn new_batch_cache(&mut self, nseq: usize, capacity: usize) -> Result<KvCache> {
         let c = self.ck.config();
         if capacity > self.rope.positions() {
             return Err(Error::InvalidArgument(format!(
@@ -333,42 +373,66 @@ impl<'a> Engine<'a> {
                 self.rope.positions()
             )));
         }
+        let nseq = nseq.max(1);
+        let rows = capacity * nseq;
         let kd = c.num_kv_heads * c.head_dim;
         let layers = (0..c.num_layers)
             .map(|_| {
+                // One chunk each (group = all rows): attention reads the cache as one binding.
                 Ok((
-                    GpuMatrix::uninit_grouped(self.gpu, capacity, kd, capacity)?,
-                    GpuMatrix::uninit_grouped(self.gpu, capacity, kd, capacity)?,
+                    GpuMatrix::uninit_grouped(self.gpu, rows, kd, rows)?,
+                    GpuMatrix::uninit_grouped(self.gpu, rows, kd, rows)?,
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
+        let positions: Vec<u32> = (0..rows).map(|r| (r / nseq) as u32).collect();
         Ok(KvCache {
             layers,
+            positions: ops::upload_u32(self.gpu, &positions)?,
+            nseq,
             len: 0,
             capacity,
         })
     }
 
-    /// Append `tokens` to the cached sequence and return the normed hidden states of the new
+    /// Append `tokens` to a one-sequence cache and return the normed hidden states of the new
     /// tokens ([tokens.len(), hidden]; the last row predicts the next token).
     pub fn extend(&mut self, cache: &mut KvCache, tokens: &[u32]) -> Result<GpuMatrix> {
+        if cache.nseq != 1 {
+            return Err(Error::InvalidArgument("extend: use extend_batch for a batch cache".into()));
+        }
+        self.extend_impl(cache, tokens)
+    }
+
+    /// Append one token to each sequence of a batch cache (`tokens[b]` to sequence b); returns
+    /// the normed hidden states [nseq, hidden].
+    pub fn extend_batch(&mut self, cache: &mut KvCache, tokens: &[u32]) -> Result<GpuMatrix> {
+        if tokens.len() != cache.nseq {
+            return Err(Error::Shape(format!("{} tokens for {} sequences", tokens.len(), cache.nseq)));
+        }
+        self.extend_impl(cache, tokens)
+    }
+
+    fn extend_impl(&mut self, cache: &mut KvCache, tokens: &[u32]) -> Result<GpuMatrix> {
         let c = self.ck.config().clone();
         let n = tokens.len();
+        let steps = n / cache.nseq;
         if n == 0 {
             return Err(Error::InvalidArgument("no tokens to append".into()));
         }
-        if cache.len + n > cache.capacity {
+        if cache.len + steps > cache.capacity {
             return Err(Error::InvalidArgument(format!(
                 "the sequence would reach {} tokens, past the cache of {}",
-                cache.len + n,
+                cache.len + steps,
                 cache.capacity
             )));
         }
         self.validate_ids(tokens)?;
         let gpu = self.gpu;
         let ids = ops::upload_u32(gpu, tokens)?;
-        let positions: Vec<u32> = (cache.len..cache.len + n).map(|p| p as u32).collect();
+        let positions: Vec<u32> = (0..n).map(|r| (cache.len + r / cache.nseq) as u32).collect();
         let pos = ops::upload_u32(gpu, &positions)?;
+        // One group: x is a single chunk like the cache rows it writes.
         let x = GpuMatrix::uninit_grouped(gpu, n, c.hidden_size, n)?;
         let mut b = Batch::new(gpu);
         ops::embed(&mut b, &ids, &self.embed, &x)?;
@@ -376,13 +440,14 @@ impl<'a> Engine<'a> {
         for l in 0..c.num_layers {
             self.load_layer(l)?;
             let w = self.layers[l].as_ref().expect("just loaded");
-            let (kc, vc) = &cache.layers[l];
-            self.layer(w, &x, &pos, n, Some((kc, vc, cache.len)))?;
+            let (k, v) = &cache.layers[l];
+            let view = CacheView { k, v, positions: &cache.positions, start: cache.len, nseq: cache.nseq };
+            self.layer(w, &x, &pos, n, Some(view))?;
             if !self.resident {
                 self.layers[l] = None;
             }
         }
-        cache.len += n;
+        cache.len += steps;
         let y = GpuMatrix::uninit_grouped(gpu, n, c.hidden_size, n)?;
         let mut b = Batch::new(gpu);
         ops::rms_norm(&mut b, &x, &self.final_norm, c.rms_norm_eps as f32, &y)?;
