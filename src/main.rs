@@ -93,6 +93,72 @@ enum Command {
     Eval(EvalArgs),
     /// Continue a prompt; tokens stream to stdout as they are generated.
     Generate(GenerateArgs),
+    /// Compress a model: calibrate, quantize every decoder linear layer, write a compressed
+    /// checkpoint that eval, generate and inspect read.
+    Compress(CompressArgs),
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum MethodArg {
+    /// Round to nearest (per-group min-max grid).
+    Rtn,
+    /// GPTQ/LDLQ: Hessian-weighted rounding with error feedback.
+    Gptq,
+}
+
+#[derive(Args, Debug)]
+struct CompressArgs {
+    /// Model directory (Hugging Face layout).
+    model: PathBuf,
+    /// Output directory (written to a temporary name and renamed when complete).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Quantization method.
+    #[arg(long, value_enum, default_value_t = MethodArg::Gptq)]
+    method: MethodArg,
+    /// Bits per weight code: 2, 3, 4 or 8.
+    #[arg(long, default_value_t = 4)]
+    bits: u32,
+    /// Columns per scale/zero group: 32, 64, 128, 256, or 0 for one per row.
+    #[arg(long, default_value_t = 128)]
+    group_size: usize,
+    /// Symmetric grid (no stored zero points).
+    #[arg(long)]
+    symmetric: bool,
+    /// GPTQ: process columns by descending Hessian diagonal.
+    #[arg(long)]
+    act_order: bool,
+    /// GPTQ: damping as a fraction of the Hessian's mean diagonal.
+    #[arg(long, default_value_t = 0.01)]
+    damp: f64,
+    /// Calibration text: files, or directories of .txt files. Without it, the model samples
+    /// its own calibration sequences (self-calibration).
+    #[arg(long, num_args = 1..)]
+    calib: Vec<PathBuf>,
+    /// Calibration sequences.
+    #[arg(long, default_value_t = 128)]
+    calib_samples: usize,
+    /// Tokens per calibration sequence (capped at the model's context).
+    #[arg(long, default_value_t = 2048)]
+    calib_len: usize,
+    /// Seed for drawing or sampling calibration sequences.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Replace the output directory if it exists (never the input).
+    #[arg(long)]
+    force: bool,
+    /// Evaluate before and after on this text (perplexity, KL against the original).
+    #[arg(long)]
+    eval_text: Option<PathBuf>,
+    /// Window length for --eval-text.
+    #[arg(long, default_value_t = 256)]
+    eval_ctx: usize,
+    /// Windows for --eval-text (all when absent).
+    #[arg(long)]
+    eval_windows: Option<usize>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 const EVAL_PROTOCOL: &str = "\
@@ -226,7 +292,130 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => inspect(&model, json, check_weights),
         Command::Eval(args) => eval(&cli.gpu.options(), args),
         Command::Generate(args) => generate_cmd(&cli.gpu.options(), args),
+        Command::Compress(args) => compress_cmd(&cli.gpu.options(), args),
     }
+}
+
+fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
+    use pumice::compress::calib::CalibOptions;
+    use pumice::compress::pipeline::{compress, CalibSource, CompressOptions, Event, Method};
+    use pumice::quant::{GptqOptions, Grid};
+
+    let ck = Checkpoint::open(&a.model)?;
+    let grid = Grid::new(a.bits, a.group_size, a.symmetric)?;
+    if a.calib_samples == 0 {
+        return Err(pumice::Error::InvalidArgument("--calib-samples must be at least 1".into()).into());
+    }
+    let opts = CompressOptions {
+        method: match a.method {
+            MethodArg::Rtn => Method::Rtn,
+            MethodArg::Gptq => Method::Gptq,
+        },
+        grid,
+        gptq: GptqOptions { damp: a.damp, act_order: a.act_order, block: 128 },
+        calib_source: if a.calib.is_empty() { CalibSource::SelfGenerated } else { CalibSource::Text(a.calib.clone()) },
+        calib: CalibOptions { samples: a.calib_samples, len: a.calib_len, seed: a.seed },
+        output: a.output.clone(),
+        force: a.force,
+    };
+    let gpu = Gpu::new(gpu_opts)?;
+    eprintln!("compressing {} with {:?} on {}", a.model.display(), a.method, gpu.describe());
+    let mut calib_bar: Option<progress::Progress> = None;
+    let mut bar: Option<progress::Progress> = None;
+    let summary = compress(&gpu, &ck, &opts, &mut |e: &Event| match e {
+        Event::Calibrating { kind, done, total } => {
+            let b = calib_bar.get_or_insert_with(|| {
+                progress::Progress::new(
+                    if *kind == "self" { "calibration (self-generated: sampling from the model)" } else { "calibration (text)" },
+                    *total as u64,
+                    if *kind == "self" { "sampling steps" } else { "sequences" },
+                )
+            });
+            b.set(*done as u64);
+        }
+        Event::Matrix { done, total, .. } => {
+            if let Some(mut c) = calib_bar.take() {
+                c.finish();
+            }
+            bar.get_or_insert_with(|| progress::Progress::new("quantizing", *total as u64, "matrices")).set(*done as u64);
+        }
+        Event::Note(msg) => eprintln!("note: {msg}"),
+        Event::Writing => {
+            if let Some(mut b) = bar.take() {
+                b.finish();
+            }
+        }
+    })?;
+    let mut before_after = None;
+    if let Some(text_path) = &a.eval_text {
+        let tok = Tokenizer::from_model_dir(&a.model)?.ok_or_else(|| {
+            pumice::Error::InvalidArgument(format!("{} has no tokenizer.json for --eval-text", a.model.display()))
+        })?;
+        let text = std::fs::read_to_string(text_path).map_err(|e| pumice::Error::Io { path: text_path.clone(), source: e })?;
+        let tokens = tok.encode(&text)?;
+        let out_ck = Checkpoint::open(&a.output)?;
+        let eopts = EngineOptions { resident_bytes: 2 << 30, max_positions: a.eval_ctx };
+        let eval_opts = EvalOptions { ctx: a.eval_ctx, max_windows: a.eval_windows, batch: 4 };
+        let mut orig = Engine::new(&gpu, &ck, &eopts)?;
+        let before = evaluate(&mut orig, None, &tokens, &eval_opts, &mut |_| {})?;
+        let mut comp = Engine::new(&gpu, &out_ck, &eopts)?;
+        let after = evaluate(&mut comp, Some(&mut orig), &tokens, &eval_opts, &mut |_| {})?;
+        before_after = Some((before, after));
+    }
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        let mut v = serde_json::to_value(&summary)?;
+        if let Some((b, af)) = &before_after {
+            let o = v.as_object_mut().expect("summary is an object");
+            o.insert("eval_before".into(), serde_json::to_value(b)?);
+            o.insert("eval_after".into(), serde_json::to_value(af)?);
+        }
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        return Ok(());
+    }
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    writeln!(out, "wrote {}", summary.output)?;
+    writeln!(
+        out,
+        "size {:.2} MiB -> {:.2} MiB ({:.2}x smaller); {:.3} bits/parameter overall, {:.3} in the linear layers",
+        mib(summary.source_bytes),
+        mib(summary.output_bytes),
+        summary.source_bytes as f64 / summary.output_bytes.max(1) as f64,
+        summary.bits_per_parameter,
+        summary.linear_bits_per_parameter
+    )?;
+    writeln!(
+        out,
+        "calibration: {} ({} sequences of {} tokens, seed {}); {:.1} s",
+        if summary.calibration.kind == "self" { "self-generated" } else { "text" },
+        summary.calibration.samples,
+        summary.calibration.len,
+        summary.calibration.seed,
+        summary.seconds
+    )?;
+    writeln!(out, "relative weighted error tr(dW H dW^T)/tr(W H W^T) per layer:")?;
+    for l in &summary.layers {
+        let errs: Vec<String> = l
+            .matrices
+            .iter()
+            .map(|m| {
+                let short = m.name.rsplit('.').nth(1).unwrap_or(&m.name).to_string();
+                format!("{short} {}", m.relative_error.map(|e| format!("{e:.2e}")).unwrap_or_else(|| "-".into()))
+            })
+            .collect();
+        writeln!(out, "  layer {:>3} ({:.1} s): {}", l.layer, l.seconds, errs.join(", "))?;
+    }
+    if let Some((b, af)) = &before_after {
+        writeln!(
+            out,
+            "eval: perplexity {:.4} -> {:.4}; KL(original || compressed) {:.5}, top-1 agreement {:.4}",
+            b.perplexity,
+            af.perplexity,
+            af.kl_divergence.unwrap_or(f64::NAN),
+            af.top1_agreement.unwrap_or(f64::NAN)
+        )?;
+    }
+    Ok(())
 }
 
 fn read_token_file(path: &std::path::Path) -> Result<Vec<u32>, pumice::Error> {
@@ -438,6 +627,21 @@ fn inspect(model: &std::path::Path, json: bool, check_weights: bool) -> anyhow::
         s.files.len(),
         if s.tokenizer { ", tokenizer.json" } else { ", no tokenizer" }
     )?;
+    writeln!(
+        out,
+        "  bits/parameter  {:.3} overall, {:.3} in decoder linear layers",
+        s.bits_per_parameter, s.linear_bits_per_parameter
+    )?;
+    if let Some(m) = ck.manifest() {
+        writeln!(
+            out,
+            "  compressed      {} {} from {} (sha256 {}…)",
+            m.method,
+            m.params,
+            m.source.path,
+            &m.source.sha256[..12.min(m.source.sha256.len())]
+        )?;
+    }
     if check_weights {
         writeln!(out, "  weights         all finite")?;
     }

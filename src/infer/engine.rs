@@ -8,9 +8,12 @@
 
 use std::ops::Range;
 
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gpu::ops::{self, AttentionShape, KvLayout, RopeTable};
+use crate::gpu::quant::{self, PackedWeight};
 use crate::gpu::{gemm_rows, Batch, GemmOp, Gpu, GpuBuffer, GpuMatrix};
+use crate::model::compressed::QuantEntry;
 use crate::model::{Checkpoint, LayerSpec, LinearKind, TensorRef};
 
 /// How the engine uses GPU memory.
@@ -32,8 +35,9 @@ impl Default for EngineOptions {
     }
 }
 
-/// One decoder layer's weights on the GPU, in their stored dtype.
-struct LayerWeights {
+/// One decoder layer's weights on the GPU, in their stored dtype (compressed weights are
+/// dequantized to f32 on upload).
+pub(crate) struct LayerWeights {
     input_norm: GpuMatrix,
     post_norm: GpuMatrix,
     linears: Vec<(LinearKind, GpuMatrix, Option<GpuMatrix>)>,
@@ -43,6 +47,13 @@ impl LayerWeights {
     fn linear(&self, kind: LinearKind) -> (&GpuMatrix, Option<&GpuMatrix>) {
         let (_, w, b) = self.linears.iter().find(|(k, _, _)| *k == kind).expect("all seven linears are loaded");
         (w, b.as_ref())
+    }
+
+    /// Replace a linear layer's weight (e.g. by its quantized version during compression).
+    pub(crate) fn set_weight(&mut self, kind: LinearKind, w: GpuMatrix) {
+        if let Some(slot) = self.linears.iter_mut().find(|(k, _, _)| *k == kind) {
+            slot.1 = w;
+        }
     }
 }
 
@@ -59,7 +70,7 @@ pub struct KvCache {
 }
 
 /// The part of a KV cache one layer call writes and reads.
-struct CacheView<'c> {
+pub(crate) struct CacheView<'c> {
     k: &'c GpuMatrix,
     v: &'c GpuMatrix,
     positions: &'c GpuBuffer,
@@ -101,6 +112,42 @@ fn upload(gpu: &Gpu, t: &TensorRef<'_>, rows: usize, cols: usize) -> Result<GpuM
     GpuMatrix::from_bytes(gpu, rows, cols, t.dtype, t.bytes)
 }
 
+/// Upload a compressed weight's codes, scales, zeros and permutation and dequantize it to f32
+/// on the GPU.
+fn dequantize_weight(gpu: &Gpu, ck: &Checkpoint, name: &str, q: &QuantEntry) -> Result<GpuMatrix> {
+    let grid = q.grid()?;
+    let words = crate::quant::grid::packed_words(q.cols, q.bits);
+    let groups = grid.groups(q.cols);
+    let (codes, _, _) = ck.raw(&format!("{name}.qweight"))?;
+    let scales = ck.tensor(&format!("{name}.scales"))?;
+    let zeros = if q.symmetric {
+        let z = vec![((grid.maxq() + 1) / 2) as f32; q.rows * groups];
+        GpuMatrix::from_f32(gpu, q.rows, groups, DType::F32, &z)?
+    } else {
+        let z = ck.tensor(&format!("{name}.zeros"))?;
+        upload(gpu, &z, q.rows, groups)?
+    };
+    let perm = if q.act_order {
+        let (bytes, _, _) = ck.raw(&format!("{name}.perm"))?;
+        if let Some(bad) = bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).find(|&p| p as usize >= q.cols) {
+            return Err(Error::tensor(ck.dir(), &format!("{name}.perm"), format!("column {bad} is out of range")));
+        }
+        Some(gpu.upload(bytes)?)
+    } else {
+        None
+    };
+    let packed = PackedWeight {
+        rows: q.rows,
+        cols: q.cols,
+        grid,
+        packed: GpuMatrix::from_bytes(gpu, q.rows, words, DType::F32, codes)?,
+        scales: upload(gpu, &scales, q.rows, groups)?,
+        zeros,
+        perm,
+    };
+    quant::dequantize(gpu, &packed)
+}
+
 fn check_finite(t: &TensorRef<'_>) -> Result<()> {
     match t.first_non_finite() {
         None => Ok(()),
@@ -130,11 +177,16 @@ impl<'a> Engine<'a> {
             }
             None => None,
         };
+        // What the layers take on the GPU: stored bytes, or f32 for compressed weights (they
+        // are dequantized on upload).
         let layer_bytes: u64 = arch
             .layers
             .iter()
             .flat_map(|l| l.tensors())
-            .map(|t| ck.tensor(&t.name).map(|r| r.bytes.len() as u64).unwrap_or(0))
+            .map(|t| match ck.quantized(&t.name) {
+                Some(q) => (q.rows * q.cols * 4) as u64,
+                None => ck.tensor(&t.name).map(|r| r.bytes.len() as u64).unwrap_or(0),
+            })
             .sum();
         let max_positions = opts.max_positions.max(1);
         let rope = RopeTable::new(gpu, &c.rope_inv_freq(), max_positions)?;
@@ -172,6 +224,14 @@ impl<'a> Engine<'a> {
         if self.layers[l].is_some() {
             return Ok(());
         }
+        let w = self.read_layer(l)?;
+        self.layers[l] = Some(w);
+        self.verified[l] = true;
+        Ok(())
+    }
+
+    /// Upload decoder layer `l` from the checkpoint (not cached).
+    pub(crate) fn read_layer(&self, l: usize) -> Result<LayerWeights> {
         let spec: &LayerSpec = &self.ck.arch().layers[l];
         let verify = !self.verified[l];
         let get = |name: &str, rows: usize, cols: usize| -> Result<GpuMatrix> {
@@ -184,20 +244,21 @@ impl<'a> Engine<'a> {
         let h = self.ck.config().hidden_size;
         let mut linears = Vec::with_capacity(7);
         for lin in &spec.linears {
-            let w = get(&lin.weight.name, lin.out_features, lin.in_features)?;
+            let w = match self.ck.quantized(&lin.weight.name) {
+                Some(q) => dequantize_weight(self.gpu, self.ck, &lin.weight.name, q)?,
+                None => get(&lin.weight.name, lin.out_features, lin.in_features)?,
+            };
             let b = match &lin.bias {
                 Some(b) => Some(get(&b.name, 1, lin.out_features)?),
                 None => None,
             };
             linears.push((lin.kind, w, b));
         }
-        self.layers[l] = Some(LayerWeights {
+        Ok(LayerWeights {
             input_norm: get(&spec.input_norm.name, 1, h)?,
             post_norm: get(&spec.post_attention_norm.name, 1, h)?,
             linears,
-        });
-        self.verified[l] = true;
-        Ok(())
+        })
     }
 
     /// Touch every page of a layer's tensors so a later upload reads from memory, not disk.
@@ -284,26 +345,45 @@ impl<'a> Engine<'a> {
     /// the new tokens (t per sequence, interleaved like the cache: with nseq > 1, t = 1) at
     /// positions start.., whose keys and values are appended.
     fn layer(&self, w: &LayerWeights, x: &GpuMatrix, pos: &GpuBuffer, t: usize, cache: Option<CacheView<'_>>) -> Result<()> {
+        let mut b = Batch::new(self.gpu);
+        let h = self.stage_attn_input(&mut b, w, x, t)?;
+        let attn = self.stage_attention(&mut b, w, &h, pos, t, cache)?;
+        self.stage_o_residual(&mut b, w, &attn, x)?;
+        let h2 = self.stage_mlp_input(&mut b, w, x, t)?;
+        let act = self.stage_mlp_act(&mut b, w, &h2, t)?;
+        self.stage_down_residual(&mut b, w, &act, x)?;
+        b.submit()
+    }
+
+    // The stages of a decoder layer, exposed separately so calibration can observe the input of
+    // every linear layer (and swap in quantized weights between stages).
+
+    /// The normed input of q/k/v.
+    pub(crate) fn stage_attn_input(&self, b: &mut Batch<'_>, w: &LayerWeights, x: &GpuMatrix, t: usize) -> Result<GpuMatrix> {
+        let c = self.ck.config();
+        let h = GpuMatrix::uninit_grouped(self.gpu, x.rows(), c.hidden_size, t)?;
+        ops::rms_norm(b, x, &w.input_norm, c.rms_norm_eps as f32, &h)?;
+        Ok(h)
+    }
+
+    /// q/k/v projections, RoPE and attention: the input of o_proj.
+    pub(crate) fn stage_attention(&self, b: &mut Batch<'_>, w: &LayerWeights, h: &GpuMatrix, pos: &GpuBuffer, t: usize, cache: Option<CacheView<'_>>) -> Result<GpuMatrix> {
         let c = self.ck.config();
         let gpu = self.gpu;
-        let rows = x.rows();
+        let rows = h.rows();
         let (qd, kd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        let eps = c.rms_norm_eps as f32;
-        let mut b = Batch::new(gpu);
-        let h = GpuMatrix::uninit_grouped(gpu, rows, c.hidden_size, t)?;
-        ops::rms_norm(&mut b, x, &w.input_norm, eps, &h)?;
         let q = GpuMatrix::uninit_grouped(gpu, rows, qd, t)?;
-        linear(&mut b, &h, 0..rows, w.linear(LinearKind::QProj), &q, 0, false)?;
-        ops::rope(&mut b, &q, 0..rows, c.num_heads, pos, &self.rope)?;
+        linear(b, h, 0..rows, w.linear(LinearKind::QProj), &q, 0, false)?;
+        ops::rope(b, &q, 0..rows, c.num_heads, pos, &self.rope)?;
         let attn = GpuMatrix::uninit_grouped(gpu, rows, qd, t)?;
         let window = c.sliding_window.unwrap_or(0);
         match cache {
             None => {
                 let k = GpuMatrix::uninit_grouped(gpu, rows, kd, t)?;
                 let v = GpuMatrix::uninit_grouped(gpu, rows, kd, t)?;
-                linear(&mut b, &h, 0..rows, w.linear(LinearKind::KProj), &k, 0, false)?;
-                linear(&mut b, &h, 0..rows, w.linear(LinearKind::VProj), &v, 0, false)?;
-                ops::rope(&mut b, &k, 0..rows, c.num_kv_heads, pos, &self.rope)?;
+                linear(b, h, 0..rows, w.linear(LinearKind::KProj), &k, 0, false)?;
+                linear(b, h, 0..rows, w.linear(LinearKind::VProj), &v, 0, false)?;
+                ops::rope(b, &k, 0..rows, c.num_kv_heads, pos, &self.rope)?;
                 let sh = AttentionShape {
                     t,
                     s: t,
@@ -314,14 +394,14 @@ impl<'a> Engine<'a> {
                     window,
                     kv_layout: KvLayout::Contiguous,
                 };
-                ops::attention(&mut b, &q, &k, &v, &attn, sh)?;
+                ops::attention(b, &q, &k, &v, &attn, sh)?;
             }
             Some(cv) => {
                 let row0 = cv.start * cv.nseq;
                 let tq = rows / cv.nseq;
-                linear(&mut b, &h, 0..rows, w.linear(LinearKind::KProj), cv.k, row0, false)?;
-                linear(&mut b, &h, 0..rows, w.linear(LinearKind::VProj), cv.v, row0, false)?;
-                ops::rope(&mut b, cv.k, row0..row0 + rows, c.num_kv_heads, cv.positions, &self.rope)?;
+                linear(b, h, 0..rows, w.linear(LinearKind::KProj), cv.k, row0, false)?;
+                linear(b, h, 0..rows, w.linear(LinearKind::VProj), cv.v, row0, false)?;
+                ops::rope(b, cv.k, row0..row0 + rows, c.num_kv_heads, cv.positions, &self.rope)?;
                 let sh = AttentionShape {
                     t: tq,
                     s: cv.start + tq,
@@ -332,20 +412,51 @@ impl<'a> Engine<'a> {
                     window,
                     kv_layout: KvLayout::Interleaved,
                 };
-                ops::attention(&mut b, &q, cv.k, cv.v, &attn, sh)?;
+                ops::attention(b, &q, cv.k, cv.v, &attn, sh)?;
             }
         }
-        // x += attn · W_oᵀ (+ b_o)
-        linear(&mut b, &attn, 0..rows, w.linear(LinearKind::OProj), x, 0, true)?;
-        let h2 = GpuMatrix::uninit_grouped(gpu, rows, c.hidden_size, t)?;
-        ops::rms_norm(&mut b, x, &w.post_norm, eps, &h2)?;
-        let gate = GpuMatrix::uninit_grouped(gpu, rows, c.intermediate_size, t)?;
-        let up = GpuMatrix::uninit_grouped(gpu, rows, c.intermediate_size, t)?;
-        linear(&mut b, &h2, 0..rows, w.linear(LinearKind::GateProj), &gate, 0, false)?;
-        linear(&mut b, &h2, 0..rows, w.linear(LinearKind::UpProj), &up, 0, false)?;
-        ops::swiglu(&mut b, &gate, &up)?;
-        linear(&mut b, &gate, 0..rows, w.linear(LinearKind::DownProj), x, 0, true)?;
-        b.submit()
+        Ok(attn)
+    }
+
+    /// x += attn · W_oᵀ (+ b_o).
+    pub(crate) fn stage_o_residual(&self, b: &mut Batch<'_>, w: &LayerWeights, attn: &GpuMatrix, x: &GpuMatrix) -> Result<()> {
+        linear(b, attn, 0..attn.rows(), w.linear(LinearKind::OProj), x, 0, true)
+    }
+
+    /// The normed input of gate/up.
+    pub(crate) fn stage_mlp_input(&self, b: &mut Batch<'_>, w: &LayerWeights, x: &GpuMatrix, t: usize) -> Result<GpuMatrix> {
+        let c = self.ck.config();
+        let h2 = GpuMatrix::uninit_grouped(self.gpu, x.rows(), c.hidden_size, t)?;
+        ops::rms_norm(b, x, &w.post_norm, c.rms_norm_eps as f32, &h2)?;
+        Ok(h2)
+    }
+
+    /// silu(gate) ⊙ up: the input of down_proj.
+    pub(crate) fn stage_mlp_act(&self, b: &mut Batch<'_>, w: &LayerWeights, h2: &GpuMatrix, t: usize) -> Result<GpuMatrix> {
+        let c = self.ck.config();
+        let rows = h2.rows();
+        let gate = GpuMatrix::uninit_grouped(self.gpu, rows, c.intermediate_size, t)?;
+        let up = GpuMatrix::uninit_grouped(self.gpu, rows, c.intermediate_size, t)?;
+        linear(b, h2, 0..rows, w.linear(LinearKind::GateProj), &gate, 0, false)?;
+        linear(b, h2, 0..rows, w.linear(LinearKind::UpProj), &up, 0, false)?;
+        ops::swiglu(b, &gate, &up)?;
+        Ok(gate)
+    }
+
+    /// x += act · W_downᵀ (+ b_down).
+    pub(crate) fn stage_down_residual(&self, b: &mut Batch<'_>, w: &LayerWeights, act: &GpuMatrix, x: &GpuMatrix) -> Result<()> {
+        linear(b, act, 0..act.rows(), w.linear(LinearKind::DownProj), x, 0, true)
+    }
+
+    /// Embed tokens (sequences of `t`) into a new hidden-state matrix grouped by `t`.
+    pub(crate) fn embed_tokens(&self, tokens: &[u32], t: usize) -> Result<GpuMatrix> {
+        self.validate_ids(tokens)?;
+        let ids = ops::upload_u32(self.gpu, tokens)?;
+        let x = GpuMatrix::uninit_grouped(self.gpu, tokens.len(), self.ck.config().hidden_size, t)?;
+        let mut b = Batch::new(self.gpu);
+        ops::embed(&mut b, &ids, &self.embed, &x)?;
+        b.submit()?;
+        Ok(x)
     }
 
     /// Logits [rows.len(), vocab] of a block of rows of normed hidden states.

@@ -12,6 +12,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 
 use super::arch::Architecture;
+use super::compressed::{Manifest, QuantEntry, MANIFEST_FILE};
 use super::config::ModelConfig;
 use super::safetensors::{SafetensorsFile, TensorInfo};
 
@@ -72,6 +73,8 @@ pub struct Checkpoint {
     /// Tensor name → index into `files`.
     location: HashMap<String, usize>,
     dtype: DType,
+    /// Present for a pumice-compressed directory.
+    manifest: Option<Manifest>,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -105,6 +108,11 @@ impl Checkpoint {
         let config = ModelConfig::from_file(&config_path)?;
         let arch = Architecture::from_config(&config);
 
+        let manifest = if dir.join(MANIFEST_FILE).is_file() {
+            Some(Manifest::read(&dir)?)
+        } else {
+            None
+        };
         let (files, location) = open_weights(&dir)?;
         let mut ck = Checkpoint {
             dir,
@@ -113,6 +121,7 @@ impl Checkpoint {
             files,
             location,
             dtype: DType::F32,
+            manifest,
         };
         ck.dtype = ck.validate()?;
         Ok(ck)
@@ -122,6 +131,10 @@ impl Checkpoint {
     fn validate(&self) -> Result<DType> {
         let mut seen = None;
         for spec in self.arch.tensors() {
+            if let Some(q) = self.quantized(&spec.name) {
+                self.validate_quantized(&spec.name, &spec.shape, q)?;
+                continue;
+            }
             let Some(&fi) = self.location.get(&spec.name) else {
                 let where_ = if self.files.len() == 1 {
                     self.files[0].path().to_path_buf()
@@ -160,8 +173,62 @@ impl Checkpoint {
         Ok(seen.unwrap_or(self.config.dtype.unwrap_or(DType::F32)))
     }
 
+    /// Check the stored pieces of a compressed weight against the manifest and config.
+    fn validate_quantized(&self, name: &str, shape: &[usize], q: &QuantEntry) -> Result<()> {
+        let manifest_path = self.dir.join(MANIFEST_FILE);
+        if shape != [q.rows, q.cols] {
+            return Err(Error::tensor(
+                &manifest_path,
+                name,
+                format!("manifest shape [{}, {}] disagrees with config.json, which implies {shape:?}", q.rows, q.cols),
+            ));
+        }
+        let grid = q.grid()?;
+        let words = crate::quant::grid::packed_words(q.cols, q.bits);
+        let groups = grid.groups(q.cols);
+        let mut parts = vec![("qweight", "U32", vec![q.rows, words]), ("scales", "F16", vec![q.rows, groups])];
+        if !q.symmetric {
+            parts.push(("zeros", "F16", vec![q.rows, groups]));
+        }
+        if q.act_order {
+            parts.push(("perm", "U32", vec![q.cols]));
+        }
+        for (suffix, dtype, want) in parts {
+            let pname = format!("{name}.{suffix}");
+            let Some((file, info)) = self.info(&pname) else {
+                return Err(Error::tensor(&manifest_path, &pname, "missing from the safetensors file"));
+            };
+            if info.dtype_name != dtype || info.shape != want {
+                return Err(Error::tensor(
+                    file.path(),
+                    &pname,
+                    format!("is {} {:?}, the manifest implies {dtype} {want:?}", info.dtype_name, info.shape),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The manifest, for a pumice-compressed checkpoint.
+    pub fn manifest(&self) -> Option<&Manifest> {
+        self.manifest.as_ref()
+    }
+
+    /// How a weight is compressed, if it is.
+    pub fn quantized(&self, name: &str) -> Option<&QuantEntry> {
+        self.manifest.as_ref()?.tensors.get(name)
+    }
+
+    /// Raw bytes, dtype name and shape of any stored tensor (including integer ones).
+    pub fn raw(&self, name: &str) -> Result<(&[u8], &str, &[usize])> {
+        let (file, info) = self
+            .info(name)
+            .ok_or_else(|| Error::tensor(&self.dir, name, "not in this checkpoint"))?;
+        Ok((file.bytes(info), &info.dtype_name, &info.shape))
     }
     pub fn config(&self) -> &ModelConfig {
         &self.config
@@ -221,6 +288,14 @@ impl Checkpoint {
     /// Scan every weight for NaN or infinity (reads the whole checkpoint).
     pub fn check_finite(&self) -> Result<()> {
         for spec in self.arch.tensors() {
+            if self.quantized(&spec.name).is_some() {
+                let scales = format!("{}.scales", spec.name);
+                let t = self.tensor(&scales)?;
+                if let Some(i) = t.first_non_finite() {
+                    return Err(Error::tensor(t.file, t.name, format!("scale {i} is not finite")));
+                }
+                continue;
+            }
             let t = self.tensor(&spec.name)?;
             if let Some(i) = t.first_non_finite() {
                 let mut v = Vec::new();

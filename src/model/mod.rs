@@ -3,6 +3,7 @@
 
 pub mod arch;
 pub mod checkpoint;
+pub mod compressed;
 pub mod config;
 pub mod safetensors;
 pub mod summary;

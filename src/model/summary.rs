@@ -39,6 +39,13 @@ pub struct ModelSummary {
     pub tokenizer: bool,
     /// Linear layers of each decoder layer grouped by the input they share (one Hessian each).
     pub linear_groups: Vec<LinearGroupSummary>,
+    /// Bits stored per parameter, whole safetensors file(s) over all parameters.
+    pub bits_per_parameter: f64,
+    /// Bits stored per parameter of the decoder linear layers.
+    pub linear_bits_per_parameter: f64,
+    /// For a pumice-compressed checkpoint: method, parameters, source and calibration.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compression: Option<serde_json::Value>,
 }
 
 impl ModelSummary {
@@ -86,6 +93,22 @@ impl ModelSummary {
                 .collect(),
             tokenizer: ck.dir().join(super::tokenizer::TOKENIZER_FILE).is_file(),
             linear_groups,
+            bits_per_parameter: ck.bytes_on_disk() as f64 * 8.0 / ck.parameter_count().max(1) as f64,
+            linear_bits_per_parameter: match ck.manifest() {
+                Some(m) => m.linear.bits_per_parameter,
+                None => (ck.dtype().size() * 8) as f64,
+            },
+            compression: ck.manifest().map(|m| {
+                serde_json::json!({
+                    "format_version": m.format_version,
+                    "method": m.method,
+                    "params": m.params,
+                    "source": m.source,
+                    "calibration": m.calibration,
+                    "linear": m.linear,
+                    "total": m.total,
+                })
+            }),
         }
     }
 }

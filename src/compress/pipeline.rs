@@ -1,0 +1,530 @@
+//! The compression pipeline: calibrate, then for each decoder layer in turn collect the
+//! Hessians of its linear inputs on the GPU, quantize, and propagate the calibration
+//! activations through the *quantized* layer (sequential mode), streaming the result into a
+//! compressed checkpoint that is renamed into place only when complete.
+//!
+//! Within a layer the order is the true-sequential one: q/k/v see the normed input; o_proj sees
+//! the attention output computed with quantized q/k/v; gate/up see the post-attention norm of
+//! the updated residual; down_proj sees the SwiGLU product of quantized gate/up.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::gpu::ops;
+use crate::gpu::quant::{self as gq, PackedWeight};
+use crate::gpu::{matmul, Batch, GemmOp, Gpu, GpuMatrix, HessianAccumulator};
+use crate::infer::{Engine, EngineOptions};
+use crate::model::compressed::{
+    sha256_files, Accounting, CalibInfo, FileInfo, LayerReport, Manifest, MatrixReport, PlannedTensor, QuantEntry, SourceInfo,
+    StreamingWriter, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE,
+};
+use crate::model::{Checkpoint, LinearKind, LinearSpec, Tokenizer};
+use crate::quant::grid::{pack_row, packed_words};
+use crate::quant::reference::prepare_hessian;
+use crate::quant::{GptqOptions, Grid, Quantized};
+
+use super::calib::{self, CalibOptions, Calibration};
+
+/// Quantization method.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    Rtn,
+    Gptq,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Rtn => "rtn",
+            Method::Gptq => "gptq",
+        }
+    }
+}
+
+/// Where calibration text comes from.
+#[derive(Clone, Debug)]
+pub enum CalibSource {
+    /// Text files or directories of .txt files.
+    Text(Vec<PathBuf>),
+    /// Sequences sampled from the model itself.
+    SelfGenerated,
+}
+
+#[derive(Clone, Debug)]
+pub struct CompressOptions {
+    pub method: Method,
+    pub grid: Grid,
+    pub gptq: GptqOptions,
+    pub calib_source: CalibSource,
+    pub calib: CalibOptions,
+    pub output: PathBuf,
+    /// Replace an existing output directory (never the input).
+    pub force: bool,
+}
+
+/// Progress events.
+#[derive(Clone, Debug)]
+pub enum Event {
+    Calibrating { kind: &'static str, done: usize, total: usize },
+    Matrix { layer: usize, name: String, done: usize, total: usize, relative_error: Option<f64> },
+    Note(String),
+    Writing,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CompressSummary {
+    pub output: String,
+    pub method: String,
+    pub source_bytes: u64,
+    pub output_bytes: u64,
+    pub parameters: usize,
+    pub bits_per_parameter: f64,
+    pub linear_bits_per_parameter: f64,
+    pub seconds: f64,
+    pub calibration: CalibInfo,
+    pub layers: Vec<LayerReport>,
+}
+
+/// Sequences per activation sub-batch: each sub-batch's widest activation (intermediate size)
+/// stays under this many bytes.
+const SUBBATCH_BYTES: usize = 128 << 20;
+
+/// Removes a temporary output directory unless the write completed.
+struct TempDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+fn check_output(ck: &Checkpoint, out: &Path, force: bool) -> Result<()> {
+    let input = std::fs::canonicalize(ck.dir()).map_err(|e| Error::io(ck.dir(), e))?;
+    if out.exists() {
+        let o = std::fs::canonicalize(out).map_err(|e| Error::io(out, e))?;
+        if o == input || input.starts_with(&o) {
+            return Err(Error::InvalidArgument(format!(
+                "{}: refusing to overwrite the input model",
+                out.display()
+            )));
+        }
+        if !force {
+            return Err(Error::InvalidArgument(format!(
+                "{}: already exists (pass --force to replace it)",
+                out.display()
+            )));
+        }
+    }
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.is_dir() {
+            return Err(Error::InvalidArgument(format!("{}: no such directory", parent.display())));
+        }
+    }
+    Ok(())
+}
+
+/// The stored pieces of one compressed weight.
+struct Packed {
+    qweight: Vec<u8>,
+    scales: Vec<u8>,
+    zeros: Option<Vec<u8>>,
+    perm: Option<Vec<u8>>,
+}
+
+fn pack(q: &Quantized) -> Packed {
+    let words = packed_words(q.cols, q.grid.bits);
+    let mut codes = Vec::with_capacity(q.rows * words);
+    for r in 0..q.rows {
+        pack_row(&q.codes[r * q.cols..(r + 1) * q.cols], q.grid.bits, &mut codes);
+    }
+    Packed {
+        qweight: bytemuck::cast_slice(&codes).to_vec(),
+        scales: DType::F16.encode_f32(&q.scales),
+        zeros: (!q.grid.symmetric).then(|| DType::F16.encode_f32(&q.zeros)),
+        perm: q.perm.as_ref().map(|p| bytemuck::cast_slice(p).to_vec()),
+    }
+}
+
+/// The f32 weight the reader will reconstruct from `p`, dequantized on the GPU.
+fn dequantize_packed(gpu: &Gpu, p: &Packed, q: &Quantized) -> Result<GpuMatrix> {
+    let groups = q.grid.groups(q.cols);
+    let zeros = match &p.zeros {
+        Some(z) => GpuMatrix::from_bytes(gpu, q.rows, groups, DType::F16, z)?,
+        None => GpuMatrix::from_f32(gpu, q.rows, groups, DType::F32, &vec![((q.grid.maxq() + 1) / 2) as f32; q.rows * groups])?,
+    };
+    let w = PackedWeight {
+        rows: q.rows,
+        cols: q.cols,
+        grid: q.grid,
+        packed: GpuMatrix::from_bytes(gpu, q.rows, packed_words(q.cols, q.grid.bits), DType::F32, &p.qweight)?,
+        scales: GpuMatrix::from_bytes(gpu, q.rows, groups, DType::F16, &p.scales)?,
+        zeros,
+        perm: p.perm.as_ref().map(|b| gpu.upload(b)).transpose()?,
+    };
+    gq::dequantize(gpu, &w)
+}
+
+/// tr(ΔW H ΔWᵀ) and tr(W H Wᵀ), with the products on the GPU.
+fn weighted_errors(gpu: &Gpu, w: &[f32], wq: &GpuMatrix, h: &GpuMatrix) -> Result<(f64, f64)> {
+    let (m, n) = (wq.rows(), wq.cols());
+    let deq = wq.to_f32(gpu)?;
+    let delta: Vec<f32> = w.iter().zip(&deq).map(|(a, b)| a - b).collect();
+    let quad = |x: &[f32]| -> Result<f64> {
+        let xm = GpuMatrix::from_f32(gpu, m, n, DType::F32, x)?;
+        let xh = matmul(gpu, &xm, h, GemmOp::NN)?.to_f32(gpu)?;
+        Ok(xh.iter().zip(x).map(|(a, b)| *a as f64 * *b as f64).sum())
+    };
+    Ok((quad(&delta)?, quad(w)?))
+}
+
+/// Plan of every stored tensor, in the checkpoint's order.
+fn plan(ck: &Checkpoint, grid: Grid, act_order: bool) -> Result<Vec<PlannedTensor>> {
+    let linear_weights: std::collections::HashSet<&str> = ck
+        .arch()
+        .layers
+        .iter()
+        .flat_map(|l| &l.linears)
+        .map(|l| l.weight.name.as_str())
+        .collect();
+    let mut out = Vec::new();
+    for spec in ck.arch().tensors() {
+        if linear_weights.contains(spec.name.as_str()) {
+            let (m, n) = (spec.shape[0], spec.shape[1]);
+            let groups = grid.groups(n);
+            out.push(PlannedTensor {
+                name: format!("{}.qweight", spec.name),
+                dtype: "U32".into(),
+                shape: vec![m, packed_words(n, grid.bits)],
+                bytes: m * packed_words(n, grid.bits) * 4,
+            });
+            out.push(PlannedTensor { name: format!("{}.scales", spec.name), dtype: "F16".into(), shape: vec![m, groups], bytes: m * groups * 2 });
+            if !grid.symmetric {
+                out.push(PlannedTensor { name: format!("{}.zeros", spec.name), dtype: "F16".into(), shape: vec![m, groups], bytes: m * groups * 2 });
+            }
+            if act_order {
+                out.push(PlannedTensor { name: format!("{}.perm", spec.name), dtype: "U32".into(), shape: vec![n], bytes: n * 4 });
+            }
+        } else {
+            let t = ck.tensor(&spec.name)?;
+            out.push(PlannedTensor {
+                name: spec.name.clone(),
+                dtype: t.dtype.safetensors_name().into(),
+                shape: t.shape.to_vec(),
+                bytes: t.bytes.len(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn write_packed(wr: &mut StreamingWriter, name: &str, p: &Packed) -> Result<()> {
+    wr.write(&format!("{name}.qweight"), &p.qweight)?;
+    wr.write(&format!("{name}.scales"), &p.scales)?;
+    if let Some(z) = &p.zeros {
+        wr.write(&format!("{name}.zeros"), z)?;
+    }
+    if let Some(pm) = &p.perm {
+        wr.write(&format!("{name}.perm"), pm)?;
+    }
+    Ok(())
+}
+
+fn copy_plain(wr: &mut StreamingWriter, ck: &Checkpoint, name: &str) -> Result<()> {
+    let t = ck.tensor(name)?;
+    wr.write(name, t.bytes)
+}
+
+/// Files copied from the source directory beside the weights.
+const SIDE_FILES: [&str; 8] = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+];
+
+/// Compress `ck` into `opts.output`.
+pub fn compress(gpu: &Gpu, ck: &Checkpoint, opts: &CompressOptions, progress: &mut dyn FnMut(&Event)) -> Result<CompressSummary> {
+    let start = Instant::now();
+    if ck.manifest().is_some() {
+        return Err(Error::InvalidArgument(format!(
+            "{} is already a compressed checkpoint; compress the original model",
+            ck.dir().display()
+        )));
+    }
+    check_output(ck, &opts.output, opts.force)?;
+    let cfg = ck.config().clone();
+    let len = opts.calib.len.min(cfg.max_position_embeddings).max(2);
+    let copts = CalibOptions { len, ..opts.calib.clone() };
+
+    let mut engine = Engine::new(gpu, ck, &EngineOptions { resident_bytes: 0, max_positions: len })?;
+    let calibration: Calibration = match &opts.calib_source {
+        CalibSource::Text(paths) => {
+            progress(&Event::Calibrating { kind: "text", done: 0, total: copts.samples });
+            let tok = Tokenizer::from_model_dir(ck.dir())?.ok_or_else(|| {
+                Error::InvalidArgument(format!("{} has no tokenizer.json to tokenize --calib text", ck.dir().display()))
+            })?;
+            let c = calib::from_text(&tok, paths, &copts)?;
+            progress(&Event::Calibrating { kind: "text", done: copts.samples, total: copts.samples });
+            c
+        }
+        CalibSource::SelfGenerated => calib::self_generated(&mut engine, &copts, &mut |d, t| {
+            progress(&Event::Calibrating { kind: "self", done: d, total: t })
+        })?,
+    };
+
+    // Output: a temporary sibling directory, renamed into place at the end.
+    let out = opts.output.clone();
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let tmp_path = out.with_file_name(format!(".{name}.pumice-tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp_path);
+    std::fs::create_dir_all(&tmp_path).map_err(|e| Error::io(&tmp_path, e))?;
+    let mut tmp = TempDir { path: tmp_path.clone(), keep: false };
+    let st_path = tmp_path.join("model.safetensors");
+    let mut writer = StreamingWriter::create(&st_path, plan(ck, opts.grid, opts.gptq.act_order && opts.method == Method::Gptq)?)?;
+    let arch = ck.arch();
+    copy_plain(&mut writer, ck, &arch.embed_tokens.name)?;
+
+    // Calibration activations, in sub-batches of whole sequences.
+    let widest = cfg.intermediate_size.max(cfg.hidden_size).max(cfg.num_heads * cfg.head_dim);
+    let per_batch = (SUBBATCH_BYTES / (len * widest * 4)).max(1);
+    let nseq = calibration.tokens.len() / len;
+    let mut xs = Vec::new();
+    for s0 in (0..nseq).step_by(per_batch) {
+        let s1 = (s0 + per_batch).min(nseq);
+        xs.push(engine.embed_tokens(&calibration.tokens[s0 * len..s1 * len], len)?);
+    }
+    let positions: Vec<u32> = (0..per_batch.min(nseq) * len).map(|r| (r % len) as u32).collect();
+    let pos = ops::upload_u32(gpu, &positions)?;
+
+    let act_order = opts.gptq.act_order && opts.method == Method::Gptq;
+    let total_matrices = arch.layers.len() * 7;
+    let mut done = 0;
+    let mut entries = std::collections::BTreeMap::new();
+    let mut layers = Vec::new();
+    for (l, spec) in arch.layers.iter().enumerate() {
+        let t0 = Instant::now();
+        let mut w = engine.read_layer(l)?;
+        let mut packed: Vec<(String, Packed)> = Vec::new();
+        let mut reports = Vec::new();
+
+        let mut quantize_group = |kinds: &[LinearKind], inputs: &[GpuMatrix], w: &mut crate::infer::engine::LayerWeights| -> Result<()> {
+            let first = spec.linear(kinds[0]);
+            let mut acc = HessianAccumulator::new(gpu, first.in_features)?;
+            let mut b = Batch::new(gpu);
+            for x in inputs {
+                acc.accumulate(&mut b, x)?;
+            }
+            b.submit()?;
+            let h = acc.read(gpu)?;
+            let n = first.in_features;
+            let h32: Vec<f32> = h.iter().map(|&v| v as f32).collect();
+            let hm = GpuMatrix::from_f32(gpu, n, n, DType::F32, &h32)?;
+            let prep = if opts.method == Method::Gptq {
+                let p = prepare_hessian(&h, n, &opts.gptq)?;
+                if p.retries > 0 {
+                    progress(&Event::Note(format!(
+                        "layer {l} {:?} input: Hessian factorization failed, damping raised to {:.3}",
+                        first.kind.input(),
+                        p.damp
+                    )));
+                }
+                Some(p)
+            } else {
+                None
+            };
+            for &kind in kinds {
+                let lin: &LinearSpec = spec.linear(kind);
+                let wv = ck.tensor(&lin.weight.name)?.to_f32()?;
+                let (m, n) = (lin.out_features, lin.in_features);
+                let q = match &prep {
+                    Some(p) => gq::gptq(gpu, &wv, m, n, p, opts.grid, opts.gptq.block)?.download(gpu)?,
+                    None => {
+                        let wm = GpuMatrix::from_f32(gpu, m, n, DType::F32, &wv)?;
+                        gq::rtn(gpu, &wm, opts.grid)?.download(gpu)?
+                    }
+                };
+                let p = pack(&q);
+                let deq = dequantize_packed(gpu, &p, &q)?;
+                let (err, norm) = weighted_errors(gpu, &wv, &deq, &hm)?;
+                let rel = if norm > 0.0 { Some(err / norm) } else { None };
+                w.set_weight(kind, deq);
+                let entry = QuantEntry {
+                    method: opts.method.name().into(),
+                    bits: opts.grid.bits,
+                    group_size: opts.grid.group_size,
+                    symmetric: opts.grid.symmetric,
+                    act_order,
+                    rows: m,
+                    cols: n,
+                    stored_bits: 0,
+                    relative_error: rel,
+                    damp: prep.as_ref().map(|p| p.damp),
+                };
+                let entry = QuantEntry { stored_bits: entry.expected_bits(), ..entry };
+                entries.insert(lin.weight.name.clone(), entry);
+                done += 1;
+                progress(&Event::Matrix { layer: l, name: lin.weight.name.clone(), done, total: total_matrices, relative_error: rel });
+                reports.push(MatrixReport { name: lin.weight.name.clone(), relative_error: rel });
+                packed.push((lin.weight.name.clone(), p));
+            }
+            Ok(())
+        };
+
+        // q, k, v on the normed input.
+        let mut hs = Vec::new();
+        for x in &xs {
+            let mut b = Batch::new(gpu);
+            hs.push(engine.stage_attn_input(&mut b, &w, x, len)?);
+            b.submit()?;
+        }
+        quantize_group(&[LinearKind::QProj, LinearKind::KProj, LinearKind::VProj], &hs, &mut w)?;
+        // o on the attention output of the quantized q, k, v.
+        let mut attns = Vec::new();
+        for h in &hs {
+            let mut b = Batch::new(gpu);
+            // `pos` covers the largest sub-batch; smaller ones read a prefix.
+            attns.push(engine.stage_attention(&mut b, &w, h, &pos, len, None)?);
+            b.submit()?;
+        }
+        drop(hs);
+        quantize_group(&[LinearKind::OProj], &attns, &mut w)?;
+        for (a, x) in attns.iter().zip(&xs) {
+            let mut b = Batch::new(gpu);
+            engine.stage_o_residual(&mut b, &w, a, x)?;
+            b.submit()?;
+        }
+        drop(attns);
+        // gate, up on the post-attention norm.
+        let mut h2s = Vec::new();
+        for x in &xs {
+            let mut b = Batch::new(gpu);
+            h2s.push(engine.stage_mlp_input(&mut b, &w, x, len)?);
+            b.submit()?;
+        }
+        quantize_group(&[LinearKind::GateProj, LinearKind::UpProj], &h2s, &mut w)?;
+        // down on the SwiGLU product of the quantized gate, up.
+        let mut acts = Vec::new();
+        for h2 in &h2s {
+            let mut b = Batch::new(gpu);
+            acts.push(engine.stage_mlp_act(&mut b, &w, h2, len)?);
+            b.submit()?;
+        }
+        drop(h2s);
+        quantize_group(&[LinearKind::DownProj], &acts, &mut w)?;
+        for (a, x) in acts.iter().zip(&xs) {
+            let mut b = Batch::new(gpu);
+            engine.stage_down_residual(&mut b, &w, a, x)?;
+            b.submit()?;
+        }
+        drop(acts);
+
+        // Write this layer's tensors in checkpoint order.
+        for t in spec.tensors() {
+            match packed.iter().find(|(n, _)| n == &t.name) {
+                Some((n, p)) => write_packed(&mut writer, n, p)?,
+                None => copy_plain(&mut writer, ck, &t.name)?,
+            }
+        }
+        // Keep the manifest's layer order as the model's.
+        reports.sort_by_key(|r| spec.linears.iter().position(|l| l.weight.name == r.name));
+        layers.push(LayerReport { layer: l, seconds: t0.elapsed().as_secs_f64(), matrices: reports });
+    }
+    drop(xs);
+
+    progress(&Event::Writing);
+    copy_plain(&mut writer, ck, &arch.final_norm.name)?;
+    if let Some(h) = &arch.lm_head {
+        copy_plain(&mut writer, ck, &h.name)?;
+    }
+    writer.finish()?;
+
+    for f in SIDE_FILES {
+        let src = ck.dir().join(f);
+        if src.is_file() {
+            std::fs::copy(&src, tmp_path.join(f)).map_err(|e| Error::io(&src, e))?;
+        }
+    }
+    let out_bytes = std::fs::metadata(&st_path).map_err(|e| Error::io(&st_path, e))?.len();
+    let parameters = ck.parameter_count();
+    let linear_params: usize = entries.values().map(|e| e.rows * e.cols).sum();
+    let linear_bits: u64 = entries.values().map(|e| e.stored_bits).sum();
+    let mut src_files: Vec<&Path> = ck.files().iter().map(|f| f.path()).collect();
+    src_files.sort();
+    let manifest = Manifest {
+        format: FORMAT_NAME.into(),
+        format_version: FORMAT_VERSION,
+        created_by: format!("pumice {}", env!("CARGO_PKG_VERSION")),
+        source: SourceInfo {
+            path: ck.dir().display().to_string(),
+            sha256: sha256_files(&src_files)?,
+            parameters,
+            bytes: ck.bytes_on_disk(),
+        },
+        method: opts.method.name().into(),
+        params: serde_json::json!({
+            "bits": opts.grid.bits,
+            "group_size": opts.grid.group_size,
+            "symmetric": opts.grid.symmetric,
+            "act_order": act_order,
+            "damp": opts.gptq.damp,
+            "block": opts.gptq.block,
+            "sequential": true,
+        }),
+        calibration: Some(calibration.info.clone()),
+        tensors: entries,
+        linear: Accounting::new(linear_params, linear_bits),
+        total: Accounting::new(parameters, out_bytes * 8),
+        layers: layers.clone(),
+        files: [(
+            "model.safetensors".to_string(),
+            FileInfo { bytes: out_bytes, sha256: sha256_files(&[st_path.as_path()])? },
+        )]
+        .into_iter()
+        .collect(),
+    };
+    let mpath = tmp_path.join(MANIFEST_FILE);
+    let text = serde_json::to_string_pretty(&manifest).expect("manifest serializes");
+    std::fs::write(&mpath, text).map_err(|e| Error::io(&mpath, e))?;
+    if let Ok(f) = std::fs::File::open(&mpath) {
+        let _ = f.sync_all();
+    }
+
+    // Swap into place: a replaced output is moved aside first and removed after.
+    let mut old = None;
+    if out.exists() {
+        let aside = out.with_file_name(format!(".{name}.pumice-old-{}", std::process::id()));
+        std::fs::rename(&out, &aside).map_err(|e| Error::io(&out, e))?;
+        old = Some(aside);
+    }
+    std::fs::rename(&tmp_path, &out).map_err(|e| Error::io(&out, e))?;
+    tmp.keep = true;
+    if let Some(a) = old {
+        let _ = std::fs::remove_dir_all(a);
+    }
+    Ok(CompressSummary {
+        output: out.display().to_string(),
+        method: opts.method.name().into(),
+        source_bytes: ck.bytes_on_disk(),
+        output_bytes: out_bytes,
+        parameters,
+        bits_per_parameter: manifest.total.bits_per_parameter,
+        linear_bits_per_parameter: manifest.linear.bits_per_parameter,
+        seconds: start.elapsed().as_secs_f64(),
+        calibration: calibration.info,
+        layers,
+    })
+}

@@ -1,0 +1,278 @@
+//! Compressed checkpoint, format version 1.
+//!
+//! A directory holding the source's config.json and tokenizer files, `model.safetensors`, and
+//! the manifest `pumice.json`. For every compressed linear layer `NAME.weight` the safetensors
+//! file holds, instead of the weight:
+//! - `NAME.weight.qweight` U32 [rows, words]: each row's codes as a little-endian bit stream
+//!   of `bits`-bit codes (words = ceil(cols · bits / 32));
+//! - `NAME.weight.scales`  F16 [rows, groups];
+//! - `NAME.weight.zeros`   F16 [rows, groups] (integer zero points; absent for symmetric grids,
+//!   whose zero is (2^bits)/2);
+//! - `NAME.weight.perm`    U32 [cols] with act-order: stored column j is original column perm[j].
+//!
+//! A weight dequantizes to scale · (code − zero). Everything else (embeddings, norms, LM head,
+//! biases) is stored as in the source. The manifest records the source and its hash, the method
+//! and its parameters per tensor, the calibration, per-layer errors and the exact size
+//! accounting; readers check it against the file.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::quant::grid::packed_words;
+use crate::quant::Grid;
+
+
+pub const MANIFEST_FILE: &str = "pumice.json";
+pub const FORMAT_NAME: &str = "pumice-compressed";
+pub const FORMAT_VERSION: u32 = 1;
+
+/// What the calibration was.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CalibInfo {
+    /// `text` or `self` (sampled from the model).
+    pub kind: String,
+    pub files: Vec<String>,
+    pub samples: usize,
+    pub len: usize,
+    pub seed: u64,
+    pub tokens: usize,
+}
+
+/// The source checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SourceInfo {
+    pub path: String,
+    /// SHA-256 over the source's safetensors files, in name order.
+    pub sha256: String,
+    pub parameters: usize,
+    pub bytes: u64,
+}
+
+/// One compressed tensor.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct QuantEntry {
+    pub method: String,
+    pub bits: u32,
+    pub group_size: usize,
+    pub symmetric: bool,
+    pub act_order: bool,
+    pub rows: usize,
+    pub cols: usize,
+    /// Bits stored for this tensor: codes (whole u32 words) + scales + zeros + permutation.
+    pub stored_bits: u64,
+    /// tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) on the calibration Hessian (null without one).
+    pub relative_error: Option<f64>,
+    /// Relative damping used for GPTQ (after any retries).
+    pub damp: Option<f64>,
+}
+
+impl QuantEntry {
+    pub fn grid(&self) -> Result<Grid> {
+        Grid::new(self.bits, self.group_size, self.symmetric)
+    }
+
+    /// Stored bits computed from the shape and grid (what `stored_bits` must equal).
+    pub fn expected_bits(&self) -> u64 {
+        let g = if self.group_size == 0 { self.cols.max(1) } else { self.group_size };
+        let groups = self.cols.div_ceil(g) as u64;
+        let rows = self.rows as u64;
+        let codes = rows * packed_words(self.cols, self.bits) as u64 * 32;
+        let scales = rows * groups * 16;
+        let zeros = if self.symmetric { 0 } else { rows * groups * 16 };
+        let perm = if self.act_order { self.cols as u64 * 32 } else { 0 };
+        codes + scales + zeros + perm
+    }
+}
+
+/// Size accounting of a group of parameters.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Accounting {
+    pub parameters: usize,
+    pub bits: u64,
+    pub bits_per_parameter: f64,
+}
+
+impl Accounting {
+    pub fn new(parameters: usize, bits: u64) -> Accounting {
+        Accounting {
+            parameters,
+            bits,
+            bits_per_parameter: bits as f64 / parameters.max(1) as f64,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MatrixReport {
+    pub name: String,
+    pub relative_error: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LayerReport {
+    pub layer: usize,
+    pub seconds: f64,
+    pub matrices: Vec<MatrixReport>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct FileInfo {
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// `pumice.json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub format: String,
+    pub format_version: u32,
+    pub created_by: String,
+    pub source: SourceInfo,
+    pub method: String,
+    /// Method parameters as given (bits, group size, ...).
+    pub params: serde_json::Value,
+    pub calibration: Option<CalibInfo>,
+    /// Compressed tensors by weight name.
+    pub tensors: BTreeMap<String, QuantEntry>,
+    /// The compressed linear layers.
+    pub linear: Accounting,
+    /// The whole safetensors file (header included) over all parameters.
+    pub total: Accounting,
+    pub layers: Vec<LayerReport>,
+    pub files: BTreeMap<String, FileInfo>,
+}
+
+impl Manifest {
+    /// Read and check the manifest of a compressed directory.
+    pub fn read(dir: &Path) -> Result<Manifest> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json { path: path.clone(), source })?;
+        let version = v.get("format_version").and_then(|x| x.as_u64());
+        match (v.get("format").and_then(|x| x.as_str()), version) {
+            (Some(FORMAT_NAME), Some(ver)) if ver as u32 > FORMAT_VERSION => {
+                return Err(Error::config(
+                    &path,
+                    format!("format version {ver} was written by a newer pumice; this build reads version {FORMAT_VERSION} and older"),
+                ))
+            }
+            (Some(FORMAT_NAME), Some(_)) => {}
+            _ => return Err(Error::config(&path, format!("not a {FORMAT_NAME} manifest (missing `format` or `format_version`)"))),
+        }
+        let m: Manifest = serde_json::from_value(v).map_err(|e| Error::config(&path, format!("malformed manifest: {e}")))?;
+        for (name, e) in &m.tensors {
+            e.grid().map_err(|err| Error::config(&path, format!("tensor `{name}`: {err}")))?;
+            if e.stored_bits != e.expected_bits() {
+                return Err(Error::config(
+                    &path,
+                    format!("tensor `{name}`: stored_bits {} disagrees with its shape and grid ({})", e.stored_bits, e.expected_bits()),
+                ));
+            }
+        }
+        for (file, info) in &m.files {
+            let p = dir.join(file);
+            let len = std::fs::metadata(&p).map_err(|e| Error::io(&p, e))?.len();
+            if len != info.bytes {
+                return Err(Error::config(
+                    &path,
+                    format!("says {file} has {} bytes but it has {len} (truncated or replaced?)", info.bytes),
+                ));
+            }
+        }
+        Ok(m)
+    }
+}
+
+/// SHA-256 of files, concatenated in the given order.
+pub fn sha256_files(paths: &[&Path]) -> Result<String> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for p in paths {
+        let mut f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
+        std::io::copy(&mut f, &mut h).map_err(|e| Error::io(p, e))?;
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+/// One tensor of a safetensors file being written: its header entry.
+#[derive(Clone, Debug)]
+pub struct PlannedTensor {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub bytes: usize,
+}
+
+/// Writes a safetensors file whose header is known up front, streaming tensor data in header
+/// order as it becomes available (so a whole model never sits in memory).
+pub struct StreamingWriter {
+    path: PathBuf,
+    file: std::io::BufWriter<std::fs::File>,
+    plan: Vec<PlannedTensor>,
+    next: usize,
+}
+
+impl StreamingWriter {
+    pub fn create(path: &Path, plan: Vec<PlannedTensor>) -> Result<StreamingWriter> {
+        let mut header = serde_json::Map::new();
+        let mut off = 0usize;
+        for t in &plan {
+            header.insert(
+                t.name.clone(),
+                serde_json::json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [off, off + t.bytes]}),
+            );
+            off += t.bytes;
+        }
+        header.insert("__metadata__".into(), serde_json::json!({"format": "pt", "writer": "pumice"}));
+        let mut h = serde_json::to_vec(&serde_json::Value::Object(header)).expect("json");
+        while h.len() % 8 != 0 {
+            h.push(b' ');
+        }
+        let f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+        let mut file = std::io::BufWriter::with_capacity(1 << 20, f);
+        file.write_all(&(h.len() as u64).to_le_bytes()).map_err(|e| Error::io(path, e))?;
+        file.write_all(&h).map_err(|e| Error::io(path, e))?;
+        Ok(StreamingWriter { path: path.to_path_buf(), file, plan, next: 0 })
+    }
+
+    /// Name of the tensor the writer expects next.
+    pub fn expects(&self) -> Option<&str> {
+        self.plan.get(self.next).map(|t| t.name.as_str())
+    }
+
+    pub fn write(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        let t = self
+            .plan
+            .get(self.next)
+            .ok_or_else(|| Error::InvalidArgument(format!("writer: unexpected tensor {name} after the last one")))?;
+        if t.name != name || t.bytes != bytes.len() {
+            return Err(Error::InvalidArgument(format!(
+                "writer: expected {} ({} bytes), got {name} ({} bytes)",
+                t.name,
+                t.bytes,
+                bytes.len()
+            )));
+        }
+        self.file.write_all(bytes).map_err(|e| Error::io(&self.path, e))?;
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Flush and sync; every planned tensor must have been written.
+    pub fn finish(mut self) -> Result<()> {
+        if self.next != self.plan.len() {
+            return Err(Error::InvalidArgument(format!(
+                "writer: {} of {} tensors written",
+                self.next,
+                self.plan.len()
+            )));
+        }
+        self.file.flush().map_err(|e| Error::io(&self.path, e))?;
+        self.file.get_ref().sync_all().map_err(|e| Error::io(&self.path, e))?;
+        Ok(())
+    }
+}
