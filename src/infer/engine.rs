@@ -211,6 +211,15 @@ impl<'a> Engine<'a> {
         self.ck
     }
 
+    /// A compressed linear weight dequantized on the GPU (f32), as the forward pass uses it.
+    pub fn dequantized_weight(&self, name: &str) -> Result<GpuMatrix> {
+        let q = self
+            .ck
+            .quantized(name)
+            .ok_or_else(|| Error::InvalidArgument(format!("{name} is not a compressed weight of {}", self.ck.dir().display())))?;
+        dequantize_weight(self.gpu, self.ck, name, q)
+    }
+
     /// Whether decoder layers stay on the GPU between batches.
     pub fn resident(&self) -> bool {
         self.resident
