@@ -15,23 +15,48 @@ use pumice::model::synthetic::SyntheticLlama;
 use pumice::model::Checkpoint;
 
 fn ids(n: usize, vocab: usize) -> Vec<u32> {
-    (0..n as u64).map(|i| ((i * 2_654_435_761) % vocab as u64) as u32).collect()
+    (0..n as u64)
+        .map(|i| ((i * 2_654_435_761) % vocab as u64) as u32)
+        .collect()
 }
 
 fn bench_eval(c: &mut Criterion) {
     let g = Gpu::from_env().expect("a GPU adapter (lavapipe works)");
     eprintln!("GPU: {}", g.describe());
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/models/gutenberg-llama");
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/models/gutenberg-llama");
     let ck = Checkpoint::open(&dir).unwrap();
     let (ctx, windows) = (256, 8);
     let tokens = ids(ctx * windows, ck.config().vocab_size);
-    let mut engine = Engine::new(&g, &ck, &EngineOptions { max_positions: ctx, ..Default::default() }).unwrap();
+    let mut engine = Engine::new(
+        &g,
+        &ck,
+        &EngineOptions {
+            max_positions: ctx,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let mut group = c.benchmark_group("eval_gutenberg_llama");
     group.throughput(Throughput::Elements((ctx * windows) as u64));
-    group.sample_size(10).warm_up_time(Duration::from_secs(2)).measurement_time(Duration::from_secs(10));
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(2))
+        .measurement_time(Duration::from_secs(10));
     group.bench_function(BenchmarkId::new("ctx256", "batch8"), |b| {
         b.iter(|| {
-            evaluate(&mut engine, None, &tokens, &EvalOptions { ctx, max_windows: None, batch: 8 }, &mut |_| {}).unwrap()
+            evaluate(
+                &mut engine,
+                None,
+                &tokens,
+                &EvalOptions {
+                    ctx,
+                    max_windows: None,
+                    batch: 8,
+                },
+                &mut |_| {},
+            )
+            .unwrap()
         })
     });
     group.finish();
@@ -45,13 +70,24 @@ fn bench_7b_layer(c: &mut Criterion) {
     let ck = Checkpoint::open(tmp.path()).unwrap();
     let t = 256;
     let tokens = ids(t, spec.vocab);
-    let mut engine = Engine::new(&g, &ck, &EngineOptions { max_positions: t, ..Default::default() }).unwrap();
+    let mut engine = Engine::new(
+        &g,
+        &ck,
+        &EngineOptions {
+            max_positions: t,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     // Linear layers 2·params·T plus attention (QKᵀ and PV over the causal half).
     let layer_params = ck.arch().linear_parameter_count();
     let flop = 2 * layer_params * t + 2 * 2 * (t * (t + 1) / 2) * spec.hidden;
     let mut group = c.benchmark_group("llama2_7b_layer");
     group.throughput(Throughput::Elements(flop as u64));
-    group.sample_size(10).warm_up_time(Duration::from_secs(2)).measurement_time(Duration::from_secs(20));
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(2))
+        .measurement_time(Duration::from_secs(20));
     group.bench_function(BenchmarkId::new("tokens", t), |b| {
         b.iter(|| {
             let h = engine.hidden_states(&tokens, t).unwrap();

@@ -15,21 +15,12 @@
 
 use std::time::Duration;
 
+mod support;
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use pumice::gpu::{gemm, Batch, GemmOp, Gpu, GpuMatrix, HessianAccumulator};
 use pumice::{cpu, DType};
-
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect()
-}
+use support::values;
 
 fn open_gpu() -> Gpu {
     let g = Gpu::from_env().expect("benchmarks need a GPU adapter (lavapipe works)");
@@ -46,8 +37,20 @@ struct GemmCase {
 }
 
 const GEMM_CASES: [GemmCase; 2] = [
-    GemmCase { id: "gemm_1024", m: 1024, k: 1024, n: 1024, op: GemmOp::NN },
-    GemmCase { id: "linear_4096x4096x512", m: 512, k: 4096, n: 4096, op: GemmOp::NT },
+    GemmCase {
+        id: "gemm_1024",
+        m: 1024,
+        k: 1024,
+        n: 1024,
+        op: GemmOp::NN,
+    },
+    GemmCase {
+        id: "linear_4096x4096x512",
+        m: 512,
+        k: 4096,
+        n: 4096,
+        op: GemmOp::NT,
+    },
 ];
 
 fn bench_gemm(c: &mut Criterion) {
@@ -66,7 +69,10 @@ fn bench_gemm(c: &mut Criterion) {
         let gc = GpuMatrix::uninit(&g, m, n).unwrap();
         let mut group = c.benchmark_group(case.id);
         group.throughput(Throughput::Elements(flop as u64));
-        group.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(8));
+        group
+            .sample_size(10)
+            .warm_up_time(Duration::from_secs(1))
+            .measurement_time(Duration::from_secs(8));
         group.bench_function(BenchmarkId::new("gpu", "f32"), |bench| {
             bench.iter(|| {
                 let mut batch = Batch::new(&g);
@@ -101,7 +107,10 @@ fn bench_hessian(c: &mut Criterion) {
     let mut acc = HessianAccumulator::new(&g, f).unwrap();
     let mut group = c.benchmark_group("hessian_4096");
     group.throughput(Throughput::Elements(flop as u64));
-    group.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(8));
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(8));
     group.bench_function(BenchmarkId::new("gpu", "f32"), |bench| {
         bench.iter(|| {
             let mut batch = Batch::new(&g);
@@ -121,7 +130,12 @@ fn median_ns(group: &str, func: &str, param: &str) -> Option<f64> {
     let dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
-    let p = dir.join("criterion").join(group).join(func).join(param).join("new/estimates.json");
+    let p = dir
+        .join("criterion")
+        .join(group)
+        .join(func)
+        .join(param)
+        .join("new/estimates.json");
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()?;
     v["median"]["point_estimate"].as_f64()
 }
@@ -132,7 +146,10 @@ fn summary(_c: &mut Criterion) {
         .map(|c| (c.id, 2 * c.m * c.k * c.n))
         .chain(std::iter::once(("hessian_4096", 512 * 4096 * 4097)))
         .collect();
-    println!("\n{:<24} {:>14} {:>20} {:>14} {:>10}", "operation", "GPU GFLOP/s", "GPU bf16-w GFLOP/s", "faer GFLOP/s", "GPU/faer");
+    println!(
+        "\n{:<24} {:>14} {:>20} {:>14} {:>10}",
+        "operation", "GPU GFLOP/s", "GPU bf16-w GFLOP/s", "faer GFLOP/s", "GPU/faer"
+    );
     for (id, flop) in rows {
         let gf = |ns: Option<f64>| ns.map(|t| flop as f64 / t);
         let gpu = gf(median_ns(id, "gpu", "f32"));
@@ -143,7 +160,13 @@ fn summary(_c: &mut Criterion) {
             (Some(a), Some(b)) => format!("{:.3}", a / b),
             _ => "-".into(),
         };
-        println!("{id:<24} {:>14} {:>20} {:>14} {:>10}", fmt(gpu), fmt(gpu16), fmt(cpu), ratio);
+        println!(
+            "{id:<24} {:>14} {:>20} {:>14} {:>10}",
+            fmt(gpu),
+            fmt(gpu16),
+            fmt(cpu),
+            ratio
+        );
     }
     println!("(medians of this run; GFLOP/s = flop / median time)");
 }

@@ -8,24 +8,15 @@
 
 use std::time::Duration;
 
+mod support;
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use pumice::cpu;
 use pumice::gpu::quant::gptq;
 use pumice::gpu::Gpu;
 use pumice::quant::reference::prepare_hessian;
 use pumice::quant::{GptqOptions, Grid};
-
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect()
-}
+use support::values;
 
 /// Inputs with a few dominant directions and outlier channels, like real activations.
 fn activations(t: usize, n: usize) -> Vec<f32> {
@@ -35,8 +26,13 @@ fn activations(t: usize, n: usize) -> Vec<f32> {
     (0..t * n)
         .map(|i| {
             let (r, c) = (i / n, i % n);
-            let v: f32 = (0..16).map(|k| z[r * 16 + k] * mix[k * n + c]).sum::<f32>() + 0.1 * noise[i];
-            if c % 97 == 0 { v * 10.0 } else { v }
+            let v: f32 =
+                (0..16).map(|k| z[r * 16 + k] * mix[k * n + c]).sum::<f32>() + 0.1 * noise[i];
+            if c % 97 == 0 {
+                v * 10.0
+            } else {
+                v
+            }
         })
         .collect()
 }
@@ -47,13 +43,21 @@ fn bench(c: &mut Criterion) {
     let n = 4096;
     let t = 1024;
     let x = activations(t, n);
-    let h: Vec<f64> = cpu::hessian_faer(&x, t, n).into_iter().map(f64::from).collect();
+    let h: Vec<f64> = cpu::hessian_faer(&x, t, n)
+        .into_iter()
+        .map(f64::from)
+        .collect();
     let opts = GptqOptions::default();
     let grid = Grid::new(4, 128, false).unwrap();
 
     let mut group = c.benchmark_group("gptq_prepare_hessian_4096");
-    group.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(5));
-    group.bench_function(BenchmarkId::new("cpu-f64", n), |b| b.iter(|| prepare_hessian(&h, n, &opts).unwrap()));
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(5));
+    group.bench_function(BenchmarkId::new("cpu-f64", n), |b| {
+        b.iter(|| prepare_hessian(&h, n, &opts).unwrap())
+    });
     group.finish();
 
     let prep = prepare_hessian(&h, n, &opts).unwrap();
@@ -61,7 +65,10 @@ fn bench(c: &mut Criterion) {
         let w = values(m * n, m as u64);
         let mut group = c.benchmark_group(format!("gptq_{m}x{n}"));
         group.throughput(Throughput::Elements((m * n) as u64));
-        group.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(10));
+        group
+            .sample_size(10)
+            .warm_up_time(Duration::from_secs(1))
+            .measurement_time(Duration::from_secs(10));
         group.bench_function(BenchmarkId::new("gpu", "4bit-g128"), |b| {
             b.iter(|| {
                 let q = gptq(&g, &w, m, n, &prep, grid, opts.block).unwrap();

@@ -77,7 +77,9 @@ impl DType {
     pub fn encode_f32(self, values: &[f32]) -> Vec<u8> {
         let mut out = Vec::with_capacity(values.len() * self.size());
         match self {
-            DType::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            DType::F32 => values
+                .iter()
+                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
             DType::F16 => values
                 .iter()
                 .for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),

@@ -82,7 +82,11 @@ pub enum Error {
 
     /// An operand does not fit the device even after chunking.
     #[error("{what} needs {bytes} bytes in one binding but the device allows {limit}")]
-    TooLarge { what: String, bytes: u64, limit: u64 },
+    TooLarge {
+        what: String,
+        bytes: u64,
+        limit: u64,
+    },
 
     /// A caller passed operands whose shapes do not fit together.
     #[error("shape mismatch: {0}")]
@@ -157,7 +161,11 @@ impl Error {
 /// Collapse a possibly multi-line message (wgpu validation errors span many lines) into one line.
 pub fn one_line(msg: &str) -> String {
     let mut out = String::with_capacity(msg.len());
-    for part in msg.split(['\n', '\r']).map(str::trim).filter(|p| !p.is_empty()) {
+    for part in msg
+        .split(['\n', '\r'])
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
         if !out.is_empty() {
             out.push_str(" | ");
         }

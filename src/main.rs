@@ -175,7 +175,11 @@ struct EvalArgs {
     /// Model directory.
     model: PathBuf,
     /// Text file to evaluate on (tokenized with the model's tokenizer.json).
-    #[arg(long, required_unless_present = "token_file", conflicts_with = "token_file")]
+    #[arg(
+        long,
+        required_unless_present = "token_file",
+        conflicts_with = "token_file"
+    )]
     text: Option<PathBuf>,
     /// Whitespace-separated token ids instead of text (for models without a tokenizer).
     #[arg(long)]
@@ -242,7 +246,10 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let code = e.downcast_ref::<pumice::Error>().map(|p| p.exit_code()).unwrap_or(1);
+            let code = e
+                .downcast_ref::<pumice::Error>()
+                .map(|p| p.exit_code())
+                .unwrap_or(1);
             let msg = pumice::error::one_line(&format!("{e:#}"));
             let _ = writeln!(std::io::stderr(), "error: {msg}");
             ExitCode::from(code as u8)
@@ -304,7 +311,9 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
     let ck = Checkpoint::open(&a.model)?;
     let grid = Grid::new(a.bits, a.group_size, a.symmetric)?;
     if a.calib_samples == 0 {
-        return Err(pumice::Error::InvalidArgument("--calib-samples must be at least 1".into()).into());
+        return Err(
+            pumice::Error::InvalidArgument("--calib-samples must be at least 1".into()).into(),
+        );
     }
     let opts = CompressOptions {
         method: match a.method {
@@ -312,23 +321,48 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
             MethodArg::Gptq => Method::Gptq,
         },
         grid,
-        gptq: GptqOptions { damp: a.damp, act_order: a.act_order, block: 128 },
-        calib_source: if a.calib.is_empty() { CalibSource::SelfGenerated } else { CalibSource::Text(a.calib.clone()) },
-        calib: CalibOptions { samples: a.calib_samples, len: a.calib_len, seed: a.seed },
+        gptq: GptqOptions {
+            damp: a.damp,
+            act_order: a.act_order,
+            block: 128,
+        },
+        calib_source: if a.calib.is_empty() {
+            CalibSource::SelfGenerated
+        } else {
+            CalibSource::Text(a.calib.clone())
+        },
+        calib: CalibOptions {
+            samples: a.calib_samples,
+            len: a.calib_len,
+            seed: a.seed,
+        },
         output: a.output.clone(),
         force: a.force,
     };
     let gpu = Gpu::new(gpu_opts)?;
-    eprintln!("compressing {} with {:?} on {}", a.model.display(), a.method, gpu.describe());
+    eprintln!(
+        "compressing {} with {:?} on {}",
+        a.model.display(),
+        a.method,
+        gpu.describe()
+    );
     let mut calib_bar: Option<progress::Progress> = None;
     let mut bar: Option<progress::Progress> = None;
     let summary = compress(&gpu, &ck, &opts, &mut |e: &Event| match e {
         Event::Calibrating { kind, done, total } => {
             let b = calib_bar.get_or_insert_with(|| {
                 progress::Progress::new(
-                    if *kind == "self" { "calibration (self-generated: sampling from the model)" } else { "calibration (text)" },
+                    if *kind == "self" {
+                        "calibration (self-generated: sampling from the model)"
+                    } else {
+                        "calibration (text)"
+                    },
                     *total as u64,
-                    if *kind == "self" { "sampling steps" } else { "sequences" },
+                    if *kind == "self" {
+                        "sampling steps"
+                    } else {
+                        "sequences"
+                    },
                 )
             });
             b.set(*done as u64);
@@ -337,7 +371,10 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
             if let Some(mut c) = calib_bar.take() {
                 c.finish();
             }
-            bar.get_or_insert_with(|| progress::Progress::new("quantizing", *total as u64, "matrices")).set(*done as u64);
+            bar.get_or_insert_with(|| {
+                progress::Progress::new("quantizing", *total as u64, "matrices")
+            })
+            .set(*done as u64);
         }
         Event::Note(msg) => eprintln!("note: {msg}"),
         Event::Writing => {
@@ -349,13 +386,26 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
     let mut before_after = None;
     if let Some(text_path) = &a.eval_text {
         let tok = Tokenizer::from_model_dir(&a.model)?.ok_or_else(|| {
-            pumice::Error::InvalidArgument(format!("{} has no tokenizer.json for --eval-text", a.model.display()))
+            pumice::Error::InvalidArgument(format!(
+                "{} has no tokenizer.json for --eval-text",
+                a.model.display()
+            ))
         })?;
-        let text = std::fs::read_to_string(text_path).map_err(|e| pumice::Error::Io { path: text_path.clone(), source: e })?;
+        let text = std::fs::read_to_string(text_path).map_err(|e| pumice::Error::Io {
+            path: text_path.clone(),
+            source: e,
+        })?;
         let tokens = tok.encode(&text)?;
         let out_ck = Checkpoint::open(&a.output)?;
-        let eopts = EngineOptions { resident_bytes: 2 << 30, max_positions: a.eval_ctx };
-        let eval_opts = EvalOptions { ctx: a.eval_ctx, max_windows: a.eval_windows, batch: 4 };
+        let eopts = EngineOptions {
+            resident_bytes: 2 << 30,
+            max_positions: a.eval_ctx,
+        };
+        let eval_opts = EvalOptions {
+            ctx: a.eval_ctx,
+            max_windows: a.eval_windows,
+            batch: 4,
+        };
         let mut orig = Engine::new(&gpu, &ck, &eopts)?;
         let before = evaluate(&mut orig, None, &tokens, &eval_opts, &mut |_| {})?;
         let mut comp = Engine::new(&gpu, &out_ck, &eopts)?;
@@ -387,23 +437,41 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
     writeln!(
         out,
         "calibration: {} ({} sequences of {} tokens, seed {}); {:.1} s",
-        if summary.calibration.kind == "self" { "self-generated" } else { "text" },
+        if summary.calibration.kind == "self" {
+            "self-generated"
+        } else {
+            "text"
+        },
         summary.calibration.samples,
         summary.calibration.len,
         summary.calibration.seed,
         summary.seconds
     )?;
-    writeln!(out, "relative weighted error tr(dW H dW^T)/tr(W H W^T) per layer:")?;
+    writeln!(
+        out,
+        "relative weighted error tr(dW H dW^T)/tr(W H W^T) per layer:"
+    )?;
     for l in &summary.layers {
         let errs: Vec<String> = l
             .matrices
             .iter()
             .map(|m| {
                 let short = m.name.rsplit('.').nth(1).unwrap_or(&m.name).to_string();
-                format!("{short} {}", m.relative_error.map(|e| format!("{e:.2e}")).unwrap_or_else(|| "-".into()))
+                format!(
+                    "{short} {}",
+                    m.relative_error
+                        .map(|e| format!("{e:.2e}"))
+                        .unwrap_or_else(|| "-".into())
+                )
             })
             .collect();
-        writeln!(out, "  layer {:>3} ({:.1} s): {}", l.layer, l.seconds, errs.join(", "))?;
+        writeln!(
+            out,
+            "  layer {:>3} ({:.1} s): {}",
+            l.layer,
+            l.seconds,
+            errs.join(", ")
+        )?;
     }
     if let Some((b, af)) = &before_after {
         writeln!(
@@ -419,12 +487,19 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
 }
 
 fn read_token_file(path: &std::path::Path) -> Result<Vec<u32>, pumice::Error> {
-    let text = std::fs::read_to_string(path).map_err(|e| pumice::Error::Io { path: path.to_path_buf(), source: e })?;
+    let text = std::fs::read_to_string(path).map_err(|e| pumice::Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
     text.split_whitespace()
         .enumerate()
         .map(|(i, s)| {
             s.parse::<u32>().map_err(|_| {
-                pumice::Error::InvalidArgument(format!("{}: item {} (`{s}`) is not a token id", path.display(), i + 1))
+                pumice::Error::InvalidArgument(format!(
+                    "{}: item {} (`{s}`) is not a token id",
+                    path.display(),
+                    i + 1
+                ))
             })
         })
         .collect()
@@ -442,7 +517,10 @@ fn eval(gpu_opts: &GpuOptions, a: EvalArgs) -> anyhow::Result<()> {
                     a.model.display()
                 ))
             })?;
-            let text = std::fs::read_to_string(t).map_err(|e| pumice::Error::Io { path: t.clone(), source: e })?;
+            let text = std::fs::read_to_string(t).map_err(|e| pumice::Error::Io {
+                path: t.clone(),
+                source: e,
+            })?;
             tok.encode(&text)?
         }
         (None, None) => unreachable!("clap requires --text or --token-file"),
@@ -450,17 +528,28 @@ fn eval(gpu_opts: &GpuOptions, a: EvalArgs) -> anyhow::Result<()> {
     let windows = window_count(tokens.len(), a.ctx, a.max_windows);
     let gpu = Gpu::new(gpu_opts)?;
     tracing::info!("evaluating on {}", gpu.describe());
-    let eopts = EngineOptions { resident_bytes: a.max_resident_mb << 20, max_positions: a.ctx };
+    let eopts = EngineOptions {
+        resident_bytes: a.max_resident_mb << 20,
+        max_positions: a.ctx,
+    };
     let mut engine = Engine::new(&gpu, &ck, &eopts)?;
     let mut ref_engine = match &reference {
         Some(r) => Some(Engine::new(&gpu, r, &eopts)?),
         None => None,
     };
-    let opts = EvalOptions { ctx: a.ctx, max_windows: a.max_windows, batch: a.batch };
+    let opts = EvalOptions {
+        ctx: a.ctx,
+        max_windows: a.max_windows,
+        batch: a.batch,
+    };
     let mut bar = progress::Progress::new("eval", windows as u64, "windows");
-    let report = evaluate(&mut engine, ref_engine.as_mut(), &tokens, &opts, &mut |p: EvalProgress| {
-        bar.set(p.windows_done as u64)
-    })?;
+    let report = evaluate(
+        &mut engine,
+        ref_engine.as_mut(),
+        &tokens,
+        &opts,
+        &mut |p: EvalProgress| bar.set(p.windows_done as u64),
+    )?;
     bar.finish();
     let mut out = std::io::stdout().lock();
     if a.json {
@@ -482,8 +571,15 @@ fn eval(gpu_opts: &GpuOptions, a: EvalArgs) -> anyhow::Result<()> {
         "perplexity {:.4} (mean NLL {:.6}) over {} windows of {} tokens ({} scored)",
         report.perplexity, report.mean_nll, report.windows, report.ctx, report.predicted_tokens
     )?;
-    if let (Some(kl), Some(p99), Some(top1)) = (report.kl_divergence, report.kl_divergence_p99, report.top1_agreement) {
-        writeln!(out, "KL(ref || model) {kl:.6} (p99 {p99:.6}), top-1 agreement {top1:.4}")?;
+    if let (Some(kl), Some(p99), Some(top1)) = (
+        report.kl_divergence,
+        report.kl_divergence_p99,
+        report.top1_agreement,
+    ) {
+        writeln!(
+            out,
+            "KL(ref || model) {kl:.6} (p99 {p99:.6}), top-1 agreement {top1:.4}"
+        )?;
     }
     writeln!(
         out,
@@ -491,7 +587,11 @@ fn eval(gpu_opts: &GpuOptions, a: EvalArgs) -> anyhow::Result<()> {
         report.seconds,
         report.tokens_per_second,
         report.peak_gpu_bytes as f64 / (1u64 << 20) as f64,
-        if report.resident_layers { "layers resident" } else { "layers streamed" },
+        if report.resident_layers {
+            "layers resident"
+        } else {
+            "layers streamed"
+        },
         gpu.describe()
     )?;
     Ok(())
@@ -504,8 +604,16 @@ fn generate_cmd(gpu_opts: &GpuOptions, a: GenerateArgs) -> anyhow::Result<()> {
     })?;
     let prompt = tok.encode(&a.prompt)?;
     let gpu = Gpu::new(gpu_opts)?;
-    let positions = (prompt.len().max(1) + a.max_tokens).min(ck.config().max_position_embeddings.max(1));
-    let mut engine = Engine::new(&gpu, &ck, &EngineOptions { resident_bytes: a.max_resident_mb << 20, max_positions: positions })?;
+    let positions =
+        (prompt.len().max(1) + a.max_tokens).min(ck.config().max_position_embeddings.max(1));
+    let mut engine = Engine::new(
+        &gpu,
+        &ck,
+        &EngineOptions {
+            resident_bytes: a.max_resident_mb << 20,
+            max_positions: positions,
+        },
+    )?;
     let opts = GenerateOptions {
         max_tokens: a.max_tokens,
         temperature: a.temperature,
@@ -550,7 +658,10 @@ fn devices(opts: &GpuOptions, json: bool) -> anyhow::Result<()> {
     for r in &reports {
         print_adapter(&mut out, r)?;
     }
-    writeln!(out, "(* = the adapter pumice uses with these options; choose with --backend / --adapter)")?;
+    writeln!(
+        out,
+        "(* = the adapter pumice uses with these options; choose with --backend / --adapter)"
+    )?;
     Ok(())
 }
 
@@ -608,7 +719,11 @@ fn inspect(model: &std::path::Path, json: bool, check_weights: bool) -> anyhow::
         s.parameters, s.linear_parameters
     )?;
     writeln!(out, "  layers          {}", s.layers)?;
-    writeln!(out, "  hidden size     {} (intermediate {})", s.hidden_size, s.intermediate_size)?;
+    writeln!(
+        out,
+        "  hidden size     {} (intermediate {})",
+        s.hidden_size, s.intermediate_size
+    )?;
     writeln!(
         out,
         "  attention       {} heads, {} KV heads, head dim {}{}",
@@ -617,15 +732,32 @@ fn inspect(model: &std::path::Path, json: bool, check_weights: bool) -> anyhow::
         s.head_dim,
         if s.attention_bias { ", q/k/v bias" } else { "" }
     )?;
-    writeln!(out, "  vocabulary      {}{}", s.vocab_size, if s.tie_word_embeddings { " (tied LM head)" } else { "" })?;
-    writeln!(out, "  rope            theta {} {:?}", s.rope.theta, s.rope.scaling)?;
+    writeln!(
+        out,
+        "  vocabulary      {}{}",
+        s.vocab_size,
+        if s.tie_word_embeddings {
+            " (tied LM head)"
+        } else {
+            ""
+        }
+    )?;
+    writeln!(
+        out,
+        "  rope            theta {} {:?}",
+        s.rope.theta, s.rope.scaling
+    )?;
     writeln!(out, "  dtype           {}", s.dtype)?;
     writeln!(
         out,
         "  on disk         {} bytes in {} file(s){}",
         s.bytes_on_disk,
         s.files.len(),
-        if s.tokenizer { ", tokenizer.json" } else { ", no tokenizer" }
+        if s.tokenizer {
+            ", tokenizer.json"
+        } else {
+            ", no tokenizer"
+        }
     )?;
     writeln!(
         out,

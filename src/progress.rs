@@ -22,15 +22,25 @@ impl Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
             let b = indicatif::ProgressBar::new(total);
             b.set_style(
-                indicatif::ProgressStyle::with_template("{prefix} [{bar:40}] {pos}/{len} {msg} ({elapsed} elapsed, ETA {eta})")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                    .progress_chars("=> "),
+                indicatif::ProgressStyle::with_template(
+                    "{prefix} [{bar:40}] {pos}/{len} {msg} ({elapsed} elapsed, ETA {eta})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
             );
             b.set_prefix(what);
             b.set_message(unit);
             b
         });
-        Progress { bar, what, unit, total, start: Instant::now(), last_line: Instant::now(), done: 0 }
+        Progress {
+            bar,
+            what,
+            unit,
+            total,
+            start: Instant::now(),
+            last_line: Instant::now(),
+            done: 0,
+        }
     }
 
     pub fn set(&mut self, done: u64) {
@@ -41,7 +51,11 @@ impl Progress {
                 if self.last_line.elapsed() >= LINE_EVERY || done == self.total {
                     self.last_line = Instant::now();
                     let el = self.start.elapsed().as_secs_f64();
-                    let eta = if done > 0 { el / done as f64 * (self.total - done) as f64 } else { f64::NAN };
+                    let eta = if done > 0 {
+                        el / done as f64 * (self.total - done) as f64
+                    } else {
+                        f64::NAN
+                    };
                     let _ = writeln!(
                         std::io::stderr(),
                         "{}: {done}/{} {} ({:.0}%), {el:.0} s elapsed, ETA {eta:.0} s",

@@ -29,15 +29,30 @@ fn pumice(args: &[&str]) -> Outcome {
 /// `pumice inspect DIR` must fail cleanly with a message naming `names` and containing `cause`.
 fn expect_clean_failure(dir: &Path, names: &str, cause: &str) {
     let o = pumice(&["inspect", dir.to_str().unwrap(), "--json"]);
-    assert!(o.code == 1 || o.code == 2, "exit code {} (stderr: {})", o.code, o.stderr);
+    assert!(
+        o.code == 1 || o.code == 2,
+        "exit code {} (stderr: {})",
+        o.code,
+        o.stderr
+    );
     assert!(!o.stderr.contains("panicked"), "panic: {}", o.stderr);
-    assert!(o.stdout.is_empty(), "printed a result despite failing: {}", o.stdout);
+    assert!(
+        o.stdout.is_empty(),
+        "printed a result despite failing: {}",
+        o.stdout
+    );
     let lines: Vec<&str> = o.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "expected one line, got: {:?}", lines);
     let line = lines[0];
     assert!(line.starts_with("error: "), "{line}");
-    assert!(line.contains(names), "message does not name `{names}`: {line}");
-    assert!(line.contains(cause), "message does not give the cause `{cause}`: {line}");
+    assert!(
+        line.contains(names),
+        "message does not name `{names}`: {line}"
+    );
+    assert!(
+        line.contains(cause),
+        "message does not give the cause `{cause}`: {line}"
+    );
 }
 
 fn tiny(dir: &Path) -> TinyLlama {
@@ -66,7 +81,11 @@ fn truncated_safetensors() {
     tiny(d.path());
     let bytes = std::fs::read(st(d.path())).unwrap();
     std::fs::write(st(d.path()), &bytes[..bytes.len() - 100]).unwrap();
-    expect_clean_failure(d.path(), "model.safetensors", "past the end of the data section");
+    expect_clean_failure(
+        d.path(),
+        "model.safetensors",
+        "past the end of the data section",
+    );
 }
 
 #[test]
@@ -114,7 +133,11 @@ fn tensor_offsets_out_of_range() {
     let len = ts[last].bytes.len() as u64;
     ts[last].offsets = Some((total + 64, total + 64 + len));
     write_safetensors(&st(d.path()), &ts);
-    expect_clean_failure(d.path(), "lm_head.weight", "past the end of the data section");
+    expect_clean_failure(
+        d.path(),
+        "lm_head.weight",
+        "past the end of the data section",
+    );
 }
 
 #[test]
@@ -123,7 +146,10 @@ fn tensor_offsets_overlap() {
     let t = tiny(d.path());
     let mut ts = t.tensors();
     // Make the final norm (8 floats = 32 bytes) start inside the embedding.
-    let i = ts.iter().position(|t| t.name == "model.norm.weight").unwrap();
+    let i = ts
+        .iter()
+        .position(|t| t.name == "model.norm.weight")
+        .unwrap();
     ts[i].offsets = Some((16, 48));
     write_safetensors(&st(d.path()), &ts);
     expect_clean_failure(d.path(), "model.safetensors", "overlap");
@@ -144,11 +170,18 @@ fn shape_disagrees_with_config() {
     let d = tempfile::tempdir().unwrap();
     let t = tiny(d.path());
     let mut ts = t.tensors();
-    let i = ts.iter().position(|t| t.name == "model.layers.1.mlp.up_proj.weight").unwrap();
+    let i = ts
+        .iter()
+        .position(|t| t.name == "model.layers.1.mlp.up_proj.weight")
+        .unwrap();
     // Same byte count, transposed shape.
     ts[i].shape = vec![8, 12];
     write_safetensors(&st(d.path()), &ts);
-    expect_clean_failure(d.path(), "model.layers.1.mlp.up_proj.weight", "disagrees with config.json");
+    expect_clean_failure(
+        d.path(),
+        "model.layers.1.mlp.up_proj.weight",
+        "disagrees with config.json",
+    );
 }
 
 #[test]
@@ -156,7 +189,11 @@ fn dtype_disagrees_with_config() {
     let d = tempfile::tempdir().unwrap();
     let t = tiny(d.path());
     std::fs::write(d.path().join("config.json"), t.config_json("bfloat16")).unwrap();
-    expect_clean_failure(d.path(), "model.embed_tokens.weight", "config.json says bfloat16");
+    expect_clean_failure(
+        d.path(),
+        "model.embed_tokens.weight",
+        "config.json says bfloat16",
+    );
 }
 
 #[test]
@@ -164,7 +201,10 @@ fn non_float_weight_dtype() {
     let d = tempfile::tempdir().unwrap();
     let t = tiny(d.path());
     let mut ts = t.tensors();
-    let i = ts.iter().position(|t| t.name == "model.norm.weight").unwrap();
+    let i = ts
+        .iter()
+        .position(|t| t.name == "model.norm.weight")
+        .unwrap();
     ts[i].dtype = "I32".into();
     write_safetensors(&st(d.path()), &ts);
     expect_clean_failure(d.path(), "model.norm.weight", "I32");
@@ -174,7 +214,11 @@ fn non_float_weight_dtype() {
 fn missing_tensor() {
     let d = tempfile::tempdir().unwrap();
     let t = tiny(d.path());
-    let ts: Vec<RawTensor> = t.tensors().into_iter().filter(|t| t.name != "lm_head.weight").collect();
+    let ts: Vec<RawTensor> = t
+        .tensors()
+        .into_iter()
+        .filter(|t| t.name != "lm_head.weight")
+        .collect();
     write_safetensors(&st(d.path()), &ts);
     expect_clean_failure(d.path(), "lm_head.weight", "missing");
 }
@@ -186,7 +230,16 @@ fn missing_shard_named_by_index() {
     std::fs::remove_file(st(d.path())).unwrap();
     let ts = t.tensors();
     let (a, b) = ts.split_at(ts.len() / 2);
-    let a: Vec<RawTensor> = a.iter().map(|t| RawTensor { name: t.name.clone(), dtype: t.dtype.clone(), shape: t.shape.clone(), bytes: t.bytes.clone(), offsets: None }).collect();
+    let a: Vec<RawTensor> = a
+        .iter()
+        .map(|t| RawTensor {
+            name: t.name.clone(),
+            dtype: t.dtype.clone(),
+            shape: t.shape.clone(),
+            bytes: t.bytes.clone(),
+            offsets: None,
+        })
+        .collect();
     write_safetensors(&d.path().join("model-00001-of-00002.safetensors"), &a);
     let mut map = serde_json::Map::new();
     for t in &a {
@@ -200,16 +253,26 @@ fn missing_shard_named_by_index() {
         serde_json::json!({"metadata": {}, "weight_map": map}).to_string(),
     )
     .unwrap();
-    expect_clean_failure(d.path(), "model.safetensors.index.json", "model-00002-of-00002.safetensors");
+    expect_clean_failure(
+        d.path(),
+        "model.safetensors.index.json",
+        "model-00002-of-00002.safetensors",
+    );
 }
 
 #[test]
 fn unsupported_architecture() {
     let d = tempfile::tempdir().unwrap();
     let t = tiny(d.path());
-    let cfg = t.config_json("float32").replace("LlamaForCausalLM", "GPTNeoXForCausalLM");
+    let cfg = t
+        .config_json("float32")
+        .replace("LlamaForCausalLM", "GPTNeoXForCausalLM");
     std::fs::write(d.path().join("config.json"), cfg).unwrap();
-    expect_clean_failure(d.path(), "config.json", "unsupported architecture `GPTNeoXForCausalLM`");
+    expect_clean_failure(
+        d.path(),
+        "config.json",
+        "unsupported architecture `GPTNeoXForCausalLM`",
+    );
 }
 
 #[test]
@@ -219,7 +282,11 @@ fn config_missing_required_field() {
     let mut v: serde_json::Value = serde_json::from_str(&t.config_json("float32")).unwrap();
     v.as_object_mut().unwrap().remove("num_hidden_layers");
     std::fs::write(d.path().join("config.json"), v.to_string()).unwrap();
-    expect_clean_failure(d.path(), "config.json", "missing required field `num_hidden_layers`");
+    expect_clean_failure(
+        d.path(),
+        "config.json",
+        "missing required field `num_hidden_layers`",
+    );
 }
 
 #[test]
@@ -234,10 +301,16 @@ fn config_not_json() {
 fn config_wrong_type() {
     let d = tempfile::tempdir().unwrap();
     let t = tiny(d.path());
-    let cfg = t.config_json("float32").replace("\"hidden_size\":8", "\"hidden_size\":\"eight\"");
+    let cfg = t
+        .config_json("float32")
+        .replace("\"hidden_size\":8", "\"hidden_size\":\"eight\"");
     assert!(cfg.contains("eight"));
     std::fs::write(d.path().join("config.json"), cfg).unwrap();
-    expect_clean_failure(d.path(), "config.json", "`hidden_size` must be a positive integer");
+    expect_clean_failure(
+        d.path(),
+        "config.json",
+        "`hidden_size` must be a positive integer",
+    );
 }
 
 #[test]
@@ -249,7 +322,11 @@ fn empty_and_missing_directories() {
     std::fs::write(d.path().join("file.txt"), "x").unwrap();
     expect_clean_failure(&d.path().join("file.txt"), "file.txt", "not a directory");
     expect_clean_failure(d.path(), d.path().to_str().unwrap(), "no config.json");
-    std::fs::write(d.path().join("config.json"), TinyLlama::default().config_json("float32")).unwrap();
+    std::fs::write(
+        d.path().join("config.json"),
+        TinyLlama::default().config_json("float32"),
+    )
+    .unwrap();
     expect_clean_failure(d.path(), d.path().to_str().unwrap(), "no model.safetensors");
 }
 
@@ -258,13 +335,21 @@ fn nan_weights_are_refused_when_checked() {
     let d = tempfile::tempdir().unwrap();
     let t = tiny(d.path());
     let mut ts = t.tensors();
-    let i = ts.iter().position(|t| t.name == "model.layers.0.self_attn.k_proj.weight").unwrap();
+    let i = ts
+        .iter()
+        .position(|t| t.name == "model.layers.0.self_attn.k_proj.weight")
+        .unwrap();
     ts[i].bytes[12..16].copy_from_slice(&f32::NAN.to_le_bytes());
     write_safetensors(&st(d.path()), &ts);
     let o = pumice(&["inspect", d.path().to_str().unwrap(), "--check-weights"]);
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert_eq!(o.stderr.lines().count(), 1, "{}", o.stderr);
-    assert!(o.stderr.contains("model.layers.0.self_attn.k_proj.weight") && o.stderr.contains("element 3 is NaN"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("model.layers.0.self_attn.k_proj.weight")
+            && o.stderr.contains("element 3 is NaN"),
+        "{}",
+        o.stderr
+    );
 }
 
 #[test]
@@ -275,5 +360,8 @@ fn bad_arguments_exit_2() {
     assert_eq!(o.code, 2);
     assert!(o.stderr.contains("unknown backend"), "{}", o.stderr);
     let o = pumice(&["--adapter", "no-such-adapter-name", "devices"]);
-    assert_eq!(o.code, 0, "devices lists adapters even when the selector matches none");
+    assert_eq!(
+        o.code, 0,
+        "devices lists adapters even when the selector matches none"
+    );
 }

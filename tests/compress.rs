@@ -27,15 +27,26 @@ fn opts(method: Method, bits: u32, group: usize, out: &Path) -> CompressOptions 
         grid: Grid::new(bits, group, false).unwrap(),
         gptq: GptqOptions::default(),
         calib_source: CalibSource::SelfGenerated,
-        calib: CalibOptions { samples: 8, len: 64, seed: 1 },
+        calib: CalibOptions {
+            samples: 8,
+            len: 64,
+            seed: 1,
+        },
         output: out.to_path_buf(),
         force: false,
     }
 }
 
 fn pumice(args: &[&str]) -> (i32, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_pumice")).args(args).output().unwrap();
-    (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    let o = Command::new(env!("CARGO_BIN_EXE_pumice"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
 
 /// A deterministic evaluation text from the asset tokenizer (no ../shared needed).
@@ -53,9 +64,17 @@ fn gptq_end_to_end_and_reader() {
     let out = d.path().join("q4");
     let summary = compress(&g, &src, &opts(Method::Gptq, 4, 64, &out), &mut |_| {}).unwrap();
     // Nothing temporary left behind; the output is complete.
-    let names: Vec<String> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     assert_eq!(names, ["q4"]);
-    for f in ["config.json", "tokenizer.json", "model.safetensors", MANIFEST_FILE] {
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "model.safetensors",
+        MANIFEST_FILE,
+    ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     let ck = Checkpoint::open(&out).unwrap();
@@ -65,8 +84,15 @@ fn gptq_end_to_end_and_reader() {
     // Exact accounting: 4-bit codes of 192 or 512 columns fill whole words; one f16 scale and
     // zero per 64 columns: 4 + 32/64 = 4.5 bits per linear parameter.
     assert_eq!(m.linear.parameters, 2_359_296);
-    assert!((m.linear.bits_per_parameter - 4.5).abs() < 1e-12, "{}", m.linear.bits_per_parameter);
-    assert_eq!(summary.linear_bits_per_parameter, m.linear.bits_per_parameter);
+    assert!(
+        (m.linear.bits_per_parameter - 4.5).abs() < 1e-12,
+        "{}",
+        m.linear.bits_per_parameter
+    );
+    assert_eq!(
+        summary.linear_bits_per_parameter,
+        m.linear.bits_per_parameter
+    );
     assert!(summary.output_bytes < summary.source_bytes);
     for l in &m.layers {
         for mat in &l.matrices {
@@ -77,15 +103,27 @@ fn gptq_end_to_end_and_reader() {
 
     // The compressed model evaluates close to the original, against which KL is small.
     let tokens = eval_tokens();
-    let eo = EngineOptions { max_positions: 64, ..Default::default() };
-    let ev = EvalOptions { ctx: 64, max_windows: None, batch: 4 };
+    let eo = EngineOptions {
+        max_positions: 64,
+        ..Default::default()
+    };
+    let ev = EvalOptions {
+        ctx: 64,
+        max_windows: None,
+        batch: 4,
+    };
     let mut orig = Engine::new(&g, &src, &eo).unwrap();
     let base = evaluate(&mut orig, None, &tokens, &ev, &mut |_| {}).unwrap();
     let mut comp = Engine::new(&g, &ck, &eo).unwrap();
     let rep = evaluate(&mut comp, Some(&mut orig), &tokens, &ev, &mut |_| {}).unwrap();
     let kl = rep.kl_divergence.unwrap();
     assert!(kl > 0.0 && kl < 0.05, "KL {kl}");
-    assert!(rep.perplexity < base.perplexity * 1.1, "{} vs {}", rep.perplexity, base.perplexity);
+    assert!(
+        rep.perplexity < base.perplexity * 1.1,
+        "{} vs {}",
+        rep.perplexity,
+        base.perplexity
+    );
 
     // inspect reports the accounting; eval --ref works from the command line.
     let (code, stdout, stderr) = pumice(&["inspect", out.to_str().unwrap(), "--json"]);
@@ -94,11 +132,31 @@ fn gptq_end_to_end_and_reader() {
     assert_eq!(v["parameters"], 3_934_656);
     assert!((v["linear_bits_per_parameter"].as_f64().unwrap() - 4.5).abs() < 1e-12);
     let bpp = v["bits_per_parameter"].as_f64().unwrap();
-    let bytes = std::fs::metadata(out.join("model.safetensors")).unwrap().len();
+    let bytes = std::fs::metadata(out.join("model.safetensors"))
+        .unwrap()
+        .len();
     assert!((bpp - bytes as f64 * 8.0 / 3_934_656.0).abs() < 1e-9);
     let tf = d.path().join("ids.txt");
-    std::fs::write(&tf, tokens.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(" ")).unwrap();
-    let (code, stdout, stderr) = pumice(&["eval", out.to_str().unwrap(), "--token-file", tf.to_str().unwrap(), "--ctx", "64", "--ref", asset().to_str().unwrap(), "--json"]);
+    std::fs::write(
+        &tf,
+        tokens
+            .iter()
+            .map(|t| t.to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
+    .unwrap();
+    let (code, stdout, stderr) = pumice(&[
+        "eval",
+        out.to_str().unwrap(),
+        "--token-file",
+        tf.to_str().unwrap(),
+        "--ctx",
+        "64",
+        "--ref",
+        asset().to_str().unwrap(),
+        "--json",
+    ]);
     assert_eq!(code, 0, "{stderr}");
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert!((v["kl_divergence"].as_f64().unwrap() - kl).abs() < 1e-6);
@@ -118,9 +176,20 @@ fn rtn_round_trips_exactly() {
     let q = ck.quantized(name).unwrap().clone();
     let (codes, _, shape) = ck.raw(&format!("{name}.qweight")).unwrap();
     let words = shape[1];
-    let codes: Vec<u32> = codes.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
-    let scales = ck.tensor(&format!("{name}.scales")).unwrap().to_f32().unwrap();
-    let zeros = ck.tensor(&format!("{name}.zeros")).unwrap().to_f32().unwrap();
+    let codes: Vec<u32> = codes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let scales = ck
+        .tensor(&format!("{name}.scales"))
+        .unwrap()
+        .to_f32()
+        .unwrap();
+    let zeros = ck
+        .tensor(&format!("{name}.zeros"))
+        .unwrap()
+        .to_f32()
+        .unwrap();
     let ng = q.cols.div_ceil(32);
     let mut want = vec![0.0f32; q.rows * q.cols];
     for r in 0..q.rows {
@@ -132,9 +201,21 @@ fn rtn_round_trips_exactly() {
     // RTN of the source weight reproduces the stored codes.
     let w = src.tensor(name).unwrap().to_f32().unwrap();
     let re = pumice::quant::reference::rtn(&w, q.rows, q.cols, Grid::new(3, 32, false).unwrap());
-    assert_eq!(re.dequantize(), want, "stored codes differ from RTN of the source");
+    assert_eq!(
+        re.dequantize(),
+        want,
+        "stored codes differ from RTN of the source"
+    );
     // And the engine's dequantized weight is exactly that.
-    let e = Engine::new(&g, &ck, &EngineOptions { max_positions: 8, ..Default::default() }).unwrap();
+    let e = Engine::new(
+        &g,
+        &ck,
+        &EngineOptions {
+            max_positions: 8,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let got = e.dequantized_weight(name).unwrap().to_f32(&g).unwrap();
     assert_eq!(got, want);
 }
@@ -155,12 +236,26 @@ fn act_order_and_text_calibration() {
     let m = ck.manifest().unwrap();
     assert_eq!(m.calibration.as_ref().unwrap().kind, "text");
     assert!(m.tensors.values().all(|e| e.act_order));
-    let (_, dtype, shape) = ck.raw("model.layers.0.self_attn.q_proj.weight.perm").unwrap();
+    let (_, dtype, shape) = ck
+        .raw("model.layers.0.self_attn.q_proj.weight.perm")
+        .unwrap();
     assert_eq!((dtype, shape), ("U32", &[192usize][..]));
     // Generation runs on the act-order checkpoint.
-    let (code, stdout, stderr) = pumice(&["generate", out.to_str().unwrap(), "--prompt", "Call me", "--temperature", "0", "--max-tokens", "8"]);
+    let (code, stdout, stderr) = pumice(&[
+        "generate",
+        out.to_str().unwrap(),
+        "--prompt",
+        "Call me",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "8",
+    ]);
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.starts_with("Call me") && stdout.len() > 8, "{stdout}");
+    assert!(
+        stdout.starts_with("Call me") && stdout.len() > 8,
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -169,7 +264,10 @@ fn output_safety() {
     let src = Checkpoint::open(asset()).unwrap();
     // Never the input.
     let e = compress(&g, &src, &opts(Method::Rtn, 4, 128, &asset()), &mut |_| {}).unwrap_err();
-    assert!(e.to_string().contains("refusing to overwrite the input"), "{e}");
+    assert!(
+        e.to_string().contains("refusing to overwrite the input"),
+        "{e}"
+    );
     // An existing output needs --force; with it, the old directory is replaced whole.
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("existing");
@@ -177,7 +275,10 @@ fn output_safety() {
     std::fs::write(out.join("keep.txt"), "x").unwrap();
     let e = compress(&g, &src, &opts(Method::Rtn, 4, 128, &out), &mut |_| {}).unwrap_err();
     assert!(e.to_string().contains("--force"), "{e}");
-    assert!(out.join("keep.txt").exists(), "a refused run must not touch the output");
+    assert!(
+        out.join("keep.txt").exists(),
+        "a refused run must not touch the output"
+    );
     let mut o = opts(Method::Rtn, 4, 128, &out);
     o.force = true;
     compress(&g, &src, &o, &mut |_| {}).unwrap();
@@ -187,12 +288,24 @@ fn output_safety() {
     let mut o = opts(Method::Gptq, 4, 128, &out2);
     o.calib_source = CalibSource::Text(vec![d.path().join("missing.txt")]);
     assert!(compress(&g, &src, &o, &mut |_| {}).is_err());
-    let left: Vec<_> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let left: Vec<_> = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(left, ["existing"]);
     // Compressing a compressed checkpoint is refused.
     let ck = Checkpoint::open(&out).unwrap();
-    let e = compress(&g, &ck, &opts(Method::Rtn, 4, 128, &d.path().join("again")), &mut |_| {}).unwrap_err();
-    assert!(e.to_string().contains("already a compressed checkpoint"), "{e}");
+    let e = compress(
+        &g,
+        &ck,
+        &opts(Method::Rtn, 4, 128, &d.path().join("again")),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("already a compressed checkpoint"),
+        "{e}"
+    );
 }
 
 fn expect_one_line_failure(dir: &Path, needle: &str) {
@@ -220,8 +333,12 @@ fn corrupt_compressed_checkpoints() {
         }
         p
     };
-    let manifest = |p: &Path| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(p.join(MANIFEST_FILE)).unwrap()).unwrap() };
-    let write_manifest = |p: &Path, v: &serde_json::Value| std::fs::write(p.join(MANIFEST_FILE), v.to_string()).unwrap();
+    let manifest = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p.join(MANIFEST_FILE)).unwrap()).unwrap()
+    };
+    let write_manifest = |p: &Path, v: &serde_json::Value| {
+        std::fs::write(p.join(MANIFEST_FILE), v.to_string()).unwrap()
+    };
 
     // Truncated weights file.
     let p = copy("truncated");

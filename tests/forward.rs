@@ -13,11 +13,16 @@ use pumice::model::synthetic::SyntheticLlama;
 use pumice::model::Checkpoint;
 
 fn ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    (0..n as u64).map(|i| ((i * 2_654_435_761 + seed * 97) % vocab as u64) as u32).collect()
+    (0..n as u64)
+        .map(|i| ((i * 2_654_435_761 + seed * 97) % vocab as u64) as u32)
+        .collect()
 }
 
 fn gpu_logits(g: &Gpu, ck: &Checkpoint, ids: &[u32], seq_len: usize, resident: bool) -> Vec<f32> {
-    let opts = EngineOptions { resident_bytes: if resident { u64::MAX } else { 0 }, max_positions: seq_len };
+    let opts = EngineOptions {
+        resident_bytes: if resident { u64::MAX } else { 0 },
+        max_positions: seq_len,
+    };
     let mut e = Engine::new(g, ck, &opts).unwrap();
     assert_eq!(e.resident(), resident);
     let h = e.hidden_states(ids, seq_len).unwrap();
@@ -33,7 +38,10 @@ fn check(name: &str, spec: SyntheticLlama) {
     let toks = ids(seq_len * nseq, spec.vocab, 1);
     let want = reference_logits(&ck, &toks, seq_len).unwrap();
     let got = gpu_logits(&g, &ck, &toks, seq_len, true);
-    let err = got.iter().zip(&want).fold(0.0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
+    let err = got
+        .iter()
+        .zip(&want)
+        .fold(0.0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
     assert!(err < 1e-4, "{name}: max |Δlogit| {err:.3e}");
 }
 
@@ -74,12 +82,21 @@ fn llama_linear_rope_new_style() {
 
 #[test]
 fn qwen2_qkv_biases() {
-    check("qwen2", with(SyntheticLlama::tiny("Qwen2ForCausalLM"), serde_json::json!({"tie_word_embeddings": true})));
+    check(
+        "qwen2",
+        with(
+            SyntheticLlama::tiny("Qwen2ForCausalLM"),
+            serde_json::json!({"tie_word_embeddings": true}),
+        ),
+    );
 }
 
 #[test]
 fn mistral_sliding_window() {
-    let mut s = with(SyntheticLlama::tiny("MistralForCausalLM"), serde_json::json!({"sliding_window": 5}));
+    let mut s = with(
+        SyntheticLlama::tiny("MistralForCausalLM"),
+        serde_json::json!({"sliding_window": 5}),
+    );
     s.dtype = pumice::DType::F16;
     check("mistral+window", s);
 }
@@ -98,7 +115,10 @@ fn streamed_layers_match_resident() {
     let streamed = gpu_logits(&g2, &ck, &toks, 64, false);
     let peak_streamed = g2.memory().peak_bytes;
     assert_eq!(resident, streamed);
-    assert!(peak_streamed < peak_resident, "streamed peak {peak_streamed} ≥ resident peak {peak_resident}");
+    assert!(
+        peak_streamed < peak_resident,
+        "streamed peak {peak_streamed} ≥ resident peak {peak_resident}"
+    );
 }
 
 /// Activations and weights split into small chunks give the same logits.
@@ -111,7 +131,10 @@ fn chunked_model_matches() {
     // 64 KiB bindings: the embedding (4096×192 bf16 = 1.5 MiB) and every activation matrix
     // beyond a few rows are split.
     let chunked = gpu_logits(&gpu_limited(64 << 10), &ck, &toks, 32, true);
-    let err = full.iter().zip(&chunked).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    let err = full
+        .iter()
+        .zip(&chunked)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
     assert!(err < 1e-4, "max |Δ| {err}");
 }
 
@@ -120,7 +143,15 @@ fn out_of_vocabulary_ids_are_rejected() {
     let g = gpu();
     let dir = project_root().join("assets/models/gutenberg-llama");
     let ck = Checkpoint::open(&dir).unwrap();
-    let mut e = Engine::new(&g, &ck, &EngineOptions { max_positions: 8, ..Default::default() }).unwrap();
+    let mut e = Engine::new(
+        &g,
+        &ck,
+        &EngineOptions {
+            max_positions: 8,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let err = e.hidden_states(&[1, 2, 4096, 3], 4).unwrap_err();
     assert!(err.to_string().contains("4096"), "{err}");
     let err = e.hidden_states(&[1; 16], 16).unwrap_err();
@@ -137,7 +168,15 @@ fn batch_cache_matches_full_forward() {
     let v = ck.config().vocab_size;
     let (nseq, len) = (3, 12);
     let seqs: Vec<Vec<u32>> = (0..nseq).map(|b| ids(len, v, 10 + b as u64)).collect();
-    let mut e = Engine::new(&g, &ck, &EngineOptions { max_positions: 16, ..Default::default() }).unwrap();
+    let mut e = Engine::new(
+        &g,
+        &ck,
+        &EngineOptions {
+            max_positions: 16,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let flat: Vec<u32> = seqs.concat();
     let h = e.hidden_states(&flat, len).unwrap();
     let full = e.logits(&h, 0..nseq * len).unwrap().to_f32(&g).unwrap();
@@ -148,7 +187,10 @@ fn batch_cache_matches_full_forward() {
         let z = e.logits(&h, 0..nseq).unwrap().to_f32(&g).unwrap();
         for b in 0..nseq {
             let want = &full[(b * len + p) * v..(b * len + p + 1) * v];
-            let d = z[b * v..(b + 1) * v].iter().zip(want).fold(0.0f32, |m, (a, c)| m.max((a - c).abs()));
+            let d = z[b * v..(b + 1) * v]
+                .iter()
+                .zip(want)
+                .fold(0.0f32, |m, (a, c)| m.max((a - c).abs()));
             assert!(d < 1e-4, "sequence {b} position {p}: max |Δ| {d}");
         }
     }

@@ -6,7 +6,7 @@ mod common;
 use common::{gpu, gpu_limited, random, rel_err};
 use proptest::prelude::*;
 use pumice::cpu;
-use pumice::gpu::{matmul, Gpu, GemmOp, GpuMatrix, HessianAccumulator};
+use pumice::gpu::{matmul, GemmOp, Gpu, GpuMatrix, HessianAccumulator};
 use pumice::DType;
 
 /// Tolerance on the max-norm relative error: f32 accumulation plus the storage rounding of
@@ -41,7 +41,16 @@ fn check_gemm(g: &Gpu, m: usize, k: usize, n: usize, op: GemmOp, da: DType, db: 
 #[test]
 fn gemm_fixed_awkward_shapes() {
     let g = gpu();
-    let shapes = [(1, 1, 1), (1, 7, 1), (3, 5, 7), (64, 64, 64), (65, 33, 31), (97, 101, 103), (4, 256, 4), (128, 3, 129)];
+    let shapes = [
+        (1, 1, 1),
+        (1, 7, 1),
+        (3, 5, 7),
+        (64, 64, 64),
+        (65, 33, 31),
+        (97, 101, 103),
+        (4, 256, 4),
+        (128, 3, 129),
+    ];
     for (i, &(m, k, n)) in shapes.iter().enumerate() {
         for op in [GemmOp::NN, GemmOp::NT] {
             check_gemm(&g, m, k, n, op, DType::F32, DType::F32, i as u64);
@@ -52,9 +61,17 @@ fn gemm_fixed_awkward_shapes() {
 #[test]
 fn gemm_16bit_inputs() {
     let g = gpu();
-    for (i, &(m, k, n)) in [(1, 1, 1), (5, 9, 3), (33, 64, 40), (17, 130, 66)].iter().enumerate() {
+    for (i, &(m, k, n)) in [(1, 1, 1), (5, 9, 3), (33, 64, 40), (17, 130, 66)]
+        .iter()
+        .enumerate()
+    {
         for op in [GemmOp::NN, GemmOp::NT] {
-            for (da, db) in [(DType::F32, DType::BF16), (DType::F16, DType::F32), (DType::BF16, DType::F16), (DType::BF16, DType::BF16)] {
+            for (da, db) in [
+                (DType::F32, DType::BF16),
+                (DType::F16, DType::F32),
+                (DType::BF16, DType::F16),
+                (DType::BF16, DType::BF16),
+            ] {
                 check_gemm(&g, m, k, n, op, da, db, 100 + i as u64);
             }
         }
@@ -67,7 +84,10 @@ fn gemm_chunked_operands() {
     // not multiples of the tile, and for A·B the contraction itself is chunked.
     let g = gpu_limited(1024);
     assert_eq!(g.caps().max_binding, 1024);
-    for (i, &(m, k, n)) in [(37, 19, 23), (70, 64, 9), (5, 200, 3), (130, 8, 129)].iter().enumerate() {
+    for (i, &(m, k, n)) in [(37, 19, 23), (70, 64, 9), (5, 200, 3), (130, 8, 129)]
+        .iter()
+        .enumerate()
+    {
         for op in [GemmOp::NN, GemmOp::NT] {
             check_gemm(&g, m, k, n, op, DType::F32, DType::F32, 200 + i as u64);
             check_gemm(&g, m, k, n, op, DType::BF16, DType::F16, 300 + i as u64);
@@ -103,7 +123,13 @@ proptest! {
     }
 }
 
-fn check_hessian(g: &Gpu, batches: &[usize], f: usize, bias: f32, seed: u64) -> (f64, Vec<f32>, Vec<f64>) {
+fn check_hessian(
+    g: &Gpu,
+    batches: &[usize],
+    f: usize,
+    bias: f32,
+    seed: u64,
+) -> (f64, Vec<f32>, Vec<f64>) {
     let mut acc = HessianAccumulator::new(g, f).unwrap();
     let mut all = Vec::new();
     for (i, &rows) in batches.iter().enumerate() {
@@ -116,14 +142,27 @@ fn check_hessian(g: &Gpu, batches: &[usize], f: usize, bias: f32, seed: u64) -> 
     let got = acc.read(g).unwrap();
     let want = cpu::hessian_f64(&all, total, f);
     let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    let err = got.iter().zip(&want).fold(0.0f64, |m, (a, b)| m.max((a - b).abs())) / scale;
+    let err = got
+        .iter()
+        .zip(&want)
+        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()))
+        / scale;
     (err, all, want)
 }
 
 #[test]
 fn hessian_small_awkward_shapes() {
     let g = gpu();
-    for (i, &(batches, f)) in [(&[1usize][..], 1usize), (&[3, 5], 7), (&[100], 33), (&[64, 1, 17], 64), (&[5], 131)].iter().enumerate() {
+    for (i, &(batches, f)) in [
+        (&[1usize][..], 1usize),
+        (&[3, 5], 7),
+        (&[100], 33),
+        (&[64, 1, 17], 64),
+        (&[5], 131),
+    ]
+    .iter()
+    .enumerate()
+    {
         let (err, _, _) = check_hessian(&g, batches, f, 0.0, i as u64);
         assert!(err < 1e-6, "f={f} batches={batches:?}: rel err {err:.3e}");
     }
@@ -162,5 +201,8 @@ fn hessian_long_sum_accuracy() {
     // Measured on lavapipe: 3e-9 (and 1.9e-7 when a compiler folded the TwoSum away, which
     // this bound catches).
     assert!(err < 2e-8, "compensated Hessian rel err {err:.3e}");
-    assert!(err * 100.0 < naive_err, "scheme no better than naive f32 ({err:.3e} vs {naive_err:.3e})");
+    assert!(
+        err * 100.0 < naive_err,
+        "scheme no better than naive f32 ({err:.3e} vs {naive_err:.3e})"
+    );
 }

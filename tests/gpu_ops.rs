@@ -13,7 +13,9 @@ use pumice::DType;
 
 fn max_abs_diff(got: &[f32], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len());
-    got.iter().zip(want).fold(0.0, |m, (&g, &w)| m.max((g as f64 - w).abs()))
+    got.iter()
+        .zip(want)
+        .fold(0.0, |m, (&g, &w)| m.max((g as f64 - w).abs()))
 }
 
 fn mat(g: &Gpu, rows: usize, cols: usize, v: &[f32]) -> GpuMatrix {
@@ -35,14 +37,22 @@ fn embedding_gather_across_table_chunks() {
         let got = out.to_f32(&g).unwrap();
         let tv = t.to_f32(&g).unwrap(); // bf16-rounded table
         for (r, &id) in ids.iter().enumerate() {
-            assert_eq!(&got[r * h..(r + 1) * h], &tv[id as usize * h..(id as usize + 1) * h]);
+            assert_eq!(
+                &got[r * h..(r + 1) * h],
+                &tv[id as usize * h..(id as usize + 1) * h]
+            );
         }
     }
 }
 
 #[test]
 fn rms_norm_matches_reference() {
-    for (g, rows, h) in [(gpu(), 1, 1), (gpu(), 7, 192), (gpu(), 3, 1001), (gpu_limited(1024), 50, 24)] {
+    for (g, rows, h) in [
+        (gpu(), 1, 1),
+        (gpu(), 7, 192),
+        (gpu(), 3, 1001),
+        (gpu_limited(1024), 50, 24),
+    ] {
         let x = random(rows * h, 2, 0.3);
         let w = random(h, 3, 1.0);
         let xm = mat(&g, rows, h, &x);
@@ -62,7 +72,9 @@ fn rope_matches_reference() {
     for g in [gpu(), gpu_limited(1024)] {
         let (rows, heads, half) = (11, 3, 4);
         let d = 2 * half;
-        let inv: Vec<f32> = (0..half).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / d as f32)).collect();
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / d as f32))
+            .collect();
         let table = RopeTable::new(&g, &inv, 48).unwrap();
         let x = random(rows * heads * d, 4, 0.0);
         let positions: Vec<u32> = (0..rows as u32).map(|r| (r * 5) % 48).collect();
@@ -83,18 +95,39 @@ fn rope_matches_reference() {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn check_attention(g: &Gpu, nseq: usize, t: usize, heads: usize, kv: usize, d: usize, q_pos0: usize, window: usize, seed: u64) {
+fn check_attention(
+    g: &Gpu,
+    nseq: usize,
+    t: usize,
+    heads: usize,
+    kv: usize,
+    d: usize,
+    q_pos0: usize,
+    window: usize,
+    seed: u64,
+) {
     let s = q_pos0 + t;
     let q = random(nseq * t * heads * d, seed, 0.0);
     let k = random(nseq * s * kv * d, seed + 1, 0.0);
     let v = random(nseq * s * kv * d, seed + 2, 0.0);
-    let up = |rows: usize, cols: usize, group: usize, vals: &[f32]| GpuMatrix::from_f32_grouped(g, rows, cols, group, vals).unwrap();
+    let up = |rows: usize, cols: usize, group: usize, vals: &[f32]| {
+        GpuMatrix::from_f32_grouped(g, rows, cols, group, vals).unwrap()
+    };
     let qm = up(nseq * t, heads * d, t, &q);
     let km = up(nseq * s, kv * d, s, &k);
     let vm = up(nseq * s, kv * d, s, &v);
     let out = GpuMatrix::uninit_grouped(g, nseq * t, heads * d, t).unwrap();
     let mut b = Batch::new(g);
-    let sh = AttentionShape { t, s, heads, kv_heads: kv, head_dim: d, q_pos0, window, kv_layout: KvLayout::Contiguous };
+    let sh = AttentionShape {
+        t,
+        s,
+        heads,
+        kv_heads: kv,
+        head_dim: d,
+        q_pos0,
+        window,
+        kv_layout: KvLayout::Contiguous,
+    };
     ops::attention(&mut b, &qm, &km, &vm, &out, sh).unwrap();
     b.submit().unwrap();
     let want = cpu::ops::attention(&q, &k, &v, nseq, t, s, heads, kv, d, q_pos0, window);
@@ -142,7 +175,16 @@ fn attention_interleaved_cache() {
     let vm = GpuMatrix::from_f32(&g, nseq * s, row, DType::F32, &inter(&v)).unwrap();
     let out = GpuMatrix::uninit(&g, nseq, heads * d).unwrap();
     let mut b = Batch::new(&g);
-    let sh = AttentionShape { t: 1, s, heads, kv_heads: kv, head_dim: d, q_pos0: pos, window: 0, kv_layout: KvLayout::Interleaved };
+    let sh = AttentionShape {
+        t: 1,
+        s,
+        heads,
+        kv_heads: kv,
+        head_dim: d,
+        q_pos0: pos,
+        window: 0,
+        kv_layout: KvLayout::Interleaved,
+    };
     ops::attention(&mut b, &qm, &km, &vm, &out, sh).unwrap();
     b.submit().unwrap();
     let want = cpu::ops::attention(&q, &k, &v, nseq, 1, s, heads, kv, d, pos, 0);
@@ -155,14 +197,34 @@ fn attention_long_context_is_stable() {
     let g = gpu();
     let (t, h, d) = (600, 1, 16);
     let q: Vec<f32> = random(t * h * d, 9, 0.0).iter().map(|v| v * 30.0).collect();
-    let k: Vec<f32> = random(t * h * d, 10, 0.0).iter().map(|v| v * 30.0).collect();
+    let k: Vec<f32> = random(t * h * d, 10, 0.0)
+        .iter()
+        .map(|v| v * 30.0)
+        .collect();
     let v = random(t * h * d, 11, 0.0);
     let qm = GpuMatrix::from_f32_grouped(&g, t, h * d, t, &q).unwrap();
     let km = GpuMatrix::from_f32_grouped(&g, t, h * d, t, &k).unwrap();
     let vm = GpuMatrix::from_f32_grouped(&g, t, h * d, t, &v).unwrap();
     let out = GpuMatrix::uninit_grouped(&g, t, h * d, t).unwrap();
     let mut b = Batch::new(&g);
-    ops::attention(&mut b, &qm, &km, &vm, &out, AttentionShape { t, s: t, heads: h, kv_heads: h, head_dim: d, q_pos0: 0, window: 0, kv_layout: KvLayout::Contiguous }).unwrap();
+    ops::attention(
+        &mut b,
+        &qm,
+        &km,
+        &vm,
+        &out,
+        AttentionShape {
+            t,
+            s: t,
+            heads: h,
+            kv_heads: h,
+            head_dim: d,
+            q_pos0: 0,
+            window: 0,
+            kv_layout: KvLayout::Contiguous,
+        },
+    )
+    .unwrap();
     b.submit().unwrap();
     let got = out.to_f32(&g).unwrap();
     assert!(got.iter().all(|v| v.is_finite()));
@@ -183,7 +245,11 @@ fn elementwise_ops_match_reference() {
         let mut b = Batch::new(&g);
         ops::add(&mut b, &y, &x).unwrap();
         b.submit().unwrap();
-        let want: Vec<f64> = a.iter().zip(&c).map(|(p, q)| *p as f64 + *q as f64).collect();
+        let want: Vec<f64> = a
+            .iter()
+            .zip(&c)
+            .map(|(p, q)| *p as f64 + *q as f64)
+            .collect();
         assert!(max_abs_diff(&y.to_f32(&g).unwrap(), &want) < 1e-6);
         // swiglu
         let y = mat(&g, rows, cols, &a);
@@ -200,7 +266,14 @@ fn elementwise_ops_match_reference() {
         let want: Vec<f64> = a
             .iter()
             .enumerate()
-            .map(|(i, &v)| v as f64 + if (3..17).contains(&(i / cols)) { bias[i % cols] as f64 } else { 0.0 })
+            .map(|(i, &v)| {
+                v as f64
+                    + if (3..17).contains(&(i / cols)) {
+                        bias[i % cols] as f64
+                    } else {
+                        0.0
+                    }
+            })
             .collect();
         assert!(max_abs_diff(&y.to_f32(&g).unwrap(), &want) < 1e-6);
     }
@@ -208,9 +281,18 @@ fn elementwise_ops_match_reference() {
 
 #[test]
 fn logit_stats_match_reference() {
-    for (g, rows, v) in [(gpu(), 1, 1), (gpu(), 5, 4096), (gpu(), 3, 1000), (gpu_limited(4096), 9, 301)] {
+    for (g, rows, v) in [
+        (gpu(), 1, 1),
+        (gpu(), 5, 4096),
+        (gpu(), 3, 1000),
+        (gpu_limited(4096), 9, 301),
+    ] {
         let z: Vec<f32> = random(rows * v, 15, 0.0).iter().map(|x| x * 8.0).collect();
-        let zr: Vec<f32> = z.iter().zip(random(rows * v, 16, 0.0)).map(|(a, b)| a + 0.5 * b).collect();
+        let zr: Vec<f32> = z
+            .iter()
+            .zip(random(rows * v, 16, 0.0))
+            .map(|(a, b)| a + 0.5 * b)
+            .collect();
         let targets: Vec<u32> = (0..rows as u32).map(|r| (r * 7919) % v as u32).collect();
         let tb = ops::upload_u32(&g, &targets).unwrap();
         let zm = mat(&g, rows, v, &z);
@@ -220,12 +302,21 @@ fn logit_stats_match_reference() {
             let mut b = Batch::new(&g);
             ops::logit_stats(&mut b, &zm, with_ref.then_some(&zrm), &tb, &out, 0).unwrap();
             b.submit().unwrap();
-            let got: Vec<f32> = bytemuck::cast_slice(&g.read_bytes(&out, 0, (rows * 16) as u64).unwrap()).to_vec();
+            let got: Vec<f32> =
+                bytemuck::cast_slice(&g.read_bytes(&out, 0, (rows * 16) as u64).unwrap()).to_vec();
             let want = cpu::ops::logit_stats(&z, with_ref.then_some(&zr[..]), &targets, v);
             for r in 0..rows {
                 let (nll, kl, am, amr) = want[r];
-                assert!((got[4 * r] as f64 - nll).abs() < 2e-5 * nll.abs().max(1.0), "row {r}: nll {} vs {nll}", got[4 * r]);
-                assert!((got[4 * r + 1] as f64 - kl).abs() < 2e-5, "row {r}: kl {} vs {kl}", got[4 * r + 1]);
+                assert!(
+                    (got[4 * r] as f64 - nll).abs() < 2e-5 * nll.abs().max(1.0),
+                    "row {r}: nll {} vs {nll}",
+                    got[4 * r]
+                );
+                assert!(
+                    (got[4 * r + 1] as f64 - kl).abs() < 2e-5,
+                    "row {r}: kl {} vs {kl}",
+                    got[4 * r + 1]
+                );
                 assert_eq!(got[4 * r + 2] as usize, am);
                 assert_eq!(got[4 * r + 3] as usize, amr);
             }
@@ -235,7 +326,8 @@ fn logit_stats_match_reference() {
         let mut b = Batch::new(&g);
         ops::logit_stats(&mut b, &zm, Some(&zm), &tb, &out, 0).unwrap();
         b.submit().unwrap();
-        let got: Vec<f32> = bytemuck::cast_slice(&g.read_bytes(&out, 0, (rows * 16) as u64).unwrap()).to_vec();
+        let got: Vec<f32> =
+            bytemuck::cast_slice(&g.read_bytes(&out, 0, (rows * 16) as u64).unwrap()).to_vec();
         for r in 0..rows {
             assert!(got[4 * r + 1].abs() < 1e-6, "self-KL {}", got[4 * r + 1]);
         }

@@ -5,30 +5,59 @@ mod common;
 
 use common::{gpu, gpu_with, random, rel_err};
 use pumice::gpu::pipeline::{Kernel, Spec};
-use pumice::gpu::{list_adapters, matmul, AdapterSelector, Batch, GemmOp, Gpu, GpuMatrix, GpuOptions};
+use pumice::gpu::{
+    list_adapters, matmul, AdapterSelector, Batch, GemmOp, Gpu, GpuMatrix, GpuOptions,
+};
 use pumice::{cpu, DType, Error};
 
 #[test]
 fn adapters_are_listed_and_selectable() {
     let opts = GpuOptions::from_env().unwrap();
     let all = list_adapters(&opts);
-    assert!(!all.is_empty(), "no adapter: install mesa-vulkan-drivers (lavapipe)");
+    assert!(
+        !all.is_empty(),
+        "no adapter: install mesa-vulkan-drivers (lavapipe)"
+    );
     assert_eq!(all.iter().filter(|a| a.selected).count(), 1);
     for a in &all {
         assert!(a.limits.max_storage_buffer_binding_size >= 1 << 20, "{a:?}");
-        assert!(a.limits.subgroup_min_size <= a.limits.subgroup_max_size || a.limits.subgroup_max_size == 0);
+        assert!(
+            a.limits.subgroup_min_size <= a.limits.subgroup_max_size
+                || a.limits.subgroup_max_size == 0
+        );
     }
     // By index and by name substring (case-insensitive).
     let last = all.last().unwrap();
-    let g = gpu_with(&GpuOptions { adapter: Some(AdapterSelector::Index(last.index)), ..opts.clone() });
+    let g = gpu_with(&GpuOptions {
+        adapter: Some(AdapterSelector::Index(last.index)),
+        ..opts.clone()
+    });
     assert_eq!(g.report().name, last.name);
     let needle = last.name.to_uppercase();
-    let g = gpu_with(&GpuOptions { adapter: Some(AdapterSelector::Name(needle[..needle.len().min(6)].into())), ..opts.clone() });
-    assert!(g.report().name.to_uppercase().contains(&needle[..needle.len().min(6)]));
+    let g = gpu_with(&GpuOptions {
+        adapter: Some(AdapterSelector::Name(needle[..needle.len().min(6)].into())),
+        ..opts.clone()
+    });
+    assert!(g
+        .report()
+        .name
+        .to_uppercase()
+        .contains(&needle[..needle.len().min(6)]));
     // Out of range and unknown names are typed errors listing what exists.
-    let e = Gpu::new(&GpuOptions { adapter: Some(AdapterSelector::Index(999)), ..opts.clone() }).unwrap_err();
-    assert!(matches!(e, Error::NoAdapter(_)) && e.to_string().contains("available"), "{e}");
-    let e = Gpu::new(&GpuOptions { adapter: Some(AdapterSelector::Name("no such gpu".into())), ..opts }).unwrap_err();
+    let e = Gpu::new(&GpuOptions {
+        adapter: Some(AdapterSelector::Index(999)),
+        ..opts.clone()
+    })
+    .unwrap_err();
+    assert!(
+        matches!(e, Error::NoAdapter(_)) && e.to_string().contains("available"),
+        "{e}"
+    );
+    let e = Gpu::new(&GpuOptions {
+        adapter: Some(AdapterSelector::Name("no such gpu".into())),
+        ..opts
+    })
+    .unwrap_err();
     assert!(matches!(e, Error::NoAdapter(_)), "{e}");
 }
 
@@ -36,8 +65,17 @@ fn adapters_are_listed_and_selectable() {
 fn device_uses_real_limits() {
     let g = gpu();
     let r = g.report();
-    assert_eq!(g.caps().max_binding, r.limits.max_storage_buffer_binding_size.min(r.limits.max_buffer_size) & !15);
-    assert_eq!(g.caps().max_workgroups_per_dim, r.limits.max_compute_workgroups_per_dimension);
+    assert_eq!(
+        g.caps().max_binding,
+        r.limits
+            .max_storage_buffer_binding_size
+            .min(r.limits.max_buffer_size)
+            & !15
+    );
+    assert_eq!(
+        g.caps().max_workgroups_per_dim,
+        r.limits.max_compute_workgroups_per_dimension
+    );
 }
 
 #[test]
@@ -51,13 +89,20 @@ fn pipelines_are_cached_per_variant() {
     }
     assert_eq!(g.pipelines_built(), n, "same variant rebuilt");
     matmul(&g, &a, &a, GemmOp::NN).unwrap();
-    assert_eq!(g.pipelines_built(), n + 1, "a new variant is one new pipeline");
+    assert_eq!(
+        g.pipelines_built(),
+        n + 1,
+        "a new variant is one new pipeline"
+    );
 }
 
 #[test]
 fn broken_shader_is_a_typed_error() {
     let g = gpu();
-    const BAD: Kernel = Kernel { name: "broken", template: "@compute @workgroup_size(1) fn main() { let x: u32 = {{V}}; }" };
+    const BAD: Kernel = Kernel {
+        name: "broken",
+        template: "@compute @workgroup_size(1) fn main() { let x: u32 = {{V}}; }",
+    };
     let e = g.pipeline(&BAD, &Spec::new().set("V", "1.5")).unwrap_err();
     match &e {
         Error::Shader { kernel, msg } => {
@@ -69,7 +114,10 @@ fn broken_shader_is_a_typed_error() {
     assert_eq!(e.to_string().lines().count(), 1, "{e}");
     // The device is still usable afterwards.
     let a = GpuMatrix::from_f32(&g, 2, 2, DType::F32, &[1.0, 2.0, 3.0, 4.0]).unwrap();
-    assert_eq!(matmul(&g, &a, &a, GemmOp::NN).unwrap().to_f32(&g).unwrap(), [7.0, 10.0, 15.0, 22.0]);
+    assert_eq!(
+        matmul(&g, &a, &a, GemmOp::NN).unwrap().to_f32(&g).unwrap(),
+        [7.0, 10.0, 15.0, 22.0]
+    );
 }
 
 #[test]
@@ -92,7 +140,10 @@ fn buffer_pool_reuses_and_accounts() {
     assert!(live >= before.live_bytes + (1 << 20));
     drop(b1);
     assert_eq!(g.memory().live_bytes, before.live_bytes);
-    assert!(g.memory().idle_bytes >= 1 << 20, "returned buffer not pooled");
+    assert!(
+        g.memory().idle_bytes >= 1 << 20,
+        "returned buffer not pooled"
+    );
     // Same size class comes from the pool: idle shrinks, nothing new is created.
     let _b2 = g.storage((1 << 20) - 100, false).unwrap();
     assert_eq!(g.memory().idle_bytes, before.idle_bytes);
@@ -115,7 +166,17 @@ fn many_dispatches_in_one_submission() {
     assert_eq!(batch.len(), 50);
     batch.submit().unwrap();
     let got = c.to_f32(&g).unwrap();
-    let want: Vec<f64> = cpu::gemm_f64(&a.to_f32(&g).unwrap(), &b.to_f32(&g).unwrap(), n, n, n, false).iter().map(|v| v * 50.0).collect();
+    let want: Vec<f64> = cpu::gemm_f64(
+        &a.to_f32(&g).unwrap(),
+        &b.to_f32(&g).unwrap(),
+        n,
+        n,
+        n,
+        false,
+    )
+    .iter()
+    .map(|v| v * 50.0)
+    .collect();
     assert!(rel_err(&got, &want) < 1e-5);
 }
 
@@ -130,9 +191,16 @@ fn operand_larger_than_real_binding_limit() {
     let a = random(m * k, 11, 0.0);
     let b = random(3 * k, 12, 0.0);
     let ga = GpuMatrix::from_f32(&g, m, k, DType::F32, &a).unwrap();
-    assert!(ga.chunks().len() >= 2, "{} bytes fit one binding of {limit}?", m * k * 4);
+    assert!(
+        ga.chunks().len() >= 2,
+        "{} bytes fit one binding of {limit}?",
+        m * k * 4
+    );
     let gb = GpuMatrix::from_f32(&g, 3, k, DType::F32, &b).unwrap();
-    let c = matmul(&g, &ga, &gb, GemmOp::NT).unwrap().to_f32(&g).unwrap();
+    let c = matmul(&g, &ga, &gb, GemmOp::NT)
+        .unwrap()
+        .to_f32(&g)
+        .unwrap();
     let want = cpu::gemm_f64(&a, &b, m, k, 3, true);
     let e = rel_err(&c, &want);
     assert!(e < 1e-5, "rel err {e:.3e}");

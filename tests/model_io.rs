@@ -19,7 +19,11 @@ fn inspect_json(dir: &std::path::Path) -> serde_json::Value {
         .args(["inspect", dir.to_str().unwrap(), "--json"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -28,7 +32,10 @@ fn asset_model_loads() {
     let ck = Checkpoint::open(asset_model()).unwrap();
     let c = ck.config();
     assert_eq!(c.family, Family::Llama);
-    assert_eq!((c.hidden_size, c.intermediate_size, c.num_layers), (192, 512, 6));
+    assert_eq!(
+        (c.hidden_size, c.intermediate_size, c.num_layers),
+        (192, 512, 6)
+    );
     assert_eq!((c.num_heads, c.num_kv_heads, c.head_dim), (6, 2, 32));
     // transformers ≥ 5 style `rope_parameters`.
     assert_eq!(c.rope.theta, 10000.0);
@@ -86,7 +93,11 @@ fn stories260k_loads() {
 fn sharded_checkpoint_matches_single_file() {
     let single = Checkpoint::open(asset_model()).unwrap();
     let d = tempfile::tempdir().unwrap();
-    std::fs::copy(asset_model().join("config.json"), d.path().join("config.json")).unwrap();
+    std::fs::copy(
+        asset_model().join("config.json"),
+        d.path().join("config.json"),
+    )
+    .unwrap();
     let specs = single.arch().tensors();
     let half = specs.len() / 2;
     let mut map = serde_json::Map::new();
@@ -117,24 +128,37 @@ fn sharded_checkpoint_matches_single_file() {
     assert_eq!(sharded.files().len(), 2);
     assert_eq!(sharded.parameter_count(), single.parameter_count());
     for s in specs {
-        assert_eq!(sharded.tensor(&s.name).unwrap().bytes, single.tensor(&s.name).unwrap().bytes, "{}", s.name);
+        assert_eq!(
+            sharded.tensor(&s.name).unwrap().bytes,
+            single.tensor(&s.name).unwrap().bytes,
+            "{}",
+            s.name
+        );
     }
     assert_eq!(inspect_json(d.path())["parameters"], 3_934_656);
 }
 
 #[test]
 fn tokenizer_encodes_like_transformers() {
-    let tok = Tokenizer::from_model_dir(&asset_model()).unwrap().expect("asset model has a tokenizer");
+    let tok = Tokenizer::from_model_dir(&asset_model())
+        .unwrap()
+        .expect("asset model has a tokenizer");
     assert_eq!(tok.vocab_size(), 4096);
     // transformers' ids for the greedy-parity prompt (../shared/reference/gutenberg-llama).
     let ids = tok.encode("It was a dark").unwrap();
     assert_eq!(ids, [866, 328, 260, 1349]);
     if let Some(shared) = shared() {
         let r: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(shared.join("reference/gutenberg-llama/reference.json")).unwrap(),
+            &std::fs::read_to_string(shared.join("reference/gutenberg-llama/reference.json"))
+                .unwrap(),
         )
         .unwrap();
-        let want: Vec<u32> = r["greedy"]["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let want: Vec<u32> = r["greedy"]["prompt_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         assert_eq!(ids, want);
     }
     let text = "Elizabeth looked at her.\n\n“I am sure";

@@ -41,23 +41,46 @@ fn logits_max_diff(model_dir: &Path, reference: &Path) -> f64 {
         .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
         .collect();
     let li = f.info("logits").unwrap();
-    let want: Vec<f32> = f.bytes(li).chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let want: Vec<f32> = f
+        .bytes(li)
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
     let v = ck.config().vocab_size;
     assert_eq!(li.shape, [nseq, t, v]);
 
-    let mut engine = Engine::new(&g, &ck, &EngineOptions { max_positions: t, ..Default::default() }).unwrap();
+    let mut engine = Engine::new(
+        &g,
+        &ck,
+        &EngineOptions {
+            max_positions: t,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let hidden = engine.hidden_states(&ids, t).unwrap();
-    let got = engine.logits(&hidden, 0..nseq * t).unwrap().to_f32(&g).unwrap();
-    got.iter().zip(&want).fold(0.0f64, |m, (a, b)| m.max((a - b).abs() as f64))
+    let got = engine
+        .logits(&hidden, 0..nseq * t)
+        .unwrap()
+        .to_f32(&g)
+        .unwrap();
+    got.iter()
+        .zip(&want)
+        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs() as f64))
 }
 
 #[test]
 fn logits_match_transformers() {
-    let Some(shared) = shared_or_skip("logits parity") else { return };
+    let Some(shared) = shared_or_skip("logits parity") else {
+        return;
+    };
     for model in ["gutenberg-llama", "stories260k"] {
         let d = logits_max_diff(
             &shared.join("models").join(model),
-            &shared.join("reference").join(model).join("logits_random_ids.safetensors"),
+            &shared
+                .join("reference")
+                .join(model)
+                .join("logits_random_ids.safetensors"),
         );
         eprintln!("{model}: max |Δlogit| vs transformers = {d:.3e}");
         assert!(d <= 2e-3, "{model}: max |Δ| {d:.3e} > 2e-3");
@@ -74,7 +97,9 @@ fn read_ids(path: &Path) -> Vec<u32> {
 
 #[test]
 fn perplexity_matches_transformers() {
-    let Some(shared) = shared_or_skip("perplexity parity") else { return };
+    let Some(shared) = shared_or_skip("perplexity parity") else {
+        return;
+    };
     let g = gpu();
     // stories260k on its sampled ids; gutenberg-llama on the shortest held-out book (the
     // others are checked by `pumice eval`, numbers in the issue note).
@@ -92,17 +117,53 @@ fn perplexity_matches_transformers() {
             read_ids(&shared.join("reference").join(model).join(text))
         } else {
             let tok = Tokenizer::from_model_dir(&dir).unwrap().unwrap();
-            tok.encode(&std::fs::read_to_string(shared.join("corpus/gutenberg").join(text)).unwrap()).unwrap()
+            tok.encode(
+                &std::fs::read_to_string(shared.join("corpus/gutenberg").join(text)).unwrap(),
+            )
+            .unwrap()
         };
-        assert_eq!(tokens.len() as u64, want["tokens"].as_u64().unwrap(), "{model}/{text}: token count");
-        let mut engine = Engine::new(&g, &ck, &EngineOptions { max_positions: ctx, ..Default::default() }).unwrap();
-        let rep = evaluate(&mut engine, None, &tokens, &EvalOptions { ctx, max_windows: None, batch: 8 }, &mut |_| {}).unwrap();
+        assert_eq!(
+            tokens.len() as u64,
+            want["tokens"].as_u64().unwrap(),
+            "{model}/{text}: token count"
+        );
+        let mut engine = Engine::new(
+            &g,
+            &ck,
+            &EngineOptions {
+                max_positions: ctx,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let rep = evaluate(
+            &mut engine,
+            None,
+            &tokens,
+            &EvalOptions {
+                ctx,
+                max_windows: None,
+                batch: 8,
+            },
+            &mut |_| {},
+        )
+        .unwrap();
         assert_eq!(rep.windows as u64, want["windows"].as_u64().unwrap());
-        assert_eq!(rep.predicted_tokens as u64, want["predicted_tokens"].as_u64().unwrap());
+        assert_eq!(
+            rep.predicted_tokens as u64,
+            want["predicted_tokens"].as_u64().unwrap()
+        );
         let ppl = want["perplexity"].as_f64().unwrap();
         let rel = (rep.perplexity - ppl).abs() / ppl;
-        eprintln!("{model}/{text}: perplexity {:.4} vs transformers {ppl:.4} (rel {rel:.2e})", rep.perplexity);
-        assert!(rel < 1e-3, "{model}/{text}: perplexity {} vs {ppl}", rep.perplexity);
+        eprintln!(
+            "{model}/{text}: perplexity {:.4} vs transformers {ppl:.4} (rel {rel:.2e})",
+            rep.perplexity
+        );
+        assert!(
+            rel < 1e-3,
+            "{model}/{text}: perplexity {} vs {ppl}",
+            rep.perplexity
+        );
     }
 }
 
@@ -114,17 +175,40 @@ fn greedy_generation_matches_transformers() {
     let tok = Tokenizer::from_model_dir(&dir).unwrap().unwrap();
     let prompt = tok.encode("It was a dark").unwrap();
     let run = || {
-        let mut engine = Engine::new(&g, &ck, &EngineOptions { max_positions: 64, ..Default::default() }).unwrap();
-        let opts = GenerateOptions { max_tokens: 32, temperature: 0.0, stop_at_eos: false, ..Default::default() };
+        let mut engine = Engine::new(
+            &g,
+            &ck,
+            &EngineOptions {
+                max_positions: 64,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let opts = GenerateOptions {
+            max_tokens: 32,
+            temperature: 0.0,
+            stop_at_eos: false,
+            ..Default::default()
+        };
         generate(&mut engine, &prompt, &opts, &mut |_| Ok(())).unwrap()
     };
     let first = run();
     assert_eq!(first, run(), "greedy generation is not deterministic");
-    let Some(shared) = shared_or_skip("greedy parity") else { return };
+    let Some(shared) = shared_or_skip("greedy parity") else {
+        return;
+    };
     let r = reference_json(&shared, "gutenberg-llama");
-    let want: Vec<u32> = r["greedy"]["new_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let want: Vec<u32> = r["greedy"]["new_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
     assert_eq!(first, want, "greedy continuation differs from transformers");
-    assert_eq!(tok.decode(&first).unwrap(), r["greedy"]["text"].as_str().unwrap());
+    assert_eq!(
+        tok.decode(&first).unwrap(),
+        r["greedy"]["text"].as_str().unwrap()
+    );
 }
 
 /// The cached incremental path and the full forward pass agree.
@@ -134,9 +218,21 @@ fn kv_cache_matches_full_forward() {
     let dir = project_root().join("assets/models/gutenberg-llama");
     let ck = Checkpoint::open(&dir).unwrap();
     let ids: Vec<u32> = (0..40u32).map(|i| (i * 97 + 13) % 4096).collect();
-    let mut engine = Engine::new(&g, &ck, &EngineOptions { max_positions: 64, ..Default::default() }).unwrap();
+    let mut engine = Engine::new(
+        &g,
+        &ck,
+        &EngineOptions {
+            max_positions: 64,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let full = engine.hidden_states(&ids, ids.len()).unwrap();
-    let full_logits = engine.logits(&full, 0..ids.len()).unwrap().to_f32(&g).unwrap();
+    let full_logits = engine
+        .logits(&full, 0..ids.len())
+        .unwrap()
+        .to_f32(&g)
+        .unwrap();
     let mut cache = engine.new_cache(64).unwrap();
     let v = ck.config().vocab_size;
     // A prefix of 25 at once, then one token at a time.
@@ -146,7 +242,10 @@ fn kv_cache_matches_full_forward() {
         let z = engine.logits(&h, 0..step).unwrap().to_f32(&g).unwrap();
         for r in 0..step {
             let want = &full_logits[(done + r) * v..(done + r + 1) * v];
-            let d = z[r * v..(r + 1) * v].iter().zip(want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            let d = z[r * v..(r + 1) * v]
+                .iter()
+                .zip(want)
+                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(d < 1e-4, "position {}: max |Δ| {d}", done + r);
         }
         done += step;
@@ -163,11 +262,29 @@ fn self_kl_is_zero() {
     let tok = Tokenizer::from_model_dir(&dir).unwrap().unwrap();
     let text = "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, it was the season of Darkness.";
     let tokens = tok.encode(&text.repeat(4)).unwrap();
-    let opts = EngineOptions { max_positions: 32, ..Default::default() };
+    let opts = EngineOptions {
+        max_positions: 32,
+        ..Default::default()
+    };
     let mut m = Engine::new(&g, &ck, &opts).unwrap();
     let mut r = Engine::new(&g, &ck2, &opts).unwrap();
-    let rep = evaluate(&mut m, Some(&mut r), &tokens, &EvalOptions { ctx: 32, max_windows: None, batch: 3 }, &mut |_| {}).unwrap();
+    let rep = evaluate(
+        &mut m,
+        Some(&mut r),
+        &tokens,
+        &EvalOptions {
+            ctx: 32,
+            max_windows: None,
+            batch: 3,
+        },
+        &mut |_| {},
+    )
+    .unwrap();
     assert!(rep.windows >= 4);
-    assert!(rep.kl_divergence.unwrap().abs() < 1e-6, "{:?}", rep.kl_divergence);
+    assert!(
+        rep.kl_divergence.unwrap().abs() < 1e-6,
+        "{:?}",
+        rep.kl_divergence
+    );
     assert_eq!(rep.top1_agreement, Some(1.0));
 }

@@ -20,8 +20,13 @@ fn activations(t: usize, n: usize, seed: u64) -> Vec<f32> {
     (0..t * n)
         .map(|i| {
             let (r, c) = (i / n, i % n);
-            let base: f32 = (0..6).map(|k| z[r * 6 + k] * mix[k * n + c]).sum::<f32>() + 0.1 * noise[i];
-            if c % 17 == 3 { base * 8.0 } else { base }
+            let base: f32 =
+                (0..6).map(|k| z[r * 6 + k] * mix[k * n + c]).sum::<f32>() + 0.1 * noise[i];
+            if c % 17 == 3 {
+                base * 8.0
+            } else {
+                base
+            }
         })
         .collect()
 }
@@ -30,14 +35,19 @@ fn upload_packed(g: &Gpu, q: &Quantized, dt: DType) -> PackedWeight {
     let words = packed_words(q.cols, q.grid.bits);
     let mut packed = Vec::with_capacity(q.rows * words);
     for r in 0..q.rows {
-        pack_row(&q.codes[r * q.cols..(r + 1) * q.cols], q.grid.bits, &mut packed);
+        pack_row(
+            &q.codes[r * q.cols..(r + 1) * q.cols],
+            q.grid.bits,
+            &mut packed,
+        );
     }
     let ng = q.grid.groups(q.cols);
     PackedWeight {
         rows: q.rows,
         cols: q.cols,
         grid: q.grid,
-        packed: GpuMatrix::from_bytes(g, q.rows, words, DType::F32, bytemuck::cast_slice(&packed)).unwrap(),
+        packed: GpuMatrix::from_bytes(g, q.rows, words, DType::F32, bytemuck::cast_slice(&packed))
+            .unwrap(),
         scales: GpuMatrix::from_f32(g, q.rows, ng, dt, &q.scales).unwrap(),
         zeros: GpuMatrix::from_f32(g, q.rows, ng, dt, &q.zeros).unwrap(),
         perm: q.perm.as_ref().map(|p| ops::upload_u32(g, p).unwrap()),
@@ -46,8 +56,19 @@ fn upload_packed(g: &Gpu, q: &Quantized, dt: DType) -> PackedWeight {
 
 #[test]
 fn rtn_matches_reference_and_round_trips() {
-    for (g, m, n) in [(gpu(), 1, 1), (gpu(), 7, 33), (gpu(), 64, 256), (gpu_limited(2048), 37, 100)] {
-        for (bits, gs, sym) in [(2, 0, false), (3, 32, false), (4, 64, true), (8, 128, false), (4, 0, true)] {
+    for (g, m, n) in [
+        (gpu(), 1, 1),
+        (gpu(), 7, 33),
+        (gpu(), 64, 256),
+        (gpu_limited(2048), 37, 100),
+    ] {
+        for (bits, gs, sym) in [
+            (2, 0, false),
+            (3, 32, false),
+            (4, 64, true),
+            (8, 128, false),
+            (4, 0, true),
+        ] {
             let grid = Grid::new(bits, gs, sym).unwrap();
             let w = random(m * n, (m * n) as u64 + bits as u64, 0.05);
             for dt in [DType::F32, DType::BF16] {
@@ -59,10 +80,21 @@ fn rtn_matches_reference_and_round_trips() {
                 assert_eq!(got.zeros, want.zeros, "zeros {m}x{n} {grid:?}");
                 // Codes agree except at exact ties of x/scale, where GPU division may land on
                 // the other side; such a code still dequantizes within one step.
-                let mismatches = got.codes.iter().zip(&want.codes).filter(|(a, b)| a != b).count();
-                assert!(mismatches * 1000 <= got.codes.len().max(1000), "{mismatches} code mismatches");
+                let mismatches = got
+                    .codes
+                    .iter()
+                    .zip(&want.codes)
+                    .filter(|(a, b)| a != b)
+                    .count();
+                assert!(
+                    mismatches * 1000 <= got.codes.len().max(1000),
+                    "{mismatches} code mismatches"
+                );
                 // Packed round trip: pack → upload (f16 scales) → GPU dequantize == CPU dequantize.
-                let deq = gq::dequantize(&g, &upload_packed(&g, &got, DType::F16)).unwrap().to_f32(&g).unwrap();
+                let deq = gq::dequantize(&g, &upload_packed(&g, &got, DType::F16))
+                    .unwrap()
+                    .to_f32(&g)
+                    .unwrap();
                 assert_eq!(deq, got.dequantize(), "packed round trip {m}x{n} {grid:?}");
             }
         }
@@ -76,7 +108,10 @@ fn check_gptq(g: &Gpu, m: usize, n: usize, grid: Grid, opts: GptqOptions, seed: 
     let w = random(m * n, seed + 10, 0.0);
     let prep = reference::prepare_hessian(&h, n, &opts).unwrap();
     let want = reference::gptq(&w, m, n, &prep, grid, opts.block);
-    let got = gq::gptq(g, &w, m, n, &prep, grid, opts.block).unwrap().download(g).unwrap();
+    let got = gq::gptq(g, &w, m, n, &prep, grid, opts.block)
+        .unwrap()
+        .download(g)
+        .unwrap();
     let norm = weighted_norm(&w, m, &h);
     let e_ref = weighted_error(&w, &want.dequantize(), m, &h) / norm;
     let e_gpu = weighted_error(&w, &got.dequantize(), m, &h) / norm;
@@ -86,19 +121,65 @@ fn check_gptq(g: &Gpu, m: usize, n: usize, grid: Grid, opts: GptqOptions, seed: 
         (e_gpu - e_ref).abs() <= 0.005 * e_ref,
         "{m}x{n} {grid:?} {opts:?}: GPU rel. weighted error {e_gpu:.6e} vs reference {e_ref:.6e}"
     );
-    assert!(e_gpu <= e_rtn, "{m}x{n} {grid:?}: GPTQ {e_gpu:.4e} worse than RTN {e_rtn:.4e}");
+    assert!(
+        e_gpu <= e_rtn,
+        "{m}x{n} {grid:?}: GPTQ {e_gpu:.4e} worse than RTN {e_rtn:.4e}"
+    );
 }
 
 #[test]
 fn gptq_matches_f64_reference() {
     let g = gpu();
     let cases = [
-        (16, 64, Grid::new(4, 0, false).unwrap(), GptqOptions::default()),
-        (31, 96, Grid::new(3, 32, false).unwrap(), GptqOptions { block: 32, ..Default::default() }),
-        (8, 130, Grid::new(2, 64, false).unwrap(), GptqOptions { block: 48, ..Default::default() }),
-        (13, 128, Grid::new(4, 128, true).unwrap(), GptqOptions { act_order: true, ..Default::default() }),
-        (5, 67, Grid::new(3, 0, false).unwrap(), GptqOptions { act_order: true, block: 16, ..Default::default() }),
-        (1, 1, Grid::new(8, 0, false).unwrap(), GptqOptions::default()),
+        (
+            16,
+            64,
+            Grid::new(4, 0, false).unwrap(),
+            GptqOptions::default(),
+        ),
+        (
+            31,
+            96,
+            Grid::new(3, 32, false).unwrap(),
+            GptqOptions {
+                block: 32,
+                ..Default::default()
+            },
+        ),
+        (
+            8,
+            130,
+            Grid::new(2, 64, false).unwrap(),
+            GptqOptions {
+                block: 48,
+                ..Default::default()
+            },
+        ),
+        (
+            13,
+            128,
+            Grid::new(4, 128, true).unwrap(),
+            GptqOptions {
+                act_order: true,
+                ..Default::default()
+            },
+        ),
+        (
+            5,
+            67,
+            Grid::new(3, 0, false).unwrap(),
+            GptqOptions {
+                act_order: true,
+                block: 16,
+                ..Default::default()
+            },
+        ),
+        (
+            1,
+            1,
+            Grid::new(8, 0, false).unwrap(),
+            GptqOptions::default(),
+        ),
     ];
     for (i, (m, n, grid, opts)) in cases.into_iter().enumerate() {
         check_gptq(&g, m, n, grid, opts, 100 + i as u64);
@@ -109,7 +190,17 @@ fn gptq_matches_f64_reference() {
 fn gptq_chunked_weights() {
     // 4 KiB bindings: the 40×96 working copy of W and its codes are split into row chunks.
     let g = gpu_limited(4096);
-    check_gptq(&g, 40, 96, Grid::new(3, 32, false).unwrap(), GptqOptions { block: 32, ..Default::default() }, 7);
+    check_gptq(
+        &g,
+        40,
+        96,
+        Grid::new(3, 32, false).unwrap(),
+        GptqOptions {
+            block: 32,
+            ..Default::default()
+        },
+        7,
+    );
 }
 
 #[test]
@@ -124,7 +215,13 @@ fn gptq_handles_dead_inputs() {
     let prep = reference::prepare_hessian(&h, n, &GptqOptions::default()).unwrap();
     assert_eq!(prep.dead, [5]);
     let w = random(m * n, 4, 0.0);
-    let q = gq::gptq(&g, &w, m, n, &prep, Grid::new(4, 0, false).unwrap(), 128).unwrap().download(&g).unwrap();
+    let q = gq::gptq(&g, &w, m, n, &prep, Grid::new(4, 0, false).unwrap(), 128)
+        .unwrap()
+        .download(&g)
+        .unwrap();
     let deq = q.dequantize();
-    assert!((0..m).all(|r| deq[r * n + 5] == 0.0), "dead input's weights must be zero");
+    assert!(
+        (0..m).all(|r| deq[r * n + 5] == 0.0),
+        "dead input's weights must be zero"
+    );
 }

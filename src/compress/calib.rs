@@ -3,7 +3,6 @@
 
 use std::path::{Path, PathBuf};
 
-
 use crate::error::{Error, Result};
 use crate::infer::generate::{sample, Rng};
 use crate::infer::Engine;
@@ -49,7 +48,10 @@ pub fn expand_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
         } else if p.is_file() {
             out.push(p.clone());
         } else {
-            return Err(Error::InvalidArgument(format!("--calib {}: no such file or directory", p.display())));
+            return Err(Error::InvalidArgument(format!(
+                "--calib {}: no such file or directory",
+                p.display()
+            )));
         }
     }
     if out.is_empty() {
@@ -67,7 +69,10 @@ pub fn from_text(tok: &Tokenizer, paths: &[PathBuf], opts: &CalibOptions) -> Res
         docs.push(tok.encode(&text)?);
     }
     // Valid start positions per file, then draws over their union.
-    let starts: Vec<usize> = docs.iter().map(|d| (d.len() + 1).saturating_sub(opts.len)).collect();
+    let starts: Vec<usize> = docs
+        .iter()
+        .map(|d| (d.len() + 1).saturating_sub(opts.len))
+        .collect();
     let total: usize = starts.iter().sum();
     if total == 0 {
         return Err(Error::InvalidArgument(format!(
@@ -101,10 +106,16 @@ pub fn from_text(tok: &Tokenizer, paths: &[PathBuf], opts: &CalibOptions) -> Res
 
 /// Sample `samples` sequences of `len` tokens from the model (temperature 1, from BOS), many
 /// sequences in lockstep through a batch KV cache.
-pub fn self_generated(engine: &mut Engine<'_>, opts: &CalibOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<Calibration> {
+pub fn self_generated(
+    engine: &mut Engine<'_>,
+    opts: &CalibOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Calibration> {
     let cfg = engine.checkpoint().config().clone();
     let bos = cfg.bos_token_id.ok_or_else(|| {
-        Error::InvalidArgument("self-calibration needs the model's bos_token_id; pass --calib FILE".into())
+        Error::InvalidArgument(
+            "self-calibration needs the model's bos_token_id; pass --calib FILE".into(),
+        )
     })?;
     let gpu = engine.gpu();
     let kd = cfg.num_kv_heads * cfg.head_dim;

@@ -19,8 +19,9 @@ use crate::gpu::quant::{self as gq, PackedWeight};
 use crate::gpu::{matmul, Batch, GemmOp, Gpu, GpuMatrix, HessianAccumulator};
 use crate::infer::{Engine, EngineOptions};
 use crate::model::compressed::{
-    sha256_files, Accounting, CalibInfo, FileInfo, LayerReport, Manifest, MatrixReport, PlannedTensor, QuantEntry, SourceInfo,
-    StreamingWriter, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE,
+    sha256_files, Accounting, CalibInfo, FileInfo, LayerReport, Manifest, MatrixReport,
+    PlannedTensor, QuantEntry, SourceInfo, StreamingWriter, FORMAT_NAME, FORMAT_VERSION,
+    MANIFEST_FILE,
 };
 use crate::model::{Checkpoint, LinearKind, LinearSpec, Tokenizer};
 use crate::quant::grid::{pack_row, packed_words};
@@ -70,8 +71,18 @@ pub struct CompressOptions {
 /// Progress events.
 #[derive(Clone, Debug)]
 pub enum Event {
-    Calibrating { kind: &'static str, done: usize, total: usize },
-    Matrix { layer: usize, name: String, done: usize, total: usize, relative_error: Option<f64> },
+    Calibrating {
+        kind: &'static str,
+        done: usize,
+        total: usize,
+    },
+    Matrix {
+        layer: usize,
+        name: String,
+        done: usize,
+        total: usize,
+        relative_error: Option<f64>,
+    },
     Note(String),
     Writing,
 }
@@ -127,7 +138,10 @@ fn check_output(ck: &Checkpoint, out: &Path, force: bool) -> Result<()> {
     }
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         if !parent.is_dir() {
-            return Err(Error::InvalidArgument(format!("{}: no such directory", parent.display())));
+            return Err(Error::InvalidArgument(format!(
+                "{}: no such directory",
+                parent.display()
+            )));
         }
     }
     Ok(())
@@ -145,7 +159,11 @@ fn pack(q: &Quantized) -> Packed {
     let words = packed_words(q.cols, q.grid.bits);
     let mut codes = Vec::with_capacity(q.rows * words);
     for r in 0..q.rows {
-        pack_row(&q.codes[r * q.cols..(r + 1) * q.cols], q.grid.bits, &mut codes);
+        pack_row(
+            &q.codes[r * q.cols..(r + 1) * q.cols],
+            q.grid.bits,
+            &mut codes,
+        );
     }
     Packed {
         qweight: bytemuck::cast_slice(&codes).to_vec(),
@@ -160,13 +178,25 @@ fn dequantize_packed(gpu: &Gpu, p: &Packed, q: &Quantized) -> Result<GpuMatrix> 
     let groups = q.grid.groups(q.cols);
     let zeros = match &p.zeros {
         Some(z) => GpuMatrix::from_bytes(gpu, q.rows, groups, DType::F16, z)?,
-        None => GpuMatrix::from_f32(gpu, q.rows, groups, DType::F32, &vec![((q.grid.maxq() + 1) / 2) as f32; q.rows * groups])?,
+        None => GpuMatrix::from_f32(
+            gpu,
+            q.rows,
+            groups,
+            DType::F32,
+            &vec![((q.grid.maxq() + 1) / 2) as f32; q.rows * groups],
+        )?,
     };
     let w = PackedWeight {
         rows: q.rows,
         cols: q.cols,
         grid: q.grid,
-        packed: GpuMatrix::from_bytes(gpu, q.rows, packed_words(q.cols, q.grid.bits), DType::F32, &p.qweight)?,
+        packed: GpuMatrix::from_bytes(
+            gpu,
+            q.rows,
+            packed_words(q.cols, q.grid.bits),
+            DType::F32,
+            &p.qweight,
+        )?,
         scales: GpuMatrix::from_bytes(gpu, q.rows, groups, DType::F16, &p.scales)?,
         zeros,
         perm: p.perm.as_ref().map(|b| gpu.upload(b)).transpose()?,
@@ -207,12 +237,27 @@ fn plan(ck: &Checkpoint, grid: Grid, act_order: bool) -> Result<Vec<PlannedTenso
                 shape: vec![m, packed_words(n, grid.bits)],
                 bytes: m * packed_words(n, grid.bits) * 4,
             });
-            out.push(PlannedTensor { name: format!("{}.scales", spec.name), dtype: "F16".into(), shape: vec![m, groups], bytes: m * groups * 2 });
+            out.push(PlannedTensor {
+                name: format!("{}.scales", spec.name),
+                dtype: "F16".into(),
+                shape: vec![m, groups],
+                bytes: m * groups * 2,
+            });
             if !grid.symmetric {
-                out.push(PlannedTensor { name: format!("{}.zeros", spec.name), dtype: "F16".into(), shape: vec![m, groups], bytes: m * groups * 2 });
+                out.push(PlannedTensor {
+                    name: format!("{}.zeros", spec.name),
+                    dtype: "F16".into(),
+                    shape: vec![m, groups],
+                    bytes: m * groups * 2,
+                });
             }
             if act_order {
-                out.push(PlannedTensor { name: format!("{}.perm", spec.name), dtype: "U32".into(), shape: vec![n], bytes: n * 4 });
+                out.push(PlannedTensor {
+                    name: format!("{}.perm", spec.name),
+                    dtype: "U32".into(),
+                    shape: vec![n],
+                    bytes: n * 4,
+                });
             }
         } else {
             let t = ck.tensor(&spec.name)?;
@@ -257,7 +302,12 @@ const SIDE_FILES: [&str; 8] = [
 ];
 
 /// Compress `ck` into `opts.output`.
-pub fn compress(gpu: &Gpu, ck: &Checkpoint, opts: &CompressOptions, progress: &mut dyn FnMut(&Event)) -> Result<CompressSummary> {
+pub fn compress(
+    gpu: &Gpu,
+    ck: &Checkpoint,
+    opts: &CompressOptions,
+    progress: &mut dyn FnMut(&Event),
+) -> Result<CompressSummary> {
     let start = Instant::now();
     if ck.manifest().is_some() {
         return Err(Error::InvalidArgument(format!(
@@ -268,38 +318,79 @@ pub fn compress(gpu: &Gpu, ck: &Checkpoint, opts: &CompressOptions, progress: &m
     check_output(ck, &opts.output, opts.force)?;
     let cfg = ck.config().clone();
     let len = opts.calib.len.min(cfg.max_position_embeddings).max(2);
-    let copts = CalibOptions { len, ..opts.calib.clone() };
+    let copts = CalibOptions {
+        len,
+        ..opts.calib.clone()
+    };
 
-    let mut engine = Engine::new(gpu, ck, &EngineOptions { resident_bytes: 0, max_positions: len })?;
+    let mut engine = Engine::new(
+        gpu,
+        ck,
+        &EngineOptions {
+            resident_bytes: 0,
+            max_positions: len,
+        },
+    )?;
     let calibration: Calibration = match &opts.calib_source {
         CalibSource::Text(paths) => {
-            progress(&Event::Calibrating { kind: "text", done: 0, total: copts.samples });
+            progress(&Event::Calibrating {
+                kind: "text",
+                done: 0,
+                total: copts.samples,
+            });
             let tok = Tokenizer::from_model_dir(ck.dir())?.ok_or_else(|| {
-                Error::InvalidArgument(format!("{} has no tokenizer.json to tokenize --calib text", ck.dir().display()))
+                Error::InvalidArgument(format!(
+                    "{} has no tokenizer.json to tokenize --calib text",
+                    ck.dir().display()
+                ))
             })?;
             let c = calib::from_text(&tok, paths, &copts)?;
-            progress(&Event::Calibrating { kind: "text", done: copts.samples, total: copts.samples });
+            progress(&Event::Calibrating {
+                kind: "text",
+                done: copts.samples,
+                total: copts.samples,
+            });
             c
         }
         CalibSource::SelfGenerated => calib::self_generated(&mut engine, &copts, &mut |d, t| {
-            progress(&Event::Calibrating { kind: "self", done: d, total: t })
+            progress(&Event::Calibrating {
+                kind: "self",
+                done: d,
+                total: t,
+            })
         })?,
     };
 
     // Output: a temporary sibling directory, renamed into place at the end.
     let out = opts.output.clone();
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
     let tmp_path = out.with_file_name(format!(".{name}.pumice-tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp_path);
     std::fs::create_dir_all(&tmp_path).map_err(|e| Error::io(&tmp_path, e))?;
-    let mut tmp = TempDir { path: tmp_path.clone(), keep: false };
+    let mut tmp = TempDir {
+        path: tmp_path.clone(),
+        keep: false,
+    };
     let st_path = tmp_path.join("model.safetensors");
-    let mut writer = StreamingWriter::create(&st_path, plan(ck, opts.grid, opts.gptq.act_order && opts.method == Method::Gptq)?)?;
+    let mut writer = StreamingWriter::create(
+        &st_path,
+        plan(
+            ck,
+            opts.grid,
+            opts.gptq.act_order && opts.method == Method::Gptq,
+        )?,
+    )?;
     let arch = ck.arch();
     copy_plain(&mut writer, ck, &arch.embed_tokens.name)?;
 
     // Calibration activations, in sub-batches of whole sequences.
-    let widest = cfg.intermediate_size.max(cfg.hidden_size).max(cfg.num_heads * cfg.head_dim);
+    let widest = cfg
+        .intermediate_size
+        .max(cfg.hidden_size)
+        .max(cfg.num_heads * cfg.head_dim);
     let per_batch = (SUBBATCH_BYTES / (len * widest * 4)).max(1);
     let nseq = calibration.tokens.len() / len;
     let mut xs = Vec::new();
@@ -307,7 +398,9 @@ pub fn compress(gpu: &Gpu, ck: &Checkpoint, opts: &CompressOptions, progress: &m
         let s1 = (s0 + per_batch).min(nseq);
         xs.push(engine.embed_tokens(&calibration.tokens[s0 * len..s1 * len], len)?);
     }
-    let positions: Vec<u32> = (0..per_batch.min(nseq) * len).map(|r| (r % len) as u32).collect();
+    let positions: Vec<u32> = (0..per_batch.min(nseq) * len)
+        .map(|r| (r % len) as u32)
+        .collect();
     let pos = ops::upload_u32(gpu, &positions)?;
 
     let act_order = opts.gptq.act_order && opts.method == Method::Gptq;
@@ -321,7 +414,10 @@ pub fn compress(gpu: &Gpu, ck: &Checkpoint, opts: &CompressOptions, progress: &m
         let mut packed: Vec<(String, Packed)> = Vec::new();
         let mut reports = Vec::new();
 
-        let mut quantize_group = |kinds: &[LinearKind], inputs: &[GpuMatrix], w: &mut crate::infer::engine::LayerWeights| -> Result<()> {
+        let mut quantize_group = |kinds: &[LinearKind],
+                                  inputs: &[GpuMatrix],
+                                  w: &mut crate::infer::engine::LayerWeights|
+         -> Result<()> {
             let first = spec.linear(kinds[0]);
             let mut acc = HessianAccumulator::new(gpu, first.in_features)?;
             let mut b = Batch::new(gpu);
@@ -351,7 +447,9 @@ pub fn compress(gpu: &Gpu, ck: &Checkpoint, opts: &CompressOptions, progress: &m
                 let wv = ck.tensor(&lin.weight.name)?.to_f32()?;
                 let (m, n) = (lin.out_features, lin.in_features);
                 let q = match &prep {
-                    Some(p) => gq::gptq(gpu, &wv, m, n, p, opts.grid, opts.gptq.block)?.download(gpu)?,
+                    Some(p) => {
+                        gq::gptq(gpu, &wv, m, n, p, opts.grid, opts.gptq.block)?.download(gpu)?
+                    }
                     None => {
                         let wm = GpuMatrix::from_f32(gpu, m, n, DType::F32, &wv)?;
                         gq::rtn(gpu, &wm, opts.grid)?.download(gpu)?
@@ -374,11 +472,23 @@ pub fn compress(gpu: &Gpu, ck: &Checkpoint, opts: &CompressOptions, progress: &m
                     relative_error: rel,
                     damp: prep.as_ref().map(|p| p.damp),
                 };
-                let entry = QuantEntry { stored_bits: entry.expected_bits(), ..entry };
+                let entry = QuantEntry {
+                    stored_bits: entry.expected_bits(),
+                    ..entry
+                };
                 entries.insert(lin.weight.name.clone(), entry);
                 done += 1;
-                progress(&Event::Matrix { layer: l, name: lin.weight.name.clone(), done, total: total_matrices, relative_error: rel });
-                reports.push(MatrixReport { name: lin.weight.name.clone(), relative_error: rel });
+                progress(&Event::Matrix {
+                    layer: l,
+                    name: lin.weight.name.clone(),
+                    done,
+                    total: total_matrices,
+                    relative_error: rel,
+                });
+                reports.push(MatrixReport {
+                    name: lin.weight.name.clone(),
+                    relative_error: rel,
+                });
                 packed.push((lin.weight.name.clone(), p));
             }
             Ok(())
@@ -391,7 +501,11 @@ pub fn compress(gpu: &Gpu, ck: &Checkpoint, opts: &CompressOptions, progress: &m
             hs.push(engine.stage_attn_input(&mut b, &w, x, len)?);
             b.submit()?;
         }
-        quantize_group(&[LinearKind::QProj, LinearKind::KProj, LinearKind::VProj], &hs, &mut w)?;
+        quantize_group(
+            &[LinearKind::QProj, LinearKind::KProj, LinearKind::VProj],
+            &hs,
+            &mut w,
+        )?;
         // o on the attention output of the quantized q, k, v.
         let mut attns = Vec::new();
         for h in &hs {
@@ -441,7 +555,11 @@ pub fn compress(gpu: &Gpu, ck: &Checkpoint, opts: &CompressOptions, progress: &m
         }
         // Keep the manifest's layer order as the model's.
         reports.sort_by_key(|r| spec.linears.iter().position(|l| l.weight.name == r.name));
-        layers.push(LayerReport { layer: l, seconds: t0.elapsed().as_secs_f64(), matrices: reports });
+        layers.push(LayerReport {
+            layer: l,
+            seconds: t0.elapsed().as_secs_f64(),
+            matrices: reports,
+        });
     }
     drop(xs);
 
@@ -458,7 +576,9 @@ pub fn compress(gpu: &Gpu, ck: &Checkpoint, opts: &CompressOptions, progress: &m
             std::fs::copy(&src, tmp_path.join(f)).map_err(|e| Error::io(&src, e))?;
         }
     }
-    let out_bytes = std::fs::metadata(&st_path).map_err(|e| Error::io(&st_path, e))?.len();
+    let out_bytes = std::fs::metadata(&st_path)
+        .map_err(|e| Error::io(&st_path, e))?
+        .len();
     let parameters = ck.parameter_count();
     let linear_params: usize = entries.values().map(|e| e.rows * e.cols).sum();
     let linear_bits: u64 = entries.values().map(|e| e.stored_bits).sum();
@@ -491,7 +611,10 @@ pub fn compress(gpu: &Gpu, ck: &Checkpoint, opts: &CompressOptions, progress: &m
         layers: layers.clone(),
         files: [(
             "model.safetensors".to_string(),
-            FileInfo { bytes: out_bytes, sha256: sha256_files(&[st_path.as_path()])? },
+            FileInfo {
+                bytes: out_bytes,
+                sha256: sha256_files(&[st_path.as_path()])?,
+            },
         )]
         .into_iter()
         .collect(),

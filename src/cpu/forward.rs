@@ -6,7 +6,12 @@ use crate::error::Result;
 use crate::model::{Checkpoint, LinearKind};
 
 fn tensor(ck: &Checkpoint, name: &str) -> Result<Vec<f64>> {
-    Ok(ck.tensor(name)?.to_f32()?.into_iter().map(f64::from).collect())
+    Ok(ck
+        .tensor(name)?
+        .to_f32()?
+        .into_iter()
+        .map(f64::from)
+        .collect())
 }
 
 /// y[r] = x[r] · Wᵀ (+ b) for x [rows, inp], W [out, inp].
@@ -17,7 +22,8 @@ fn linear(x: &[f64], w: &[f64], b: Option<&[f64]>, inp: usize, out: usize) -> Ve
         let xr = &x[r * inp..(r + 1) * inp];
         for o in 0..out {
             let wr = &w[o * inp..(o + 1) * inp];
-            y[r * out + o] = xr.iter().zip(wr).map(|(a, c)| a * c).sum::<f64>() + b.map_or(0.0, |b| b[o]);
+            y[r * out + o] =
+                xr.iter().zip(wr).map(|(a, c)| a * c).sum::<f64>() + b.map_or(0.0, |b| b[o]);
         }
     }
     y
@@ -28,7 +34,10 @@ fn rms_norm(x: &[f64], w: &[f64], eps: f64) -> Vec<f64> {
     x.chunks(h)
         .flat_map(|row| {
             let inv = 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / h as f64 + eps).sqrt();
-            row.iter().zip(w).map(move |(v, g)| g * v * inv).collect::<Vec<_>>()
+            row.iter()
+                .zip(w)
+                .map(move |(v, g)| g * v * inv)
+                .collect::<Vec<_>>()
         })
         .collect()
 }
@@ -56,7 +65,10 @@ pub fn reference_logits(ck: &Checkpoint, ids: &[u32], seq_len: usize) -> Result<
     let (nh, nkv) = (c.num_heads, c.num_kv_heads);
     let rows = ids.len();
     let emb = tensor(ck, &ck.arch().embed_tokens.name)?;
-    let mut x: Vec<f64> = ids.iter().flat_map(|&t| emb[t as usize * h..(t as usize + 1) * h].to_vec()).collect();
+    let mut x: Vec<f64> = ids
+        .iter()
+        .flat_map(|&t| emb[t as usize * h..(t as usize + 1) * h].to_vec())
+        .collect();
     let inv = c.rope_inv_freq();
     let window = c.sliding_window.unwrap_or(0);
     for spec in &ck.arch().layers {
@@ -76,7 +88,11 @@ pub fn reference_logits(ck: &Checkpoint, ids: &[u32], seq_len: usize) -> Result<
         let scale = 1.0 / (hd as f64).sqrt();
         for r in 0..rows {
             let (seq, i) = (r / seq_len, r % seq_len);
-            let lo = if window > 0 && i + 1 > window { i + 1 - window } else { 0 };
+            let lo = if window > 0 && i + 1 > window {
+                i + 1 - window
+            } else {
+                0
+            };
             for head in 0..nh {
                 let kh = head / (nh / nkv);
                 let qr = &q[r * nh * hd + head * hd..][..hd];
@@ -99,10 +115,18 @@ pub fn reference_logits(ck: &Checkpoint, ids: &[u32], seq_len: usize) -> Result<
         }
         let o = lin(LinearKind::OProj, &attn)?;
         x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
-        let h2 = rms_norm(&x, &tensor(ck, &spec.post_attention_norm.name)?, c.rms_norm_eps);
+        let h2 = rms_norm(
+            &x,
+            &tensor(ck, &spec.post_attention_norm.name)?,
+            c.rms_norm_eps,
+        );
         let g = lin(LinearKind::GateProj, &h2)?;
         let u = lin(LinearKind::UpProj, &h2)?;
-        let act: Vec<f64> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+        let act: Vec<f64> = g
+            .iter()
+            .zip(&u)
+            .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+            .collect();
         let d = lin(LinearKind::DownProj, &act)?;
         x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
     }

@@ -5,7 +5,14 @@
 //! against a strong CPU implementation.
 
 /// `A · B` (or `A · Bᵀ` when `b_transposed`) in f64. A is [m, k]; B is [k, n] or [n, k].
-pub fn gemm_f64(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, b_transposed: bool) -> Vec<f64> {
+pub fn gemm_f64(
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    b_transposed: bool,
+) -> Vec<f64> {
     assert_eq!(a.len(), m * k, "A has the wrong length");
     assert_eq!(b.len(), k * n, "B has the wrong length");
     let mut c = vec![0.0f64; m * n];
@@ -55,7 +62,14 @@ pub fn hessian_f64(x: &[f32], rows: usize, f: usize) -> Vec<f64> {
 }
 
 /// CPU baseline with faer: `C = A · op(B)` in f32 on all cores. Returns C row-major.
-pub fn gemm_faer(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, b_transposed: bool) -> Vec<f32> {
+pub fn gemm_faer(
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    b_transposed: bool,
+) -> Vec<f32> {
     use faer::{Accum, MatRef, Par};
     let a = MatRef::from_row_major_slice(a, m, k);
     let b_mat = if b_transposed {
@@ -83,7 +97,14 @@ fn gemm_faer_tn(x: &[f32], rows: usize, f: usize) -> Vec<f32> {
     use faer::{Accum, MatRef, Par};
     let xm = MatRef::from_row_major_slice(x, rows, f);
     let mut h = faer::Mat::<f32>::zeros(f, f);
-    faer::linalg::matmul::matmul(h.as_mut(), Accum::Replace, xm.transpose(), xm, 1.0f32, Par::rayon(0));
+    faer::linalg::matmul::matmul(
+        h.as_mut(),
+        Accum::Replace,
+        xm.transpose(),
+        xm,
+        1.0f32,
+        Par::rayon(0),
+    );
     let mut out = vec![0.0f32; f * f];
     for i in 0..f {
         for j in 0..f {
@@ -127,7 +148,10 @@ pub mod ops {
             .flat_map(|row| {
                 let ms = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / h as f64;
                 let inv = 1.0 / (ms + eps).sqrt();
-                row.iter().zip(w).map(move |(&v, &g)| g as f64 * v as f64 * inv).collect::<Vec<_>>()
+                row.iter()
+                    .zip(w)
+                    .map(move |(&v, &g)| g as f64 * v as f64 * inv)
+                    .collect::<Vec<_>>()
             })
             .collect()
     }
@@ -154,13 +178,29 @@ pub mod ops {
     /// Causal GQA attention over `nseq` sequences: q [nseq·t, heads·d], k/v [nseq·s, kv·d];
     /// query i sees keys j ≤ q_pos0 + i (and > q_pos0 + i − window when window > 0).
     #[allow(clippy::too_many_arguments)]
-    pub fn attention(q: &[f32], k: &[f32], v: &[f32], nseq: usize, t: usize, s: usize, heads: usize, kv_heads: usize, d: usize, q_pos0: usize, window: usize) -> Vec<f64> {
+    pub fn attention(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        nseq: usize,
+        t: usize,
+        s: usize,
+        heads: usize,
+        kv_heads: usize,
+        d: usize,
+        q_pos0: usize,
+        window: usize,
+    ) -> Vec<f64> {
         let mut out = vec![0.0f64; nseq * t * heads * d];
         let scale = 1.0 / (d as f64).sqrt();
         for b in 0..nseq {
             for i in 0..t {
                 let pos = q_pos0 + i;
-                let lo = if window > 0 && pos + 1 > window { pos + 1 - window } else { 0 };
+                let lo = if window > 0 && pos + 1 > window {
+                    pos + 1 - window
+                } else {
+                    0
+                };
                 for h in 0..heads {
                     let kh = h / (heads / kv_heads);
                     let qr = &q[(b * t + i) * heads * d + h * d..][..d];
@@ -169,7 +209,11 @@ pub mod ops {
                         .iter()
                         .map(|&j| {
                             let kr = &k[(b * s + j) * kv_heads * d + kh * d..][..d];
-                            qr.iter().zip(kr).map(|(&a, &c)| a as f64 * c as f64).sum::<f64>() * scale
+                            qr.iter()
+                                .zip(kr)
+                                .map(|(&a, &c)| a as f64 * c as f64)
+                                .sum::<f64>()
+                                * scale
                         })
                         .collect();
                     let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -200,7 +244,12 @@ pub mod ops {
     }
 
     /// Per-row (NLL of target, KL(ref ‖ z), argmax z, argmax ref) of logits rows of length v.
-    pub fn logit_stats(z: &[f32], z_ref: Option<&[f32]>, targets: &[u32], v: usize) -> Vec<(f64, f64, usize, usize)> {
+    pub fn logit_stats(
+        z: &[f32],
+        z_ref: Option<&[f32]>,
+        targets: &[u32],
+        v: usize,
+    ) -> Vec<(f64, f64, usize, usize)> {
         let lse = |row: &[f32]| {
             let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
             m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln()

@@ -87,7 +87,9 @@ impl GpuOptions {
             max_binding_bytes: var("PUMICE_MAX_BINDING")
                 .map(|v| {
                     v.parse::<u64>().map_err(|_| {
-                        Error::InvalidArgument(format!("PUMICE_MAX_BINDING=`{v}` is not a byte count"))
+                        Error::InvalidArgument(format!(
+                            "PUMICE_MAX_BINDING=`{v}` is not a byte count"
+                        ))
                     })
                 })
                 .transpose()?,
@@ -207,7 +209,11 @@ pub(crate) fn enumerate(backend: BackendChoice) -> (wgpu::Instance, Vec<wgpu::Ad
 pub fn list_adapters(opts: &GpuOptions) -> Vec<AdapterReport> {
     let backend = opts.backend.unwrap_or(BackendChoice::All);
     let (_instance, adapters) = enumerate(backend);
-    let mut reports: Vec<AdapterReport> = adapters.iter().enumerate().map(|(i, a)| report(i, a)).collect();
+    let mut reports: Vec<AdapterReport> = adapters
+        .iter()
+        .enumerate()
+        .map(|(i, a)| report(i, a))
+        .collect();
     if let Ok((chosen, _)) = select(adapters, backend, opts.adapter.as_ref()) {
         reports[chosen].selected = true;
     }
@@ -247,7 +253,13 @@ pub(crate) fn select(
         adapters
             .iter()
             .enumerate()
-            .map(|(i, a)| format!("{i}: {} ({})", a.get_info().name, backend_name(a.get_info().backend)))
+            .map(|(i, a)| {
+                format!(
+                    "{i}: {} ({})",
+                    a.get_info().name,
+                    backend_name(a.get_info().backend)
+                )
+            })
             .collect::<Vec<_>>()
             .join(", ")
     };
@@ -267,14 +279,20 @@ pub(crate) fn select(
                 .iter()
                 .position(|a| a.get_info().name.to_lowercase().contains(&needle))
                 .ok_or_else(|| {
-                    Error::NoAdapter(format!("no adapter name contains `{sub}`; available: {}", names()))
+                    Error::NoAdapter(format!(
+                        "no adapter name contains `{sub}`; available: {}",
+                        names()
+                    ))
                 })?
         }
         None => (0..adapters.len())
             .min_by_key(|&i| (rank(&adapters[i].get_info()), i))
             .expect("non-empty"),
     };
-    let adapter = adapters.into_iter().nth(index).expect("index checked above");
+    let adapter = adapters
+        .into_iter()
+        .nth(index)
+        .expect("index checked above");
     Ok((index, adapter))
 }
 
@@ -284,10 +302,16 @@ mod tests {
 
     #[test]
     fn parse_choices() {
-        assert_eq!("Vulkan".parse::<BackendChoice>().unwrap(), BackendChoice::Vulkan);
+        assert_eq!(
+            "Vulkan".parse::<BackendChoice>().unwrap(),
+            BackendChoice::Vulkan
+        );
         assert_eq!("gles".parse::<BackendChoice>().unwrap(), BackendChoice::Gl);
         assert!("glide".parse::<BackendChoice>().is_err());
-        assert_eq!("1".parse::<AdapterSelector>().unwrap(), AdapterSelector::Index(1));
+        assert_eq!(
+            "1".parse::<AdapterSelector>().unwrap(),
+            AdapterSelector::Index(1)
+        );
         assert_eq!(
             "llvmpipe".parse::<AdapterSelector>().unwrap(),
             AdapterSelector::Name("llvmpipe".into())

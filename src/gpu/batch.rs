@@ -73,7 +73,8 @@ impl<'g> Batch<'g> {
         self.params.extend_from_slice(bytemuck::bytes_of(params));
         let end = self.params.len();
         // Uniform bindings must be a multiple of 16 bytes.
-        self.params.resize(start + (end - start).div_ceil(16) * 16, 0);
+        self.params
+            .resize(start + (end - start).div_ceil(16) * 16, 0);
         let end = self.params.len();
         self.dispatches.push(Dispatch {
             pipeline,
@@ -127,7 +128,9 @@ impl<'g> Batch<'g> {
                     })
                 })
                 .collect();
-            let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("batch") });
+            let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("batch"),
+            });
             {
                 let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                     label: Some("batch"),

@@ -55,7 +55,8 @@ impl Gpu {
         let (index, adapter) = adapter::select(adapters, backend, opts.adapter.as_ref())?;
         let report = adapter::report(index, &adapter);
 
-        let wanted = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
+        let wanted =
+            wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
         let features = adapter.features() & wanted;
         let limits = adapter.limits();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
@@ -86,7 +87,9 @@ impl Gpu {
             }
         }));
 
-        let mut max_binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        let mut max_binding = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
         let mut max_buffer = limits.max_buffer_size;
         if let Some(cap) = opts.max_binding_bytes {
             max_binding = max_binding.min(cap.max(256));
@@ -168,7 +171,12 @@ impl Gpu {
         if let Some(msg) = self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             return Err(Error::DeviceLost(msg));
         }
-        if let Some(msg) = self.uncaptured.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(msg) = self
+            .uncaptured
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             return Err(Error::Gpu {
                 op: "an earlier operation".into(),
                 msg,
@@ -198,7 +206,9 @@ impl Gpu {
     /// A storage buffer of at least `bytes` (rounded up to 16) from the pool. Contents are
     /// undefined unless `zeroed`.
     pub fn storage(&self, bytes: u64, zeroed: bool) -> Result<GpuBuffer> {
-        let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;
+        let usage = wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_DST
+            | wgpu::BufferUsages::COPY_SRC;
         let len = bytes.max(4).div_ceil(16) * 16;
         if len > self.caps.max_buffer {
             return Err(Error::TooLarge {
@@ -254,7 +264,8 @@ impl Gpu {
         // Pad up to the 16-byte length so vector loads see zeros, never stale pool data.
         let pad = (buf.len() - whole as u64) as usize;
         if pad > 0 {
-            self.queue.write_buffer(buf.raw(), whole as u64, &tail[..pad]);
+            self.queue
+                .write_buffer(buf.raw(), whole as u64, &tail[..pad]);
         }
         Ok(buf)
     }
@@ -271,7 +282,10 @@ impl Gpu {
                 buf.len()
             )));
         }
-        let staging = self.buffer(padded, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)?;
+        let staging = self.buffer(
+            padded,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        )?;
         let mut enc = self.device.create_command_encoder(&Default::default());
         enc.copy_buffer_to_buffer(buf.raw(), offset, staging.raw(), 0, Some(padded));
         self.scoped("readback", || self.queue.submit([enc.finish()]))?;
@@ -282,13 +296,7 @@ impl Gpu {
             .map_async(wgpu::MapMode::Read, move |r| {
                 let _ = tx.send(r);
             });
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::Gpu {
-                op: "waiting for the GPU".into(),
-                msg: e.to_string(),
-            })?;
-        self.check_health()?;
+        self.wait()?;
         match rx.recv() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {

@@ -33,23 +33,43 @@ impl GemmConfig {
     /// Tile choice per adapter: 64×64 tiles (256 invocations) on GPUs; 32×32 on CPU adapters,
     /// whose SIMD lanes gain nothing from bigger groups and whose caches like smaller tiles.
     pub fn for_gpu(gpu: &Gpu) -> GemmConfig {
-        if let Some(c) = std::env::var("PUMICE_GEMM_TILE").ok().and_then(|v| Self::parse(&v)) {
+        if let Some(c) = std::env::var("PUMICE_GEMM_TILE")
+            .ok()
+            .and_then(|v| Self::parse(&v))
+        {
             return c;
         }
         let caps = gpu.caps();
         if caps.is_cpu {
-            GemmConfig { wg_x: 8, wg_y: 1, tm: 8 }
+            GemmConfig {
+                wg_x: 8,
+                wg_y: 1,
+                tm: 8,
+            }
         } else if caps.max_invocations < 256 {
-            GemmConfig { wg_x: 8, wg_y: 8, tm: 4 }
+            GemmConfig {
+                wg_x: 8,
+                wg_y: 8,
+                tm: 4,
+            }
         } else {
-            GemmConfig { wg_x: 16, wg_y: 16, tm: 4 }
+            GemmConfig {
+                wg_x: 16,
+                wg_y: 16,
+                tm: 4,
+            }
         }
     }
     /// `WGXxWGYxTM`, e.g. `8x1x8` (the `PUMICE_GEMM_TILE` override used for tuning).
     pub fn parse(s: &str) -> Option<GemmConfig> {
-        let v: Vec<u32> = s.split('x').map(|p| p.trim().parse().ok()).collect::<Option<_>>()?;
+        let v: Vec<u32> = s
+            .split('x')
+            .map(|p| p.trim().parse().ok())
+            .collect::<Option<_>>()?;
         match v[..] {
-            [wg_x, wg_y, tm] if wg_x > 0 && wg_y > 0 && (1..=16).contains(&tm) => Some(GemmConfig { wg_x, wg_y, tm }),
+            [wg_x, wg_y, tm] if wg_x > 0 && wg_y > 0 && (1..=16).contains(&tm) => {
+                Some(GemmConfig { wg_x, wg_y, tm })
+            }
             _ => None,
         }
     }
@@ -87,13 +107,26 @@ pub enum GemmOp {
     NT,
 }
 
+impl GemmOp {
+    /// Columns of op(B), i.e. of C.
+    pub fn out_cols(self, b: &GpuMatrix) -> usize {
+        match self {
+            GemmOp::NN => b.cols(),
+            GemmOp::NT => b.rows(),
+        }
+    }
+}
+
 /// Record `C (+)= A · op(B)` into `batch`. C must be f32 with shape [A.rows, n].
-pub fn gemm(batch: &mut Batch<'_>, a: &GpuMatrix, b: &GpuMatrix, op: GemmOp, c: &GpuMatrix, accumulate: bool) -> Result<()> {
-    let n = match op {
-        GemmOp::NN => b.cols(),
-        GemmOp::NT => b.rows(),
-    };
-    if c.rows() != a.rows() || c.cols() != n {
+pub fn gemm(
+    batch: &mut Batch<'_>,
+    a: &GpuMatrix,
+    b: &GpuMatrix,
+    op: GemmOp,
+    c: &GpuMatrix,
+    accumulate: bool,
+) -> Result<()> {
+    if c.rows() != a.rows() || c.cols() != op.out_cols(b) {
         return Err(Error::Shape(format!(
             "gemm {op:?}: A {:?}, B {:?}, C {:?}",
             a.shape(),
@@ -118,12 +151,12 @@ pub fn gemm_rows(
     c_row0: usize,
     accumulate: bool,
 ) -> Result<()> {
-    let n = match op {
-        GemmOp::NN => b.cols(),
-        GemmOp::NT => b.rows(),
-    };
-    if c.cols() != n {
-        return Err(Error::Shape(format!("gemm_rows: C has {} columns, op(B) {n}", c.cols())));
+    if c.cols() != op.out_cols(b) {
+        return Err(Error::Shape(format!(
+            "gemm_rows: C has {} columns, op(B) {}",
+            c.cols(),
+            op.out_cols(b)
+        )));
     }
     gemm_region(batch, a, a_rows, b, op, c, c_row0, 0, accumulate)
 }
@@ -158,13 +191,18 @@ pub fn gemm_region(
         )));
     }
     if c.dtype() != crate::dtype::DType::F32 {
-        return Err(Error::Shape(format!("gemm output must be f32, not {}", c.dtype())));
+        return Err(Error::Shape(format!(
+            "gemm output must be f32, not {}",
+            c.dtype()
+        )));
     }
     if m == 0 || n == 0 {
         return Ok(());
     }
     if k == 0 {
-        return Err(Error::Shape("gemm with an empty contraction (k = 0)".into()));
+        return Err(Error::Shape(
+            "gemm with an empty contraction (k = 0)".into(),
+        ));
     }
     let gpu = batch.gpu();
     let cfg = GemmConfig::for_gpu(gpu);
@@ -219,11 +257,14 @@ pub fn gemm_region(
                         let a_al = aligned(a_off, k);
                         let b_al = aligned(b_off, b.cols());
                         let spec = Spec::new()
-                            .set("OPERANDS", format!(
-                                "{}{}",
-                                operand_wgsl("a", 1, a.dtype(), a_al),
-                                operand_wgsl("b", 2, b.dtype(), b_al)
-                            ))
+                            .set(
+                                "OPERANDS",
+                                format!(
+                                    "{}{}",
+                                    operand_wgsl("a", 1, a.dtype(), a_al),
+                                    operand_wgsl("b", 2, b.dtype(), b_al)
+                                ),
+                            )
                             .set("WG_X", cfg.wg_x)
                             .set("WG_Y", cfg.wg_y)
                             .set("TM", cfg.tm)
@@ -247,11 +288,7 @@ pub fn gemm_region(
 
 /// `A · op(B)` into a new f32 matrix, submitted at once.
 pub fn matmul(gpu: &Gpu, a: &GpuMatrix, b: &GpuMatrix, op: GemmOp) -> Result<GpuMatrix> {
-    let n = match op {
-        GemmOp::NN => b.cols(),
-        GemmOp::NT => b.rows(),
-    };
-    let c = GpuMatrix::uninit(gpu, a.rows(), n)?;
+    let c = GpuMatrix::uninit(gpu, a.rows(), op.out_cols(b))?;
     let mut batch = Batch::new(gpu);
     gemm(&mut batch, a, b, op, &c, false)?;
     batch.submit()?;

@@ -77,7 +77,11 @@ impl HessianAccumulator {
             )));
         }
         let gpu = batch.gpu();
-        let (wg_x, wg_y) = if gpu.caps().is_cpu { (8u32, 8u32) } else { (16, 16) };
+        let (wg_x, wg_y) = if gpu.caps().is_cpu {
+            (8u32, 8u32)
+        } else {
+            (16, 16)
+        };
         let tile = 4 * wg_x as usize;
         for xc in x.chunks() {
             let mut t0 = 0;
@@ -85,7 +89,10 @@ impl HessianAccumulator {
                 let t = (xc.rows - t0).min(ROWS_PER_DISPATCH);
                 let x_off = t0 * f;
                 let spec = Spec::new()
-                    .set("OPERANDS", operand_wgsl("x", 1, x.dtype(), aligned(x_off, f)))
+                    .set(
+                        "OPERANDS",
+                        operand_wgsl("x", 1, x.dtype(), aligned(x_off, f)),
+                    )
                     .set("WG_X", wg_x)
                     .set("WG_Y", wg_y)
                     .set("BLOCK", BLOCK);
@@ -101,7 +108,11 @@ impl HessianAccumulator {
                         one_b: 1.0,
                         _pad: 0,
                     };
-                    let wg = [f.div_ceil(tile) as u32, hc.rows.div_ceil(4 * wg_y as usize) as u32, 1];
+                    let wg = [
+                        f.div_ceil(tile) as u32,
+                        hc.rows.div_ceil(4 * wg_y as usize) as u32,
+                        1,
+                    ];
                     batch.dispatch(pipeline.clone(), &params, &[&xc.buf, &hc.buf, &lc.buf], wg)?;
                 }
                 t0 += t;
@@ -115,7 +126,10 @@ impl HessianAccumulator {
     pub fn accumulate_host(&mut self, gpu: &Gpu, x: &[f32]) -> Result<()> {
         let f = self.features;
         if !x.len().is_multiple_of(f) {
-            return Err(Error::Shape(format!("{} values are not rows of {f} features", x.len())));
+            return Err(Error::Shape(format!(
+                "{} values are not rows of {f} features",
+                x.len()
+            )));
         }
         let xm = GpuMatrix::from_f32(gpu, x.len() / f, f, DType::F32, x)?;
         let mut batch = Batch::new(gpu);

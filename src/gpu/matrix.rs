@@ -65,7 +65,9 @@ fn grouped_rows(gpu: &Gpu, cols: usize, dtype: DType, group: usize) -> Result<us
 }
 
 fn chunk_ranges(rows: usize, per: usize) -> impl Iterator<Item = (usize, usize)> {
-    (0..rows).step_by(per).map(move |r0| (r0, per.min(rows - r0)))
+    (0..rows)
+        .step_by(per)
+        .map(move |r0| (r0, per.min(rows - r0)))
 }
 
 impl GpuMatrix {
@@ -105,12 +107,18 @@ impl GpuMatrix {
         Self::alloc_grouped(gpu, rows, cols, dtype, zeroed, 1)
     }
 
-    fn alloc_grouped(gpu: &Gpu, rows: usize, cols: usize, dtype: DType, zeroed: bool, group: usize) -> Result<GpuMatrix> {
-        let per = grouped_rows(gpu, cols, dtype, group)?;
+    /// Chunks of `per` rows, each buffer made by `make(first row, rows)`.
+    fn build(
+        rows: usize,
+        cols: usize,
+        dtype: DType,
+        per: usize,
+        mut make: impl FnMut(usize, usize) -> Result<GpuBuffer>,
+    ) -> Result<GpuMatrix> {
         let chunks = chunk_ranges(rows, per)
             .map(|(row0, n)| {
                 Ok(Chunk {
-                    buf: gpu.storage((n * cols * dtype.size()) as u64, zeroed)?,
+                    buf: make(row0, n)?,
                     row0,
                     rows: n,
                 })
@@ -124,20 +132,63 @@ impl GpuMatrix {
         })
     }
 
+    fn alloc_grouped(
+        gpu: &Gpu,
+        rows: usize,
+        cols: usize,
+        dtype: DType,
+        zeroed: bool,
+        group: usize,
+    ) -> Result<GpuMatrix> {
+        let per = grouped_rows(gpu, cols, dtype, group)?;
+        Self::build(rows, cols, dtype, per, |_, n| {
+            gpu.storage((n * cols * dtype.size()) as u64, zeroed)
+        })
+    }
+
     /// Upload raw little-endian bytes of `dtype` (exactly `rows * cols` elements).
-    pub fn from_bytes(gpu: &Gpu, rows: usize, cols: usize, dtype: DType, bytes: &[u8]) -> Result<GpuMatrix> {
+    pub fn from_bytes(
+        gpu: &Gpu,
+        rows: usize,
+        cols: usize,
+        dtype: DType,
+        bytes: &[u8],
+    ) -> Result<GpuMatrix> {
         Self::from_bytes_grouped(gpu, rows, cols, dtype, bytes, 1)
     }
 
     /// Upload f32 values with chunks holding whole groups of `group` rows.
-    pub fn from_f32_grouped(gpu: &Gpu, rows: usize, cols: usize, group: usize, values: &[f32]) -> Result<GpuMatrix> {
+    pub fn from_f32_grouped(
+        gpu: &Gpu,
+        rows: usize,
+        cols: usize,
+        group: usize,
+        values: &[f32],
+    ) -> Result<GpuMatrix> {
         if values.len() != rows * cols {
-            return Err(Error::Shape(format!("{} values given for a {rows}×{cols} matrix", values.len())));
+            return Err(Error::Shape(format!(
+                "{} values given for a {rows}×{cols} matrix",
+                values.len()
+            )));
         }
-        Self::from_bytes_grouped(gpu, rows, cols, DType::F32, bytemuck::cast_slice(values), group)
+        Self::from_bytes_grouped(
+            gpu,
+            rows,
+            cols,
+            DType::F32,
+            bytemuck::cast_slice(values),
+            group,
+        )
     }
 
-    fn from_bytes_grouped(gpu: &Gpu, rows: usize, cols: usize, dtype: DType, bytes: &[u8], group: usize) -> Result<GpuMatrix> {
+    fn from_bytes_grouped(
+        gpu: &Gpu,
+        rows: usize,
+        cols: usize,
+        dtype: DType,
+        bytes: &[u8],
+        group: usize,
+    ) -> Result<GpuMatrix> {
         let expect = rows * cols * dtype.size();
         if bytes.len() != expect {
             return Err(Error::Shape(format!(
@@ -147,25 +198,19 @@ impl GpuMatrix {
         }
         let per = grouped_rows(gpu, cols, dtype, group.max(1))?;
         let row_bytes = cols * dtype.size();
-        let chunks = chunk_ranges(rows, per)
-            .map(|(row0, n)| {
-                Ok(Chunk {
-                    buf: gpu.upload(&bytes[row0 * row_bytes..(row0 + n) * row_bytes])?,
-                    row0,
-                    rows: n,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(GpuMatrix {
-            rows,
-            cols,
-            dtype,
-            chunks,
+        Self::build(rows, cols, dtype, per, |row0, n| {
+            gpu.upload(&bytes[row0 * row_bytes..(row0 + n) * row_bytes])
         })
     }
 
     /// Upload f32 values, stored as `dtype` (rounded to nearest even for 16-bit types).
-    pub fn from_f32(gpu: &Gpu, rows: usize, cols: usize, dtype: DType, values: &[f32]) -> Result<GpuMatrix> {
+    pub fn from_f32(
+        gpu: &Gpu,
+        rows: usize,
+        cols: usize,
+        dtype: DType,
+        values: &[f32],
+    ) -> Result<GpuMatrix> {
         if values.len() != rows * cols {
             return Err(Error::Shape(format!(
                 "{} values given for a {rows}×{cols} matrix",
@@ -180,7 +225,10 @@ impl GpuMatrix {
 
     /// The pieces of `rows` (global row indices) as (chunk, first row within the chunk, row
     /// count, first global row).
-    pub fn segments(&self, rows: std::ops::Range<usize>) -> impl Iterator<Item = (&Chunk, usize, usize, usize)> + '_ {
+    pub fn segments(
+        &self,
+        rows: std::ops::Range<usize>,
+    ) -> impl Iterator<Item = (&Chunk, usize, usize, usize)> + '_ {
         self.chunks.iter().filter_map(move |c| {
             let r0 = rows.start.max(c.row0);
             let r1 = rows.end.min(c.row0 + c.rows);
@@ -190,10 +238,18 @@ impl GpuMatrix {
 
     /// Split `rows` at every chunk boundary of every matrix in `mats`: each returned piece lies
     /// within one chunk of each matrix, given as (chunk, first row within it).
-    pub fn common_segments<'m>(mats: &[&'m GpuMatrix], rows: std::ops::Range<usize>) -> Vec<(std::ops::Range<usize>, Vec<(&'m Chunk, usize)>)> {
+    pub fn common_segments<'m>(
+        mats: &[&'m GpuMatrix],
+        rows: std::ops::Range<usize>,
+    ) -> Vec<(std::ops::Range<usize>, Vec<(&'m Chunk, usize)>)> {
         let mut cuts: Vec<usize> = vec![rows.start, rows.end];
         for m in mats {
-            cuts.extend(m.chunks.iter().map(|c| c.row0).filter(|&r| r > rows.start && r < rows.end));
+            cuts.extend(
+                m.chunks
+                    .iter()
+                    .map(|c| c.row0)
+                    .filter(|&r| r > rows.start && r < rows.end),
+            );
         }
         cuts.sort_unstable();
         cuts.dedup();
@@ -220,7 +276,11 @@ impl GpuMatrix {
     pub fn same_layout(&self, other: &GpuMatrix) -> bool {
         self.rows == other.rows
             && self.chunks.len() == other.chunks.len()
-            && self.chunks.iter().zip(&other.chunks).all(|(a, b)| a.row0 == b.row0 && a.rows == b.rows)
+            && self
+                .chunks
+                .iter()
+                .zip(&other.chunks)
+                .all(|(a, b)| a.row0 == b.row0 && a.rows == b.rows)
     }
 
     /// Read the whole matrix back as f32.

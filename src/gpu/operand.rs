@@ -15,7 +15,8 @@ pub(crate) fn aligned(offset: usize, stride: usize) -> bool {
 
 pub(crate) fn operand_wgsl(name: &str, binding: u32, dtype: DType, aligned: bool) -> String {
     let d = format!("{name}_data");
-    let decl = |ty: &str| format!("@group(0) @binding({binding}) var<storage, read> {d}: array<{ty}>;\n");
+    let decl =
+        |ty: &str| format!("@group(0) @binding({binding}) var<storage, read> {d}: array<{ty}>;\n");
     // Decoders for one packed 32-bit word holding two 16-bit values (low half = lower index).
     let (lo, hi, pair) = match dtype {
         DType::BF16 => (
@@ -23,7 +24,11 @@ pub(crate) fn operand_wgsl(name: &str, binding: u32, dtype: DType, aligned: bool
             "bitcast<f32>(W & 0xffff0000u)",
             "vec2<f32>(bitcast<f32>(W << 16u), bitcast<f32>(W & 0xffff0000u))",
         ),
-        _ => ("unpack2x16float(W).x", "unpack2x16float(W).y", "unpack2x16float(W)"),
+        _ => (
+            "unpack2x16float(W).x",
+            "unpack2x16float(W).y",
+            "unpack2x16float(W)",
+        ),
     };
     let w = |expr: &str, word: &str| expr.replace('W', word);
     match (dtype, aligned) {

@@ -13,12 +13,30 @@ use super::matrix::GpuMatrix;
 use super::operand::operand_wgsl;
 use super::pipeline::{Kernel, Spec};
 
-const EMBED: Kernel = Kernel { name: "embed", template: include_str!("../../shaders/embed.wgsl") };
-const RMSNORM: Kernel = Kernel { name: "rmsnorm", template: include_str!("../../shaders/rmsnorm.wgsl") };
-const ROPE: Kernel = Kernel { name: "rope", template: include_str!("../../shaders/rope.wgsl") };
-const ATTENTION: Kernel = Kernel { name: "attention", template: include_str!("../../shaders/attention.wgsl") };
-const ELEMENTWISE: Kernel = Kernel { name: "elementwise", template: include_str!("../../shaders/elementwise.wgsl") };
-const LOGITS: Kernel = Kernel { name: "logits", template: include_str!("../../shaders/logits.wgsl") };
+const EMBED: Kernel = Kernel {
+    name: "embed",
+    template: include_str!("../../shaders/embed.wgsl"),
+};
+const RMSNORM: Kernel = Kernel {
+    name: "rmsnorm",
+    template: include_str!("../../shaders/rmsnorm.wgsl"),
+};
+const ROPE: Kernel = Kernel {
+    name: "rope",
+    template: include_str!("../../shaders/rope.wgsl"),
+};
+const ATTENTION: Kernel = Kernel {
+    name: "attention",
+    template: include_str!("../../shaders/attention.wgsl"),
+};
+const ELEMENTWISE: Kernel = Kernel {
+    name: "elementwise",
+    template: include_str!("../../shaders/elementwise.wgsl"),
+};
+const LOGITS: Kernel = Kernel {
+    name: "logits",
+    template: include_str!("../../shaders/logits.wgsl"),
+};
 
 /// Rows per dispatch dimension for kernels that index rows with (y, z) workgroups.
 const ROWS_Y: usize = 65535;
@@ -60,11 +78,24 @@ struct EmbedParams {
 
 /// `out[r] = table[ids[r]]` for every row of `out` (ids has out.rows() entries). Ids outside
 /// the table leave their row untouched; callers validate ids against the vocabulary first.
-pub fn embed(batch: &mut Batch<'_>, ids: &GpuBuffer, table: &GpuMatrix, out: &GpuMatrix) -> Result<()> {
+pub fn embed(
+    batch: &mut Batch<'_>,
+    ids: &GpuBuffer,
+    table: &GpuMatrix,
+    out: &GpuMatrix,
+) -> Result<()> {
     let h = table.cols();
-    check(out.cols() == h && ids.len() >= 4 * out.rows() as u64, || {
-        format!("embed: table {:?}, out {:?}, {} id bytes", table.shape(), out.shape(), ids.len())
-    })?;
+    check(
+        out.cols() == h && ids.len() >= 4 * out.rows() as u64,
+        || {
+            format!(
+                "embed: table {:?}, out {:?}, {} id bytes",
+                table.shape(),
+                out.shape(),
+                ids.len()
+            )
+        },
+    )?;
     let gpu = batch.gpu();
     for oc in out.chunks() {
         for tc in table.chunks() {
@@ -82,7 +113,11 @@ pub fn embed(batch: &mut Batch<'_>, ids: &GpuBuffer, table: &GpuMatrix, out: &Gp
                     out_off: (r * h) as u32,
                     _pad: [0; 2],
                 };
-                let wg = [h.div_ceil(64) as u32, n.min(ROWS_Y) as u32, n.div_ceil(ROWS_Y) as u32];
+                let wg = [
+                    h.div_ceil(64) as u32,
+                    n.min(ROWS_Y) as u32,
+                    n.div_ceil(ROWS_Y) as u32,
+                ];
                 batch.dispatch(pipeline.clone(), &params, &[ids, &tc.buf, &oc.buf], wg)?;
                 r += n;
             }
@@ -101,11 +136,25 @@ struct NormParams {
 }
 
 /// `y = rmsnorm(x) ⊙ w` row by row. `w` is a 1×h matrix of any dtype; x and y share a layout.
-pub fn rms_norm(batch: &mut Batch<'_>, x: &GpuMatrix, w: &GpuMatrix, eps: f32, y: &GpuMatrix) -> Result<()> {
+pub fn rms_norm(
+    batch: &mut Batch<'_>,
+    x: &GpuMatrix,
+    w: &GpuMatrix,
+    eps: f32,
+    y: &GpuMatrix,
+) -> Result<()> {
     let h = x.cols();
-    check(w.rows() == 1 && w.cols() == h && y.cols() == h && x.same_layout(y), || {
-        format!("rms_norm: x {:?}, w {:?}, y {:?}", x.shape(), w.shape(), y.shape())
-    })?;
+    check(
+        w.rows() == 1 && w.cols() == h && y.cols() == h && x.same_layout(y),
+        || {
+            format!(
+                "rms_norm: x {:?}, w {:?}, y {:?}",
+                x.shape(),
+                w.shape(),
+                y.shape()
+            )
+        },
+    )?;
     let gpu = batch.gpu();
     let wg = reduce_wg(gpu);
     let spec = Spec::new()
@@ -123,7 +172,12 @@ pub fn rms_norm(batch: &mut Batch<'_>, x: &GpuMatrix, w: &GpuMatrix, eps: f32, y
                 eps,
                 row_base: r as u32,
             };
-            batch.dispatch(pipeline.clone(), &params, &[&xc.buf, &w.chunks()[0].buf, &yc.buf], [n as u32, 1, 1])?;
+            batch.dispatch(
+                pipeline.clone(),
+                &params,
+                &[&xc.buf, &w.chunks()[0].buf, &yc.buf],
+                [n as u32, 1, 1],
+            )?;
             r += n;
         }
     }
@@ -181,11 +235,27 @@ struct RopeParams {
 
 /// Rotate rows `rows` of `x` ([.., heads · d]) in place; `positions[r]` is the position of global
 /// row r.
-pub fn rope(batch: &mut Batch<'_>, x: &GpuMatrix, rows: Range<usize>, heads: usize, positions: &GpuBuffer, table: &RopeTable) -> Result<()> {
+pub fn rope(
+    batch: &mut Batch<'_>,
+    x: &GpuMatrix,
+    rows: Range<usize>,
+    heads: usize,
+    positions: &GpuBuffer,
+    table: &RopeTable,
+) -> Result<()> {
     let half = table.half;
-    check(x.cols() == heads * 2 * half && rows.end <= x.rows() && positions.len() >= 4 * rows.end as u64, || {
-        format!("rope: x {:?} rows {rows:?}, {heads} heads of {}", x.shape(), 2 * half)
-    })?;
+    check(
+        x.cols() == heads * 2 * half
+            && rows.end <= x.rows()
+            && positions.len() >= 4 * rows.end as u64,
+        || {
+            format!(
+                "rope: x {:?} rows {rows:?}, {heads} heads of {}",
+                x.shape(),
+                2 * half
+            )
+        },
+    )?;
     let gpu = batch.gpu();
     let pipeline = gpu.pipeline(&ROPE, &Spec::new())?;
     for (c, local0, n, global0) in x.segments(rows) {
@@ -201,8 +271,17 @@ pub fn rope(batch: &mut Batch<'_>, x: &GpuMatrix, rows: Range<usize>, heads: usi
                 max_pos: table.positions as u32,
                 _pad: [0; 2],
             };
-            let wg = [(heads * half).div_ceil(64) as u32, m.min(ROWS_Y) as u32, m.div_ceil(ROWS_Y) as u32];
-            batch.dispatch(pipeline.clone(), &params, &[positions, &table.cos, &table.sin, &c.buf], wg)?;
+            let wg = [
+                (heads * half).div_ceil(64) as u32,
+                m.min(ROWS_Y) as u32,
+                m.div_ceil(ROWS_Y) as u32,
+            ];
+            batch.dispatch(
+                pipeline.clone(),
+                &params,
+                &[positions, &table.cos, &table.sin, &c.buf],
+                wg,
+            )?;
             r += m;
         }
     }
@@ -259,7 +338,14 @@ struct AttnParams {
 /// Causal GQA attention: `out = softmax(q kᵀ / √d + causal mask) v` per sequence and head.
 /// q/out chunks must hold whole sequences of `t` rows; k/v chunks the matching sequences of
 /// `s` rows (allocate with [`GpuMatrix::uninit_grouped`]).
-pub fn attention(batch: &mut Batch<'_>, q: &GpuMatrix, k: &GpuMatrix, v: &GpuMatrix, out: &GpuMatrix, sh: AttentionShape) -> Result<()> {
+pub fn attention(
+    batch: &mut Batch<'_>,
+    q: &GpuMatrix,
+    k: &GpuMatrix,
+    v: &GpuMatrix,
+    out: &GpuMatrix,
+    sh: AttentionShape,
+) -> Result<()> {
     let qd = sh.heads * sh.head_dim;
     let kd = sh.kv_heads * sh.head_dim;
     let nseq = q.rows() / sh.t.max(1);
@@ -273,17 +359,28 @@ pub fn attention(batch: &mut Batch<'_>, q: &GpuMatrix, k: &GpuMatrix, v: &GpuMat
             && v.cols() == kd
             && k.same_layout(v)
             && (sh.kv_layout == KvLayout::Interleaved || k.rows() >= nseq * sh.s)
-            && (sh.kv_layout == KvLayout::Contiguous || (k.chunks().len() == 1 && k.rows() >= nseq * sh.s))
+            && (sh.kv_layout == KvLayout::Contiguous
+                || (k.chunks().len() == 1 && k.rows() >= nseq * sh.s))
             && sh.kv_heads > 0
             && sh.heads.is_multiple_of(sh.kv_heads)
             && sh.q_pos0 + sh.t <= sh.s,
-        || format!("attention: q {:?}, k {:?}, v {:?}, out {:?}, {sh:?}", q.shape(), k.shape(), v.shape(), out.shape()),
+        || {
+            format!(
+                "attention: q {:?}, k {:?}, v {:?}, out {:?}, {sh:?}",
+                q.shape(),
+                k.shape(),
+                v.shape(),
+                out.shape()
+            )
+        },
     )?;
     let gpu = batch.gpu();
     let spec = Spec::new().set("HD", sh.head_dim).set("KB", 8);
     let pipeline = gpu.pipeline(&ATTENTION, &spec)?;
     for (qc, oc) in q.chunks().iter().zip(out.chunks()) {
-        check(qc.row0 % sh.t == 0 && qc.rows % sh.t == 0, || "attention: a q chunk splits a sequence".into())?;
+        check(qc.row0 % sh.t == 0 && qc.rows % sh.t == 0, || {
+            "attention: a q chunk splits a sequence".into()
+        })?;
         let seq0 = qc.row0 / sh.t;
         let nseq_c = qc.rows / sh.t;
         let (kc, vc, k_off, seq_stride, pos_stride) = match sh.kv_layout {
@@ -295,7 +392,9 @@ pub fn attention(batch: &mut Batch<'_>, q: &GpuMatrix, k: &GpuMatrix, v: &GpuMat
                     .iter()
                     .zip(v.chunks())
                     .find(|(kc, _)| kc.row0 <= kv0 && kv0 + nseq_c * sh.s <= kc.row0 + kc.rows)
-                    .ok_or_else(|| Error::Shape("attention: k/v chunks do not hold whole sequences".into()))?;
+                    .ok_or_else(|| {
+                        Error::Shape("attention: k/v chunks do not hold whole sequences".into())
+                    })?;
                 (kc, vc, (kv0 - kc.row0) * kd, sh.s, 1)
             }
             KvLayout::Interleaved => (&k.chunks()[0], &v.chunks()[0], seq0 * kd, 1, nseq),
@@ -317,7 +416,12 @@ pub fn attention(batch: &mut Batch<'_>, q: &GpuMatrix, k: &GpuMatrix, v: &GpuMat
             _pad: [0; 3],
         };
         let wg = [qc.rows.div_ceil(64) as u32, sh.heads as u32, 1];
-        batch.dispatch(pipeline.clone(), &params, &[&qc.buf, &kc.buf, &vc.buf, &oc.buf], wg)?;
+        batch.dispatch(
+            pipeline.clone(),
+            &params,
+            &[&qc.buf, &kc.buf, &vc.buf, &oc.buf],
+            wg,
+        )?;
     }
     Ok(())
 }
@@ -331,7 +435,14 @@ struct EltParams {
     x_off: u32,
 }
 
-fn elementwise(batch: &mut Batch<'_>, op: u32, y: &GpuMatrix, rows: Range<usize>, x: &GpuMatrix, x_is_bias: bool) -> Result<()> {
+fn elementwise(
+    batch: &mut Batch<'_>,
+    op: u32,
+    y: &GpuMatrix,
+    rows: Range<usize>,
+    x: &GpuMatrix,
+    x_is_bias: bool,
+) -> Result<()> {
     let gpu = batch.gpu();
     let spec = Spec::new()
         .set("OPERANDS", operand_wgsl("x", 1, x.dtype(), false))
@@ -348,8 +459,12 @@ fn elementwise(batch: &mut Batch<'_>, op: u32, y: &GpuMatrix, rows: Range<usize>
                 .chunks()
                 .iter()
                 .find(|c| c.row0 <= global0 && global0 + n <= c.row0 + c.rows)
-                .ok_or_else(|| Error::Shape("elementwise: operands are chunked differently".into()))?;
-            check(xc.row0 == yc.row0, || "elementwise: operands are chunked differently".into())?;
+                .ok_or_else(|| {
+                    Error::Shape("elementwise: operands are chunked differently".into())
+                })?;
+            check(xc.row0 == yc.row0, || {
+                "elementwise: operands are chunked differently".into()
+            })?;
             &xc.buf
         };
         let total = n * cols;
@@ -361,28 +476,49 @@ fn elementwise(batch: &mut Batch<'_>, op: u32, y: &GpuMatrix, rows: Range<usize>
             y_off: (local0 * cols) as u32,
             x_off: (local0 * cols) as u32,
         };
-        batch.dispatch(pipeline.clone(), &params, &[xbuf, &yc.buf], [gx as u32, groups.div_ceil(gx) as u32, 1])?;
+        batch.dispatch(
+            pipeline.clone(),
+            &params,
+            &[xbuf, &yc.buf],
+            [gx as u32, groups.div_ceil(gx) as u32, 1],
+        )?;
     }
     Ok(())
 }
 
 /// `y += x` (residual connection).
 pub fn add(batch: &mut Batch<'_>, y: &GpuMatrix, x: &GpuMatrix) -> Result<()> {
-    check(y.shape() == x.shape() && y.same_layout(x), || format!("add: {:?} += {:?}", y.shape(), x.shape()))?;
+    check(y.shape() == x.shape() && y.same_layout(x), || {
+        format!("add: {:?} += {:?}", y.shape(), x.shape())
+    })?;
     elementwise(batch, 0, y, 0..y.rows(), x, false)
 }
 
 /// `gate = silu(gate) ⊙ up` (SwiGLU), in place in `gate`.
 pub fn swiglu(batch: &mut Batch<'_>, gate: &GpuMatrix, up: &GpuMatrix) -> Result<()> {
-    check(gate.shape() == up.shape() && gate.same_layout(up), || format!("swiglu: {:?} vs {:?}", gate.shape(), up.shape()))?;
+    check(gate.shape() == up.shape() && gate.same_layout(up), || {
+        format!("swiglu: {:?} vs {:?}", gate.shape(), up.shape())
+    })?;
     elementwise(batch, 1, gate, 0..gate.rows(), up, false)
 }
 
 /// `y[r] += bias` for r in `rows`; `bias` is 1×cols of any dtype.
-pub fn add_bias(batch: &mut Batch<'_>, y: &GpuMatrix, rows: Range<usize>, bias: &GpuMatrix) -> Result<()> {
-    check(bias.rows() == 1 && bias.cols() == y.cols() && rows.end <= y.rows(), || {
-        format!("add_bias: y {:?} rows {rows:?}, bias {:?}", y.shape(), bias.shape())
-    })?;
+pub fn add_bias(
+    batch: &mut Batch<'_>,
+    y: &GpuMatrix,
+    rows: Range<usize>,
+    bias: &GpuMatrix,
+) -> Result<()> {
+    check(
+        bias.rows() == 1 && bias.cols() == y.cols() && rows.end <= y.rows(),
+        || {
+            format!(
+                "add_bias: y {:?} rows {rows:?}, bias {:?}",
+                y.shape(),
+                bias.shape()
+            )
+        },
+    )?;
     elementwise(batch, 2, y, rows, bias, true)
 }
 
@@ -409,14 +545,19 @@ pub fn logit_stats(
     out_row0: usize,
 ) -> Result<()> {
     if let Some(r) = z_ref {
-        check(r.shape() == z.shape() && r.same_layout(z), || format!("logit_stats: {:?} vs ref {:?}", z.shape(), r.shape()))?;
+        check(r.shape() == z.shape() && r.same_layout(z), || {
+            format!("logit_stats: {:?} vs ref {:?}", z.shape(), r.shape())
+        })?;
     }
     check(
-        out.len() >= 16 * (out_row0 + z.rows()) as u64 && targets.len() >= 4 * (out_row0 + z.rows()) as u64,
+        out.len() >= 16 * (out_row0 + z.rows()) as u64
+            && targets.len() >= 4 * (out_row0 + z.rows()) as u64,
         || "logit_stats: output or targets too short".into(),
     )?;
     let gpu = batch.gpu();
-    let spec = Spec::new().set("WG", reduce_wg(gpu)).set("KL", z_ref.is_some());
+    let spec = Spec::new()
+        .set("WG", reduce_wg(gpu))
+        .set("KL", z_ref.is_some());
     let pipeline = gpu.pipeline(&LOGITS, &spec)?;
     let max = gpu.caps().max_workgroups_per_dim as usize;
     for (i, zc) in z.chunks().iter().enumerate() {
@@ -432,7 +573,12 @@ pub fn logit_stats(
                 wg_base: r as u32,
                 _pad: [0; 3],
             };
-            batch.dispatch(pipeline.clone(), &params, &[&zc.buf, rc, targets, out], [n as u32, 1, 1])?;
+            batch.dispatch(
+                pipeline.clone(),
+                &params,
+                &[&zc.buf, rc, targets, out],
+                [n as u32, 1, 1],
+            )?;
             r += n;
         }
     }

@@ -45,11 +45,17 @@ impl Spec {
                 v.to_string()
             } else {
                 // FNV-1a: stable across runs and platforms.
-                let h = v.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+                let h = v.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                    (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+                });
                 format!("#{h:016x}")
             }
         };
-        let mut pairs: Vec<_> = self.pairs.iter().map(|(k, v)| format!("{k}={}", short(v))).collect();
+        let mut pairs: Vec<_> = self
+            .pairs
+            .iter()
+            .map(|(k, v)| format!("{k}={}", short(v)))
+            .collect();
         pairs.sort();
         pairs.join(";")
     }
@@ -62,7 +68,10 @@ impl Spec {
             src = src.replace(&format!("{{{{{k}}}}}"), v);
         }
         if let Some(pos) = src.find("{{") {
-            let end = src[pos..].find("}}").map(|e| pos + e + 2).unwrap_or(src.len());
+            let end = src[pos..]
+                .find("}}")
+                .map(|e| pos + e + 2)
+                .unwrap_or(src.len());
             return Err(Error::Shader {
                 kernel: kernel.name.to_string(),
                 msg: format!("placeholder {} was not specialized", &src[pos..end]),

@@ -15,9 +15,18 @@ use super::operand::operand_wgsl;
 use super::pipeline::{Kernel, Spec};
 
 const COMMON: &str = include_str!("../../shaders/quant_common.wgsl");
-const RTN: Kernel = Kernel { name: "rtn", template: include_str!("../../shaders/rtn.wgsl") };
-const GPTQ_BLOCK: Kernel = Kernel { name: "gptq_block", template: include_str!("../../shaders/gptq_block.wgsl") };
-const DEQUANT: Kernel = Kernel { name: "dequant", template: include_str!("../../shaders/dequant.wgsl") };
+const RTN: Kernel = Kernel {
+    name: "rtn",
+    template: include_str!("../../shaders/rtn.wgsl"),
+};
+const GPTQ_BLOCK: Kernel = Kernel {
+    name: "gptq_block",
+    template: include_str!("../../shaders/gptq_block.wgsl"),
+};
+const DEQUANT: Kernel = Kernel {
+    name: "dequant",
+    template: include_str!("../../shaders/dequant.wgsl"),
+};
 
 const ROWS_Y: usize = 65535;
 
@@ -36,7 +45,12 @@ pub struct GpuQuantized {
 impl GpuQuantized {
     /// Read back into the host representation (codes, scales, zeros, permutation).
     pub fn download(&self, gpu: &Gpu) -> Result<Quantized> {
-        let codes: Vec<u32> = self.codes.to_f32(gpu)?.iter().map(|v| v.to_bits()).collect();
+        let codes: Vec<u32> = self
+            .codes
+            .to_f32(gpu)?
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
         Ok(Quantized {
             rows: self.rows,
             cols: self.cols,
@@ -103,12 +117,29 @@ pub fn rtn(gpu: &Gpu, w: &GpuMatrix, grid: Grid) -> Result<GpuQuantized> {
                 c_off: ((r0 - cc.row0) * n) as u32,
                 _pad: [0; 3],
             };
-            let wg = [ng.div_ceil(64) as u32, rows.min(ROWS_Y) as u32, rows.div_ceil(ROWS_Y) as u32];
-            b.dispatch(pipeline.clone(), &params, &[&wc.buf, &cc.buf, sbuf, zbuf], wg)?;
+            let wg = [
+                ng.div_ceil(64) as u32,
+                rows.min(ROWS_Y) as u32,
+                rows.div_ceil(ROWS_Y) as u32,
+            ];
+            b.dispatch(
+                pipeline.clone(),
+                &params,
+                &[&wc.buf, &cc.buf, sbuf, zbuf],
+                wg,
+            )?;
         }
     }
     b.submit()?;
-    Ok(GpuQuantized { rows: m, cols: n, grid, codes, scales, zeros, perm: None })
+    Ok(GpuQuantized {
+        rows: m,
+        cols: n,
+        grid,
+        codes,
+        scales,
+        zeros,
+        perm: None,
+    })
 }
 
 #[repr(C)]
@@ -130,10 +161,22 @@ struct GptqParams {
 
 /// GPTQ/LDLQ of `w` (rows × cols, any float dtype) with a prepared Hessian. Columns go in
 /// `prep.perm` order in lazy blocks of `block`; everything runs in one submission.
-pub fn gptq(gpu: &Gpu, w: &[f32], rows: usize, cols: usize, prep: &PreparedHessian, grid: Grid, block: usize) -> Result<GpuQuantized> {
+pub fn gptq(
+    gpu: &Gpu,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    prep: &PreparedHessian,
+    grid: Grid,
+    block: usize,
+) -> Result<GpuQuantized> {
     let (m, n) = (rows, cols);
     if prep.n != n || w.len() != m * n {
-        return Err(Error::Shape(format!("gptq: W {m}×{n} ({} values), Hessian {}", w.len(), prep.n)));
+        return Err(Error::Shape(format!(
+            "gptq: W {m}×{n} ({} values), Hessian {}",
+            w.len(),
+            prep.n
+        )));
     }
     let (g, ng) = (grid.group_len(n), grid.groups(n));
     // Working copy in processing order, dead inputs zeroed.
@@ -142,7 +185,11 @@ pub fn gptq(gpu: &Gpu, w: &[f32], rows: usize, cols: usize, prep: &PreparedHessi
     for r in 0..m {
         for j in 0..n {
             let src = prep.perm.as_ref().map_or(j, |p| p[j] as usize);
-            wk[r * n + j] = if dead.contains(&src) { 0.0 } else { w[r * n + src] };
+            wk[r * n + j] = if dead.contains(&src) {
+                0.0
+            } else {
+                w[r * n + src]
+            };
         }
     }
     let wm = GpuMatrix::from_f32(gpu, m, n, DType::F32, &wk)?;
@@ -159,7 +206,9 @@ pub fn gptq(gpu: &Gpu, w: &[f32], rows: usize, cols: usize, prep: &PreparedHessi
     while i1 < n {
         let i2 = (i1 + block).min(n);
         let bw = i2 - i1;
-        let diag: Vec<f32> = (0..bw * bw).map(|k| u[(i1 + k / bw) * n + i1 + k % bw] as f32).collect();
+        let diag: Vec<f32> = (0..bw * bw)
+            .map(|k| u[(i1 + k / bw) * n + i1 + k % bw] as f32)
+            .collect();
         let ud = GpuMatrix::from_f32(gpu, bw, bw, DType::F32, &diag)?;
         let e = GpuMatrix::uninit(gpu, m, bw)?;
         for (rows, parts) in GpuMatrix::common_segments(&[&wm, &codes, &scales, &zeros, &e], 0..m) {
@@ -183,12 +232,21 @@ pub fn gptq(gpu: &Gpu, w: &[f32], rows: usize, cols: usize, prep: &PreparedHessi
             b.dispatch(
                 pipeline.clone(),
                 &params,
-                &[&wc.buf, &ud.chunks()[0].buf, &cc.buf, &sc.buf, &zc.buf, &ec.buf],
+                &[
+                    &wc.buf,
+                    &ud.chunks()[0].buf,
+                    &cc.buf,
+                    &sc.buf,
+                    &zc.buf,
+                    &ec.buf,
+                ],
                 [rows.len().div_ceil(64) as u32, 1, 1],
             )?;
         }
         if i2 < n {
-            let tail: Vec<f32> = (0..bw * (n - i2)).map(|k| u[(i1 + k / (n - i2)) * n + i2 + k % (n - i2)] as f32).collect();
+            let tail: Vec<f32> = (0..bw * (n - i2))
+                .map(|k| u[(i1 + k / (n - i2)) * n + i2 + k % (n - i2)] as f32)
+                .collect();
             let ut = GpuMatrix::from_f32(gpu, bw, n - i2, DType::F32, &tail)?;
             gemm_region(&mut b, &e, 0..m, &ut, GemmOp::NN, &wm, 0, i2, true)?;
             keep.push(ut);
@@ -199,7 +257,15 @@ pub fn gptq(gpu: &Gpu, w: &[f32], rows: usize, cols: usize, prep: &PreparedHessi
     }
     b.submit()?;
     drop(keep);
-    Ok(GpuQuantized { rows: m, cols: n, grid, codes, scales, zeros, perm: prep.perm.clone() })
+    Ok(GpuQuantized {
+        rows: m,
+        cols: n,
+        grid,
+        codes,
+        scales,
+        zeros,
+        perm: prep.perm.clone(),
+    })
 }
 
 #[repr(C)]
@@ -238,7 +304,11 @@ pub fn dequantize(gpu: &Gpu, w: &PackedWeight) -> Result<GpuMatrix> {
     let out = GpuMatrix::uninit(gpu, m, n)?;
     let spec = Spec::new().set(
         "OPERANDS",
-        format!("{}{}", operand_wgsl("s", 2, w.scales.dtype(), false), operand_wgsl("z", 3, w.zeros.dtype(), false)),
+        format!(
+            "{}{}",
+            operand_wgsl("s", 2, w.scales.dtype(), false),
+            operand_wgsl("z", 3, w.zeros.dtype(), false)
+        ),
     );
     let pipeline = gpu.pipeline(&DEQUANT, &spec)?;
     // A dummy binding when there is no permutation (bindings must exist).
@@ -269,8 +339,17 @@ pub fn dequantize(gpu: &Gpu, w: &PackedWeight) -> Result<GpuMatrix> {
             has_perm: w.perm.is_some() as u32,
             _pad: [0; 2],
         };
-        let wg = [n.div_ceil(64) as u32, nr.min(ROWS_Y) as u32, nr.div_ceil(ROWS_Y) as u32];
-        b.dispatch(pipeline.clone(), &params, &[&cc.buf, &sc.buf, &zc.buf, perm, &oc.buf], wg)?;
+        let wg = [
+            n.div_ceil(64) as u32,
+            nr.min(ROWS_Y) as u32,
+            nr.div_ceil(ROWS_Y) as u32,
+        ];
+        b.dispatch(
+            pipeline.clone(),
+            &params,
+            &[&cc.buf, &sc.buf, &zc.buf, perm, &oc.buf],
+            wg,
+        )?;
     }
     b.submit()?;
     Ok(out)

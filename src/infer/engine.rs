@@ -45,7 +45,11 @@ pub(crate) struct LayerWeights {
 
 impl LayerWeights {
     fn linear(&self, kind: LinearKind) -> (&GpuMatrix, Option<&GpuMatrix>) {
-        let (_, w, b) = self.linears.iter().find(|(k, _, _)| *k == kind).expect("all seven linears are loaded");
+        let (_, w, b) = self
+            .linears
+            .iter()
+            .find(|(k, _, _)| *k == kind)
+            .expect("all seven linears are loaded");
         (w, b.as_ref())
     }
 
@@ -129,8 +133,16 @@ fn dequantize_weight(gpu: &Gpu, ck: &Checkpoint, name: &str, q: &QuantEntry) -> 
     };
     let perm = if q.act_order {
         let (bytes, _, _) = ck.raw(&format!("{name}.perm"))?;
-        if let Some(bad) = bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).find(|&p| p as usize >= q.cols) {
-            return Err(Error::tensor(ck.dir(), &format!("{name}.perm"), format!("column {bad} is out of range")));
+        if let Some(bad) = bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .find(|&p| p as usize >= q.cols)
+        {
+            return Err(Error::tensor(
+                ck.dir(),
+                &format!("{name}.perm"),
+                format!("column {bad} is out of range"),
+            ));
         }
         Some(gpu.upload(bytes)?)
     } else {
@@ -185,7 +197,10 @@ impl<'a> Engine<'a> {
             .flat_map(|l| l.tensors())
             .map(|t| match ck.quantized(&t.name) {
                 Some(q) => (q.rows * q.cols * 4) as u64,
-                None => ck.tensor(&t.name).map(|r| r.bytes.len() as u64).unwrap_or(0),
+                None => ck
+                    .tensor(&t.name)
+                    .map(|r| r.bytes.len() as u64)
+                    .unwrap_or(0),
             })
             .sum();
         let max_positions = opts.max_positions.max(1);
@@ -213,10 +228,12 @@ impl<'a> Engine<'a> {
 
     /// A compressed linear weight dequantized on the GPU (f32), as the forward pass uses it.
     pub fn dequantized_weight(&self, name: &str) -> Result<GpuMatrix> {
-        let q = self
-            .ck
-            .quantized(name)
-            .ok_or_else(|| Error::InvalidArgument(format!("{name} is not a compressed weight of {}", self.ck.dir().display())))?;
+        let q = self.ck.quantized(name).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "{name} is not a compressed weight of {}",
+                self.ck.dir().display()
+            ))
+        })?;
         dequantize_weight(self.gpu, self.ck, name, q)
     }
 
@@ -272,7 +289,9 @@ impl<'a> Engine<'a> {
 
     /// Touch every page of a layer's tensors so a later upload reads from memory, not disk.
     fn prefetch_pages(ck: &Checkpoint, l: usize) {
-        let Some(spec) = ck.arch().layers.get(l) else { return };
+        let Some(spec) = ck.arch().layers.get(l) else {
+            return;
+        };
         let mut sum = 0u8;
         for t in spec.tensors() {
             if let Ok(r) = ck.tensor(&t.name) {
@@ -301,7 +320,10 @@ impl<'a> Engine<'a> {
     pub fn hidden_states(&mut self, tokens: &[u32], seq_len: usize) -> Result<GpuMatrix> {
         let c = self.ck.config().clone();
         if seq_len == 0 || tokens.is_empty() || !tokens.len().is_multiple_of(seq_len) {
-            return Err(Error::Shape(format!("{} tokens are not whole sequences of {seq_len}", tokens.len())));
+            return Err(Error::Shape(format!(
+                "{} tokens are not whole sequences of {seq_len}",
+                tokens.len()
+            )));
         }
         if seq_len > self.rope.positions() {
             return Err(Error::InvalidArgument(format!(
@@ -353,7 +375,14 @@ impl<'a> Engine<'a> {
     /// of t rows is a sequence starting at position 0. With a cache of nseq sequences, x holds
     /// the new tokens (t per sequence, interleaved like the cache: with nseq > 1, t = 1) at
     /// positions start.., whose keys and values are appended.
-    fn layer(&self, w: &LayerWeights, x: &GpuMatrix, pos: &GpuBuffer, t: usize, cache: Option<CacheView<'_>>) -> Result<()> {
+    fn layer(
+        &self,
+        w: &LayerWeights,
+        x: &GpuMatrix,
+        pos: &GpuBuffer,
+        t: usize,
+        cache: Option<CacheView<'_>>,
+    ) -> Result<()> {
         let mut b = Batch::new(self.gpu);
         let h = self.stage_attn_input(&mut b, w, x, t)?;
         let attn = self.stage_attention(&mut b, w, &h, pos, t, cache)?;
@@ -368,7 +397,13 @@ impl<'a> Engine<'a> {
     // every linear layer (and swap in quantized weights between stages).
 
     /// The normed input of q/k/v.
-    pub(crate) fn stage_attn_input(&self, b: &mut Batch<'_>, w: &LayerWeights, x: &GpuMatrix, t: usize) -> Result<GpuMatrix> {
+    pub(crate) fn stage_attn_input(
+        &self,
+        b: &mut Batch<'_>,
+        w: &LayerWeights,
+        x: &GpuMatrix,
+        t: usize,
+    ) -> Result<GpuMatrix> {
         let c = self.ck.config();
         let h = GpuMatrix::uninit_grouped(self.gpu, x.rows(), c.hidden_size, t)?;
         ops::rms_norm(b, x, &w.input_norm, c.rms_norm_eps as f32, &h)?;
@@ -376,7 +411,15 @@ impl<'a> Engine<'a> {
     }
 
     /// q/k/v projections, RoPE and attention: the input of o_proj.
-    pub(crate) fn stage_attention(&self, b: &mut Batch<'_>, w: &LayerWeights, h: &GpuMatrix, pos: &GpuBuffer, t: usize, cache: Option<CacheView<'_>>) -> Result<GpuMatrix> {
+    pub(crate) fn stage_attention(
+        &self,
+        b: &mut Batch<'_>,
+        w: &LayerWeights,
+        h: &GpuMatrix,
+        pos: &GpuBuffer,
+        t: usize,
+        cache: Option<CacheView<'_>>,
+    ) -> Result<GpuMatrix> {
         let c = self.ck.config();
         let gpu = self.gpu;
         let rows = h.rows();
@@ -408,9 +451,32 @@ impl<'a> Engine<'a> {
             Some(cv) => {
                 let row0 = cv.start * cv.nseq;
                 let tq = rows / cv.nseq;
-                linear(b, h, 0..rows, w.linear(LinearKind::KProj), cv.k, row0, false)?;
-                linear(b, h, 0..rows, w.linear(LinearKind::VProj), cv.v, row0, false)?;
-                ops::rope(b, cv.k, row0..row0 + rows, c.num_kv_heads, cv.positions, &self.rope)?;
+                linear(
+                    b,
+                    h,
+                    0..rows,
+                    w.linear(LinearKind::KProj),
+                    cv.k,
+                    row0,
+                    false,
+                )?;
+                linear(
+                    b,
+                    h,
+                    0..rows,
+                    w.linear(LinearKind::VProj),
+                    cv.v,
+                    row0,
+                    false,
+                )?;
+                ops::rope(
+                    b,
+                    cv.k,
+                    row0..row0 + rows,
+                    c.num_kv_heads,
+                    cv.positions,
+                    &self.rope,
+                )?;
                 let sh = AttentionShape {
                     t: tq,
                     s: cv.start + tq,
@@ -428,12 +494,32 @@ impl<'a> Engine<'a> {
     }
 
     /// x += attn · W_oᵀ (+ b_o).
-    pub(crate) fn stage_o_residual(&self, b: &mut Batch<'_>, w: &LayerWeights, attn: &GpuMatrix, x: &GpuMatrix) -> Result<()> {
-        linear(b, attn, 0..attn.rows(), w.linear(LinearKind::OProj), x, 0, true)
+    pub(crate) fn stage_o_residual(
+        &self,
+        b: &mut Batch<'_>,
+        w: &LayerWeights,
+        attn: &GpuMatrix,
+        x: &GpuMatrix,
+    ) -> Result<()> {
+        linear(
+            b,
+            attn,
+            0..attn.rows(),
+            w.linear(LinearKind::OProj),
+            x,
+            0,
+            true,
+        )
     }
 
     /// The normed input of gate/up.
-    pub(crate) fn stage_mlp_input(&self, b: &mut Batch<'_>, w: &LayerWeights, x: &GpuMatrix, t: usize) -> Result<GpuMatrix> {
+    pub(crate) fn stage_mlp_input(
+        &self,
+        b: &mut Batch<'_>,
+        w: &LayerWeights,
+        x: &GpuMatrix,
+        t: usize,
+    ) -> Result<GpuMatrix> {
         let c = self.ck.config();
         let h2 = GpuMatrix::uninit_grouped(self.gpu, x.rows(), c.hidden_size, t)?;
         ops::rms_norm(b, x, &w.post_norm, c.rms_norm_eps as f32, &h2)?;
@@ -441,20 +527,48 @@ impl<'a> Engine<'a> {
     }
 
     /// silu(gate) ⊙ up: the input of down_proj.
-    pub(crate) fn stage_mlp_act(&self, b: &mut Batch<'_>, w: &LayerWeights, h2: &GpuMatrix, t: usize) -> Result<GpuMatrix> {
+    pub(crate) fn stage_mlp_act(
+        &self,
+        b: &mut Batch<'_>,
+        w: &LayerWeights,
+        h2: &GpuMatrix,
+        t: usize,
+    ) -> Result<GpuMatrix> {
         let c = self.ck.config();
         let rows = h2.rows();
         let gate = GpuMatrix::uninit_grouped(self.gpu, rows, c.intermediate_size, t)?;
         let up = GpuMatrix::uninit_grouped(self.gpu, rows, c.intermediate_size, t)?;
-        linear(b, h2, 0..rows, w.linear(LinearKind::GateProj), &gate, 0, false)?;
+        linear(
+            b,
+            h2,
+            0..rows,
+            w.linear(LinearKind::GateProj),
+            &gate,
+            0,
+            false,
+        )?;
         linear(b, h2, 0..rows, w.linear(LinearKind::UpProj), &up, 0, false)?;
         ops::swiglu(b, &gate, &up)?;
         Ok(gate)
     }
 
     /// x += act · W_downᵀ (+ b_down).
-    pub(crate) fn stage_down_residual(&self, b: &mut Batch<'_>, w: &LayerWeights, act: &GpuMatrix, x: &GpuMatrix) -> Result<()> {
-        linear(b, act, 0..act.rows(), w.linear(LinearKind::DownProj), x, 0, true)
+    pub(crate) fn stage_down_residual(
+        &self,
+        b: &mut Batch<'_>,
+        w: &LayerWeights,
+        act: &GpuMatrix,
+        x: &GpuMatrix,
+    ) -> Result<()> {
+        linear(
+            b,
+            act,
+            0..act.rows(),
+            w.linear(LinearKind::DownProj),
+            x,
+            0,
+            true,
+        )
     }
 
     /// Embed tokens (sequences of `t`) into a new hidden-state matrix grouped by `t`.
@@ -519,7 +633,9 @@ impl<'a> Engine<'a> {
     /// tokens ([tokens.len(), hidden]; the last row predicts the next token).
     pub fn extend(&mut self, cache: &mut KvCache, tokens: &[u32]) -> Result<GpuMatrix> {
         if cache.nseq != 1 {
-            return Err(Error::InvalidArgument("extend: use extend_batch for a batch cache".into()));
+            return Err(Error::InvalidArgument(
+                "extend: use extend_batch for a batch cache".into(),
+            ));
         }
         self.extend_impl(cache, tokens)
     }
@@ -528,7 +644,11 @@ impl<'a> Engine<'a> {
     /// the normed hidden states [nseq, hidden].
     pub fn extend_batch(&mut self, cache: &mut KvCache, tokens: &[u32]) -> Result<GpuMatrix> {
         if tokens.len() != cache.nseq {
-            return Err(Error::Shape(format!("{} tokens for {} sequences", tokens.len(), cache.nseq)));
+            return Err(Error::Shape(format!(
+                "{} tokens for {} sequences",
+                tokens.len(),
+                cache.nseq
+            )));
         }
         self.extend_impl(cache, tokens)
     }
@@ -550,7 +670,9 @@ impl<'a> Engine<'a> {
         self.validate_ids(tokens)?;
         let gpu = self.gpu;
         let ids = ops::upload_u32(gpu, tokens)?;
-        let positions: Vec<u32> = (0..n).map(|r| (cache.len + r / cache.nseq) as u32).collect();
+        let positions: Vec<u32> = (0..n)
+            .map(|r| (cache.len + r / cache.nseq) as u32)
+            .collect();
         let pos = ops::upload_u32(gpu, &positions)?;
         // One group: x is a single chunk like the cache rows it writes.
         let x = GpuMatrix::uninit_grouped(gpu, n, c.hidden_size, n)?;
@@ -561,7 +683,13 @@ impl<'a> Engine<'a> {
             self.load_layer(l)?;
             let w = self.layers[l].as_ref().expect("just loaded");
             let (k, v) = &cache.layers[l];
-            let view = CacheView { k, v, positions: &cache.positions, start: cache.len, nseq: cache.nseq };
+            let view = CacheView {
+                k,
+                v,
+                positions: &cache.positions,
+                start: cache.len,
+                nseq: cache.nseq,
+            };
             self.layer(w, &x, &pos, n, Some(view))?;
             if !self.resident {
                 self.layers[l] = None;

@@ -90,7 +90,9 @@ pub fn evaluate(
 ) -> Result<EvalReport> {
     let ctx = opts.ctx;
     if ctx < 2 {
-        return Err(Error::InvalidArgument(format!("--ctx {ctx}: windows need at least 2 tokens")));
+        return Err(Error::InvalidArgument(format!(
+            "--ctx {ctx}: windows need at least 2 tokens"
+        )));
     }
     let vocab = engine.checkpoint().config().vocab_size;
     if let Some(r) = reference.as_ref() {
@@ -146,7 +148,8 @@ pub fn evaluate(
             b.submit()?;
             r0 = r1;
         }
-        let stats: Vec<f32> = bytemuck::cast_slice(&gpu.read_bytes(&out, 0, (rows * 16) as u64)?).to_vec();
+        let stats: Vec<f32> =
+            bytemuck::cast_slice(&gpu.read_bytes(&out, 0, (rows * 16) as u64)?).to_vec();
         for r in 0..rows {
             if r % ctx == ctx - 1 {
                 continue;
@@ -155,7 +158,11 @@ pub fn evaluate(
             if !s[0].is_finite() {
                 return Err(Error::Gpu {
                     op: "evaluation".into(),
-                    msg: format!("non-finite NLL at window {} position {}", w0 + r / ctx, r % ctx),
+                    msg: format!(
+                        "non-finite NLL at window {} position {}",
+                        w0 + r / ctx,
+                        r % ctx
+                    ),
                 });
             }
             nll_sum += s[0] as f64;
@@ -179,7 +186,11 @@ pub fn evaluate(
         let mut sorted = kls.clone();
         sorted.sort_by(f32::total_cmp);
         let idx = ((sorted.len() as f64 * 0.99).ceil() as usize).clamp(1, sorted.len()) - 1;
-        (Some(mean), Some(sorted[idx] as f64), Some(agree as f64 / scored as f64))
+        (
+            Some(mean),
+            Some(sorted[idx] as f64),
+            Some(agree as f64 / scored as f64),
+        )
     } else {
         (None, None, None)
     };

@@ -98,7 +98,11 @@ pub fn generate(
     let prompt: Vec<u32> = if prompt.is_empty() {
         match cfg.bos_token_id {
             Some(b) => vec![b],
-            None => return Err(Error::InvalidArgument("empty prompt and the model has no bos_token_id".into())),
+            None => {
+                return Err(Error::InvalidArgument(
+                    "empty prompt and the model has no bos_token_id".into(),
+                ))
+            }
         }
     } else {
         prompt.to_vec()
@@ -152,13 +156,17 @@ mod tests {
         let logits = [0.0f32, 5.0, 4.9, -3.0];
         let draw = |seed| {
             let mut r = Rng::new(seed);
-            (0..50).map(|_| sample(&logits, 1.0, 0.5, &mut r)).collect::<Vec<_>>()
+            (0..50)
+                .map(|_| sample(&logits, 1.0, 0.5, &mut r))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
         // top-p 0.5 keeps only the single most likely token here.
         assert!(draw(7).iter().all(|&i| i == 1));
         let mut r = Rng::new(1);
-        let all: Vec<usize> = (0..2000).map(|_| sample(&logits, 1.0, 1.0, &mut r)).collect();
+        let all: Vec<usize> = (0..2000)
+            .map(|_| sample(&logits, 1.0, 1.0, &mut r))
+            .collect();
         assert!(all.contains(&2) && all.contains(&1));
     }
 }

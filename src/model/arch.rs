@@ -69,7 +69,12 @@ pub enum InputGroup {
 }
 
 impl InputGroup {
-    pub const ALL: [InputGroup; 4] = [InputGroup::AttnIn, InputGroup::AttnOut, InputGroup::MlpIn, InputGroup::MlpOut];
+    pub const ALL: [InputGroup; 4] = [
+        InputGroup::AttnIn,
+        InputGroup::AttnOut,
+        InputGroup::MlpIn,
+        InputGroup::MlpOut,
+    ];
 }
 
 /// A tensor the checkpoint must contain.
@@ -108,14 +113,25 @@ pub struct LayerSpec {
 
 impl LayerSpec {
     pub fn linear(&self, kind: LinearKind) -> &LinearSpec {
-        self.linears.iter().find(|l| l.kind == kind).expect("every layer has all seven linears")
+        self.linears
+            .iter()
+            .find(|l| l.kind == kind)
+            .expect("every layer has all seven linears")
     }
 
     /// The linear layers of each input group, in order.
     pub fn groups(&self) -> Vec<(InputGroup, Vec<&LinearSpec>)> {
         InputGroup::ALL
             .iter()
-            .map(|&g| (g, self.linears.iter().filter(|l| l.kind.input() == g).collect()))
+            .map(|&g| {
+                (
+                    g,
+                    self.linears
+                        .iter()
+                        .filter(|l| l.kind.input() == g)
+                        .collect(),
+                )
+            })
             .collect()
     }
 
@@ -160,7 +176,9 @@ impl Architecture {
                             LinearKind::DownProj => (h, c.intermediate_size),
                         };
                         let has_bias = match kind {
-                            LinearKind::QProj | LinearKind::KProj | LinearKind::VProj => c.attention_bias,
+                            LinearKind::QProj | LinearKind::KProj | LinearKind::VProj => {
+                                c.attention_bias
+                            }
                             LinearKind::OProj => c.o_proj_bias,
                             _ => c.mlp_bias,
                         };
@@ -168,7 +186,8 @@ impl Architecture {
                         LinearSpec {
                             kind,
                             weight: TensorSpec::new(format!("{p}.{m}.weight"), vec![out, inp]),
-                            bias: has_bias.then(|| TensorSpec::new(format!("{p}.{m}.bias"), vec![out])),
+                            bias: has_bias
+                                .then(|| TensorSpec::new(format!("{p}.{m}.bias"), vec![out])),
                             out_features: out,
                             in_features: inp,
                         }
@@ -177,15 +196,22 @@ impl Architecture {
                 LayerSpec {
                     index: i,
                     input_norm: TensorSpec::new(format!("{p}.input_layernorm.weight"), vec![h]),
-                    post_attention_norm: TensorSpec::new(format!("{p}.post_attention_layernorm.weight"), vec![h]),
+                    post_attention_norm: TensorSpec::new(
+                        format!("{p}.post_attention_layernorm.weight"),
+                        vec![h],
+                    ),
                     linears,
                 }
             })
             .collect();
         Architecture {
-            embed_tokens: TensorSpec::new("model.embed_tokens.weight".into(), vec![c.vocab_size, h]),
+            embed_tokens: TensorSpec::new(
+                "model.embed_tokens.weight".into(),
+                vec![c.vocab_size, h],
+            ),
             final_norm: TensorSpec::new("model.norm.weight".into(), vec![h]),
-            lm_head: (!c.tie_word_embeddings).then(|| TensorSpec::new("lm_head.weight".into(), vec![c.vocab_size, h])),
+            lm_head: (!c.tie_word_embeddings)
+                .then(|| TensorSpec::new("lm_head.weight".into(), vec![c.vocab_size, h])),
             layers,
         }
     }

@@ -91,7 +91,12 @@ impl Checkpoint {
                 return Err(Error::model_dir(&dir, "no such directory"))
             }
             Err(e) => return Err(Error::io(&dir, e)),
-            Ok(m) if !m.is_dir() => return Err(Error::model_dir(&dir, "not a directory (expected a model directory)")),
+            Ok(m) if !m.is_dir() => {
+                return Err(Error::model_dir(
+                    &dir,
+                    "not a directory (expected a model directory)",
+                ))
+            }
             Ok(_) => {}
         }
         let mut entries = std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
@@ -141,22 +146,34 @@ impl Checkpoint {
                 } else {
                     self.dir.join(INDEX_FILE)
                 };
-                return Err(Error::tensor(where_, &spec.name, "missing (config.json implies it exists)"));
+                return Err(Error::tensor(
+                    where_,
+                    &spec.name,
+                    "missing (config.json implies it exists)",
+                ));
             };
             let file = &self.files[fi];
-            let info = file.info(&spec.name).expect("location map built from file contents");
+            let info = file
+                .info(&spec.name)
+                .expect("location map built from file contents");
             if info.shape != spec.shape {
                 return Err(Error::tensor(
                     file.path(),
                     &spec.name,
-                    format!("shape {:?} disagrees with config.json, which implies {:?}", info.shape, spec.shape),
+                    format!(
+                        "shape {:?} disagrees with config.json, which implies {:?}",
+                        info.shape, spec.shape
+                    ),
                 ));
             }
             let Some(dt) = info.dtype else {
                 return Err(Error::tensor(
                     file.path(),
                     &spec.name,
-                    format!("dtype {} is not a float type pumice reads (F32, F16, BF16)", info.dtype_name),
+                    format!(
+                        "dtype {} is not a float type pumice reads (F32, F16, BF16)",
+                        info.dtype_name
+                    ),
                 ));
             };
             if let Some(want) = self.config.dtype {
@@ -180,13 +197,19 @@ impl Checkpoint {
             return Err(Error::tensor(
                 &manifest_path,
                 name,
-                format!("manifest shape [{}, {}] disagrees with config.json, which implies {shape:?}", q.rows, q.cols),
+                format!(
+                    "manifest shape [{}, {}] disagrees with config.json, which implies {shape:?}",
+                    q.rows, q.cols
+                ),
             ));
         }
         let grid = q.grid()?;
         let words = crate::quant::grid::packed_words(q.cols, q.bits);
         let groups = grid.groups(q.cols);
-        let mut parts = vec![("qweight", "U32", vec![q.rows, words]), ("scales", "F16", vec![q.rows, groups])];
+        let mut parts = vec![
+            ("qweight", "U32", vec![q.rows, words]),
+            ("scales", "F16", vec![q.rows, groups]),
+        ];
         if !q.symmetric {
             parts.push(("zeros", "F16", vec![q.rows, groups]));
         }
@@ -196,13 +219,20 @@ impl Checkpoint {
         for (suffix, dtype, want) in parts {
             let pname = format!("{name}.{suffix}");
             let Some((file, info)) = self.info(&pname) else {
-                return Err(Error::tensor(&manifest_path, &pname, "missing from the safetensors file"));
+                return Err(Error::tensor(
+                    &manifest_path,
+                    &pname,
+                    "missing from the safetensors file",
+                ));
             };
             if info.dtype_name != dtype || info.shape != want {
                 return Err(Error::tensor(
                     file.path(),
                     &pname,
-                    format!("is {} {:?}, the manifest implies {dtype} {want:?}", info.dtype_name, info.shape),
+                    format!(
+                        "is {} {:?}, the manifest implies {dtype} {want:?}",
+                        info.dtype_name, info.shape
+                    ),
                 ));
             }
         }
@@ -266,7 +296,11 @@ impl Checkpoint {
             .info(name)
             .ok_or_else(|| Error::tensor(&self.dir, name, "not in this checkpoint"))?;
         let dtype = info.dtype.ok_or_else(|| {
-            Error::tensor(file.path(), name, format!("dtype {} is not a float type", info.dtype_name))
+            Error::tensor(
+                file.path(),
+                name,
+                format!("dtype {} is not a float type", info.dtype_name),
+            )
         })?;
         Ok(TensorRef {
             name: &info.name,
@@ -292,14 +326,21 @@ impl Checkpoint {
                 let scales = format!("{}.scales", spec.name);
                 let t = self.tensor(&scales)?;
                 if let Some(i) = t.first_non_finite() {
-                    return Err(Error::tensor(t.file, t.name, format!("scale {i} is not finite")));
+                    return Err(Error::tensor(
+                        t.file,
+                        t.name,
+                        format!("scale {i} is not finite"),
+                    ));
                 }
                 continue;
             }
             let t = self.tensor(&spec.name)?;
             if let Some(i) = t.first_non_finite() {
                 let mut v = Vec::new();
-                t.dtype.decode_f32(&t.bytes[i * t.dtype.size()..(i + 1) * t.dtype.size()], &mut v);
+                t.dtype.decode_f32(
+                    &t.bytes[i * t.dtype.size()..(i + 1) * t.dtype.size()],
+                    &mut v,
+                );
                 return Err(Error::tensor(
                     t.file,
                     t.name,
@@ -327,13 +368,18 @@ fn open_weights(dir: &Path) -> Result<(Vec<SafetensorsFile>, HashMap<String, usi
             .ok_or_else(|| Error::config(&index_path, "missing `weight_map` object"))?;
         let mut wanted: BTreeMap<&str, &str> = BTreeMap::new();
         for (tensor, shard) in map {
-            let shard = shard
-                .as_str()
-                .ok_or_else(|| Error::config(&index_path, format!("`weight_map.{tensor}` is not a file name")))?;
+            let shard = shard.as_str().ok_or_else(|| {
+                Error::config(
+                    &index_path,
+                    format!("`weight_map.{tensor}` is not a file name"),
+                )
+            })?;
             if shard.contains('/') || shard.contains('\\') || shard.starts_with("..") {
                 return Err(Error::config(
                     &index_path,
-                    format!("shard name `{shard}` must be a plain file name in the model directory"),
+                    format!(
+                        "shard name `{shard}` must be a plain file name in the model directory"
+                    ),
                 ));
             }
             wanted.insert(tensor, shard);
@@ -359,7 +405,9 @@ fn open_weights(dir: &Path) -> Result<(Vec<SafetensorsFile>, HashMap<String, usi
                 return Err(Error::tensor(
                     files[fi].path(),
                     tensor,
-                    format!("{INDEX_FILE} places it in this shard but the shard does not contain it"),
+                    format!(
+                        "{INDEX_FILE} places it in this shard but the shard does not contain it"
+                    ),
                 ));
             }
             location.insert(tensor.to_string(), fi);

@@ -25,7 +25,6 @@ use crate::error::{Error, Result};
 use crate::quant::grid::packed_words;
 use crate::quant::Grid;
 
-
 pub const MANIFEST_FILE: &str = "pumice.json";
 pub const FORMAT_NAME: &str = "pumice-compressed";
 pub const FORMAT_VERSION: u32 = 1;
@@ -77,13 +76,25 @@ impl QuantEntry {
 
     /// Stored bits computed from the shape and grid (what `stored_bits` must equal).
     pub fn expected_bits(&self) -> u64 {
-        let g = if self.group_size == 0 { self.cols.max(1) } else { self.group_size };
+        let g = if self.group_size == 0 {
+            self.cols.max(1)
+        } else {
+            self.group_size
+        };
         let groups = self.cols.div_ceil(g) as u64;
         let rows = self.rows as u64;
         let codes = rows * packed_words(self.cols, self.bits) as u64 * 32;
         let scales = rows * groups * 16;
-        let zeros = if self.symmetric { 0 } else { rows * groups * 16 };
-        let perm = if self.act_order { self.cols as u64 * 32 } else { 0 };
+        let zeros = if self.symmetric {
+            0
+        } else {
+            rows * groups * 16
+        };
+        let perm = if self.act_order {
+            self.cols as u64 * 32
+        } else {
+            0
+        };
         codes + scales + zeros + perm
     }
 }
@@ -151,7 +162,10 @@ impl Manifest {
     pub fn read(dir: &Path) -> Result<Manifest> {
         let path = dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json { path: path.clone(), source })?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: path.clone(),
+            source,
+        })?;
         let version = v.get("format_version").and_then(|x| x.as_u64());
         match (v.get("format").and_then(|x| x.as_str()), version) {
             (Some(FORMAT_NAME), Some(ver)) if ver as u32 > FORMAT_VERSION => {
@@ -163,13 +177,19 @@ impl Manifest {
             (Some(FORMAT_NAME), Some(_)) => {}
             _ => return Err(Error::config(&path, format!("not a {FORMAT_NAME} manifest (missing `format` or `format_version`)"))),
         }
-        let m: Manifest = serde_json::from_value(v).map_err(|e| Error::config(&path, format!("malformed manifest: {e}")))?;
+        let m: Manifest = serde_json::from_value(v)
+            .map_err(|e| Error::config(&path, format!("malformed manifest: {e}")))?;
         for (name, e) in &m.tensors {
-            e.grid().map_err(|err| Error::config(&path, format!("tensor `{name}`: {err}")))?;
+            e.grid()
+                .map_err(|err| Error::config(&path, format!("tensor `{name}`: {err}")))?;
             if e.stored_bits != e.expected_bits() {
                 return Err(Error::config(
                     &path,
-                    format!("tensor `{name}`: stored_bits {} disagrees with its shape and grid ({})", e.stored_bits, e.expected_bits()),
+                    format!(
+                        "tensor `{name}`: stored_bits {} disagrees with its shape and grid ({})",
+                        e.stored_bits,
+                        e.expected_bits()
+                    ),
                 ));
             }
         }
@@ -179,7 +199,10 @@ impl Manifest {
             if len != info.bytes {
                 return Err(Error::config(
                     &path,
-                    format!("says {file} has {} bytes but it has {len} (truncated or replaced?)", info.bytes),
+                    format!(
+                        "says {file} has {} bytes but it has {len} (truncated or replaced?)",
+                        info.bytes
+                    ),
                 ));
             }
         }
@@ -227,16 +250,25 @@ impl StreamingWriter {
             );
             off += t.bytes;
         }
-        header.insert("__metadata__".into(), serde_json::json!({"format": "pt", "writer": "pumice"}));
+        header.insert(
+            "__metadata__".into(),
+            serde_json::json!({"format": "pt", "writer": "pumice"}),
+        );
         let mut h = serde_json::to_vec(&serde_json::Value::Object(header)).expect("json");
         while h.len() % 8 != 0 {
             h.push(b' ');
         }
         let f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
         let mut file = std::io::BufWriter::with_capacity(1 << 20, f);
-        file.write_all(&(h.len() as u64).to_le_bytes()).map_err(|e| Error::io(path, e))?;
+        file.write_all(&(h.len() as u64).to_le_bytes())
+            .map_err(|e| Error::io(path, e))?;
         file.write_all(&h).map_err(|e| Error::io(path, e))?;
-        Ok(StreamingWriter { path: path.to_path_buf(), file, plan, next: 0 })
+        Ok(StreamingWriter {
+            path: path.to_path_buf(),
+            file,
+            plan,
+            next: 0,
+        })
     }
 
     /// Name of the tensor the writer expects next.
@@ -245,10 +277,11 @@ impl StreamingWriter {
     }
 
     pub fn write(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
-        let t = self
-            .plan
-            .get(self.next)
-            .ok_or_else(|| Error::InvalidArgument(format!("writer: unexpected tensor {name} after the last one")))?;
+        let t = self.plan.get(self.next).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "writer: unexpected tensor {name} after the last one"
+            ))
+        })?;
         if t.name != name || t.bytes != bytes.len() {
             return Err(Error::InvalidArgument(format!(
                 "writer: expected {} ({} bytes), got {name} ({} bytes)",
@@ -257,7 +290,9 @@ impl StreamingWriter {
                 bytes.len()
             )));
         }
-        self.file.write_all(bytes).map_err(|e| Error::io(&self.path, e))?;
+        self.file
+            .write_all(bytes)
+            .map_err(|e| Error::io(&self.path, e))?;
         self.next += 1;
         Ok(())
     }
@@ -272,7 +307,10 @@ impl StreamingWriter {
             )));
         }
         self.file.flush().map_err(|e| Error::io(&self.path, e))?;
-        self.file.get_ref().sync_all().map_err(|e| Error::io(&self.path, e))?;
+        self.file
+            .get_ref()
+            .sync_all()
+            .map_err(|e| Error::io(&self.path, e))?;
         Ok(())
     }
 }

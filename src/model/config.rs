@@ -92,7 +92,9 @@ impl<'a> Fields<'a> {
                 .as_u64()
                 .filter(|&n| n > 0)
                 .map(|n| Some(n as usize))
-                .ok_or_else(|| self.err(format!("field `{key}` must be a positive integer, got {v}"))),
+                .ok_or_else(|| {
+                    self.err(format!("field `{key}` must be a positive integer, got {v}"))
+                }),
         }
     }
 
@@ -156,7 +158,9 @@ impl ModelConfig {
             Some(a) => a.to_string(),
             None => f
                 .str_opt("model_type")?
-                .ok_or_else(|| f.err("missing required field `architectures` (or `model_type`)".into()))?
+                .ok_or_else(|| {
+                    f.err("missing required field `architectures` (or `model_type`)".into())
+                })?
                 .to_string(),
         };
         let family = match architecture.as_str() {
@@ -202,7 +206,9 @@ impl ModelConfig {
         }
         match f.str_opt("hidden_act")?.unwrap_or("silu") {
             "silu" | "swish" => {}
-            other => return Err(f.err(format!("hidden_act `{other}` is not supported (only silu)"))),
+            other => {
+                return Err(f.err(format!("hidden_act `{other}` is not supported (only silu)")))
+            }
         }
 
         let rope = parse_rope(&f)?;
@@ -223,18 +229,29 @@ impl ModelConfig {
         let dtype = match f.str_opt("dtype")?.or(f.str_opt("torch_dtype")?) {
             None => None,
             Some(s) => Some(DType::from_torch(s).ok_or_else(|| {
-                f.err(format!("dtype `{s}` is not supported (float32, float16 or bfloat16)"))
+                f.err(format!(
+                    "dtype `{s}` is not supported (float32, float16 or bfloat16)"
+                ))
             })?),
         };
-        let bos_token_id = f.get("bos_token_id").and_then(Value::as_u64).map(|v| v as u32);
+        let bos_token_id = f
+            .get("bos_token_id")
+            .and_then(Value::as_u64)
+            .map(|v| v as u32);
         let eos_token_ids = match f.get("eos_token_id") {
             Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|v| v as u32).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(Value::as_u64)
+                .map(|v| v as u32)
+                .collect(),
             _ => Vec::new(),
         };
         let sliding_window = match family {
             Family::Mistral | Family::Qwen2 => {
-                let enabled = f.bool_opt("use_sliding_window")?.unwrap_or(family == Family::Mistral);
+                let enabled = f
+                    .bool_opt("use_sliding_window")?
+                    .unwrap_or(family == Family::Mistral);
                 if enabled {
                     f.usize_opt("sliding_window")?
                 } else {
@@ -274,7 +291,9 @@ impl ModelConfig {
     pub fn rope_inv_freq(&self) -> Vec<f32> {
         let d = self.head_dim;
         let base = self.rope.theta as f32;
-        let inv: Vec<f32> = (0..d / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / d as f32)).collect();
+        let inv: Vec<f32> = (0..d / 2)
+            .map(|i| 1.0 / base.powf((2 * i) as f32 / d as f32))
+            .collect();
         match &self.rope.scaling {
             RopeScaling::Default => inv,
             RopeScaling::Linear { factor } => inv.iter().map(|f| f / *factor as f32).collect(),
@@ -296,7 +315,8 @@ impl ModelConfig {
                         } else if wavelen > low_wavelen {
                             f / factor
                         } else {
-                            let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
                             (1.0 - smooth) * f / factor + smooth * f
                         };
                         scaled as f32
@@ -312,19 +332,30 @@ impl ModelConfig {
 fn parse_rope(f: &Fields<'_>) -> Result<RopeConfig> {
     let (theta, params) = match f.get("rope_parameters") {
         Some(Value::Object(p)) => {
-            let sub = Fields { path: f.path, obj: p };
+            let sub = Fields {
+                path: f.path,
+                obj: p,
+            };
             let theta = match sub.f64_opt("rope_theta")? {
                 Some(t) => t,
                 None => f.f64_opt("rope_theta")?.unwrap_or(10000.0),
             };
             (theta, Some(p))
         }
-        Some(other) => return Err(f.err(format!("field `rope_parameters` must be an object, got {other}"))),
+        Some(other) => {
+            return Err(f.err(format!(
+                "field `rope_parameters` must be an object, got {other}"
+            )))
+        }
         None => {
             let theta = f.f64_opt("rope_theta")?.unwrap_or(10000.0);
             match f.get("rope_scaling") {
                 Some(Value::Object(p)) => (theta, Some(p)),
-                Some(other) => return Err(f.err(format!("field `rope_scaling` must be an object or null, got {other}"))),
+                Some(other) => {
+                    return Err(f.err(format!(
+                        "field `rope_scaling` must be an object or null, got {other}"
+                    )))
+                }
                 None => (theta, None),
             }
         }
@@ -335,7 +366,10 @@ fn parse_rope(f: &Fields<'_>) -> Result<RopeConfig> {
     let scaling = match params {
         None => RopeScaling::Default,
         Some(p) => {
-            let sub = Fields { path: f.path, obj: p };
+            let sub = Fields {
+                path: f.path,
+                obj: p,
+            };
             let kind = sub
                 .str_opt("rope_type")?
                 .or(sub.str_opt("type")?)
@@ -407,7 +441,10 @@ mod tests {
 
     #[test]
     fn qwen2_has_qkv_bias() {
-        let c = parse(&format!(r#"{{"architectures": ["Qwen2ForCausalLM"], {BASE}}}"#)).unwrap();
+        let c = parse(&format!(
+            r#"{{"architectures": ["Qwen2ForCausalLM"], {BASE}}}"#
+        ))
+        .unwrap();
         assert!(c.attention_bias && !c.o_proj_bias);
     }
 
@@ -415,11 +452,17 @@ mod tests {
     fn errors_name_the_field() {
         let e = parse(r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 64}"#).unwrap_err();
         assert!(e.to_string().contains("`intermediate_size`"), "{e}");
-        let e = parse(&format!(r#"{{"architectures": ["GPT2LMHeadModel"], {BASE}}}"#)).unwrap_err();
+        let e = parse(&format!(
+            r#"{{"architectures": ["GPT2LMHeadModel"], {BASE}}}"#
+        ))
+        .unwrap_err();
         assert!(matches!(e, Error::UnsupportedArchitecture { .. }), "{e}");
         let e = parse(&format!(r#"{{"architectures": ["LlamaForCausalLM"], {BASE}, "rope_scaling": {{"type": "yarn", "factor": 4}}}}"#)).unwrap_err();
         assert!(e.to_string().contains("yarn"), "{e}");
         let e = parse("{ not json").unwrap_err();
-        assert!(e.to_string().starts_with("config.json: not valid JSON"), "{e}");
+        assert!(
+            e.to_string().starts_with("config.json: not valid JSON"),
+            "{e}"
+        );
     }
 }

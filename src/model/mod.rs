@@ -13,5 +13,5 @@ pub mod tokenizer;
 pub use arch::{Architecture, InputGroup, LayerSpec, LinearKind, LinearSpec, TensorSpec};
 pub use checkpoint::{Checkpoint, TensorRef};
 pub use config::{Family, ModelConfig, RopeConfig, RopeScaling};
-pub use tokenizer::Tokenizer;
 pub use summary::ModelSummary;
+pub use tokenizer::Tokenizer;

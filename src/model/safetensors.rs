@@ -59,7 +59,12 @@ pub struct SafetensorsFile {
 
 impl std::fmt::Debug for SafetensorsFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SafetensorsFile({}, {} tensors)", self.path.display(), self.tensors.len())
+        write!(
+            f,
+            "SafetensorsFile({}, {} tensors)",
+            self.path.display(),
+            self.tensors.len()
+        )
     }
 }
 
@@ -110,7 +115,9 @@ fn parse_header(path: &Path, data: &[u8]) -> Result<BTreeMap<String, TensorInfo>
     }
     let n = u64::from_le_bytes(data[..8].try_into().expect("8 bytes"));
     if n > MAX_HEADER {
-        return Err(err(format!("header length {n} is implausibly large (limit {MAX_HEADER})")));
+        return Err(err(format!(
+            "header length {n} is implausibly large (limit {MAX_HEADER})"
+        )));
     }
     if 8 + n > file_len {
         return Err(err(format!(
@@ -131,13 +138,16 @@ fn parse_header(path: &Path, data: &[u8]) -> Result<BTreeMap<String, TensorInfo>
             continue;
         }
         let bad = |what: &str| err(format!("tensor `{name}`: {what}"));
-        let e = entry.as_object().ok_or_else(|| bad("entry is not an object"))?;
+        let e = entry
+            .as_object()
+            .ok_or_else(|| bad("entry is not an object"))?;
         let dtype_name = e
             .get("dtype")
             .and_then(Value::as_str)
             .ok_or_else(|| bad("missing `dtype`"))?
             .to_string();
-        let width = dtype_width(&dtype_name).ok_or_else(|| bad(&format!("unknown dtype `{dtype_name}`")))?;
+        let width = dtype_width(&dtype_name)
+            .ok_or_else(|| bad(&format!("unknown dtype `{dtype_name}`")))?;
         let shape = e
             .get("shape")
             .and_then(Value::as_array)

@@ -89,11 +89,17 @@ impl ModelSummary {
             files: ck
                 .files()
                 .iter()
-                .map(|f| f.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
+                .map(|f| {
+                    f.path()
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default()
+                })
                 .collect(),
             tokenizer: ck.dir().join(super::tokenizer::TOKENIZER_FILE).is_file(),
             linear_groups,
-            bits_per_parameter: ck.bytes_on_disk() as f64 * 8.0 / ck.parameter_count().max(1) as f64,
+            bits_per_parameter: ck.bytes_on_disk() as f64 * 8.0
+                / ck.parameter_count().max(1) as f64,
             linear_bits_per_parameter: match ck.manifest() {
                 Some(m) => m.linear.bits_per_parameter,
                 None => (ck.dtype().size() * 8) as f64,

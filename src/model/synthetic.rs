@@ -130,7 +130,10 @@ impl SyntheticLlama {
                 let n: usize = shape.iter().product();
                 // Norm weights (scale < 0) are 1 ± 0.1, like a trained model's.
                 let vals = if scale < 0.0 {
-                    self.values(n, k as u64, 0.1).iter().map(|v| 1.0 + v).collect()
+                    self.values(n, k as u64, 0.1)
+                        .iter()
+                        .map(|v| 1.0 + v)
+                        .collect()
                 } else {
                     self.values(n, k as u64, scale)
                 };

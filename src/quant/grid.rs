@@ -24,14 +24,20 @@ pub struct Grid {
 impl Grid {
     pub fn new(bits: u32, group_size: usize, symmetric: bool) -> Result<Grid> {
         if !matches!(bits, 2 | 3 | 4 | 8) {
-            return Err(Error::InvalidArgument(format!("--bits {bits}: supported are 2, 3, 4 and 8")));
+            return Err(Error::InvalidArgument(format!(
+                "--bits {bits}: supported are 2, 3, 4 and 8"
+            )));
         }
         if group_size != 0 && !matches!(group_size, 32 | 64 | 128 | 256) {
             return Err(Error::InvalidArgument(format!(
                 "--group-size {group_size}: supported are 32, 64, 128, 256 and 0 (per channel)"
             )));
         }
-        Ok(Grid { bits, group_size, symmetric })
+        Ok(Grid {
+            bits,
+            group_size,
+            symmetric,
+        })
     }
 
     pub fn maxq(&self) -> u32 {
@@ -139,7 +145,9 @@ mod tests {
     #[test]
     fn pack_roundtrip_all_widths() {
         for bits in [2u32, 3, 4, 8] {
-            let codes: Vec<u32> = (0..77u32).map(|i| (i * 2654435761u32 >> 7) & ((1 << bits) - 1)).collect();
+            let codes: Vec<u32> = (0..77u32)
+                .map(|i| (i * 2654435761u32 >> 7) & ((1 << bits) - 1))
+                .collect();
             let mut packed = Vec::new();
             pack_row(&codes, bits, &mut packed);
             assert_eq!(packed.len(), packed_words(77, bits));

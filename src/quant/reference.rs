@@ -18,7 +18,11 @@ pub struct GptqOptions {
 
 impl Default for GptqOptions {
     fn default() -> Self {
-        GptqOptions { damp: 0.01, act_order: false, block: 128 }
+        GptqOptions {
+            damp: 0.01,
+            act_order: false,
+            block: 128,
+        }
     }
 }
 
@@ -77,10 +81,15 @@ pub struct PreparedHessian {
 /// to four times.
 pub fn prepare_hessian(h: &[f64], n: usize, opts: &GptqOptions) -> Result<PreparedHessian> {
     if h.len() != n * n {
-        return Err(Error::Shape(format!("Hessian has {} entries, not {n}²", h.len())));
+        return Err(Error::Shape(format!(
+            "Hessian has {} entries, not {n}²",
+            h.len()
+        )));
     }
     if h.iter().any(|v| !v.is_finite()) {
-        return Err(Error::InvalidArgument("the Hessian contains NaN or infinity".into()));
+        return Err(Error::InvalidArgument(
+            "the Hessian contains NaN or infinity".into(),
+        ));
     }
     let mut h = h.to_vec();
     let dead: Vec<usize> = (0..n).filter(|&i| h[i * n + i] == 0.0).collect();
@@ -89,7 +98,11 @@ pub fn prepare_hessian(h: &[f64], n: usize, opts: &GptqOptions) -> Result<Prepar
     }
     let perm: Option<Vec<u32>> = opts.act_order.then(|| {
         let mut p: Vec<u32> = (0..n as u32).collect();
-        p.sort_by(|&a, &b| h[b as usize * n + b as usize].total_cmp(&h[a as usize * n + a as usize]).then(a.cmp(&b)));
+        p.sort_by(|&a, &b| {
+            h[b as usize * n + b as usize]
+                .total_cmp(&h[a as usize * n + a as usize])
+                .then(a.cmp(&b))
+        });
         p
     });
     if let Some(p) = &perm {
@@ -112,17 +125,31 @@ pub fn prepare_hessian(h: &[f64], n: usize, opts: &GptqOptions) -> Result<Prepar
         match a.llt(faer::Side::Lower) {
             Ok(llt) => {
                 let mut linv = faer::Mat::<f64>::zeros(n, n);
-                faer::linalg::triangular_inverse::invert_lower_triangular(linv.as_mut(), llt.L(), faer::Par::Seq);
+                faer::linalg::triangular_inverse::invert_lower_triangular(
+                    linv.as_mut(),
+                    llt.L(),
+                    faer::Par::Seq,
+                );
                 let mut u = vec![0.0; n * n];
                 for i in 0..n {
                     for j in i..n {
                         u[i * n + j] = linv[(n - 1 - i, n - 1 - j)];
                     }
                 }
-                return Ok(PreparedHessian { n, u, perm, dead, damp, retries });
+                return Ok(PreparedHessian {
+                    n,
+                    u,
+                    perm,
+                    dead,
+                    damp,
+                    retries,
+                });
             }
             Err(_) => {
-                tracing::warn!("Cholesky of the damped Hessian failed at damping {damp}; retrying with {}", damp * 10.0);
+                tracing::warn!(
+                    "Cholesky of the damped Hessian failed at damping {damp}; retrying with {}",
+                    damp * 10.0
+                );
                 damp *= 10.0;
             }
         }
@@ -152,13 +179,28 @@ pub fn rtn(w: &[f32], rows: usize, cols: usize, grid: Grid) -> Quantized {
             }
         }
     }
-    Quantized { rows, cols, grid, codes, scales, zeros, perm: None }
+    Quantized {
+        rows,
+        cols,
+        grid,
+        codes,
+        scales,
+        zeros,
+        perm: None,
+    }
 }
 
 /// GPTQ/LDLQ in f64 (codes and grids as the GPU stores them). Columns are processed in the
 /// order of `prep.perm` in lazy blocks of `block`; each group's grid is computed when its first
 /// column is reached, from the group's current (error-updated) values.
-pub fn gptq(w: &[f32], rows: usize, cols: usize, prep: &PreparedHessian, grid: Grid, block: usize) -> Quantized {
+pub fn gptq(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    prep: &PreparedHessian,
+    grid: Grid,
+    block: usize,
+) -> Quantized {
     let n = cols;
     let g = grid.group_len(n);
     let ng = grid.groups(n);
@@ -171,7 +213,11 @@ pub fn gptq(w: &[f32], rows: usize, cols: usize, prep: &PreparedHessian, grid: G
         }
     }
     for &d in &prep.dead {
-        let j = prep.perm.as_ref().map_or(d, |p| p.iter().position(|&x| x as usize == d).expect("perm covers all"));
+        let j = prep.perm.as_ref().map_or(d, |p| {
+            p.iter()
+                .position(|&x| x as usize == d)
+                .expect("perm covers all")
+        });
         for r in 0..rows {
             wk[r * n + j] = 0.0;
         }
@@ -216,7 +262,15 @@ pub fn gptq(w: &[f32], rows: usize, cols: usize, prep: &PreparedHessian, grid: G
         }
         i1 = i2;
     }
-    Quantized { rows, cols, grid, codes, scales, zeros, perm: prep.perm.clone() }
+    Quantized {
+        rows,
+        cols,
+        grid,
+        codes,
+        scales,
+        zeros,
+        perm: prep.perm.clone(),
+    }
 }
 
 /// tr(ΔW H ΔWᵀ) for ΔW = a − b (rows × n), H n×n.
@@ -253,7 +307,9 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
@@ -268,7 +324,15 @@ mod tests {
         let n = 9;
         let x = lcg(40 * n, 3);
         let h = hessian(&x, 40, n);
-        let p = prepare_hessian(&h, n, &GptqOptions { damp: 0.0, ..Default::default() }).unwrap();
+        let p = prepare_hessian(
+            &h,
+            n,
+            &GptqOptions {
+                damp: 0.0,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         // UᵀU · H = I
         for i in 0..n {
             for j in 0..n {
@@ -277,7 +341,10 @@ mod tests {
                     let hinv_ik: f64 = (0..n).map(|l| p.u[l * n + i] * p.u[l * n + k]).sum();
                     v += hinv_ik * h[k * n + j];
                 }
-                assert!((v - if i == j { 1.0 } else { 0.0 }).abs() < 1e-8, "({i},{j}) = {v}");
+                assert!(
+                    (v - if i == j { 1.0 } else { 0.0 }).abs() < 1e-8,
+                    "({i},{j}) = {v}"
+                );
             }
         }
     }
@@ -300,11 +367,21 @@ mod tests {
         let grid = Grid::new(3, 0, false).unwrap();
         let rt = rtn(&w, m, n, grid).dequantize();
         for act_order in [false, true] {
-            let opts = GptqOptions { act_order, block: 16, ..Default::default() };
+            let opts = GptqOptions {
+                act_order,
+                block: 16,
+                ..Default::default()
+            };
             let p = prepare_hessian(&h, n, &opts).unwrap();
             let gq = gptq(&w, m, n, &p, grid, opts.block).dequantize();
-            let (e_rtn, e_gptq) = (weighted_error(&w, &rt, m, &h), weighted_error(&w, &gq, m, &h));
-            assert!(e_gptq < 0.7 * e_rtn, "act_order {act_order}: gptq {e_gptq} vs rtn {e_rtn}");
+            let (e_rtn, e_gptq) = (
+                weighted_error(&w, &rt, m, &h),
+                weighted_error(&w, &gq, m, &h),
+            );
+            assert!(
+                e_gptq < 0.7 * e_rtn,
+                "act_order {act_order}: gptq {e_gptq} vs rtn {e_rtn}"
+            );
         }
     }
 
@@ -317,7 +394,15 @@ mod tests {
         }
         h[1] = 1.5; // symmetric off-diagonal larger than the diagonal: indefinite
         h[n] = 1.5;
-        let p = prepare_hessian(&h, n, &GptqOptions { damp: 0.01, ..Default::default() }).unwrap();
+        let p = prepare_hessian(
+            &h,
+            n,
+            &GptqOptions {
+                damp: 0.01,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert!(p.retries > 0 && p.damp > 0.01);
     }
 }

@@ -16,11 +16,17 @@ pub fn gpu_with(opts: &GpuOptions) -> Gpu {
             // its adapter.
             ONCE.get_or_init(|| {
                 use std::io::Write;
-                let _ = writeln!(std::io::stderr(), "GPU tests run on adapter: {}", g.describe());
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "GPU tests run on adapter: {}",
+                    g.describe()
+                );
             });
             g
         }
-        Err(e) => panic!("GPU tests need an adapter (install mesa-vulkan-drivers for lavapipe): {e}"),
+        Err(e) => {
+            panic!("GPU tests need an adapter (install mesa-vulkan-drivers for lavapipe): {e}")
+        }
     }
 }
 
@@ -114,7 +120,15 @@ pub struct TinyLlama {
 
 impl Default for TinyLlama {
     fn default() -> Self {
-        TinyLlama { hidden: 8, intermediate: 12, layers: 2, heads: 2, kv_heads: 1, vocab: 16, tied: false }
+        TinyLlama {
+            hidden: 8,
+            intermediate: 12,
+            layers: 2,
+            heads: 2,
+            kv_heads: 1,
+            vocab: 16,
+            tied: false,
+        }
     }
 }
 
@@ -140,14 +154,27 @@ impl TinyLlama {
     pub fn tensors(&self) -> Vec<RawTensor> {
         let (h, i, v) = (self.hidden, self.intermediate, self.vocab);
         let hd = h / self.heads;
-        let mut shapes: Vec<(String, Vec<usize>)> = vec![("model.embed_tokens.weight".into(), vec![v, h])];
+        let mut shapes: Vec<(String, Vec<usize>)> =
+            vec![("model.embed_tokens.weight".into(), vec![v, h])];
         for l in 0..self.layers {
             let p = format!("model.layers.{l}");
             shapes.push((format!("{p}.input_layernorm.weight"), vec![h]));
-            shapes.push((format!("{p}.self_attn.q_proj.weight"), vec![self.heads * hd, h]));
-            shapes.push((format!("{p}.self_attn.k_proj.weight"), vec![self.kv_heads * hd, h]));
-            shapes.push((format!("{p}.self_attn.v_proj.weight"), vec![self.kv_heads * hd, h]));
-            shapes.push((format!("{p}.self_attn.o_proj.weight"), vec![h, self.heads * hd]));
+            shapes.push((
+                format!("{p}.self_attn.q_proj.weight"),
+                vec![self.heads * hd, h],
+            ));
+            shapes.push((
+                format!("{p}.self_attn.k_proj.weight"),
+                vec![self.kv_heads * hd, h],
+            ));
+            shapes.push((
+                format!("{p}.self_attn.v_proj.weight"),
+                vec![self.kv_heads * hd, h],
+            ));
+            shapes.push((
+                format!("{p}.self_attn.o_proj.weight"),
+                vec![h, self.heads * hd],
+            ));
             shapes.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
             shapes.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
             shapes.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
@@ -175,7 +202,10 @@ impl TinyLlama {
     }
 
     pub fn parameters(&self) -> usize {
-        self.tensors().iter().map(|t| t.shape.iter().product::<usize>()).sum()
+        self.tensors()
+            .iter()
+            .map(|t| t.shape.iter().product::<usize>())
+            .sum()
     }
 
     /// Write config.json and model.safetensors into `dir` (created if needed).
