@@ -10,13 +10,14 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 
-use super::buffer::GpuBuffer;
+use super::buffer::{GpuBuffer, Pooled};
 use super::context::Gpu;
 
 struct Dispatch {
     pipeline: Arc<wgpu::ComputePipeline>,
-    /// (buffer, bound length): bound at bindings 1.. in order; binding 0 is the uniform block.
-    storage: Vec<(wgpu::Buffer, u64)>,
+    /// Buffers bound at bindings 1.. in order (binding 0 is the uniform block); the handles
+    /// keep them out of the pool until the batch is submitted.
+    storage: Vec<Arc<Pooled>>,
     params: std::ops::Range<usize>,
     workgroups: [u32; 3],
 }
@@ -78,7 +79,7 @@ impl<'g> Batch<'g> {
         let end = self.params.len();
         self.dispatches.push(Dispatch {
             pipeline,
-            storage: storage.iter().map(|b| (b.raw().clone(), b.len())).collect(),
+            storage: storage.iter().map(|b| b.share()).collect(),
             params: start..end,
             workgroups,
         });
@@ -111,13 +112,13 @@ impl<'g> Batch<'g> {
                             size: NonZeroU64::new((d.params.end - d.params.start) as u64),
                         }),
                     }];
-                    for (i, (buf, len)) in d.storage.iter().enumerate() {
+                    for (i, buf) in d.storage.iter().enumerate() {
                         entries.push(wgpu::BindGroupEntry {
                             binding: i as u32 + 1,
                             resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                                buffer: buf,
+                                buffer: buf.raw(),
                                 offset: 0,
-                                size: NonZeroU64::new(*len),
+                                size: NonZeroU64::new(buf.len()),
                             }),
                         });
                     }

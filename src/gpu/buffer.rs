@@ -66,12 +66,11 @@ impl BufferPool {
     fn give_back(&self, buf: wgpu::Buffer, class: u64, usage: wgpu::BufferUsages) {
         let mut st = self.lock();
         st.stats.live_bytes -= class;
+        // Over the cap the buffer is simply dropped: wgpu frees it once no submitted work
+        // uses it any more (destroy() would not wait).
         if st.stats.idle_bytes + class <= MAX_IDLE_BYTES {
             st.stats.idle_bytes += class;
             st.free.entry((class, usage.bits())).or_default().push(buf);
-        } else {
-            drop(st);
-            buf.destroy();
         }
     }
 
@@ -87,21 +86,36 @@ impl BufferPool {
     /// Drop every idle buffer (e.g. before a large allocation).
     pub(crate) fn trim(&self) {
         let mut st = self.lock();
-        for (_, bufs) in st.free.drain() {
-            bufs.into_iter().for_each(|b| b.destroy());
-        }
+        st.free.clear();
         st.stats.idle_bytes = 0;
     }
 }
 
-/// A GPU buffer borrowed from the pool; returns itself when dropped.
+/// A GPU buffer borrowed from the pool; returns itself when the last handle is dropped.
+///
+/// A [`super::Batch`] that binds the buffer holds a handle until it is submitted, so a buffer
+/// dropped by its owner while recorded work still needs it is not recycled (and overwritten by a
+/// queued upload) before that work is on the queue.
 pub struct GpuBuffer {
+    inner: Arc<Pooled>,
+}
+
+pub(crate) struct Pooled {
     buf: Option<wgpu::Buffer>,
     /// Bytes the caller asked for (what bindings cover).
     len: u64,
     class: u64,
     usage: wgpu::BufferUsages,
     pool: Arc<BufferPool>,
+}
+
+impl Pooled {
+    pub(crate) fn raw(&self) -> &wgpu::Buffer {
+        self.buf.as_ref().expect("buffer present until drop")
+    }
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
 }
 
 impl GpuBuffer {
@@ -113,29 +127,36 @@ impl GpuBuffer {
         pool: Arc<BufferPool>,
     ) -> Self {
         GpuBuffer {
-            buf: Some(buf),
-            len,
-            class,
-            usage,
-            pool,
+            inner: Arc::new(Pooled {
+                buf: Some(buf),
+                len,
+                class,
+                usage,
+                pool,
+            }),
         }
     }
 
     pub(crate) fn raw(&self) -> &wgpu::Buffer {
-        self.buf.as_ref().expect("buffer present until drop")
+        self.inner.raw()
+    }
+
+    /// Another handle keeping the buffer out of the pool (for recorded, unsubmitted work).
+    pub(crate) fn share(&self) -> Arc<Pooled> {
+        self.inner.clone()
     }
 
     /// Requested length in bytes.
     pub fn len(&self) -> u64 {
-        self.len
+        self.inner.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.inner.len == 0
     }
 }
 
-impl Drop for GpuBuffer {
+impl Drop for Pooled {
     fn drop(&mut self) {
         if let Some(buf) = self.buf.take() {
             self.pool.give_back(buf, self.class, self.usage);
@@ -145,7 +166,7 @@ impl Drop for GpuBuffer {
 
 impl std::fmt::Debug for GpuBuffer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "GpuBuffer({} bytes)", self.len)
+        write!(f, "GpuBuffer({} bytes)", self.inner.len)
     }
 }
 
