@@ -9,6 +9,7 @@ pub mod dtype;
 pub mod error;
 pub mod gpu;
 pub mod infer;
+pub mod lowrank;
 pub mod model;
 pub mod quant;
 

@@ -33,6 +33,7 @@ const ELEMENTWISE: Kernel = Kernel {
     name: "elementwise",
     template: include_str!("../../shaders/elementwise.wgsl"),
 };
+const TRANSPOSE: Kernel = Kernel { name: "transpose", template: include_str!("../../shaders/transpose.wgsl") };
 const LOGITS: Kernel = Kernel {
     name: "logits",
     template: include_str!("../../shaders/logits.wgsl"),
@@ -583,4 +584,46 @@ pub fn logit_stats(
         }
     }
     Ok(())
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct TransposeParams {
+    m: u32,
+    n: u32,
+    in_row0: u32,
+    in_rows: u32,
+    out_row0: u32,
+    out_rows: u32,
+    _pad: [u32; 2],
+}
+
+/// `xᵀ` as a new f32 matrix (x may be chunked and of any dtype).
+pub fn transpose(gpu: &Gpu, x: &GpuMatrix) -> Result<GpuMatrix> {
+    let (m, n) = (x.rows(), x.cols());
+    let out = GpuMatrix::uninit(gpu, n, m)?;
+    let spec = Spec::new().set("OPERANDS", operand_wgsl("x", 1, x.dtype(), false));
+    let pipeline = gpu.pipeline(&TRANSPOSE, &spec)?;
+    let max = gpu.caps().max_workgroups_per_dim as usize * 16;
+    if m > max || n > max {
+        return Err(Error::Shape(format!("transpose of {m}×{n} exceeds {max} rows or columns per dispatch")));
+    }
+    let mut b = Batch::new(gpu);
+    for ic in x.chunks() {
+        for oc in out.chunks() {
+            let params = TransposeParams {
+                m: m as u32,
+                n: n as u32,
+                in_row0: ic.row0 as u32,
+                in_rows: ic.rows as u32,
+                out_row0: oc.row0 as u32,
+                out_rows: oc.rows as u32,
+                _pad: [0; 2],
+            };
+            let wg = [oc.rows.div_ceil(16) as u32, ic.rows.div_ceil(16) as u32, 1];
+            b.dispatch(pipeline.clone(), &params, &[&ic.buf, &oc.buf], wg)?;
+        }
+    }
+    b.submit()?;
+    Ok(out)
 }

@@ -1,0 +1,5 @@
+//! Low-rank machinery for CALDERA: randomized SVD with GPU products ([`rsvd`]).
+
+pub mod rsvd;
+
+pub use rsvd::{rsvd, rsvd_host, RsvdOptions, Svd};
