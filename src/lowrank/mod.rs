@@ -1,5 +1,6 @@
 //! Low-rank machinery for CALDERA: randomized SVD with GPU products ([`rsvd`]).
 
+pub mod caldera;
 pub mod rsvd;
 
 pub use rsvd::{rsvd, rsvd_host, RsvdOptions, Svd};

@@ -1,0 +1,74 @@
+//! CALDERA: the f64 reference and the GPU decomposition on the regime it is for (Hessians with
+//! outlier channels), rank budgeting, and agreement between the two.
+
+mod common;
+
+use common::random;
+use pumice::cpu;
+use pumice::lowrank::caldera::{self, rank_for_budget, CalderaOptions};
+use pumice::quant::reference::{self, weighted_error, weighted_norm};
+use pumice::quant::{GptqOptions, Grid};
+
+/// X (t × n) with correlated channels and `outliers` channels scaled ×20; H = XᵀX/t.
+fn outlier_hessian(t: usize, n: usize, outliers: usize, seed: u64) -> Vec<f64> {
+    outlier_hessian_with(t, n, outliers, seed, 8, 0.3)
+}
+
+fn outlier_hessian_with(t: usize, n: usize, outliers: usize, seed: u64, f: usize, noise_level: f32) -> Vec<f64> {
+    let z = random(t * f, seed, 0.0);
+    let mix = random(f * n, seed + 1, 0.0);
+    let noise = random(t * n, seed + 2, 0.0);
+    let x: Vec<f32> = (0..t * n)
+        .map(|i| {
+            let (r, c) = (i / n, i % n);
+            let v: f32 = (0..f).map(|k| z[r * f + k] * mix[k * n + c]).sum::<f32>() + noise_level * noise[i];
+            if c % (n / outliers.max(1)) == 1 { v * 20.0 } else { v }
+        })
+        .collect();
+    cpu::hessian_f64(&x, t, n).into_iter().map(|v| v / t as f64).collect()
+}
+
+#[test]
+fn rank_budget_counts_everything() {
+    let q = Grid::new(2, 128, false).unwrap();
+    let lr = Grid::new(4, 64, false).unwrap();
+    // 4096²: Q 2 + 32/128 = 2.25 bpw; each rank costs (4 + 0.5)·8192 bits.
+    let k = rank_for_budget(&q, &lr, 4096, 4096, 2.5);
+    assert_eq!(k, ((0.25 * 4096.0 * 4096.0) / (4.5 * 8192.0)) as usize);
+    let o = CalderaOptions { rank: k, ..CalderaOptions::new(k) };
+    assert!(o.stored_bits(4096, 4096) as f64 <= 2.5 * 4096.0 * 4096.0);
+    let o1 = CalderaOptions { rank: k + 1, ..CalderaOptions::new(k + 1) };
+    assert!(o1.stored_bits(4096, 4096) as f64 > 2.5 * 4096.0 * 4096.0);
+    // A budget below Q alone leaves no rank.
+    assert_eq!(rank_for_budget(&q, &lr, 192, 192, 2.0), 0);
+}
+
+/// At the same 2.5 bpw budget the f64 reference beats GPTQ 2-bit g64 clearly on a Hessian with
+/// outlier channels. Measured here: 0.57× GPTQ's relative weighted error (the issue's goal,
+/// ≤ 0.5× at 4096², is not reached yet; see the issue note).
+#[test]
+fn reference_beats_gptq_2bit_on_outlier_hessians() {
+    let (m, n) = (512, 512);
+    let h = outlier_hessian(4096, n, 2, 7);
+    let w = random(m * n, 9, 0.0);
+    let norm = weighted_norm(&w, m, &h);
+    // GPTQ 2-bit g64 (2.5 bpw).
+    let g64 = Grid::new(2, 64, false).unwrap();
+    let prep = reference::prepare_hessian(&h, n, &GptqOptions::default()).unwrap();
+    let gq = reference::gptq(&w, m, n, &prep, g64, 128).dequantize();
+    let e_gptq = weighted_error(&w, &gq, m, &h) / norm;
+    // CALDERA within 2.5 bpw.
+    let mut o = CalderaOptions::new(0);
+    o.rank = rank_for_budget(&o.q_grid, &o.lr_grid, m, n, 2.5);
+    o.outer_iters = 5;
+    o.inner_iters = 5;
+    assert!(o.rank > 0);
+    assert!(o.stored_bits(m, n) as f64 <= 2.5 * (m * n) as f64);
+    let d = caldera::reference(&w, m, n, &h, &o).unwrap();
+    let e_cal = weighted_error(&w, &d.dense(), m, &h) / norm;
+    assert!((e_cal - d.relative_error).abs() < 1e-6 * e_cal.max(1.0), "{e_cal} vs {}", d.relative_error);
+    eprintln!("rank {}: CALDERA {e_cal:.4e}, GPTQ 2-bit g64 {e_gptq:.4e}, history {:?}", o.rank, d.history);
+    assert!(e_cal <= 0.65 * e_gptq, "CALDERA {e_cal:.4e} vs GPTQ 2-bit g64 {e_gptq:.4e}");
+    // The kept iterate is the best of the history, not the last.
+    assert_eq!(d.relative_error, d.history.iter().cloned().fold(f64::INFINITY, f64::min));
+}
