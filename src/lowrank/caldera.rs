@@ -266,3 +266,136 @@ pub fn low_rank_product(lt: &Quantized, r: &Quantized, m: usize, n: usize) -> Ve
     }
     out
 }
+
+/// ⟨X, Y⟩ of two equally long slices, f64.
+fn dot(x: &[f64], y: &[f64]) -> f64 {
+    x.iter().zip(y).map(|(a, b)| a * b).sum()
+}
+
+/// The decomposition with every large product on the GPU (randomized SVD, GEMMs, GPU GPTQ);
+/// k × k solves and the factor quantization (O(k·(m+n)) work) stay on the host.
+pub fn decompose(gpu: &crate::gpu::Gpu, w: &[f32], m: usize, n: usize, h: &[f64], opts: &CalderaOptions) -> Result<Decomposition> {
+    use crate::dtype::DType;
+    use crate::gpu::{matmul, ops, GemmOp, GpuMatrix};
+
+    let k = opts.rank.min(m).min(n);
+    if w.len() != m * n || h.len() != n * n {
+        return Err(Error::Shape(format!("CALDERA: W has {} values for {m}×{n}, H {} for {n}²", w.len(), h.len())));
+    }
+    let (s, sinv) = weighting(h, n, opts.gptq.damp)?;
+    let prep = prepare_hessian(h, n, &opts.gptq)?;
+    let up = |rows: usize, cols: usize, v: &[f32]| GpuMatrix::from_f32(gpu, rows, cols, DType::F32, v);
+    let hm = up(n, n, &f32s(h))?;
+    let sm = up(n, n, &f32s(&to_vec(s.as_ref())))?;
+    let sinvm = up(n, n, &f32s(&to_vec(sinv.as_ref())))?;
+    // tr(X H Xᵀ) on the GPU.
+    let quad = |x: &[f32]| -> Result<f64> {
+        let xm = up(m, n, x)?;
+        let xh = matmul(gpu, &xm, &hm, GemmOp::NN)?.to_f32(gpu)?;
+        Ok(xh.iter().zip(x).map(|(a, b)| *a as f64 * *b as f64).sum())
+    };
+    let norm = quad(w)?;
+    let mut qv = vec![0.0f32; m * n];
+    let mut best: Option<Decomposition> = None;
+    let mut history = Vec::new();
+    for outer in 0..opts.outer_iters.max(1) {
+        let a: Vec<f32> = w.iter().zip(&qv).map(|(x, q)| x - q).collect();
+        let (lt_q, r_q) = if k == 0 {
+            (rtn(&[], 0, m, opts.lr_grid), rtn(&[], 0, n, opts.lr_grid))
+        } else {
+            let am = up(m, n, &a)?;
+            let at = ops::transpose(gpu, &am)?;
+            // SVD of A S: the best H-weighted rank-k fit is U Σ Vᵀ S⁻¹.
+            let ms = matmul(gpu, &am, &sm, GemmOp::NN)?;
+            let mst = ops::transpose(gpu, &ms)?;
+            let ro = crate::lowrank::RsvdOptions {
+                rank: k,
+                oversample: opts.oversample,
+                power_iters: opts.power_iters,
+                seed: opts.seed.wrapping_add(outer as u64),
+            };
+            let svd = crate::lowrank::rsvd(gpu, &ms, &mst, &ro)?;
+            drop((ms, mst));
+            let rv: Vec<f32> = (0..k * n).map(|idx| (svd.v[(idx % n) * k + idx / n] * svd.s[idx / n].sqrt()) as f32).collect();
+            let mut r = matmul(gpu, &up(k, n, &rv)?, &sinvm, GemmOp::NN)?.to_f32(gpu)?;
+            let c = quad(&a)?;
+            let mut l_prev: Option<Vec<f64>> = None;
+            let mut best_lr: Option<(f64, Quantized, Quantized)> = None;
+            for _ in 0..opts.inner_iters.max(1) {
+                let rm = up(k, n, &r)?;
+                let hrt = matmul(gpu, &hm, &rm, GemmOp::NT)?;
+                let ahrt: Vec<f64> = matmul(gpu, &am, &hrt, GemmOp::NN)?.to_f32(gpu)?.into_iter().map(f64::from).collect();
+                let rhrt_v: Vec<f64> = matmul(gpu, &rm, &hrt, GemmOp::NN)?.to_f32(gpu)?.into_iter().map(f64::from).collect();
+                let rhrt = mat(k, k, &rhrt_v);
+                let err_of = |l: &[f64]| {
+                    let lm = mat(m, k, l);
+                    let ltl = lm.transpose() * &lm;
+                    c - 2.0 * dot(l, &ahrt) + dot(&to_vec(ltl.as_ref()), &rhrt_v)
+                };
+                let rq_now = rtn(&r, k, n, opts.lr_grid);
+                // (L from the previous round, this R) is a candidate too.
+                if let Some(lp) = &l_prev {
+                    let e = err_of(lp);
+                    if best_lr.as_ref().is_none_or(|(b, _, _)| e < *b) {
+                        let ltv: Vec<f32> = (0..k * m).map(|idx| lp[(idx % m) * k + idx / m] as f32).collect();
+                        best_lr = Some((e, rtn(&ltv, k, m, opts.lr_grid), rq_now.clone()));
+                    }
+                }
+                // L ← (A H Rᵀ)(R H Rᵀ)⁻¹, quantized (as Lᵀ, groups along m).
+                let l = &mat(m, k, &ahrt) * spd_inverse(&rhrt);
+                let lt_q = rtn(&f32s(&to_vec(l.transpose())), k, m, opts.lr_grid);
+                let ltd = lt_q.dequantize();
+                let lv: Vec<f64> = (0..m * k).map(|idx| ltd[(idx % k) * m + idx / k] as f64).collect();
+                let e = err_of(&lv);
+                if best_lr.as_ref().is_none_or(|(b, _, _)| e < *b) {
+                    best_lr = Some((e, lt_q.clone(), rq_now.clone()));
+                }
+                // R ← (LᵀL)⁻¹ Lᵀ A, quantized; Lᵀ A = (Aᵀ L)ᵀ.
+                let lm = mat(m, k, &lv);
+                let ltl = lm.transpose() * &lm;
+                let atl = matmul(gpu, &at, &up(m, k, &f32s(&lv))?, GemmOp::NN)?.to_f32(gpu)?;
+                let lta = faer::Mat::<f64>::from_fn(k, n, |t, j| atl[j * k + t] as f64);
+                let rn = spd_inverse(&ltl) * lta;
+                let rq = rtn(&f32s(&to_vec(rn.as_ref())), k, n, opts.lr_grid);
+                r = rq.dequantize();
+                l_prev = Some(lv);
+            }
+            // The final R with the last L.
+            if let Some(lp) = &l_prev {
+                let rm = up(k, n, &r)?;
+                let hrt = matmul(gpu, &hm, &rm, GemmOp::NT)?;
+                let ahrt: Vec<f64> = matmul(gpu, &am, &hrt, GemmOp::NN)?.to_f32(gpu)?.into_iter().map(f64::from).collect();
+                let rhrt_v: Vec<f64> = matmul(gpu, &rm, &hrt, GemmOp::NN)?.to_f32(gpu)?.into_iter().map(f64::from).collect();
+                let lm = mat(m, k, lp);
+                let ltl = lm.transpose() * &lm;
+                let e = c - 2.0 * dot(lp, &ahrt) + dot(&to_vec(ltl.as_ref()), &rhrt_v);
+                if best_lr.as_ref().is_none_or(|(b, _, _)| e < *b) {
+                    let ltv: Vec<f32> = (0..k * m).map(|idx| lp[(idx % m) * k + idx / m] as f32).collect();
+                    best_lr = Some((e, rtn(&ltv, k, m, opts.lr_grid), rtn(&r, k, n, opts.lr_grid)));
+                }
+            }
+            let (_, ltq, rq) = best_lr.expect("at least one inner round");
+            (ltq, rq)
+        };
+        // (b) Q ← LDLQ(W − L R, H) on the GPU.
+        let lr: Vec<f32> = if k == 0 {
+            vec![0.0; m * n]
+        } else {
+            let ltd = lt_q.dequantize();
+            let lmat = ops::transpose(gpu, &up(k, m, &ltd)?)?;
+            matmul(gpu, &lmat, &up(k, n, &r_q.dequantize())?, GemmOp::NN)?.to_f32(gpu)?
+        };
+        let resid: Vec<f32> = w.iter().zip(&lr).map(|(a, b)| a - b).collect();
+        let q = crate::gpu::quant::gptq(gpu, &resid, m, n, &prep, opts.q_grid, opts.gptq.block)?.download(gpu)?;
+        qv = q.dequantize();
+        let delta: Vec<f32> = (0..m * n).map(|i| w[i] - qv[i] - lr[i]).collect();
+        let rel = quad(&delta)? / norm;
+        history.push(rel);
+        if best.as_ref().is_none_or(|b| rel < b.relative_error) {
+            best = Some(Decomposition { q, lt: lt_q, r: r_q, relative_error: rel, history: Vec::new(), damp: prep.damp });
+        }
+    }
+    let mut b = best.expect("at least one outer iteration");
+    b.history = history;
+    Ok(b)
+}
