@@ -3,6 +3,7 @@
 
 pub mod grid;
 pub mod reference;
+pub mod rht;
 
 pub use grid::Grid;
 pub use reference::{GptqOptions, PreparedHessian, Quantized};
