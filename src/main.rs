@@ -104,6 +104,9 @@ enum MethodArg {
     Rtn,
     /// GPTQ/LDLQ: Hessian-weighted rounding with error feedback.
     Gptq,
+    /// CALDERA: W ≈ Q + L·R, Q by GPTQ (--bits, --group-size), L and R low-rank and quantized
+    /// (--lr-bits), rank from --target-bpw or --rank.
+    Caldera,
 }
 
 #[derive(Args, Debug)]
@@ -131,6 +134,24 @@ struct CompressArgs {
     /// GPTQ: damping as a fraction of the Hessian's mean diagonal.
     #[arg(long, default_value_t = 0.01)]
     damp: f64,
+    /// CALDERA: bits per weight each matrix may use (everything stored counted); sets the rank.
+    #[arg(long, default_value_t = 2.5)]
+    target_bpw: f64,
+    /// CALDERA: a fixed rank instead of --target-bpw.
+    #[arg(long)]
+    rank: Option<usize>,
+    /// CALDERA: bits of the L and R codes.
+    #[arg(long, default_value_t = 4)]
+    lr_bits: u32,
+    /// CALDERA: group size of the L and R grids (along their long dimension).
+    #[arg(long, default_value_t = 64)]
+    lr_group_size: usize,
+    /// CALDERA: outer iterations (low-rank fit, then Q by LDLQ).
+    #[arg(long, default_value_t = 15)]
+    outer_iters: usize,
+    /// CALDERA: L/R refinement rounds per outer iteration.
+    #[arg(long, default_value_t = 10)]
+    inner_iters: usize,
     /// Calibration text: files, or directories of .txt files. Without it, the model samples
     /// its own calibration sequences (self-calibration).
     #[arg(long, num_args = 1..)]
@@ -305,7 +326,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
     use pumice::compress::calib::CalibOptions;
-    use pumice::compress::pipeline::{compress, CalibSource, CompressOptions, Event, Method};
+    use pumice::compress::pipeline::{
+        compress, CalderaSettings, CalibSource, CompressOptions, Event, Method,
+    };
     use pumice::quant::{GptqOptions, Grid};
 
     let ck = Checkpoint::open(&a.model)?;
@@ -319,6 +342,7 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
         method: match a.method {
             MethodArg::Rtn => Method::Rtn,
             MethodArg::Gptq => Method::Gptq,
+            MethodArg::Caldera => Method::Caldera,
         },
         grid,
         gptq: GptqOptions {
@@ -335,6 +359,14 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
             samples: a.calib_samples,
             len: a.calib_len,
             seed: a.seed,
+        },
+        caldera: CalderaSettings {
+            target_bpw: a.target_bpw,
+            rank: a.rank,
+            lr_bits: a.lr_bits,
+            lr_group_size: a.lr_group_size,
+            outer_iters: a.outer_iters.max(1),
+            inner_iters: a.inner_iters.max(1),
         },
         output: a.output.clone(),
         force: a.force,

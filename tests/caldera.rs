@@ -14,18 +14,33 @@ fn outlier_hessian(t: usize, n: usize, outliers: usize, seed: u64) -> Vec<f64> {
     outlier_hessian_with(t, n, outliers, seed, 8, 0.3)
 }
 
-fn outlier_hessian_with(t: usize, n: usize, outliers: usize, seed: u64, f: usize, noise_level: f32) -> Vec<f64> {
+fn outlier_hessian_with(
+    t: usize,
+    n: usize,
+    outliers: usize,
+    seed: u64,
+    f: usize,
+    noise_level: f32,
+) -> Vec<f64> {
     let z = random(t * f, seed, 0.0);
     let mix = random(f * n, seed + 1, 0.0);
     let noise = random(t * n, seed + 2, 0.0);
     let x: Vec<f32> = (0..t * n)
         .map(|i| {
             let (r, c) = (i / n, i % n);
-            let v: f32 = (0..f).map(|k| z[r * f + k] * mix[k * n + c]).sum::<f32>() + noise_level * noise[i];
-            if c % (n / outliers.max(1)) == 1 { v * 20.0 } else { v }
+            let v: f32 =
+                (0..f).map(|k| z[r * f + k] * mix[k * n + c]).sum::<f32>() + noise_level * noise[i];
+            if c % (n / outliers.max(1)) == 1 {
+                v * 20.0
+            } else {
+                v
+            }
         })
         .collect();
-    cpu::hessian_f64(&x, t, n).into_iter().map(|v| v / t as f64).collect()
+    cpu::hessian_f64(&x, t, n)
+        .into_iter()
+        .map(|v| v / t as f64)
+        .collect()
 }
 
 #[test]
@@ -35,9 +50,15 @@ fn rank_budget_counts_everything() {
     // 4096²: Q 2 + 32/128 = 2.25 bpw; each rank costs (4 + 0.5)·8192 bits.
     let k = rank_for_budget(&q, &lr, 4096, 4096, 2.5);
     assert_eq!(k, ((0.25 * 4096.0 * 4096.0) / (4.5 * 8192.0)) as usize);
-    let o = CalderaOptions { rank: k, ..CalderaOptions::new(k) };
+    let o = CalderaOptions {
+        rank: k,
+        ..CalderaOptions::new(k)
+    };
     assert!(o.stored_bits(4096, 4096) as f64 <= 2.5 * 4096.0 * 4096.0);
-    let o1 = CalderaOptions { rank: k + 1, ..CalderaOptions::new(k + 1) };
+    let o1 = CalderaOptions {
+        rank: k + 1,
+        ..CalderaOptions::new(k + 1)
+    };
     assert!(o1.stored_bits(4096, 4096) as f64 > 2.5 * 4096.0 * 4096.0);
     // A budget below Q alone leaves no rank.
     assert_eq!(rank_for_budget(&q, &lr, 192, 192, 2.0), 0);
@@ -66,11 +87,24 @@ fn reference_beats_gptq_2bit_on_outlier_hessians() {
     assert!(o.stored_bits(m, n) as f64 <= 2.5 * (m * n) as f64);
     let d = caldera::reference(&w, m, n, &h, &o).unwrap();
     let e_cal = weighted_error(&w, &d.dense(), m, &h) / norm;
-    assert!((e_cal - d.relative_error).abs() < 1e-6 * e_cal.max(1.0), "{e_cal} vs {}", d.relative_error);
-    eprintln!("rank {}: CALDERA {e_cal:.4e}, GPTQ 2-bit g64 {e_gptq:.4e}, history {:?}", o.rank, d.history);
-    assert!(e_cal <= 0.65 * e_gptq, "CALDERA {e_cal:.4e} vs GPTQ 2-bit g64 {e_gptq:.4e}");
+    assert!(
+        (e_cal - d.relative_error).abs() < 1e-6 * e_cal.max(1.0),
+        "{e_cal} vs {}",
+        d.relative_error
+    );
+    eprintln!(
+        "rank {}: CALDERA {e_cal:.4e}, GPTQ 2-bit g64 {e_gptq:.4e}, history {:?}",
+        o.rank, d.history
+    );
+    assert!(
+        e_cal <= 0.65 * e_gptq,
+        "CALDERA {e_cal:.4e} vs GPTQ 2-bit g64 {e_gptq:.4e}"
+    );
     // The kept iterate is the best of the history, not the last.
-    assert_eq!(d.relative_error, d.history.iter().cloned().fold(f64::INFINITY, f64::min));
+    assert_eq!(
+        d.relative_error,
+        d.history.iter().cloned().fold(f64::INFINITY, f64::min)
+    );
 }
 
 /// H = V diag(λ) Vᵀ with λ_i = 0.93^i and a random orthonormal V (decaying spectrum).
@@ -103,10 +137,25 @@ fn gpu_matches_reference() {
         let d = caldera::decompose(&g, &w, m, n, &h, &o).unwrap();
         let norm = weighted_norm(&w, m, &h);
         let e_gpu = weighted_error(&w, &d.dense(), m, &h) / norm;
-        assert!((e_gpu - d.relative_error).abs() <= 1e-3 * e_gpu, "reported {} vs recomputed {e_gpu}", d.relative_error);
+        assert!(
+            (e_gpu - d.relative_error).abs() <= 1e-3 * e_gpu,
+            "reported {} vs recomputed {e_gpu}",
+            d.relative_error
+        );
         let rel = (e_gpu - r.relative_error).abs() / r.relative_error;
-        eprintln!("{m}x{n} rank {rank}: GPU {e_gpu:.5e}, reference {:.5e} ({:+.2} %)", r.relative_error, 100.0 * (e_gpu - r.relative_error) / r.relative_error);
-        assert!(rel <= 0.02, "{m}x{n}: GPU {e_gpu:.5e} vs reference {:.5e}", r.relative_error);
-        assert_eq!((d.lt.rows, d.lt.cols, d.r.rows, d.r.cols), (rank, m, rank, n));
+        eprintln!(
+            "{m}x{n} rank {rank}: GPU {e_gpu:.5e}, reference {:.5e} ({:+.2} %)",
+            r.relative_error,
+            100.0 * (e_gpu - r.relative_error) / r.relative_error
+        );
+        assert!(
+            rel <= 0.02,
+            "{m}x{n}: GPU {e_gpu:.5e} vs reference {:.5e}",
+            r.relative_error
+        );
+        assert_eq!(
+            (d.lt.rows, d.lt.cols, d.r.rows, d.r.cols),
+            (rank, m, rank, n)
+        );
     }
 }

@@ -25,7 +25,9 @@ fn with_spectrum(m: usize, n: usize, sigma: &[f64], seed: u64) -> Vec<f32> {
     let mut a = vec![0.0f32; m * n];
     for i in 0..m {
         for j in 0..n {
-            a[i * n + j] = (0..r).map(|t| u[i * r + t] * sigma[t] * v[j * r + t]).sum::<f64>() as f32;
+            a[i * n + j] = (0..r)
+                .map(|t| u[i * r + t] * sigma[t] * v[j * r + t])
+                .sum::<f64>() as f32;
         }
     }
     a
@@ -33,7 +35,12 @@ fn with_spectrum(m: usize, n: usize, sigma: &[f64], seed: u64) -> Vec<f32> {
 
 #[test]
 fn transpose_matches_cpu() {
-    for (g, m, n) in [(gpu(), 1, 1), (gpu(), 7, 13), (gpu(), 100, 37), (gpu_limited(1024), 53, 29)] {
+    for (g, m, n) in [
+        (gpu(), 1, 1),
+        (gpu(), 7, 13),
+        (gpu(), 100, 37),
+        (gpu_limited(1024), 53, 29),
+    ] {
         let x = random(m * n, 5, 0.0);
         for dt in [DType::F32, DType::BF16] {
             let xm = GpuMatrix::from_f32(&g, m, n, dt, &x).unwrap();
@@ -55,14 +62,18 @@ fn cholesky_qr_handles_ill_conditioning() {
     let g = gpu();
     let (m, l) = (400, 12);
     // Columns with singular values from 1 down to 1e-6 (κ = 10⁶).
-    let sigma: Vec<f64> = (0..l).map(|i| 10f64.powf(-6.0 * i as f64 / (l - 1) as f64)).collect();
+    let sigma: Vec<f64> = (0..l)
+        .map(|i| 10f64.powf(-6.0 * i as f64 / (l - 1) as f64))
+        .collect();
     let y = with_spectrum(m, l, &sigma, 3);
     let ym = GpuMatrix::from_f32(&g, m, l, DType::F32, &y).unwrap();
     let q = orthonormalize(&g, &ym).unwrap().to_f32(&g).unwrap();
     let mut worst = 0.0f64;
     for a in 0..l {
         for b in 0..l {
-            let d: f64 = (0..m).map(|i| q[i * l + a] as f64 * q[i * l + b] as f64).sum();
+            let d: f64 = (0..m)
+                .map(|i| q[i * l + a] as f64 * q[i * l + b] as f64)
+                .sum();
             worst = worst.max((d - if a == b { 1.0 } else { 0.0 }).abs());
         }
     }
@@ -75,24 +86,56 @@ fn rsvd_recovers_known_spectra() {
     let (m, n) = (300, 200);
     // Geometric decay, and a spectrum with a gap after the 8th value.
     let decay: Vec<f64> = (0..60).map(|i| 10.0 * 0.8f64.powi(i)).collect();
-    let gap: Vec<f64> = (0..60).map(|i| if i < 8 { 5.0 - 0.3 * i as f64 } else { 0.01 / (1 + i) as f64 }).collect();
+    let gap: Vec<f64> = (0..60)
+        .map(|i| {
+            if i < 8 {
+                5.0 - 0.3 * i as f64
+            } else {
+                0.01 / (1 + i) as f64
+            }
+        })
+        .collect();
     for (name, sigma) in [("decay", decay), ("gap", gap)] {
         let a = with_spectrum(m, n, &sigma, 11);
         let k = 8;
-        let svd = rsvd_host(&g, &a, m, n, &RsvdOptions { rank: k, oversample: 8, power_iters: 2, seed: 1 }).unwrap();
+        let svd = rsvd_host(
+            &g,
+            &a,
+            m,
+            n,
+            &RsvdOptions {
+                rank: k,
+                oversample: 8,
+                power_iters: 2,
+                seed: 1,
+            },
+        )
+        .unwrap();
         for i in 0..k {
             let rel = (svd.s[i] - sigma[i]).abs() / sigma[i];
-            assert!(rel < 2e-3, "{name}: σ{i} {} vs {} (rel {rel:.2e})", svd.s[i], sigma[i]);
+            assert!(
+                rel < 2e-3,
+                "{name}: σ{i} {} vs {} (rel {rel:.2e})",
+                svd.s[i],
+                sigma[i]
+            );
         }
         // ‖A − U S Vᵀ‖_F against the optimum sqrt(Σ_{i≥k} σ_i²).
         let mut err = 0.0f64;
         for i in 0..m {
             for j in 0..n {
-                let r: f64 = (0..k).map(|t| svd.u[i * k + t] * svd.s[t] * svd.v[j * k + t]).sum();
+                let r: f64 = (0..k)
+                    .map(|t| svd.u[i * k + t] * svd.s[t] * svd.v[j * k + t])
+                    .sum();
                 err += (a[i * n + j] as f64 - r).powi(2);
             }
         }
         let opt: f64 = sigma[k..].iter().map(|s| s * s).sum();
-        assert!(err.sqrt() <= 1.02 * opt.sqrt() + 1e-4, "{name}: error {:.4e} vs optimal {:.4e}", err.sqrt(), opt.sqrt());
+        assert!(
+            err.sqrt() <= 1.02 * opt.sqrt() + 1e-4,
+            "{name}: error {:.4e} vs optimal {:.4e}",
+            err.sqrt(),
+            opt.sqrt()
+        );
     }
 }

@@ -31,7 +31,13 @@ fn buffers_recorded_in_a_batch_outlive_their_owner_until_submit() {
     batch.submit().unwrap();
     let got = c.to_f32(&g).unwrap();
     let want = cpu::gemm_f64(&a_vals, &b_vals, n, n, n, false);
-    let err = got.iter().zip(&want).fold(0.0f64, |m, (x, y)| m.max((*x as f64 - y).abs()));
-    assert!(err < 1e-4, "the recorded dispatch read recycled memory (max |Δ| {err})");
+    let err = got
+        .iter()
+        .zip(&want)
+        .fold(0.0f64, |m, (x, y)| m.max((*x as f64 - y).abs()));
+    assert!(
+        err < 1e-4,
+        "the recorded dispatch read recycled memory (max |Δ| {err})"
+    );
     drop(other);
 }

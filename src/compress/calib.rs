@@ -122,7 +122,7 @@ pub fn self_generated(
     // The cache of a batch must fit one binding.
     let per_seq = (opts.len * kd * 4) as u64;
     let max_batch = (gpu.caps().max_binding / per_seq.max(1)).max(1) as usize;
-    let batch = opts.samples.min(max_batch).min(128).max(1);
+    let batch = opts.samples.min(max_batch).clamp(1, 128);
     let mut rng = Rng::new(opts.seed);
     let mut seqs: Vec<Vec<u32>> = Vec::with_capacity(opts.samples);
     let total_steps = opts.samples.div_ceil(batch) * opts.len;

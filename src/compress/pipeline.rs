@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::gpu::ops;
 use crate::gpu::quant::{self as gq, PackedWeight};
 use crate::gpu::{matmul, Batch, GemmOp, Gpu, GpuMatrix, HessianAccumulator};
+use crate::infer::engine::LinearWeight;
 use crate::infer::{Engine, EngineOptions};
 use crate::model::compressed::{
     sha256_files, Accounting, CalibInfo, FileInfo, LayerReport, Manifest, MatrixReport,
@@ -36,6 +37,8 @@ use super::calib::{self, CalibOptions, Calibration};
 pub enum Method {
     Rtn,
     Gptq,
+    /// W ≈ Q + L·R (Q by GPTQ on `grid`, factors on their own grid).
+    Caldera,
 }
 
 impl Method {
@@ -43,7 +46,50 @@ impl Method {
         match self {
             Method::Rtn => "rtn",
             Method::Gptq => "gptq",
+            Method::Caldera => "caldera",
         }
+    }
+}
+
+/// CALDERA settings (used with [`Method::Caldera`]).
+#[derive(Clone, Debug)]
+pub struct CalderaSettings {
+    /// Bits per weight each matrix may use, everything stored counted; picks the rank.
+    pub target_bpw: f64,
+    /// A fixed rank instead of the budget.
+    pub rank: Option<usize>,
+    pub lr_bits: u32,
+    pub lr_group_size: usize,
+    pub outer_iters: usize,
+    pub inner_iters: usize,
+}
+
+impl Default for CalderaSettings {
+    fn default() -> Self {
+        CalderaSettings {
+            target_bpw: 2.5,
+            rank: None,
+            lr_bits: 4,
+            lr_group_size: 64,
+            outer_iters: 15,
+            inner_iters: 10,
+        }
+    }
+}
+
+impl CalderaSettings {
+    pub fn lr_grid(&self) -> Result<Grid> {
+        Grid::new(self.lr_bits, self.lr_group_size, false)
+    }
+
+    /// Rank for an m × n matrix with backbone grid `q`.
+    pub fn rank_for(&self, q: &Grid, m: usize, n: usize) -> Result<usize> {
+        Ok(match self.rank {
+            Some(k) => k.min(m).min(n),
+            None => {
+                crate::lowrank::caldera::rank_for_budget(q, &self.lr_grid()?, m, n, self.target_bpw)
+            }
+        })
     }
 }
 
@@ -63,6 +109,7 @@ pub struct CompressOptions {
     pub gptq: GptqOptions,
     pub calib_source: CalibSource,
     pub calib: CalibOptions,
+    pub caldera: CalderaSettings,
     pub output: PathBuf,
     /// Replace an existing output directory (never the input).
     pub force: bool,
@@ -153,6 +200,8 @@ struct Packed {
     scales: Vec<u8>,
     zeros: Option<Vec<u8>>,
     perm: Option<Vec<u8>>,
+    /// CALDERA factors Lᵀ and R, each packed like a backbone.
+    factors: Option<Box<(Packed, Packed)>>,
 }
 
 fn pack(q: &Quantized) -> Packed {
@@ -170,6 +219,7 @@ fn pack(q: &Quantized) -> Packed {
         scales: DType::F16.encode_f32(&q.scales),
         zeros: (!q.grid.symmetric).then(|| DType::F16.encode_f32(&q.zeros)),
         perm: q.perm.as_ref().map(|p| bytemuck::cast_slice(p).to_vec()),
+        factors: None,
     }
 }
 
@@ -183,7 +233,7 @@ fn dequantize_packed(gpu: &Gpu, p: &Packed, q: &Quantized) -> Result<GpuMatrix> 
             q.rows,
             groups,
             DType::F32,
-            &vec![((q.grid.maxq() + 1) / 2) as f32; q.rows * groups],
+            &vec![q.grid.maxq().div_ceil(2) as f32; q.rows * groups],
         )?,
     };
     let w = PackedWeight {
@@ -218,7 +268,12 @@ fn weighted_errors(gpu: &Gpu, w: &[f32], wq: &GpuMatrix, h: &GpuMatrix) -> Resul
 }
 
 /// Plan of every stored tensor, in the checkpoint's order.
-fn plan(ck: &Checkpoint, grid: Grid, act_order: bool) -> Result<Vec<PlannedTensor>> {
+fn plan(
+    ck: &Checkpoint,
+    grid: Grid,
+    act_order: bool,
+    caldera: Option<&CalderaSettings>,
+) -> Result<Vec<PlannedTensor>> {
     let linear_weights: std::collections::HashSet<&str> = ck
         .arch()
         .layers
@@ -230,34 +285,14 @@ fn plan(ck: &Checkpoint, grid: Grid, act_order: bool) -> Result<Vec<PlannedTenso
     for spec in ck.arch().tensors() {
         if linear_weights.contains(spec.name.as_str()) {
             let (m, n) = (spec.shape[0], spec.shape[1]);
-            let groups = grid.groups(n);
-            out.push(PlannedTensor {
-                name: format!("{}.qweight", spec.name),
-                dtype: "U32".into(),
-                shape: vec![m, packed_words(n, grid.bits)],
-                bytes: m * packed_words(n, grid.bits) * 4,
-            });
-            out.push(PlannedTensor {
-                name: format!("{}.scales", spec.name),
-                dtype: "F16".into(),
-                shape: vec![m, groups],
-                bytes: m * groups * 2,
-            });
-            if !grid.symmetric {
-                out.push(PlannedTensor {
-                    name: format!("{}.zeros", spec.name),
-                    dtype: "F16".into(),
-                    shape: vec![m, groups],
-                    bytes: m * groups * 2,
-                });
-            }
-            if act_order {
-                out.push(PlannedTensor {
-                    name: format!("{}.perm", spec.name),
-                    dtype: "U32".into(),
-                    shape: vec![n],
-                    bytes: n * 4,
-                });
+            plan_packed(&mut out, &spec.name, m, n, &grid, act_order);
+            if let Some(cs) = caldera {
+                let k = cs.rank_for(&grid, m, n)?;
+                if k > 0 {
+                    let lg = cs.lr_grid()?;
+                    plan_packed(&mut out, &format!("{}.L", spec.name), k, m, &lg, false);
+                    plan_packed(&mut out, &format!("{}.R", spec.name), k, n, &lg, false);
+                }
             }
         } else {
             let t = ck.tensor(&spec.name)?;
@@ -281,7 +316,52 @@ fn write_packed(wr: &mut StreamingWriter, name: &str, p: &Packed) -> Result<()> 
     if let Some(pm) = &p.perm {
         wr.write(&format!("{name}.perm"), pm)?;
     }
+    if let Some(f) = &p.factors {
+        write_packed(wr, &format!("{name}.L"), &f.0)?;
+        write_packed(wr, &format!("{name}.R"), &f.1)?;
+    }
     Ok(())
+}
+
+/// Header entries of one packed matrix (`PREFIX.qweight`, `.scales`, `.zeros`, `.perm`).
+fn plan_packed(
+    out: &mut Vec<PlannedTensor>,
+    prefix: &str,
+    rows: usize,
+    cols: usize,
+    grid: &Grid,
+    act_order: bool,
+) {
+    let groups = grid.groups(cols);
+    let words = packed_words(cols, grid.bits);
+    out.push(PlannedTensor {
+        name: format!("{prefix}.qweight"),
+        dtype: "U32".into(),
+        shape: vec![rows, words],
+        bytes: rows * words * 4,
+    });
+    out.push(PlannedTensor {
+        name: format!("{prefix}.scales"),
+        dtype: "F16".into(),
+        shape: vec![rows, groups],
+        bytes: rows * groups * 2,
+    });
+    if !grid.symmetric {
+        out.push(PlannedTensor {
+            name: format!("{prefix}.zeros"),
+            dtype: "F16".into(),
+            shape: vec![rows, groups],
+            bytes: rows * groups * 2,
+        });
+    }
+    if act_order {
+        out.push(PlannedTensor {
+            name: format!("{prefix}.perm"),
+            dtype: "U32".into(),
+            shape: vec![cols],
+            bytes: cols * 4,
+        });
+    }
 }
 
 fn copy_plain(wr: &mut StreamingWriter, ck: &Checkpoint, name: &str) -> Result<()> {
@@ -381,6 +461,7 @@ pub fn compress(
             ck,
             opts.grid,
             opts.gptq.act_order && opts.method == Method::Gptq,
+            (opts.method == Method::Caldera).then_some(&opts.caldera),
         )?,
     )?;
     let arch = ck.arch();
@@ -429,7 +510,7 @@ pub fn compress(
             let n = first.in_features;
             let h32: Vec<f32> = h.iter().map(|&v| v as f32).collect();
             let hm = GpuMatrix::from_f32(gpu, n, n, DType::F32, &h32)?;
-            let prep = if opts.method == Method::Gptq {
+            let prep = if opts.method == Method::Gptq || opts.method == Method::Caldera {
                 let p = prepare_hessian(&h, n, &opts.gptq)?;
                 if p.retries > 0 {
                     progress(&Event::Note(format!(
@@ -446,20 +527,50 @@ pub fn compress(
                 let lin: &LinearSpec = spec.linear(kind);
                 let wv = ck.tensor(&lin.weight.name)?.to_f32()?;
                 let (m, n) = (lin.out_features, lin.in_features);
-                let q = match &prep {
-                    Some(p) => {
-                        gq::gptq(gpu, &wv, m, n, p, opts.grid, opts.gptq.block)?.download(gpu)?
-                    }
-                    None => {
-                        let wm = GpuMatrix::from_f32(gpu, m, n, DType::F32, &wv)?;
-                        gq::rtn(gpu, &wm, opts.grid)?.download(gpu)?
-                    }
+                let mut rank = 0;
+                let (p, rel) = if opts.method == Method::Caldera {
+                    let cs = &opts.caldera;
+                    rank = cs.rank_for(&opts.grid, m, n)?;
+                    let co = crate::lowrank::caldera::CalderaOptions {
+                        rank,
+                        q_grid: opts.grid,
+                        lr_grid: cs.lr_grid()?,
+                        outer_iters: cs.outer_iters,
+                        inner_iters: cs.inner_iters,
+                        gptq: opts.gptq,
+                        oversample: 10,
+                        power_iters: 2,
+                        seed: opts.calib.seed,
+                    };
+                    let d = crate::lowrank::caldera::decompose(gpu, &wv, m, n, &h, &co)?;
+                    let mut p = pack(&d.q);
+                    let backbone = dequantize_packed(gpu, &p, &d.q)?;
+                    let lw = if rank > 0 {
+                        let (pl, pr) = (pack(&d.lt), pack(&d.r));
+                        let lt = dequantize_packed(gpu, &pl, &d.lt)?;
+                        let r = dequantize_packed(gpu, &pr, &d.r)?;
+                        p.factors = Some(Box::new((pl, pr)));
+                        LinearWeight::LowRank { q: backbone, lt, r }
+                    } else {
+                        LinearWeight::Dense(backbone)
+                    };
+                    w.set_weight(kind, lw);
+                    (p, Some(d.relative_error))
+                } else {
+                    let q = match &prep {
+                        Some(p) => gq::gptq(gpu, &wv, m, n, p, opts.grid, opts.gptq.block)?
+                            .download(gpu)?,
+                        None => {
+                            let wm = GpuMatrix::from_f32(gpu, m, n, DType::F32, &wv)?;
+                            gq::rtn(gpu, &wm, opts.grid)?.download(gpu)?
+                        }
+                    };
+                    let p = pack(&q);
+                    let deq = dequantize_packed(gpu, &p, &q)?;
+                    let (err, norm) = weighted_errors(gpu, &wv, &deq, &hm)?;
+                    w.set_weight(kind, LinearWeight::Dense(deq));
+                    (p, if norm > 0.0 { Some(err / norm) } else { None })
                 };
-                let p = pack(&q);
-                let deq = dequantize_packed(gpu, &p, &q)?;
-                let (err, norm) = weighted_errors(gpu, &wv, &deq, &hm)?;
-                let rel = if norm > 0.0 { Some(err / norm) } else { None };
-                w.set_weight(kind, deq);
                 let entry = QuantEntry {
                     method: opts.method.name().into(),
                     bits: opts.grid.bits,
@@ -471,6 +582,13 @@ pub fn compress(
                     stored_bits: 0,
                     relative_error: rel,
                     damp: prep.as_ref().map(|p| p.damp),
+                    rank,
+                    lr_bits: if rank > 0 { opts.caldera.lr_bits } else { 0 },
+                    lr_group_size: if rank > 0 {
+                        opts.caldera.lr_group_size
+                    } else {
+                        0
+                    },
                 };
                 let entry = QuantEntry {
                     stored_bits: entry.expected_bits(),
@@ -603,6 +721,14 @@ pub fn compress(
             "damp": opts.gptq.damp,
             "block": opts.gptq.block,
             "sequential": true,
+            "caldera": (opts.method == Method::Caldera).then(|| serde_json::json!({
+                "target_bpw": opts.caldera.target_bpw,
+                "rank": opts.caldera.rank,
+                "lr_bits": opts.caldera.lr_bits,
+                "lr_group_size": opts.caldera.lr_group_size,
+                "outer_iters": opts.caldera.outer_iters,
+                "inner_iters": opts.caldera.inner_iters,
+            })),
         }),
         calibration: Some(calibration.info.clone()),
         tensors: entries,

@@ -48,6 +48,9 @@ pub(crate) fn rows_per_chunk(gpu: &Gpu, cols: usize, dtype: DType, what: &str) -
     Ok(if per >= 4 { per / 4 * 4 } else { per })
 }
 
+/// A row range and, for each matrix, the chunk holding it and the range's first row within it.
+pub type Segment<'m> = (std::ops::Range<usize>, Vec<(&'m Chunk, usize)>);
+
 /// Rows per chunk when chunks must hold whole groups of `group` rows.
 fn grouped_rows(gpu: &Gpu, cols: usize, dtype: DType, group: usize) -> Result<usize> {
     let per = rows_per_chunk(gpu, cols, dtype, "a matrix")?;
@@ -241,7 +244,7 @@ impl GpuMatrix {
     pub fn common_segments<'m>(
         mats: &[&'m GpuMatrix],
         rows: std::ops::Range<usize>,
-    ) -> Vec<(std::ops::Range<usize>, Vec<(&'m Chunk, usize)>)> {
+    ) -> Vec<Segment<'m>> {
         let mut cuts: Vec<usize> = vec![rows.start, rows.end];
         for m in mats {
             cuts.extend(

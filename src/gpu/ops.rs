@@ -33,7 +33,10 @@ const ELEMENTWISE: Kernel = Kernel {
     name: "elementwise",
     template: include_str!("../../shaders/elementwise.wgsl"),
 };
-const TRANSPOSE: Kernel = Kernel { name: "transpose", template: include_str!("../../shaders/transpose.wgsl") };
+const TRANSPOSE: Kernel = Kernel {
+    name: "transpose",
+    template: include_str!("../../shaders/transpose.wgsl"),
+};
 const LOGITS: Kernel = Kernel {
     name: "logits",
     template: include_str!("../../shaders/logits.wgsl"),
@@ -606,7 +609,9 @@ pub fn transpose(gpu: &Gpu, x: &GpuMatrix) -> Result<GpuMatrix> {
     let pipeline = gpu.pipeline(&TRANSPOSE, &spec)?;
     let max = gpu.caps().max_workgroups_per_dim as usize * 16;
     if m > max || n > max {
-        return Err(Error::Shape(format!("transpose of {m}×{n} exceeds {max} rows or columns per dispatch")));
+        return Err(Error::Shape(format!(
+            "transpose of {m}×{n} exceeds {max} rows or columns per dispatch"
+        )));
     }
     let mut b = Batch::new(gpu);
     for ic in x.chunks() {

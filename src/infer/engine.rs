@@ -37,14 +37,28 @@ impl Default for EngineOptions {
 
 /// One decoder layer's weights on the GPU, in their stored dtype (compressed weights are
 /// dequantized to f32 on upload).
-pub(crate) struct LayerWeights {
+pub struct LayerWeights {
     input_norm: GpuMatrix,
     post_norm: GpuMatrix,
-    linears: Vec<(LinearKind, GpuMatrix, Option<GpuMatrix>)>,
+    linears: Vec<(LinearKind, LinearWeight, Option<GpuMatrix>)>,
+}
+
+/// A linear layer's weight on the GPU: dense, or CALDERA's Q + L·R kept factored
+/// (y = x Qᵀ + (x Rᵀ) Lᵀ; L·R is never densified).
+pub enum LinearWeight {
+    Dense(GpuMatrix),
+    LowRank {
+        /// out × in.
+        q: GpuMatrix,
+        /// Lᵀ: k × out.
+        lt: GpuMatrix,
+        /// R: k × in.
+        r: GpuMatrix,
+    },
 }
 
 impl LayerWeights {
-    fn linear(&self, kind: LinearKind) -> (&GpuMatrix, Option<&GpuMatrix>) {
+    fn linear(&self, kind: LinearKind) -> (&LinearWeight, Option<&GpuMatrix>) {
         let (_, w, b) = self
             .linears
             .iter()
@@ -54,7 +68,7 @@ impl LayerWeights {
     }
 
     /// Replace a linear layer's weight (e.g. by its quantized version during compression).
-    pub(crate) fn set_weight(&mut self, kind: LinearKind, w: GpuMatrix) {
+    pub(crate) fn set_weight(&mut self, kind: LinearKind, w: LinearWeight) {
         if let Some(slot) = self.linears.iter_mut().find(|(k, _, _)| *k == kind) {
             slot.1 = w;
         }
@@ -116,31 +130,38 @@ fn upload(gpu: &Gpu, t: &TensorRef<'_>, rows: usize, cols: usize) -> Result<GpuM
     GpuMatrix::from_bytes(gpu, rows, cols, t.dtype, t.bytes)
 }
 
-/// Upload a compressed weight's codes, scales, zeros and permutation and dequantize it to f32
-/// on the GPU.
-fn dequantize_weight(gpu: &Gpu, ck: &Checkpoint, name: &str, q: &QuantEntry) -> Result<GpuMatrix> {
-    let grid = q.grid()?;
-    let words = crate::quant::grid::packed_words(q.cols, q.bits);
-    let groups = grid.groups(q.cols);
-    let (codes, _, _) = ck.raw(&format!("{name}.qweight"))?;
-    let scales = ck.tensor(&format!("{name}.scales"))?;
-    let zeros = if q.symmetric {
-        let z = vec![((grid.maxq() + 1) / 2) as f32; q.rows * groups];
-        GpuMatrix::from_f32(gpu, q.rows, groups, DType::F32, &z)?
+/// Upload one packed quantized matrix (`PREFIX.qweight`, `.scales`, `.zeros`, optional
+/// `.perm`) and dequantize it to f32 on the GPU.
+fn dequantize_packed(
+    gpu: &Gpu,
+    ck: &Checkpoint,
+    prefix: &str,
+    rows: usize,
+    cols: usize,
+    grid: crate::quant::Grid,
+    act_order: bool,
+) -> Result<GpuMatrix> {
+    let words = crate::quant::grid::packed_words(cols, grid.bits);
+    let groups = grid.groups(cols);
+    let (codes, _, _) = ck.raw(&format!("{prefix}.qweight"))?;
+    let scales = ck.tensor(&format!("{prefix}.scales"))?;
+    let zeros = if grid.symmetric {
+        let z = vec![grid.maxq().div_ceil(2) as f32; rows * groups];
+        GpuMatrix::from_f32(gpu, rows, groups, DType::F32, &z)?
     } else {
-        let z = ck.tensor(&format!("{name}.zeros"))?;
-        upload(gpu, &z, q.rows, groups)?
+        let z = ck.tensor(&format!("{prefix}.zeros"))?;
+        upload(gpu, &z, rows, groups)?
     };
-    let perm = if q.act_order {
-        let (bytes, _, _) = ck.raw(&format!("{name}.perm"))?;
+    let perm = if act_order {
+        let (bytes, _, _) = ck.raw(&format!("{prefix}.perm"))?;
         if let Some(bad) = bytes
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .find(|&p| p as usize >= q.cols)
+            .find(|&p| p as usize >= cols)
         {
             return Err(Error::tensor(
                 ck.dir(),
-                &format!("{name}.perm"),
+                &format!("{prefix}.perm"),
                 format!("column {bad} is out of range"),
             ));
         }
@@ -149,15 +170,34 @@ fn dequantize_weight(gpu: &Gpu, ck: &Checkpoint, name: &str, q: &QuantEntry) -> 
         None
     };
     let packed = PackedWeight {
-        rows: q.rows,
-        cols: q.cols,
+        rows,
+        cols,
         grid,
-        packed: GpuMatrix::from_bytes(gpu, q.rows, words, DType::F32, codes)?,
-        scales: upload(gpu, &scales, q.rows, groups)?,
+        packed: GpuMatrix::from_bytes(gpu, rows, words, DType::F32, codes)?,
+        scales: upload(gpu, &scales, rows, groups)?,
         zeros,
         perm,
     };
     quant::dequantize(gpu, &packed)
+}
+
+/// A compressed weight ready for the forward pass: the dequantized backbone, plus the
+/// dequantized factors of a CALDERA weight.
+fn dequantize_weight(
+    gpu: &Gpu,
+    ck: &Checkpoint,
+    name: &str,
+    q: &QuantEntry,
+) -> Result<LinearWeight> {
+    let backbone = dequantize_packed(gpu, ck, name, q.rows, q.cols, q.grid()?, q.act_order)?;
+    match q.lr_grid()? {
+        None => Ok(LinearWeight::Dense(backbone)),
+        Some(lg) => Ok(LinearWeight::LowRank {
+            q: backbone,
+            lt: dequantize_packed(gpu, ck, &format!("{name}.L"), q.rank, q.rows, lg, false)?,
+            r: dequantize_packed(gpu, ck, &format!("{name}.R"), q.rank, q.cols, lg, false)?,
+        }),
+    }
 }
 
 fn check_finite(t: &TensorRef<'_>) -> Result<()> {
@@ -234,7 +274,15 @@ impl<'a> Engine<'a> {
                 self.ck.dir().display()
             ))
         })?;
-        dequantize_weight(self.gpu, self.ck, name, q)
+        dequantize_packed(
+            self.gpu,
+            self.ck,
+            name,
+            q.rows,
+            q.cols,
+            q.grid()?,
+            q.act_order,
+        )
     }
 
     /// Whether decoder layers stay on the GPU between batches.
@@ -272,7 +320,9 @@ impl<'a> Engine<'a> {
         for lin in &spec.linears {
             let w = match self.ck.quantized(&lin.weight.name) {
                 Some(q) => dequantize_weight(self.gpu, self.ck, &lin.weight.name, q)?,
-                None => get(&lin.weight.name, lin.out_features, lin.in_features)?,
+                None => {
+                    LinearWeight::Dense(get(&lin.weight.name, lin.out_features, lin.in_features)?)
+                }
             };
             let b = match &lin.bias {
                 Some(b) => Some(get(&b.name, 1, lin.out_features)?),
@@ -704,18 +754,38 @@ impl<'a> Engine<'a> {
     }
 }
 
-/// `out[out_row0..] (+)= inp[rows] · Wᵀ (+ bias)`.
+/// `out[out_row0..] (+)= inp[rows] · Wᵀ (+ bias)`; for a CALDERA weight
+/// `inp · Qᵀ + (inp · Rᵀ) · Lᵀ`.
 fn linear(
     b: &mut Batch<'_>,
     inp: &GpuMatrix,
     rows: Range<usize>,
-    (w, bias): (&GpuMatrix, Option<&GpuMatrix>),
+    (w, bias): (&LinearWeight, Option<&GpuMatrix>),
     out: &GpuMatrix,
     out_row0: usize,
     accumulate: bool,
 ) -> Result<()> {
     let n = rows.len();
-    gemm_rows(b, inp, rows, w, GemmOp::NT, out, out_row0, accumulate)?;
+    match w {
+        LinearWeight::Dense(w) => {
+            gemm_rows(b, inp, rows, w, GemmOp::NT, out, out_row0, accumulate)?
+        }
+        LinearWeight::LowRank { q, lt, r } => {
+            gemm_rows(
+                b,
+                inp,
+                rows.clone(),
+                q,
+                GemmOp::NT,
+                out,
+                out_row0,
+                accumulate,
+            )?;
+            let xr = GpuMatrix::uninit(b.gpu(), n, r.rows())?;
+            gemm_rows(b, inp, rows, r, GemmOp::NT, &xr, 0, false)?;
+            gemm_rows(b, &xr, 0..n, lt, GemmOp::NN, out, out_row0, true)?;
+        }
+    }
     if let Some(bias) = bias {
         ops::add_bias(b, out, out_row0..out_row0 + n, bias)?;
     }

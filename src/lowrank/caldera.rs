@@ -14,7 +14,9 @@
 //! decomposition is [`decompose`].
 
 use crate::error::{Error, Result};
-use crate::quant::reference::{gptq, prepare_hessian, rtn, weighted_error, weighted_norm, PreparedHessian};
+use crate::quant::reference::{
+    gptq, prepare_hessian, rtn, weighted_error, weighted_norm, PreparedHessian,
+};
 use crate::quant::{GptqOptions, Grid, Quantized};
 
 /// Parameters of one decomposition.
@@ -38,8 +40,16 @@ impl CalderaOptions {
     pub fn new(rank: usize) -> CalderaOptions {
         CalderaOptions {
             rank,
-            q_grid: Grid { bits: 2, group_size: 128, symmetric: false },
-            lr_grid: Grid { bits: 4, group_size: 64, symmetric: false },
+            q_grid: Grid {
+                bits: 2,
+                group_size: 128,
+                symmetric: false,
+            },
+            lr_grid: Grid {
+                bits: 4,
+                group_size: 64,
+                symmetric: false,
+            },
             outer_iters: 15,
             inner_iters: 10,
             gptq: GptqOptions::default(),
@@ -52,31 +62,35 @@ impl CalderaOptions {
     /// Bits stored for an m × n matrix: Q's codes and grid, Lᵀ (k × m) and R (k × n) with
     /// theirs (whole u32 words per row, f16 scales and zeros).
     pub fn stored_bits(&self, m: usize, n: usize) -> u64 {
-        grid_bits(&self.q_grid, m, n) + grid_bits(&self.lr_grid, self.rank, m) + grid_bits(&self.lr_grid, self.rank, n)
+        grid_bits(&self.q_grid, m, n)
+            + grid_bits(&self.lr_grid, self.rank, m)
+            + grid_bits(&self.lr_grid, self.rank, n)
     }
 }
 
 /// Bits of a rows × cols matrix quantized on `g` as stored (codes in whole u32 words per row,
 /// f16 scale and zero per group).
 pub fn grid_bits(g: &Grid, rows: usize, cols: usize) -> u64 {
-    if rows == 0 {
-        return 0;
-    }
-    let words = crate::quant::grid::packed_words(cols, g.bits) as u64;
-    let groups = g.groups(cols) as u64;
-    rows as u64 * (words * 32 + groups * 16 * if g.symmetric { 1 } else { 2 })
+    g.stored_bits(rows, cols)
 }
 
 /// The largest rank whose storage keeps an m × n matrix within `target_bpw` bits per weight
 /// (0 when even rank 0 exceeds it).
-pub fn rank_for_budget(q_grid: &Grid, lr_grid: &Grid, m: usize, n: usize, target_bpw: f64) -> usize {
+pub fn rank_for_budget(
+    q_grid: &Grid,
+    lr_grid: &Grid,
+    m: usize,
+    n: usize,
+    target_bpw: f64,
+) -> usize {
     let budget = (target_bpw * (m * n) as f64).floor() as u64;
     let q = grid_bits(q_grid, m, n);
     if q > budget {
         return 0;
     }
     let mut k = 0;
-    while k < m.min(n) && q + grid_bits(lr_grid, k + 1, m) + grid_bits(lr_grid, k + 1, n) <= budget {
+    while k < m.min(n) && q + grid_bits(lr_grid, k + 1, m) + grid_bits(lr_grid, k + 1, n) <= budget
+    {
         k += 1;
     }
     k
@@ -126,16 +140,24 @@ pub fn weighting(h: &[f64], n: usize, damp: f64) -> Result<(faer::Mat<f64>, faer
     let mean = (0..n).map(|i| h[i * n + i]).sum::<f64>() / n as f64;
     let mut d = damp.max(1e-6);
     for _ in 0..5 {
-        let a = faer::Mat::<f64>::from_fn(n, n, |i, j| h[i * n + j] + if i == j { d * mean.max(1e-30) } else { 0.0 });
+        let a = faer::Mat::<f64>::from_fn(n, n, |i, j| {
+            h[i * n + j] + if i == j { d * mean.max(1e-30) } else { 0.0 }
+        });
         if let Ok(llt) = a.llt(faer::Side::Lower) {
             let s = llt.L().to_owned();
             let mut sinv = faer::Mat::<f64>::zeros(n, n);
-            faer::linalg::triangular_inverse::invert_lower_triangular(sinv.as_mut(), s.as_ref(), faer::Par::Seq);
+            faer::linalg::triangular_inverse::invert_lower_triangular(
+                sinv.as_mut(),
+                s.as_ref(),
+                faer::Par::Seq,
+            );
             return Ok((s, sinv));
         }
         d *= 10.0;
     }
-    Err(Error::InvalidArgument("CALDERA: the Hessian is not positive definite even with damping".into()))
+    Err(Error::InvalidArgument(
+        "CALDERA: the Hessian is not positive definite even with damping".into(),
+    ))
 }
 
 /// Inverse of a symmetric positive semi-definite k × k matrix, with a growing ridge when it is
@@ -146,11 +168,16 @@ pub fn spd_inverse(x: &faer::Mat<f64>) -> faer::Mat<f64> {
     let scale = ((0..k).map(|i| x[(i, i)].abs()).sum::<f64>() / k.max(1) as f64).max(1e-30);
     let mut ridge = 0.0;
     loop {
-        let a = faer::Mat::<f64>::from_fn(k, k, |i, j| x[(i, j)] + if i == j { ridge } else { 0.0 });
+        let a =
+            faer::Mat::<f64>::from_fn(k, k, |i, j| x[(i, j)] + if i == j { ridge } else { 0.0 });
         if let Ok(c) = a.llt(faer::Side::Lower) {
             return c.inverse();
         }
-        ridge = if ridge == 0.0 { 1e-10 * scale } else { ridge * 100.0 };
+        ridge = if ridge == 0.0 {
+            1e-10 * scale
+        } else {
+            ridge * 100.0
+        };
     }
 }
 
@@ -168,12 +195,25 @@ fn f32s(v: &[f64]) -> Vec<f32> {
 }
 
 /// Quantize Lᵀ (k × m) and R (k × n) on their grid (RTN per row, groups along the row).
-pub fn quantize_factors(lt: &[f64], r: &[f64], k: usize, m: usize, n: usize, grid: Grid) -> (Quantized, Quantized) {
+pub fn quantize_factors(
+    lt: &[f64],
+    r: &[f64],
+    k: usize,
+    m: usize,
+    n: usize,
+    grid: Grid,
+) -> (Quantized, Quantized) {
     (rtn(&f32s(lt), k, m, grid), rtn(&f32s(r), k, n, grid))
 }
 
 /// The CPU f64 reference of the whole decomposition (exact SVD, f64 GEMMs, the f64 GPTQ).
-pub fn reference(w: &[f32], m: usize, n: usize, h: &[f64], opts: &CalderaOptions) -> Result<Decomposition> {
+pub fn reference(
+    w: &[f32],
+    m: usize,
+    n: usize,
+    h: &[f64],
+    opts: &CalderaOptions,
+) -> Result<Decomposition> {
     let k = opts.rank.min(m).min(n);
     let (s, sinv) = weighting(h, n, opts.gptq.damp)?;
     let prep: PreparedHessian = prepare_hessian(h, n, &opts.gptq)?;
@@ -189,7 +229,9 @@ pub fn reference(w: &[f32], m: usize, n: usize, h: &[f64], opts: &CalderaOptions
         let (lt_q, r_q) = if k == 0 {
             (rtn(&[], 0, m, opts.lr_grid), rtn(&[], 0, n, opts.lr_grid))
         } else {
-            let svd = (&a * &s).thin_svd().map_err(|e| Error::InvalidArgument(format!("SVD failed: {e:?}")))?;
+            let svd = (&a * &s)
+                .thin_svd()
+                .map_err(|e| Error::InvalidArgument(format!("SVD failed: {e:?}")))?;
             let sig = svd.S().column_vector();
             // L is re-solved from R at the start of every inner round.
             let mut l: faer::Mat<f64>;
@@ -204,21 +246,36 @@ pub fn reference(w: &[f32], m: usize, n: usize, h: &[f64], opts: &CalderaOptions
                 let rhrt = &r * (&hm * r.transpose());
                 let inv = spd_inverse(&rhrt);
                 l = &ahrt * &inv;
-                let (lq, _) = quantize_factors(&to_vec(l.transpose()), &to_vec(r.as_ref()), k, m, n, opts.lr_grid);
+                let (lq, _) = quantize_factors(
+                    &to_vec(l.transpose()),
+                    &to_vec(r.as_ref()),
+                    k,
+                    m,
+                    n,
+                    opts.lr_grid,
+                );
                 let ld = lq.dequantize();
                 l = faer::Mat::<f64>::from_fn(m, k, |i, t| ld[t * m + i] as f64);
                 // R ← (LᵀL)⁻¹ Lᵀ A, quantized.
                 let ltl = l.transpose() * &l;
                 let inv = spd_inverse(&ltl);
                 r = &inv * (l.transpose() * &a);
-                let (ltq, rq) = quantize_factors(&to_vec(l.transpose()), &to_vec(r.as_ref()), k, m, n, opts.lr_grid);
+                let (ltq, rq) = quantize_factors(
+                    &to_vec(l.transpose()),
+                    &to_vec(r.as_ref()),
+                    k,
+                    m,
+                    n,
+                    opts.lr_grid,
+                );
                 let rd = rq.dequantize();
                 r = faer::Mat::<f64>::from_fn(k, n, |t, j| rd[t * n + j] as f64);
                 // ‖(A − L R) S‖² = c − 2 tr(L R H Aᵀ) + tr(L R H Rᵀ Lᵀ).
                 let lr = &l * &r;
                 let cross = (&lr * &hm) * a.transpose();
                 let quad = (&lr * &hm) * lr.transpose();
-                let err = c - 2.0 * (0..m).map(|i| cross[(i, i)]).sum::<f64>() + (0..m).map(|i| quad[(i, i)]).sum::<f64>();
+                let err = c - 2.0 * (0..m).map(|i| cross[(i, i)]).sum::<f64>()
+                    + (0..m).map(|i| quad[(i, i)]).sum::<f64>();
                 if best_lr.as_ref().is_none_or(|(e, _, _)| err < *e) {
                     best_lr = Some((err, ltq, rq));
                 }
@@ -228,14 +285,29 @@ pub fn reference(w: &[f32], m: usize, n: usize, h: &[f64], opts: &CalderaOptions
         };
         // (b) Q ← LDLQ(W − L R, H).
         let lr = low_rank_product(&lt_q, &r_q, m, n);
-        let resid: Vec<f32> = w.iter().zip(&lr).map(|(a, b)| (*a as f64 - b) as f32).collect();
+        let resid: Vec<f32> = w
+            .iter()
+            .zip(&lr)
+            .map(|(a, b)| (*a as f64 - b) as f32)
+            .collect();
         let q = gptq(&resid, m, n, &prep, opts.q_grid, opts.gptq.block);
         let qv = q.dequantize();
-        let approx: Vec<f32> = qv.iter().zip(&lr).map(|(a, b)| (*a as f64 + b) as f32).collect();
+        let approx: Vec<f32> = qv
+            .iter()
+            .zip(&lr)
+            .map(|(a, b)| (*a as f64 + b) as f32)
+            .collect();
         let rel = weighted_error(w, &approx, m, h) / norm;
         history.push(rel);
         if best.as_ref().is_none_or(|b| rel < b.relative_error) {
-            best = Some(Decomposition { q: q.clone(), lt: lt_q, r: r_q, relative_error: rel, history: Vec::new(), damp: prep.damp });
+            best = Some(Decomposition {
+                q: q.clone(),
+                lt: lt_q,
+                r: r_q,
+                relative_error: rel,
+                history: Vec::new(),
+                damp: prep.damp,
+            });
         }
         qd = faer::Mat::<f64>::from_fn(m, n, |i, j| qv[i * n + j] as f64);
     }
@@ -274,17 +346,29 @@ fn dot(x: &[f64], y: &[f64]) -> f64 {
 
 /// The decomposition with every large product on the GPU (randomized SVD, GEMMs, GPU GPTQ);
 /// k × k solves and the factor quantization (O(k·(m+n)) work) stay on the host.
-pub fn decompose(gpu: &crate::gpu::Gpu, w: &[f32], m: usize, n: usize, h: &[f64], opts: &CalderaOptions) -> Result<Decomposition> {
+pub fn decompose(
+    gpu: &crate::gpu::Gpu,
+    w: &[f32],
+    m: usize,
+    n: usize,
+    h: &[f64],
+    opts: &CalderaOptions,
+) -> Result<Decomposition> {
     use crate::dtype::DType;
     use crate::gpu::{matmul, ops, GemmOp, GpuMatrix};
 
     let k = opts.rank.min(m).min(n);
     if w.len() != m * n || h.len() != n * n {
-        return Err(Error::Shape(format!("CALDERA: W has {} values for {m}×{n}, H {} for {n}²", w.len(), h.len())));
+        return Err(Error::Shape(format!(
+            "CALDERA: W has {} values for {m}×{n}, H {} for {n}²",
+            w.len(),
+            h.len()
+        )));
     }
     let (s, sinv) = weighting(h, n, opts.gptq.damp)?;
     let prep = prepare_hessian(h, n, &opts.gptq)?;
-    let up = |rows: usize, cols: usize, v: &[f32]| GpuMatrix::from_f32(gpu, rows, cols, DType::F32, v);
+    let up =
+        |rows: usize, cols: usize, v: &[f32]| GpuMatrix::from_f32(gpu, rows, cols, DType::F32, v);
     let hm = up(n, n, &f32s(h))?;
     let sm = up(n, n, &f32s(&to_vec(s.as_ref())))?;
     let sinvm = up(n, n, &f32s(&to_vec(sinv.as_ref())))?;
@@ -316,7 +400,9 @@ pub fn decompose(gpu: &crate::gpu::Gpu, w: &[f32], m: usize, n: usize, h: &[f64]
             };
             let svd = crate::lowrank::rsvd(gpu, &ms, &mst, &ro)?;
             drop((ms, mst));
-            let rv: Vec<f32> = (0..k * n).map(|idx| (svd.v[(idx % n) * k + idx / n] * svd.s[idx / n].sqrt()) as f32).collect();
+            let rv: Vec<f32> = (0..k * n)
+                .map(|idx| (svd.v[(idx % n) * k + idx / n] * svd.s[idx / n].sqrt()) as f32)
+                .collect();
             let mut r = matmul(gpu, &up(k, n, &rv)?, &sinvm, GemmOp::NN)?.to_f32(gpu)?;
             let c = quad(&a)?;
             let mut l_prev: Option<Vec<f64>> = None;
@@ -324,8 +410,16 @@ pub fn decompose(gpu: &crate::gpu::Gpu, w: &[f32], m: usize, n: usize, h: &[f64]
             for _ in 0..opts.inner_iters.max(1) {
                 let rm = up(k, n, &r)?;
                 let hrt = matmul(gpu, &hm, &rm, GemmOp::NT)?;
-                let ahrt: Vec<f64> = matmul(gpu, &am, &hrt, GemmOp::NN)?.to_f32(gpu)?.into_iter().map(f64::from).collect();
-                let rhrt_v: Vec<f64> = matmul(gpu, &rm, &hrt, GemmOp::NN)?.to_f32(gpu)?.into_iter().map(f64::from).collect();
+                let ahrt: Vec<f64> = matmul(gpu, &am, &hrt, GemmOp::NN)?
+                    .to_f32(gpu)?
+                    .into_iter()
+                    .map(f64::from)
+                    .collect();
+                let rhrt_v: Vec<f64> = matmul(gpu, &rm, &hrt, GemmOp::NN)?
+                    .to_f32(gpu)?
+                    .into_iter()
+                    .map(f64::from)
+                    .collect();
                 let rhrt = mat(k, k, &rhrt_v);
                 let err_of = |l: &[f64]| {
                     let lm = mat(m, k, l);
@@ -337,7 +431,9 @@ pub fn decompose(gpu: &crate::gpu::Gpu, w: &[f32], m: usize, n: usize, h: &[f64]
                 if let Some(lp) = &l_prev {
                     let e = err_of(lp);
                     if best_lr.as_ref().is_none_or(|(b, _, _)| e < *b) {
-                        let ltv: Vec<f32> = (0..k * m).map(|idx| lp[(idx % m) * k + idx / m] as f32).collect();
+                        let ltv: Vec<f32> = (0..k * m)
+                            .map(|idx| lp[(idx % m) * k + idx / m] as f32)
+                            .collect();
                         best_lr = Some((e, rtn(&ltv, k, m, opts.lr_grid), rq_now.clone()));
                     }
                 }
@@ -345,7 +441,9 @@ pub fn decompose(gpu: &crate::gpu::Gpu, w: &[f32], m: usize, n: usize, h: &[f64]
                 let l = &mat(m, k, &ahrt) * spd_inverse(&rhrt);
                 let lt_q = rtn(&f32s(&to_vec(l.transpose())), k, m, opts.lr_grid);
                 let ltd = lt_q.dequantize();
-                let lv: Vec<f64> = (0..m * k).map(|idx| ltd[(idx % k) * m + idx / k] as f64).collect();
+                let lv: Vec<f64> = (0..m * k)
+                    .map(|idx| ltd[(idx % k) * m + idx / k] as f64)
+                    .collect();
                 let e = err_of(&lv);
                 if best_lr.as_ref().is_none_or(|(b, _, _)| e < *b) {
                     best_lr = Some((e, lt_q.clone(), rq_now.clone()));
@@ -364,14 +462,28 @@ pub fn decompose(gpu: &crate::gpu::Gpu, w: &[f32], m: usize, n: usize, h: &[f64]
             if let Some(lp) = &l_prev {
                 let rm = up(k, n, &r)?;
                 let hrt = matmul(gpu, &hm, &rm, GemmOp::NT)?;
-                let ahrt: Vec<f64> = matmul(gpu, &am, &hrt, GemmOp::NN)?.to_f32(gpu)?.into_iter().map(f64::from).collect();
-                let rhrt_v: Vec<f64> = matmul(gpu, &rm, &hrt, GemmOp::NN)?.to_f32(gpu)?.into_iter().map(f64::from).collect();
+                let ahrt: Vec<f64> = matmul(gpu, &am, &hrt, GemmOp::NN)?
+                    .to_f32(gpu)?
+                    .into_iter()
+                    .map(f64::from)
+                    .collect();
+                let rhrt_v: Vec<f64> = matmul(gpu, &rm, &hrt, GemmOp::NN)?
+                    .to_f32(gpu)?
+                    .into_iter()
+                    .map(f64::from)
+                    .collect();
                 let lm = mat(m, k, lp);
                 let ltl = lm.transpose() * &lm;
                 let e = c - 2.0 * dot(lp, &ahrt) + dot(&to_vec(ltl.as_ref()), &rhrt_v);
                 if best_lr.as_ref().is_none_or(|(b, _, _)| e < *b) {
-                    let ltv: Vec<f32> = (0..k * m).map(|idx| lp[(idx % m) * k + idx / m] as f32).collect();
-                    best_lr = Some((e, rtn(&ltv, k, m, opts.lr_grid), rtn(&r, k, n, opts.lr_grid)));
+                    let ltv: Vec<f32> = (0..k * m)
+                        .map(|idx| lp[(idx % m) * k + idx / m] as f32)
+                        .collect();
+                    best_lr = Some((
+                        e,
+                        rtn(&ltv, k, m, opts.lr_grid),
+                        rtn(&r, k, n, opts.lr_grid),
+                    ));
                 }
             }
             let (_, ltq, rq) = best_lr.expect("at least one inner round");
@@ -386,13 +498,21 @@ pub fn decompose(gpu: &crate::gpu::Gpu, w: &[f32], m: usize, n: usize, h: &[f64]
             matmul(gpu, &lmat, &up(k, n, &r_q.dequantize())?, GemmOp::NN)?.to_f32(gpu)?
         };
         let resid: Vec<f32> = w.iter().zip(&lr).map(|(a, b)| a - b).collect();
-        let q = crate::gpu::quant::gptq(gpu, &resid, m, n, &prep, opts.q_grid, opts.gptq.block)?.download(gpu)?;
+        let q = crate::gpu::quant::gptq(gpu, &resid, m, n, &prep, opts.q_grid, opts.gptq.block)?
+            .download(gpu)?;
         qv = q.dequantize();
         let delta: Vec<f32> = (0..m * n).map(|i| w[i] - qv[i] - lr[i]).collect();
         let rel = quad(&delta)? / norm;
         history.push(rel);
         if best.as_ref().is_none_or(|b| rel < b.relative_error) {
-            best = Some(Decomposition { q, lt: lt_q, r: r_q, relative_error: rel, history: Vec::new(), damp: prep.damp });
+            best = Some(Decomposition {
+                q,
+                lt: lt_q,
+                r: r_q,
+                relative_error: rel,
+                history: Vec::new(),
+                damp: prep.damp,
+            });
         }
     }
     let mut b = best.expect("at least one outer iteration");

@@ -39,7 +39,12 @@ pub struct RsvdOptions {
 
 impl Default for RsvdOptions {
     fn default() -> Self {
-        RsvdOptions { rank: 16, oversample: 10, power_iters: 2, seed: 0 }
+        RsvdOptions {
+            rank: 16,
+            oversample: 10,
+            power_iters: 2,
+            seed: 0,
+        }
     }
 }
 
@@ -72,7 +77,11 @@ fn chol_inv_upper(g: &[f64], l: usize, shift: f64) -> Option<Vec<f64>> {
     let a = faer::Mat::<f64>::from_fn(l, l, |i, j| g[i * l + j] + if i == j { shift } else { 0.0 });
     let llt = a.llt(faer::Side::Lower).ok()?;
     let mut linv = faer::Mat::<f64>::zeros(l, l);
-    faer::linalg::triangular_inverse::invert_lower_triangular(linv.as_mut(), llt.L(), faer::Par::Seq);
+    faer::linalg::triangular_inverse::invert_lower_triangular(
+        linv.as_mut(),
+        llt.L(),
+        faer::Par::Seq,
+    );
     // R = Lᵀ, so R⁻¹ = (L⁻¹)ᵀ.
     let mut out = vec![0.0; l * l];
     for i in 0..l {
@@ -87,7 +96,9 @@ fn chol_inv_upper(g: &[f64], l: usize, shift: f64) -> Option<Vec<f64>> {
 pub fn orthonormalize(gpu: &Gpu, y: &GpuMatrix) -> Result<GpuMatrix> {
     let (m, l) = (y.rows(), y.cols());
     if m < l {
-        return Err(Error::Shape(format!("orthonormalize: {m} rows < {l} columns")));
+        return Err(Error::Shape(format!(
+            "orthonormalize: {m} rows < {l} columns"
+        )));
     }
     let mut cur: Option<GpuMatrix> = None;
     for pass in 0..3 {
@@ -95,19 +106,41 @@ pub fn orthonormalize(gpu: &Gpu, y: &GpuMatrix) -> Result<GpuMatrix> {
         let g = gram(gpu, src)?;
         let norm2: f64 = (0..l).map(|i| g[i * l + i]).sum();
         if norm2 == 0.0 || !norm2.is_finite() {
-            return Err(Error::InvalidArgument("orthonormalize: the matrix is zero or not finite".into()));
+            return Err(Error::InvalidArgument(
+                "orthonormalize: the matrix is zero or not finite".into(),
+            ));
         }
         // Shift of shifted CholeskyQR (Fukaya et al.), with u the f32 unit roundoff.
         let u = f32::EPSILON as f64 / 2.0;
-        let mut shift = if pass == 0 { 11.0 * ((m * l) as f64 + (l * (l + 1)) as f64) * u * norm2 } else { 0.0 };
+        let mut shift = if pass == 0 {
+            11.0 * ((m * l) as f64 + (l * (l + 1)) as f64) * u * norm2
+        } else {
+            0.0
+        };
         let rinv = loop {
             match chol_inv_upper(&g, l, shift) {
                 Some(r) => break r,
-                None if shift < norm2 => shift = if shift == 0.0 { 1e-7 * norm2 } else { shift * 100.0 },
-                None => return Err(Error::InvalidArgument("orthonormalize: Cholesky of the Gram matrix failed".into())),
+                None if shift < norm2 => {
+                    shift = if shift == 0.0 {
+                        1e-7 * norm2
+                    } else {
+                        shift * 100.0
+                    }
+                }
+                None => {
+                    return Err(Error::InvalidArgument(
+                        "orthonormalize: Cholesky of the Gram matrix failed".into(),
+                    ))
+                }
             }
         };
-        let rm = GpuMatrix::from_f32(gpu, l, l, DType::F32, &rinv.iter().map(|&v| v as f32).collect::<Vec<_>>())?;
+        let rm = GpuMatrix::from_f32(
+            gpu,
+            l,
+            l,
+            DType::F32,
+            &rinv.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+        )?;
         cur = Some(matmul(gpu, src, &rm, GemmOp::NN)?);
     }
     Ok(cur.expect("three passes ran"))
@@ -117,7 +150,11 @@ pub fn orthonormalize(gpu: &Gpu, y: &GpuMatrix) -> Result<GpuMatrix> {
 pub fn rsvd(gpu: &Gpu, a: &GpuMatrix, at: &GpuMatrix, opts: &RsvdOptions) -> Result<Svd> {
     let (m, n) = (a.rows(), a.cols());
     if at.rows() != n || at.cols() != m {
-        return Err(Error::Shape(format!("rsvd: A {:?} but Aᵀ {:?}", a.shape(), at.shape())));
+        return Err(Error::Shape(format!(
+            "rsvd: A {:?} but Aᵀ {:?}",
+            a.shape(),
+            at.shape()
+        )));
     }
     let k = opts.rank.min(m).min(n);
     if k == 0 {
@@ -133,10 +170,14 @@ pub fn rsvd(gpu: &Gpu, a: &GpuMatrix, at: &GpuMatrix, opts: &RsvdOptions) -> Res
     // B = Qᵀ A (l × n), formed as (Aᵀ Q)ᵀ.
     let bt = matmul(gpu, at, &q, GemmOp::NN)?.to_f32(gpu)?;
     let b = faer::Mat::<f64>::from_fn(l, n, |i, j| bt[j * l + i] as f64);
-    let svd = b.thin_svd().map_err(|e| Error::InvalidArgument(format!("rsvd: small SVD failed: {e:?}")))?;
+    let svd = b
+        .thin_svd()
+        .map_err(|e| Error::InvalidArgument(format!("rsvd: small SVD failed: {e:?}")))?;
     let (ub, s, v) = (svd.U(), svd.S().column_vector(), svd.V());
     // U = Q Ũ (m × l · l × k).
-    let ut: Vec<f32> = (0..l * k).map(|idx| ub[(idx / k, idx % k)] as f32).collect();
+    let ut: Vec<f32> = (0..l * k)
+        .map(|idx| ub[(idx / k, idx % k)] as f32)
+        .collect();
     let um = GpuMatrix::from_f32(gpu, l, k, DType::F32, &ut)?;
     let u = matmul(gpu, &q, &um, GemmOp::NN)?.to_f32(gpu)?;
     Ok(Svd {

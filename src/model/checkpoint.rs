@@ -216,6 +216,28 @@ impl Checkpoint {
         if q.act_order {
             parts.push(("perm", "U32", vec![q.cols]));
         }
+        let factor_parts: Vec<(String, &str, Vec<usize>)>;
+        if let Some(lg) = q.lr_grid()? {
+            factor_parts = [("L", q.rows), ("R", q.cols)]
+                .into_iter()
+                .flat_map(|(f, len)| {
+                    let words = crate::quant::grid::packed_words(len, lg.bits);
+                    let groups = lg.groups(len);
+                    [
+                        (format!("{f}.qweight"), "U32", vec![q.rank, words]),
+                        (format!("{f}.scales"), "F16", vec![q.rank, groups]),
+                        (format!("{f}.zeros"), "F16", vec![q.rank, groups]),
+                    ]
+                })
+                .collect();
+        } else {
+            factor_parts = Vec::new();
+        }
+        let parts: Vec<(String, &str, Vec<usize>)> = parts
+            .into_iter()
+            .map(|(a, b, c)| (a.to_string(), b, c))
+            .chain(factor_parts)
+            .collect();
         for (suffix, dtype, want) in parts {
             let pname = format!("{name}.{suffix}");
             let Some((file, info)) = self.info(&pname) else {

@@ -67,6 +67,16 @@ pub struct QuantEntry {
     pub relative_error: Option<f64>,
     /// Relative damping used for GPTQ (after any retries).
     pub damp: Option<f64>,
+    /// CALDERA: rank k of the factors (0: none). Lᵀ (k × rows) is stored as `NAME.L.*` and
+    /// R (k × cols) as `NAME.R.*`, each with its own codes, scales and zeros.
+    #[serde(default)]
+    pub rank: usize,
+    /// Bits of the factor codes (CALDERA).
+    #[serde(default)]
+    pub lr_bits: u32,
+    /// Group size of the factor grids along their long dimension (CALDERA).
+    #[serde(default)]
+    pub lr_group_size: usize,
 }
 
 impl QuantEntry {
@@ -74,8 +84,26 @@ impl QuantEntry {
         Grid::new(self.bits, self.group_size, self.symmetric)
     }
 
-    /// Stored bits computed from the shape and grid (what `stored_bits` must equal).
+    /// Grid of the low-rank factors (asymmetric), when there are factors.
+    pub fn lr_grid(&self) -> Result<Option<Grid>> {
+        if self.rank == 0 {
+            return Ok(None);
+        }
+        Grid::new(self.lr_bits, self.lr_group_size, false).map(Some)
+    }
+
+    /// Stored bits computed from the shape and grids (what `stored_bits` must equal).
     pub fn expected_bits(&self) -> u64 {
+        let factors = match self.lr_grid() {
+            Ok(Some(g)) => {
+                g.stored_bits(self.rank, self.rows) + g.stored_bits(self.rank, self.cols)
+            }
+            _ => 0,
+        };
+        self.backbone_bits() + factors
+    }
+
+    fn backbone_bits(&self) -> u64 {
         let g = if self.group_size == 0 {
             self.cols.max(1)
         } else {
@@ -255,7 +283,7 @@ impl StreamingWriter {
             serde_json::json!({"format": "pt", "writer": "pumice"}),
         );
         let mut h = serde_json::to_vec(&serde_json::Value::Object(header)).expect("json");
-        while h.len() % 8 != 0 {
+        while !h.len().is_multiple_of(8) {
             h.push(b' ');
         }
         let f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;

@@ -120,6 +120,19 @@ pub fn pack_row(codes: &[u32], bits: u32, out: &mut Vec<u32>) {
     }
 }
 
+impl Grid {
+    /// Bits stored for a rows × cols matrix on this grid: codes in whole u32 words per row,
+    /// an f16 scale per group and, for asymmetric grids, an f16 zero per group.
+    pub fn stored_bits(&self, rows: usize, cols: usize) -> u64 {
+        if rows == 0 {
+            return 0;
+        }
+        let words = packed_words(cols, self.bits) as u64;
+        let groups = self.groups(cols) as u64;
+        rows as u64 * (words * 32 + groups * 16 * if self.symmetric { 1 } else { 2 })
+    }
+}
+
 /// Words per packed row of `n` codes.
 pub fn packed_words(n: usize, bits: u32) -> usize {
     (n * bits as usize).div_ceil(32)
@@ -146,7 +159,7 @@ mod tests {
     fn pack_roundtrip_all_widths() {
         for bits in [2u32, 3, 4, 8] {
             let codes: Vec<u32> = (0..77u32)
-                .map(|i| (i * 2654435761u32 >> 7) & ((1 << bits) - 1))
+                .map(|i| ((i * 2654435761u32) >> 7) & ((1 << bits) - 1))
                 .collect();
             let mut packed = Vec::new();
             pack_row(&codes, bits, &mut packed);

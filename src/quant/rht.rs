@@ -47,7 +47,9 @@ impl Rht {
         let pow2 = 1usize << n.trailing_zeros();
         let k = n / pow2;
         let mut rng = Rng::new(seed ^ (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let signs = (0..n).map(|_| if rng.next_u64() & 1 == 0 { 1.0 } else { -1.0 }).collect();
+        let signs = (0..n)
+            .map(|_| if rng.next_u64() & 1 == 0 { 1.0 } else { -1.0 })
+            .collect();
         let block = if k == 1 {
             vec![1.0]
         } else {
@@ -56,7 +58,14 @@ impl Rht {
             let q = a.qr().compute_thin_Q();
             (0..k * k).map(|idx| q[(idx / k, idx % k)]).collect()
         };
-        Rht { n, seed, pow2, k, signs, block }
+        Rht {
+            n,
+            seed,
+            pow2,
+            k,
+            signs,
+            block,
+        }
     }
 
     /// The odd block size k (1 for powers of two).
@@ -175,7 +184,9 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
@@ -213,8 +224,15 @@ mod tests {
         let h = crate::cpu::hessian_f64(&x, 200, n);
         let wq: Vec<f32> = w.iter().map(|v| (v * 4.0).round() / 4.0).collect();
         let (tm, tn) = (Rht::new(m, 3), Rht::new(n, 4));
-        let (wr, wqr, hr) = (rotate_weight(&w, m, n, &tm, &tn), rotate_weight(&wq, m, n, &tm, &tn), rotate_hessian(&h, n, &tn));
-        let (e, er) = (weighted_error(&w, &wq, m, &h), weighted_error(&wr, &wqr, m, &hr));
+        let (wr, wqr, hr) = (
+            rotate_weight(&w, m, n, &tm, &tn),
+            rotate_weight(&wq, m, n, &tm, &tn),
+            rotate_hessian(&h, n, &tn),
+        );
+        let (e, er) = (
+            weighted_error(&w, &wq, m, &h),
+            weighted_error(&wr, &wqr, m, &hr),
+        );
         assert!((e - er).abs() < 1e-4 * e, "{e} vs {er}");
         let back = unrotate_weight(&wr, m, n, &tm, &tn);
         assert!(back.iter().zip(&w).all(|(a, b)| (a - b).abs() < 1e-4));
@@ -222,6 +240,11 @@ mod tests {
             let rms = (v.iter().map(|x| (x * x) as f64).sum::<f64>() / v.len() as f64).sqrt();
             v.iter().fold(0.0f64, |a, x| a.max(x.abs() as f64)) / rms
         };
-        assert!(peak(&wr) < 0.5 * peak(&w), "incoherence: {} -> {}", peak(&w), peak(&wr));
+        assert!(
+            peak(&wr) < 0.5 * peak(&w),
+            "incoherence: {} -> {}",
+            peak(&w),
+            peak(&wr)
+        );
     }
 }
