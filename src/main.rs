@@ -134,6 +134,10 @@ struct CompressArgs {
     /// GPTQ: damping as a fraction of the Hessian's mean diagonal.
     #[arg(long, default_value_t = 0.01)]
     damp: f64,
+    /// Incoherence processing (gptq, caldera): quantize randomized-Hadamard-rotated weights
+    /// against the rotated Hessian; seeds are stored and the rotation undone at load.
+    #[arg(long)]
+    rht: bool,
     /// CALDERA: bits per weight each matrix may use (everything stored counted); sets the rank.
     #[arg(long, default_value_t = 2.5)]
     target_bpw: f64,
@@ -370,6 +374,7 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
         },
         output: a.output.clone(),
         force: a.force,
+        rht: a.rht,
     };
     let gpu = Gpu::new(gpu_opts)?;
     eprintln!(

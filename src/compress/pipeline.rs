@@ -17,16 +17,17 @@ use crate::error::{Error, Result};
 use crate::gpu::ops;
 use crate::gpu::quant::{self as gq, PackedWeight};
 use crate::gpu::{matmul, Batch, GemmOp, Gpu, GpuMatrix, HessianAccumulator};
-use crate::infer::engine::LinearWeight;
+use crate::infer::engine::{unrotate_linear, LinearWeight};
 use crate::infer::{Engine, EngineOptions};
 use crate::model::compressed::{
     sha256_files, Accounting, CalibInfo, FileInfo, LayerReport, Manifest, MatrixReport,
-    PlannedTensor, QuantEntry, SourceInfo, StreamingWriter, FORMAT_NAME, FORMAT_VERSION,
+    PlannedTensor, QuantEntry, RhtSeeds, SourceInfo, StreamingWriter, FORMAT_NAME, FORMAT_VERSION,
     MANIFEST_FILE,
 };
 use crate::model::{Checkpoint, LinearKind, LinearSpec, Tokenizer};
 use crate::quant::grid::{pack_row, packed_words};
 use crate::quant::reference::prepare_hessian;
+use crate::quant::rht::{rotate_hessian, rotate_weight, Rht};
 use crate::quant::{GptqOptions, Grid, Quantized};
 
 use super::calib::{self, CalibOptions, Calibration};
@@ -113,6 +114,9 @@ pub struct CompressOptions {
     pub output: PathBuf,
     /// Replace an existing output directory (never the input).
     pub force: bool,
+    /// Incoherence processing: quantize T_m W T_nᵀ against T_n H T_nᵀ (randomized Hadamard
+    /// transforms, seeds stored, undone at load).
+    pub rht: bool,
 }
 
 /// Progress events.
@@ -506,8 +510,22 @@ pub fn compress(
                 acc.accumulate(&mut b, x)?;
             }
             b.submit()?;
-            let h = acc.read(gpu)?;
+            let mut h = acc.read(gpu)?;
             let n = first.in_features;
+            // One input transform per input group (its linears share H); one output transform
+            // per matrix.
+            let seed_of = |what: &str| {
+                let tag = format!("{}:{l}:{what}", opts.calib.seed);
+                tag.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                    (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+                })
+            };
+            let tn = opts
+                .rht
+                .then(|| Rht::new(n, seed_of(&format!("{:?}", first.kind.input()))));
+            if let Some(t) = &tn {
+                h = rotate_hessian(&h, n, t);
+            }
             let h32: Vec<f32> = h.iter().map(|&v| v as f32).collect();
             let hm = GpuMatrix::from_f32(gpu, n, n, DType::F32, &h32)?;
             let prep = if opts.method == Method::Gptq || opts.method == Method::Caldera {
@@ -525,8 +543,19 @@ pub fn compress(
             };
             for &kind in kinds {
                 let lin: &LinearSpec = spec.linear(kind);
-                let wv = ck.tensor(&lin.weight.name)?.to_f32()?;
+                let mut wv = ck.tensor(&lin.weight.name)?.to_f32()?;
                 let (m, n) = (lin.out_features, lin.in_features);
+                let tm = tn.as_ref().map(|_| Rht::new(m, seed_of(&lin.weight.name)));
+                if let (Some(tm), Some(tn)) = (&tm, &tn) {
+                    wv = rotate_weight(&wv, m, n, tm, tn);
+                }
+                // The propagated weight must be the unrotated one.
+                let unrotate = |lw: LinearWeight| -> Result<LinearWeight> {
+                    match (&tm, &tn) {
+                        (Some(tm), Some(tn)) => unrotate_linear(gpu, lw, tm, tn),
+                        _ => Ok(lw),
+                    }
+                };
                 let mut rank = 0;
                 let (p, rel) = if opts.method == Method::Caldera {
                     let cs = &opts.caldera;
@@ -554,7 +583,7 @@ pub fn compress(
                     } else {
                         LinearWeight::Dense(backbone)
                     };
-                    w.set_weight(kind, lw);
+                    w.set_weight(kind, unrotate(lw)?);
                     (p, Some(d.relative_error))
                 } else {
                     let q = match &prep {
@@ -568,7 +597,7 @@ pub fn compress(
                     let p = pack(&q);
                     let deq = dequantize_packed(gpu, &p, &q)?;
                     let (err, norm) = weighted_errors(gpu, &wv, &deq, &hm)?;
-                    w.set_weight(kind, LinearWeight::Dense(deq));
+                    w.set_weight(kind, unrotate(LinearWeight::Dense(deq))?);
                     (p, if norm > 0.0 { Some(err / norm) } else { None })
                 };
                 let entry = QuantEntry {
@@ -588,6 +617,13 @@ pub fn compress(
                         opts.caldera.lr_group_size
                     } else {
                         0
+                    },
+                    rht: match (&tm, &tn) {
+                        (Some(tm), Some(tn)) => Some(RhtSeeds {
+                            rows: tm.seed,
+                            cols: tn.seed,
+                        }),
+                        _ => None,
                     },
                 };
                 let entry = QuantEntry {
@@ -721,6 +757,7 @@ pub fn compress(
             "damp": opts.gptq.damp,
             "block": opts.gptq.block,
             "sequential": true,
+            "rht": opts.rht,
             "caldera": (opts.method == Method::Caldera).then(|| serde_json::json!({
                 "target_bpw": opts.caldera.target_bpw,
                 "rank": opts.caldera.rank,

@@ -15,6 +15,7 @@ use crate::gpu::quant::{self, PackedWeight};
 use crate::gpu::{gemm_rows, Batch, GemmOp, Gpu, GpuBuffer, GpuMatrix};
 use crate::model::compressed::QuantEntry;
 use crate::model::{Checkpoint, LayerSpec, LinearKind, TensorRef};
+use crate::quant::rht::Rht;
 
 /// How the engine uses GPU memory.
 #[derive(Clone, Debug)]
@@ -182,7 +183,7 @@ fn dequantize_packed(
 }
 
 /// A compressed weight ready for the forward pass: the dequantized backbone, plus the
-/// dequantized factors of a CALDERA weight.
+/// dequantized factors of a CALDERA weight, with any incoherence rotation undone.
 fn dequantize_weight(
     gpu: &Gpu,
     ck: &Checkpoint,
@@ -190,14 +191,57 @@ fn dequantize_weight(
     q: &QuantEntry,
 ) -> Result<LinearWeight> {
     let backbone = dequantize_packed(gpu, ck, name, q.rows, q.cols, q.grid()?, q.act_order)?;
-    match q.lr_grid()? {
-        None => Ok(LinearWeight::Dense(backbone)),
-        Some(lg) => Ok(LinearWeight::LowRank {
+    let w = match q.lr_grid()? {
+        None => LinearWeight::Dense(backbone),
+        Some(lg) => LinearWeight::LowRank {
             q: backbone,
             lt: dequantize_packed(gpu, ck, &format!("{name}.L"), q.rank, q.rows, lg, false)?,
             r: dequantize_packed(gpu, ck, &format!("{name}.R"), q.rank, q.cols, lg, false)?,
-        }),
+        },
+    };
+    match q.rht {
+        Some(seeds) => unrotate_linear(
+            gpu,
+            w,
+            &Rht::new(q.rows, seeds.rows),
+            &Rht::new(q.cols, seeds.cols),
+        ),
+        None => Ok(w),
     }
+}
+
+/// Undo incoherence processing: a weight quantized as W_r = T_m W T_nᵀ becomes
+/// W = T_mᵀ W_r T_n; for Q + L·R the factors transform on their own (L = T_mᵀ L_r,
+/// R = R_r T_n), so the low-rank form is kept.
+pub(crate) fn unrotate_linear(
+    gpu: &Gpu,
+    w: LinearWeight,
+    tm: &Rht,
+    tn: &Rht,
+) -> Result<LinearWeight> {
+    let dense = |x: &GpuMatrix| -> Result<GpuMatrix> {
+        let v = crate::quant::rht::unrotate_weight(&x.to_f32(gpu)?, x.rows(), x.cols(), tm, tn);
+        GpuMatrix::from_f32(gpu, x.rows(), x.cols(), DType::F32, &v)
+    };
+    let rows_t = |x: &GpuMatrix, t: &Rht| -> Result<GpuMatrix> {
+        let mut v: Vec<f64> = x.to_f32(gpu)?.into_iter().map(f64::from).collect();
+        crate::quant::rht::rows(&mut v, t, true);
+        GpuMatrix::from_f32(
+            gpu,
+            x.rows(),
+            x.cols(),
+            DType::F32,
+            &v.iter().map(|&a| a as f32).collect::<Vec<_>>(),
+        )
+    };
+    Ok(match w {
+        LinearWeight::Dense(q) => LinearWeight::Dense(dense(&q)?),
+        LinearWeight::LowRank { q, lt, r } => LinearWeight::LowRank {
+            q: dense(&q)?,
+            lt: rows_t(&lt, tm)?,
+            r: rows_t(&r, tn)?,
+        },
+    })
 }
 
 fn check_finite(t: &TensorRef<'_>) -> Result<()> {

@@ -77,6 +77,18 @@ pub struct QuantEntry {
     /// Group size of the factor grids along their long dimension (CALDERA).
     #[serde(default)]
     pub lr_group_size: usize,
+    /// Incoherence processing: the stored codes are of T_rows · W · T_colsᵀ with the
+    /// randomized Hadamard transforms of these seeds (`quant::rht`); undone at load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rht: Option<RhtSeeds>,
+}
+
+/// Seeds of the two randomized Hadamard transforms of a weight (64 bits each, counted in
+/// `stored_bits`).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RhtSeeds {
+    pub rows: u64,
+    pub cols: u64,
 }
 
 impl QuantEntry {
@@ -100,7 +112,7 @@ impl QuantEntry {
             }
             _ => 0,
         };
-        self.backbone_bits() + factors
+        self.backbone_bits() + factors + if self.rht.is_some() { 128 } else { 0 }
     }
 
     fn backbone_bits(&self) -> u64 {
