@@ -111,13 +111,11 @@ fn rsvd_recovers_known_spectra() {
             },
         )
         .unwrap();
-        for i in 0..k {
-            let rel = (svd.s[i] - sigma[i]).abs() / sigma[i];
+        for (i, (&got, &want)) in svd.s.iter().zip(&sigma).enumerate() {
+            let rel = (got - want).abs() / want;
             assert!(
                 rel < 2e-3,
-                "{name}: σ{i} {} vs {} (rel {rel:.2e})",
-                svd.s[i],
-                sigma[i]
+                "{name}: σ{i} {got} vs {want} (rel {rel:.2e})"
             );
         }
         // ‖A − U S Vᵀ‖_F against the optimum sqrt(Σ_{i≥k} σ_i²).
