@@ -113,10 +113,7 @@ fn rsvd_recovers_known_spectra() {
         .unwrap();
         for (i, (&got, &want)) in svd.s.iter().zip(&sigma).enumerate() {
             let rel = (got - want).abs() / want;
-            assert!(
-                rel < 2e-3,
-                "{name}: σ{i} {got} vs {want} (rel {rel:.2e})"
-            );
+            assert!(rel < 2e-3, "{name}: σ{i} {got} vs {want} (rel {rel:.2e})");
         }
         // ‖A − U S Vᵀ‖_F against the optimum sqrt(Σ_{i≥k} σ_i²).
         let mut err = 0.0f64;

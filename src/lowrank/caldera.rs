@@ -403,11 +403,16 @@ pub fn decompose(
             let rv: Vec<f32> = (0..k * n)
                 .map(|idx| (svd.v[(idx % n) * k + idx / n] * svd.s[idx / n].sqrt()) as f32)
                 .collect();
-            let mut r = matmul(gpu, &up(k, n, &rv)?, &sinvm, GemmOp::NN)?.to_f32(gpu)?;
+            let r0 = matmul(gpu, &up(k, n, &rv)?, &sinvm, GemmOp::NN)?.to_f32(gpu)?;
+            // R is kept quantized from the start, so every evaluated pair is a storable one.
+            let mut r_q = rtn(&r0, k, n, opts.lr_grid);
             let c = quad(&a)?;
-            let mut l_prev: Option<Vec<f64>> = None;
+            let mut l_prev: Option<(Vec<f64>, Quantized)> = None;
             let mut best_lr: Option<(f64, Quantized, Quantized)> = None;
-            for _ in 0..opts.inner_iters.max(1) {
+            let rounds = opts.inner_iters.max(1);
+            for round in 0..=rounds {
+                let r = r_q.dequantize();
+                // A H Rᵀ (m × k) and R H Rᵀ (k × k) for the current R.
                 let rm = up(k, n, &r)?;
                 let hrt = matmul(gpu, &hm, &rm, GemmOp::NT)?;
                 let ahrt: Vec<f64> = matmul(gpu, &am, &hrt, GemmOp::NN)?
@@ -420,71 +425,44 @@ pub fn decompose(
                     .into_iter()
                     .map(f64::from)
                     .collect();
-                let rhrt = mat(k, k, &rhrt_v);
+                // ‖(A − L R) S‖² = c − 2⟨L, A H Rᵀ⟩ + ⟨LᵀL, R H Rᵀ⟩.
                 let err_of = |l: &[f64]| {
                     let lm = mat(m, k, l);
                     let ltl = lm.transpose() * &lm;
                     c - 2.0 * dot(l, &ahrt) + dot(&to_vec(ltl.as_ref()), &rhrt_v)
                 };
-                let rq_now = rtn(&r, k, n, opts.lr_grid);
-                // (L from the previous round, this R) is a candidate too.
-                if let Some(lp) = &l_prev {
-                    let e = err_of(lp);
+                let mut consider = |e: f64, lt: &Quantized, rq: &Quantized| {
                     if best_lr.as_ref().is_none_or(|(b, _, _)| e < *b) {
-                        let ltv: Vec<f32> = (0..k * m)
-                            .map(|idx| lp[(idx % m) * k + idx / m] as f32)
-                            .collect();
-                        best_lr = Some((e, rtn(&ltv, k, m, opts.lr_grid), rq_now.clone()));
+                        best_lr = Some((e, lt.clone(), rq.clone()));
                     }
+                };
+                // (L from the previous round, this R).
+                if let Some((lp, lpq)) = &l_prev {
+                    consider(err_of(lp), lpq, &r_q);
+                }
+                if round == rounds {
+                    break;
                 }
                 // L ← (A H Rᵀ)(R H Rᵀ)⁻¹, quantized (as Lᵀ, groups along m).
-                let l = &mat(m, k, &ahrt) * spd_inverse(&rhrt);
+                let l = &mat(m, k, &ahrt) * spd_inverse(&mat(k, k, &rhrt_v));
                 let lt_q = rtn(&f32s(&to_vec(l.transpose())), k, m, opts.lr_grid);
                 let ltd = lt_q.dequantize();
                 let lv: Vec<f64> = (0..m * k)
                     .map(|idx| ltd[(idx % k) * m + idx / k] as f64)
                     .collect();
-                let e = err_of(&lv);
-                if best_lr.as_ref().is_none_or(|(b, _, _)| e < *b) {
-                    best_lr = Some((e, lt_q.clone(), rq_now.clone()));
-                }
+                consider(err_of(&lv), &lt_q, &r_q);
                 // R ← (LᵀL)⁻¹ Lᵀ A, quantized; Lᵀ A = (Aᵀ L)ᵀ.
                 let lm = mat(m, k, &lv);
                 let ltl = lm.transpose() * &lm;
                 let atl = matmul(gpu, &at, &up(m, k, &f32s(&lv))?, GemmOp::NN)?.to_f32(gpu)?;
                 let lta = faer::Mat::<f64>::from_fn(k, n, |t, j| atl[j * k + t] as f64);
-                let rn = spd_inverse(&ltl) * lta;
-                let rq = rtn(&f32s(&to_vec(rn.as_ref())), k, n, opts.lr_grid);
-                r = rq.dequantize();
-                l_prev = Some(lv);
-            }
-            // The final R with the last L.
-            if let Some(lp) = &l_prev {
-                let rm = up(k, n, &r)?;
-                let hrt = matmul(gpu, &hm, &rm, GemmOp::NT)?;
-                let ahrt: Vec<f64> = matmul(gpu, &am, &hrt, GemmOp::NN)?
-                    .to_f32(gpu)?
-                    .into_iter()
-                    .map(f64::from)
-                    .collect();
-                let rhrt_v: Vec<f64> = matmul(gpu, &rm, &hrt, GemmOp::NN)?
-                    .to_f32(gpu)?
-                    .into_iter()
-                    .map(f64::from)
-                    .collect();
-                let lm = mat(m, k, lp);
-                let ltl = lm.transpose() * &lm;
-                let e = c - 2.0 * dot(lp, &ahrt) + dot(&to_vec(ltl.as_ref()), &rhrt_v);
-                if best_lr.as_ref().is_none_or(|(b, _, _)| e < *b) {
-                    let ltv: Vec<f32> = (0..k * m)
-                        .map(|idx| lp[(idx % m) * k + idx / m] as f32)
-                        .collect();
-                    best_lr = Some((
-                        e,
-                        rtn(&ltv, k, m, opts.lr_grid),
-                        rtn(&r, k, n, opts.lr_grid),
-                    ));
-                }
+                r_q = rtn(
+                    &f32s(&to_vec((spd_inverse(&ltl) * lta).as_ref())),
+                    k,
+                    n,
+                    opts.lr_grid,
+                );
+                l_prev = Some((lv, lt_q));
             }
             let (_, ltq, rq) = best_lr.expect("at least one inner round");
             (ltq, rq)
