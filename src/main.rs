@@ -117,11 +117,12 @@ struct CompressArgs {
     #[arg(short, long)]
     output: PathBuf,
     /// Quantization method.
-    #[arg(long, value_enum, default_value_t = MethodArg::Gptq)]
+    #[arg(long, value_enum, default_value_t = MethodArg::Caldera)]
     method: MethodArg,
-    /// Bits per weight code: 2, 3, 4 or 8.
-    #[arg(long, default_value_t = 4)]
-    bits: u32,
+    /// Bits per weight code of the quantized weight (CALDERA: of Q): 2, 3, 4 or 8. Default: 2
+    /// for caldera, 4 for gptq and rtn.
+    #[arg(long)]
+    bits: Option<u32>,
     /// Columns per scale/zero group: 32, 64, 128, 256, or 0 for one per row.
     #[arg(long, default_value_t = 128)]
     group_size: usize,
@@ -175,6 +176,10 @@ struct CompressArgs {
     /// Evaluate before and after on this text (perplexity, KL against the original).
     #[arg(long)]
     eval_text: Option<PathBuf>,
+    /// KL divergence of the result against the original on this many fresh sequences the
+    /// original model samples itself (256 tokens each; no dataset needed). 0 skips it.
+    #[arg(long, default_value_t = 16)]
+    eval_samples: usize,
     /// Window length for --eval-text.
     #[arg(long, default_value_t = 256)]
     eval_ctx: usize,
@@ -336,7 +341,8 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
     use pumice::quant::{GptqOptions, Grid};
 
     let ck = Checkpoint::open(&a.model)?;
-    let grid = Grid::new(a.bits, a.group_size, a.symmetric)?;
+    let bits = a.bits.unwrap_or(if a.method == MethodArg::Caldera { 2 } else { 4 });
+    let grid = Grid::new(bits, a.group_size, a.symmetric)?;
     if a.calib_samples == 0 {
         return Err(
             pumice::Error::InvalidArgument("--calib-samples must be at least 1".into()).into(),
@@ -449,13 +455,30 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
         let after = evaluate(&mut comp, Some(&mut orig), &tokens, &eval_opts, &mut |_| {})?;
         before_after = Some((before, after));
     }
+    // KL against the original on sequences the original samples itself (seed + 1, so they
+    // differ from the calibration).
+    let mut self_eval = None;
+    if a.eval_samples > 0 {
+        let len = 256.min(ck.config().max_position_embeddings).max(2);
+        let eopts = EngineOptions { resident_bytes: 2 << 30, max_positions: len };
+        let mut orig = Engine::new(&gpu, &ck, &eopts)?;
+        let copts = CalibOptions { samples: a.eval_samples, len, seed: a.seed.wrapping_add(1) };
+        let seqs = pumice::compress::calib::self_generated(&mut orig, &copts, &mut |_, _| {})?;
+        let out_ck = Checkpoint::open(&a.output)?;
+        let mut comp = Engine::new(&gpu, &out_ck, &eopts)?;
+        let eval_opts = EvalOptions { ctx: len, max_windows: None, batch: 4 };
+        self_eval = Some(evaluate(&mut comp, Some(&mut orig), &seqs.tokens, &eval_opts, &mut |_| {})?);
+    }
     let mut out = std::io::stdout().lock();
     if a.json {
         let mut v = serde_json::to_value(&summary)?;
+        let o = v.as_object_mut().expect("summary is an object");
         if let Some((b, af)) = &before_after {
-            let o = v.as_object_mut().expect("summary is an object");
             o.insert("eval_before".into(), serde_json::to_value(b)?);
             o.insert("eval_after".into(), serde_json::to_value(af)?);
+        }
+        if let Some(e) = &self_eval {
+            o.insert("eval_self_generated".into(), serde_json::to_value(e)?);
         }
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(());
@@ -508,6 +531,17 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
             l.layer,
             l.seconds,
             errs.join(", ")
+        )?;
+    }
+    if let Some(e) = &self_eval {
+        writeln!(
+            out,
+            "KL(original || compressed) {:.5} (p99 {:.5}), top-1 agreement {:.4} on {} self-generated sequences of {} tokens",
+            e.kl_divergence.unwrap_or(f64::NAN),
+            e.kl_divergence_p99.unwrap_or(f64::NAN),
+            e.top1_agreement.unwrap_or(f64::NAN),
+            e.windows,
+            e.ctx
         )?;
     }
     if let Some((b, af)) = &before_after {
