@@ -27,17 +27,28 @@ fn hessian(t: usize, n: usize) -> Vec<f64> {
     let x: Vec<f32> = (0..t * n)
         .map(|i| {
             let (r, c) = (i / n, i % n);
-            let v: f32 = (0..16).map(|k| z[r * 16 + k] * mix[k * n + c]).sum::<f32>() + 0.3 * noise[i];
-            if c % 400 == 7 { v * 20.0 } else { v }
+            let v: f32 =
+                (0..16).map(|k| z[r * 16 + k] * mix[k * n + c]).sum::<f32>() + 0.3 * noise[i];
+            if c % 400 == 7 {
+                v * 20.0
+            } else {
+                v
+            }
         })
         .collect();
-    cpu::hessian_faer(&x, t, n).into_iter().map(|v| v as f64 / t as f64).collect()
+    cpu::hessian_faer(&x, t, n)
+        .into_iter()
+        .map(|v| v as f64 / t as f64)
+        .collect()
 }
 
 fn bench(c: &mut Criterion) {
     let g = Gpu::from_env().expect("a GPU adapter (lavapipe works)");
     eprintln!("GPU: {}", g.describe());
-    let outer: usize = std::env::var("PUMICE_BENCH_OUTER").ok().and_then(|v| v.parse().ok()).unwrap_or(15);
+    let outer: usize = std::env::var("PUMICE_BENCH_OUTER")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(15);
     let n = 4096;
     let h = hessian(4096, n);
     let gopts = GptqOptions::default();
@@ -46,14 +57,19 @@ fn bench(c: &mut Criterion) {
         let w: Vec<f32> = values(m * n, m as u64).iter().map(|v| v * 0.05).collect();
         let mut group = c.benchmark_group(format!("caldera_{m}x{n}"));
         group.throughput(Throughput::Elements((m * n) as u64));
-        group.sample_size(10).warm_up_time(Duration::from_millis(1)).measurement_time(Duration::from_secs(1));
+        group
+            .sample_size(10)
+            .warm_up_time(Duration::from_millis(1))
+            .measurement_time(Duration::from_secs(1));
         let g64 = Grid::new(2, 64, false).unwrap();
         // GPTQ's error through the same code path: rank 0, one outer iteration, Q on g64.
         let mut go = CalderaOptions::new(0);
         go.q_grid = g64;
         go.outer_iters = 1;
         let e_gptq = decompose(&g, &w, m, n, &h, &go).unwrap().relative_error;
-        eprintln!("gptq 2-bit g64 {m}x{n}: relative weighted error {e_gptq:.4e}, 2.500 bits/weight");
+        eprintln!(
+            "gptq 2-bit g64 {m}x{n}: relative weighted error {e_gptq:.4e}, 2.500 bits/weight"
+        );
         group.bench_function(BenchmarkId::new("gptq", "2bit-g64"), |b| {
             b.iter(|| {
                 let q = gptq(&g, &w, m, n, &prep, g64, gopts.block).unwrap();

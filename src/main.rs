@@ -136,9 +136,13 @@ struct CompressArgs {
     #[arg(long, default_value_t = 0.01)]
     damp: f64,
     /// Incoherence processing (gptq, caldera): quantize randomized-Hadamard-rotated weights
-    /// against the rotated Hessian; seeds are stored and the rotation undone at load.
-    #[arg(long)]
+    /// against the rotated Hessian; seeds are stored and the rotation undone at load. On by
+    /// default for caldera.
+    #[arg(long, conflicts_with = "no_rht")]
     rht: bool,
+    /// Turn incoherence processing off (for caldera, where it is on by default).
+    #[arg(long)]
+    no_rht: bool,
     /// CALDERA: bits per weight each matrix may use (everything stored counted); sets the rank.
     #[arg(long, default_value_t = 2.5)]
     target_bpw: f64,
@@ -341,7 +345,9 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
     use pumice::quant::{GptqOptions, Grid};
 
     let ck = Checkpoint::open(&a.model)?;
-    let bits = a.bits.unwrap_or(if a.method == MethodArg::Caldera { 2 } else { 4 });
+    let bits = a
+        .bits
+        .unwrap_or(if a.method == MethodArg::Caldera { 2 } else { 4 });
     let grid = Grid::new(bits, a.group_size, a.symmetric)?;
     if a.calib_samples == 0 {
         return Err(
@@ -380,7 +386,7 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
         },
         output: a.output.clone(),
         force: a.force,
-        rht: a.rht,
+        rht: a.rht || (a.method == MethodArg::Caldera && !a.no_rht),
     };
     let gpu = Gpu::new(gpu_opts)?;
     eprintln!(
@@ -460,14 +466,31 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
     let mut self_eval = None;
     if a.eval_samples > 0 {
         let len = 256.min(ck.config().max_position_embeddings).max(2);
-        let eopts = EngineOptions { resident_bytes: 2 << 30, max_positions: len };
+        let eopts = EngineOptions {
+            resident_bytes: 2 << 30,
+            max_positions: len,
+        };
         let mut orig = Engine::new(&gpu, &ck, &eopts)?;
-        let copts = CalibOptions { samples: a.eval_samples, len, seed: a.seed.wrapping_add(1) };
+        let copts = CalibOptions {
+            samples: a.eval_samples,
+            len,
+            seed: a.seed.wrapping_add(1),
+        };
         let seqs = pumice::compress::calib::self_generated(&mut orig, &copts, &mut |_, _| {})?;
         let out_ck = Checkpoint::open(&a.output)?;
         let mut comp = Engine::new(&gpu, &out_ck, &eopts)?;
-        let eval_opts = EvalOptions { ctx: len, max_windows: None, batch: 4 };
-        self_eval = Some(evaluate(&mut comp, Some(&mut orig), &seqs.tokens, &eval_opts, &mut |_| {})?);
+        let eval_opts = EvalOptions {
+            ctx: len,
+            max_windows: None,
+            batch: 4,
+        };
+        self_eval = Some(evaluate(
+            &mut comp,
+            Some(&mut orig),
+            &seqs.tokens,
+            &eval_opts,
+            &mut |_| {},
+        )?);
     }
     let mut out = std::io::stdout().lock();
     if a.json {
