@@ -51,6 +51,29 @@ fn pumice(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// `pumice eval OUT --token-file (eval_tokens) --ctx 64 --ref SOURCE --json` → KL divergence.
+fn cli_kl(dir: &Path, out: &Path) -> f64 {
+    let tf = dir.join("ids.txt");
+    if !tf.exists() {
+        let ids: Vec<String> = eval_tokens().iter().map(|t| t.to_string()).collect();
+        std::fs::write(&tf, ids.join(" ")).unwrap();
+    }
+    let (code, stdout, stderr) = pumice(&[
+        "eval",
+        out.to_str().unwrap(),
+        "--token-file",
+        tf.to_str().unwrap(),
+        "--ctx",
+        "64",
+        "--ref",
+        asset().to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    v["kl_divergence"].as_f64().unwrap()
+}
+
 /// A deterministic evaluation text from the asset tokenizer (no ../shared needed).
 fn eval_tokens() -> Vec<u32> {
     let tok = Tokenizer::from_model_dir(&asset()).unwrap().unwrap();
@@ -138,30 +161,7 @@ fn gptq_end_to_end_and_reader() {
         .unwrap()
         .len();
     assert!((bpp - bytes as f64 * 8.0 / 3_934_656.0).abs() < 1e-9);
-    let tf = d.path().join("ids.txt");
-    std::fs::write(
-        &tf,
-        tokens
-            .iter()
-            .map(|t| t.to_string())
-            .collect::<Vec<_>>()
-            .join(" "),
-    )
-    .unwrap();
-    let (code, stdout, stderr) = pumice(&[
-        "eval",
-        out.to_str().unwrap(),
-        "--token-file",
-        tf.to_str().unwrap(),
-        "--ctx",
-        "64",
-        "--ref",
-        asset().to_str().unwrap(),
-        "--json",
-    ]);
-    assert_eq!(code, 0, "{stderr}");
-    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    assert!((v["kl_divergence"].as_f64().unwrap() - kl).abs() < 1e-6);
+    assert!((cli_kl(d.path(), &out) - kl).abs() < 1e-6);
 }
 
 /// RTN codes stored in the file dequantize (by the reader, on the GPU) to exactly the grid
@@ -408,31 +408,7 @@ fn caldera_end_to_end() {
     }
     assert!(m.linear.bits_per_parameter <= 3.5);
     // Eval against the source and generation run on the factored checkpoint.
-    let tokens = eval_tokens();
-    let tf = d.path().join("ids.txt");
-    std::fs::write(
-        &tf,
-        tokens
-            .iter()
-            .map(|t| t.to_string())
-            .collect::<Vec<_>>()
-            .join(" "),
-    )
-    .unwrap();
-    let (code, stdout, stderr) = pumice(&[
-        "eval",
-        out.to_str().unwrap(),
-        "--token-file",
-        tf.to_str().unwrap(),
-        "--ctx",
-        "64",
-        "--ref",
-        asset().to_str().unwrap(),
-        "--json",
-    ]);
-    assert_eq!(code, 0, "{stderr}");
-    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    let kl = v["kl_divergence"].as_f64().unwrap();
+    let kl = cli_kl(d.path(), &out);
     assert!(kl > 0.0 && kl < 0.5, "KL {kl}");
     let (code, stdout, stderr) = pumice(&[
         "generate",
@@ -456,17 +432,6 @@ fn rht_round_trip() {
     let g = gpu();
     let src = Checkpoint::open(asset()).unwrap();
     let d = tempfile::tempdir().unwrap();
-    let tokens = eval_tokens();
-    let tf = d.path().join("ids.txt");
-    std::fs::write(
-        &tf,
-        tokens
-            .iter()
-            .map(|t| t.to_string())
-            .collect::<Vec<_>>()
-            .join(" "),
-    )
-    .unwrap();
     for (method, bits) in [(Method::Gptq, 4), (Method::Caldera, 2)] {
         let out = d.path().join(format!("rht-{}", method.name()));
         let mut o = opts(method, bits, 64, &out);
@@ -482,20 +447,7 @@ fn rht_round_trip() {
         let e = ck.quantized("model.layers.3.mlp.gate_proj.weight").unwrap();
         assert!(e.rht.is_some());
         assert_eq!(e.stored_bits, e.expected_bits());
-        let (code, stdout, stderr) = pumice(&[
-            "eval",
-            out.to_str().unwrap(),
-            "--token-file",
-            tf.to_str().unwrap(),
-            "--ctx",
-            "64",
-            "--ref",
-            asset().to_str().unwrap(),
-            "--json",
-        ]);
-        assert_eq!(code, 0, "{stderr}");
-        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-        let kl = v["kl_divergence"].as_f64().unwrap();
+        let kl = cli_kl(d.path(), &out);
         // A wrong (or missing) inverse rotation gives an unrelated model: KL of several nats.
         assert!(kl < 0.3, "{}: KL {kl}", method.name());
     }

@@ -7,3 +7,17 @@ pub mod rht;
 
 pub use grid::Grid;
 pub use reference::{GptqOptions, PreparedHessian, Quantized};
+
+/// Deterministic pseudo-random values in [-1, 1) for the unit tests of this module.
+#[cfg(test)]
+pub(crate) fn test_values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}

@@ -302,18 +302,7 @@ pub fn weighted_norm(w: &[f32], rows: usize, h: &[f64]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lcg(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::quant::test_values as lcg;
 
     fn hessian(x: &[f32], rows: usize, n: usize) -> Vec<f64> {
         crate::cpu::hessian_f64(x, rows, n)

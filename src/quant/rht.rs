@@ -179,18 +179,7 @@ pub fn rotate_hessian(h: &[f64], n: usize, tn: &Rht) -> Vec<f64> {
 mod tests {
     use super::*;
     use crate::quant::reference::weighted_error;
-
-    fn lcg(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::quant::test_values as lcg;
 
     #[test]
     fn orthogonal_for_awkward_sizes() {
