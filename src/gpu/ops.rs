@@ -42,8 +42,18 @@ const LOGITS: Kernel = Kernel {
     template: include_str!("../../shaders/logits.wgsl"),
 };
 
-/// Rows per dispatch dimension for kernels that index rows with (y, z) workgroups.
-const ROWS_Y: usize = 65535;
+/// Rows per dispatch dimension for kernels that index rows as gid.y + gid.z · 65535.
+pub(crate) const ROWS_Y: usize = 65535;
+
+/// Workgroup grid for kernels with 64-wide workgroups over `cols` and one row per (y, z) index
+/// (embed, rope, rtn, dequant).
+pub(crate) fn row_grid(cols: usize, rows: usize) -> [u32; 3] {
+    [
+        cols.div_ceil(64) as u32,
+        rows.min(ROWS_Y) as u32,
+        rows.div_ceil(ROWS_Y) as u32,
+    ]
+}
 
 /// Workgroup size for per-row reductions: wide on GPUs, narrow on CPU adapters where each
 /// barrier is expensive.
@@ -117,11 +127,7 @@ pub fn embed(
                     out_off: (r * h) as u32,
                     _pad: [0; 2],
                 };
-                let wg = [
-                    h.div_ceil(64) as u32,
-                    n.min(ROWS_Y) as u32,
-                    n.div_ceil(ROWS_Y) as u32,
-                ];
+                let wg = row_grid(h, n);
                 batch.dispatch(pipeline.clone(), &params, &[ids, &tc.buf, &oc.buf], wg)?;
                 r += n;
             }
@@ -275,11 +281,7 @@ pub fn rope(
                 max_pos: table.positions as u32,
                 _pad: [0; 2],
             };
-            let wg = [
-                (heads * half).div_ceil(64) as u32,
-                m.min(ROWS_Y) as u32,
-                m.div_ceil(ROWS_Y) as u32,
-            ];
+            let wg = row_grid(heads * half, m);
             batch.dispatch(
                 pipeline.clone(),
                 &params,

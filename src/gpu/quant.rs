@@ -12,6 +12,7 @@ use super::context::Gpu;
 use super::gemm::{gemm_region, GemmOp};
 use super::matrix::GpuMatrix;
 use super::operand::operand_wgsl;
+use super::ops::row_grid;
 use super::pipeline::{Kernel, Spec};
 
 const COMMON: &str = include_str!("../../shaders/quant_common.wgsl");
@@ -27,8 +28,6 @@ const DEQUANT: Kernel = Kernel {
     name: "dequant",
     template: include_str!("../../shaders/dequant.wgsl"),
 };
-
-const ROWS_Y: usize = 65535;
 
 /// Unpacked quantization result on the GPU: codes as u32 per weight (rows × cols, stored column
 /// order), f32 scales and zeros (rows × groups, already f16-rounded).
@@ -117,11 +116,7 @@ pub fn rtn(gpu: &Gpu, w: &GpuMatrix, grid: Grid) -> Result<GpuQuantized> {
                 c_off: ((r0 - cc.row0) * n) as u32,
                 _pad: [0; 3],
             };
-            let wg = [
-                ng.div_ceil(64) as u32,
-                rows.min(ROWS_Y) as u32,
-                rows.div_ceil(ROWS_Y) as u32,
-            ];
+            let wg = row_grid(ng, rows);
             b.dispatch(
                 pipeline.clone(),
                 &params,
@@ -339,11 +334,7 @@ pub fn dequantize(gpu: &Gpu, w: &PackedWeight) -> Result<GpuMatrix> {
             has_perm: w.perm.is_some() as u32,
             _pad: [0; 2],
         };
-        let wg = [
-            n.div_ceil(64) as u32,
-            nr.min(ROWS_Y) as u32,
-            nr.div_ceil(ROWS_Y) as u32,
-        ];
+        let wg = row_grid(n, nr);
         b.dispatch(
             pipeline.clone(),
             &params,
