@@ -18,7 +18,7 @@ struct Params {
     w_off: u32,    // element offset of this dispatch's first row in the W / codes chunks
     s_row0: u32,   // first row of this dispatch within the scales / zeros chunks
     e_row0: u32,   // first row of this dispatch within the E chunk
-    _pad0: u32,
+    clip: u32,     // 1: least-squares search over shrunk ranges (src/quant/grid.rs)
 };
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -49,7 +49,24 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
                 lo = min(lo, w[base + c]);
                 hi = max(hi, w[base + c]);
             }
-            let sz = grid_params(lo, hi, p.maxq, p.symmetric != 0u);
+            var sz = grid_params(lo, hi, p.maxq, p.symmetric != 0u);
+            if (p.clip != 0u) {
+                var best = 3.4e38;
+                for (var t = 0u; t < CLIP_STEPS; t = t + 1u) {
+                    let f = clip_factor(t);
+                    let cand = grid_params(lo * f, hi * f, p.maxq, p.symmetric != 0u);
+                    var err = 0.0;
+                    for (var c = col; c < end; c = c + 1u) {
+                        let x = w[base + c];
+                        let d = x - cand.x * (code_of(x, cand, p.maxq) - cand.y);
+                        err = err + d * d;
+                    }
+                    if (err < best) {
+                        best = err;
+                        sz = cand;
+                    }
+                }
+            }
             scales[srow + gi] = sz.x;
             zeros[srow + gi] = sz.y;
         }

@@ -11,6 +11,13 @@ fn to_f16(v: f32) -> f32 {
     return max(r, 5.9604645e-8);
 }
 
+// Shrink factors of the clip search: 1 − t/20 for t < CLIP_STEPS (src/quant/grid.rs).
+const CLIP_STEPS: u32 = 10u;
+
+fn clip_factor(t: u32) -> f32 {
+    return f32(20u - t) * 0.05;
+}
+
 // Grid parameters of a group from its min and max: returns (scale, zero). See src/quant/grid.rs.
 fn grid_params(lo_in: f32, hi_in: f32, maxq: f32, symmetric: bool) -> vec2<f32> {
     var lo = min(lo_in, 0.0);
@@ -25,7 +32,7 @@ fn grid_params(lo_in: f32, hi_in: f32, maxq: f32, symmetric: bool) -> vec2<f32> 
         hi = 1.0;
     }
     let scale = to_f16((hi - lo) / maxq);
-    var zero = (maxq + 1.0) / 2.0;
+    var zero = maxq * 0.5; // midrise
     if (!symmetric) {
         zero = clamp(round_away(-lo / scale), 0.0, maxq);
     }
@@ -33,5 +40,5 @@ fn grid_params(lo_in: f32, hi_in: f32, maxq: f32, symmetric: bool) -> vec2<f32> 
 }
 
 fn code_of(x: f32, sz: vec2<f32>, maxq: f32) -> f32 {
-    return clamp(round_away(x / sz.x) + sz.y, 0.0, maxq);
+    return clamp(round_away(x / sz.x + sz.y), 0.0, maxq);
 }

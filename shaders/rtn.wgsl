@@ -1,5 +1,5 @@
 // Round-to-nearest quantization: one invocation per (row, group) computes the group's grid
-// from its min/max and writes unpacked codes (one u32 per weight) and f32 scales/zeros (already
+// from its min/max (or, with clip, the least-squares best of the shrunk ranges) and writes unpacked codes (one u32 per weight) and f32 scales/zeros (already
 // f16-rounded). W may be f32/f16/bf16 (OPERANDS: binding 1, load_w1); COMMON is
 // quant_common.wgsl.
 
@@ -13,7 +13,7 @@ struct Params {
     sz_row0: u32,  // index of this dispatch's first row in scales / zeros
     w_off: u32,    // element offset of the first row in the weight chunk
     c_off: u32,    // element offset of the first row in the codes chunk
-    _pad0: u32,
+    clip: u32,     // 1: least-squares search over shrunk ranges (see grid_params' callers)
     _pad1: u32,
     _pad2: u32,
 };
@@ -41,7 +41,24 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         lo = min(lo, x);
         hi = max(hi, x);
     }
-    let sz = grid_params(lo, hi, p.maxq, p.symmetric != 0u);
+    var sz = grid_params(lo, hi, p.maxq, p.symmetric != 0u);
+    if (p.clip != 0u) {
+        var best = 3.4e38;
+        for (var t = 0u; t < CLIP_STEPS; t = t + 1u) {
+            let f = clip_factor(t);
+            let cand = grid_params(lo * f, hi * f, p.maxq, p.symmetric != 0u);
+            var err = 0.0;
+            for (var c = c0; c < c1; c = c + 1u) {
+                let x = load_w1(p.w_off + r * p.n + c);
+                let d = x - cand.x * (code_of(x, cand, p.maxq) - cand.y);
+                err = err + d * d;
+            }
+            if (err < best) {
+                best = err;
+                sz = cand;
+            }
+        }
+    }
     scales[(p.sz_row0 + r) * p.ng + gi] = sz.x;
     zeros[(p.sz_row0 + r) * p.ng + gi] = sz.y;
     for (var c = c0; c < c1; c = c + 1u) {

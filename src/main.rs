@@ -104,8 +104,8 @@ enum MethodArg {
     Rtn,
     /// GPTQ/LDLQ: Hessian-weighted rounding with error feedback.
     Gptq,
-    /// CALDERA: W ≈ Q + L·R, Q by GPTQ (--bits, --group-size), L and R low-rank and quantized
-    /// (--lr-bits), rank from --target-bpw or --rank.
+    /// CALDERA: W ≈ Q + L·R, Q by GPTQ (--bits, --group-size; 2-bit midrise g64 by default),
+    /// L and R low-rank and quantized (--lr-bits), rank from --target-bpw or --rank.
     Caldera,
 }
 
@@ -123,12 +123,21 @@ struct CompressArgs {
     /// for caldera, 4 for gptq and rtn.
     #[arg(long)]
     bits: Option<u32>,
-    /// Columns per scale/zero group: 32, 64, 128, 256, or 0 for one per row.
-    #[arg(long, default_value_t = 128)]
-    group_size: usize,
-    /// Symmetric grid (no stored zero points).
+    /// Columns per scale/zero group: 32, 64, 128, 256, or 0 for one per row. Default: 64 for
+    /// caldera, 128 for gptq and rtn.
     #[arg(long)]
+    group_size: Option<usize>,
+    /// Symmetric midrise grid (levels ±s/2, ±3s/2, …; only the scale is stored). The default
+    /// for caldera's Q.
+    #[arg(long, conflicts_with = "asymmetric")]
     symmetric: bool,
+    /// Asymmetric grid (f16 scale and integer zero point per group). The default for gptq and
+    /// rtn.
+    #[arg(long)]
+    asymmetric: bool,
+    /// Pick each group's range by min–max only, without the least-squares clip search.
+    #[arg(long)]
+    no_clip: bool,
     /// GPTQ: process columns by descending Hessian diagonal.
     #[arg(long)]
     act_order: bool,
@@ -348,7 +357,10 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
     let bits = a
         .bits
         .unwrap_or(if a.method == MethodArg::Caldera { 2 } else { 4 });
-    let grid = Grid::new(bits, a.group_size, a.symmetric)?;
+    let caldera = a.method == MethodArg::Caldera;
+    let group_size = a.group_size.unwrap_or(if caldera { 64 } else { 128 });
+    let symmetric = a.symmetric || (caldera && !a.asymmetric);
+    let grid = Grid::new(bits, group_size, symmetric)?.with_clip(!a.no_clip);
     if a.calib_samples == 0 {
         return Err(
             pumice::Error::InvalidArgument("--calib-samples must be at least 1".into()).into(),
@@ -383,6 +395,7 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
             lr_group_size: a.lr_group_size,
             outer_iters: a.outer_iters.max(1),
             inner_iters: a.inner_iters.max(1),
+            clip: !a.no_clip,
         },
         output: a.output.clone(),
         force: a.force,

@@ -374,6 +374,14 @@ fn corrupt_compressed_checkpoints() {
     write_manifest(&p, &v);
     expect_one_line_failure(&p, "format version 7 was written by a newer pumice");
 
+    // A version-1 file with a symmetric grid (whose zero point version 2 changed).
+    let p = copy("v1_symmetric");
+    let mut v = manifest(&p);
+    v["format_version"] = 1.into();
+    v["tensors"]["model.layers.0.self_attn.q_proj.weight"]["symmetric"] = true.into();
+    write_manifest(&p, &v);
+    expect_one_line_failure(&p, "symmetric grid of format version 1");
+
     // Not a manifest at all.
     let p = copy("garbage");
     std::fs::write(p.join(MANIFEST_FILE), "{]").unwrap();

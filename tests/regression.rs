@@ -41,3 +41,102 @@ fn buffers_recorded_in_a_batch_outlive_their_owner_until_submit() {
     );
     drop(other);
 }
+
+/// `compress` rebuilt the zero points of symmetric grids itself (as 2^bits/2) when it
+/// dequantized a packed matrix to propagate activations and report errors, while the reader
+/// used the grid's own zero (midrise (2^bits − 1)/2): every propagated weight was off by half a
+/// step and the reported errors were wrong. Now one function builds them; here the error the
+/// manifest reports for layer 0's q_proj must be the H-weighted error of what the reader
+/// dequantizes, with H recomputed on the CPU from the same calibration tokens.
+#[test]
+fn compress_and_reader_agree_on_symmetric_zero_points() {
+    use pumice::compress::calib::{self, CalibOptions};
+    use pumice::compress::pipeline::{compress, CalibSource, CompressOptions, Method};
+    use pumice::infer::engine::{Engine, EngineOptions};
+    use pumice::model::checkpoint::Checkpoint;
+    use pumice::model::tokenizer::Tokenizer;
+    use pumice::quant::reference::weighted_error;
+    use pumice::quant::{GptqOptions, Grid};
+    let g = gpu();
+    let model = common::project_root().join("assets/models/gutenberg-llama");
+    let src = Checkpoint::open(&model).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let text = d.path().join("calib.txt");
+    let para = "It was the best of times, it was the worst of times; the river ran cold and grey \
+                under the old stone bridge, and nobody in the village could say why. ";
+    std::fs::write(&text, para.repeat(20)).unwrap();
+    let copts = CalibOptions {
+        samples: 4,
+        len: 32,
+        seed: 3,
+    };
+    let out = d.path().join("sym");
+    let grid = Grid::new(4, 64, true).unwrap();
+    let o = CompressOptions {
+        method: Method::Rtn,
+        grid,
+        gptq: GptqOptions::default(),
+        calib_source: CalibSource::Text(vec![text.clone()]),
+        calib: copts.clone(),
+        caldera: Default::default(),
+        output: out.clone(),
+        force: false,
+        rht: false,
+    };
+    compress(&g, &src, &o, &mut |_| {}).unwrap();
+    let ck = Checkpoint::open(&out).unwrap();
+    let e = Engine::new(
+        &g,
+        &ck,
+        &EngineOptions {
+            max_positions: 8,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let name = "model.layers.0.self_attn.q_proj.weight";
+    let w = src.tensor(name).unwrap().to_f32().unwrap();
+    let got = e.dequantized_weight(name).unwrap().to_f32(&g).unwrap();
+    let q = ck.quantized(name).unwrap();
+    let (m, n) = (q.rows, q.cols);
+    assert_eq!(
+        got,
+        pumice::quant::reference::rtn(&w, m, n, grid).dequantize()
+    );
+    // H of layer 0's attention input: RMSNorm(embedding) of the calibration tokens.
+    let tok = Tokenizer::from_model_dir(&model).unwrap().unwrap();
+    let c = calib::from_text(&tok, &[text], &copts).unwrap();
+    let emb = src
+        .tensor("model.embed_tokens.weight")
+        .unwrap()
+        .to_f32()
+        .unwrap();
+    let norm = src
+        .tensor("model.layers.0.input_layernorm.weight")
+        .unwrap()
+        .to_f32()
+        .unwrap();
+    let eps = src.config().rms_norm_eps;
+    let mut h = vec![0.0f64; n * n];
+    for &t in &c.tokens {
+        let x = &emb[t as usize * n..(t as usize + 1) * n];
+        let ms = x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / n as f64;
+        let r = 1.0 / (ms + eps).sqrt();
+        let y: Vec<f64> = x
+            .iter()
+            .zip(&norm)
+            .map(|(a, b)| *a as f64 * r * *b as f64)
+            .collect();
+        for i in 0..n {
+            for j in 0..n {
+                h[i * n + j] += y[i] * y[j];
+            }
+        }
+    }
+    let actual = weighted_error(&w, &got, m, &h) / weighted_error(&w, &vec![0.0; m * n], m, &h);
+    let reported = q.relative_error.expect("error reported");
+    assert!(
+        (reported - actual).abs() <= 1e-3 * actual,
+        "reported {reported}, error of the stored weight {actual}"
+    );
+}

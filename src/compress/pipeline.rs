@@ -63,6 +63,8 @@ pub struct CalderaSettings {
     pub lr_group_size: usize,
     pub outer_iters: usize,
     pub inner_iters: usize,
+    /// Least-squares clip search for the L and R grids.
+    pub clip: bool,
 }
 
 impl Default for CalderaSettings {
@@ -74,13 +76,14 @@ impl Default for CalderaSettings {
             lr_group_size: 64,
             outer_iters: 15,
             inner_iters: 10,
+            clip: true,
         }
     }
 }
 
 impl CalderaSettings {
     pub fn lr_grid(&self) -> Result<Grid> {
-        Grid::new(self.lr_bits, self.lr_group_size, false)
+        Ok(Grid::new(self.lr_bits, self.lr_group_size, false)?.with_clip(self.clip))
     }
 
     /// Rank for an m × n matrix with backbone grid `q`.
@@ -232,13 +235,7 @@ fn dequantize_packed(gpu: &Gpu, p: &Packed, q: &Quantized) -> Result<GpuMatrix> 
     let groups = q.grid.groups(q.cols);
     let zeros = match &p.zeros {
         Some(z) => GpuMatrix::from_bytes(gpu, q.rows, groups, DType::F16, z)?,
-        None => GpuMatrix::from_f32(
-            gpu,
-            q.rows,
-            groups,
-            DType::F32,
-            &vec![q.grid.maxq().div_ceil(2) as f32; q.rows * groups],
-        )?,
+        None => gq::symmetric_zeros(gpu, q.grid, q.rows, groups)?,
     };
     let w = PackedWeight {
         rows: q.rows,
@@ -753,6 +750,7 @@ pub fn compress(
             "bits": opts.grid.bits,
             "group_size": opts.grid.group_size,
             "symmetric": opts.grid.symmetric,
+            "clip": opts.grid.clip,
             "act_order": act_order,
             "damp": opts.gptq.damp,
             "block": opts.gptq.block,
@@ -765,6 +763,7 @@ pub fn compress(
                 "lr_group_size": opts.caldera.lr_group_size,
                 "outer_iters": opts.caldera.outer_iters,
                 "inner_iters": opts.caldera.inner_iters,
+                "lr_clip": opts.caldera.clip,
             })),
         }),
         calibration: Some(calibration.info.clone()),

@@ -85,7 +85,20 @@ struct RtnParams {
     sz_row0: u32,
     w_off: u32,
     c_off: u32,
-    _pad: [u32; 3],
+    clip: u32,
+    _pad: [u32; 2],
+}
+
+/// The zero points of a symmetric grid (not stored in checkpoints): rows × groups copies of
+/// [`Grid::symmetric_zero`]. The one place both the reader and the compressor build them.
+pub fn symmetric_zeros(gpu: &Gpu, grid: Grid, rows: usize, groups: usize) -> Result<GpuMatrix> {
+    GpuMatrix::from_f32(
+        gpu,
+        rows,
+        groups,
+        DType::F32,
+        &vec![grid.symmetric_zero(); rows * groups],
+    )
 }
 
 /// Round-to-nearest quantization of `w` (rows × cols, any float dtype).
@@ -114,7 +127,8 @@ pub fn rtn(gpu: &Gpu, w: &GpuMatrix, grid: Grid) -> Result<GpuQuantized> {
                 sz_row0: r0 as u32,
                 w_off: (w_local * n) as u32,
                 c_off: ((r0 - cc.row0) * n) as u32,
-                _pad: [0; 3],
+                clip: grid.clip as u32,
+                _pad: [0; 2],
             };
             let wg = row_grid(ng, rows);
             b.dispatch(
@@ -151,7 +165,7 @@ struct GptqParams {
     w_off: u32,
     s_row0: u32,
     e_row0: u32,
-    _pad: u32,
+    clip: u32,
 }
 
 /// GPTQ/LDLQ of `w` (rows × cols, any float dtype) with a prepared Hessian. Columns go in
@@ -222,7 +236,7 @@ pub fn gptq(
                 w_off: (w_local * n) as u32,
                 s_row0: s_local as u32,
                 e_row0: e_local as u32,
-                _pad: 0,
+                clip: grid.clip as u32,
             };
             b.dispatch(
                 pipeline.clone(),

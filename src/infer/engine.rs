@@ -147,8 +147,7 @@ fn dequantize_packed(
     let (codes, _, _) = ck.raw(&format!("{prefix}.qweight"))?;
     let scales = ck.tensor(&format!("{prefix}.scales"))?;
     let zeros = if grid.symmetric {
-        let z = vec![grid.maxq().div_ceil(2) as f32; rows * groups];
-        GpuMatrix::from_f32(gpu, rows, groups, DType::F32, &z)?
+        crate::gpu::quant::symmetric_zeros(gpu, grid, rows, groups)?
     } else {
         let z = ck.tensor(&format!("{prefix}.zeros"))?;
         upload(gpu, &z, rows, groups)?

@@ -42,13 +42,15 @@ impl CalderaOptions {
             rank,
             q_grid: Grid {
                 bits: 2,
-                group_size: 128,
-                symmetric: false,
+                group_size: 64,
+                symmetric: true,
+                clip: true,
             },
             lr_grid: Grid {
                 bits: 4,
                 group_size: 64,
                 symmetric: false,
+                clip: true,
             },
             outer_iters: 15,
             inner_iters: 10,

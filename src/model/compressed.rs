@@ -1,4 +1,8 @@
-//! Compressed checkpoint, format version 1.
+//! Compressed checkpoint, format version 2.
+//!
+//! Version 2 changed one thing: symmetric grids are midrise (zero = (2^bits − 1)/2, levels
+//! ±scale/2, ±3·scale/2, …); version 1's symmetric zero was 2^bits/2. Version 1 files without
+//! symmetric tensors read unchanged; those with them are refused (re-compress).
 //!
 //! A directory holding the source's config.json and tokenizer files, `model.safetensors`, and
 //! the manifest `pumice.json`. For every compressed linear layer `NAME.weight` the safetensors
@@ -7,7 +11,7 @@
 //!   of `bits`-bit codes (words = ceil(cols · bits / 32));
 //! - `NAME.weight.scales`  F16 [rows, groups];
 //! - `NAME.weight.zeros`   F16 [rows, groups] (integer zero points; absent for symmetric grids,
-//!   whose zero is (2^bits)/2);
+//!   whose zero is (2^bits − 1)/2);
 //! - `NAME.weight.perm`    U32 [cols] with act-order: stored column j is original column perm[j].
 //!
 //! A weight dequantizes to scale · (code − zero). Everything else (embeddings, norms, LM head,
@@ -27,7 +31,7 @@ use crate::quant::Grid;
 
 pub const MANIFEST_FILE: &str = "pumice.json";
 pub const FORMAT_NAME: &str = "pumice-compressed";
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// What the calibration was.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -220,6 +224,12 @@ impl Manifest {
         let m: Manifest = serde_json::from_value(v)
             .map_err(|e| Error::config(&path, format!("malformed manifest: {e}")))?;
         for (name, e) in &m.tensors {
+            if m.format_version < 2 && e.symmetric {
+                return Err(Error::config(
+                    &path,
+                    format!("tensor `{name}` uses the symmetric grid of format version {}, which this build no longer decodes; compress the model again", m.format_version),
+                ));
+            }
             e.grid()
                 .map_err(|err| Error::config(&path, format!("tensor `{name}`: {err}")))?;
             if e.stored_bits != e.expected_bits() {

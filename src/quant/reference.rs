@@ -171,7 +171,7 @@ pub fn rtn(w: &[f32], rows: usize, cols: usize, grid: Grid) -> Quantized {
             let c0 = gi * g;
             let c1 = (c0 + g).min(cols);
             let row = &w[r * cols + c0..r * cols + c1];
-            let (s, z) = grid.params(row.iter().copied());
+            let (s, z) = grid.params(row);
             scales[r * ng + gi] = s;
             zeros[r * ng + gi] = z;
             for (j, &x) in row.iter().enumerate() {
@@ -237,7 +237,8 @@ pub fn gptq(
             for i in i1..i2 {
                 if i % g == 0 {
                     let end = (i + g).min(n);
-                    let (ps, pz) = grid.params(row[i..end].iter().map(|&v| v as f32));
+                    let vals: Vec<f32> = row[i..end].iter().map(|&v| v as f32).collect();
+                    let (ps, pz) = grid.params(&vals);
                     scales[r * ng + i / g] = ps;
                     zeros[r * ng + i / g] = pz;
                 }
