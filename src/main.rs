@@ -96,6 +96,41 @@ enum Command {
     /// Compress a model: calibrate, quantize every decoder linear layer, write a compressed
     /// checkpoint that eval, generate and inspect read.
     Compress(CompressArgs),
+    /// Measure how important each decoder layer is (LSAQ: 1 − mean Jaccard similarity of the
+    /// top-k tokens predicted from the layer's input and output, both read through the final
+    /// norm and the LM head), on calibration text or self-generated sequences.
+    Importance(ImportanceArgs),
+}
+
+#[derive(Args, Debug)]
+struct ImportanceArgs {
+    /// Model directory (Hugging Face layout).
+    model: PathBuf,
+    /// Calibration text: files, or directories of .txt files. Without it, the model samples
+    /// its own sequences.
+    #[arg(long, num_args = 1..)]
+    calib: Vec<PathBuf>,
+    /// Calibration sequences.
+    #[arg(long, default_value_t = 32)]
+    calib_samples: usize,
+    /// Tokens per calibration sequence (capped at the model's context).
+    #[arg(long, default_value_t = 256)]
+    calib_len: usize,
+    /// Seed for drawing or sampling calibration sequences.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Size k of the top-k token sets (1–64).
+    #[arg(long, default_value_t = 10)]
+    top_k: usize,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Write the measurement file here (JSON; written to a temporary name, then renamed).
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -343,7 +378,105 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => eval(&cli.gpu.options(), args),
         Command::Generate(args) => generate_cmd(&cli.gpu.options(), args),
         Command::Compress(args) => compress_cmd(&cli.gpu.options(), args),
+        Command::Importance(args) => importance_cmd(&cli.gpu.options(), args),
     }
+}
+
+fn importance_cmd(gpu_opts: &GpuOptions, a: ImportanceArgs) -> anyhow::Result<()> {
+    use pumice::budget::importance::lsaq;
+    use pumice::budget::measurement::{
+        LayerImportanceRecord, Measurement, MEASUREMENT_FORMAT, MEASUREMENT_VERSION,
+    };
+    use pumice::compress::calib::{self, CalibOptions};
+
+    let ck = Checkpoint::open(&a.model)?;
+    if a.calib_samples == 0 {
+        return Err(
+            pumice::Error::InvalidArgument("--calib-samples must be at least 1".into()).into(),
+        );
+    }
+    let len = a.calib_len.min(ck.config().max_position_embeddings).max(2);
+    let copts = CalibOptions {
+        samples: a.calib_samples,
+        len,
+        seed: a.seed,
+    };
+    let gpu = Gpu::new(gpu_opts)?;
+    eprintln!(
+        "measuring layer importance of {} on {}",
+        a.model.display(),
+        gpu.describe()
+    );
+    let mut engine = Engine::new(
+        &gpu,
+        &ck,
+        &EngineOptions {
+            max_positions: len,
+            ..Default::default()
+        },
+    )?;
+    let calibration = if a.calib.is_empty() {
+        let mut bar = progress::Progress::new(
+            "calibration (self-generated: sampling from the model)",
+            copts.samples as u64,
+            "sequences",
+        );
+        let c = calib::self_generated(&mut engine, &copts, &mut |d, _| bar.set(d as u64))?;
+        bar.finish();
+        c
+    } else {
+        let tok = Tokenizer::from_model_dir(&a.model)?.ok_or_else(|| {
+            pumice::Error::InvalidArgument(format!(
+                "{} has no tokenizer.json to tokenize --calib text",
+                a.model.display()
+            ))
+        })?;
+        calib::from_text(&tok, &a.calib, &copts)?
+    };
+    let nseq = calibration.tokens.len() / len;
+    let mut bar = progress::Progress::new("importance", nseq as u64, "sequences");
+    let layers = lsaq(
+        &mut engine,
+        &calibration.tokens,
+        len,
+        a.top_k,
+        a.batch,
+        &mut |d, _| bar.set(d as u64),
+    )?;
+    bar.finish();
+    let m = Measurement {
+        format: MEASUREMENT_FORMAT.into(),
+        format_version: MEASUREMENT_VERSION,
+        model: a.model.display().to_string(),
+        top_k: a.top_k,
+        calibration: calibration.info.clone(),
+        layers: layers.iter().map(LayerImportanceRecord::from).collect(),
+    };
+    if let Some(path) = &a.output {
+        m.write(path)?;
+        eprintln!("wrote {}", path.display());
+    }
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&m)?)?;
+    } else {
+        writeln!(
+            out,
+            "layer  jaccard  importance (1 − jaccard, top-{})",
+            a.top_k
+        )?;
+        for l in &layers {
+            writeln!(
+                out,
+                "{:>5}  {:>7.4}  {:>10.4}  {}",
+                l.layer,
+                l.jaccard,
+                l.importance,
+                "#".repeat((l.importance * 40.0).round() as usize)
+            )?;
+        }
+    }
+    Ok(())
 }
 
 fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {

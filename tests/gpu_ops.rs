@@ -365,3 +365,47 @@ proptest! {
         }
     }
 }
+
+/// Top-k indices per row against the CPU reference, including ties (coarsely rounded values,
+/// where the lower index must win), k = 1 and k = v, awkward widths and chunked rows.
+#[test]
+fn top_k_matches_reference() {
+    for (g, rows, v, k) in [
+        (gpu(), 1, 1, 1),
+        (gpu(), 7, 5, 5),
+        (gpu(), 130, 997, 10),
+        (gpu(), 3, 4099, 64),
+        (gpu_limited(16 << 10), 33, 1000, 7),
+    ] {
+        for ties in [false, true] {
+            let z: Vec<f32> = random(rows * v, (rows * v + k) as u64, 0.0)
+                .into_iter()
+                .map(|x| if ties { (x * 4.0).round() } else { x })
+                .collect();
+            let zm = mat(&g, rows, v, &z);
+            let out = g.storage((rows * k * 4 + 8 * k) as u64, true).unwrap();
+            let mut b = Batch::new(&g);
+            ops::top_k(&mut b, &zm, k, &out, 2).unwrap();
+            b.submit().unwrap();
+            let got: Vec<u32> = bytemuck::cast_slice(
+                &g.read_bytes(&out, (8 * k) as u64, (rows * k * 4) as u64)
+                    .unwrap(),
+            )
+            .to_vec();
+            let want = cpu::ops::top_k(&z, v, k);
+            for r in 0..rows {
+                let gr: Vec<usize> = got[r * k..(r + 1) * k]
+                    .iter()
+                    .map(|&i| i as usize)
+                    .collect();
+                assert_eq!(gr, want[r], "row {r} of {rows}x{v}, k {k}, ties {ties}");
+            }
+        }
+    }
+    let g = gpu();
+    let zm = mat(&g, 2, 3, &[0.0; 6]);
+    let out = g.storage(64, true).unwrap();
+    let mut b = Batch::new(&g);
+    assert!(ops::top_k(&mut b, &zm, 4, &out, 0).is_err());
+    assert!(ops::top_k(&mut b, &zm, 0, &out, 0).is_err());
+}

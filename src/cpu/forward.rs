@@ -60,6 +60,41 @@ fn rope(x: &mut [f64], heads: usize, inv_freq: &[f32], seq_len: usize) {
 
 /// Logits [ids.len(), vocab] for sequences of `seq_len` tokens (each starting at position 0).
 pub fn reference_logits(ck: &Checkpoint, ids: &[u32], seq_len: usize) -> Result<Vec<f64>> {
+    reference_logits_observed(ck, ids, seq_len, &mut |_, _| {})
+}
+
+/// The logits of the residual stream entering each decoder layer and leaving the last one,
+/// each through the final norm and the LM head: num_layers + 1 matrices [ids.len(), vocab].
+pub fn reference_layer_logits(
+    ck: &Checkpoint,
+    ids: &[u32],
+    seq_len: usize,
+) -> Result<Vec<Vec<f64>>> {
+    let mut streams = Vec::new();
+    reference_logits_observed(ck, ids, seq_len, &mut |_, x| streams.push(x.to_vec()))?;
+    let c = ck.config();
+    let norm = tensor(ck, &ck.arch().final_norm.name)?;
+    let head = match &ck.arch().lm_head {
+        Some(hs) => tensor(ck, &hs.name)?,
+        None => tensor(ck, &ck.arch().embed_tokens.name)?,
+    };
+    Ok(streams
+        .iter()
+        .map(|x| {
+            let xn = rms_norm(x, &norm, c.rms_norm_eps);
+            linear(&xn, &head, None, c.hidden_size, c.vocab_size)
+        })
+        .collect())
+}
+
+/// [`reference_logits`], calling `observe(l, x)` with the residual stream entering layer l
+/// and `observe(num_layers, x)` with the one leaving the last layer.
+pub fn reference_logits_observed(
+    ck: &Checkpoint,
+    ids: &[u32],
+    seq_len: usize,
+    observe: &mut dyn FnMut(usize, &[f64]),
+) -> Result<Vec<f64>> {
     let c = ck.config();
     let (h, hd) = (c.hidden_size, c.head_dim);
     let (nh, nkv) = (c.num_heads, c.num_kv_heads);
@@ -71,7 +106,8 @@ pub fn reference_logits(ck: &Checkpoint, ids: &[u32], seq_len: usize) -> Result<
         .collect();
     let inv = c.rope_inv_freq();
     let window = c.sliding_window.unwrap_or(0);
-    for spec in &ck.arch().layers {
+    for (l, spec) in ck.arch().layers.iter().enumerate() {
+        observe(l, &x);
         let lin = |kind: LinearKind, inp: &[f64]| -> Result<Vec<f64>> {
             let l = spec.linear(kind);
             let w = tensor(ck, &l.weight.name)?;
@@ -130,6 +166,7 @@ pub fn reference_logits(ck: &Checkpoint, ids: &[u32], seq_len: usize) -> Result<
         let d = lin(LinearKind::DownProj, &act)?;
         x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
     }
+    observe(ck.arch().layers.len(), &x);
     let xn = rms_norm(&x, &tensor(ck, &ck.arch().final_norm.name)?, c.rms_norm_eps);
     let head = match &ck.arch().lm_head {
         Some(hs) => tensor(ck, &hs.name)?,

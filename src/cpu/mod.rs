@@ -287,4 +287,17 @@ pub mod ops {
             })
             .collect()
     }
+
+    /// Indices of the k largest entries of each row of length v (descending; ties to the lower
+    /// index).
+    pub fn top_k(z: &[f32], v: usize, k: usize) -> Vec<Vec<usize>> {
+        z.chunks(v)
+            .map(|row| {
+                let mut idx: Vec<usize> = (0..v).collect();
+                idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+                idx.truncate(k);
+                idx
+            })
+            .collect()
+    }
 }

@@ -37,6 +37,10 @@ const TRANSPOSE: Kernel = Kernel {
     name: "transpose",
     template: include_str!("../../shaders/transpose.wgsl"),
 };
+const TOPK: Kernel = Kernel {
+    name: "topk",
+    template: include_str!("../../shaders/topk.wgsl"),
+};
 const LOGITS: Kernel = Kernel {
     name: "logits",
     template: include_str!("../../shaders/logits.wgsl"),
@@ -633,4 +637,50 @@ pub fn transpose(gpu: &Gpu, x: &GpuMatrix) -> Result<GpuMatrix> {
     }
     b.submit()?;
     Ok(out)
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct TopkParams {
+    rows: u32,
+    v: u32,
+    row_base: u32,
+    _pad: u32,
+}
+
+/// Largest k supported by [`top_k`].
+pub const MAX_TOP_K: usize = 64;
+
+/// Indices of the `k` largest entries of each row of `z` (descending; ties to the lower
+/// index), written as k u32 per row to `out` starting at row `out_row0`.
+pub fn top_k(
+    batch: &mut Batch<'_>,
+    z: &GpuMatrix,
+    k: usize,
+    out: &GpuBuffer,
+    out_row0: usize,
+) -> Result<()> {
+    check((1..=MAX_TOP_K).contains(&k) && k <= z.cols(), || {
+        format!(
+            "top_k: k = {k} must be within 1..={MAX_TOP_K} and at most the row length {}",
+            z.cols()
+        )
+    })?;
+    check(out.len() >= (4 * k * (out_row0 + z.rows())) as u64, || {
+        "top_k: output too short".into()
+    })?;
+    let gpu = batch.gpu();
+    let pipeline = gpu.pipeline(&TOPK, &Spec::new().set("K", k))?;
+    for zc in z.chunks() {
+        let params = TopkParams {
+            rows: zc.rows as u32,
+            v: z.cols() as u32,
+            row_base: (out_row0 + zc.row0) as u32,
+            _pad: 0,
+        };
+        let groups = zc.rows.div_ceil(64);
+        let wg = [groups.min(ROWS_Y) as u32, groups.div_ceil(ROWS_Y) as u32, 1];
+        batch.dispatch(pipeline.clone(), &params, &[&zc.buf, out], wg)?;
+    }
+    Ok(())
 }

@@ -411,6 +411,18 @@ impl<'a> Engine<'a> {
     /// through every decoder layer and the final norm. Returns the normed hidden states
     /// [n · seq_len, hidden], chunked by whole sequences.
     pub fn hidden_states(&mut self, tokens: &[u32], seq_len: usize) -> Result<GpuMatrix> {
+        self.hidden_states_observed(tokens, seq_len, &mut |_, _, _| Ok(()))
+    }
+
+    /// [`hidden_states`](Self::hidden_states), calling `observe(engine, l, x)` with the residual
+    /// stream x entering decoder layer l for every l, and `observe(num_layers, x)` with the
+    /// stream leaving the last layer (before the final norm).
+    pub fn hidden_states_observed(
+        &mut self,
+        tokens: &[u32],
+        seq_len: usize,
+        observe: &mut dyn FnMut(&Self, usize, &GpuMatrix) -> Result<()>,
+    ) -> Result<GpuMatrix> {
         let c = self.ck.config().clone();
         if seq_len == 0 || tokens.is_empty() || !tokens.len().is_multiple_of(seq_len) {
             return Err(Error::Shape(format!(
@@ -448,6 +460,7 @@ impl<'a> Engine<'a> {
                         prefetch = Some(scope.spawn(move || Self::prefetch_pages(ck, l + 1)));
                     }
                 }
+                observe(self, l, &x)?;
                 self.load_layer(l)?;
                 let w = self.layers[l].as_ref().expect("just loaded");
                 self.layer(w, &x, &pos, seq_len, None)?;
@@ -457,9 +470,17 @@ impl<'a> Engine<'a> {
             }
             Ok(())
         })?;
-        let y = GpuMatrix::uninit_grouped(gpu, rows, c.hidden_size, seq_len)?;
-        let mut b = Batch::new(gpu);
-        ops::rms_norm(&mut b, &x, &self.final_norm, c.rms_norm_eps as f32, &y)?;
+        observe(self, n_layers, &x)?;
+        self.final_normed(&x, seq_len)
+    }
+
+    /// The final RMSNorm of a residual stream whose chunks hold whole groups of `group` rows
+    /// (as [`hidden_states`](Self::hidden_states) allocates them): what the LM head reads.
+    pub fn final_normed(&self, x: &GpuMatrix, group: usize) -> Result<GpuMatrix> {
+        let c = self.ck.config();
+        let y = GpuMatrix::uninit_grouped(self.gpu, x.rows(), c.hidden_size, group)?;
+        let mut b = Batch::new(self.gpu);
+        ops::rms_norm(&mut b, x, &self.final_norm, c.rms_norm_eps as f32, &y)?;
         b.submit()?;
         Ok(y)
     }

@@ -1,0 +1,6 @@
+//! Layer-adaptive budgets: how important each decoder layer is, measured on calibration data.
+//!
+//! [`importance`] holds LSAQ's top-k Jaccard importance.
+
+pub mod importance;
+pub mod measurement;
