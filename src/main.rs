@@ -500,6 +500,7 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
         );
     }
     let opts = CompressOptions {
+        layers: Vec::new(),
         method: match a.method {
             MethodArg::Rtn => Method::Rtn,
             MethodArg::Gptq => Method::Gptq,

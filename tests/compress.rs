@@ -23,6 +23,7 @@ fn asset() -> PathBuf {
 
 fn opts(method: Method, bits: u32, group: usize, out: &Path) -> CompressOptions {
     CompressOptions {
+        layers: Vec::new(),
         method,
         grid: Grid::new(bits, group, false).unwrap(),
         gptq: GptqOptions::default(),

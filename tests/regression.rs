@@ -73,6 +73,7 @@ fn compress_and_reader_agree_on_symmetric_zero_points() {
     let out = d.path().join("sym");
     let grid = Grid::new(4, 64, true).unwrap();
     let o = CompressOptions {
+        layers: Vec::new(),
         method: Method::Rtn,
         grid,
         gptq: GptqOptions::default(),

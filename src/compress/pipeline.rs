@@ -106,8 +106,19 @@ pub enum CalibSource {
     SelfGenerated,
 }
 
+/// What one decoder layer gets: method, backbone grid, CALDERA settings.
+#[derive(Clone, Debug)]
+pub struct LayerRecipe {
+    pub method: Method,
+    pub grid: Grid,
+    pub caldera: CalderaSettings,
+}
+
 #[derive(Clone, Debug)]
 pub struct CompressOptions {
+    /// Per-layer recipes (from an allocation); empty: every layer gets `method`, `grid`,
+    /// `caldera`.
+    pub layers: Vec<LayerRecipe>,
     pub method: Method,
     pub grid: Grid,
     pub gptq: GptqOptions,
@@ -120,6 +131,17 @@ pub struct CompressOptions {
     /// Incoherence processing: quantize T_m W T_nᵀ against T_n H T_nᵀ (randomized Hadamard
     /// transforms, seeds stored, undone at load).
     pub rht: bool,
+}
+
+impl CompressOptions {
+    /// The recipe of decoder layer `l`.
+    pub fn recipe(&self, l: usize) -> LayerRecipe {
+        self.layers.get(l).cloned().unwrap_or_else(|| LayerRecipe {
+            method: self.method,
+            grid: self.grid,
+            caldera: self.caldera.clone(),
+        })
+    }
 }
 
 /// Progress events.
@@ -269,28 +291,29 @@ fn weighted_errors(gpu: &Gpu, w: &[f32], wq: &GpuMatrix, h: &GpuMatrix) -> Resul
 }
 
 /// Plan of every stored tensor, in the checkpoint's order.
-fn plan(
-    ck: &Checkpoint,
-    grid: Grid,
-    act_order: bool,
-    caldera: Option<&CalderaSettings>,
-) -> Result<Vec<PlannedTensor>> {
-    let linear_weights: std::collections::HashSet<&str> = ck
+fn plan(ck: &Checkpoint, opts: &CompressOptions) -> Result<Vec<PlannedTensor>> {
+    let linear_layer: std::collections::HashMap<&str, usize> = ck
         .arch()
         .layers
         .iter()
-        .flat_map(|l| &l.linears)
-        .map(|l| l.weight.name.as_str())
+        .enumerate()
+        .flat_map(|(l, spec)| {
+            spec.linears
+                .iter()
+                .map(move |lin| (lin.weight.name.as_str(), l))
+        })
         .collect();
     let mut out = Vec::new();
     for spec in ck.arch().tensors() {
-        if linear_weights.contains(spec.name.as_str()) {
+        if let Some(&l) = linear_layer.get(spec.name.as_str()) {
+            let r = opts.recipe(l);
+            let act_order = opts.gptq.act_order && r.method == Method::Gptq;
             let (m, n) = (spec.shape[0], spec.shape[1]);
-            plan_packed(&mut out, &spec.name, m, n, &grid, act_order);
-            if let Some(cs) = caldera {
-                let k = cs.rank_for(&grid, m, n)?;
+            plan_packed(&mut out, &spec.name, m, n, &r.grid, act_order);
+            if r.method == Method::Caldera {
+                let k = r.caldera.rank_for(&r.grid, m, n)?;
                 if k > 0 {
-                    let lg = cs.lr_grid()?;
+                    let lg = r.caldera.lr_grid()?;
                     plan_packed(&mut out, &format!("{}.L", spec.name), k, m, &lg, false);
                     plan_packed(&mut out, &format!("{}.R", spec.name), k, n, &lg, false);
                 }
@@ -382,6 +405,261 @@ const SIDE_FILES: [&str; 8] = [
     "merges.txt",
 ];
 
+/// Settings every layer shares.
+pub(crate) struct LayerShared<'a> {
+    pub gpu: &'a Gpu,
+    pub ck: &'a Checkpoint,
+    pub gptq: GptqOptions,
+    pub rht: bool,
+    pub seed: u64,
+    /// Tokens per calibration sequence.
+    pub len: usize,
+    /// Positions 0..len repeated over the largest sub-batch.
+    pub pos: &'a crate::gpu::GpuBuffer,
+}
+
+/// What one layer became.
+pub(crate) struct LayerResult {
+    /// The layer as the compressed model computes it (dequantized weights on the GPU).
+    #[allow(dead_code)]
+    pub weights: crate::infer::engine::LayerWeights,
+    packed: Vec<(String, Packed)>,
+    entries: Vec<(String, QuantEntry)>,
+    reports: Vec<MatrixReport>,
+}
+
+/// Compress decoder layer `l` with `recipe`, sequentially inside the layer (o_proj sees the
+/// output of the quantized q/k/v, down_proj that of the quantized gate/up). `xs` holds the
+/// calibration activations entering the layer, in sub-batches; on return they hold what
+/// leaves the *compressed* layer.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn compress_layer(
+    engine: &Engine<'_>,
+    sh: &LayerShared<'_>,
+    l: usize,
+    recipe: &LayerRecipe,
+    xs: &[GpuMatrix],
+    done: &mut usize,
+    total: usize,
+    progress: &mut dyn FnMut(&Event),
+) -> Result<LayerResult> {
+    let (gpu, ck, len, pos) = (sh.gpu, sh.ck, sh.len, sh.pos);
+    let spec = &ck.arch().layers[l];
+    let act_order = sh.gptq.act_order && recipe.method == Method::Gptq;
+    let mut w = engine.read_layer(l)?;
+    let mut packed: Vec<(String, Packed)> = Vec::new();
+    let mut reports = Vec::new();
+    let mut entries = Vec::new();
+
+    let mut quantize_group = |kinds: &[LinearKind],
+                              inputs: &[GpuMatrix],
+                              w: &mut crate::infer::engine::LayerWeights|
+     -> Result<()> {
+        let first = spec.linear(kinds[0]);
+        let mut acc = HessianAccumulator::new(gpu, first.in_features)?;
+        let mut b = Batch::new(gpu);
+        for x in inputs {
+            acc.accumulate(&mut b, x)?;
+        }
+        b.submit()?;
+        let mut h = acc.read(gpu)?;
+        let n = first.in_features;
+        // One input transform per input group (its linears share H); one output transform
+        // per matrix.
+        let seed_of = |what: &str| {
+            let tag = format!("{}:{l}:{what}", sh.seed);
+            tag.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+            })
+        };
+        let tn = sh
+            .rht
+            .then(|| Rht::new(n, seed_of(&format!("{:?}", first.kind.input()))));
+        if let Some(t) = &tn {
+            h = rotate_hessian(&h, n, t);
+        }
+        let h32: Vec<f32> = h.iter().map(|&v| v as f32).collect();
+        let hm = GpuMatrix::from_f32(gpu, n, n, DType::F32, &h32)?;
+        let prep = if recipe.method == Method::Gptq || recipe.method == Method::Caldera {
+            let p = prepare_hessian(&h, n, &sh.gptq)?;
+            if p.retries > 0 {
+                progress(&Event::Note(format!(
+                    "layer {l} {:?} input: Hessian factorization failed, damping raised to {:.3}",
+                    first.kind.input(),
+                    p.damp
+                )));
+            }
+            Some(p)
+        } else {
+            None
+        };
+        for &kind in kinds {
+            let lin: &LinearSpec = spec.linear(kind);
+            let mut wv = ck.tensor(&lin.weight.name)?.to_f32()?;
+            let (m, n) = (lin.out_features, lin.in_features);
+            let tm = tn.as_ref().map(|_| Rht::new(m, seed_of(&lin.weight.name)));
+            if let (Some(tm), Some(tn)) = (&tm, &tn) {
+                wv = rotate_weight(&wv, m, n, tm, tn);
+            }
+            // The propagated weight must be the unrotated one.
+            let unrotate = |lw: LinearWeight| -> Result<LinearWeight> {
+                match (&tm, &tn) {
+                    (Some(tm), Some(tn)) => unrotate_linear(gpu, lw, tm, tn),
+                    _ => Ok(lw),
+                }
+            };
+            let mut rank = 0;
+            let (p, rel) = if recipe.method == Method::Caldera {
+                let cs = &recipe.caldera;
+                rank = cs.rank_for(&recipe.grid, m, n)?;
+                let co = crate::lowrank::caldera::CalderaOptions {
+                    rank,
+                    q_grid: recipe.grid,
+                    lr_grid: cs.lr_grid()?,
+                    outer_iters: cs.outer_iters,
+                    inner_iters: cs.inner_iters,
+                    gptq: sh.gptq,
+                    oversample: 10,
+                    power_iters: 2,
+                    seed: sh.seed,
+                };
+                let d = crate::lowrank::caldera::decompose(gpu, &wv, m, n, &h, &co)?;
+                let mut p = pack(&d.q);
+                let backbone = dequantize_packed(gpu, &p, &d.q)?;
+                let lw = if rank > 0 {
+                    let (pl, pr) = (pack(&d.lt), pack(&d.r));
+                    let lt = dequantize_packed(gpu, &pl, &d.lt)?;
+                    let r = dequantize_packed(gpu, &pr, &d.r)?;
+                    p.factors = Some(Box::new((pl, pr)));
+                    LinearWeight::LowRank { q: backbone, lt, r }
+                } else {
+                    LinearWeight::Dense(backbone)
+                };
+                w.set_weight(kind, unrotate(lw)?);
+                (p, Some(d.relative_error))
+            } else {
+                let q = match &prep {
+                    Some(p) => {
+                        gq::gptq(gpu, &wv, m, n, p, recipe.grid, sh.gptq.block)?.download(gpu)?
+                    }
+                    None => {
+                        let wm = GpuMatrix::from_f32(gpu, m, n, DType::F32, &wv)?;
+                        gq::rtn(gpu, &wm, recipe.grid)?.download(gpu)?
+                    }
+                };
+                let p = pack(&q);
+                let deq = dequantize_packed(gpu, &p, &q)?;
+                let (err, norm) = weighted_errors(gpu, &wv, &deq, &hm)?;
+                w.set_weight(kind, unrotate(LinearWeight::Dense(deq))?);
+                (p, if norm > 0.0 { Some(err / norm) } else { None })
+            };
+            let entry = QuantEntry {
+                method: recipe.method.name().into(),
+                bits: recipe.grid.bits,
+                group_size: recipe.grid.group_size,
+                symmetric: recipe.grid.symmetric,
+                act_order,
+                rows: m,
+                cols: n,
+                stored_bits: 0,
+                relative_error: rel,
+                damp: prep.as_ref().map(|p| p.damp),
+                rank,
+                lr_bits: if rank > 0 { recipe.caldera.lr_bits } else { 0 },
+                lr_group_size: if rank > 0 {
+                    recipe.caldera.lr_group_size
+                } else {
+                    0
+                },
+                rht: match (&tm, &tn) {
+                    (Some(tm), Some(tn)) => Some(RhtSeeds {
+                        rows: tm.seed,
+                        cols: tn.seed,
+                    }),
+                    _ => None,
+                },
+            };
+            let entry = QuantEntry {
+                stored_bits: entry.expected_bits(),
+                ..entry
+            };
+            entries.push((lin.weight.name.clone(), entry));
+            *done += 1;
+            progress(&Event::Matrix {
+                layer: l,
+                name: lin.weight.name.clone(),
+                done: *done,
+                total,
+                relative_error: rel,
+            });
+            reports.push(MatrixReport {
+                name: lin.weight.name.clone(),
+                relative_error: rel,
+            });
+            packed.push((lin.weight.name.clone(), p));
+        }
+        Ok(())
+    };
+
+    // q, k, v on the normed input.
+    let mut hs = Vec::new();
+    for x in xs {
+        let mut b = Batch::new(gpu);
+        hs.push(engine.stage_attn_input(&mut b, &w, x, len)?);
+        b.submit()?;
+    }
+    quantize_group(
+        &[LinearKind::QProj, LinearKind::KProj, LinearKind::VProj],
+        &hs,
+        &mut w,
+    )?;
+    // o on the attention output of the quantized q, k, v.
+    let mut attns = Vec::new();
+    for h in &hs {
+        let mut b = Batch::new(gpu);
+        // `pos` covers the largest sub-batch; smaller ones read a prefix.
+        attns.push(engine.stage_attention(&mut b, &w, h, pos, len, None)?);
+        b.submit()?;
+    }
+    drop(hs);
+    quantize_group(&[LinearKind::OProj], &attns, &mut w)?;
+    for (a, x) in attns.iter().zip(xs) {
+        let mut b = Batch::new(gpu);
+        engine.stage_o_residual(&mut b, &w, a, x)?;
+        b.submit()?;
+    }
+    drop(attns);
+    // gate, up on the post-attention norm.
+    let mut h2s = Vec::new();
+    for x in xs {
+        let mut b = Batch::new(gpu);
+        h2s.push(engine.stage_mlp_input(&mut b, &w, x, len)?);
+        b.submit()?;
+    }
+    quantize_group(&[LinearKind::GateProj, LinearKind::UpProj], &h2s, &mut w)?;
+    // down on the SwiGLU product of the quantized gate, up.
+    let mut acts = Vec::new();
+    for h2 in &h2s {
+        let mut b = Batch::new(gpu);
+        acts.push(engine.stage_mlp_act(&mut b, &w, h2, len)?);
+        b.submit()?;
+    }
+    drop(h2s);
+    quantize_group(&[LinearKind::DownProj], &acts, &mut w)?;
+    for (a, x) in acts.iter().zip(xs) {
+        let mut b = Batch::new(gpu);
+        engine.stage_down_residual(&mut b, &w, a, x)?;
+        b.submit()?;
+    }
+    drop(acts);
+    Ok(LayerResult {
+        weights: w,
+        packed,
+        entries,
+        reports,
+    })
+}
+
 /// Compress `ck` into `opts.output`.
 pub fn compress(
     gpu: &Gpu,
@@ -456,15 +734,7 @@ pub fn compress(
         keep: false,
     };
     let st_path = tmp_path.join("model.safetensors");
-    let mut writer = StreamingWriter::create(
-        &st_path,
-        plan(
-            ck,
-            opts.grid,
-            opts.gptq.act_order && opts.method == Method::Gptq,
-            (opts.method == Method::Caldera).then_some(&opts.caldera),
-        )?,
-    )?;
+    let mut writer = StreamingWriter::create(&st_path, plan(ck, opts)?)?;
     let arch = ck.arch();
     copy_plain(&mut writer, ck, &arch.embed_tokens.name)?;
 
@@ -485,217 +755,38 @@ pub fn compress(
         .collect();
     let pos = ops::upload_u32(gpu, &positions)?;
 
-    let act_order = opts.gptq.act_order && opts.method == Method::Gptq;
     let total_matrices = arch.layers.len() * 7;
     let mut done = 0;
     let mut entries = std::collections::BTreeMap::new();
     let mut layers = Vec::new();
+    let shared = LayerShared {
+        gpu,
+        ck,
+        gptq: opts.gptq,
+        rht: opts.rht,
+        seed: opts.calib.seed,
+        len,
+        pos: &pos,
+    };
     for (l, spec) in arch.layers.iter().enumerate() {
         let t0 = Instant::now();
-        let mut w = engine.read_layer(l)?;
-        let mut packed: Vec<(String, Packed)> = Vec::new();
-        let mut reports = Vec::new();
-
-        let mut quantize_group = |kinds: &[LinearKind],
-                                  inputs: &[GpuMatrix],
-                                  w: &mut crate::infer::engine::LayerWeights|
-         -> Result<()> {
-            let first = spec.linear(kinds[0]);
-            let mut acc = HessianAccumulator::new(gpu, first.in_features)?;
-            let mut b = Batch::new(gpu);
-            for x in inputs {
-                acc.accumulate(&mut b, x)?;
-            }
-            b.submit()?;
-            let mut h = acc.read(gpu)?;
-            let n = first.in_features;
-            // One input transform per input group (its linears share H); one output transform
-            // per matrix.
-            let seed_of = |what: &str| {
-                let tag = format!("{}:{l}:{what}", opts.calib.seed);
-                tag.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                    (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-                })
-            };
-            let tn = opts
-                .rht
-                .then(|| Rht::new(n, seed_of(&format!("{:?}", first.kind.input()))));
-            if let Some(t) = &tn {
-                h = rotate_hessian(&h, n, t);
-            }
-            let h32: Vec<f32> = h.iter().map(|&v| v as f32).collect();
-            let hm = GpuMatrix::from_f32(gpu, n, n, DType::F32, &h32)?;
-            let prep = if opts.method == Method::Gptq || opts.method == Method::Caldera {
-                let p = prepare_hessian(&h, n, &opts.gptq)?;
-                if p.retries > 0 {
-                    progress(&Event::Note(format!(
-                        "layer {l} {:?} input: Hessian factorization failed, damping raised to {:.3}",
-                        first.kind.input(),
-                        p.damp
-                    )));
-                }
-                Some(p)
-            } else {
-                None
-            };
-            for &kind in kinds {
-                let lin: &LinearSpec = spec.linear(kind);
-                let mut wv = ck.tensor(&lin.weight.name)?.to_f32()?;
-                let (m, n) = (lin.out_features, lin.in_features);
-                let tm = tn.as_ref().map(|_| Rht::new(m, seed_of(&lin.weight.name)));
-                if let (Some(tm), Some(tn)) = (&tm, &tn) {
-                    wv = rotate_weight(&wv, m, n, tm, tn);
-                }
-                // The propagated weight must be the unrotated one.
-                let unrotate = |lw: LinearWeight| -> Result<LinearWeight> {
-                    match (&tm, &tn) {
-                        (Some(tm), Some(tn)) => unrotate_linear(gpu, lw, tm, tn),
-                        _ => Ok(lw),
-                    }
-                };
-                let mut rank = 0;
-                let (p, rel) = if opts.method == Method::Caldera {
-                    let cs = &opts.caldera;
-                    rank = cs.rank_for(&opts.grid, m, n)?;
-                    let co = crate::lowrank::caldera::CalderaOptions {
-                        rank,
-                        q_grid: opts.grid,
-                        lr_grid: cs.lr_grid()?,
-                        outer_iters: cs.outer_iters,
-                        inner_iters: cs.inner_iters,
-                        gptq: opts.gptq,
-                        oversample: 10,
-                        power_iters: 2,
-                        seed: opts.calib.seed,
-                    };
-                    let d = crate::lowrank::caldera::decompose(gpu, &wv, m, n, &h, &co)?;
-                    let mut p = pack(&d.q);
-                    let backbone = dequantize_packed(gpu, &p, &d.q)?;
-                    let lw = if rank > 0 {
-                        let (pl, pr) = (pack(&d.lt), pack(&d.r));
-                        let lt = dequantize_packed(gpu, &pl, &d.lt)?;
-                        let r = dequantize_packed(gpu, &pr, &d.r)?;
-                        p.factors = Some(Box::new((pl, pr)));
-                        LinearWeight::LowRank { q: backbone, lt, r }
-                    } else {
-                        LinearWeight::Dense(backbone)
-                    };
-                    w.set_weight(kind, unrotate(lw)?);
-                    (p, Some(d.relative_error))
-                } else {
-                    let q = match &prep {
-                        Some(p) => gq::gptq(gpu, &wv, m, n, p, opts.grid, opts.gptq.block)?
-                            .download(gpu)?,
-                        None => {
-                            let wm = GpuMatrix::from_f32(gpu, m, n, DType::F32, &wv)?;
-                            gq::rtn(gpu, &wm, opts.grid)?.download(gpu)?
-                        }
-                    };
-                    let p = pack(&q);
-                    let deq = dequantize_packed(gpu, &p, &q)?;
-                    let (err, norm) = weighted_errors(gpu, &wv, &deq, &hm)?;
-                    w.set_weight(kind, unrotate(LinearWeight::Dense(deq))?);
-                    (p, if norm > 0.0 { Some(err / norm) } else { None })
-                };
-                let entry = QuantEntry {
-                    method: opts.method.name().into(),
-                    bits: opts.grid.bits,
-                    group_size: opts.grid.group_size,
-                    symmetric: opts.grid.symmetric,
-                    act_order,
-                    rows: m,
-                    cols: n,
-                    stored_bits: 0,
-                    relative_error: rel,
-                    damp: prep.as_ref().map(|p| p.damp),
-                    rank,
-                    lr_bits: if rank > 0 { opts.caldera.lr_bits } else { 0 },
-                    lr_group_size: if rank > 0 {
-                        opts.caldera.lr_group_size
-                    } else {
-                        0
-                    },
-                    rht: match (&tm, &tn) {
-                        (Some(tm), Some(tn)) => Some(RhtSeeds {
-                            rows: tm.seed,
-                            cols: tn.seed,
-                        }),
-                        _ => None,
-                    },
-                };
-                let entry = QuantEntry {
-                    stored_bits: entry.expected_bits(),
-                    ..entry
-                };
-                entries.insert(lin.weight.name.clone(), entry);
-                done += 1;
-                progress(&Event::Matrix {
-                    layer: l,
-                    name: lin.weight.name.clone(),
-                    done,
-                    total: total_matrices,
-                    relative_error: rel,
-                });
-                reports.push(MatrixReport {
-                    name: lin.weight.name.clone(),
-                    relative_error: rel,
-                });
-                packed.push((lin.weight.name.clone(), p));
-            }
-            Ok(())
-        };
-
-        // q, k, v on the normed input.
-        let mut hs = Vec::new();
-        for x in &xs {
-            let mut b = Batch::new(gpu);
-            hs.push(engine.stage_attn_input(&mut b, &w, x, len)?);
-            b.submit()?;
-        }
-        quantize_group(
-            &[LinearKind::QProj, LinearKind::KProj, LinearKind::VProj],
-            &hs,
-            &mut w,
+        let recipe = opts.recipe(l);
+        let LayerResult {
+            packed,
+            entries: layer_entries,
+            mut reports,
+            ..
+        } = compress_layer(
+            &engine,
+            &shared,
+            l,
+            &recipe,
+            &xs,
+            &mut done,
+            total_matrices,
+            progress,
         )?;
-        // o on the attention output of the quantized q, k, v.
-        let mut attns = Vec::new();
-        for h in &hs {
-            let mut b = Batch::new(gpu);
-            // `pos` covers the largest sub-batch; smaller ones read a prefix.
-            attns.push(engine.stage_attention(&mut b, &w, h, &pos, len, None)?);
-            b.submit()?;
-        }
-        drop(hs);
-        quantize_group(&[LinearKind::OProj], &attns, &mut w)?;
-        for (a, x) in attns.iter().zip(&xs) {
-            let mut b = Batch::new(gpu);
-            engine.stage_o_residual(&mut b, &w, a, x)?;
-            b.submit()?;
-        }
-        drop(attns);
-        // gate, up on the post-attention norm.
-        let mut h2s = Vec::new();
-        for x in &xs {
-            let mut b = Batch::new(gpu);
-            h2s.push(engine.stage_mlp_input(&mut b, &w, x, len)?);
-            b.submit()?;
-        }
-        quantize_group(&[LinearKind::GateProj, LinearKind::UpProj], &h2s, &mut w)?;
-        // down on the SwiGLU product of the quantized gate, up.
-        let mut acts = Vec::new();
-        for h2 in &h2s {
-            let mut b = Batch::new(gpu);
-            acts.push(engine.stage_mlp_act(&mut b, &w, h2, len)?);
-            b.submit()?;
-        }
-        drop(h2s);
-        quantize_group(&[LinearKind::DownProj], &acts, &mut w)?;
-        for (a, x) in acts.iter().zip(&xs) {
-            let mut b = Batch::new(gpu);
-            engine.stage_down_residual(&mut b, &w, a, x)?;
-            b.submit()?;
-        }
-        drop(acts);
+        entries.extend(layer_entries);
 
         // Write this layer's tensors in checkpoint order.
         for t in spec.tensors() {
@@ -751,7 +842,7 @@ pub fn compress(
             "group_size": opts.grid.group_size,
             "symmetric": opts.grid.symmetric,
             "clip": opts.grid.clip,
-            "act_order": act_order,
+            "act_order": opts.gptq.act_order && opts.method == Method::Gptq,
             "damp": opts.gptq.damp,
             "block": opts.gptq.block,
             "sequential": true,
