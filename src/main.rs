@@ -96,9 +96,10 @@ enum Command {
     /// Compress a model: calibrate, quantize every decoder linear layer, write a compressed
     /// checkpoint that eval, generate and inspect read.
     Compress(CompressArgs),
-    /// Measure how important each decoder layer is (LSAQ: 1 − mean Jaccard similarity of the
-    /// top-k tokens predicted from the layer's input and output, both read through the final
-    /// norm and the LM head), on calibration text or self-generated sequences.
+    /// Measure each decoder layer: LSAQ importance (1 − mean Jaccard similarity of the top-k
+    /// tokens predicted from the layer's input and output, both read through the final norm and
+    /// the LM head) and, per option, the measured sensitivity (KL vs the original when only that
+    /// layer is compressed with it) and stored size. `compress --measurement` reuses the file.
     Importance(ImportanceArgs),
 }
 
@@ -125,6 +126,22 @@ struct ImportanceArgs {
     /// Sequences per forward pass.
     #[arg(long, default_value_t = 8)]
     batch: usize,
+    /// Options whose sensitivity is measured, comma-separated: caldera-BPW (Q 2-bit midrise
+    /// g64, rank from the budget), gptq-BITS-gGROUP, rtn-BITS-gGROUP.
+    #[arg(long, default_value = pumice::budget::candidates::DEFAULT_CANDIDATES)]
+    options: String,
+    /// Importance only; skip the (slower) sensitivity sweep.
+    #[arg(long)]
+    no_sensitivity: bool,
+    /// Turn incoherence processing off for the measured options.
+    #[arg(long)]
+    no_rht: bool,
+    /// CALDERA options: outer iterations.
+    #[arg(long, default_value_t = 15)]
+    outer_iters: usize,
+    /// CALDERA options: L/R refinement rounds per outer iteration.
+    #[arg(long, default_value_t = 10)]
+    inner_iters: usize,
     /// Write the measurement file here (JSON; written to a temporary name, then renamed).
     #[arg(short, long)]
     output: Option<PathBuf>,
@@ -383,11 +400,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn importance_cmd(gpu_opts: &GpuOptions, a: ImportanceArgs) -> anyhow::Result<()> {
+    use pumice::budget::candidates::Candidate;
     use pumice::budget::importance::lsaq;
     use pumice::budget::measurement::{
         LayerImportanceRecord, Measurement, MEASUREMENT_FORMAT, MEASUREMENT_VERSION,
     };
+    use pumice::budget::sensitivity::{measure, SensitivityOptions};
     use pumice::compress::calib::{self, CalibOptions};
+    use pumice::compress::pipeline::CalderaSettings;
 
     let ck = Checkpoint::open(&a.model)?;
     if a.calib_samples == 0 {
@@ -444,13 +464,50 @@ fn importance_cmd(gpu_opts: &GpuOptions, a: ImportanceArgs) -> anyhow::Result<()
         &mut |d, _| bar.set(d as u64),
     )?;
     bar.finish();
+    let candidates = if a.no_sensitivity {
+        Vec::new()
+    } else {
+        Candidate::parse_list(&a.options)?
+    };
+    let mut records: Vec<LayerImportanceRecord> =
+        layers.iter().map(LayerImportanceRecord::from).collect();
+    if !candidates.is_empty() {
+        let so = SensitivityOptions {
+            candidates: candidates.clone(),
+            caldera: CalderaSettings {
+                outer_iters: a.outer_iters.max(1),
+                inner_iters: a.inner_iters.max(1),
+                ..Default::default()
+            },
+            gptq: Default::default(),
+            rht: !a.no_rht,
+            seed: a.seed,
+        };
+        let total = layers.len() * candidates.len();
+        let mut bar = progress::Progress::new("sensitivity", total as u64, "layer options");
+        let rows = measure(&mut engine, &calibration.tokens, len, &so, &mut |p| {
+            bar.set(p.done as u64)
+        })?;
+        bar.finish();
+        for (r, row) in records.iter_mut().zip(rows) {
+            r.sensitivity = row;
+        }
+    }
+    let layer_params: u64 = ck.arch().layers[0]
+        .linears
+        .iter()
+        .map(|l| (l.in_features * l.out_features) as u64)
+        .sum();
     let m = Measurement {
         format: MEASUREMENT_FORMAT.into(),
         format_version: MEASUREMENT_VERSION,
         model: a.model.display().to_string(),
         top_k: a.top_k,
         calibration: calibration.info.clone(),
-        layers: layers.iter().map(LayerImportanceRecord::from).collect(),
+        options: candidates.iter().map(|c| c.name.clone()).collect(),
+        rht: !a.no_rht,
+        layer_params,
+        layers: records,
     };
     if let Some(path) = &a.output {
         m.write(path)?;
@@ -460,19 +517,32 @@ fn importance_cmd(gpu_opts: &GpuOptions, a: ImportanceArgs) -> anyhow::Result<()
     if a.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&m)?)?;
     } else {
-        writeln!(
-            out,
-            "layer  jaccard  importance (1 − jaccard, top-{})",
-            a.top_k
-        )?;
-        for l in &layers {
+        write!(out, "layer  jaccard  importance")?;
+        for o in &m.options {
+            write!(out, "  {o:>14}")?;
+        }
+        writeln!(out)?;
+        for l in &m.layers {
+            write!(
+                out,
+                "{:>5}  {:>7.4}  {:>10.4}",
+                l.layer, l.jaccard, l.importance
+            )?;
+            for r in &l.sensitivity {
+                write!(out, "  {:>14.5}", r.kl)?;
+            }
+            writeln!(out)?;
+        }
+        if !m.options.is_empty() {
+            write!(out, "bits/param         ")?;
+            for r in &m.layers[0].sensitivity {
+                write!(out, "  {:>14.3}", r.bits as f64 / m.layer_params as f64)?;
+            }
+            writeln!(out)?;
             writeln!(
                 out,
-                "{:>5}  {:>7.4}  {:>10.4}  {}",
-                l.layer,
-                l.jaccard,
-                l.importance,
-                "#".repeat((l.importance * 40.0).round() as usize)
+                "(importance: 1 − top-{} Jaccard; option columns: KL(original ‖ only that layer compressed), nats/token)",
+                a.top_k
             )?;
         }
     }

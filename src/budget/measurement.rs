@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::model::compressed::CalibInfo;
 
 use super::importance::LayerImportance;
+use super::sensitivity::OptionResult;
 
 pub const MEASUREMENT_FORMAT: &str = "pumice-measurement";
 pub const MEASUREMENT_VERSION: u32 = 1;
@@ -22,15 +23,26 @@ pub struct Measurement {
     /// k of the top-k token sets.
     pub top_k: usize,
     pub calibration: CalibInfo,
+    /// Names of the options whose sensitivity was measured (empty: importance only).
+    #[serde(default)]
+    pub options: Vec<String>,
+    /// Whether the options were measured with incoherence processing.
+    #[serde(default)]
+    pub rht: bool,
+    /// Linear parameters per decoder layer.
+    #[serde(default)]
+    pub layer_params: u64,
     pub layers: Vec<LayerImportanceRecord>,
 }
 
-/// One layer's record (importance now; measured sensitivities join it later).
+/// One layer's record: LSAQ importance and, per option, measured sensitivity and size.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct LayerImportanceRecord {
     pub layer: usize,
     pub jaccard: f64,
     pub importance: f64,
+    #[serde(default)]
+    pub sensitivity: Vec<OptionResult>,
 }
 
 impl From<&LayerImportance> for LayerImportanceRecord {
@@ -39,6 +51,7 @@ impl From<&LayerImportance> for LayerImportanceRecord {
             layer: l.layer,
             jaccard: l.jaccard,
             importance: l.importance,
+            sensitivity: Vec::new(),
         }
     }
 }
@@ -79,6 +92,21 @@ impl Measurement {
                 format!(
                     "measurement format version {} is newer than this build reads ({MEASUREMENT_VERSION})",
                     m.format_version
+                ),
+            ));
+        }
+        if let Some(l) = m.layers.iter().find(|l| {
+            l.sensitivity.len() != m.options.len()
+                || l.sensitivity
+                    .iter()
+                    .zip(&m.options)
+                    .any(|(r, o)| &r.option != o)
+        }) {
+            return Err(Error::config(
+                path,
+                format!(
+                    "layer {}: measured options disagree with the file's option list",
+                    l.layer
                 ),
             ));
         }

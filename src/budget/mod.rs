@@ -2,5 +2,7 @@
 //!
 //! [`importance`] holds LSAQ's top-k Jaccard importance.
 
+pub mod candidates;
 pub mod importance;
 pub mod measurement;
+pub mod sensitivity;

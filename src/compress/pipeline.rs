@@ -179,7 +179,7 @@ pub struct CompressSummary {
 
 /// Sequences per activation sub-batch: each sub-batch's widest activation (intermediate size)
 /// stays under this many bytes.
-const SUBBATCH_BYTES: usize = 128 << 20;
+pub(crate) const SUBBATCH_BYTES: usize = 128 << 20;
 
 /// Removes a temporary output directory unless the write completed.
 struct TempDir {
@@ -426,6 +426,13 @@ pub(crate) struct LayerResult {
     packed: Vec<(String, Packed)>,
     entries: Vec<(String, QuantEntry)>,
     reports: Vec<MatrixReport>,
+}
+
+impl LayerResult {
+    /// Manifest entries of the layer's linears.
+    pub(crate) fn entries(&self) -> &[(String, QuantEntry)] {
+        &self.entries
+    }
 }
 
 /// Compress decoder layer `l` with `recipe`, sequentially inside the layer (o_proj sees the

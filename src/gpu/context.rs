@@ -270,6 +270,23 @@ impl Gpu {
         Ok(buf)
     }
 
+    /// Queue a GPU-side copy of the first `len` bytes of `src` into `dst` (after all work
+    /// submitted so far).
+    pub fn copy_buffer(&self, src: &GpuBuffer, dst: &GpuBuffer, len: u64) -> Result<()> {
+        let len = len.div_ceil(4) * 4;
+        if len > src.len() || len > dst.len() {
+            return Err(Error::Shape(format!(
+                "copy of {len} bytes between buffers of {} and {} bytes",
+                src.len(),
+                dst.len()
+            )));
+        }
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(src.raw(), 0, dst.raw(), 0, Some(len));
+        self.scoped("buffer copy", || self.queue.submit([enc.finish()]))?;
+        Ok(())
+    }
+
     /// Copy `len` bytes at `offset` of a buffer back to the host, waiting for queued work.
     pub fn read_bytes(&self, buf: &GpuBuffer, offset: u64, len: u64) -> Result<Vec<u8>> {
         if len == 0 {

@@ -110,6 +110,19 @@ impl GpuMatrix {
         Self::alloc_grouped(gpu, rows, cols, dtype, zeroed, 1)
     }
 
+    /// A copy on the GPU with the same chunking.
+    pub fn duplicate(&self, gpu: &Gpu) -> Result<GpuMatrix> {
+        let per = self.chunks.first().map_or(1, |c| c.rows.max(1));
+        let size = self.dtype.size();
+        let out = Self::build(self.rows, self.cols, self.dtype, per, |_, n| {
+            gpu.storage((n * self.cols * size) as u64, false)
+        })?;
+        for (a, b) in self.chunks.iter().zip(&out.chunks) {
+            gpu.copy_buffer(&a.buf, &b.buf, (a.rows * self.cols * size) as u64)?;
+        }
+        Ok(out)
+    }
+
     /// Chunks of `per` rows, each buffer made by `make(first row, rows)`.
     fn build(
         rows: usize,

@@ -474,6 +474,26 @@ impl<'a> Engine<'a> {
         self.final_normed(&x, seq_len)
     }
 
+    /// Run decoder layers `layers` on the residual stream `x` in place: whole sequences of
+    /// `seq_len` rows starting at position 0, `pos` holding r % seq_len for every row.
+    pub fn forward_layers(
+        &mut self,
+        layers: Range<usize>,
+        x: &GpuMatrix,
+        pos: &GpuBuffer,
+        seq_len: usize,
+    ) -> Result<()> {
+        for l in layers {
+            self.load_layer(l)?;
+            let w = self.layers[l].as_ref().expect("just loaded");
+            self.layer(w, x, pos, seq_len, None)?;
+            if !self.resident {
+                self.layers[l] = None;
+            }
+        }
+        Ok(())
+    }
+
     /// The final RMSNorm of a residual stream whose chunks hold whole groups of `group` rows
     /// (as [`hidden_states`](Self::hidden_states) allocates them): what the LM head reads.
     pub fn final_normed(&self, x: &GpuMatrix, group: usize) -> Result<GpuMatrix> {

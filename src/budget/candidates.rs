@@ -1,0 +1,120 @@
+//! The per-layer options an allocation chooses from, by name:
+//! `caldera-B` (CALDERA, Q 2-bit midrise g64, rank from a budget of B bits per weight),
+//! `gptq-BITS-gG` and `rtn-BITS-gG` (asymmetric grid, groups of G; `g0` per row).
+//! Every grid uses the clip search; incoherence processing follows the run's `--rht`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::compress::pipeline::{CalderaSettings, LayerRecipe, Method};
+use crate::error::{Error, Result};
+use crate::quant::Grid;
+
+/// One option, as parsed from its name.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Candidate {
+    pub name: String,
+}
+
+/// The options measured when none are named: CALDERA at three budgets and GPTQ at 3 and 4
+/// bits, spanning about 2.25 to 4.3 bits per weight.
+pub const DEFAULT_CANDIDATES: &str = "caldera-2.25,caldera-2.5,caldera-3.0,gptq-3-g128,gptq-4-g128";
+
+impl Candidate {
+    pub fn parse(name: &str) -> Result<Candidate> {
+        let c = Candidate {
+            name: name.trim().to_string(),
+        };
+        c.recipe(&CalderaSettings::default())?;
+        Ok(c)
+    }
+
+    /// Parse a comma-separated list.
+    pub fn parse_list(s: &str) -> Result<Vec<Candidate>> {
+        let v: Vec<Candidate> = s
+            .split(',')
+            .filter(|t| !t.trim().is_empty())
+            .map(Candidate::parse)
+            .collect::<Result<_>>()?;
+        if v.is_empty() {
+            return Err(Error::InvalidArgument("no options given".into()));
+        }
+        Ok(v)
+    }
+
+    /// The recipe this option stands for; `base` supplies CALDERA's factor grid and iterations.
+    pub fn recipe(&self, base: &CalderaSettings) -> Result<LayerRecipe> {
+        let bad = || {
+            Error::InvalidArgument(format!(
+                "option `{}`: expected caldera-BPW, gptq-BITS-gGROUP or rtn-BITS-gGROUP",
+                self.name
+            ))
+        };
+        let parts: Vec<&str> = self.name.split('-').collect();
+        match parts.as_slice() {
+            ["caldera", bpw] => {
+                let b: f64 = bpw.parse().map_err(|_| bad())?;
+                if !(b > 2.0 && b <= 16.0) {
+                    return Err(bad());
+                }
+                Ok(LayerRecipe {
+                    method: Method::Caldera,
+                    grid: Grid::new(2, 64, true)?.with_clip(true),
+                    caldera: CalderaSettings {
+                        target_bpw: b,
+                        rank: None,
+                        ..base.clone()
+                    },
+                })
+            }
+            [m @ ("gptq" | "rtn"), bits, g] => {
+                let bits: u32 = bits.parse().map_err(|_| bad())?;
+                let g: usize = g
+                    .strip_prefix('g')
+                    .ok_or_else(bad)?
+                    .parse()
+                    .map_err(|_| bad())?;
+                Ok(LayerRecipe {
+                    method: if *m == "gptq" {
+                        Method::Gptq
+                    } else {
+                        Method::Rtn
+                    },
+                    grid: Grid::new(bits, g, false)?.with_clip(true),
+                    caldera: base.clone(),
+                })
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse() {
+        let v = Candidate::parse_list(DEFAULT_CANDIDATES).unwrap();
+        assert_eq!(v.len(), 5);
+        let r = v[1].recipe(&CalderaSettings::default()).unwrap();
+        assert_eq!(r.method, Method::Caldera);
+        assert_eq!(r.caldera.target_bpw, 2.5);
+        let r = v[3].recipe(&CalderaSettings::default()).unwrap();
+        assert_eq!(
+            (r.method, r.grid.bits, r.grid.group_size),
+            (Method::Gptq, 3, 128)
+        );
+        for bad in [
+            "caldera",
+            "caldera-x",
+            "caldera-1.5",
+            "gptq-3",
+            "gptq-5-g128",
+            "gptq-3-128",
+            "awq-4-g128",
+            "",
+        ] {
+            assert!(Candidate::parse_list(bad).is_err(), "{bad}");
+        }
+    }
+}
