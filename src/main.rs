@@ -251,9 +251,55 @@ struct CompressArgs {
     /// Windows for --eval-text (all when absent).
     #[arg(long)]
     eval_windows: Option<usize>,
+    /// Per-layer options from a measurement file (`pumice importance MODEL -o FILE`): each
+    /// layer gets one of the measured options, chosen by --allocate within the budget
+    /// (--target-bpw for the linear layers, or --max-size, or --memory-budget).
+    #[arg(long)]
+    measurement: Option<PathBuf>,
+    /// How options are allocated to layers: uniform, lsaq (importance), luc (sensitivity
+    /// above the mean gets the higher option), optimal (least summed measured KL, exact).
+    /// Default: optimal with --measurement.
+    #[arg(long, value_enum, requires = "measurement")]
+    allocate: Option<AllocateArg>,
+    /// With --measurement: the weights file (model.safetensors) must fit in this many bytes
+    /// (suffixes K, M, G: powers of 1024).
+    #[arg(long, value_parser = parse_bytes, requires = "measurement", conflicts_with = "memory_budget")]
+    max_size: Option<u64>,
+    /// With --measurement: weights plus the KV cache for --context tokens at batch 1 must fit
+    /// in this many bytes (suffixes K, M, G).
+    #[arg(long, value_parser = parse_bytes, requires = "measurement")]
+    memory_budget: Option<u64>,
+    /// Tokens of KV cache --memory-budget must leave room for.
+    #[arg(long, default_value_t = 2048)]
+    context: usize,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum AllocateArg {
+    Uniform,
+    Lsaq,
+    Luc,
+    Optimal,
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a byte count (e.g. 3500000, 512K, 1.5G)"))?;
+    if !(v >= 0.0 && v.is_finite()) {
+        return Err(format!("`{s}` is not a byte count"));
+    }
+    Ok((v * mult as f64) as u64)
 }
 
 const EVAL_PROTOCOL: &str = "\
@@ -549,6 +595,105 @@ fn importance_cmd(gpu_opts: &GpuOptions, a: ImportanceArgs) -> anyhow::Result<()
     Ok(())
 }
 
+/// Choose per-layer recipes from a measurement file and record the allocation.
+fn allocate_layers(
+    ck: &Checkpoint,
+    path: &std::path::Path,
+    a: &CompressArgs,
+    opts: &mut pumice::compress::pipeline::CompressOptions,
+) -> anyhow::Result<()> {
+    use pumice::budget::allocate::{allocate, linear_budget_bits, min_bits, Budget, Rule};
+    use pumice::budget::candidates::Candidate;
+    use pumice::budget::measurement::Measurement;
+
+    let m = Measurement::read(path)?;
+    let cfg = ck.config();
+    let layer_params: u64 = ck.arch().layers[0]
+        .linears
+        .iter()
+        .map(|l| (l.in_features * l.out_features) as u64)
+        .sum();
+    if m.layers.len() != cfg.num_layers || m.layer_params != layer_params {
+        return Err(pumice::Error::InvalidArgument(format!(
+            "{}: measured on a model with {} layers of {} linear parameters, but {} has {} of {layer_params}",
+            path.display(),
+            m.layers.len(),
+            m.layer_params,
+            a.model.display(),
+            cfg.num_layers
+        ))
+        .into());
+    }
+    let rule = match a.allocate.unwrap_or(AllocateArg::Optimal) {
+        AllocateArg::Uniform => Rule::Uniform,
+        AllocateArg::Lsaq => Rule::Lsaq,
+        AllocateArg::Luc => Rule::Luc,
+        AllocateArg::Optimal => Rule::Optimal,
+    };
+    let budget = match (a.max_size, a.memory_budget) {
+        (Some(b), _) => Budget::MaxSize(b),
+        (None, Some(b)) => Budget::Memory {
+            bytes: b,
+            context: a.context,
+        },
+        (None, None) => Budget::Bpw(a.target_bpw),
+    };
+    let budget_bits = linear_budget_bits(ck, budget, min_bits(&m))?;
+    let alloc = allocate(&m, rule, budget_bits)?;
+    let layers: Vec<serde_json::Value> = alloc
+        .choice
+        .iter()
+        .enumerate()
+        .map(|(l, &o)| {
+            let r = &m.layers[l];
+            serde_json::json!({
+                "layer": l,
+                "importance": r.importance,
+                "option": m.options[o],
+                "bits_per_parameter": r.sensitivity[o].bits as f64 / m.layer_params as f64,
+                "predicted_kl": r.sensitivity[o].kl,
+                "sensitivity": r.sensitivity.iter().map(|s| (s.option.clone(), s.kl)).collect::<std::collections::BTreeMap<_, _>>(),
+            })
+        })
+        .collect();
+    opts.layers = alloc
+        .choice
+        .iter()
+        .map(|&o| {
+            Candidate {
+                name: m.options[o].clone(),
+            }
+            .recipe(&opts.caldera)
+        })
+        .collect::<pumice::Result<_>>()?;
+    opts.rht = m.rht;
+    opts.allocation = Some(serde_json::json!({
+        "rule": rule.name(),
+        "measurement": path.display().to_string(),
+        "budget": match budget {
+            Budget::Bpw(b) => serde_json::json!({"target_bpw": b}),
+            Budget::MaxSize(b) => serde_json::json!({"max_size": b}),
+            Budget::Memory { bytes, context } => serde_json::json!({"memory_budget": bytes, "context": context}),
+        },
+        "budget_bits": alloc.budget_bits,
+        "allocated_bits": alloc.bits,
+        "predicted_kl": alloc.predicted_kl,
+        "layers": layers,
+    }));
+    eprintln!(
+        "allocation ({}): {} (predicted KL {:.4})",
+        rule.name(),
+        alloc
+            .choice
+            .iter()
+            .map(|&o| m.options[o].as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        alloc.predicted_kl
+    );
+    Ok(())
+}
+
 fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
     use pumice::compress::calib::CalibOptions;
     use pumice::compress::pipeline::{
@@ -569,8 +714,9 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
             pumice::Error::InvalidArgument("--calib-samples must be at least 1".into()).into(),
         );
     }
-    let opts = CompressOptions {
+    let mut opts = CompressOptions {
         layers: Vec::new(),
+        allocation: None,
         method: match a.method {
             MethodArg::Rtn => Method::Rtn,
             MethodArg::Gptq => Method::Gptq,
@@ -605,6 +751,9 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
         force: a.force,
         rht: a.rht || (a.method == MethodArg::Caldera && !a.no_rht),
     };
+    if let Some(path) = &a.measurement {
+        allocate_layers(&ck, path, &a, &mut opts)?;
+    }
     let gpu = Gpu::new(gpu_opts)?;
     eprintln!(
         "compressing {} with {:?} on {}",
@@ -709,6 +858,32 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
             &mut |_| {},
         )?);
     }
+    // The allocation report: report.svg in the output directory (temporary name, renamed).
+    let report_rows = if opts.allocation.is_some() {
+        let m = pumice::model::compressed::Manifest::read(&a.output)?;
+        let rows = pumice::budget::report::rows(&m).unwrap_or_default();
+        let title = format!(
+            "{}: {} allocation, {:.3} bits/parameter in the linear layers",
+            a.model.display(),
+            opts.allocation.as_ref().and_then(|v| v["rule"].as_str()).unwrap_or("?"),
+            summary.linear_bits_per_parameter
+        );
+        let svg = pumice::budget::report::svg(&rows, &title);
+        let path = a.output.join("report.svg");
+        let tmp = a.output.join(".report.svg.pumice-tmp");
+        std::fs::write(&tmp, svg).map_err(|e| pumice::Error::Io {
+            path: tmp.clone(),
+            source: e,
+        })?;
+        std::fs::rename(&tmp, &path).map_err(|e| pumice::Error::Io {
+            path: path.clone(),
+            source: e,
+        })?;
+        eprintln!("wrote {}", path.display());
+        rows
+    } else {
+        Vec::new()
+    };
     let mut out = std::io::stdout().lock();
     if a.json {
         let mut v = serde_json::to_value(&summary)?;
@@ -793,6 +968,32 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
             af.kl_divergence.unwrap_or(f64::NAN),
             af.top1_agreement.unwrap_or(f64::NAN)
         )?;
+    }
+    if !report_rows.is_empty() {
+        let names: Vec<String> = report_rows[0].sensitivity.iter().map(|(o, _)| o.clone()).collect();
+        write!(out, "layer  importance  {:>14}  bits/param  rank  rel. error  ", "option")?;
+        for n in &names {
+            write!(out, "{n:>14}")?;
+        }
+        writeln!(out)?;
+        for r in &report_rows {
+            write!(
+                out,
+                "{:>5}  {:>10.4}  {:>14}  {:>10.3}  {:>4}  {:>10.3e}  ",
+                r.layer, r.importance, r.option, r.bits_per_parameter, r.rank, r.relative_error
+            )?;
+            for (_, kl) in &r.sensitivity {
+                write!(out, "{kl:>14.5}")?;
+            }
+            writeln!(out)?;
+        }
+        if let Some(a) = &opts.allocation {
+            writeln!(
+                out,
+                "predicted KL (sum of the chosen options' measured per-layer KL): {:.5}",
+                a["predicted_kl"].as_f64().unwrap_or(f64::NAN)
+            )?;
+        }
     }
     Ok(())
 }

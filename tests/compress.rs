@@ -24,6 +24,7 @@ fn asset() -> PathBuf {
 fn opts(method: Method, bits: u32, group: usize, out: &Path) -> CompressOptions {
     CompressOptions {
         layers: Vec::new(),
+        allocation: None,
         method,
         grid: Grid::new(bits, group, false).unwrap(),
         gptq: GptqOptions::default(),

@@ -74,6 +74,7 @@ fn compress_and_reader_agree_on_symmetric_zero_points() {
     let grid = Grid::new(4, 64, true).unwrap();
     let o = CompressOptions {
         layers: Vec::new(),
+        allocation: None,
         method: Method::Rtn,
         grid,
         gptq: GptqOptions::default(),

@@ -2,7 +2,9 @@
 //!
 //! [`importance`] holds LSAQ's top-k Jaccard importance.
 
+pub mod allocate;
 pub mod candidates;
 pub mod importance;
 pub mod measurement;
+pub mod report;
 pub mod sensitivity;

@@ -119,6 +119,8 @@ pub struct CompressOptions {
     /// Per-layer recipes (from an allocation); empty: every layer gets `method`, `grid`,
     /// `caldera`.
     pub layers: Vec<LayerRecipe>,
+    /// Recorded in the manifest when `layers` came from an allocation.
+    pub allocation: Option<serde_json::Value>,
     pub method: Method,
     pub grid: Grid,
     pub gptq: GptqOptions,
@@ -843,7 +845,11 @@ pub fn compress(
             parameters,
             bytes: ck.bytes_on_disk(),
         },
-        method: opts.method.name().into(),
+        method: if opts.layers.iter().any(|r| r.method != opts.recipe(0).method) {
+            "mixed".into()
+        } else {
+            opts.recipe(0).method.name().into()
+        },
         params: serde_json::json!({
             "bits": opts.grid.bits,
             "group_size": opts.grid.group_size,
@@ -878,6 +884,7 @@ pub fn compress(
         )]
         .into_iter()
         .collect(),
+        allocation: opts.allocation.clone(),
     };
     let mpath = tmp_path.join(MANIFEST_FILE);
     let text = serde_json::to_string_pretty(&manifest).expect("manifest serializes");

@@ -199,6 +199,9 @@ pub struct Manifest {
     pub total: Accounting,
     pub layers: Vec<LayerReport>,
     pub files: BTreeMap<String, FileInfo>,
+    /// How options were allocated to layers (`compress --measurement`), when they were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocation: Option<serde_json::Value>,
 }
 
 impl Manifest {
