@@ -865,7 +865,10 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
         let title = format!(
             "{}: {} allocation, {:.3} bits/parameter in the linear layers",
             a.model.display(),
-            opts.allocation.as_ref().and_then(|v| v["rule"].as_str()).unwrap_or("?"),
+            opts.allocation
+                .as_ref()
+                .and_then(|v| v["rule"].as_str())
+                .unwrap_or("?"),
             summary.linear_bits_per_parameter
         );
         let svg = pumice::budget::report::svg(&rows, &title);
@@ -970,8 +973,16 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
         )?;
     }
     if !report_rows.is_empty() {
-        let names: Vec<String> = report_rows[0].sensitivity.iter().map(|(o, _)| o.clone()).collect();
-        write!(out, "layer  importance  {:>14}  bits/param  rank  rel. error  ", "option")?;
+        let names: Vec<String> = report_rows[0]
+            .sensitivity
+            .iter()
+            .map(|(o, _)| o.clone())
+            .collect();
+        write!(
+            out,
+            "layer  importance  {:>14}  bits/param  rank  rel. error  ",
+            "option"
+        )?;
         for n in &names {
             write!(out, "{n:>14}")?;
         }

@@ -81,7 +81,15 @@ fn importance_cli_writes_a_measurement_file() {
             "--calib-samples",
             "2",
         ])
-        .args(["--calib-len", "16", "--top-k", "5", "--json", "-o"])
+        .args([
+            "--calib-len",
+            "16",
+            "--top-k",
+            "5",
+            "--no-sensitivity",
+            "--json",
+            "-o",
+        ])
         .arg(&out)
         .env("XDG_RUNTIME_DIR", "/tmp/pumice-xdg-runtime")
         .output()
@@ -109,4 +117,111 @@ fn importance_cli_writes_a_measurement_file() {
         e.contains("bad.json") && e.contains("pumice-measurement"),
         "{e}"
     );
+}
+
+fn pumice(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_pumice"))
+        .args(args)
+        .env("XDG_RUNTIME_DIR", "/tmp/pumice-xdg-runtime")
+        .output()
+        .unwrap()
+}
+
+/// Measure cheap options once, then: `--memory-budget` yields weights + KV cache within the
+/// budget; an impossible budget fails with one line naming the smallest feasible one and
+/// writes nothing; every rule stays within a bits-per-parameter target; the report is written.
+#[test]
+fn allocation_meets_budgets() {
+    use pumice::budget::allocate::{fixed_bytes, kv_cache_bytes};
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m.json");
+    let model = asset();
+    let model = model.to_str().unwrap();
+    let calib = ["--calib-samples", "4", "--calib-len", "32"];
+    let o = pumice(
+        &[
+            &[
+                "importance",
+                model,
+                "--options",
+                "rtn-2-g64,gptq-3-g128,gptq-4-g128",
+                "-o",
+            ],
+            &[m.to_str().unwrap()][..],
+            &calib[..],
+        ]
+        .concat(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let meas = Measurement::read(&m).unwrap();
+    assert_eq!(meas.options.len(), 3);
+    for l in &meas.layers {
+        // More bits, less damage (per layer, measured).
+        assert!(l.sensitivity[0].kl > l.sensitivity[2].kl, "{l:?}");
+        assert!(l.sensitivity[0].bits < l.sensitivity[1].bits);
+    }
+    let ck = Checkpoint::open(asset()).unwrap();
+    let linear_params = 6 * meas.layer_params;
+    let context = 256;
+    let kv = kv_cache_bytes(&ck, context);
+    let budget = fixed_bytes(&ck).unwrap() + kv + 3 * linear_params / 8;
+    let compress = |name: &str, extra: &[&str]| {
+        let out = d.path().join(name);
+        let o = pumice(
+            &[
+                &[
+                    "compress",
+                    model,
+                    "-o",
+                    out.to_str().unwrap(),
+                    "--measurement",
+                ],
+                &[m.to_str().unwrap(), "--eval-samples", "0", "--json"][..],
+                &calib[..],
+                extra,
+            ]
+            .concat(),
+        );
+        (out, o)
+    };
+    let b = budget.to_string();
+    let ctx = context.to_string();
+    let (out, o) = compress("mem", &["--memory-budget", &b, "--context", &ctx]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let weights = std::fs::metadata(out.join("model.safetensors"))
+        .unwrap()
+        .len();
+    assert!(weights + kv <= budget, "{weights} + {kv} > {budget}");
+    let svg = std::fs::read_to_string(out.join("report.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert_eq!(svg.matches("<circle").count(), 6);
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("pumice.json")).unwrap()).unwrap();
+    assert_eq!(manifest["allocation"]["rule"], "optimal");
+    assert_eq!(
+        manifest["allocation"]["layers"].as_array().unwrap().len(),
+        6
+    );
+
+    // Impossible: a budget below the weights alone.
+    let (out, o) = compress("tiny", &["--memory-budget", "100K", "--context", &ctx]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("smallest feasible budget is"), "{err}");
+    assert!(!out.exists());
+
+    // Every rule within a bits-per-parameter target.
+    for rule in ["uniform", "lsaq", "luc", "optimal"] {
+        let (out, o) = compress(rule, &["--allocate", rule, "--target-bpw", "3.0"]);
+        assert!(
+            o.status.success(),
+            "{rule}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let bpw = s["linear_bits_per_parameter"].as_f64().unwrap();
+        assert!(bpw <= 3.0, "{rule}: {bpw}");
+        assert!(out.join("report.svg").exists());
+    }
 }

@@ -66,7 +66,12 @@ fn kl(m: &Measurement, l: usize, o: usize) -> f64 {
 /// The fewest linear bits any allocation needs (every layer at its cheapest option).
 pub fn min_bits(m: &Measurement) -> u64 {
     (0..m.layers.len())
-        .map(|l| (0..m.options.len()).map(|o| bits(m, l, o)).min().unwrap_or(0))
+        .map(|l| {
+            (0..m.options.len())
+                .map(|o| bits(m, l, o))
+                .min()
+                .unwrap_or(0)
+        })
         .sum()
 }
 
@@ -98,14 +103,21 @@ pub fn allocate(m: &Measurement, rule: Rule, budget_bits: u64) -> Result<Allocat
         )));
     }
     let cheapest: Vec<usize> = (0..nl)
-        .map(|l| (0..no).min_by_key(|&o| (bits(m, l, o), o)).expect("options"))
+        .map(|l| {
+            (0..no)
+                .min_by_key(|&o| (bits(m, l, o), o))
+                .expect("options")
+        })
         .collect();
     let choice = match rule {
         Rule::Uniform => {
             let fits = |o: usize| (0..nl).map(|l| bits(m, l, o)).sum::<u64>() <= budget_bits;
-            let best = (0..no)
-                .filter(|&o| fits(o))
-                .max_by_key(|&o| ((0..nl).map(|l| bits(m, l, o)).sum::<u64>(), std::cmp::Reverse(o)));
+            let best = (0..no).filter(|&o| fits(o)).max_by_key(|&o| {
+                (
+                    (0..nl).map(|l| bits(m, l, o)).sum::<u64>(),
+                    std::cmp::Reverse(o),
+                )
+            });
             match best {
                 Some(o) => vec![o; nl],
                 None => {
@@ -118,10 +130,17 @@ pub fn allocate(m: &Measurement, rule: Rule, budget_bits: u64) -> Result<Allocat
         Rule::Lsaq => {
             let mut order: Vec<usize> = (0..nl).collect();
             order.sort_by(|&a, &b| {
-                m.layers[b].importance.total_cmp(&m.layers[a].importance).then(a.cmp(&b))
+                m.layers[b]
+                    .importance
+                    .total_cmp(&m.layers[a].importance)
+                    .then(a.cmp(&b))
             });
             let mut choice = cheapest.clone();
-            let mut spent: u64 = cheapest.iter().enumerate().map(|(l, &o)| bits(m, l, o)).sum();
+            let mut spent: u64 = cheapest
+                .iter()
+                .enumerate()
+                .map(|(l, &o)| bits(m, l, o))
+                .sum();
             for &l in &order {
                 let base = bits(m, l, choice[l]);
                 let best = (0..no)
@@ -139,7 +158,9 @@ pub fn allocate(m: &Measurement, rule: Rule, budget_bits: u64) -> Result<Allocat
             let mut best: Option<(u64, Vec<usize>)> = None;
             for lo in 0..no {
                 for hi in 0..no {
-                    let c: Vec<usize> = (0..nl).map(|l| if sens[l] > mean { hi } else { lo }).collect();
+                    let c: Vec<usize> = (0..nl)
+                        .map(|l| if sens[l] > mean { hi } else { lo })
+                        .collect();
                     if (0..nl).any(|l| bits(m, l, hi) < bits(m, l, lo)) {
                         continue;
                     }
@@ -290,7 +311,10 @@ mod tests {
     #[test]
     fn rules_follow_their_definitions() {
         // Layer 2 most important, layer 0 most sensitive.
-        let m = measurement(&[[0.9, 0.5, 0.1], [0.1, 0.05, 0.01], [0.2, 0.1, 0.02]], &[0.1, 0.2, 0.9]);
+        let m = measurement(
+            &[[0.9, 0.5, 0.1], [0.1, 0.05, 0.01], [0.2, 0.1, 0.02]],
+            &[0.1, 0.2, 0.9],
+        );
         // Budget for one upgrade to the top option.
         let l = allocate(&m, Rule::Lsaq, 700).unwrap();
         assert_eq!(l.choice, vec![0, 0, 2]);

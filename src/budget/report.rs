@@ -50,7 +50,9 @@ pub fn rows(m: &Manifest) -> Option<Vec<ReportRow>> {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// An SVG plot of the allocation: per layer, the chosen bits per parameter (bars, labelled with
@@ -68,18 +70,30 @@ pub fn svg(rows: &[ReportRow], title: &str) -> String {
         .fold(0.0f64, f64::max)
         .max(1.0)
         .ceil();
-    let max_kl = rows.iter().map(|r| r.predicted_kl).fold(0.0f64, f64::max).max(1e-12);
+    let max_kl = rows
+        .iter()
+        .map(|r| r.predicted_kl)
+        .fold(0.0f64, f64::max)
+        .max(1e-12);
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width:.0}\" height=\"{height:.0}\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{left}\" y=\"20\" font-size=\"14\">{}</text>\n",
         esc(title)
     );
     // Panel 1: bits per parameter.
     let y0 = top + h1;
-    s += &format!("<line x1=\"{left}\" y1=\"{y0}\" x2=\"{:.0}\" y2=\"{y0}\" stroke=\"black\"/>\n", width - 20.0);
-    s += &format!("<line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{y0}\" stroke=\"black\"/>\n");
+    s += &format!(
+        "<line x1=\"{left}\" y1=\"{y0}\" x2=\"{:.0}\" y2=\"{y0}\" stroke=\"black\"/>\n",
+        width - 20.0
+    );
+    s +=
+        &format!("<line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{y0}\" stroke=\"black\"/>\n");
     for t in 0..=(max_bits as usize) {
         let y = y0 - h1 * t as f64 / max_bits;
-        s += &format!("<text x=\"{:.0}\" y=\"{:.1}\" text-anchor=\"end\">{t}</text>\n", left - 6.0, y + 4.0);
+        s += &format!(
+            "<text x=\"{:.0}\" y=\"{:.1}\" text-anchor=\"end\">{t}</text>\n",
+            left - 6.0,
+            y + 4.0
+        );
     }
     s += &format!(
         "<text x=\"14\" y=\"{:.0}\" transform=\"rotate(-90 14 {:.0})\" text-anchor=\"middle\">bits / parameter</text>\n",
@@ -100,7 +114,8 @@ pub fn svg(rows: &[ReportRow], title: &str) -> String {
             y0 - bh - 16.0,
             r.bits_per_parameter
         );
-        s += &format!(
+        s +=
+            &format!(
             "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"9\">{}{}</text>\n",
             x + (step - 20.0) / 2.0,
             y0 - bh - 4.0,
@@ -111,10 +126,21 @@ pub fn svg(rows: &[ReportRow], title: &str) -> String {
     // Panel 2: importance and measured KL.
     let p2 = y0 + gap;
     let y1 = p2 + h2;
-    s += &format!("<line x1=\"{left}\" y1=\"{y1}\" x2=\"{:.0}\" y2=\"{y1}\" stroke=\"black\"/>\n", width - 20.0);
+    s += &format!(
+        "<line x1=\"{left}\" y1=\"{y1}\" x2=\"{:.0}\" y2=\"{y1}\" stroke=\"black\"/>\n",
+        width - 20.0
+    );
     s += &format!("<line x1=\"{left}\" y1=\"{p2}\" x2=\"{left}\" y2=\"{y1}\" stroke=\"black\"/>\n");
-    s += &format!("<text x=\"{:.0}\" y=\"{:.1}\" text-anchor=\"end\">1</text>\n", left - 6.0, p2 + 4.0);
-    s += &format!("<text x=\"{:.0}\" y=\"{:.1}\" text-anchor=\"end\">0</text>\n", left - 6.0, y1 + 4.0);
+    s += &format!(
+        "<text x=\"{:.0}\" y=\"{:.1}\" text-anchor=\"end\">1</text>\n",
+        left - 6.0,
+        p2 + 4.0
+    );
+    s += &format!(
+        "<text x=\"{:.0}\" y=\"{:.1}\" text-anchor=\"end\">0</text>\n",
+        left - 6.0,
+        y1 + 4.0
+    );
     s += &format!(
         "<text x=\"{left}\" y=\"{:.0}\"><tspan fill=\"#c0504d\">■ measured KL of the chosen option (max {max_kl:.2e})</tspan>  <tspan fill=\"#2e7d32\">● importance (1 − top-k Jaccard)</tspan></text>\n",
         p2 - 10.0
@@ -133,7 +159,11 @@ pub fn svg(rows: &[ReportRow], title: &str) -> String {
         let cy = y1 - h2 * r.importance.clamp(0.0, 1.0);
         pts.push(format!("{cx:.1},{cy:.1}"));
         s += &format!("<circle cx=\"{cx:.1}\" cy=\"{cy:.1}\" r=\"3.5\" fill=\"#2e7d32\"/>\n");
-        s += &format!("<text x=\"{cx:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\n", y1 + 16.0, r.layer);
+        s += &format!(
+            "<text x=\"{cx:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\n",
+            y1 + 16.0,
+            r.layer
+        );
     }
     s += &format!(
         "<polyline points=\"{}\" fill=\"none\" stroke=\"#2e7d32\" stroke-width=\"1.5\"/>\n",

@@ -845,7 +845,11 @@ pub fn compress(
             parameters,
             bytes: ck.bytes_on_disk(),
         },
-        method: if opts.layers.iter().any(|r| r.method != opts.recipe(0).method) {
+        method: if opts
+            .layers
+            .iter()
+            .any(|r| r.method != opts.recipe(0).method)
+        {
             "mixed".into()
         } else {
             opts.recipe(0).method.name().into()
