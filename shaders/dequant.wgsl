@@ -1,6 +1,10 @@
 // Dequantize packed codes to f32: out[r, perm[j]] = scale[r, j / g] · (code[r, j] − zero[r, j / g]).
 // Codes are a little-endian bit stream per row of `words` u32; scales/zeros may be f16 or f32
 // (OPERANDS: bindings 2 and 3, load_s1 / load_z1). Without act-order, perm is the identity.
+// Pruned matrices (SPARSE_DECL/SPARSE_BODY filled in by the host) keep only the codes of kept
+// weights: mask bit j of row r says whether weight j is kept, and prefix[r, j / 32] counts the
+// kept weights before word j / 32, so the code index of a kept weight is
+// prefix + popcount(mask word below bit j); pruned weights are 0.
 
 struct Params {
     rows: u32,
@@ -13,7 +17,7 @@ struct Params {
     o_off: u32,    // element offset of this dispatch's first row in the output chunk
     sz_row0: u32,  // index of this dispatch's first row in scales / zeros
     has_perm: u32,
-    _pad0: u32,
+    m_off: u32,    // element offset of this dispatch's first row in the mask / prefix chunks
     _pad1: u32,
 };
 
@@ -22,6 +26,7 @@ struct Params {
 {{OPERANDS}}
 @group(0) @binding(4) var<storage, read> perm: array<u32>;
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;
+{{SPARSE_DECL}}
 
 @compute @workgroup_size(64, 1, 1)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -30,7 +35,9 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (j >= p.n || r >= p.rows) {
         return;
     }
-    let bit = j * p.bits;
+    var k = j;
+{{SPARSE_BODY}}
+    let bit = k * p.bits;
     let wi = p.c_off + r * p.words + bit / 32u;
     let o = bit % 32u;
     var v = codes[wi] >> o;

@@ -19,7 +19,17 @@ struct Params {
     s_row0: u32,   // first row of this dispatch within the scales / zeros chunks
     e_row0: u32,   // first row of this dispatch within the E chunk
     clip: u32,     // 1: least-squares search over shrunk ranges (src/quant/grid.rs)
+    sparse: u32,   // 0 dense, 1 2:4, 2 unstructured (src/quant/sparsity.rs)
+    prune: u32,    // unstructured: weights pruned per row in this block
+    _pad0: u32,
+    _pad1: u32,
 };
+
+const PRUNED: u32 = 0xFFFFFFFFu;
+
+fn is_pruned(m: array<u32, 4>, i: u32) -> bool {
+    return (m[i / 32u] & (1u << (i % 32u))) != 0u;
+}
 
 @group(0) @binding(0) var<uniform> p: Params;
 {{COMMON}}
@@ -38,8 +48,56 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let base = p.w_off + r * p.n;
     let srow = (p.s_row0 + r) * p.ng;
+    // Pruning mask of the block's columns (bw ≤ 128), SparseGPT score w² / U_ii².
+    var mask = array<u32, 4>(0u, 0u, 0u, 0u);
+    if (p.sparse == 2u) {
+        var sc: array<f32, 128>;
+        for (var i = 0u; i < p.bw; i = i + 1u) {
+            let x = w[base + p.i1 + i];
+            let d = u[i * p.bw + i];
+            sc[i] = x * x / (d * d);
+        }
+        for (var t = 0u; t < p.prune; t = t + 1u) {
+            var best = 0u;
+            var bv = 3.4e38;
+            var found = false;
+            for (var i = 0u; i < p.bw; i = i + 1u) {
+                if (!is_pruned(mask, i) && (!found || sc[i] < bv)) {
+                    best = i;
+                    bv = sc[i];
+                    found = true;
+                }
+            }
+            mask[best / 32u] = mask[best / 32u] | (1u << (best % 32u));
+        }
+    }
     for (var i = 0u; i < p.bw; i = i + 1u) {
         let col = p.i1 + i;
+        if (p.sparse == 1u && col % 4u == 0u) {
+            let end = min(col + 4u, p.n);
+            let cnt = (end - col) / 2u;
+            for (var t = 0u; t < cnt; t = t + 1u) {
+                var best = 0u;
+                var bv = 3.4e38;
+                var found = false;
+                for (var j = col; j < end; j = j + 1u) {
+                    let k = j - p.i1;
+                    if (k < p.bw && !is_pruned(mask, k)) {
+                        let x = w[base + j];
+                        let d = u[k * p.bw + k];
+                        let s = x * x / (d * d);
+                        if (!found || s < bv) {
+                            best = k;
+                            bv = s;
+                            found = true;
+                        }
+                    }
+                }
+                if (found) {
+                    mask[best / 32u] = mask[best / 32u] | (1u << (best % 32u));
+                }
+            }
+        }
         let gi = col / p.g;
         if (col % p.g == 0u) {
             let end = min(col + p.g, p.n);
@@ -72,9 +130,15 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         }
         let sz = vec2<f32>(scales[srow + gi], zeros[srow + gi]);
         let x = w[base + col];
-        let q = code_of(x, sz, p.maxq);
-        codes[base + col] = u32(q);
-        let e = (x - sz.x * (q - sz.y)) / u[i * p.bw + i];
+        var v = 0.0;
+        if (is_pruned(mask, i)) {
+            codes[base + col] = PRUNED;
+        } else {
+            let q = code_of(x, sz, p.maxq);
+            codes[base + col] = u32(q);
+            v = sz.x * (q - sz.y);
+        }
+        let e = (x - v) / u[i * p.bw + i];
         for (var j = i + 1u; j < p.bw; j = j + 1u) {
             w[base + p.i1 + j] = w[base + p.i1 + j] - e * u[i * p.bw + j];
         }

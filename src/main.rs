@@ -193,6 +193,11 @@ struct CompressArgs {
     /// GPTQ: process columns by descending Hessian diagonal.
     #[arg(long)]
     act_order: bool,
+    /// GPTQ: prune with SparseGPT's Hessian-aware masks, `2:4` or a fraction of every row
+    /// (e.g. 0.5); survivors are quantized; only their codes and a kept-weight bitmask are
+    /// stored.
+    #[arg(long, value_parser = parse_sparsity)]
+    sparsity: Option<pumice::quant::sparsity::Sparsity>,
     /// GPTQ: damping as a fraction of the Hessian's mean diagonal.
     #[arg(long, default_value_t = 0.01)]
     damp: f64,
@@ -283,6 +288,10 @@ enum AllocateArg {
     Lsaq,
     Luc,
     Optimal,
+}
+
+fn parse_sparsity(s: &str) -> Result<pumice::quant::sparsity::Sparsity, String> {
+    pumice::quant::sparsity::Sparsity::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -717,6 +726,7 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
     let mut opts = CompressOptions {
         layers: Vec::new(),
         allocation: None,
+        sparsity: a.sparsity.unwrap_or_default(),
         method: match a.method {
             MethodArg::Rtn => Method::Rtn,
             MethodArg::Gptq => Method::Gptq,

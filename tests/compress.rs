@@ -25,6 +25,7 @@ fn opts(method: Method, bits: u32, group: usize, out: &Path) -> CompressOptions 
     CompressOptions {
         layers: Vec::new(),
         allocation: None,
+        sparsity: Default::default(),
         method,
         grid: Grid::new(bits, group, false).unwrap(),
         gptq: GptqOptions::default(),
@@ -460,5 +461,59 @@ fn rht_round_trip() {
         let kl = cli_kl(d.path(), &out);
         // A wrong (or missing) inverse rotation gives an unrelated model: KL of several nats.
         assert!(kl < 0.3, "{}: KL {kl}", method.name());
+    }
+}
+
+/// SparseGPT 2:4 with 4-bit survivors: only kept codes and a bitmask are stored (the manifest's
+/// accounting says so and the reader checks it), the reader's weights have the 2:4 pattern,
+/// and the model stays close to the source. Pruning with caldera or act-order is refused.
+#[test]
+fn pruned_checkpoint_round_trip() {
+    use pumice::quant::sparsity::Sparsity;
+    let g = gpu();
+    let src = Checkpoint::open(asset()).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("s24");
+    let mut o = opts(Method::Gptq, 4, 128, &out);
+    o.sparsity = Sparsity::TwoFour;
+    compress(&g, &src, &o, &mut |_| {}).unwrap();
+    let ck = Checkpoint::open(&out).unwrap();
+    let m = ck.manifest().unwrap();
+    let name = "model.layers.3.mlp.down_proj.weight";
+    let q = ck.quantized(name).unwrap();
+    assert_eq!(q.sparsity.as_deref(), Some("2:4"));
+    assert_eq!(q.kept_per_row, q.cols / 2);
+    // Codes of half the weights at 4 bits, a 1-bit mask, f16 scale + zero per 128 columns.
+    let want = q.rows as u64
+        * ((q.cols / 2 * 4).div_ceil(32) * 32 + q.cols.div_ceil(32) * 32) as u64
+        + q.rows as u64 * q.cols.div_ceil(128) as u64 * 32;
+    assert_eq!(q.stored_bits, want);
+    assert!(
+        m.linear.bits_per_parameter < 3.4,
+        "{}",
+        m.linear.bits_per_parameter
+    );
+    let e = Engine::new(
+        &g,
+        &ck,
+        &EngineOptions {
+            max_positions: 8,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let w = e.dequantized_weight(name).unwrap().to_f32(&g).unwrap();
+    for group in w.chunks_exact(4) {
+        assert!(group.iter().filter(|&&x| x == 0.0).count() >= 2);
+    }
+    let kl = cli_kl(d.path(), &out);
+    assert!(kl.is_finite() && kl < 0.5, "KL {kl}");
+
+    for (method, act) in [(Method::Caldera, false), (Method::Gptq, true)] {
+        let mut o = opts(method, 4, 128, &d.path().join("bad"));
+        o.sparsity = Sparsity::TwoFour;
+        o.gptq.act_order = act;
+        let err = compress(&g, &src, &o, &mut |_| {}).unwrap_err().to_string();
+        assert!(err.contains("--sparsity"), "{err}");
     }
 }

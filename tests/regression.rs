@@ -75,6 +75,7 @@ fn compress_and_reader_agree_on_symmetric_zero_points() {
     let o = CompressOptions {
         layers: Vec::new(),
         allocation: None,
+        sparsity: Default::default(),
         method: Method::Rtn,
         grid,
         gptq: GptqOptions::default(),
@@ -140,5 +141,36 @@ fn compress_and_reader_agree_on_symmetric_zero_points() {
     assert!(
         (reported - actual).abs() <= 1e-3 * actual,
         "reported {reported}, error of the stored weight {actual}"
+    );
+}
+
+/// GPTQ bound only the first chunk of the block's diagonal of U: with a binding limit below
+/// block² · 4 bytes (here 4 KiB for a 64-column block) the kernel read past the chunk and the
+/// result was garbage (relative error ~3 instead of ~1e-4). Blocks now shrink to fit.
+#[test]
+fn gptq_block_larger_than_a_binding() {
+    use pumice::gpu::quant::gptq;
+    use pumice::quant::reference::{self, weighted_error, weighted_norm};
+    use pumice::quant::{GptqOptions, Grid};
+    let g = common::gpu_limited(4096);
+    let (m, n) = (37, 64);
+    let x = random(300 * n, 5, 0.0);
+    let h = cpu::hessian_f64(&x, 300, n);
+    let w = random(m * n, 6, 0.0);
+    let prep = reference::prepare_hessian(&h, n, &GptqOptions::default()).unwrap();
+    let grid = Grid::new(4, 32, false).unwrap();
+    let want = reference::gptq(&w, m, n, &prep, grid, 64);
+    let got = gptq(&g, &w, m, n, &prep, grid, 64)
+        .unwrap()
+        .download(&g)
+        .unwrap();
+    let norm = weighted_norm(&w, m, &h);
+    let (e_ref, e_gpu) = (
+        weighted_error(&w, &want.dequantize(), m, &h) / norm,
+        weighted_error(&w, &got.dequantize(), m, &h) / norm,
+    );
+    assert!(
+        (e_gpu - e_ref).abs() <= 0.01 * e_ref,
+        "GPU {e_gpu:.4e} vs reference {e_ref:.4e}"
     );
 }

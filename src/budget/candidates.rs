@@ -1,12 +1,14 @@
 //! The per-layer options an allocation chooses from, by name:
 //! `caldera-B` (CALDERA, Q 2-bit midrise g64, rank from a budget of B bits per weight),
-//! `gptq-BITS-gG` and `rtn-BITS-gG` (asymmetric grid, groups of G; `g0` per row).
+//! `gptq-BITS-gG` and `rtn-BITS-gG` (asymmetric grid, groups of G; `g0` per row), and pruned
+//! GPTQ `gptq-BITS-gG-s24` (2:4) or `gptq-BITS-gG-sP` (a fraction P of every row pruned).
 //! Every grid uses the clip search; incoherence processing follows the run's `--rht`.
 
 use serde::{Deserialize, Serialize};
 
 use crate::compress::pipeline::{CalderaSettings, LayerRecipe, Method};
 use crate::error::{Error, Result};
+use crate::quant::sparsity::Sparsity;
 use crate::quant::Grid;
 
 /// One option, as parsed from its name.
@@ -64,15 +66,24 @@ impl Candidate {
                         rank: None,
                         ..base.clone()
                     },
+                    sparsity: Sparsity::Dense,
                 })
             }
-            [m @ ("gptq" | "rtn"), bits, g] => {
+            [m @ ("gptq" | "rtn"), bits, g, rest @ ..] if rest.len() <= 1 => {
                 let bits: u32 = bits.parse().map_err(|_| bad())?;
                 let g: usize = g
                     .strip_prefix('g')
                     .ok_or_else(bad)?
                     .parse()
                     .map_err(|_| bad())?;
+                let sparsity = match rest.first() {
+                    None => Sparsity::Dense,
+                    Some(&"s24") if *m == "gptq" => Sparsity::TwoFour,
+                    Some(s) if *m == "gptq" => {
+                        Sparsity::parse(s.strip_prefix('s').ok_or_else(bad)?).map_err(|_| bad())?
+                    }
+                    Some(_) => return Err(bad()),
+                };
                 Ok(LayerRecipe {
                     method: if *m == "gptq" {
                         Method::Gptq
@@ -81,6 +92,7 @@ impl Candidate {
                     },
                     grid: Grid::new(bits, g, false)?.with_clip(true),
                     caldera: base.clone(),
+                    sparsity,
                 })
             }
             _ => Err(bad()),
@@ -104,7 +116,20 @@ mod tests {
             (r.method, r.grid.bits, r.grid.group_size),
             (Method::Gptq, 3, 128)
         );
+        let r = Candidate::parse("gptq-4-g128-s24")
+            .unwrap()
+            .recipe(&CalderaSettings::default())
+            .unwrap();
+        assert_eq!(r.sparsity, Sparsity::TwoFour);
+        let r = Candidate::parse("gptq-4-g128-s0.5")
+            .unwrap()
+            .recipe(&CalderaSettings::default())
+            .unwrap();
+        assert_eq!(r.sparsity, Sparsity::Unstructured(0.5));
         for bad in [
+            "rtn-4-g128-s24",
+            "gptq-4-g128-s2",
+            "gptq-4-g128-s24-x",
             "caldera",
             "caldera-x",
             "caldera-1.5",

@@ -28,6 +28,7 @@ use crate::model::{Checkpoint, LinearKind, LinearSpec, Tokenizer};
 use crate::quant::grid::{pack_row, packed_words};
 use crate::quant::reference::prepare_hessian;
 use crate::quant::rht::{rotate_hessian, rotate_weight, Rht};
+use crate::quant::sparsity::{Sparsity, PRUNED};
 use crate::quant::{GptqOptions, Grid, Quantized};
 
 use super::calib::{self, CalibOptions, Calibration};
@@ -112,6 +113,8 @@ pub struct LayerRecipe {
     pub method: Method,
     pub grid: Grid,
     pub caldera: CalderaSettings,
+    /// Pruning (gptq only).
+    pub sparsity: Sparsity,
 }
 
 #[derive(Clone, Debug)]
@@ -121,6 +124,8 @@ pub struct CompressOptions {
     pub layers: Vec<LayerRecipe>,
     /// Recorded in the manifest when `layers` came from an allocation.
     pub allocation: Option<serde_json::Value>,
+    /// Pruning of every layer (gptq only; per layer in `layers`).
+    pub sparsity: Sparsity,
     pub method: Method,
     pub grid: Grid,
     pub gptq: GptqOptions,
@@ -142,6 +147,7 @@ impl CompressOptions {
             method: self.method,
             grid: self.grid,
             caldera: self.caldera.clone(),
+            sparsity: self.sparsity,
         })
     }
 }
@@ -231,27 +237,39 @@ struct Packed {
     scales: Vec<u8>,
     zeros: Option<Vec<u8>>,
     perm: Option<Vec<u8>>,
+    /// Pruned: the kept-weight mask (rows × ⌈cols/32⌉) and the kept count per row.
+    mask: Option<Vec<u32>>,
+    kept: usize,
     /// CALDERA factors Lᵀ and R, each packed like a backbone.
     factors: Option<Box<(Packed, Packed)>>,
 }
 
-fn pack(q: &Quantized) -> Packed {
-    let words = packed_words(q.cols, q.grid.bits);
-    let mut codes = Vec::with_capacity(q.rows * words);
-    for r in 0..q.rows {
-        pack_row(
-            &q.codes[r * q.cols..(r + 1) * q.cols],
-            q.grid.bits,
-            &mut codes,
-        );
-    }
-    Packed {
+fn pack(q: &Quantized) -> Result<Packed> {
+    let (codes, mask, kept) = if q.codes.contains(&PRUNED) {
+        let kept = q.codes[..q.cols].iter().filter(|&&c| c != PRUNED).count();
+        let (mask, codes) = gq::pack_sparse(&q.codes, q.rows, q.cols, q.grid.bits, kept)?;
+        (codes, Some(mask), kept)
+    } else {
+        let words = packed_words(q.cols, q.grid.bits);
+        let mut codes = Vec::with_capacity(q.rows * words);
+        for r in 0..q.rows {
+            pack_row(
+                &q.codes[r * q.cols..(r + 1) * q.cols],
+                q.grid.bits,
+                &mut codes,
+            );
+        }
+        (codes, None, q.cols)
+    };
+    Ok(Packed {
+        mask,
+        kept,
         qweight: bytemuck::cast_slice(&codes).to_vec(),
         scales: DType::F16.encode_f32(&q.scales),
         zeros: (!q.grid.symmetric).then(|| DType::F16.encode_f32(&q.zeros)),
         perm: q.perm.as_ref().map(|p| bytemuck::cast_slice(p).to_vec()),
         factors: None,
-    }
+    })
 }
 
 /// The f32 weight the reader will reconstruct from `p`, dequantized on the GPU.
@@ -268,13 +286,18 @@ fn dequantize_packed(gpu: &Gpu, p: &Packed, q: &Quantized) -> Result<GpuMatrix> 
         packed: GpuMatrix::from_bytes(
             gpu,
             q.rows,
-            packed_words(q.cols, q.grid.bits),
+            packed_words(p.kept, q.grid.bits),
             DType::F32,
             &p.qweight,
         )?,
         scales: GpuMatrix::from_bytes(gpu, q.rows, groups, DType::F16, &p.scales)?,
         zeros,
         perm: p.perm.as_ref().map(|b| gpu.upload(b)).transpose()?,
+        sparse: p
+            .mask
+            .as_ref()
+            .map(|m| gq::SparseIndex::upload(gpu, q.rows, q.cols.div_ceil(32), m))
+            .transpose()?,
     };
     gq::dequantize(gpu, &w)
 }
@@ -311,13 +334,14 @@ fn plan(ck: &Checkpoint, opts: &CompressOptions) -> Result<Vec<PlannedTensor>> {
             let r = opts.recipe(l);
             let act_order = opts.gptq.act_order && r.method == Method::Gptq;
             let (m, n) = (spec.shape[0], spec.shape[1]);
-            plan_packed(&mut out, &spec.name, m, n, &r.grid, act_order);
+            let kept = r.sparsity.kept_per_row(n, opts.gptq.block);
+            plan_packed(&mut out, &spec.name, m, n, &r.grid, act_order, kept);
             if r.method == Method::Caldera {
                 let k = r.caldera.rank_for(&r.grid, m, n)?;
                 if k > 0 {
                     let lg = r.caldera.lr_grid()?;
-                    plan_packed(&mut out, &format!("{}.L", spec.name), k, m, &lg, false);
-                    plan_packed(&mut out, &format!("{}.R", spec.name), k, n, &lg, false);
+                    plan_packed(&mut out, &format!("{}.L", spec.name), k, m, &lg, false, m);
+                    plan_packed(&mut out, &format!("{}.R", spec.name), k, n, &lg, false, n);
                 }
             }
         } else {
@@ -339,6 +363,9 @@ fn write_packed(wr: &mut StreamingWriter, name: &str, p: &Packed) -> Result<()> 
     if let Some(z) = &p.zeros {
         wr.write(&format!("{name}.zeros"), z)?;
     }
+    if let Some(m) = &p.mask {
+        wr.write(&format!("{name}.mask"), bytemuck::cast_slice(m))?;
+    }
     if let Some(pm) = &p.perm {
         wr.write(&format!("{name}.perm"), pm)?;
     }
@@ -357,9 +384,10 @@ fn plan_packed(
     cols: usize,
     grid: &Grid,
     act_order: bool,
+    kept: usize,
 ) {
     let groups = grid.groups(cols);
-    let words = packed_words(cols, grid.bits);
+    let words = packed_words(kept, grid.bits);
     out.push(PlannedTensor {
         name: format!("{prefix}.qweight"),
         dtype: "U32".into(),
@@ -378,6 +406,15 @@ fn plan_packed(
             dtype: "F16".into(),
             shape: vec![rows, groups],
             bytes: rows * groups * 2,
+        });
+    }
+    if kept < cols {
+        let mw = cols.div_ceil(32);
+        out.push(PlannedTensor {
+            name: format!("{prefix}.mask"),
+            dtype: "U32".into(),
+            shape: vec![rows, mw],
+            bytes: rows * mw * 4,
         });
     }
     if act_order {
@@ -533,10 +570,10 @@ pub(crate) fn compress_layer(
                     seed: sh.seed,
                 };
                 let d = crate::lowrank::caldera::decompose(gpu, &wv, m, n, &h, &co)?;
-                let mut p = pack(&d.q);
+                let mut p = pack(&d.q)?;
                 let backbone = dequantize_packed(gpu, &p, &d.q)?;
                 let lw = if rank > 0 {
-                    let (pl, pr) = (pack(&d.lt), pack(&d.r));
+                    let (pl, pr) = (pack(&d.lt)?, pack(&d.r)?);
                     let lt = dequantize_packed(gpu, &pl, &d.lt)?;
                     let r = dequantize_packed(gpu, &pr, &d.r)?;
                     p.factors = Some(Box::new((pl, pr)));
@@ -548,21 +585,31 @@ pub(crate) fn compress_layer(
                 (p, Some(d.relative_error))
             } else {
                 let q = match &prep {
-                    Some(p) => {
-                        gq::gptq(gpu, &wv, m, n, p, recipe.grid, sh.gptq.block)?.download(gpu)?
-                    }
+                    Some(p) => gq::sparse_gptq(
+                        gpu,
+                        &wv,
+                        m,
+                        n,
+                        p,
+                        recipe.grid,
+                        sh.gptq.block,
+                        recipe.sparsity,
+                    )?
+                    .download(gpu)?,
                     None => {
                         let wm = GpuMatrix::from_f32(gpu, m, n, DType::F32, &wv)?;
                         gq::rtn(gpu, &wm, recipe.grid)?.download(gpu)?
                     }
                 };
-                let p = pack(&q);
+                let p = pack(&q)?;
                 let deq = dequantize_packed(gpu, &p, &q)?;
                 let (err, norm) = weighted_errors(gpu, &wv, &deq, &hm)?;
                 w.set_weight(kind, unrotate(LinearWeight::Dense(deq))?);
                 (p, if norm > 0.0 { Some(err / norm) } else { None })
             };
             let entry = QuantEntry {
+                sparsity: p.mask.as_ref().and(recipe.sparsity.name()),
+                kept_per_row: p.kept,
                 method: recipe.method.name().into(),
                 bits: recipe.grid.bits,
                 group_size: recipe.grid.group_size,
@@ -684,6 +731,16 @@ pub fn compress(
         )));
     }
     check_output(ck, &opts.output, opts.force)?;
+    for l in 0..ck.arch().layers.len() {
+        let r = opts.recipe(l);
+        if r.sparsity != Sparsity::Dense
+            && (r.method != Method::Gptq || opts.gptq.act_order || opts.gptq.block > 128)
+        {
+            return Err(Error::InvalidArgument(
+                "pruning (--sparsity) works with --method gptq, without --act-order".into(),
+            ));
+        }
+    }
     let cfg = ck.config().clone();
     let len = opts.calib.len.min(cfg.max_position_embeddings).max(2);
     let copts = CalibOptions {

@@ -4,6 +4,7 @@
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::quant::sparsity::Sparsity;
 use crate::quant::{Grid, PreparedHessian, Quantized};
 
 use super::batch::Batch;
@@ -166,6 +167,9 @@ struct GptqParams {
     s_row0: u32,
     e_row0: u32,
     clip: u32,
+    sparse: u32,
+    prune: u32,
+    _pad: [u32; 2],
 }
 
 /// GPTQ/LDLQ of `w` (rows × cols, any float dtype) with a prepared Hessian. Columns go in
@@ -179,7 +183,29 @@ pub fn gptq(
     grid: Grid,
     block: usize,
 ) -> Result<GpuQuantized> {
+    sparse_gptq(gpu, w, rows, cols, prep, grid, block, Sparsity::Dense)
+}
+
+/// GPTQ with SparseGPT pruning (see `quant::sparsity`); pruned weights get code `PRUNED`.
+/// Needs the natural column order and lazy blocks of at most 128 columns.
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_gptq(
+    gpu: &Gpu,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    prep: &PreparedHessian,
+    grid: Grid,
+    block: usize,
+    sparsity: Sparsity,
+) -> Result<GpuQuantized> {
     let (m, n) = (rows, cols);
+    if sparsity != Sparsity::Dense && (prep.perm.is_some() || block > 128) {
+        return Err(Error::InvalidArgument(
+            "pruning needs the natural column order (no --act-order) and blocks of at most 128 columns"
+                .into(),
+        ));
+    }
     if prep.n != n || w.len() != m * n {
         return Err(Error::Shape(format!(
             "gptq: W {m}×{n} ({} values), Hessian {}",
@@ -206,7 +232,26 @@ pub fn gptq(
     let scales = GpuMatrix::uninit(gpu, m, ng)?;
     let zeros = GpuMatrix::uninit(gpu, m, ng)?;
     let pipeline = gpu.pipeline(&GPTQ_BLOCK, &Spec::new().set("COMMON", COMMON))?;
-    let block = block.max(1);
+    // The block's diagonal of U (block² f32) is one binding. Lazy blocks only batch updates
+    // (the result does not depend on their size) except for unstructured pruning, whose masks
+    // are chosen per block: shrink the block when the binding limit demands it, keeping it a
+    // multiple of 4 for 2:4, and refuse for unstructured pruning.
+    let max_block = ((gpu.caps().max_binding / 4) as f64).sqrt().floor() as usize;
+    let mut block = block.max(1);
+    if block > max_block {
+        if let Sparsity::Unstructured(_) = sparsity {
+            return Err(Error::TooLarge {
+                what: format!("a GPTQ block of {block}² f32 for unstructured pruning"),
+                bytes: (block * block * 4) as u64,
+                limit: gpu.caps().max_binding,
+            });
+        }
+        block = if max_block >= 4 {
+            max_block / 4 * 4
+        } else {
+            max_block.max(1)
+        };
+    }
     let u = &prep.u;
     let mut b = Batch::new(gpu);
     // Per-block operands stay alive until the batch is submitted.
@@ -237,6 +282,13 @@ pub fn gptq(
                 s_row0: s_local as u32,
                 e_row0: e_local as u32,
                 clip: grid.clip as u32,
+                sparse: match sparsity {
+                    Sparsity::Dense => 0,
+                    Sparsity::TwoFour => 1,
+                    Sparsity::Unstructured(_) => 2,
+                },
+                prune: sparsity.pruned_in_block(bw) as u32,
+                _pad: [0; 2],
             };
             b.dispatch(
                 pipeline.clone(),
@@ -290,7 +342,8 @@ struct DequantParams {
     o_off: u32,
     sz_row0: u32,
     has_perm: u32,
-    _pad: [u32; 2],
+    m_off: u32,
+    _pad: u32,
 }
 
 /// Packed codes (rows × words u32, stored as a 4-byte matrix), scales and zeros (rows × groups,
@@ -303,6 +356,71 @@ pub struct PackedWeight {
     pub scales: GpuMatrix,
     pub zeros: GpuMatrix,
     pub perm: Option<GpuBuffer>,
+    /// Pruned matrices: which weights are kept (`packed` holds only their codes).
+    pub sparse: Option<SparseIndex>,
+}
+
+/// Where the kept weights of a pruned matrix are: `mask` (rows × ⌈n/32⌉ u32, bit j of a row
+/// set when weight j is kept) and `prefix` (same shape: kept weights before each mask word).
+pub struct SparseIndex {
+    pub mask: GpuMatrix,
+    pub prefix: GpuMatrix,
+}
+
+impl SparseIndex {
+    /// Upload a mask (rows × words u32, as stored) and the prefix counts computed from it.
+    pub fn upload(gpu: &Gpu, rows: usize, words: usize, mask: &[u32]) -> Result<SparseIndex> {
+        let mut prefix = vec![0u32; mask.len()];
+        for r in 0..rows {
+            let mut c = 0;
+            for w in 0..words {
+                prefix[r * words + w] = c;
+                c += mask[r * words + w].count_ones();
+            }
+        }
+        let up = |v: &[u32]| {
+            GpuMatrix::from_bytes(gpu, rows, words, DType::F32, bytemuck::cast_slice(v))
+        };
+        Ok(SparseIndex {
+            mask: up(mask)?,
+            prefix: up(&prefix)?,
+        })
+    }
+}
+
+/// The mask words (rows × ⌈n/32⌉) and the packed kept codes (rows × packed_words(kept)) of a
+/// pruned matrix whose codes use [`PRUNED`](crate::quant::sparsity::PRUNED) for pruned weights.
+pub fn pack_sparse(
+    codes: &[u32],
+    rows: usize,
+    n: usize,
+    bits: u32,
+    kept: usize,
+) -> Result<(Vec<u32>, Vec<u32>)> {
+    use crate::quant::grid::{pack_row, packed_words};
+    use crate::quant::sparsity::PRUNED;
+    let mw = n.div_ceil(32);
+    let mut mask = vec![0u32; rows * mw];
+    let mut packed = Vec::with_capacity(rows * packed_words(kept, bits));
+    let mut row_codes = Vec::with_capacity(kept);
+    for r in 0..rows {
+        row_codes.clear();
+        for j in 0..n {
+            let c = codes[r * n + j];
+            if c != PRUNED {
+                mask[r * mw + j / 32] |= 1 << (j % 32);
+                row_codes.push(c);
+            }
+        }
+        if row_codes.len() != kept {
+            return Err(Error::Shape(format!(
+                "row {r} keeps {} weights, the format expects {kept}",
+                row_codes.len()
+            )));
+        }
+        pack_row(&row_codes, bits, &mut packed);
+    }
+    Ok((mask, packed))
 }
 
 /// Dequantize into a new f32 matrix (original column order).
@@ -311,14 +429,32 @@ pub fn dequantize(gpu: &Gpu, w: &PackedWeight) -> Result<GpuMatrix> {
     let words = w.packed.cols();
     let (g, ng) = (w.grid.group_len(n), w.grid.groups(n));
     let out = GpuMatrix::uninit(gpu, m, n)?;
-    let spec = Spec::new().set(
-        "OPERANDS",
-        format!(
-            "{}{}",
-            operand_wgsl("s", 2, w.scales.dtype(), false),
-            operand_wgsl("z", 3, w.zeros.dtype(), false)
-        ),
-    );
+    let (decl, body) = if w.sparse.is_some() {
+        (
+            "@group(0) @binding(6) var<storage, read> mask: array<u32>;\n\
+             @group(0) @binding(7) var<storage, read> prefix: array<u32>;",
+            "    let mw = (p.n + 31u) / 32u;\n\
+             \x20   let mword = mask[p.m_off + r * mw + j / 32u];\n\
+             \x20   if ((mword & (1u << (j % 32u))) == 0u) {\n\
+             \x20       out[p.o_off + r * p.n + j] = 0.0;\n\
+             \x20       return;\n\
+             \x20   }\n\
+             \x20   k = prefix[p.m_off + r * mw + j / 32u] + countOneBits(mword & ((1u << (j % 32u)) - 1u));",
+        )
+    } else {
+        ("", "")
+    };
+    let spec = Spec::new()
+        .set(
+            "OPERANDS",
+            format!(
+                "{}{}",
+                operand_wgsl("s", 2, w.scales.dtype(), false),
+                operand_wgsl("z", 3, w.zeros.dtype(), false)
+            ),
+        )
+        .set("SPARSE_DECL", decl)
+        .set("SPARSE_BODY", body);
     let pipeline = gpu.pipeline(&DEQUANT, &spec)?;
     // A dummy binding when there is no permutation (bindings must exist).
     let dummy;
@@ -330,10 +466,17 @@ pub fn dequantize(gpu: &Gpu, w: &PackedWeight) -> Result<GpuMatrix> {
         }
     };
     let mut b = Batch::new(gpu);
-    for (rows, parts) in GpuMatrix::common_segments(&[&out, &w.packed, &w.scales, &w.zeros], 0..m) {
-        let [(oc, o_local), (cc, c_local), (sc, s_local), (zc, _)] = parts[..] else {
-            unreachable!("four matrices in, four parts out")
-        };
+    let mut mats = vec![&out, &w.packed, &w.scales, &w.zeros];
+    if let Some(sp) = &w.sparse {
+        mats.push(&sp.mask);
+        mats.push(&sp.prefix);
+    }
+    for (rows, parts) in GpuMatrix::common_segments(&mats, 0..m) {
+        let (oc, o_local) = parts[0];
+        let (cc, c_local) = parts[1];
+        let (sc, s_local) = parts[2];
+        let (zc, _) = parts[3];
+        let m_local = parts.get(4).map_or(0, |p| p.1);
         let nr = rows.len();
         let params = DequantParams {
             rows: nr as u32,
@@ -346,15 +489,16 @@ pub fn dequantize(gpu: &Gpu, w: &PackedWeight) -> Result<GpuMatrix> {
             o_off: (o_local * n) as u32,
             sz_row0: s_local as u32,
             has_perm: w.perm.is_some() as u32,
-            _pad: [0; 2],
+            m_off: (m_local * n.div_ceil(32)) as u32,
+            _pad: 0,
         };
         let wg = row_grid(n, nr);
-        b.dispatch(
-            pipeline.clone(),
-            &params,
-            &[&cc.buf, &sc.buf, &zc.buf, perm, &oc.buf],
-            wg,
-        )?;
+        let mut bufs = vec![&cc.buf, &sc.buf, &zc.buf, perm, &oc.buf];
+        if parts.len() == 6 {
+            bufs.push(&parts[4].0.buf);
+            bufs.push(&parts[5].0.buf);
+        }
+        b.dispatch(pipeline.clone(), &params, &bufs, wg)?;
     }
     b.submit()?;
     Ok(out)

@@ -141,8 +141,9 @@ fn dequantize_packed(
     cols: usize,
     grid: crate::quant::Grid,
     act_order: bool,
+    kept: usize,
 ) -> Result<GpuMatrix> {
-    let words = crate::quant::grid::packed_words(cols, grid.bits);
+    let words = crate::quant::grid::packed_words(kept, grid.bits);
     let groups = grid.groups(cols);
     let (codes, _, _) = ck.raw(&format!("{prefix}.qweight"))?;
     let scales = ck.tensor(&format!("{prefix}.scales"))?;
@@ -169,6 +170,30 @@ fn dequantize_packed(
     } else {
         None
     };
+    let sparse = if kept < cols {
+        let mw = cols.div_ceil(32);
+        let (bytes, _, _) = ck.raw(&format!("{prefix}.mask"))?;
+        let mask: Vec<u32> = bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        if let Some(r) = (0..rows).find(|&r| {
+            mask[r * mw..(r + 1) * mw]
+                .iter()
+                .map(|w| w.count_ones() as usize)
+                .sum::<usize>()
+                != kept
+        }) {
+            return Err(Error::tensor(
+                ck.dir(),
+                &format!("{prefix}.mask"),
+                format!("row {r} does not keep {kept} weights"),
+            ));
+        }
+        Some(quant::SparseIndex::upload(gpu, rows, mw, &mask)?)
+    } else {
+        None
+    };
     let packed = PackedWeight {
         rows,
         cols,
@@ -177,6 +202,7 @@ fn dequantize_packed(
         scales: upload(gpu, &scales, rows, groups)?,
         zeros,
         perm,
+        sparse,
     };
     quant::dequantize(gpu, &packed)
 }
@@ -189,13 +215,36 @@ fn dequantize_weight(
     name: &str,
     q: &QuantEntry,
 ) -> Result<LinearWeight> {
-    let backbone = dequantize_packed(gpu, ck, name, q.rows, q.cols, q.grid()?, q.act_order)?;
+    let kept = if q.sparsity.is_some() {
+        q.kept_per_row
+    } else {
+        q.cols
+    };
+    let backbone = dequantize_packed(gpu, ck, name, q.rows, q.cols, q.grid()?, q.act_order, kept)?;
     let w = match q.lr_grid()? {
         None => LinearWeight::Dense(backbone),
         Some(lg) => LinearWeight::LowRank {
             q: backbone,
-            lt: dequantize_packed(gpu, ck, &format!("{name}.L"), q.rank, q.rows, lg, false)?,
-            r: dequantize_packed(gpu, ck, &format!("{name}.R"), q.rank, q.cols, lg, false)?,
+            lt: dequantize_packed(
+                gpu,
+                ck,
+                &format!("{name}.L"),
+                q.rank,
+                q.rows,
+                lg,
+                false,
+                q.rows,
+            )?,
+            r: dequantize_packed(
+                gpu,
+                ck,
+                &format!("{name}.R"),
+                q.rank,
+                q.cols,
+                lg,
+                false,
+                q.cols,
+            )?,
         },
     };
     match q.rht {
@@ -325,6 +374,11 @@ impl<'a> Engine<'a> {
             q.cols,
             q.grid()?,
             q.act_order,
+            if q.sparsity.is_some() {
+                q.kept_per_row
+            } else {
+                q.cols
+            },
         )
     }
 

@@ -204,12 +204,36 @@ impl Checkpoint {
             ));
         }
         let grid = q.grid()?;
-        let words = crate::quant::grid::packed_words(q.cols, q.bits);
+        let kept = if q.sparsity.is_some() {
+            if q.kept_per_row == 0 || q.kept_per_row > q.cols || q.act_order || q.rank > 0 {
+                return Err(Error::tensor(
+                    &manifest_path,
+                    name,
+                    format!(
+                        "pruned with {} kept of {} per row{}",
+                        q.kept_per_row,
+                        q.cols,
+                        if q.act_order || q.rank > 0 {
+                            " and act-order or factors, which pruning excludes"
+                        } else {
+                            ""
+                        }
+                    ),
+                ));
+            }
+            q.kept_per_row
+        } else {
+            q.cols
+        };
+        let words = crate::quant::grid::packed_words(kept, q.bits);
         let groups = grid.groups(q.cols);
         let mut parts = vec![
             ("qweight", "U32", vec![q.rows, words]),
             ("scales", "F16", vec![q.rows, groups]),
         ];
+        if q.sparsity.is_some() {
+            parts.push(("mask", "U32", vec![q.rows, q.cols.div_ceil(32)]));
+        }
         if !q.symmetric {
             parts.push(("zeros", "F16", vec![q.rows, groups]));
         }

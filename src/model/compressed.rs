@@ -85,6 +85,14 @@ pub struct QuantEntry {
     /// randomized Hadamard transforms of these seeds (`quant::rht`); undone at load.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rht: Option<RhtSeeds>,
+    /// Pruning (`2:4` or a fraction): only the codes of kept weights are stored
+    /// (`NAME.qweight` U32 [rows, words(kept_per_row)]), with `NAME.mask` U32
+    /// [rows, ⌈cols/32⌉] marking the kept weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sparsity: Option<String>,
+    /// Weights kept in every row (cols when not pruned).
+    #[serde(default)]
+    pub kept_per_row: usize,
 }
 
 /// Seeds of the two randomized Hadamard transforms of a weight (64 bits each, counted in
@@ -127,7 +135,11 @@ impl QuantEntry {
         };
         let groups = self.cols.div_ceil(g) as u64;
         let rows = self.rows as u64;
-        let codes = rows * packed_words(self.cols, self.bits) as u64 * 32;
+        let (kept, mask) = match self.sparsity {
+            Some(_) => (self.kept_per_row, rows * self.cols.div_ceil(32) as u64 * 32),
+            None => (self.cols, 0),
+        };
+        let codes = rows * packed_words(kept, self.bits) as u64 * 32 + mask;
         let scales = rows * groups * 16;
         let zeros = if self.symmetric {
             0

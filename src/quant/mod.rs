@@ -4,6 +4,7 @@
 pub mod grid;
 pub mod reference;
 pub mod rht;
+pub mod sparsity;
 
 pub use grid::Grid;
 pub use reference::{GptqOptions, PreparedHessian, Quantized};

@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 
 use super::grid::Grid;
+use super::sparsity::{smallest, Sparsity, PRUNED};
 
 /// How GPTQ runs.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -52,7 +53,12 @@ impl Quantized {
         for r in 0..m {
             for j in 0..n {
                 let gi = r * ng + j / g;
-                let v = Grid::dequant(self.codes[r * n + j], self.scales[gi], self.zeros[gi]);
+                let c = self.codes[r * n + j];
+                let v = if c == PRUNED {
+                    0.0
+                } else {
+                    Grid::dequant(c, self.scales[gi], self.zeros[gi])
+                };
                 let col = self.perm.as_ref().map_or(j, |p| p[j] as usize);
                 out[r * n + col] = v;
             }
@@ -201,6 +207,24 @@ pub fn gptq(
     grid: Grid,
     block: usize,
 ) -> Quantized {
+    sparse_gptq(w, rows, cols, prep, grid, block, Sparsity::Dense)
+}
+
+/// GPTQ with SparseGPT pruning (see [`super::sparsity`]): pruned weights get code
+/// [`PRUNED`] and dequantize to 0. Needs the natural column order (no act-order).
+pub fn sparse_gptq(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    prep: &PreparedHessian,
+    grid: Grid,
+    block: usize,
+    sparsity: Sparsity,
+) -> Quantized {
+    assert!(
+        sparsity == Sparsity::Dense || prep.perm.is_none(),
+        "pruning needs the natural column order"
+    );
     let n = cols;
     let g = grid.group_len(n);
     let ng = grid.groups(n);
@@ -234,7 +258,26 @@ pub fn gptq(
         let bw = i2 - i1;
         for r in 0..rows {
             let row = &mut wk[r * n..(r + 1) * n];
+            let mut pruned = vec![false; bw];
+            if let Sparsity::Unstructured(_) = sparsity {
+                let scores: Vec<f64> = (i1..i2)
+                    .map(|j| row[j] * row[j] / (u[j * n + j] * u[j * n + j]))
+                    .collect();
+                pruned = smallest(&scores, sparsity.pruned_in_block(bw));
+            }
             for i in i1..i2 {
+                if sparsity == Sparsity::TwoFour && i % 4 == 0 {
+                    let end = (i + 4).min(n);
+                    let scores: Vec<f64> = (i..end)
+                        .map(|j| row[j] * row[j] / (u[j * n + j] * u[j * n + j]))
+                        .collect();
+                    let m = smallest(&scores, (end - i) / 2);
+                    for (k, p) in m.into_iter().enumerate() {
+                        if i + k < i2 {
+                            pruned[i + k - i1] = p;
+                        }
+                    }
+                }
                 if i % g == 0 {
                     let end = (i + g).min(n);
                     let vals: Vec<f32> = row[i..end].iter().map(|&v| v as f32).collect();
@@ -244,9 +287,14 @@ pub fn gptq(
                 }
                 let (s, z) = (scales[r * ng + i / g], zeros[r * ng + i / g]);
                 let x = row[i];
-                let q = grid.code(x as f32, s, z);
+                let (q, v) = if pruned[i - i1] {
+                    (PRUNED, 0.0)
+                } else {
+                    let q = grid.code(x as f32, s, z);
+                    (q, Grid::dequant(q, s, z) as f64)
+                };
                 codes[r * n + i] = q;
-                let e = (x - Grid::dequant(q, s, z) as f64) / u[i * n + i];
+                let e = (x - v) / u[i * n + i];
                 for j in i + 1..i2 {
                     row[j] -= e * u[i * n + j];
                 }
