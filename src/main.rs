@@ -675,7 +675,54 @@ fn allocate_layers(
             .recipe(&opts.caldera)
         })
         .collect::<pumice::Result<_>>()?;
+    // LUC's pruning half: per-layer unstructured sparsity around the mean --sparsity.
+    let mut sparsities: Vec<Option<f64>> = vec![None; cfg.num_layers];
+    if let (Rule::Luc, Some(sp)) = (rule, a.sparsity) {
+        let mean = match sp {
+            pumice::quant::sparsity::Sparsity::Unstructured(p) => p as f64,
+            _ => {
+                return Err(pumice::Error::InvalidArgument(
+                    "--allocate luc takes --sparsity as a mean fraction (e.g. 0.3), not 2:4".into(),
+                )
+                .into())
+            }
+        };
+        let per_layer = pumice::budget::allocate::luc_sparsities(&m, mean);
+        for (l, r) in opts.layers.iter_mut().enumerate() {
+            if per_layer[l] > 0.0 {
+                if r.method != pumice::compress::pipeline::Method::Gptq {
+                    return Err(pumice::Error::InvalidArgument(format!(
+                        "--allocate luc --sparsity: layer {l} got `{}`, but pruning needs gptq options",
+                        m.options[alloc.choice[l]]
+                    ))
+                    .into());
+                }
+                r.sparsity = pumice::quant::sparsity::Sparsity::Unstructured(per_layer[l] as f32);
+                sparsities[l] = Some(per_layer[l]);
+            }
+        }
+    } else if a.sparsity.is_some() {
+        return Err(pumice::Error::InvalidArgument(
+            "with --measurement, --sparsity goes with --allocate luc (per-layer sparsity around that mean)".into(),
+        )
+        .into());
+    }
+    let layers: Vec<serde_json::Value> = layers
+        .into_iter()
+        .zip(&sparsities)
+        .map(|(mut v, s)| {
+            v["sparsity"] = serde_json::json!(s);
+            v
+        })
+        .collect();
     opts.rht = m.rht;
+    let planned = pumice::compress::pipeline::planned_linear_bits(ck, opts)?;
+    if planned > budget_bits {
+        return Err(pumice::Error::InvalidArgument(format!(
+            "with LUC pruning the linear layers need {planned} bits, over the budget of {budget_bits} (each pruned weight's mask bit costs more than it saves below 1/bits sparsity); lower --sparsity or raise the budget"
+        ))
+        .into());
+    }
     opts.allocation = Some(serde_json::json!({
         "rule": rule.name(),
         "measurement": path.display().to_string(),

@@ -211,6 +211,32 @@ fn allocation_meets_budgets() {
     assert!(err.contains("smallest feasible budget is"), "{err}");
     assert!(!out.exists());
 
+    // LUC with pruning around a mean sparsity: the least sensitive layers are pruned, the
+    // budget holds.
+    let (out, o) = compress(
+        "luc-pruned",
+        &[
+            "--allocate",
+            "luc",
+            "--sparsity",
+            "0.4",
+            "--target-bpw",
+            "4.5",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(s["linear_bits_per_parameter"].as_f64().unwrap() <= 4.5);
+    let man: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("pumice.json")).unwrap()).unwrap();
+    let pruned = man["tensors"]
+        .as_object()
+        .unwrap()
+        .values()
+        .filter(|e| e.get("sparsity").is_some())
+        .count();
+    assert!(pruned >= 7 && pruned < 42, "{pruned} pruned matrices");
+
     // Every rule within a bits-per-parameter target.
     for rule in ["uniform", "lsaq", "luc", "optimal"] {
         let (out, o) = compress(rule, &["--allocate", rule, "--target-bpw", "3.0"]);

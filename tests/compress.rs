@@ -409,6 +409,10 @@ fn caldera_end_to_end() {
     compress(&g, &src, &o, &mut |_| {}).unwrap();
     let ck = Checkpoint::open(&out).unwrap();
     let m = ck.manifest().unwrap();
+    assert_eq!(
+        pumice::compress::pipeline::planned_linear_bits(&src, &o).unwrap(),
+        m.linear.bits
+    );
     assert_eq!(m.method, "caldera");
     let q = ck.quantized("model.layers.0.mlp.down_proj.weight").unwrap();
     assert!(q.rank > 0, "a 3.5 bpw budget leaves room for factors");
@@ -479,6 +483,11 @@ fn pruned_checkpoint_round_trip() {
     compress(&g, &src, &o, &mut |_| {}).unwrap();
     let ck = Checkpoint::open(&out).unwrap();
     let m = ck.manifest().unwrap();
+    // The size planned before compressing is the size written.
+    assert_eq!(
+        pumice::compress::pipeline::planned_linear_bits(&src, &o).unwrap(),
+        m.linear.bits
+    );
     let name = "model.layers.3.mlp.down_proj.weight";
     let q = ck.quantized(name).unwrap();
     assert_eq!(q.sparsity.as_deref(), Some("2:4"));

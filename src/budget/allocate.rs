@@ -177,6 +177,49 @@ pub fn allocate(m: &Measurement, rule: Rule, budget_bits: u64) -> Result<Allocat
     Ok(finish(m, rule, choice, budget_bits))
 }
 
+/// Edge-LLM's per-layer pruning sparsity around a mean `mean`: with ns_l the min–max
+/// normalized sensitivity (KL of the layer's cheapest option), s_l ∝ 1 − ns_l, scaled so the
+/// mean is `mean`, clamped to [0, 0.9]. The least sensitive layers are pruned the most.
+pub fn luc_sparsities(m: &Measurement, mean: f64) -> Vec<f64> {
+    let nl = m.layers.len();
+    let no = m.options.len();
+    let sens: Vec<f64> = (0..nl)
+        .map(|l| {
+            let o = (0..no).min_by_key(|&o| (bits(m, l, o), o)).unwrap_or(0);
+            if no == 0 {
+                0.0
+            } else {
+                kl(m, l, o)
+            }
+        })
+        .collect();
+    let (lo, hi) = sens
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
+            (a.min(x), b.max(x))
+        });
+    let keep: Vec<f64> = sens
+        .iter()
+        .map(|&x| {
+            if hi > lo {
+                1.0 - (x - lo) / (hi - lo)
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    let avg = keep.iter().sum::<f64>() / nl.max(1) as f64;
+    keep.iter()
+        .map(|&k| {
+            if avg > 0.0 {
+                (mean * k / avg).clamp(0.0, 0.9)
+            } else {
+                mean
+            }
+        })
+        .collect()
+}
+
 /// Exact minimum of Σ KL under Σ bits ≤ budget: Pareto-front dynamic programming.
 fn optimal(m: &Measurement, budget_bits: u64) -> Vec<usize> {
     let (nl, no) = (m.layers.len(), m.options.len());
@@ -326,6 +369,11 @@ mod tests {
         assert_eq!(o.choice, vec![2, 0, 0]);
         let e = allocate(&m, Rule::Optimal, 500).unwrap_err().to_string();
         assert!(e.contains("600"), "{e}");
+        // LUC pruning: the most sensitive layer (0) is pruned least, the mean is kept.
+        let s = luc_sparsities(&m, 0.3);
+        assert!(s[0] < s[2] && s[2] <= s[1], "{s:?}");
+        assert!((s.iter().sum::<f64>() / 3.0 - 0.3).abs() < 1e-12);
+        assert_eq!(s[0], 0.0);
     }
 }
 

@@ -315,6 +315,44 @@ fn weighted_errors(gpu: &Gpu, w: &[f32], wq: &GpuMatrix, h: &GpuMatrix) -> Resul
     Ok((quad(&delta)?, quad(w)?))
 }
 
+/// Stored bits of all compressed linear weights under `opts` (what the manifest's `linear`
+/// accounting will say), computed from shapes and recipes before compressing.
+pub fn planned_linear_bits(ck: &Checkpoint, opts: &CompressOptions) -> Result<u64> {
+    let mut total = 0;
+    for (l, spec) in ck.arch().layers.iter().enumerate() {
+        let r = opts.recipe(l);
+        for lin in &spec.linears {
+            let (m, n) = (lin.out_features, lin.in_features);
+            let rank = if r.method == Method::Caldera {
+                r.caldera.rank_for(&r.grid, m, n)?
+            } else {
+                0
+            };
+            let kept = r.sparsity.kept_per_row(n, opts.gptq.block);
+            let e = QuantEntry {
+                method: r.method.name().into(),
+                bits: r.grid.bits,
+                group_size: r.grid.group_size,
+                symmetric: r.grid.symmetric,
+                act_order: opts.gptq.act_order && r.method == Method::Gptq,
+                rows: m,
+                cols: n,
+                stored_bits: 0,
+                relative_error: None,
+                damp: None,
+                rank,
+                lr_bits: if rank > 0 { r.caldera.lr_bits } else { 0 },
+                lr_group_size: if rank > 0 { r.caldera.lr_group_size } else { 0 },
+                rht: opts.rht.then_some(RhtSeeds { rows: 0, cols: 0 }),
+                sparsity: (kept < n).then(|| r.sparsity.name()).flatten(),
+                kept_per_row: kept,
+            };
+            total += e.expected_bits();
+        }
+    }
+    Ok(total)
+}
+
 /// Plan of every stored tensor, in the checkpoint's order.
 fn plan(ck: &Checkpoint, opts: &CompressOptions) -> Result<Vec<PlannedTensor>> {
     let linear_layer: std::collections::HashMap<&str, usize> = ck

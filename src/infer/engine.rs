@@ -133,6 +133,7 @@ fn upload(gpu: &Gpu, t: &TensorRef<'_>, rows: usize, cols: usize) -> Result<GpuM
 
 /// Upload one packed quantized matrix (`PREFIX.qweight`, `.scales`, `.zeros`, optional
 /// `.perm`) and dequantize it to f32 on the GPU.
+#[allow(clippy::too_many_arguments)]
 fn dequantize_packed(
     gpu: &Gpu,
     ck: &Checkpoint,
