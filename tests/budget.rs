@@ -235,7 +235,7 @@ fn allocation_meets_budgets() {
         .values()
         .filter(|e| e.get("sparsity").is_some())
         .count();
-    assert!(pruned >= 7 && pruned < 42, "{pruned} pruned matrices");
+    assert!((7..42).contains(&pruned), "{pruned} pruned matrices");
 
     // Every rule within a bits-per-parameter target.
     for rule in ["uniform", "lsaq", "luc", "optimal"] {
