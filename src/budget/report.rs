@@ -11,6 +11,8 @@ pub struct ReportRow {
     pub option: String,
     pub bits_per_parameter: f64,
     pub rank: usize,
+    /// Pruned fraction (LUC with --sparsity), 0 when dense.
+    pub sparsity: f64,
     pub predicted_kl: f64,
     /// Mean relative weighted error of the layer's matrices, as compressed.
     pub relative_error: f64,
@@ -41,6 +43,7 @@ pub fn rows(m: &Manifest) -> Option<Vec<ReportRow>> {
             option: v.get("option")?.as_str()?.to_string(),
             bits_per_parameter: v.get("bits_per_parameter")?.as_f64()?,
             rank,
+            sparsity: v.get("sparsity").and_then(|x| x.as_f64()).unwrap_or(0.0),
             predicted_kl: v.get("predicted_kl")?.as_f64()?,
             relative_error: errs.iter().sum::<f64>() / errs.len().max(1) as f64,
             sensitivity,
@@ -114,13 +117,18 @@ pub fn svg(rows: &[ReportRow], title: &str) -> String {
             y0 - bh - 16.0,
             r.bits_per_parameter
         );
-        s +=
-            &format!(
+        s += &format!(
             "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"9\">{}{}</text>\n",
             x + (step - 20.0) / 2.0,
             y0 - bh - 4.0,
             esc(&r.option),
-            if r.rank > 0 { format!(" r{}", r.rank) } else { String::new() }
+            if r.rank > 0 {
+                format!(" r{}", r.rank)
+            } else if r.sparsity > 0.0 {
+                format!(" s{:.2}", r.sparsity)
+            } else {
+                String::new()
+            }
         );
     }
     // Panel 2: importance and measured KL.
