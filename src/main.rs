@@ -1037,7 +1037,7 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
             .collect();
         write!(
             out,
-            "layer  importance  {:>14}  bits/param  rank  rel. error  ",
+            "layer  importance  {:>14}  bits/param  rank  sparsity  rel. error  ",
             "option"
         )?;
         for n in &names {
@@ -1047,8 +1047,14 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
         for r in &report_rows {
             write!(
                 out,
-                "{:>5}  {:>10.4}  {:>14}  {:>10.3}  {:>4}  {:>10.3e}  ",
-                r.layer, r.importance, r.option, r.bits_per_parameter, r.rank, r.relative_error
+                "{:>5}  {:>10.4}  {:>14}  {:>10.3}  {:>4}  {:>8.3}  {:>10.3e}  ",
+                r.layer,
+                r.importance,
+                r.option,
+                r.bits_per_parameter,
+                r.rank,
+                r.sparsity,
+                r.relative_error
             )?;
             for (_, kl) in &r.sensitivity {
                 write!(out, "{kl:>14.5}")?;
