@@ -400,7 +400,16 @@ fn main() -> ExitCode {
                 .downcast_ref::<pumice::Error>()
                 .map(|p| p.exit_code())
                 .unwrap_or(1);
-            let msg = pumice::error::one_line(&format!("{e:#}"));
+            // The chain, leaving out causes the message above them already quotes (our
+            // errors name their source in their own text).
+            let mut parts: Vec<String> = Vec::new();
+            for cause in e.chain() {
+                let s = cause.to_string();
+                if !parts.last().is_some_and(|p| p.contains(&s)) {
+                    parts.push(s);
+                }
+            }
+            let msg = pumice::error::one_line(&parts.join(": "));
             let _ = writeln!(std::io::stderr(), "error: {msg}");
             ExitCode::from(code as u8)
         }

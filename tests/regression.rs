@@ -174,3 +174,28 @@ fn gptq_block_larger_than_a_binding() {
         "GPU {e_gpu:.4e} vs reference {e_ref:.4e}"
     );
 }
+
+/// A missing file's OS error was printed twice ("…: No such file or directory (os error 2): No
+/// such file or directory (os error 2)"): the binary printed the error chain, whose cause our
+/// own message already quotes.
+#[test]
+fn missing_file_error_names_its_cause_once() {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_pumice"))
+        .args([
+            "eval",
+            "assets/models/gutenberg-llama",
+            "--text",
+            "/nonexistent/pumice.txt",
+        ])
+        .current_dir(common::project_root())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .expect("an error line");
+    assert!(line.contains("/nonexistent/pumice.txt"), "{line}");
+    assert_eq!(line.matches("os error 2").count(), 1, "{line}");
+}
