@@ -212,16 +212,7 @@ fn rtn_round_trips_exactly() {
         "stored codes differ from RTN of the source"
     );
     // And the engine's dequantized weight is exactly that.
-    let e = Engine::new(
-        &g,
-        &ck,
-        &EngineOptions {
-            max_positions: 8,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let got = e.dequantized_weight(name).unwrap().to_f32(&g).unwrap();
+    let got = common::reader_weight(&g, &ck, name);
     assert_eq!(got, want);
 }
 
@@ -502,16 +493,7 @@ fn pruned_checkpoint_round_trip() {
         "{}",
         m.linear.bits_per_parameter
     );
-    let e = Engine::new(
-        &g,
-        &ck,
-        &EngineOptions {
-            max_positions: 8,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let w = e.dequantized_weight(name).unwrap().to_f32(&g).unwrap();
+    let w = common::reader_weight(&g, &ck, name);
     for group in w.chunks_exact(4) {
         assert!(group.iter().filter(|&&x| x == 0.0).count() >= 2);
     }

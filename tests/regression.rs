@@ -52,7 +52,6 @@ fn buffers_recorded_in_a_batch_outlive_their_owner_until_submit() {
 fn compress_and_reader_agree_on_symmetric_zero_points() {
     use pumice::compress::calib::{self, CalibOptions};
     use pumice::compress::pipeline::{compress, CalibSource, CompressOptions, Method};
-    use pumice::infer::engine::{Engine, EngineOptions};
     use pumice::model::checkpoint::Checkpoint;
     use pumice::model::tokenizer::Tokenizer;
     use pumice::quant::reference::weighted_error;
@@ -88,18 +87,9 @@ fn compress_and_reader_agree_on_symmetric_zero_points() {
     };
     compress(&g, &src, &o, &mut |_| {}).unwrap();
     let ck = Checkpoint::open(&out).unwrap();
-    let e = Engine::new(
-        &g,
-        &ck,
-        &EngineOptions {
-            max_positions: 8,
-            ..Default::default()
-        },
-    )
-    .unwrap();
     let name = "model.layers.0.self_attn.q_proj.weight";
     let w = src.tensor(name).unwrap().to_f32().unwrap();
-    let got = e.dequantized_weight(name).unwrap().to_f32(&g).unwrap();
+    let got = common::reader_weight(&g, &ck, name);
     let q = ck.quantized(name).unwrap();
     let (m, n) = (q.rows, q.cols);
     assert_eq!(

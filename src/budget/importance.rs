@@ -38,9 +38,6 @@ pub fn jaccard(a: &[u32], b: &[u32]) -> f64 {
     }
 }
 
-/// Bytes of logits formed at once (a block of rows × vocabulary).
-const LOGIT_BLOCK_BYTES: usize = 64 << 20;
-
 /// Top-k token indices (k per row) of the residual stream `x` read through the final norm and
 /// the LM head.
 fn top_k_of_stream(
@@ -50,11 +47,10 @@ fn top_k_of_stream(
     k: usize,
 ) -> Result<Vec<u32>> {
     let gpu = engine.gpu();
-    let vocab = engine.checkpoint().config().vocab_size;
     let rows = x.rows();
     let normed = engine.final_normed(x, seq_len)?;
     let out = gpu.storage((rows * k * 4) as u64, true)?;
-    let block = (LOGIT_BLOCK_BYTES / (vocab * 4)).max(1);
+    let block = engine.logit_block_rows();
     let mut r0 = 0;
     while r0 < rows {
         let r1 = (r0 + block).min(rows);

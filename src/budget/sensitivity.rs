@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::compress::pipeline::{
-    compress_layer, CalderaSettings, Event, LayerShared, SUBBATCH_BYTES,
+    calibration_batches, compress_layer, CalderaSettings, CalibBatches, Event, LayerShared,
 };
 use crate::error::{Error, Result};
 use crate::gpu::{ops, Batch, GpuMatrix};
@@ -50,16 +50,13 @@ pub struct SensitivityProgress {
     pub kl: f64,
 }
 
-const LOGIT_BLOCK_BYTES: usize = 64 << 20;
-
 /// Σ over rows of KL(softmax(ref) ‖ softmax(model)) of two final-normed hidden states.
 fn kl_sum(engine: &Engine<'_>, hidden: &GpuMatrix, reference: &GpuMatrix) -> Result<f64> {
     let gpu = engine.gpu();
     let rows = hidden.rows();
-    let vocab = engine.checkpoint().config().vocab_size;
     let targets = ops::upload_u32(gpu, &vec![0u32; rows])?;
     let out = gpu.storage((rows * 16) as u64, true)?;
-    let block = (LOGIT_BLOCK_BYTES / (vocab * 4)).max(1);
+    let block = engine.logit_block_rows();
     let mut r0 = 0;
     while r0 < rows {
         let r1 = (r0 + block).min(rows);
@@ -109,24 +106,12 @@ pub fn measure(
         .iter()
         .map(|c| c.recipe(&opts.caldera))
         .collect::<Result<Vec<_>>>()?;
-    let widest = cfg
-        .intermediate_size
-        .max(cfg.hidden_size)
-        .max(cfg.num_heads * cfg.head_dim)
-        .max(cfg.vocab_size.min(1 << 16));
-    let nseq = tokens.len() / len;
-    let per_batch = (SUBBATCH_BYTES / (len * widest * 4)).max(1).min(nseq);
-    let positions: Vec<u32> = (0..per_batch * len).map(|r| (r % len) as u32).collect();
-    let pos = ops::upload_u32(gpu, &positions)?;
     // Inputs of layer 0 and the original final hidden states, per sub-batch.
-    let mut xs = Vec::new();
-    let mut refs = Vec::new();
-    for s0 in (0..nseq).step_by(per_batch) {
-        let s1 = (s0 + per_batch).min(nseq);
-        let toks = &tokens[s0 * len..s1 * len];
-        xs.push(engine.embed_tokens(toks, len)?);
-        refs.push(engine.hidden_states(toks, len)?);
-    }
+    let CalibBatches { ranges, xs, pos } = calibration_batches(engine, tokens, len)?;
+    let refs = ranges
+        .iter()
+        .map(|r| engine.hidden_states(&tokens[r.start * len..r.end * len], len))
+        .collect::<Result<Vec<_>>>()?;
     let rows = tokens.len() as f64;
     let shared = LayerShared {
         gpu,

@@ -187,7 +187,7 @@ pub struct CompressSummary {
 
 /// Sequences per activation sub-batch: each sub-batch's widest activation (intermediate size)
 /// stays under this many bytes.
-pub(crate) const SUBBATCH_BYTES: usize = 128 << 20;
+const SUBBATCH_BYTES: usize = 128 << 20;
 
 /// Removes a temporary output directory unless the write completed.
 struct TempDir {
@@ -481,6 +481,45 @@ const SIDE_FILES: [&str; 8] = [
     "vocab.json",
     "merges.txt",
 ];
+
+/// Calibration sequences in sub-batches of whole sequences, each sub-batch's widest activation
+/// under [`SUBBATCH_BYTES`].
+pub(crate) struct CalibBatches {
+    /// Sequence index ranges of the sub-batches.
+    pub ranges: Vec<std::ops::Range<usize>>,
+    /// Their embeddings (the residual stream entering layer 0).
+    pub xs: Vec<GpuMatrix>,
+    /// Positions 0..len repeated over the largest sub-batch (smaller ones read a prefix).
+    pub pos: crate::gpu::GpuBuffer,
+}
+
+/// Split `tokens` (whole sequences of `len`) into sub-batches and embed them.
+pub(crate) fn calibration_batches(
+    engine: &Engine<'_>,
+    tokens: &[u32],
+    len: usize,
+) -> Result<CalibBatches> {
+    let cfg = engine.checkpoint().config();
+    let widest = cfg
+        .intermediate_size
+        .max(cfg.hidden_size)
+        .max(cfg.num_heads * cfg.head_dim);
+    let nseq = tokens.len() / len;
+    let per_batch = (SUBBATCH_BYTES / (len * widest * 4))
+        .max(1)
+        .min(nseq.max(1));
+    let ranges: Vec<std::ops::Range<usize>> = (0..nseq)
+        .step_by(per_batch)
+        .map(|s0| s0..(s0 + per_batch).min(nseq))
+        .collect();
+    let xs = ranges
+        .iter()
+        .map(|r| engine.embed_tokens(&tokens[r.start * len..r.end * len], len))
+        .collect::<Result<Vec<_>>>()?;
+    let positions: Vec<u32> = (0..per_batch * len).map(|r| (r % len) as u32).collect();
+    let pos = ops::upload_u32(engine.gpu(), &positions)?;
+    Ok(CalibBatches { ranges, xs, pos })
+}
 
 /// Settings every layer shares.
 pub(crate) struct LayerShared<'a> {
@@ -842,22 +881,7 @@ pub fn compress(
     let arch = ck.arch();
     copy_plain(&mut writer, ck, &arch.embed_tokens.name)?;
 
-    // Calibration activations, in sub-batches of whole sequences.
-    let widest = cfg
-        .intermediate_size
-        .max(cfg.hidden_size)
-        .max(cfg.num_heads * cfg.head_dim);
-    let per_batch = (SUBBATCH_BYTES / (len * widest * 4)).max(1);
-    let nseq = calibration.tokens.len() / len;
-    let mut xs = Vec::new();
-    for s0 in (0..nseq).step_by(per_batch) {
-        let s1 = (s0 + per_batch).min(nseq);
-        xs.push(engine.embed_tokens(&calibration.tokens[s0 * len..s1 * len], len)?);
-    }
-    let positions: Vec<u32> = (0..per_batch.min(nseq) * len)
-        .map(|r| (r % len) as u32)
-        .collect();
-    let pos = ops::upload_u32(gpu, &positions)?;
+    let CalibBatches { xs, pos, .. } = calibration_batches(&engine, &calibration.tokens, len)?;
 
     let total_matrices = arch.layers.len() * 7;
     let mut done = 0;

@@ -771,6 +771,12 @@ impl<'a> Engine<'a> {
         Ok(x)
     }
 
+    /// Rows of logits formed at once by callers of [`logits`](Self::logits): a block of at
+    /// most 64 MiB of f32 logits.
+    pub fn logit_block_rows(&self) -> usize {
+        ((64usize << 20) / (self.ck.config().vocab_size * 4)).max(1)
+    }
+
     /// Logits [rows.len(), vocab] of a block of rows of normed hidden states.
     pub fn logits(&self, hidden: &GpuMatrix, rows: Range<usize>) -> Result<GpuMatrix> {
         let v = self.ck.config().vocab_size;

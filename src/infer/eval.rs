@@ -18,10 +18,6 @@ use crate::gpu::Batch;
 
 use super::engine::Engine;
 
-/// Logit blocks are kept under this many bytes (a 150k vocabulary at 2048 positions would
-/// otherwise need 1.2 GB).
-const LOGIT_BLOCK_BYTES: usize = 64 << 20;
-
 #[derive(Clone, Debug)]
 pub struct EvalOptions {
     /// Window length in tokens.
@@ -134,7 +130,7 @@ pub fn evaluate(
             .collect();
         let tb = ops::upload_u32(gpu, &targets)?;
         let out = gpu.storage((rows * 16) as u64, true)?;
-        let block = (LOGIT_BLOCK_BYTES / (vocab * 4)).max(1);
+        let block = engine.logit_block_rows();
         let mut r0 = 0;
         while r0 < rows {
             let r1 = (r0 + block).min(rows);

@@ -215,3 +215,17 @@ impl TinyLlama {
         write_safetensors(&dir.join("model.safetensors"), &self.tensors());
     }
 }
+
+/// The f32 weight `name` of a compressed checkpoint as the reader (the engine) dequantizes it.
+pub fn reader_weight(g: &Gpu, ck: &pumice::model::Checkpoint, name: &str) -> Vec<f32> {
+    let e = pumice::infer::Engine::new(
+        g,
+        ck,
+        &pumice::infer::EngineOptions {
+            max_positions: 8,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    e.dequantized_weight(name).unwrap().to_f32(g).unwrap()
+}
