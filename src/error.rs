@@ -95,6 +95,15 @@ pub enum Error {
     /// A command-line or API argument is invalid.
     #[error("{0}")]
     InvalidArgument(String),
+
+    /// A work directory (`--work-dir`, `merge`) or Hessian directory (`--hessians`) is
+    /// missing pieces, belongs to another job, or is damaged.
+    #[error("{}: {msg}", path.display())]
+    WorkDir { path: PathBuf, msg: String },
+
+    /// The run was stopped (SIGINT/SIGTERM) at a consistent point; the text says where.
+    #[error("interrupted: {0}")]
+    Interrupted(String),
 }
 
 impl Error {
@@ -126,6 +135,13 @@ impl Error {
         }
     }
 
+    pub(crate) fn work_dir(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
+        Error::WorkDir {
+            path: path.as_ref().to_path_buf(),
+            msg: msg.into(),
+        }
+    }
+
     pub(crate) fn tensor(path: impl AsRef<Path>, tensor: &str, msg: impl Into<String>) -> Self {
         Error::Tensor {
             path: path.as_ref().to_path_buf(),
@@ -135,7 +151,7 @@ impl Error {
     }
 
     /// Process exit code for this error: 2 for bad input (files, arguments), 1 for failures of
-    /// the machine (GPU, I/O).
+    /// the machine (GPU, I/O), 130 when interrupted.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Json { .. }
@@ -145,7 +161,9 @@ impl Error {
             | Error::Safetensors { .. }
             | Error::Tensor { .. }
             | Error::Tokenizer { .. }
-            | Error::InvalidArgument(_) => 2,
+            | Error::InvalidArgument(_)
+            | Error::WorkDir { .. } => 2,
+            Error::Interrupted(_) => 130,
             Error::Io { .. }
             | Error::NoAdapter(_)
             | Error::RequestDevice { .. }

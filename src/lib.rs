@@ -3,6 +3,7 @@
 //!
 //! See ARCHITECTURE.md for the module map and the invariants.
 
+pub mod bench;
 pub mod budget;
 pub mod compress;
 pub mod cpu;
@@ -10,6 +11,7 @@ pub mod dtype;
 pub mod error;
 pub mod gpu;
 pub mod infer;
+pub mod interrupt;
 pub mod lowrank;
 pub mod model;
 pub mod quant;

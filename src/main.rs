@@ -18,7 +18,15 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0  success
   1  the machine failed: GPU or device error, I/O error, out of memory
-  2  bad input: unreadable or inconsistent model files, bad arguments";
+  2  bad input: unreadable or inconsistent model files, bad arguments, a work directory
+     of another job
+  130  interrupted (SIGINT/SIGTERM) at a consistent point; with --work-dir, rerun the same
+     command with --resume to continue
+
+Output: on a terminal, progress on stderr and a readable summary on stdout. When stdout is
+not a terminal (or with --json), compress, hessians, merge and bench write JSON lines on
+stdout: one object per event (\"event\": start, progress, layer, note, stage), then the
+summary (\"event\": \"summary\") or the error (\"event\": \"error\"); logs stay on stderr.";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -96,11 +104,100 @@ enum Command {
     /// Compress a model: calibrate, quantize every decoder linear layer, write a compressed
     /// checkpoint that eval, generate and inspect read.
     Compress(CompressArgs),
+    /// The calibration pass alone: save every layer's Hessians (from the original model) so
+    /// `compress --hessians HDIR --shard I/N` can split the layers across machines.
+    Hessians(HessiansArgs),
+    /// Benchmark every adapter on every backend (or those --backend/--adapter pick) beside the
+    /// CPU (faer): GEMM, Hessian accumulation, GPTQ and CALDERA of Llama-7B-shaped matrices,
+    /// the forward pass and end-to-end compression of the asset model. Medians of several runs
+    /// after warm-up; a table, or JSON lines with each adapter's identity.
+    Bench(BenchArgs),
+    /// Assemble the checkpoint from a work directory whose layers are all finished (by shards
+    /// on several machines, or one interrupted run).
+    Merge(MergeArgs),
     /// Measure each decoder layer: LSAQ importance (1 − mean Jaccard similarity of the top-k
     /// tokens predicted from the layer's input and output, both read through the final norm and
     /// the LM head) and, per option, the measured sensitivity (KL vs the original when only that
     /// layer is compressed with it) and stored size. `compress --measurement` reuses the file.
     Importance(ImportanceArgs),
+}
+
+#[derive(Args, Debug)]
+struct HessiansArgs {
+    /// Model directory (Hugging Face layout).
+    model: PathBuf,
+    /// Output directory (written to a temporary name and renamed when complete).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Calibration text: files, or directories of .txt files. Without it, the model samples
+    /// its own calibration sequences (self-calibration).
+    #[arg(long, num_args = 1..)]
+    calib: Vec<PathBuf>,
+    /// Calibration sequences.
+    #[arg(long, default_value_t = 128)]
+    calib_samples: usize,
+    /// Tokens per calibration sequence (capped at the model's context).
+    #[arg(long, default_value_t = 2048)]
+    calib_len: usize,
+    /// Seed for drawing or sampling calibration sequences.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Replace the output directory if it exists (never the input).
+    #[arg(long)]
+    force: bool,
+    /// JSON lines on stdout (implied when stdout is not a terminal).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// Small shapes (1024² stand-ins for the 7B matrices) and few runs: minutes per backend
+    /// even on a CPU adapter.
+    #[arg(long)]
+    quick: bool,
+    /// Timed runs per operation (default 3 with --quick, else 5); the median is reported.
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Untimed warm-up runs before them.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Outer iterations of each timed CALDERA run (a compression uses 15; time is about
+    /// proportional).
+    #[arg(long, default_value_t = 1)]
+    caldera_outer: usize,
+    /// Only operations whose name contains one of these: gemm, hessian, gptq, caldera,
+    /// forward, compress.
+    #[arg(long, num_args = 1..)]
+    only: Vec<String>,
+    /// Skip the CPU (faer) baseline rows.
+    #[arg(long)]
+    no_cpu: bool,
+    /// Model for the forward and end-to-end rows.
+    #[arg(long, default_value = "assets/models/gutenberg-llama")]
+    model: PathBuf,
+    /// JSON lines on stdout: one per result, then a summary with every result and the
+    /// machine's identity (implied when stdout is not a terminal).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct MergeArgs {
+    /// Work directory the shards wrote (`compress --work-dir`).
+    work_dir: PathBuf,
+    /// Output directory (written to a temporary name and renamed when complete).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// The source model, when it is not where the job recorded it (checked by SHA-256).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Replace the output directory if it exists.
+    #[arg(long)]
+    force: bool,
+    /// JSON lines on stdout (implied when stdout is not a terminal).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -165,9 +262,31 @@ enum MethodArg {
 struct CompressArgs {
     /// Model directory (Hugging Face layout).
     model: PathBuf,
-    /// Output directory (written to a temporary name and renamed when complete).
+    /// Output directory (written to a temporary name and renamed when complete). Not with a
+    /// shard, whose output `pumice merge` writes.
     #[arg(short, long)]
-    output: PathBuf,
+    output: Option<PathBuf>,
+    /// Keep every finished layer in this directory (atomic files), so an interrupted run
+    /// continues with --resume; shards put their layers here for `pumice merge`.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Continue the job in --work-dir from its last finished layer. Refused when an argument
+    /// or the source model changed. The result is byte-identical to an uninterrupted run.
+    #[arg(long, requires = "work_dir")]
+    resume: bool,
+    /// Hessians saved by `pumice hessians` instead of a calibration pass: layers no longer
+    /// depend on each other, so they can be split into shards.
+    #[arg(long)]
+    hessians: Option<PathBuf>,
+    /// Compress only shard I of N (0-based; a contiguous range of layers) into --work-dir
+    /// (needs --hessians); `pumice merge DIR -o OUT` writes the checkpoint. Without -o and
+    /// without --shard, the index comes from SLURM_ARRAY_TASK_ID (minus SLURM_ARRAY_TASK_MIN)
+    /// or JOB_COMPLETION_INDEX, the count from --shards or SLURM_ARRAY_TASK_COUNT.
+    #[arg(long, value_parser = parse_shard, conflicts_with = "output")]
+    shard: Option<(usize, usize)>,
+    /// Number of shards when the index comes from the scheduler's environment.
+    #[arg(long, conflicts_with = "shard")]
+    shards: Option<usize>,
     /// Quantization method.
     #[arg(long, value_enum, default_value_t = MethodArg::Caldera)]
     method: MethodArg,
@@ -277,9 +396,51 @@ struct CompressArgs {
     /// Tokens of KV cache --memory-budget must leave room for.
     #[arg(long, default_value_t = 2048)]
     context: usize,
-    /// Print the summary as JSON.
+    /// JSON lines on stdout: one object per event (progress with fraction, elapsed and ETA;
+    /// finished layers; notes), then the summary (or an error). Implied when stdout is not a
+    /// terminal.
     #[arg(long)]
     json: bool,
+}
+
+fn parse_shard(s: &str) -> Result<(usize, usize), String> {
+    let (i, n) = s
+        .split_once('/')
+        .ok_or_else(|| format!("`{s}`: expected I/N, e.g. 0/4"))?;
+    let i: usize = i.trim().parse().map_err(|_| format!("`{s}`: I is not a number"))?;
+    let n: usize = n.trim().parse().map_err(|_| format!("`{s}`: N is not a number"))?;
+    if n == 0 || i >= n {
+        return Err(format!("`{s}`: need 0 <= I < N (shards are numbered from 0)"));
+    }
+    Ok((i, n))
+}
+
+/// The shard a scheduler assigned this process: Slurm array tasks or Kubernetes Indexed Jobs.
+fn shard_from_env(count: Option<usize>) -> Result<(usize, usize), pumice::Error> {
+    let var = |k: &str| std::env::var(k).ok().and_then(|v| v.trim().parse::<usize>().ok());
+    let index = match (var("SLURM_ARRAY_TASK_ID"), var("JOB_COMPLETION_INDEX")) {
+        (Some(id), _) => id.saturating_sub(var("SLURM_ARRAY_TASK_MIN").unwrap_or(0)),
+        (None, Some(i)) => i,
+        (None, None) => {
+            return Err(pumice::Error::InvalidArgument(
+                "no output: give -o OUT, or --shard I/N (or run as a Slurm array task or a \
+                 Kubernetes Indexed Job, which set the shard index)"
+                    .into(),
+            ))
+        }
+    };
+    let n = count.or_else(|| var("SLURM_ARRAY_TASK_COUNT")).ok_or_else(|| {
+        pumice::Error::InvalidArgument(
+            "the shard index comes from the environment but the count does not: pass --shards N"
+                .into(),
+        )
+    })?;
+    if index >= n {
+        return Err(pumice::Error::InvalidArgument(format!(
+            "shard index {index} from the environment is not below the shard count {n}"
+        )));
+    }
+    Ok((index, n))
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -393,6 +554,7 @@ fn main() -> ExitCode {
         }
     };
     init_logging(cli.verbose);
+    install_stop_handler();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -409,11 +571,58 @@ fn main() -> ExitCode {
                     parts.push(s);
                 }
             }
-            let msg = pumice::error::one_line(&parts.join(": "));
+            let mut msg = pumice::error::one_line(&parts.join(": "));
+            if let Some(pumice::Error::Interrupted(_)) = e.downcast_ref::<pumice::Error>() {
+                msg.push_str(&resume_hint());
+            }
             let _ = writeln!(std::io::stderr(), "error: {msg}");
+            if progress::json_mode() {
+                progress::emit_json(&serde_json::json!({
+                    "event": "error", "message": msg, "exit_code": code,
+                }));
+            }
             ExitCode::from(code as u8)
         }
     }
+}
+
+/// SIGINT/SIGTERM (Ctrl-C on Windows): the first asks running work to stop at its next
+/// consistent point (between matrices; finished layers in a --work-dir are kept); a second
+/// exits at once.
+fn install_stop_handler() {
+    let _ = ctrlc::set_handler(|| {
+        if pumice::interrupt::requested() {
+            let _ = writeln!(std::io::stderr(), "second signal: exiting now");
+            std::process::exit(130);
+        }
+        let _ = writeln!(
+            std::io::stderr(),
+            "signal received: stopping after the current matrix (signal again to exit now)"
+        );
+        pumice::interrupt::request();
+    });
+}
+
+/// For an interrupted run with a work directory: the command that continues it.
+fn resume_hint() -> String {
+    let args: Vec<String> = std::env::args().collect();
+    if !args.iter().any(|a| a == "--work-dir" || a.starts_with("--work-dir=")) {
+        return String::new();
+    }
+    let mut cmd: Vec<String> = args
+        .iter()
+        .map(|a| {
+            if !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
+                a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect();
+    if !args.iter().any(|a| a == "--resume") {
+        cmd.push("--resume".into());
+    }
+    format!("; resume with: {}", cmd.join(" "))
 }
 
 /// Mesa's window-system probes print "XDG_RUNTIME_DIR is invalid" on headless machines where it
@@ -460,7 +669,249 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => generate_cmd(&cli.gpu.options(), args),
         Command::Compress(args) => compress_cmd(&cli.gpu.options(), args),
         Command::Importance(args) => importance_cmd(&cli.gpu.options(), args),
+        Command::Hessians(args) => hessians_cmd(&cli.gpu.options(), args),
+        Command::Merge(args) => merge_cmd(args),
+        Command::Bench(args) => bench_cmd(&cli.gpu, args),
     }
+}
+
+fn bench_cmd(gpu_args: &GpuArgs, a: BenchArgs) -> anyhow::Result<()> {
+    use pumice::bench::{run as bench_run, BenchOptions, BenchResult, Target};
+    let rep = progress::Reporter::new(a.json);
+    let scratch = tempdir_for_bench()?;
+    let opts = BenchOptions {
+        quick: a.quick,
+        runs: a.runs.unwrap_or(if a.quick { 3 } else { 5 }),
+        warmup: a.warmup,
+        caldera_outer: a.caldera_outer,
+        model: a.model.clone(),
+        scratch: scratch.clone(),
+        only: a.only.clone(),
+    };
+    // Every adapter on the requested backends (all by default), or the one --adapter picks.
+    let backend = gpu_args.backend.unwrap_or(BackendChoice::All);
+    let listing = GpuOptions {
+        backend: Some(backend),
+        adapter: None,
+        max_binding_bytes: None,
+    };
+    let mut adapters = list_adapters(&listing);
+    if let Some(sel) = &gpu_args.adapter {
+        let chosen = list_adapters(&GpuOptions {
+            adapter: Some(sel.clone()),
+            ..listing.clone()
+        })
+        .into_iter()
+        .find(|r| r.selected)
+        .map(|r| r.index);
+        adapters.retain(|r| Some(r.index) == chosen);
+    }
+    if adapters.is_empty() {
+        return Err(pumice::Error::NoAdapter(format!(
+            "none on backend {backend:?} to benchmark; on Linux without a GPU install Mesa's \
+             lavapipe (mesa-vulkan-drivers) and EGL (libegl1, libgl1-mesa-dri)"
+        ))
+        .into());
+    }
+    let mut results: Vec<BenchResult> = Vec::new();
+    let mut on_result = |r: BenchResult| {
+        eprintln!(
+            "{:<7} {:<28} {:<20} {:<48} {}",
+            r.backend,
+            truncate(&r.adapter, 28),
+            r.op,
+            truncate(&r.shape, 48),
+            match &r.error {
+                Some(e) => format!("error: {e}"),
+                None => format!("{:.4} s median of {}", r.median_s, r.runs),
+            }
+        );
+        rep.emit("result", serde_json::to_value(&r).unwrap_or_default());
+        results.push(r);
+    };
+    for r in &adapters {
+        let gpu = Gpu::new(&GpuOptions {
+            backend: Some(backend),
+            adapter: Some(AdapterSelector::Index(r.index)),
+            max_binding_bytes: None,
+        });
+        match gpu {
+            Ok(g) => {
+                eprintln!("benchmarking {}", g.describe());
+                bench_run(&Target::Gpu(&g), &opts, &mut on_result)?;
+            }
+            Err(e) => eprintln!("skipping {} ({}): {e}", r.name, r.backend),
+        }
+    }
+    if !a.no_cpu {
+        eprintln!("benchmarking the CPU baseline (faer)");
+        bench_run(&Target::Cpu, &opts, &mut on_result)?;
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    let machine = serde_json::json!({
+        "os": std::env::consts::OS,
+        "arch": std::env::consts::ARCH,
+        "cpu": pumice::bench::cpu_model(),
+        "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    });
+    if rep.json() {
+        rep.summary(serde_json::json!({
+            "pumice": env!("CARGO_PKG_VERSION"),
+            "quick": a.quick,
+            "machine": machine,
+            "adapters": adapters,
+            "results": results,
+        }));
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{} ({} threads); medians of {} runs after {} warm-up; x cpu = CPU (faer) median / this median",
+        machine["cpu"].as_str().unwrap_or("?"),
+        machine["threads"],
+        opts.runs,
+        opts.warmup
+    )?;
+    writeln!(
+        out,
+        "{:<7} {:<30} {:<20} {:<58} {:>10} {:>9} {:>10} {:>7}",
+        "backend", "adapter", "operation", "shape", "median s", "GFLOP/s", "tokens/s", "x cpu"
+    )?;
+    for r in &results {
+        let cpu = results
+            .iter()
+            .find(|c| c.backend == "cpu" && c.op == r.op && c.shape == r.shape && c.error.is_none());
+        let opt = |v: Option<f64>, prec: usize| {
+            v.map(|x| format!("{x:.prec$}")).unwrap_or_else(|| "-".into())
+        };
+        if let Some(e) = &r.error {
+            writeln!(
+                out,
+                "{:<7} {:<30} {:<20} {:<58} error: {}",
+                r.backend,
+                truncate(&r.adapter, 30),
+                r.op,
+                truncate(&r.shape, 58),
+                e
+            )?;
+            continue;
+        }
+        writeln!(
+            out,
+            "{:<7} {:<30} {:<20} {:<58} {:>10.4} {:>9} {:>10} {:>7}",
+            r.backend,
+            truncate(&r.adapter, 30),
+            r.op,
+            truncate(&r.shape, 58),
+            r.median_s,
+            opt(r.gflops, 1),
+            opt(r.tokens_per_s, 0),
+            if r.backend == "cpu" {
+                "-".into()
+            } else {
+                opt(cpu.map(|c| c.median_s / r.median_s), 2)
+            }
+        )?;
+    }
+    Ok(())
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        format!("{}…", s.chars().take(n - 1).collect::<String>())
+    }
+}
+
+/// A private scratch directory for the end-to-end rows.
+fn tempdir_for_bench() -> Result<PathBuf, pumice::Error> {
+    let d = std::env::temp_dir().join(format!("pumice-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&d).map_err(|e| pumice::Error::Io {
+        path: d.clone(),
+        source: e,
+    })?;
+    Ok(d)
+}
+
+fn hessians_cmd(gpu_opts: &GpuOptions, a: HessiansArgs) -> anyhow::Result<()> {
+    use pumice::compress::calib::CalibOptions;
+    use pumice::compress::pipeline::{collect_hessians, CalibSource, Event};
+    let mut rep = progress::Reporter::new(a.json);
+    if a.calib_samples == 0 {
+        return Err(
+            pumice::Error::InvalidArgument("--calib-samples must be at least 1".into()).into(),
+        );
+    }
+    let ck = Checkpoint::open(&a.model)?;
+    let gpu = Gpu::new(gpu_opts)?;
+    eprintln!(
+        "collecting Hessians of {} on {}",
+        a.model.display(),
+        gpu.describe()
+    );
+    rep.emit(
+        "start",
+        serde_json::json!({"command": "hessians", "model": a.model.display().to_string(), "adapter": gpu.describe()}),
+    );
+    let source = if a.calib.is_empty() {
+        CalibSource::SelfGenerated
+    } else {
+        CalibSource::Text(a.calib.clone())
+    };
+    let copts = CalibOptions {
+        samples: a.calib_samples,
+        len: a.calib_len,
+        seed: a.seed,
+    };
+    let s = collect_hessians(&gpu, &ck, &source, &copts, &a.output, a.force, &mut |e: &Event| {
+        rep.on(e)
+    })?;
+    rep.finish();
+    if rep.json() {
+        rep.summary(serde_json::to_value(&s)?);
+    } else {
+        println!(
+            "wrote {}: Hessians of {} layers ({:.1} MiB) from {} sequences of {} tokens in {:.1} s",
+            s.output,
+            s.layers,
+            s.bytes as f64 / (1u64 << 20) as f64,
+            s.calibration.samples,
+            s.calibration.len,
+            s.seconds
+        );
+    }
+    Ok(())
+}
+
+fn merge_cmd(a: MergeArgs) -> anyhow::Result<()> {
+    use pumice::compress::pipeline::{merge, Event};
+    let mut rep = progress::Reporter::new(a.json);
+    rep.emit(
+        "start",
+        serde_json::json!({"command": "merge", "work_dir": a.work_dir.display().to_string()}),
+    );
+    let s = merge(
+        &a.work_dir,
+        a.model.as_deref(),
+        &a.output,
+        a.force,
+        &mut |e: &Event| rep.on(e),
+    )?;
+    rep.finish();
+    if rep.json() {
+        rep.summary(serde_json::to_value(&s)?);
+    } else {
+        println!(
+            "wrote {}: {:.2} MiB, {:.3} bits/parameter overall, {:.3} in the linear layers",
+            s.output,
+            s.output_bytes as f64 / (1u64 << 20) as f64,
+            s.bits_per_parameter,
+            s.linear_bits_per_parameter
+        );
+    }
+    Ok(())
 }
 
 fn importance_cmd(gpu_opts: &GpuOptions, a: ImportanceArgs) -> anyhow::Result<()> {
@@ -766,6 +1217,18 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
     };
     use pumice::quant::{GptqOptions, Grid};
 
+    let mut rep = progress::Reporter::new(a.json);
+    let shard = match (&a.output, a.shard) {
+        (Some(_), _) => None,
+        (None, Some(s)) => Some(s),
+        (None, None) => Some(shard_from_env(a.shards)?),
+    };
+    if shard.is_some() && (a.hessians.is_none() || a.work_dir.is_none()) {
+        return Err(pumice::Error::InvalidArgument(
+            "a shard needs --hessians HDIR (from `pumice hessians`) and --work-dir DIR".into(),
+        )
+        .into());
+    }
     let ck = Checkpoint::open(&a.model)?;
     let bits = a
         .bits
@@ -813,9 +1276,13 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
             inner_iters: a.inner_iters.max(1),
             clip: !a.no_clip,
         },
-        output: a.output.clone(),
+        output: a.output.clone().unwrap_or_default(),
         force: a.force,
         rht: a.rht || (a.method == MethodArg::Caldera && !a.no_rht),
+        hessians: a.hessians.clone(),
+        work_dir: a.work_dir.clone(),
+        resume: a.resume,
+        shard,
     };
     if let Some(path) = &a.measurement {
         allocate_layers(&ck, path, &a, &mut opts)?;
@@ -827,43 +1294,31 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
         a.method,
         gpu.describe()
     );
-    let mut calib_bar: Option<progress::Progress> = None;
-    let mut bar: Option<progress::Progress> = None;
-    let summary = compress(&gpu, &ck, &opts, &mut |e: &Event| match e {
-        Event::Calibrating { kind, done, total } => {
-            let b = calib_bar.get_or_insert_with(|| {
-                progress::Progress::new(
-                    if *kind == "self" {
-                        "calibration (self-generated: sampling from the model)"
-                    } else {
-                        "calibration (text)"
-                    },
-                    *total as u64,
-                    if *kind == "self" {
-                        "sampling steps"
-                    } else {
-                        "sequences"
-                    },
-                )
-            });
-            b.set(*done as u64);
+    rep.emit(
+        "start",
+        serde_json::json!({
+            "command": "compress", "model": a.model.display().to_string(),
+            "method": opts.method.name(), "adapter": gpu.describe(),
+            "shard": shard.map(|(i, n)| format!("{i}/{n}")),
+        }),
+    );
+    let summary = compress(&gpu, &ck, &opts, &mut |e: &Event| rep.on(e))?;
+    rep.finish();
+    if let Some((i, n)) = shard {
+        if rep.json() {
+            rep.summary(serde_json::to_value(&summary)?);
+        } else {
+            let layers: Vec<String> = summary.layers.iter().map(|l| l.layer.to_string()).collect();
+            println!(
+                "shard {i}/{n}: layers {} done in {}; when every shard has finished: pumice merge {} -o OUT",
+                layers.join(", "),
+                summary.output,
+                summary.output
+            );
         }
-        Event::Matrix { done, total, .. } => {
-            if let Some(mut c) = calib_bar.take() {
-                c.finish();
-            }
-            bar.get_or_insert_with(|| {
-                progress::Progress::new("quantizing", *total as u64, "matrices")
-            })
-            .set(*done as u64);
-        }
-        Event::Note(msg) => eprintln!("note: {msg}"),
-        Event::Writing => {
-            if let Some(mut b) = bar.take() {
-                b.finish();
-            }
-        }
-    })?;
+        return Ok(());
+    }
+    let output = opts.output.clone();
     let mut before_after = None;
     if let Some(text_path) = &a.eval_text {
         let tok = Tokenizer::from_model_dir(&a.model)?.ok_or_else(|| {
@@ -877,7 +1332,7 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
             source: e,
         })?;
         let tokens = tok.encode(&text)?;
-        let out_ck = Checkpoint::open(&a.output)?;
+        let out_ck = Checkpoint::open(&output)?;
         let eopts = EngineOptions {
             resident_bytes: 2 << 30,
             max_positions: a.eval_ctx,
@@ -909,7 +1364,7 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
             seed: a.seed.wrapping_add(1),
         };
         let seqs = pumice::compress::calib::self_generated(&mut orig, &copts, &mut |_, _| {})?;
-        let out_ck = Checkpoint::open(&a.output)?;
+        let out_ck = Checkpoint::open(&output)?;
         let mut comp = Engine::new(&gpu, &out_ck, &eopts)?;
         let eval_opts = EvalOptions {
             ctx: len,
@@ -926,7 +1381,7 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
     }
     // The allocation report: report.svg in the output directory (temporary name, renamed).
     let report_rows = if opts.allocation.is_some() {
-        let m = pumice::model::compressed::Manifest::read(&a.output)?;
+        let m = pumice::model::compressed::Manifest::read(&output)?;
         let rows = pumice::budget::report::rows(&m).unwrap_or_default();
         let title = format!(
             "{}: {} allocation, {:.3} bits/parameter in the linear layers",
@@ -938,8 +1393,8 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
             summary.linear_bits_per_parameter
         );
         let svg = pumice::budget::report::svg(&rows, &title);
-        let path = a.output.join("report.svg");
-        let tmp = a.output.join(".report.svg.pumice-tmp");
+        let path = output.join("report.svg");
+        let tmp = output.join(".report.svg.pumice-tmp");
         std::fs::write(&tmp, svg).map_err(|e| pumice::Error::Io {
             path: tmp.clone(),
             source: e,
@@ -953,8 +1408,7 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
-    let mut out = std::io::stdout().lock();
-    if a.json {
+    if rep.json() {
         let mut v = serde_json::to_value(&summary)?;
         let o = v.as_object_mut().expect("summary is an object");
         if let Some((b, af)) = &before_after {
@@ -964,9 +1418,10 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
         if let Some(e) = &self_eval {
             o.insert("eval_self_generated".into(), serde_json::to_value(e)?);
         }
-        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        rep.summary(v);
         return Ok(());
     }
+    let mut out = std::io::stdout().lock();
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     writeln!(out, "wrote {}", summary.output)?;
     writeln!(
@@ -1013,7 +1468,7 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
             out,
             "  layer {:>3} ({:.1} s): {}",
             l.layer,
-            l.seconds,
+            l.seconds.unwrap_or(0.0),
             errs.join(", ")
         )?;
     }

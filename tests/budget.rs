@@ -225,7 +225,7 @@ fn allocation_meets_budgets() {
         ],
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let s = common::json_summary(&o.stdout);
     assert!(s["linear_bits_per_parameter"].as_f64().unwrap() <= 4.5);
     let man: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("pumice.json")).unwrap()).unwrap();
@@ -245,7 +245,7 @@ fn allocation_meets_budgets() {
             "{rule}: {}",
             String::from_utf8_lossy(&o.stderr)
         );
-        let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let s = common::json_summary(&o.stdout);
         let bpw = s["linear_bits_per_parameter"].as_f64().unwrap();
         assert!(bpw <= 3.0, "{rule}: {bpw}");
         assert!(out.join("report.svg").exists());

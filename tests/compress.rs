@@ -39,6 +39,10 @@ fn opts(method: Method, bits: u32, group: usize, out: &Path) -> CompressOptions 
         output: out.to_path_buf(),
         force: false,
         rht: false,
+        hessians: None,
+        work_dir: None,
+        resume: false,
+        shard: None,
     }
 }
 

@@ -84,6 +84,10 @@ fn compress_and_reader_agree_on_symmetric_zero_points() {
         output: out.clone(),
         force: false,
         rht: false,
+        hessians: None,
+        work_dir: None,
+        resume: false,
+        shard: None,
     };
     compress(&g, &src, &o, &mut |_| {}).unwrap();
     let ck = Checkpoint::open(&out).unwrap();

@@ -8,7 +8,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::compress::pipeline::{
-    calibration_batches, compress_layer, CalderaSettings, CalibBatches, Event, LayerShared,
+    calibration_batches, compress_layer, CalderaSettings, CalibBatches, Event, LayerInput,
+    LayerShared,
 };
 use crate::error::{Error, Result};
 use crate::gpu::{ops, Batch, GpuMatrix};
@@ -138,7 +139,7 @@ pub fn measure(
                 &shared,
                 l,
                 recipe,
-                &copies,
+                LayerInput::Activations(&copies),
                 &mut done,
                 7,
                 &mut |_: &Event| {},

@@ -4,3 +4,4 @@
 
 pub mod calib;
 pub mod pipeline;
+pub mod workdir;

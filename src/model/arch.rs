@@ -55,7 +55,7 @@ impl LinearKind {
 }
 
 /// Linear layers that read the same activations: one Hessian per group and layer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum InputGroup {
     /// Normed hidden state into q, k, v.

@@ -182,7 +182,10 @@ pub struct MatrixReport {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct LayerReport {
     pub layer: usize,
-    pub seconds: f64,
+    /// Wall time of the layer: in run summaries only, never in a manifest (whose bytes must
+    /// not depend on timing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<f64>,
     pub matrices: Vec<MatrixReport>,
 }
 

@@ -229,3 +229,23 @@ pub fn reader_weight(g: &Gpu, ck: &pumice::model::Checkpoint, name: &str) -> Vec
     .unwrap();
     e.dequantized_weight(name).unwrap().to_f32(g).unwrap()
 }
+
+/// Every line of a command's stdout as JSON (panics naming the first line that does not parse).
+#[allow(dead_code)]
+pub fn json_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("stdout line is not JSON ({e}): {l}"))
+        })
+        .collect()
+}
+
+/// The summary object that ends a JSON-lines command's stdout.
+#[allow(dead_code)]
+pub fn json_summary(stdout: &[u8]) -> serde_json::Value {
+    let lines = json_lines(stdout);
+    let last = lines.last().cloned().expect("stdout has at least one line");
+    assert_eq!(last["event"], "summary", "last line: {last}");
+    last
+}

@@ -1,0 +1,552 @@
+//! Files that outlive one process: work directories (`compress --work-dir`: one file per
+//! finished layer, so an interrupted run resumes and shards on several machines fill one
+//! directory that `merge` assembles) and Hessian directories (`pumice hessians`).
+//!
+//! Every file is written under a temporary name, synced and renamed, so a file that exists is
+//! complete: a process killed at any instant leaves either the old state or the new one.
+//!
+//! Binary files share one container: 8 magic bytes, a little-endian u64 header length, a JSON
+//! header padded with spaces to a multiple of 8 bytes, then the blobs the header lists, back to
+//! back.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::model::compressed::{CalibInfo, MatrixReport, QuantEntry, SourceInfo};
+use crate::model::InputGroup;
+use crate::{Error, Result};
+
+/// The job description in a work directory.
+pub const JOB_FILE: &str = "job.json";
+/// Calibration activations after the last finished layer (sequential mode).
+pub const ACTIVATIONS_FILE: &str = "activations.bin";
+/// The description of a Hessian directory.
+pub const HESSIANS_FILE: &str = "hessians.json";
+
+const JOB_FORMAT: &str = "pumice-work";
+const HESSIANS_FORMAT: &str = "pumice-hessians";
+const VERSION: u32 = 1;
+const LAYER_MAGIC: &[u8; 8] = b"PMCLAYR1";
+const ACT_MAGIC: &[u8; 8] = b"PMCACTS1";
+const HESS_MAGIC: &[u8; 8] = b"PMCHESS1";
+/// Largest container header accepted (a hostile length must not allocate gigabytes).
+const MAX_HEADER: u64 = 64 << 20;
+
+/// A finished layer's file in a work directory.
+pub fn layer_file(dir: &Path, layer: usize) -> PathBuf {
+    dir.join(format!("layer-{layer:05}.bin"))
+}
+
+/// A layer's Hessians in a Hessian directory.
+pub fn hessian_file(dir: &Path, layer: usize) -> PathBuf {
+    dir.join(format!("layer-{layer:05}.hessians"))
+}
+
+/// Write `parts` (concatenated) to `path` atomically: a temporary sibling, fsync, rename.
+pub fn write_atomic(path: &Path, parts: &[&[u8]]) -> Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let res = (|| -> std::io::Result<()> {
+        let f = std::fs::File::create(&tmp)?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        for p in parts {
+            w.write_all(p)?;
+        }
+        w.flush()?;
+        w.get_ref().sync_all()?;
+        Ok(())
+    })();
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(&tmp, e));
+    }
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })?;
+    // The rename itself is durable once the directory is synced.
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// Write a container: `header` plus `blobs`, whose lengths the header must describe.
+fn write_container(path: &Path, magic: &[u8; 8], header: &Value, blobs: &[&[u8]]) -> Result<()> {
+    let mut h = serde_json::to_vec(header).expect("header serializes");
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let len = (h.len() as u64).to_le_bytes();
+    let mut parts: Vec<&[u8]> = vec![magic, &len, &h];
+    parts.extend_from_slice(blobs);
+    write_atomic(path, &parts)
+}
+
+/// Read a container's header and, when `with_data`, the data after it (whose length must be
+/// `expected_data(header)`).
+fn read_container(
+    path: &Path,
+    magic: &[u8; 8],
+    with_data: bool,
+    expected_data: impl Fn(&Value) -> Option<u64>,
+) -> Result<(Value, Vec<u8>)> {
+    let bad = |msg: &str| Error::work_dir(path, msg);
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let size = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut head = [0u8; 16];
+    f.read_exact(&mut head)
+        .map_err(|_| bad("truncated: shorter than its 16-byte preamble"))?;
+    if &head[..8] != magic {
+        return Err(bad("not a pumice file of this kind (wrong magic bytes)"));
+    }
+    let hlen = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
+    if hlen > MAX_HEADER || 16 + hlen > size {
+        return Err(bad("truncated or damaged: header length exceeds the file"));
+    }
+    let mut h = vec![0u8; hlen as usize];
+    f.read_exact(&mut h).map_err(|e| Error::io(path, e))?;
+    let header: Value = serde_json::from_slice(&h).map_err(|e| Error::Json {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    let want = expected_data(&header).ok_or_else(|| bad("header lacks its blob list"))?;
+    if size != 16 + hlen + want {
+        return Err(bad(&format!(
+            "truncated or damaged: {} data bytes, the header lists {want}",
+            size - 16 - hlen
+        )));
+    }
+    let mut data = Vec::new();
+    if with_data {
+        data.reserve_exact(want as usize);
+        f.read_to_end(&mut data).map_err(|e| Error::io(path, e))?;
+    }
+    Ok((header, data))
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Json {
+        path: path.to_path_buf(),
+        source: e,
+    })
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    format!("{:x}", sha2::Sha256::digest(bytes))
+}
+
+/// What a work directory's job is: the inputs its output depends on, and the manifest fields
+/// that do not come from the layers.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Job {
+    pub format: String,
+    pub format_version: u32,
+    pub created_by: String,
+    /// SHA-256 of `inputs` (as JSON).
+    pub fingerprint: String,
+    /// Everything the output depends on, by name: options (their text), the source model's
+    /// SHA-256, the Hessian directory's identity.
+    pub inputs: BTreeMap<String, String>,
+    pub layers: usize,
+    pub source: SourceInfo,
+    pub method: String,
+    pub params: Value,
+    pub calibration: CalibInfo,
+    pub allocation: Option<Value>,
+}
+
+/// The fingerprint of a job's inputs.
+pub fn fingerprint(inputs: &BTreeMap<String, String>) -> String {
+    sha256_hex(&serde_json::to_vec(inputs).expect("map serializes"))
+}
+
+impl Job {
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join(JOB_FILE)
+    }
+
+    /// The job in `dir`, if one was started there.
+    pub fn read(dir: &Path) -> Result<Option<Job>> {
+        let p = Job::path(dir);
+        if !p.exists() {
+            return Ok(None);
+        }
+        let j: Job = read_json(&p)?;
+        if j.format != JOB_FORMAT || j.format_version != VERSION {
+            return Err(Error::work_dir(
+                &p,
+                format!(
+                    "format {} version {} is not {JOB_FORMAT} version {VERSION}",
+                    j.format, j.format_version
+                ),
+            ));
+        }
+        Ok(Some(j))
+    }
+
+    pub fn new(
+        inputs: BTreeMap<String, String>,
+        layers: usize,
+        source: SourceInfo,
+        method: String,
+        params: Value,
+        calibration: CalibInfo,
+        allocation: Option<Value>,
+    ) -> Job {
+        Job {
+            format: JOB_FORMAT.into(),
+            format_version: VERSION,
+            created_by: format!("pumice {}", env!("CARGO_PKG_VERSION")),
+            fingerprint: fingerprint(&inputs),
+            inputs,
+            layers,
+            source,
+            method,
+            params,
+            calibration,
+            allocation,
+        }
+    }
+
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self).expect("job serializes");
+        write_atomic(&Job::path(dir), &[text.as_bytes()])
+    }
+}
+
+/// Refuse a work directory whose job was made from other inputs, naming what changed.
+pub fn check_inputs(dir: &Path, old: &BTreeMap<String, String>, new: &BTreeMap<String, String>) -> Result<()> {
+    if old == new {
+        return Ok(());
+    }
+    let short = |s: Option<&String>| {
+        let s = s.map(String::as_str).unwrap_or("(absent)");
+        if s.chars().count() > 90 {
+            format!("{}…", s.chars().take(90).collect::<String>())
+        } else {
+            s.to_string()
+        }
+    };
+    let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    let changed: Vec<String> = keys
+        .into_iter()
+        .filter(|k| old.get(*k) != new.get(*k))
+        .map(|k| format!("{k} was {} and is now {}", short(old.get(k)), short(new.get(k))))
+        .collect();
+    Err(Error::work_dir(
+        dir,
+        format!(
+            "holds a job made from other inputs ({}); use another --work-dir or remove this one",
+            changed.join("; ")
+        ),
+    ))
+}
+
+/// One stored tensor of a layer, with its header entry exactly as the checkpoint has it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TensorMeta {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub bytes: usize,
+}
+
+/// A finished layer: its linear weights' manifest entries and reports, and the stored tensors
+/// (in checkpoint order).
+#[derive(Clone, Debug)]
+pub struct StoredLayer {
+    pub layer: usize,
+    pub seconds: f64,
+    pub entries: Vec<(String, QuantEntry)>,
+    pub reports: Vec<MatrixReport>,
+    pub tensors: Vec<(TensorMeta, Vec<u8>)>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct LayerHeader {
+    layer: usize,
+    fingerprint: String,
+    seconds: f64,
+    entries: Vec<(String, QuantEntry)>,
+    reports: Vec<MatrixReport>,
+    tensors: Vec<TensorMeta>,
+}
+
+fn blob_total(h: &Value, key: &str, size: impl Fn(&Value) -> Option<u64>) -> Option<u64> {
+    h.get(key)?
+        .as_array()?
+        .iter()
+        .map(&size)
+        .sum::<Option<u64>>()
+}
+
+impl StoredLayer {
+    /// Write to `layer_file(dir, layer)`, tagged with the job's fingerprint.
+    pub fn write(&self, dir: &Path, fingerprint: &str) -> Result<()> {
+        let header = LayerHeader {
+            layer: self.layer,
+            fingerprint: fingerprint.into(),
+            seconds: self.seconds,
+            entries: self.entries.clone(),
+            reports: self.reports.clone(),
+            tensors: self.tensors.iter().map(|(m, _)| m.clone()).collect(),
+        };
+        let v = serde_json::to_value(&header).expect("header serializes");
+        let blobs: Vec<&[u8]> = self.tensors.iter().map(|(_, d)| d.as_slice()).collect();
+        write_container(&layer_file(dir, self.layer), LAYER_MAGIC, &v, &blobs)
+    }
+
+    fn read_impl(dir: &Path, layer: usize, fingerprint: &str, with_data: bool) -> Result<StoredLayer> {
+        let path = layer_file(dir, layer);
+        let (v, data) = read_container(&path, LAYER_MAGIC, with_data, |h| {
+            blob_total(h, "tensors", |t| t.get("bytes")?.as_u64())
+        })?;
+        let h: LayerHeader = serde_json::from_value(v).map_err(|e| Error::Json {
+            path: path.clone(),
+            source: e,
+        })?;
+        if h.layer != layer {
+            return Err(Error::work_dir(&path, format!("holds layer {}, not {layer}", h.layer)));
+        }
+        if h.fingerprint != fingerprint {
+            return Err(Error::work_dir(
+                &path,
+                "was made by another job (fingerprint differs from job.json); remove it",
+            ));
+        }
+        let mut tensors = Vec::with_capacity(h.tensors.len());
+        let mut off = 0;
+        for m in h.tensors {
+            let d = if with_data {
+                data[off..off + m.bytes].to_vec()
+            } else {
+                Vec::new()
+            };
+            off += m.bytes;
+            tensors.push((m, d));
+        }
+        Ok(StoredLayer {
+            layer,
+            seconds: h.seconds,
+            entries: h.entries,
+            reports: h.reports,
+            tensors,
+        })
+    }
+
+    /// Read layer `layer` of the job with `fingerprint` from `dir`.
+    pub fn read(dir: &Path, layer: usize, fingerprint: &str) -> Result<StoredLayer> {
+        Self::read_impl(dir, layer, fingerprint, true)
+    }
+
+    /// The same without the tensor data (header entries only).
+    pub fn read_header(dir: &Path, layer: usize, fingerprint: &str) -> Result<StoredLayer> {
+        Self::read_impl(dir, layer, fingerprint, false)
+    }
+}
+
+/// Calibration activations between layers: the residual stream leaving layer
+/// `layers_done - 1`, per sub-batch of whole sequences.
+pub struct Activations {
+    pub layers_done: usize,
+    pub len: usize,
+    pub cols: usize,
+    /// Rows and f32 values of each sub-batch.
+    pub batches: Vec<(usize, Vec<f32>)>,
+}
+
+impl Activations {
+    pub fn write(&self, dir: &Path, fingerprint: &str) -> Result<()> {
+        let header = serde_json::json!({
+            "fingerprint": fingerprint,
+            "layers_done": self.layers_done,
+            "len": self.len,
+            "cols": self.cols,
+            "batches": self.batches.iter().map(|(r, _)| *r).collect::<Vec<_>>(),
+        });
+        let blobs: Vec<&[u8]> = self
+            .batches
+            .iter()
+            .map(|(_, v)| bytemuck::cast_slice(v.as_slice()))
+            .collect();
+        write_container(&dir.join(ACTIVATIONS_FILE), ACT_MAGIC, &header, &blobs)
+    }
+
+    /// The saved activations, if any.
+    pub fn read(dir: &Path, fingerprint: &str) -> Result<Option<Activations>> {
+        let path = dir.join(ACTIVATIONS_FILE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let cols_of = |h: &Value| h.get("cols").and_then(Value::as_u64);
+        let (h, data) = read_container(&path, ACT_MAGIC, true, |h| {
+            let c = cols_of(h)?;
+            blob_total(h, "batches", |r| Some(r.as_u64()? * c * 4))
+        })?;
+        if h.get("fingerprint").and_then(Value::as_str) != Some(fingerprint) {
+            return Err(Error::work_dir(
+                &path,
+                "was made by another job (fingerprint differs from job.json); remove it",
+            ));
+        }
+        let field = |k: &str| {
+            h.get(k)
+                .and_then(Value::as_u64)
+                .map(|v| v as usize)
+                .ok_or_else(|| Error::work_dir(&path, format!("header lacks `{k}`")))
+        };
+        let (layers_done, len, cols) = (field("layers_done")?, field("len")?, field("cols")?);
+        let rows: Vec<usize> = h["batches"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_u64).map(|v| v as usize).collect())
+            .unwrap_or_default();
+        let mut batches = Vec::with_capacity(rows.len());
+        let mut off = 0;
+        for r in rows {
+            let n = r * cols * 4;
+            let v: Vec<f32> = data[off..off + n]
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+                .collect();
+            off += n;
+            batches.push((r, v));
+        }
+        Ok(Some(Activations {
+            layers_done,
+            len,
+            cols,
+            batches,
+        }))
+    }
+}
+
+/// A Hessian directory's description.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct HessiansInfo {
+    pub format: String,
+    pub format_version: u32,
+    pub created_by: String,
+    pub source: SourceInfo,
+    pub calibration: CalibInfo,
+    pub layers: usize,
+}
+
+impl HessiansInfo {
+    pub fn new(source: SourceInfo, calibration: CalibInfo, layers: usize) -> HessiansInfo {
+        HessiansInfo {
+            format: HESSIANS_FORMAT.into(),
+            format_version: VERSION,
+            created_by: format!("pumice {}", env!("CARGO_PKG_VERSION")),
+            source,
+            calibration,
+            layers,
+        }
+    }
+
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self).expect("info serializes");
+        write_atomic(&dir.join(HESSIANS_FILE), &[text.as_bytes()])
+    }
+
+    /// The description and its identity (SHA-256 of the file).
+    pub fn read(dir: &Path) -> Result<(HessiansInfo, String)> {
+        let p = dir.join(HESSIANS_FILE);
+        let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
+        let info: HessiansInfo = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
+            path: p.clone(),
+            source: e,
+        })?;
+        if info.format != HESSIANS_FORMAT || info.format_version != VERSION {
+            return Err(Error::work_dir(
+                &p,
+                format!("not a {HESSIANS_FORMAT} version {VERSION} description"),
+            ));
+        }
+        Ok((info, sha256_hex(&bytes)))
+    }
+}
+
+/// One layer's Hessians H = Σ XᵀX, one per input group, full symmetric f64 in memory (the
+/// upper triangle on disk).
+#[derive(Clone, Debug, Default)]
+pub struct LayerHessians {
+    pub groups: Vec<(InputGroup, usize, Vec<f64>)>,
+}
+
+impl LayerHessians {
+    pub fn get(&self, g: InputGroup) -> Option<&[f64]> {
+        self.groups
+            .iter()
+            .find(|(k, _, _)| *k == g)
+            .map(|(_, _, h)| h.as_slice())
+    }
+
+    pub fn write(&self, dir: &Path, layer: usize, source_sha256: &str) -> Result<()> {
+        let mut tri: Vec<Vec<u8>> = Vec::new();
+        for (_, n, h) in &self.groups {
+            let mut b = Vec::with_capacity(n * (n + 1) / 2 * 8);
+            for i in 0..*n {
+                for v in &h[i * n + i..(i + 1) * n] {
+                    b.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+            tri.push(b);
+        }
+        let header = serde_json::json!({
+            "layer": layer,
+            "source_sha256": source_sha256,
+            "groups": self.groups.iter().map(|(g, n, _)| serde_json::json!({"input": g, "features": n})).collect::<Vec<_>>(),
+        });
+        let blobs: Vec<&[u8]> = tri.iter().map(Vec::as_slice).collect();
+        write_container(&hessian_file(dir, layer), HESS_MAGIC, &header, &blobs)
+    }
+
+    pub fn read(dir: &Path, layer: usize, source_sha256: &str) -> Result<LayerHessians> {
+        let path = hessian_file(dir, layer);
+        let feats = |g: &Value| g.get("features").and_then(Value::as_u64);
+        let (h, data) = read_container(&path, HESS_MAGIC, true, |h| {
+            blob_total(h, "groups", |g| {
+                let n = feats(g)?;
+                Some(n * (n + 1) / 2 * 8)
+            })
+        })?;
+        if h.get("layer").and_then(Value::as_u64) != Some(layer as u64)
+            || h.get("source_sha256").and_then(Value::as_str) != Some(source_sha256)
+        {
+            return Err(Error::work_dir(
+                &path,
+                format!("is not layer {layer} of this model's Hessians"),
+            ));
+        }
+        let mut groups = Vec::new();
+        let mut off = 0;
+        for g in h["groups"].as_array().into_iter().flatten() {
+            let input: InputGroup = serde_json::from_value(g["input"].clone())
+                .map_err(|e| Error::work_dir(&path, format!("bad input group: {e}")))?;
+            let n = feats(g).unwrap_or(0) as usize;
+            let mut m = vec![0.0f64; n * n];
+            for i in 0..n {
+                for j in i..n {
+                    let v = f64::from_le_bytes(data[off..off + 8].try_into().expect("8 bytes"));
+                    off += 8;
+                    m[i * n + j] = v;
+                    m[j * n + i] = v;
+                }
+            }
+            groups.push((input, n, m));
+        }
+        Ok(LayerHessians { groups })
+    }
+}

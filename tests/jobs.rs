@@ -1,0 +1,375 @@
+//! Headless jobs through the binary: JSON lines on non-terminal stdout, interruption (SIGKILL
+//! at random points, SIGTERM) and `--resume`, and Hessians → shards → merge — each final
+//! checkpoint compared byte for byte with an uninterrupted single run.
+
+mod common;
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Instant;
+
+use common::{json_lines, json_summary, project_root};
+use rand::Rng;
+
+fn asset() -> PathBuf {
+    project_root().join("assets/models/gutenberg-llama")
+}
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_pumice"))
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A calibration text (no ../shared needed).
+fn calib_text(dir: &Path) -> PathBuf {
+    let p = dir.join("calib.txt");
+    let text = "It was a bright cold day in April, and the clocks were striking thirteen. The \
+                hallway smelt of boiled cabbage and old rag mats. At one end of it a coloured \
+                poster, too large for indoor display, had been tacked to the wall. ";
+    let more = "Call me Ishmael. Some years ago, never mind how long precisely, having little \
+                or no money in my purse, I thought I would sail about a little. ";
+    std::fs::write(&p, format!("{}{}", text.repeat(40), more.repeat(40))).unwrap();
+    p
+}
+
+/// Assert two directories hold the same file names with the same bytes.
+fn assert_same_dirs(a: &Path, b: &Path) {
+    let names = |d: &Path| {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let (na, nb) = (names(a), names(b));
+    assert_eq!(na, nb, "{} and {} list different files", a.display(), b.display());
+    for n in na {
+        let (x, y) = (
+            std::fs::read(a.join(&n)).unwrap(),
+            std::fs::read(b.join(&n)).unwrap(),
+        );
+        assert!(x == y, "{n} differs between {} and {}", a.display(), b.display());
+    }
+}
+
+/// Entries of `dir` whose names start with `prefix`.
+fn leftovers(dir: &Path, prefix: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(prefix))
+        .collect()
+}
+
+/// Compress arguments shared by a test's runs (GPTQ, text calibration: quick, deterministic).
+fn gptq_args(calib: &Path) -> Vec<String> {
+    [
+        "--method",
+        "gptq",
+        "--calib",
+        calib.to_str().unwrap(),
+        "--calib-samples",
+        "16",
+        "--calib-len",
+        "128",
+        "--eval-samples",
+        "0",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+#[test]
+fn compress_stdout_is_json_lines_when_not_a_terminal() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("out");
+    let o = run(&[
+        "compress",
+        asset().to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--method",
+        "rtn",
+        "--calib-samples",
+        "4",
+        "--calib-len",
+        "32",
+        "--eval-samples",
+        "0",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Every line parses; the summary comes last.
+    let lines = json_lines(&o.stdout);
+    let s = json_summary(&o.stdout);
+    assert_eq!(lines[0]["event"], "start");
+    assert!(s["linear_bits_per_parameter"].as_f64().unwrap() > 4.0);
+    let progress: Vec<_> = lines
+        .iter()
+        .filter(|l| l["event"] == "progress" && l["stage"] == "quantize")
+        .collect();
+    assert_eq!(progress.len(), 42);
+    let last = progress.last().unwrap();
+    assert_eq!(last["fraction"].as_f64(), Some(1.0));
+    assert_eq!(last["eta_s"].as_f64(), Some(0.0));
+    assert!(last["elapsed_s"].as_f64().unwrap() > 0.0);
+    assert!(last["matrix"].as_str().unwrap().ends_with("down_proj.weight"));
+    assert_eq!(lines.iter().filter(|l| l["event"] == "layer").count(), 6);
+    // Human-readable logs go to stderr.
+    assert!(stderr(&o).contains("compressing"), "{}", stderr(&o));
+}
+
+#[test]
+fn sigkill_at_random_points_then_resume_is_byte_identical() {
+    let d = tempfile::tempdir().unwrap();
+    let calib = calib_text(d.path());
+    let args = gptq_args(&calib);
+    let model = asset();
+    let compress = |out: &Path, extra: &[&str]| {
+        let mut c = bin();
+        c.arg("compress")
+            .arg(&model)
+            .arg("-o")
+            .arg(out)
+            .args(&args)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c
+    };
+    // The uninterrupted run, timed.
+    let reference = d.path().join("reference");
+    let t0 = Instant::now();
+    let o = compress(&reference, &[]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let t = t0.elapsed();
+
+    let seed: u64 = rand::rng().random();
+    eprintln!("kill times drawn with seed {seed}");
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+    let out = d.path().join("out");
+    let work = d.path().join("work");
+    let w = work.to_str().unwrap();
+    let mut kills = 0;
+    let mut layers_seen = Vec::new();
+    // Resumed runs have less left to do, so kills come early enough to land in most of them.
+    for _ in 0..5 {
+        let mut child = compress(&out, &["--work-dir", w, "--resume"]).spawn().unwrap();
+        std::thread::sleep(t.mul_f64(rng.random_range(0.15..0.6)));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL: no chance to clean up
+            kills += 1;
+        }
+        child.wait().unwrap();
+        layers_seen.push(leftovers(&work, "layer-").len());
+        // The output appears only complete (renamed into place), so it is the final one.
+        if out.exists() {
+            break;
+        }
+    }
+    eprintln!("{kills} kills; finished layers after each run: {layers_seen:?}");
+    if !out.exists() {
+        let o = compress(&out, &["--work-dir", w, "--resume"]).output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    assert!(kills > 0, "every run finished before its kill");
+    assert_same_dirs(&reference, &out);
+    // Temporary directories of killed runs are gone once a later run finishes.
+    assert!(leftovers(d.path(), ".out.pumice-tmp").is_empty());
+}
+
+#[cfg(unix)]
+#[test]
+fn sigterm_stops_at_a_matrix_and_says_how_to_resume() {
+    let d = tempfile::tempdir().unwrap();
+    let calib = calib_text(d.path());
+    let args = gptq_args(&calib);
+    let out = d.path().join("out");
+    let work = d.path().join("work");
+    let run_args = |resume: bool| {
+        let mut v: Vec<String> = vec![
+            "compress".into(),
+            asset().to_str().unwrap().into(),
+            "-o".into(),
+            out.to_str().unwrap().into(),
+            "--work-dir".into(),
+            work.to_str().unwrap().into(),
+        ];
+        v.extend(args.iter().cloned());
+        if resume {
+            v.push("--resume".into());
+        }
+        v
+    };
+    let mut child = bin()
+        .args(run_args(false))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the second layer's first matrix, then SIGTERM.
+    let mut lines = Vec::new();
+    let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    let mut sent = false;
+    while reader.read_line(&mut line).unwrap() > 0 {
+        let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+        if !sent && v["event"] == "progress" && v["layer"] == 1 {
+            let st = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(st.success());
+            sent = true;
+        }
+        lines.push(v);
+        line.clear();
+    }
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(sent, "no progress line for layer 1 arrived");
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(err.contains("--resume"), "{err}");
+    let last = lines.last().unwrap();
+    assert_eq!(last["event"], "error");
+    assert_eq!(last["exit_code"], 130);
+    assert!(!out.exists());
+    assert!(leftovers(d.path(), ".out.pumice-tmp").is_empty());
+    // Layer 0 was kept; the run continues from there.
+    assert!(leftovers(&work, "layer-").len() >= 1);
+    let o = bin().args(run_args(true)).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let notes: Vec<_> = json_lines(&o.stdout)
+        .into_iter()
+        .filter(|l| l["event"] == "note")
+        .collect();
+    assert!(
+        notes.iter().any(|n| n["message"].as_str().unwrap().starts_with("resuming")),
+        "{notes:?}"
+    );
+    // Without --resume a started work directory is refused.
+    let o = bin().args(run_args(false)).args(["--force"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("pass --resume"), "{}", stderr(&o));
+}
+
+#[test]
+fn two_shards_and_merge_match_a_single_run() {
+    let d = tempfile::tempdir().unwrap();
+    let calib = calib_text(d.path());
+    let model = asset();
+    let m = model.to_str().unwrap();
+    let h = d.path().join("hessians");
+    let o = run(&[
+        "hessians",
+        m,
+        "-o",
+        h.to_str().unwrap(),
+        "--calib",
+        calib.to_str().unwrap(),
+        "--calib-samples",
+        "16",
+        "--calib-len",
+        "128",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(json_summary(&o.stdout)["layers"], 6);
+    let common_args = [
+        "--hessians",
+        h.to_str().unwrap(),
+        "--method",
+        "caldera",
+        "--outer-iters",
+        "2",
+        "--eval-samples",
+        "0",
+    ];
+    let single = d.path().join("single");
+    let o = run(&[&["compress", m, "-o", single.to_str().unwrap()][..], &common_args].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let work = d.path().join("work");
+    let w = work.to_str().unwrap();
+    let o = run(&[&["compress", m, "--work-dir", w, "--shard", "0/2"][..], &common_args].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(json_summary(&o.stdout)["shard"], "0/2: layers 0..3");
+
+    // Merging before every shard finished names what is missing.
+    let merged = d.path().join("merged");
+    let o = run(&["merge", w, "-o", merged.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("layers 3, 4, 5 are not finished"), "{}", stderr(&o));
+    assert!(!merged.exists());
+
+    // A shard with other arguments is refused, naming the difference.
+    let o = run(
+        &[
+            &["compress", m, "--work-dir", w, "--shard", "1/2", "--target-bpw", "3"][..],
+            &common_args,
+        ]
+        .concat(),
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("caldera was"), "{}", stderr(&o));
+
+    // The second shard takes its index from a Slurm array task's environment.
+    let o = bin()
+        .args([&["compress", m, "--work-dir", w][..], &common_args].concat())
+        .env("SLURM_ARRAY_TASK_ID", "1")
+        .env("SLURM_ARRAY_TASK_MIN", "0")
+        .env("SLURM_ARRAY_TASK_COUNT", "2")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(json_summary(&o.stdout)["shard"], "1/2: layers 3..6");
+
+    let o = run(&["merge", w, "-o", merged.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_same_dirs(&single, &merged);
+    let man: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(merged.join("pumice.json")).unwrap()).unwrap();
+    assert_eq!(man["params"]["sequential"], false);
+    assert_eq!(man["calibration"]["samples"], 16);
+}
+
+/// Hessians made from one model are refused for another.
+#[test]
+fn hessians_of_another_model_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let h = d.path().join("h");
+    let o = run(&[
+        "hessians",
+        asset().to_str().unwrap(),
+        "-o",
+        h.to_str().unwrap(),
+        "--calib-samples",
+        "2",
+        "--calib-len",
+        "16",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let other = d.path().join("other");
+    common::TinyLlama::default().write(&other);
+    let o = run(&[
+        "compress",
+        other.to_str().unwrap(),
+        "-o",
+        d.path().join("x").to_str().unwrap(),
+        "--hessians",
+        h.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let e = stderr(&o);
+    let errors: Vec<&str> = e.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(errors.len(), 1, "{e}");
+    assert!(errors[0].contains("Hessians of another model"), "{e}");
+}
