@@ -161,11 +161,7 @@ pub fn outlier_hessian(t: usize, n: usize) -> Vec<f64> {
 }
 
 /// Times of `runs` calls after `warmup` untimed ones.
-fn time_runs(
-    warmup: usize,
-    runs: usize,
-    f: &mut dyn FnMut() -> Result<()>,
-) -> Result<Vec<f64>> {
+fn time_runs(warmup: usize, runs: usize, f: &mut dyn FnMut() -> Result<()>) -> Result<Vec<f64>> {
     for _ in 0..warmup {
         f()?;
     }
@@ -196,25 +192,60 @@ fn gemm_shapes(quick: bool) -> Vec<(usize, usize, usize, GemmOp, &'static str)> 
         vec![
             (512, 512, 512, GemmOp::NN, "square"),
             (1024, 1024, 1024, GemmOp::NN, "square"),
-            (1, 4096, 4096, GemmOp::NT, "decode: one token × W[4096×4096]ᵀ"),
-            (256, 4096, 4096, GemmOp::NT, "prefill: 256 tokens × W[4096×4096]ᵀ"),
+            (
+                1,
+                4096,
+                4096,
+                GemmOp::NT,
+                "decode: one token × W[4096×4096]ᵀ",
+            ),
+            (
+                256,
+                4096,
+                4096,
+                GemmOp::NT,
+                "prefill: 256 tokens × W[4096×4096]ᵀ",
+            ),
         ]
     } else {
         vec![
             (1024, 1024, 1024, GemmOp::NN, "square"),
             (2048, 2048, 2048, GemmOp::NN, "square"),
             (4096, 4096, 4096, GemmOp::NN, "square"),
-            (1, 4096, 11008, GemmOp::NT, "decode: one token × W[11008×4096]ᵀ"),
-            (2048, 4096, 4096, GemmOp::NT, "prefill: 2048 tokens × W[4096×4096]ᵀ"),
-            (2048, 4096, 11008, GemmOp::NT, "prefill: 2048 tokens × W[11008×4096]ᵀ"),
+            (
+                1,
+                4096,
+                11008,
+                GemmOp::NT,
+                "decode: one token × W[11008×4096]ᵀ",
+            ),
+            (
+                2048,
+                4096,
+                4096,
+                GemmOp::NT,
+                "prefill: 2048 tokens × W[4096×4096]ᵀ",
+            ),
+            (
+                2048,
+                4096,
+                11008,
+                GemmOp::NT,
+                "prefill: 2048 tokens × W[11008×4096]ᵀ",
+            ),
         ]
     }
 }
 
 /// Run every operation on `target`, handing each result to `emit` as it is measured.
-pub fn run(target: &Target<'_>, opts: &BenchOptions, emit: &mut dyn FnMut(BenchResult)) -> Result<()> {
+pub fn run(
+    target: &Target<'_>,
+    opts: &BenchOptions,
+    emit: &mut dyn FnMut(BenchResult),
+) -> Result<()> {
     let (backend, adapter, device_type, driver, driver_info) = target.identity();
-    let wanted = |op: &str| opts.only.is_empty() || opts.only.iter().any(|o| op.contains(o.as_str()));
+    let wanted =
+        |op: &str| opts.only.is_empty() || opts.only.iter().any(|o| op.contains(o.as_str()));
     let mut record = |op: &str,
                       shape: String,
                       times: Result<Vec<f64>>,
@@ -284,7 +315,14 @@ pub fn run(target: &Target<'_>, opts: &BenchOptions, emit: &mut dyn FnMut(BenchR
                     Ok(())
                 }),
             };
-            record("gemm f32", shape, times, Some(2.0 * (m * k * n) as f64), None, None)?;
+            record(
+                "gemm f32",
+                shape,
+                times,
+                Some(2.0 * (m * k * n) as f64),
+                None,
+                None,
+            )?;
         }
     }
 
@@ -332,7 +370,11 @@ pub fn run(target: &Target<'_>, opts: &BenchOptions, emit: &mut dyn FnMut(BenchR
         if !hessians.iter().any(|(k, _)| *k == n) {
             hessians.push((n, outlier_hessian(n, n)));
         }
-        let h = &hessians.iter().find(|(k, _)| *k == n).expect("just added").1;
+        let h = &hessians
+            .iter()
+            .find(|(k, _)| *k == n)
+            .expect("just added")
+            .1;
         let w: Vec<f32> = crate::lowrank::rsvd::gaussian(m * n, m as u64)
             .iter()
             .map(|v| v * 0.02)
@@ -349,7 +391,12 @@ pub fn run(target: &Target<'_>, opts: &BenchOptions, emit: &mut dyn FnMut(BenchR
                 // The CPU baseline is the f64 reference; only at the small shape.
                 Target::Cpu if opts.quick => time_runs(warmup.min(1), runs.min(3), &mut || {
                     std::hint::black_box(crate::quant::reference::gptq(
-                        &w, m, n, &prep, grid, gopts.block,
+                        &w,
+                        m,
+                        n,
+                        &prep,
+                        grid,
+                        gopts.block,
                     ));
                     Ok(())
                 }),

@@ -103,7 +103,7 @@ enum Command {
     Generate(GenerateArgs),
     /// Compress a model: calibrate, quantize every decoder linear layer, write a compressed
     /// checkpoint that eval, generate and inspect read.
-    Compress(CompressArgs),
+    Compress(Box<CompressArgs>),
     /// The calibration pass alone: save every layer's Hessians (from the original model) so
     /// `compress --hessians HDIR --shard I/N` can split the layers across machines.
     Hessians(HessiansArgs),
@@ -407,17 +407,29 @@ fn parse_shard(s: &str) -> Result<(usize, usize), String> {
     let (i, n) = s
         .split_once('/')
         .ok_or_else(|| format!("`{s}`: expected I/N, e.g. 0/4"))?;
-    let i: usize = i.trim().parse().map_err(|_| format!("`{s}`: I is not a number"))?;
-    let n: usize = n.trim().parse().map_err(|_| format!("`{s}`: N is not a number"))?;
+    let i: usize = i
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}`: I is not a number"))?;
+    let n: usize = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}`: N is not a number"))?;
     if n == 0 || i >= n {
-        return Err(format!("`{s}`: need 0 <= I < N (shards are numbered from 0)"));
+        return Err(format!(
+            "`{s}`: need 0 <= I < N (shards are numbered from 0)"
+        ));
     }
     Ok((i, n))
 }
 
 /// The shard a scheduler assigned this process: Slurm array tasks or Kubernetes Indexed Jobs.
 fn shard_from_env(count: Option<usize>) -> Result<(usize, usize), pumice::Error> {
-    let var = |k: &str| std::env::var(k).ok().and_then(|v| v.trim().parse::<usize>().ok());
+    let var = |k: &str| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+    };
     let index = match (var("SLURM_ARRAY_TASK_ID"), var("JOB_COMPLETION_INDEX")) {
         (Some(id), _) => id.saturating_sub(var("SLURM_ARRAY_TASK_MIN").unwrap_or(0)),
         (None, Some(i)) => i,
@@ -429,12 +441,14 @@ fn shard_from_env(count: Option<usize>) -> Result<(usize, usize), pumice::Error>
             ))
         }
     };
-    let n = count.or_else(|| var("SLURM_ARRAY_TASK_COUNT")).ok_or_else(|| {
-        pumice::Error::InvalidArgument(
+    let n = count
+        .or_else(|| var("SLURM_ARRAY_TASK_COUNT"))
+        .ok_or_else(|| {
+            pumice::Error::InvalidArgument(
             "the shard index comes from the environment but the count does not: pass --shards N"
                 .into(),
         )
-    })?;
+        })?;
     if index >= n {
         return Err(pumice::Error::InvalidArgument(format!(
             "shard index {index} from the environment is not below the shard count {n}"
@@ -606,13 +620,19 @@ fn install_stop_handler() {
 /// For an interrupted run with a work directory: the command that continues it.
 fn resume_hint() -> String {
     let args: Vec<String> = std::env::args().collect();
-    if !args.iter().any(|a| a == "--work-dir" || a.starts_with("--work-dir=")) {
+    if !args
+        .iter()
+        .any(|a| a == "--work-dir" || a.starts_with("--work-dir="))
+    {
         return String::new();
     }
     let mut cmd: Vec<String> = args
         .iter()
         .map(|a| {
-            if !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
+            if !a.is_empty()
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
+            {
                 a.clone()
             } else {
                 format!("'{}'", a.replace('\'', "'\\''"))
@@ -667,7 +687,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => inspect(&model, json, check_weights),
         Command::Eval(args) => eval(&cli.gpu.options(), args),
         Command::Generate(args) => generate_cmd(&cli.gpu.options(), args),
-        Command::Compress(args) => compress_cmd(&cli.gpu.options(), args),
+        Command::Compress(args) => compress_cmd(&cli.gpu.options(), *args),
         Command::Importance(args) => importance_cmd(&cli.gpu.options(), args),
         Command::Hessians(args) => hessians_cmd(&cli.gpu.options(), args),
         Command::Merge(args) => merge_cmd(args),
@@ -775,35 +795,36 @@ fn bench_cmd(gpu_args: &GpuArgs, a: BenchArgs) -> anyhow::Result<()> {
     )?;
     writeln!(
         out,
-        "{:<7} {:<30} {:<20} {:<58} {:>10} {:>9} {:>10} {:>7}",
+        "{:<7} {:<34} {:<20} {:<64} {:>10} {:>9} {:>10} {:>7}",
         "backend", "adapter", "operation", "shape", "median s", "GFLOP/s", "tokens/s", "x cpu"
     )?;
     for r in &results {
-        let cpu = results
-            .iter()
-            .find(|c| c.backend == "cpu" && c.op == r.op && c.shape == r.shape && c.error.is_none());
+        let cpu = results.iter().find(|c| {
+            c.backend == "cpu" && c.op == r.op && c.shape == r.shape && c.error.is_none()
+        });
         let opt = |v: Option<f64>, prec: usize| {
-            v.map(|x| format!("{x:.prec$}")).unwrap_or_else(|| "-".into())
+            v.map(|x| format!("{x:.prec$}"))
+                .unwrap_or_else(|| "-".into())
         };
         if let Some(e) = &r.error {
             writeln!(
                 out,
-                "{:<7} {:<30} {:<20} {:<58} error: {}",
+                "{:<7} {:<34} {:<20} {:<64} error: {}",
                 r.backend,
-                truncate(&r.adapter, 30),
+                truncate(&r.adapter, 34),
                 r.op,
-                truncate(&r.shape, 58),
+                truncate(&r.shape, 64),
                 e
             )?;
             continue;
         }
         writeln!(
             out,
-            "{:<7} {:<30} {:<20} {:<58} {:>10.4} {:>9} {:>10} {:>7}",
+            "{:<7} {:<34} {:<20} {:<64} {:>10.4} {:>9} {:>10} {:>7}",
             r.backend,
-            truncate(&r.adapter, 30),
+            truncate(&r.adapter, 34),
             r.op,
-            truncate(&r.shape, 58),
+            truncate(&r.shape, 64),
             r.median_s,
             opt(r.gflops, 1),
             opt(r.tokens_per_s, 0),
@@ -865,9 +886,15 @@ fn hessians_cmd(gpu_opts: &GpuOptions, a: HessiansArgs) -> anyhow::Result<()> {
         len: a.calib_len,
         seed: a.seed,
     };
-    let s = collect_hessians(&gpu, &ck, &source, &copts, &a.output, a.force, &mut |e: &Event| {
-        rep.on(e)
-    })?;
+    let s = collect_hessians(
+        &gpu,
+        &ck,
+        &source,
+        &copts,
+        &a.output,
+        a.force,
+        &mut |e: &Event| rep.on(e),
+    )?;
     rep.finish();
     if rep.json() {
         rep.summary(serde_json::to_value(&s)?);

@@ -172,7 +172,11 @@ impl Reporter {
                             "calibration (text)"
                         },
                         *total as u64,
-                        if self_gen { "sampling steps" } else { "sequences" },
+                        if self_gen {
+                            "sampling steps"
+                        } else {
+                            "sequences"
+                        },
                     )
                 });
                 b.set(*done as u64);

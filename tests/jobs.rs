@@ -51,13 +51,24 @@ fn assert_same_dirs(a: &Path, b: &Path) {
         v
     };
     let (na, nb) = (names(a), names(b));
-    assert_eq!(na, nb, "{} and {} list different files", a.display(), b.display());
+    assert_eq!(
+        na,
+        nb,
+        "{} and {} list different files",
+        a.display(),
+        b.display()
+    );
     for n in na {
         let (x, y) = (
             std::fs::read(a.join(&n)).unwrap(),
             std::fs::read(b.join(&n)).unwrap(),
         );
-        assert!(x == y, "{n} differs between {} and {}", a.display(), b.display());
+        assert!(
+            x == y,
+            "{n} differs between {} and {}",
+            a.display(),
+            b.display()
+        );
     }
 }
 
@@ -121,7 +132,10 @@ fn compress_stdout_is_json_lines_when_not_a_terminal() {
     assert_eq!(last["fraction"].as_f64(), Some(1.0));
     assert_eq!(last["eta_s"].as_f64(), Some(0.0));
     assert!(last["elapsed_s"].as_f64().unwrap() > 0.0);
-    assert!(last["matrix"].as_str().unwrap().ends_with("down_proj.weight"));
+    assert!(last["matrix"]
+        .as_str()
+        .unwrap()
+        .ends_with("down_proj.weight"));
     assert_eq!(lines.iter().filter(|l| l["event"] == "layer").count(), 6);
     // Human-readable logs go to stderr.
     assert!(stderr(&o).contains("compressing"), "{}", stderr(&o));
@@ -162,7 +176,9 @@ fn sigkill_at_random_points_then_resume_is_byte_identical() {
     let mut layers_seen = Vec::new();
     // Resumed runs have less left to do, so kills come early enough to land in most of them.
     for _ in 0..5 {
-        let mut child = compress(&out, &["--work-dir", w, "--resume"]).spawn().unwrap();
+        let mut child = compress(&out, &["--work-dir", w, "--resume"])
+            .spawn()
+            .unwrap();
         std::thread::sleep(t.mul_f64(rng.random_range(0.15..0.6)));
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap(); // SIGKILL: no chance to clean up
@@ -177,7 +193,9 @@ fn sigkill_at_random_points_then_resume_is_byte_identical() {
     }
     eprintln!("{kills} kills; finished layers after each run: {layers_seen:?}");
     if !out.exists() {
-        let o = compress(&out, &["--work-dir", w, "--resume"]).output().unwrap();
+        let o = compress(&out, &["--work-dir", w, "--resume"])
+            .output()
+            .unwrap();
         assert!(o.status.success(), "{}", stderr(&o));
     }
     assert!(kills > 0, "every run finished before its kill");
@@ -245,7 +263,7 @@ fn sigterm_stops_at_a_matrix_and_says_how_to_resume() {
     assert!(!out.exists());
     assert!(leftovers(d.path(), ".out.pumice-tmp").is_empty());
     // Layer 0 was kept; the run continues from there.
-    assert!(leftovers(&work, "layer-").len() >= 1);
+    assert!(!leftovers(&work, "layer-").is_empty());
     let o = bin().args(run_args(true)).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let notes: Vec<_> = json_lines(&o.stdout)
@@ -253,11 +271,17 @@ fn sigterm_stops_at_a_matrix_and_says_how_to_resume() {
         .filter(|l| l["event"] == "note")
         .collect();
     assert!(
-        notes.iter().any(|n| n["message"].as_str().unwrap().starts_with("resuming")),
+        notes
+            .iter()
+            .any(|n| n["message"].as_str().unwrap().starts_with("resuming")),
         "{notes:?}"
     );
     // Without --resume a started work directory is refused.
-    let o = bin().args(run_args(false)).args(["--force"]).output().unwrap();
+    let o = bin()
+        .args(run_args(false))
+        .args(["--force"])
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("pass --resume"), "{}", stderr(&o));
 }
@@ -294,12 +318,20 @@ fn two_shards_and_merge_match_a_single_run() {
         "0",
     ];
     let single = d.path().join("single");
-    let o = run(&[&["compress", m, "-o", single.to_str().unwrap()][..], &common_args].concat());
+    let o = run(&[
+        &["compress", m, "-o", single.to_str().unwrap()][..],
+        &common_args,
+    ]
+    .concat());
     assert!(o.status.success(), "{}", stderr(&o));
 
     let work = d.path().join("work");
     let w = work.to_str().unwrap();
-    let o = run(&[&["compress", m, "--work-dir", w, "--shard", "0/2"][..], &common_args].concat());
+    let o = run(&[
+        &["compress", m, "--work-dir", w, "--shard", "0/2"][..],
+        &common_args,
+    ]
+    .concat());
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(json_summary(&o.stdout)["shard"], "0/2: layers 0..3");
 
@@ -307,17 +339,28 @@ fn two_shards_and_merge_match_a_single_run() {
     let merged = d.path().join("merged");
     let o = run(&["merge", w, "-o", merged.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("layers 3, 4, 5 are not finished"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("layers 3, 4, 5 are not finished"),
+        "{}",
+        stderr(&o)
+    );
     assert!(!merged.exists());
 
     // A shard with other arguments is refused, naming the difference.
-    let o = run(
+    let o = run(&[
         &[
-            &["compress", m, "--work-dir", w, "--shard", "1/2", "--target-bpw", "3"][..],
-            &common_args,
-        ]
-        .concat(),
-    );
+            "compress",
+            m,
+            "--work-dir",
+            w,
+            "--shard",
+            "1/2",
+            "--target-bpw",
+            "3",
+        ][..],
+        &common_args,
+    ]
+    .concat());
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("caldera was"), "{}", stderr(&o));
 
@@ -336,7 +379,8 @@ fn two_shards_and_merge_match_a_single_run() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_same_dirs(&single, &merged);
     let man: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(merged.join("pumice.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(merged.join("pumice.json")).unwrap())
+            .unwrap();
     assert_eq!(man["params"]["sequential"], false);
     assert_eq!(man["calibration"]["samples"], 16);
 }
@@ -372,4 +416,119 @@ fn hessians_of_another_model_are_refused() {
     let errors: Vec<&str> = e.lines().filter(|l| l.starts_with("error")).collect();
     assert_eq!(errors.len(), 1, "{e}");
     assert!(errors[0].contains("Hessians of another model"), "{e}");
+}
+
+/// Peak memory while compressing synthetic checkpoints of 2 and 8 layers of the same shape:
+/// the process's peak resident set and the GPU's peak grow by far less than the extra
+/// weights, i.e. the pipeline holds about one layer at a time.
+#[test]
+fn peak_memory_stays_near_one_layer_as_the_model_grows() {
+    use pumice::model::synthetic::SyntheticLlama;
+    let d = tempfile::tempdir().unwrap();
+    let mut peaks = Vec::new();
+    for layers in [2usize, 8] {
+        let mut s = SyntheticLlama {
+            hidden: 512,
+            intermediate: 1376,
+            layers,
+            heads: 8,
+            kv_heads: 8,
+            vocab: 256,
+            dtype: pumice::DType::F32,
+            seed: 5,
+            architecture: "LlamaForCausalLM".into(),
+            extra: Default::default(),
+        };
+        s.extra.insert("bos_token_id".into(), 1.into());
+        let model = d.path().join(format!("m{layers}"));
+        s.write(&model).unwrap();
+        let bytes = std::fs::metadata(model.join("model.safetensors"))
+            .unwrap()
+            .len();
+        let out = d.path().join(format!("q{layers}"));
+        let o = run(&[
+            "compress",
+            model.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--method",
+            "gptq",
+            "--calib-samples",
+            "4",
+            "--calib-len",
+            "64",
+            "--eval-samples",
+            "0",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let s = json_summary(&o.stdout);
+        let rss = s["peak_rss_bytes"].as_u64();
+        let gpu = s["peak_gpu_bytes"].as_u64().unwrap();
+        eprintln!(
+            "{layers} layers: checkpoint {:.1} MiB, peak RSS {}, peak GPU {:.1} MiB",
+            bytes as f64 / 1048576.0,
+            rss.map(|r| format!("{:.1} MiB", r as f64 / 1048576.0))
+                .unwrap_or_else(|| "n/a".into()),
+            gpu as f64 / 1048576.0
+        );
+        peaks.push((bytes, rss, gpu));
+    }
+    let (small, large) = (peaks[0], peaks[1]);
+    let extra_weights = (large.0 - small.0) as f64;
+    // GPU: one layer's working set regardless of depth.
+    assert!(
+        (large.2 as f64 - small.2 as f64) < 0.05 * extra_weights,
+        "GPU peak grew from {} to {} bytes for {extra_weights} more bytes of weights",
+        small.2,
+        large.2
+    );
+    if let (Some(a), Some(b)) = (small.1, large.1) {
+        assert!(
+            (b as f64 - a as f64) < 0.25 * extra_weights,
+            "peak RSS grew from {a} to {b} bytes for {extra_weights} more bytes of weights"
+        );
+    }
+}
+
+/// `pumice bench --quick --json` covers every adapter `pumice devices` lists (on CI: lavapipe
+/// through Vulkan and llvmpipe through GL) with GEMM GFLOP/s, beside the faer baseline.
+#[test]
+fn bench_reports_every_adapter_and_the_cpu_baseline() {
+    let o = run(&["devices", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let devices: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(!devices.is_empty(), "no GPU adapter");
+    let o = run(&[
+        "bench", "--quick", "--json", "--only", "gemm", "--runs", "1", "--warmup", "0",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines = json_lines(&o.stdout);
+    let s = json_summary(&o.stdout);
+    let results = s["results"].as_array().unwrap();
+    assert_eq!(
+        lines.iter().filter(|l| l["event"] == "result").count(),
+        results.len()
+    );
+    for d in &devices {
+        let rows: Vec<_> = results
+            .iter()
+            .filter(|r| r["backend"] == d["backend"] && r["adapter"] == d["name"])
+            .collect();
+        assert_eq!(
+            rows.len(),
+            4,
+            "GEMM shapes on {} ({})",
+            d["name"],
+            d["backend"]
+        );
+        for r in rows {
+            assert!(r["error"].is_null(), "{r}");
+            assert!(r["gflops"].as_f64().unwrap() > 0.0, "{r}");
+            assert!(r["driver_info"].is_string());
+        }
+    }
+    let cpu = results.iter().filter(|r| r["backend"] == "cpu").count();
+    assert_eq!(cpu, 4);
+    assert!(s["machine"]["cpu"].is_string());
+    assert_eq!(s["adapters"].as_array().unwrap().len(), devices.len());
 }

@@ -193,3 +193,19 @@ fn missing_file_error_names_its_cause_once() {
     assert!(line.contains("/nonexistent/pumice.txt"), "{line}");
     assert_eq!(line.matches("os error 2").count(), 1, "{line}");
 }
+
+/// Work-directory layer files keep manifest entries as JSON. serde_json's default float parser
+/// can be one ULP off, so a resumed run wrote a relative error of 0.0009729464511345144 where
+/// the uninterrupted run wrote …145 and the manifests differed. Floats must round-trip exactly.
+#[test]
+fn json_floats_round_trip_bit_for_bit() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut values = vec![0.000_972_946_451_134_514_5_f64, 0.001_022_803_314_777_241_5];
+    values.extend((0..20_000).map(|_| rng.random::<f64>() * 10f64.powi(rng.random_range(-12..4))));
+    for v in values {
+        let text = serde_json::to_string(&v).unwrap();
+        let back: f64 = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.to_bits(), v.to_bits(), "{v:e} came back as {back:e} via {text}");
+    }
+}

@@ -207,6 +207,10 @@ pub struct CompressSummary {
     /// Set for a shard: which one and its layers (the sizes then cover those layers only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shard: Option<String>,
+    /// Peak resident memory of the process (Linux), bytes.
+    pub peak_rss_bytes: Option<u64>,
+    /// Peak GPU memory in pumice's buffers, bytes.
+    pub peak_gpu_bytes: u64,
 }
 
 /// Sequences per activation sub-batch: each sub-batch's widest activation (intermediate size)
@@ -363,12 +367,16 @@ pub fn planned_linear_bits(ck: &Checkpoint, opts: &CompressOptions) -> Result<u6
     Ok(total)
 }
 
+/// The stored tensors of one linear weight: `(layer, name, rows, cols) → tensors`.
+type LinearPlan<'a> = dyn FnMut(usize, &str, usize, usize) -> Result<Vec<PlannedTensor>> + 'a;
+
+/// What [`run_layer_stages`] calls at each group of linears: `(kinds, inputs, weights)`.
+type GroupHook<'a> = dyn FnMut(&[LinearKind], &[GpuMatrix], &mut crate::infer::engine::LayerWeights) -> Result<()>
+    + 'a;
+
 /// Plan of every stored tensor, in the checkpoint's order; `linear(layer, name, rows, cols)`
 /// gives the stored tensors of one linear weight.
-fn plan_with(
-    ck: &Checkpoint,
-    linear: &mut dyn FnMut(usize, &str, usize, usize) -> Result<Vec<PlannedTensor>>,
-) -> Result<Vec<PlannedTensor>> {
+fn plan_with(ck: &Checkpoint, linear: &mut LinearPlan<'_>) -> Result<Vec<PlannedTensor>> {
     let linear_layer: std::collections::HashMap<&str, usize> = ck
         .arch()
         .layers
@@ -430,8 +438,24 @@ fn plan_entry(name: &str, e: &QuantEntry) -> Result<Vec<PlannedTensor>> {
         e.kept_per_row,
     );
     if let Some(lg) = e.lr_grid()? {
-        plan_packed(&mut out, &format!("{name}.L"), e.rank, e.rows, &lg, false, e.rows);
-        plan_packed(&mut out, &format!("{name}.R"), e.rank, e.cols, &lg, false, e.cols);
+        plan_packed(
+            &mut out,
+            &format!("{name}.L"),
+            e.rank,
+            e.rows,
+            &lg,
+            false,
+            e.rows,
+        );
+        plan_packed(
+            &mut out,
+            &format!("{name}.R"),
+            e.rank,
+            e.cols,
+            &lg,
+            false,
+            e.cols,
+        );
     }
     Ok(out)
 }
@@ -509,7 +533,22 @@ fn plan_packed(
 
 fn copy_plain(wr: &mut StreamingWriter, ck: &Checkpoint, name: &str) -> Result<()> {
     let t = ck.tensor(name)?;
-    wr.write(name, t.bytes)
+    wr.write(name, t.bytes)?;
+    ck.release(name);
+    Ok(())
+}
+
+/// The process's peak resident set (Linux: VmHWM), for run summaries.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = s
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
 }
 
 /// Files copied from the source directory beside the weights.
@@ -541,7 +580,9 @@ fn sequences_per_batch(cfg: &crate::model::ModelConfig, len: usize, nseq: usize)
         .intermediate_size
         .max(cfg.hidden_size)
         .max(cfg.num_heads * cfg.head_dim);
-    (SUBBATCH_BYTES / (len * widest * 4)).max(1).min(nseq.max(1))
+    (SUBBATCH_BYTES / (len * widest * 4))
+        .max(1)
+        .min(nseq.max(1))
 }
 
 /// Split `tokens` (whole sequences of `len`) into sub-batches and embed them.
@@ -665,11 +706,7 @@ fn run_layer_stages(
     xs: &[GpuMatrix],
     len: usize,
     pos: &crate::gpu::GpuBuffer,
-    group: &mut dyn FnMut(
-        &[LinearKind],
-        &[GpuMatrix],
-        &mut crate::infer::engine::LayerWeights,
-    ) -> Result<()>,
+    group: &mut GroupHook<'_>,
 ) -> Result<()> {
     let gpu = engine.gpu();
     // q, k, v on the normed input.
@@ -925,11 +962,18 @@ pub(crate) fn compress_layer(
             }
         }
         LayerInput::Activations(xs) => {
-            run_layer_stages(engine, &mut w, xs, sh.len, sh.pos, &mut |kinds, inputs, w| {
-                let n = spec.linear(kinds[0]).in_features;
-                let h = accumulate_hessian(gpu, n, inputs)?;
-                quantize_group(kinds, h, w)
-            })?;
+            run_layer_stages(
+                engine,
+                &mut w,
+                xs,
+                sh.len,
+                sh.pos,
+                &mut |kinds, inputs, w| {
+                    let n = spec.linear(kinds[0]).in_features;
+                    let h = accumulate_hessian(gpu, n, inputs)?;
+                    quantize_group(kinds, h, w)
+                },
+            )?;
         }
     }
     Ok(LayerResult {
@@ -1101,7 +1145,11 @@ impl OutputWriter {
         for t in spec.tensors() {
             if spec.linears.iter().any(|lin| lin.weight.name == t.name) {
                 let prefix = format!("{}.", t.name);
-                for (m, d) in s.tensors.iter().filter(|(m, _)| m.name.starts_with(&prefix)) {
+                for (m, d) in s
+                    .tensors
+                    .iter()
+                    .filter(|(m, _)| m.name.starts_with(&prefix))
+                {
                     self.writer.write(&m.name, d)?;
                 }
             } else {
@@ -1334,7 +1382,11 @@ pub fn compress(
         }
         None => None,
     };
-    let inputs = job_inputs(opts, &source.sha256, hessians.as_ref().map(|h| h.2.as_str()))?;
+    let inputs = job_inputs(
+        opts,
+        &source.sha256,
+        hessians.as_ref().map(|h| h.2.as_str()),
+    )?;
     let fp = fingerprint(&inputs);
     let mut job = None;
     if let Some(wd) = &opts.work_dir {
@@ -1359,6 +1411,11 @@ pub fn compress(
             max_positions: len,
         },
     )?;
+    // The embedding and LM head now live on the GPU.
+    ck.release(&ck.arch().embed_tokens.name);
+    if let Some(h) = &ck.arch().lm_head {
+        ck.release(&h.name);
+    }
     // Starting point: saved Hessians, saved activations, or a fresh calibration.
     let mut xs: Vec<GpuMatrix> = Vec::new();
     let mut pos = None;
@@ -1458,7 +1515,11 @@ pub fn compress(
                 let s = StoredLayer::read_header(wd, l, &fp)?;
                 done += 7;
                 shard_bits += s.entries.iter().map(|(_, e)| e.stored_bits).sum::<u64>();
-                shard_params += s.entries.iter().map(|(_, e)| e.rows * e.cols).sum::<usize>();
+                shard_params += s
+                    .entries
+                    .iter()
+                    .map(|(_, e)| e.rows * e.cols)
+                    .sum::<usize>();
                 layers.push(LayerReport {
                     layer: l,
                     seconds: Some(s.seconds),
@@ -1467,7 +1528,8 @@ pub fn compress(
                 continue;
             }
         }
-        let stopped = |e: Error| match e {
+        let stopped = |e: Error| {
+            match e {
             Error::Interrupted(_) => Error::Interrupted(match &opts.work_dir {
                 Some(wd) => format!(
                     "stopped during layer {l}; finished layers are kept in {} (continue with --resume)",
@@ -1478,6 +1540,7 @@ pub fn compress(
                 ),
             }),
             e => e,
+        }
         };
         crate::interrupt::check("").map_err(stopped)?;
         let t0 = Instant::now();
@@ -1503,8 +1566,17 @@ pub fn compress(
         .map_err(stopped)?;
         let seconds = t0.elapsed().as_secs_f64();
         let stored = result.into_stored(l, seconds)?;
-        shard_bits += stored.entries.iter().map(|(_, e)| e.stored_bits).sum::<u64>();
-        shard_params += stored.entries.iter().map(|(_, e)| e.rows * e.cols).sum::<usize>();
+        ck.release_layer(l);
+        shard_bits += stored
+            .entries
+            .iter()
+            .map(|(_, e)| e.stored_bits)
+            .sum::<u64>();
+        shard_params += stored
+            .entries
+            .iter()
+            .map(|(_, e)| e.rows * e.cols)
+            .sum::<usize>();
         match (&opts.work_dir, &mut direct) {
             (Some(wd), _) => {
                 stored.write(wd, &fp)?;
@@ -1552,6 +1624,8 @@ pub fn compress(
             calibration: base.calibration,
             layers,
             shard: Some(format!("{i}/{n}: layers {}..{}", todo.start, todo.end)),
+            peak_rss_bytes: peak_rss_bytes(),
+            peak_gpu_bytes: gpu.memory().peak_bytes,
         });
     }
     let w = match (direct, &opts.work_dir) {
@@ -1579,6 +1653,8 @@ pub fn compress(
         calibration: manifest.calibration.clone().expect("written above"),
         layers,
         shard: None,
+        peak_rss_bytes: peak_rss_bytes(),
+        peak_gpu_bytes: gpu.memory().peak_bytes,
     })
 }
 
@@ -1688,6 +1764,8 @@ pub fn merge(
             })
             .collect(),
         shard: None,
+        peak_rss_bytes: peak_rss_bytes(),
+        peak_gpu_bytes: 0,
     })
 }
 
@@ -1720,7 +1798,10 @@ pub fn collect_hessians(
         )));
     }
     check_output(ck, out, force)?;
-    let len = calib_opts.len.min(ck.config().max_position_embeddings).max(2);
+    let len = calib_opts
+        .len
+        .min(ck.config().max_position_embeddings)
+        .max(2);
     let copts = CalibOptions {
         len,
         ..calib_opts.clone()
@@ -1734,6 +1815,11 @@ pub fn collect_hessians(
             max_positions: len,
         },
     )?;
+    // The embedding and LM head now live on the GPU.
+    ck.release(&ck.arch().embed_tokens.name);
+    if let Some(h) = &ck.arch().lm_head {
+        ck.release(&h.name);
+    }
     let c = calibrate(&mut engine, source, &copts, progress)?;
     let CalibBatches { xs, pos, .. } = calibration_batches(&engine, &c.tokens, len)?;
     let tmp = begin_output_dir(out)?;
@@ -1752,6 +1838,7 @@ pub fn collect_hessians(
             Ok(())
         })?;
         lh.write(&tmp.path, l, &info.sha256)?;
+        ck.release_layer(l);
         bytes += std::fs::metadata(hessian_file(&tmp.path, l))
             .map(|m| m.len())
             .unwrap_or(0);

@@ -52,7 +52,12 @@ pub fn write_atomic(path: &Path, parts: &[&[u8]]) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    // Unique across processes and machines sharing the directory (shards on a cluster).
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}-{nonce}", std::process::id()));
     let res = (|| -> std::io::Result<()> {
         let f = std::fs::File::create(&tmp)?;
         let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
@@ -227,7 +232,11 @@ impl Job {
 }
 
 /// Refuse a work directory whose job was made from other inputs, naming what changed.
-pub fn check_inputs(dir: &Path, old: &BTreeMap<String, String>, new: &BTreeMap<String, String>) -> Result<()> {
+pub fn check_inputs(
+    dir: &Path,
+    old: &BTreeMap<String, String>,
+    new: &BTreeMap<String, String>,
+) -> Result<()> {
     if old == new {
         return Ok(());
     }
@@ -243,7 +252,13 @@ pub fn check_inputs(dir: &Path, old: &BTreeMap<String, String>, new: &BTreeMap<S
     let changed: Vec<String> = keys
         .into_iter()
         .filter(|k| old.get(*k) != new.get(*k))
-        .map(|k| format!("{k} was {} and is now {}", short(old.get(k)), short(new.get(k))))
+        .map(|k| {
+            format!(
+                "{k} was {} and is now {}",
+                short(old.get(k)),
+                short(new.get(k))
+            )
+        })
         .collect();
     Err(Error::work_dir(
         dir,
@@ -308,7 +323,12 @@ impl StoredLayer {
         write_container(&layer_file(dir, self.layer), LAYER_MAGIC, &v, &blobs)
     }
 
-    fn read_impl(dir: &Path, layer: usize, fingerprint: &str, with_data: bool) -> Result<StoredLayer> {
+    fn read_impl(
+        dir: &Path,
+        layer: usize,
+        fingerprint: &str,
+        with_data: bool,
+    ) -> Result<StoredLayer> {
         let path = layer_file(dir, layer);
         let (v, data) = read_container(&path, LAYER_MAGIC, with_data, |h| {
             blob_total(h, "tensors", |t| t.get("bytes")?.as_u64())
@@ -318,7 +338,10 @@ impl StoredLayer {
             source: e,
         })?;
         if h.layer != layer {
-            return Err(Error::work_dir(&path, format!("holds layer {}, not {layer}", h.layer)));
+            return Err(Error::work_dir(
+                &path,
+                format!("holds layer {}, not {layer}", h.layer),
+            ));
         }
         if h.fingerprint != fingerprint {
             return Err(Error::work_dir(
@@ -410,7 +433,12 @@ impl Activations {
         let (layers_done, len, cols) = (field("layers_done")?, field("len")?, field("cols")?);
         let rows: Vec<usize> = h["batches"]
             .as_array()
-            .map(|a| a.iter().filter_map(Value::as_u64).map(|v| v as usize).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_u64)
+                    .map(|v| v as usize)
+                    .collect()
+            })
             .unwrap_or_default();
         let mut batches = Vec::with_capacity(rows.len());
         let mut off = 0;

@@ -521,6 +521,7 @@ impl<'a> Engine<'a> {
                 self.layer(w, &x, &pos, seq_len, None)?;
                 if !self.resident {
                     self.layers[l] = None;
+                    self.ck.release_layer(l);
                 }
             }
             Ok(())
@@ -544,6 +545,7 @@ impl<'a> Engine<'a> {
             self.layer(w, x, pos, seq_len, None)?;
             if !self.resident {
                 self.layers[l] = None;
+                self.ck.release_layer(l);
             }
         }
         Ok(())
@@ -888,6 +890,7 @@ impl<'a> Engine<'a> {
             self.layer(w, &x, &pos, n, Some(view))?;
             if !self.resident {
                 self.layers[l] = None;
+                self.ck.release_layer(l);
             }
         }
         cache.len += steps;

@@ -336,6 +336,22 @@ impl Checkpoint {
         Some((f, f.info(name)?))
     }
 
+    /// Release the resident pages of a tensor (see [`SafetensorsFile::release`]).
+    pub fn release(&self, name: &str) {
+        if let Some((f, info)) = self.info(name) {
+            f.release(info);
+        }
+    }
+
+    /// Release the resident pages of every tensor of decoder layer `l`.
+    pub fn release_layer(&self, l: usize) {
+        if let Some(spec) = self.arch().layers.get(l) {
+            for t in spec.tensors() {
+                self.release(&t.name);
+            }
+        }
+    }
+
     /// A tensor by name.
     pub fn tensor(&self, name: &str) -> Result<TensorRef<'_>> {
         let (file, info) = self

@@ -103,6 +103,33 @@ impl SafetensorsFile {
     pub fn bytes(&self, info: &TensorInfo) -> &[u8] {
         &self.map[info.start..info.end]
     }
+
+    /// Drop this process's resident pages of a tensor: they stay in the OS page cache and fault
+    /// back in if read again, so streaming through a model larger than memory keeps the
+    /// resident set near one layer. A no-op where unsupported.
+    pub fn release(&self, info: &TensorInfo) {
+        #[cfg(unix)]
+        {
+            // madvise needs a page-aligned start; 64 KiB is a multiple of every common page.
+            const ALIGN: usize = 64 << 10;
+            let start = info.start / ALIGN * ALIGN;
+            let end = info.end.min(self.map.len());
+            if end > start {
+                // SAFETY: the mapping is read-only and file-backed; MADV_DONTNEED only discards
+                // this process's page-table entries, and later reads fault the same bytes back
+                // in from the file, so no reference ever observes different contents.
+                let _ = unsafe {
+                    self.map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start,
+                        end - start,
+                    )
+                };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = info;
+    }
 }
 
 fn parse_header(path: &Path, data: &[u8]) -> Result<BTreeMap<String, TensorInfo>> {
