@@ -482,9 +482,11 @@ fn peak_memory_stays_near_one_layer_as_the_model_grows() {
         small.2,
         large.2
     );
+    // Holding every layer would add at least the extra weights (twice on a CPU adapter, whose
+    // GPU buffers are host memory); allocator noise is a few tens of MiB at most.
     if let (Some(a), Some(b)) = (small.1, large.1) {
         assert!(
-            (b as f64 - a as f64) < 0.25 * extra_weights,
+            (b as f64 - a as f64) < 0.5 * extra_weights,
             "peak RSS grew from {a} to {b} bytes for {extra_weights} more bytes of weights"
         );
     }
