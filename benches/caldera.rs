@@ -11,36 +11,11 @@ mod support;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use pumice::cpu;
 use pumice::gpu::quant::gptq;
 use pumice::gpu::Gpu;
 use pumice::lowrank::caldera::{decompose, CalderaOptions};
 use pumice::quant::reference::prepare_hessian;
 use pumice::quant::{GptqOptions, Grid};
-use support::values;
-
-/// Correlated activations with outlier channels; returns H = XᵀX/N (f64).
-fn hessian(t: usize, n: usize) -> Vec<f64> {
-    let z = values(t * 16, 1);
-    let mix = values(16 * n, 2);
-    let noise = values(t * n, 3);
-    let x: Vec<f32> = (0..t * n)
-        .map(|i| {
-            let (r, c) = (i / n, i % n);
-            let v: f32 =
-                (0..16).map(|k| z[r * 16 + k] * mix[k * n + c]).sum::<f32>() + 0.3 * noise[i];
-            if c % 400 == 7 {
-                v * 20.0
-            } else {
-                v
-            }
-        })
-        .collect();
-    cpu::hessian_faer(&x, t, n)
-        .into_iter()
-        .map(|v| v as f64 / t as f64)
-        .collect()
-}
 
 fn bench(c: &mut Criterion) {
     let g = Gpu::from_env().expect("a GPU adapter (lavapipe works)");
@@ -50,7 +25,7 @@ fn bench(c: &mut Criterion) {
         .and_then(|v| v.parse().ok())
         .unwrap_or(15);
     let n = 4096;
-    let h = hessian(4096, n);
+    let h = pumice::bench::outlier_hessian(4096, n);
     let gopts = GptqOptions::default();
     let prep = prepare_hessian(&h, n, &gopts).unwrap();
     for m in [4096usize, 11008] {

@@ -123,7 +123,7 @@ pub fn cpu_model() -> String {
 }
 
 /// Deterministic values uniform in [-0.5, 0.5) (xorshift).
-fn values(n: usize, seed: u64) -> Vec<f32> {
+pub fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed | 1;
     (0..n)
         .map(|_| {

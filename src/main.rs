@@ -122,13 +122,9 @@ enum Command {
     Importance(ImportanceArgs),
 }
 
+/// Where calibration sequences come from (compress, hessians).
 #[derive(Args, Debug)]
-struct HessiansArgs {
-    /// Model directory (Hugging Face layout).
-    model: PathBuf,
-    /// Output directory (written to a temporary name and renamed when complete).
-    #[arg(short, long)]
-    output: PathBuf,
+struct CalibArgs {
     /// Calibration text: files, or directories of .txt files. Without it, the model samples
     /// its own calibration sequences (self-calibration).
     #[arg(long, num_args = 1..)]
@@ -142,6 +138,41 @@ struct HessiansArgs {
     /// Seed for drawing or sampling calibration sequences.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+}
+
+impl CalibArgs {
+    fn source(&self) -> pumice::compress::pipeline::CalibSource {
+        use pumice::compress::pipeline::CalibSource;
+        if self.calib.is_empty() {
+            CalibSource::SelfGenerated
+        } else {
+            CalibSource::Text(self.calib.clone())
+        }
+    }
+
+    fn options(&self) -> Result<pumice::compress::calib::CalibOptions, pumice::Error> {
+        if self.calib_samples == 0 {
+            return Err(pumice::Error::InvalidArgument(
+                "--calib-samples must be at least 1".into(),
+            ));
+        }
+        Ok(pumice::compress::calib::CalibOptions {
+            samples: self.calib_samples,
+            len: self.calib_len,
+            seed: self.seed,
+        })
+    }
+}
+
+#[derive(Args, Debug)]
+struct HessiansArgs {
+    /// Model directory (Hugging Face layout).
+    model: PathBuf,
+    /// Output directory (written to a temporary name and renamed when complete).
+    #[arg(short, long)]
+    output: PathBuf,
+    #[command(flatten)]
+    cal: CalibArgs,
     /// Replace the output directory if it exists (never the input).
     #[arg(long)]
     force: bool,
@@ -346,19 +377,8 @@ struct CompressArgs {
     /// CALDERA: L/R refinement rounds per outer iteration.
     #[arg(long, default_value_t = 10)]
     inner_iters: usize,
-    /// Calibration text: files, or directories of .txt files. Without it, the model samples
-    /// its own calibration sequences (self-calibration).
-    #[arg(long, num_args = 1..)]
-    calib: Vec<PathBuf>,
-    /// Calibration sequences.
-    #[arg(long, default_value_t = 128)]
-    calib_samples: usize,
-    /// Tokens per calibration sequence (capped at the model's context).
-    #[arg(long, default_value_t = 2048)]
-    calib_len: usize,
-    /// Seed for drawing or sampling calibration sequences.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    cal: CalibArgs,
     /// Replace the output directory if it exists (never the input).
     #[arg(long)]
     force: bool,
@@ -857,14 +877,9 @@ fn tempdir_for_bench() -> Result<PathBuf, pumice::Error> {
 }
 
 fn hessians_cmd(gpu_opts: &GpuOptions, a: HessiansArgs) -> anyhow::Result<()> {
-    use pumice::compress::calib::CalibOptions;
-    use pumice::compress::pipeline::{collect_hessians, CalibSource, Event};
+    use pumice::compress::pipeline::{collect_hessians, Event};
     let mut rep = progress::Reporter::new(a.json);
-    if a.calib_samples == 0 {
-        return Err(
-            pumice::Error::InvalidArgument("--calib-samples must be at least 1".into()).into(),
-        );
-    }
+    let (source, copts) = (a.cal.source(), a.cal.options()?);
     let ck = Checkpoint::open(&a.model)?;
     let gpu = Gpu::new(gpu_opts)?;
     eprintln!(
@@ -876,16 +891,6 @@ fn hessians_cmd(gpu_opts: &GpuOptions, a: HessiansArgs) -> anyhow::Result<()> {
         "start",
         serde_json::json!({"command": "hessians", "model": a.model.display().to_string(), "adapter": gpu.describe()}),
     );
-    let source = if a.calib.is_empty() {
-        CalibSource::SelfGenerated
-    } else {
-        CalibSource::Text(a.calib.clone())
-    };
-    let copts = CalibOptions {
-        samples: a.calib_samples,
-        len: a.calib_len,
-        seed: a.seed,
-    };
     let s = collect_hessians(
         &gpu,
         &ck,
@@ -1239,9 +1244,7 @@ fn allocate_layers(
 
 fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
     use pumice::compress::calib::CalibOptions;
-    use pumice::compress::pipeline::{
-        compress, CalderaSettings, CalibSource, CompressOptions, Event, Method,
-    };
+    use pumice::compress::pipeline::{compress, CalderaSettings, CompressOptions, Event, Method};
     use pumice::quant::{GptqOptions, Grid};
 
     let mut rep = progress::Reporter::new(a.json);
@@ -1264,11 +1267,6 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
     let group_size = a.group_size.unwrap_or(if caldera { 64 } else { 128 });
     let symmetric = a.symmetric || (caldera && !a.asymmetric);
     let grid = Grid::new(bits, group_size, symmetric)?.with_clip(!a.no_clip);
-    if a.calib_samples == 0 {
-        return Err(
-            pumice::Error::InvalidArgument("--calib-samples must be at least 1".into()).into(),
-        );
-    }
     let mut opts = CompressOptions {
         layers: Vec::new(),
         allocation: None,
@@ -1284,16 +1282,8 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
             act_order: a.act_order,
             block: 128,
         },
-        calib_source: if a.calib.is_empty() {
-            CalibSource::SelfGenerated
-        } else {
-            CalibSource::Text(a.calib.clone())
-        },
-        calib: CalibOptions {
-            samples: a.calib_samples,
-            len: a.calib_len,
-            seed: a.seed,
-        },
+        calib_source: a.cal.source(),
+        calib: a.cal.options()?,
         caldera: CalderaSettings {
             target_bpw: a.target_bpw,
             rank: a.rank,
@@ -1388,7 +1378,7 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
         let copts = CalibOptions {
             samples: a.eval_samples,
             len,
-            seed: a.seed.wrapping_add(1),
+            seed: a.cal.seed.wrapping_add(1),
         };
         let seqs = pumice::compress::calib::self_generated(&mut orig, &copts, &mut |_, _| {})?;
         let out_ck = Checkpoint::open(&output)?;

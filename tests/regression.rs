@@ -206,6 +206,10 @@ fn json_floats_round_trip_bit_for_bit() {
     for v in values {
         let text = serde_json::to_string(&v).unwrap();
         let back: f64 = serde_json::from_str(&text).unwrap();
-        assert_eq!(back.to_bits(), v.to_bits(), "{v:e} came back as {back:e} via {text}");
+        assert_eq!(
+            back.to_bits(),
+            v.to_bits(),
+            "{v:e} came back as {back:e} via {text}"
+        );
     }
 }

@@ -1218,6 +1218,24 @@ impl OutputWriter {
     }
 }
 
+/// An engine that streams layers (none resident) for sequences up to `len`; the embedding and
+/// LM head, now on the GPU, have their mapped pages released.
+fn streaming_engine<'a>(gpu: &'a Gpu, ck: &'a Checkpoint, len: usize) -> Result<Engine<'a>> {
+    let engine = Engine::new(
+        gpu,
+        ck,
+        &EngineOptions {
+            resident_bytes: 0,
+            max_positions: len,
+        },
+    )?;
+    ck.release(&ck.arch().embed_tokens.name);
+    if let Some(h) = &ck.arch().lm_head {
+        ck.release(&h.name);
+    }
+    Ok(engine)
+}
+
 /// Calibration sequences from `source`.
 fn calibrate(
     engine: &mut Engine<'_>,
@@ -1403,19 +1421,7 @@ pub fn compress(
         }
     }
 
-    let mut engine = Engine::new(
-        gpu,
-        ck,
-        &EngineOptions {
-            resident_bytes: 0,
-            max_positions: len,
-        },
-    )?;
-    // The embedding and LM head now live on the GPU.
-    ck.release(&ck.arch().embed_tokens.name);
-    if let Some(h) = &ck.arch().lm_head {
-        ck.release(&h.name);
-    }
+    let mut engine = streaming_engine(gpu, ck, len)?;
     // Starting point: saved Hessians, saved activations, or a fresh calibration.
     let mut xs: Vec<GpuMatrix> = Vec::new();
     let mut pos = None;
@@ -1807,19 +1813,7 @@ pub fn collect_hessians(
         ..calib_opts.clone()
     };
     let info = source_info(ck)?;
-    let mut engine = Engine::new(
-        gpu,
-        ck,
-        &EngineOptions {
-            resident_bytes: 0,
-            max_positions: len,
-        },
-    )?;
-    // The embedding and LM head now live on the GPU.
-    ck.release(&ck.arch().embed_tokens.name);
-    if let Some(h) = &ck.arch().lm_head {
-        ck.release(&h.name);
-    }
+    let mut engine = streaming_engine(gpu, ck, len)?;
     let c = calibrate(&mut engine, source, &copts, progress)?;
     let CalibBatches { xs, pos, .. } = calibration_batches(&engine, &c.tokens, len)?;
     let tmp = begin_output_dir(out)?;
