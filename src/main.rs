@@ -16,12 +16,12 @@ mod progress;
 
 const EXIT_CODES: &str = "\
 Exit codes:
-  0  success
-  1  the machine failed: GPU or device error, I/O error, out of memory
-  2  bad input: unreadable or inconsistent model files, bad arguments, a work directory
-     of another job
+    0  success
+    1  the machine failed: GPU or device error, I/O error, out of memory
+    2  bad input: unreadable or inconsistent model files, bad arguments, a work directory
+       of another job
   130  interrupted (SIGINT/SIGTERM) at a consistent point; with --work-dir, rerun the same
-     command with --resume to continue
+       command with --resume to continue
 
 Output: on a terminal, progress on stderr and a readable summary on stdout. When stdout is
 not a terminal (or with --json), compress, hessians, merge and bench write JSON lines on

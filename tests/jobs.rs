@@ -534,3 +534,20 @@ fn bench_reports_every_adapter_and_the_cpu_baseline() {
     assert!(s["machine"]["cpu"].is_string());
     assert_eq!(s["adapters"].as_array().unwrap().len(), devices.len());
 }
+
+/// `--help` documents the exit codes, 130 (interrupted) included, and the JSON-lines output.
+#[test]
+fn help_documents_exit_codes_and_json_lines() {
+    let o = run(&["--help"]);
+    assert!(o.status.success());
+    let text = String::from_utf8_lossy(&o.stdout);
+    for code in [
+        "    0  success",
+        "    1  the machine failed",
+        "    2  bad input",
+        "  130  interrupted",
+    ] {
+        assert!(text.contains(code), "{code} missing from --help:\n{text}");
+    }
+    assert!(text.contains("JSON lines"), "{text}");
+}
