@@ -631,7 +631,7 @@ fn install_stop_handler() {
         }
         let _ = writeln!(
             std::io::stderr(),
-            "signal received: stopping after the current matrix (signal again to exit now)"
+            "signal received: stopping at the next consistent point, after the current matrix (signal again to exit now)"
         );
         pumice::interrupt::request();
     });

@@ -143,6 +143,7 @@ pub fn self_generated(
             done += 1;
             if step % 16 == 0 {
                 progress(done, total_steps);
+                crate::interrupt::check("stopped while sampling calibration sequences")?;
             }
         }
         done += 1;
