@@ -383,14 +383,17 @@ pub fn run(
         let grid = Grid::new(2, 64, false)?;
         if wanted("gptq") {
             let prep = prepare_hessian(h, n, &gopts)?;
+            let mut last = None;
             let times = match target {
                 Target::Gpu(g) => time_runs(warmup, runs, &mut || {
-                    gptq(g, &w, m, n, &prep, grid, gopts.block)?;
-                    g.wait()
+                    let q = gptq(g, &w, m, n, &prep, grid, gopts.block)?;
+                    g.wait()?;
+                    last = Some(q.download(g)?);
+                    Ok(())
                 }),
                 // The CPU baseline is the f64 reference; only at the small shape.
                 Target::Cpu if opts.quick => time_runs(warmup.min(1), runs.min(3), &mut || {
-                    std::hint::black_box(crate::quant::reference::gptq(
+                    last = Some(crate::quant::reference::gptq(
                         &w,
                         m,
                         n,
@@ -402,6 +405,11 @@ pub fn run(
                 }),
                 Target::Cpu => continue_unmeasured(),
             };
+            // The result's relative weighted error (untimed), comparable with CALDERA's.
+            let err = last.map(|q| {
+                use crate::quant::reference::{weighted_error, weighted_norm};
+                weighted_error(&w, &q.dequantize(), m, h) / weighted_norm(&w, m, h)
+            });
             if !matches!(times, Err(Error::InvalidArgument(ref s)) if s == SKIP) {
                 record(
                     "gptq 2-bit g64",
@@ -409,7 +417,7 @@ pub fn run(
                     times,
                     Some(2.0 * (m * n * n) as f64),
                     None,
-                    None,
+                    err,
                 )?;
             }
         }
