@@ -551,3 +551,55 @@ fn help_documents_exit_codes_and_json_lines() {
     }
     assert!(text.contains("JSON lines"), "{text}");
 }
+
+/// A damaged work directory (a truncated layer file, a job file that is not JSON) is refused
+/// with one line naming the file, not a panic and not a silently different output.
+#[test]
+fn damaged_work_directory_files_are_refused_by_name() {
+    let d = tempfile::tempdir().unwrap();
+    let work = d.path().join("work");
+    let out = d.path().join("out");
+    let args = |resume: bool| {
+        let mut v = vec![
+            "compress".to_string(),
+            asset().to_str().unwrap().into(),
+            "-o".into(),
+            out.to_str().unwrap().into(),
+            "--work-dir".into(),
+            work.to_str().unwrap().into(),
+            "--method".into(),
+            "rtn".into(),
+            "--calib-samples".into(),
+            "2".into(),
+            "--calib-len".into(),
+            "32".into(),
+            "--eval-samples".into(),
+            "0".into(),
+        ];
+        if resume {
+            v.push("--resume".into());
+        }
+        v
+    };
+    let o = bin().args(args(false)).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::remove_dir_all(&out).unwrap();
+    let layer = work.join("layer-00002.bin");
+    let bytes = std::fs::read(&layer).unwrap();
+    std::fs::write(&layer, &bytes[..bytes.len() / 2]).unwrap();
+    let o = bin().args(args(true)).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let e = stderr(&o);
+    let errors: Vec<&str> = e.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(errors.len(), 1, "{e}");
+    assert!(
+        errors[0].contains("layer-00002.bin") && errors[0].contains("truncated"),
+        "{e}"
+    );
+    assert!(!out.exists());
+
+    std::fs::write(work.join("job.json"), b"{ not json").unwrap();
+    let o = bin().args(args(true)).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("job.json"), "{}", stderr(&o));
+}
