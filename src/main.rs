@@ -900,11 +900,9 @@ fn hessians_cmd(gpu_opts: &GpuOptions, a: HessiansArgs) -> anyhow::Result<()> {
         a.force,
         &mut |e: &Event| rep.on(e),
     )?;
-    rep.finish();
-    if rep.json() {
-        rep.summary(serde_json::to_value(&s)?);
-    } else {
-        println!(
+    rep.conclude(serde_json::to_value(&s)?, || {
+        writeln!(
+            std::io::stdout(),
             "wrote {}: Hessians of {} layers ({:.1} MiB) from {} sequences of {} tokens in {:.1} s",
             s.output,
             s.layers,
@@ -912,8 +910,8 @@ fn hessians_cmd(gpu_opts: &GpuOptions, a: HessiansArgs) -> anyhow::Result<()> {
             s.calibration.samples,
             s.calibration.len,
             s.seconds
-        );
-    }
+        )
+    })?;
     Ok(())
 }
 
@@ -931,18 +929,16 @@ fn merge_cmd(a: MergeArgs) -> anyhow::Result<()> {
         a.force,
         &mut |e: &Event| rep.on(e),
     )?;
-    rep.finish();
-    if rep.json() {
-        rep.summary(serde_json::to_value(&s)?);
-    } else {
-        println!(
+    rep.conclude(serde_json::to_value(&s)?, || {
+        writeln!(
+            std::io::stdout(),
             "wrote {}: {:.2} MiB, {:.3} bits/parameter overall, {:.3} in the linear layers",
             s.output,
             s.output_bytes as f64 / (1u64 << 20) as f64,
             s.bits_per_parameter,
             s.linear_bits_per_parameter
-        );
-    }
+        )
+    })?;
     Ok(())
 }
 
@@ -1322,17 +1318,16 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
     let summary = compress(&gpu, &ck, &opts, &mut |e: &Event| rep.on(e))?;
     rep.finish();
     if let Some((i, n)) = shard {
-        if rep.json() {
-            rep.summary(serde_json::to_value(&summary)?);
-        } else {
-            let layers: Vec<String> = summary.layers.iter().map(|l| l.layer.to_string()).collect();
-            println!(
+        let layers: Vec<String> = summary.layers.iter().map(|l| l.layer.to_string()).collect();
+        rep.conclude(serde_json::to_value(&summary)?, || {
+            writeln!(
+                std::io::stdout(),
                 "shard {i}/{n}: layers {} done in {}; when every shard has finished: pumice merge {} -o OUT",
                 layers.join(", "),
                 summary.output,
                 summary.output
-            );
-        }
+            )
+        })?;
         return Ok(());
     }
     let output = opts.output.clone();

@@ -143,6 +143,22 @@ impl Reporter {
         self.emit("summary", summary);
     }
 
+    /// End a command: the summary object in JSON mode, otherwise `human` (the readable
+    /// summary on stdout).
+    pub fn conclude(
+        &mut self,
+        summary: serde_json::Value,
+        human: impl FnOnce() -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        self.finish();
+        if self.json {
+            self.summary(summary);
+            Ok(())
+        } else {
+            human()
+        }
+    }
+
     pub fn note(&self, msg: &str) {
         let _ = writeln!(std::io::stderr(), "note: {msg}");
         self.emit("note", serde_json::json!({ "message": msg }));

@@ -621,9 +621,6 @@ pub(crate) struct LayerShared<'a> {
 
 /// What one layer became.
 pub(crate) struct LayerResult {
-    /// The layer as the compressed model computes it (dequantized weights on the GPU).
-    #[allow(dead_code)]
-    pub weights: crate::infer::engine::LayerWeights,
     packed: Vec<(String, Packed)>,
     entries: Vec<(String, QuantEntry)>,
     reports: Vec<MatrixReport>,
@@ -694,7 +691,7 @@ pub(crate) enum LayerInput<'a> {
     /// leaves the *compressed* layer.
     Activations(&'a [GpuMatrix]),
     /// Hessians saved by `pumice hessians` (from the original model); nothing propagates.
-    Hessians(&'a LayerHessians),
+    Hessians(LayerHessians),
 }
 
 /// Run decoder layer `w` over the sub-batches `xs` (updated in place) stage by stage. At each
@@ -786,14 +783,15 @@ pub(crate) fn compress_layer(
     let (gpu, ck) = (sh.gpu, sh.ck);
     let spec = &ck.arch().layers[l];
     let act_order = sh.gptq.act_order && recipe.method == Method::Gptq;
-    let mut w = engine.read_layer(l)?;
     let mut packed: Vec<(String, Packed)> = Vec::new();
     let mut reports = Vec::new();
     let mut entries = Vec::new();
 
+    // `w`: the layer being propagated through, whose weights become the dequantized ones as
+    // soon as they exist (absent with saved Hessians, where nothing propagates).
     let mut quantize_group = |kinds: &[LinearKind],
                               mut h: Vec<f64>,
-                              w: &mut crate::infer::engine::LayerWeights|
+                              mut w: Option<&mut crate::infer::engine::LayerWeights>|
      -> Result<()> {
         let first = spec.linear(kinds[0]);
         let n = first.in_features;
@@ -858,17 +856,21 @@ pub(crate) fn compress_layer(
                 };
                 let d = crate::lowrank::caldera::decompose(gpu, &wv, m, n, &h, &co)?;
                 let mut p = pack(&d.q)?;
-                let backbone = dequantize_packed(gpu, &p, &d.q)?;
-                let lw = if rank > 0 {
-                    let (pl, pr) = (pack(&d.lt)?, pack(&d.r)?);
-                    let lt = dequantize_packed(gpu, &pl, &d.lt)?;
-                    let r = dequantize_packed(gpu, &pr, &d.r)?;
-                    p.factors = Some(Box::new((pl, pr)));
-                    LinearWeight::LowRank { q: backbone, lt, r }
-                } else {
-                    LinearWeight::Dense(backbone)
-                };
-                w.set_weight(kind, unrotate(lw)?);
+                if rank > 0 {
+                    p.factors = Some(Box::new((pack(&d.lt)?, pack(&d.r)?)));
+                }
+                if let Some(w) = w.as_deref_mut() {
+                    let q = dequantize_packed(gpu, &p, &d.q)?;
+                    let lw = match &p.factors {
+                        Some(f) => LinearWeight::LowRank {
+                            q,
+                            lt: dequantize_packed(gpu, &f.0, &d.lt)?,
+                            r: dequantize_packed(gpu, &f.1, &d.r)?,
+                        },
+                        None => LinearWeight::Dense(q),
+                    };
+                    w.set_weight(kind, unrotate(lw)?);
+                }
                 (p, Some(d.relative_error))
             } else {
                 let q = match &prep {
@@ -891,7 +893,9 @@ pub(crate) fn compress_layer(
                 let p = pack(&q)?;
                 let deq = dequantize_packed(gpu, &p, &q)?;
                 let (err, norm) = weighted_errors(gpu, &wv, &deq, &hm)?;
-                w.set_weight(kind, unrotate(LinearWeight::Dense(deq))?);
+                if let Some(w) = w.as_deref_mut() {
+                    w.set_weight(kind, unrotate(LinearWeight::Dense(deq))?);
+                }
                 (p, if norm > 0.0 { Some(err / norm) } else { None })
             };
             let entry = QuantEntry {
@@ -947,21 +951,22 @@ pub(crate) fn compress_layer(
     };
 
     match input {
-        LayerInput::Hessians(lh) => {
+        LayerInput::Hessians(mut lh) => {
             for kinds in GROUPS {
                 let lin = spec.linear(kinds[0]);
                 let g = lin.kind.input();
-                let h = lh.get(g).filter(|h| h.len() == lin.in_features.pow(2));
+                let h = lh.take(g).filter(|h| h.len() == lin.in_features.pow(2));
                 let h = h.ok_or_else(|| {
                     Error::InvalidArgument(format!(
                         "saved Hessians of layer {l} lack a {}×{} matrix for {g:?}",
                         lin.in_features, lin.in_features
                     ))
                 })?;
-                quantize_group(kinds, h.to_vec(), &mut w)?;
+                quantize_group(kinds, h, None)?;
             }
         }
         LayerInput::Activations(xs) => {
+            let mut w = engine.read_layer(l)?;
             run_layer_stages(
                 engine,
                 &mut w,
@@ -971,13 +976,12 @@ pub(crate) fn compress_layer(
                 &mut |kinds, inputs, w| {
                     let n = spec.linear(kinds[0]).in_features;
                     let h = accumulate_hessian(gpu, n, inputs)?;
-                    quantize_group(kinds, h, w)
+                    quantize_group(kinds, h, Some(w))
                 },
             )?;
         }
     }
     Ok(LayerResult {
-        weights: w,
         packed,
         entries,
         reports,
@@ -1400,11 +1404,16 @@ pub fn compress(
         }
         None => None,
     };
-    let inputs = job_inputs(
-        opts,
-        &source.sha256,
-        hessians.as_ref().map(|h| h.2.as_str()),
-    )?;
+    // What a work directory's job depends on (only needed with one: hashing the calibration
+    // text is not free).
+    let inputs = match &opts.work_dir {
+        Some(_) => job_inputs(
+            opts,
+            &source.sha256,
+            hessians.as_ref().map(|h| h.2.as_str()),
+        )?,
+        None => Default::default(),
+    };
     let fp = fingerprint(&inputs);
     let mut job = None;
     if let Some(wd) = &opts.work_dir {
@@ -1551,11 +1560,9 @@ pub fn compress(
         crate::interrupt::check("").map_err(stopped)?;
         let t0 = Instant::now();
         let recipe = opts.recipe(l);
-        let lh;
         let input = match &hessians {
             Some((d, info, _)) => {
-                lh = LayerHessians::read(d, l, &info.source.sha256)?;
-                LayerInput::Hessians(&lh)
+                LayerInput::Hessians(LayerHessians::read(d, l, &info.source.sha256)?)
             }
             None => LayerInput::Activations(&xs),
         };

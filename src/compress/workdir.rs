@@ -514,11 +514,10 @@ pub struct LayerHessians {
 }
 
 impl LayerHessians {
-    pub fn get(&self, g: InputGroup) -> Option<&[f64]> {
-        self.groups
-            .iter()
-            .find(|(k, _, _)| *k == g)
-            .map(|(_, _, h)| h.as_slice())
+    /// Move out the Hessian of input group `g` (each is used once; no copy of n² values).
+    pub fn take(&mut self, g: InputGroup) -> Option<Vec<f64>> {
+        let i = self.groups.iter().position(|(k, _, _)| *k == g)?;
+        Some(self.groups.swap_remove(i).2)
     }
 
     pub fn write(&self, dir: &Path, layer: usize, source_sha256: &str) -> Result<()> {
