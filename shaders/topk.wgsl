@@ -8,7 +8,11 @@ struct Params {
     rows: u32,
     v: u32,        // vocabulary (row length)
     row_base: u32, // index of row 0 of this chunk in out
+    c_begin: u32,  // columns [c_begin, c_end) are scanned by this dispatch; the top k of
+    c_end: u32,    // the columns before c_begin are already in out (indices, descending)
     _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 };
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -25,9 +29,14 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     var val: array<f32, K>;
     var idx: array<u32, K>;
-    var have = 0u;
+    var have = min(p.c_begin, K);
     let base = r * p.v;
-    for (var j = 0u; j < p.v; j = j + 1u) {
+    let o = (p.row_base + r) * K;
+    for (var i = 0u; i < have; i = i + 1u) {
+        idx[i] = out[o + i];
+        val[i] = z[base + idx[i]];
+    }
+    for (var j = p.c_begin; j < p.c_end; j = j + 1u) {
         let x = z[base + j];
         // Skip unless it beats the current k-th (strictly: equal values keep the earlier index).
         if (have == K && !(x > val[K - 1u])) {
@@ -49,8 +58,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         val[pos] = x;
         idx[pos] = j;
     }
-    let o = (p.row_base + r) * K;
-    for (var i = 0u; i < K; i = i + 1u) {
+    for (var i = 0u; i < have; i = i + 1u) {
         out[o + i] = idx[i];
     }
 }

@@ -65,6 +65,7 @@ impl GpuArgs {
             backend: self.backend,
             adapter: self.adapter.clone(),
             max_binding_bytes: None,
+            max_loop_iterations: None,
         }
     }
 }
@@ -734,6 +735,7 @@ fn bench_cmd(gpu_args: &GpuArgs, a: BenchArgs) -> anyhow::Result<()> {
         backend: Some(backend),
         adapter: None,
         max_binding_bytes: None,
+        max_loop_iterations: None,
     };
     let mut adapters = list_adapters(&listing);
     if let Some(sel) = &gpu_args.adapter {
@@ -774,6 +776,7 @@ fn bench_cmd(gpu_args: &GpuArgs, a: BenchArgs) -> anyhow::Result<()> {
             backend: Some(backend),
             adapter: Some(AdapterSelector::Index(r.index)),
             max_binding_bytes: None,
+            max_loop_iterations: None,
         });
         match gpu {
             Ok(g) => {

@@ -97,6 +97,33 @@ fn gemm_chunked_operands() {
     assert!(a.chunks().len() > 1, "operand was not chunked");
 }
 
+/// Contractions split over several dispatches when one invocation may not loop over all of k
+/// (Mesa's CPU drivers stop at 65,535 iterations): both operand layouts, awkward k, 16-bit
+/// operands, and a contraction longer than the real limit.
+#[test]
+fn gemm_contraction_split_by_loop_budget() {
+    let g = common::gpu_loop_limited(120);
+    for (m, k, n, op) in [
+        (5, 257, 7, GemmOp::NT),
+        (3, 1001, 9, GemmOp::NN),
+        (17, 64, 33, GemmOp::NT),
+        (2, 3, 5, GemmOp::NN),
+    ] {
+        check_gemm(&g, m, k, n, op, DType::F32, DType::F32, k as u64);
+        check_gemm(&g, m, k, n, op, DType::BF16, DType::F16, k as u64 + 1);
+    }
+    check_gemm(
+        &common::gpu(),
+        2,
+        300_001,
+        3,
+        GemmOp::NT,
+        DType::F32,
+        DType::F32,
+        5,
+    );
+}
+
 #[test]
 fn gemm_rejects_mismatched_shapes() {
     let g = gpu();

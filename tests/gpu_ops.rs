@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{gpu, gpu_limited, random};
+use common::{gpu, gpu_limited, gpu_loop_limited, random};
 use proptest::prelude::*;
 use pumice::cpu;
 use pumice::gpu::ops::{self, AttentionShape, KvLayout, RopeTable};
@@ -148,6 +148,73 @@ fn attention_matches_reference() {
     check_attention(&g, 2, 17, 2, 1, 8, 0, 5, 6);
     // Sequences spread over several chunks.
     check_attention(&gpu_limited(2048), 5, 7, 2, 1, 8, 0, 0, 7);
+}
+
+/// Mesa's CPU drivers (lavapipe, llvmpipe-GL) silently end an invocation's loops after 65,535
+/// iterations in all; the device probe must find exactly that there, and an override can only
+/// lower it.
+#[test]
+fn loop_limit_probe() {
+    let g = gpu();
+    if g.report().name.contains("llvmpipe") {
+        assert_eq!(g.caps().loop_limit, Some(65_535), "{}", g.describe());
+    }
+    let l = gpu_loop_limited(1000);
+    assert_eq!(l.caps().loop_limit, Some(1000));
+    assert!(l.caps().loop_budget() < 1000);
+}
+
+/// Attention over more keys than one invocation may loop over (the cause of wrong perplexity
+/// past ~460 positions at head_dim 64 on lavapipe): head dims 64 and 128 at 2048 and 700
+/// positions on the real device, and forced splits into many dispatches (with a sliding
+/// window, a decode-style offset, an odd head dim and chunked sequences) on small budgets.
+#[test]
+fn attention_longer_than_the_loop_limit() {
+    let g = gpu();
+    check_attention(&g, 1, 2048, 2, 1, 64, 0, 0, 11);
+    check_attention(&g, 1, 700, 2, 2, 128, 0, 0, 12);
+    for budget in [200, 1500] {
+        let s = gpu_loop_limited(budget);
+        check_attention(&s, 2, 97, 3, 1, 64, 0, 0, 13);
+        check_attention(&s, 1, 61, 2, 1, 6, 0, 0, 14);
+        check_attention(&s, 2, 83, 4, 2, 16, 0, 29, 15);
+        check_attention(&s, 1, 5, 4, 2, 32, 150, 0, 16);
+    }
+    let mut opts = pumice::gpu::GpuOptions::from_env().unwrap();
+    opts.max_loop_iterations = Some(300);
+    opts.max_binding_bytes = Some(8 << 10);
+    check_attention(&common::gpu_with(&opts), 5, 40, 2, 1, 8, 0, 0, 17);
+}
+
+/// Top-k over a vocabulary longer than the loop limit (Qwen2's 151,936 on lavapipe), and over
+/// many small forced splits.
+#[test]
+fn top_k_longer_than_the_loop_limit() {
+    for (g, rows, v, k) in [
+        (gpu(), 3, 70_001, 10),
+        (gpu_loop_limited(150), 5, 1009, 10),
+        (gpu_loop_limited(150), 4, 333, 64),
+    ] {
+        let z: Vec<f32> = random(rows * v, v as u64, 0.0)
+            .into_iter()
+            .map(|x| (x * 64.0).round())
+            .collect();
+        let zm = mat(&g, rows, v, &z);
+        let out = g.storage((rows * k * 4) as u64, true).unwrap();
+        let mut b = Batch::new(&g);
+        ops::top_k(&mut b, &zm, k, &out, 0).unwrap();
+        b.submit().unwrap();
+        let got: Vec<u32> =
+            bytemuck::cast_slice(&g.read_bytes(&out, 0, (rows * k * 4) as u64).unwrap()).to_vec();
+        let want = cpu::ops::top_k(&z, v, k);
+        for r in 0..rows {
+            let gr: Vec<usize> = got[r * k..(r + 1) * k]
+                .iter()
+                .map(|&i| i as usize)
+                .collect();
+            assert_eq!(gr, want[r], "row {r} of {rows}x{v}, k {k}");
+        }
+    }
 }
 
 /// An interleaved KV cache (key j of sequence b at row j·nseq + b), one query per sequence.

@@ -75,6 +75,9 @@ pub struct GpuOptions {
     /// Pretend the device allows at most this many bytes per storage binding (and per buffer).
     /// Used by tests to exercise chunking without allocating hundreds of MiB.
     pub max_binding_bytes: Option<u64>,
+    /// Pretend invocations may run at most this many loop iterations (as Mesa's CPU drivers
+    /// allow 65,535), so tests exercise the split dispatches on small shapes.
+    pub max_loop_iterations: Option<u64>,
 }
 
 impl GpuOptions {
@@ -89,6 +92,15 @@ impl GpuOptions {
                     v.parse::<u64>().map_err(|_| {
                         Error::InvalidArgument(format!(
                             "PUMICE_MAX_BINDING=`{v}` is not a byte count"
+                        ))
+                    })
+                })
+                .transpose()?,
+            max_loop_iterations: var("PUMICE_MAX_LOOP")
+                .map(|v| {
+                    v.parse::<u64>().map_err(|_| {
+                        Error::InvalidArgument(format!(
+                            "PUMICE_MAX_LOOP=`{v}` is not an iteration count"
                         ))
                     })
                 })

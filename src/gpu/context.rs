@@ -25,6 +25,22 @@ pub struct Caps {
     pub subgroup_min: u32,
     /// A software rasterizer (lavapipe, llvmpipe, WARP): prefers different tiles.
     pub is_cpu: bool,
+    /// Loop iterations one invocation may run in all its loops together before the driver
+    /// silently ends them (Mesa's llvmpipe/lavapipe: 65,535), measured when the device opens;
+    /// `None` where the probe found no limit. Possibly lowered by
+    /// [`GpuOptions::max_loop_iterations`].
+    pub loop_limit: Option<u64>,
+}
+
+impl Caps {
+    /// Iterations a kernel may plan per invocation: 7/8 of the measured limit (a margin for
+    /// loops a kernel's estimate does not count), or effectively unlimited.
+    pub fn loop_budget(&self) -> u64 {
+        match self.loop_limit {
+            Some(l) => (l - l / 8).max(64),
+            None => 1 << 40,
+        }
+    }
 }
 
 /// An open GPU device with its queue, pipeline cache and buffer pool.
@@ -106,9 +122,9 @@ impl Gpu {
             timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
             subgroup_min: report.limits.subgroup_min_size,
             is_cpu: adapter.get_info().device_type == wgpu::DeviceType::Cpu,
+            loop_limit: None,
         };
-        tracing::debug!(adapter = %report.name, backend = %report.backend, ?caps, "opened GPU");
-        Ok(Gpu {
+        let mut gpu = Gpu {
             _instance: instance,
             _adapter: adapter,
             device,
@@ -119,7 +135,31 @@ impl Gpu {
             pool: Arc::new(BufferPool::default()),
             lost,
             uncaptured,
-        })
+        };
+        let measured = gpu.probe_loop_limit()?;
+        gpu.caps.loop_limit = match (measured, opts.max_loop_iterations) {
+            (Some(m), Some(o)) => Some(m.min(o.max(64))),
+            (m, o) => m.or(o.map(|o| o.max(64))),
+        };
+        tracing::debug!(adapter = %gpu.report.name, backend = %gpu.report.backend, caps = ?gpu.caps, "opened GPU");
+        Ok(gpu)
+    }
+
+    /// Run a loop of 2²⁰ iterations in one invocation and count how many ran.
+    fn probe_loop_limit(&self) -> Result<Option<u64>> {
+        const PROBE: Kernel = Kernel {
+            name: "loop_probe",
+            template: include_str!("../../shaders/loop_probe.wgsl"),
+        };
+        const N: u32 = 1 << 20;
+        let pipeline = self.pipeline(&PROBE, &Spec::new())?;
+        let out = self.storage(16, true)?;
+        let mut b = super::Batch::new(self);
+        b.dispatch(pipeline, &[N, 0u32, 0, 0], &[&out], [1, 1, 1])?;
+        b.submit()?;
+        let bytes = self.read_bytes(&out, 8, 4)?;
+        let ran = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        Ok((ran < N).then_some(ran as u64))
     }
 
     /// Open with options from the environment (`PUMICE_BACKEND`, `PUMICE_ADAPTER`, ...).

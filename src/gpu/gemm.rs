@@ -209,6 +209,11 @@ pub fn gemm_region(
     let max_wg = gpu.caps().max_workgroups_per_dim as usize;
     let rows_per_dispatch = max_wg * cfg.tile_m();
     let cols_per_dispatch = max_wg * cfg.tile_n();
+    // Contraction per dispatch within the loop budget: k/4 steps of (1 + TM) iterations, a
+    // tail of < 4, and the TM-row set-up and store loops (5 each).
+    let tm = cfg.tm as u64;
+    let k_span =
+        ((gpu.caps().loop_budget().saturating_sub(16 * tm + 8) / (1 + tm)) * 4).max(4) as usize;
     // Row i of A (in a_rows) goes to row i + shift of C.
     let shift = c_row0 as isize - a_rows.start as isize;
 
@@ -235,47 +240,52 @@ pub fn gemm_region(
                     let mut cs = 0;
                     while cs < ncols {
                         let cn = (ncols - cs).min(cols_per_dispatch);
-                        let a_off = (rs - ac.row0) * k + k0;
-                        let b_off = match op {
-                            GemmOp::NT => cs * k,
-                            GemmOp::NN => cs,
-                        };
-                        let params = GemmParams {
-                            m: rn as u32,
-                            n: cn as u32,
-                            k: kc as u32,
-                            lda: k as u32,
-                            ldb: b.cols() as u32,
-                            ldc: ldc as u32,
-                            a_off: a_off as u32,
-                            b_off: b_off as u32,
-                            c_off: (c_local * ldc + c_col0 + col0 + cs) as u32,
-                            accumulate: acc as u32,
-                            _pad0: 0,
-                            _pad1: 0,
-                        };
-                        let a_al = aligned(a_off, k);
-                        let b_al = aligned(b_off, b.cols());
-                        let spec = Spec::new()
-                            .set(
-                                "OPERANDS",
-                                format!(
-                                    "{}{}",
-                                    operand_wgsl("a", 1, a.dtype(), a_al),
-                                    operand_wgsl("b", 2, b.dtype(), b_al)
-                                ),
-                            )
-                            .set("WG_X", cfg.wg_x)
-                            .set("WG_Y", cfg.wg_y)
-                            .set("TM", cfg.tm)
-                            .set("B_T", op == GemmOp::NT);
-                        let pipeline = gpu.pipeline(&KERNEL, &spec)?;
-                        let wg = [
-                            cn.div_ceil(cfg.tile_n()) as u32,
-                            rn.div_ceil(cfg.tile_m()) as u32,
-                            1,
-                        ];
-                        batch.dispatch(pipeline, &params, &[&ac.buf, &bc.buf, &cc.buf], wg)?;
+                        let mut ks = 0;
+                        while ks < kc {
+                            let kn = (kc - ks).min(k_span);
+                            let a_off = (rs - ac.row0) * k + k0 + ks;
+                            let b_off = match op {
+                                GemmOp::NT => cs * k + ks,
+                                GemmOp::NN => cs + ks * b.cols(),
+                            };
+                            let params = GemmParams {
+                                m: rn as u32,
+                                n: cn as u32,
+                                k: kn as u32,
+                                lda: k as u32,
+                                ldb: b.cols() as u32,
+                                ldc: ldc as u32,
+                                a_off: a_off as u32,
+                                b_off: b_off as u32,
+                                c_off: (c_local * ldc + c_col0 + col0 + cs) as u32,
+                                accumulate: (acc || ks > 0) as u32,
+                                _pad0: 0,
+                                _pad1: 0,
+                            };
+                            let a_al = aligned(a_off, k);
+                            let b_al = aligned(b_off, b.cols());
+                            let spec = Spec::new()
+                                .set(
+                                    "OPERANDS",
+                                    format!(
+                                        "{}{}",
+                                        operand_wgsl("a", 1, a.dtype(), a_al),
+                                        operand_wgsl("b", 2, b.dtype(), b_al)
+                                    ),
+                                )
+                                .set("WG_X", cfg.wg_x)
+                                .set("WG_Y", cfg.wg_y)
+                                .set("TM", cfg.tm)
+                                .set("B_T", op == GemmOp::NT);
+                            let pipeline = gpu.pipeline(&KERNEL, &spec)?;
+                            let wg = [
+                                cn.div_ceil(cfg.tile_n()) as u32,
+                                rn.div_ceil(cfg.tile_m()) as u32,
+                                1,
+                            ];
+                            batch.dispatch(pipeline, &params, &[&ac.buf, &bc.buf, &cc.buf], wg)?;
+                            ks += kn;
+                        }
                         cs += cn;
                     }
                     rs += rn;

@@ -342,12 +342,63 @@ struct AttnParams {
     o_off: u32,
     kv_seq_stride: u32,
     kv_pos_stride: u32,
-    _pad: [u32; 3],
+    k_begin: u32,
+    k_end: u32,
+    flags: u32,
+}
+
+/// Keys per block of the attention kernel's online softmax.
+const ATTN_KB: usize = 8;
+
+/// The attention kernel's specialization for a head dimension: vec4 arithmetic when it is a
+/// multiple of 4. Returns the spec and the vector width.
+fn attention_spec(head_dim: usize) -> (Spec, usize) {
+    let vw = if head_dim.is_multiple_of(4) { 4 } else { 1 };
+    let load = |a: &str| {
+        if vw == 4 {
+            format!("vec4<f32>({a}[i], {a}[i + 1u], {a}[i + 2u], {a}[i + 3u])")
+        } else {
+            format!("{a}[i]")
+        }
+    };
+    let spec = Spec::new()
+        .set("HD", head_dim)
+        .set("KB", ATTN_KB)
+        .set("VW", vw)
+        .set("VT", if vw == 4 { "vec4<f32>" } else { "f32" })
+        .set("LOADV_Q", load("q"))
+        .set("LOADV_K", load("k"))
+        .set("LOADV_V", load("v"))
+        .set("LOADV_O", load("o"))
+        .set("DOTV", if vw == 4 { "dot(a, b)" } else { "a * b" })
+        .set(
+            "STOREV",
+            if vw == 4 {
+                "o[i] = x.x; o[i + 1u] = x.y; o[i + 2u] = x.z; o[i + 3u] = x.w;"
+            } else {
+                "o[i] = x;"
+            },
+        );
+    (spec, vw)
+}
+
+/// Keys one attention dispatch may cover so that no invocation runs more than `budget` loop
+/// iterations (every loop of the kernel counted, none assumed unrolled).
+pub fn attention_keys_per_dispatch(head_dim: usize, budget: u64) -> usize {
+    let vw = if head_dim.is_multiple_of(4) { 4 } else { 1 };
+    let hv = (head_dim / vw) as u64;
+    // init 2·hv, store hv, one partial block (1 + hv); per key 2·(1 + hv) plus its share of a
+    // block's (1 + hv) rescale.
+    let fixed = 3 * hv + (1 + hv);
+    let per_key_x8 = 16 * (1 + hv) + (1 + hv) * 8 / ATTN_KB as u64;
+    let keys = budget.saturating_sub(fixed) * 8 / per_key_x8.max(1);
+    (keys as usize).max(1)
 }
 
 /// Causal GQA attention: `out = softmax(q kᵀ / √d + causal mask) v` per sequence and head.
 /// q/out chunks must hold whole sequences of `t` rows; k/v chunks the matching sequences of
-/// `s` rows (allocate with [`GpuMatrix::uninit_grouped`]).
+/// `s` rows (allocate with [`GpuMatrix::uninit_grouped`]). The keys are split over as many
+/// dispatches as the device's loop budget requires ([`attention_keys_per_dispatch`]).
 pub fn attention(
     batch: &mut Batch<'_>,
     q: &GpuMatrix,
@@ -361,6 +412,7 @@ pub fn attention(
     let nseq = q.rows() / sh.t.max(1);
     check(
         sh.t > 0
+            && sh.head_dim > 0
             && q.rows().is_multiple_of(sh.t)
             && q.cols() == qd
             && out.cols() == qd
@@ -385,8 +437,24 @@ pub fn attention(
         },
     )?;
     let gpu = batch.gpu();
-    let spec = Spec::new().set("HD", sh.head_dim).set("KB", 8);
+    let (spec, _) = attention_spec(sh.head_dim);
     let pipeline = gpu.pipeline(&ATTENTION, &spec)?;
+    let span = attention_keys_per_dispatch(sh.head_dim, gpu.caps().loop_budget());
+    // Keys the longest row can see: the split only needs to cover those.
+    let k_first = if sh.window > 0 {
+        (sh.q_pos0 + 1).saturating_sub(sh.window)
+    } else {
+        0
+    };
+    let segments: Vec<(usize, usize)> = (k_first..sh.s)
+        .step_by(span)
+        .map(|b| (b, (b + span).min(sh.s)))
+        .collect();
+    let segments = if segments.is_empty() {
+        vec![(0, sh.s)]
+    } else {
+        segments
+    };
     for (qc, oc) in q.chunks().iter().zip(out.chunks()) {
         check(qc.row0 % sh.t == 0 && qc.rows % sh.t == 0, || {
             "attention: a q chunk splits a sequence".into()
@@ -409,29 +477,40 @@ pub fn attention(
             }
             KvLayout::Interleaved => (&k.chunks()[0], &v.chunks()[0], seq0 * kd, 1, nseq),
         };
-        let params = AttnParams {
-            rows: qc.rows as u32,
-            t: sh.t as u32,
-            s: sh.s as u32,
-            heads: sh.heads as u32,
-            kv_heads: sh.kv_heads as u32,
-            q_pos0: sh.q_pos0 as u32,
-            window: sh.window as u32,
-            scale: 1.0 / (sh.head_dim as f32).sqrt(),
-            q_off: 0,
-            k_off: k_off as u32,
-            o_off: 0,
-            kv_seq_stride: seq_stride as u32,
-            kv_pos_stride: pos_stride as u32,
-            _pad: [0; 3],
+        // Running (m, l) between the dispatches of a split (a placeholder when there is one).
+        let state = if segments.len() > 1 {
+            gpu.storage((qc.rows * sh.heads * 2 * 4) as u64, false)?
+        } else {
+            gpu.storage(16, false)?
         };
         let wg = [qc.rows.div_ceil(64) as u32, sh.heads as u32, 1];
-        batch.dispatch(
-            pipeline.clone(),
-            &params,
-            &[&qc.buf, &kc.buf, &vc.buf, &oc.buf],
-            wg,
-        )?;
+        for (n, &(kb, ke)) in segments.iter().enumerate() {
+            let flags = (n == 0) as u32 | (((n + 1 == segments.len()) as u32) << 1);
+            let params = AttnParams {
+                rows: qc.rows as u32,
+                t: sh.t as u32,
+                s: sh.s as u32,
+                heads: sh.heads as u32,
+                kv_heads: sh.kv_heads as u32,
+                q_pos0: sh.q_pos0 as u32,
+                window: sh.window as u32,
+                scale: 1.0 / (sh.head_dim as f32).sqrt(),
+                q_off: 0,
+                k_off: k_off as u32,
+                o_off: 0,
+                kv_seq_stride: seq_stride as u32,
+                kv_pos_stride: pos_stride as u32,
+                k_begin: kb as u32,
+                k_end: ke as u32,
+                flags,
+            };
+            batch.dispatch(
+                pipeline.clone(),
+                &params,
+                &[&qc.buf, &kc.buf, &vc.buf, &oc.buf, &state],
+                wg,
+            )?;
+        }
     }
     Ok(())
 }
@@ -565,6 +644,17 @@ pub fn logit_stats(
         || "logit_stats: output or targets too short".into(),
     )?;
     let gpu = batch.gpu();
+    // Each invocation scans v / WG logits twice, then two tree reductions.
+    let wg = reduce_wg(gpu) as u64;
+    let iterations = 2 * (z.cols() as u64).div_ceil(wg) + 2 * 32;
+    check(iterations <= gpu.caps().loop_budget(), || {
+        format!(
+            "logit_stats: a vocabulary of {} needs {iterations} loop iterations per invocation, \
+             more than this adapter runs ({})",
+            z.cols(),
+            gpu.caps().loop_budget()
+        )
+    })?;
     let spec = Spec::new()
         .set("WG", reduce_wg(gpu))
         .set("KL", z_ref.is_some());
@@ -645,7 +735,9 @@ struct TopkParams {
     rows: u32,
     v: u32,
     row_base: u32,
-    _pad: u32,
+    c_begin: u32,
+    c_end: u32,
+    _pad: [u32; 3],
 }
 
 /// Largest k supported by [`top_k`].
@@ -671,16 +763,27 @@ pub fn top_k(
     })?;
     let gpu = batch.gpu();
     let pipeline = gpu.pipeline(&TOPK, &Spec::new().set("K", k))?;
+    // Columns per dispatch within the loop budget: each column costs at most k + 2 iterations
+    // (the scan and an insertion shifting k entries); loading and storing cost 2k.
+    let span =
+        (gpu.caps().loop_budget().saturating_sub(2 * k as u64) / (k as u64 + 2)).max(1) as usize;
     for zc in z.chunks() {
-        let params = TopkParams {
-            rows: zc.rows as u32,
-            v: z.cols() as u32,
-            row_base: (out_row0 + zc.row0) as u32,
-            _pad: 0,
-        };
         let groups = zc.rows.div_ceil(64);
         let wg = [groups.min(ROWS_Y) as u32, groups.div_ceil(ROWS_Y) as u32, 1];
-        batch.dispatch(pipeline.clone(), &params, &[&zc.buf, out], wg)?;
+        let mut c0 = 0;
+        while c0 < z.cols() {
+            let c1 = (c0 + span).min(z.cols());
+            let params = TopkParams {
+                rows: zc.rows as u32,
+                v: z.cols() as u32,
+                row_base: (out_row0 + zc.row0) as u32,
+                c_begin: c0 as u32,
+                c_end: c1 as u32,
+                _pad: [0; 3],
+            };
+            batch.dispatch(pipeline.clone(), &params, &[&zc.buf, out], wg)?;
+            c0 = c1;
+        }
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::quant::grid::CLIP_STEPS;
 use crate::quant::sparsity::Sparsity;
 use crate::quant::{Grid, PreparedHessian, Quantized};
 
@@ -102,10 +103,47 @@ pub fn symmetric_zeros(gpu: &Gpu, grid: Grid, rows: usize, groups: usize) -> Res
     )
 }
 
+/// Loop iterations of one invocation that fits one group's grid over `g` columns (min/max, the
+/// clip search, the codes).
+fn grid_iterations(g: usize, clip: bool) -> u64 {
+    let steps = if clip { CLIP_STEPS as u64 + 1 } else { 0 };
+    (g as u64) * (2 + steps) + steps
+}
+
+/// Loop iterations of one invocation of the GPTQ block kernel (every loop counted).
+fn gptq_block_iterations(bw: usize, g: usize, clip: bool, sparsity: Sparsity) -> u64 {
+    let bw64 = bw as u64;
+    // Groups whose grid is fitted inside this block: columns scanned at most max(bw, g).
+    let grids = grid_iterations(g.max(bw), clip);
+    let prune = match sparsity {
+        Sparsity::Dense => 0,
+        Sparsity::TwoFour => bw64 * 3,
+        Sparsity::Unstructured(_) => bw64 + sparsity.pruned_in_block(bw) as u64 * (bw64 + 1),
+    };
+    bw64 + bw64 * bw64 / 2 + grids + prune
+}
+
+/// Refuse a grid whose groups are too long for one invocation on this adapter.
+fn check_group_budget(gpu: &Gpu, iterations: u64, g: usize) -> Result<()> {
+    let budget = gpu.caps().loop_budget();
+    if iterations > budget {
+        return Err(Error::InvalidArgument(format!(
+            "groups of {g} columns need {iterations} loop iterations in one GPU invocation, and \
+             this adapter ({}) ends an invocation's loops after {} in all: use --group-size 128 \
+             (or up to about {})",
+            gpu.report().name,
+            gpu.caps().loop_limit.unwrap_or(budget),
+            g as u64 * budget / iterations.max(1)
+        )));
+    }
+    Ok(())
+}
+
 /// Round-to-nearest quantization of `w` (rows × cols, any float dtype).
 pub fn rtn(gpu: &Gpu, w: &GpuMatrix, grid: Grid) -> Result<GpuQuantized> {
     let (m, n) = (w.rows(), w.cols());
     let (g, ng) = (grid.group_len(n), grid.groups(n));
+    check_group_budget(gpu, grid_iterations(g, grid.clip), g)?;
     let codes = GpuMatrix::uninit(gpu, m, n)?;
     let scales = GpuMatrix::uninit(gpu, m, ng)?;
     let zeros = GpuMatrix::uninit(gpu, m, ng)?;
@@ -252,6 +290,19 @@ pub fn sparse_gptq(
             max_block.max(1)
         };
     }
+    // Blocks small enough for the adapter's loop budget (the triangular update costs bw²/2).
+    let budget = gpu.caps().loop_budget();
+    while block > 4
+        && !matches!(sparsity, Sparsity::Unstructured(_))
+        && gptq_block_iterations(block, g, grid.clip, sparsity) > budget
+    {
+        block = (block / 2).max(4) / 4 * 4;
+    }
+    check_group_budget(
+        gpu,
+        gptq_block_iterations(block.min(n), g, grid.clip, sparsity),
+        g,
+    )?;
     let u = &prep.u;
     let mut b = Batch::new(gpu);
     // Per-block operands stay alive until the batch is submitted.

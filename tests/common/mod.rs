@@ -54,6 +54,14 @@ pub fn random(n: usize, seed: u64, bias: f32) -> Vec<f32> {
         .collect()
 }
 
+/// A GPU that plans as if invocations could run at most `iterations` loop iterations, to force
+/// the split dispatches (Mesa's CPU drivers stop at 65,535) on small shapes.
+pub fn gpu_loop_limited(iterations: u64) -> Gpu {
+    let mut opts = GpuOptions::from_env().expect("valid PUMICE_* environment");
+    opts.max_loop_iterations = Some(iterations);
+    gpu_with(&opts)
+}
+
 pub fn project_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
