@@ -521,6 +521,7 @@ pub fn run(
                         samples,
                         len,
                         seed: 0,
+                        newlines: Default::default(),
                     },
                     caldera: Default::default(),
                     output: out.clone(),

@@ -20,6 +20,11 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// An input file named on the command line (text, token ids, calibration) is missing,
+    /// unreadable or malformed: bad input, exit code 2.
+    #[error("{}: {msg}", path.display())]
+    Input { path: PathBuf, msg: String },
+
     /// A JSON file (config.json, a shard index, a safetensors header) could not be parsed.
     #[error("{}: not valid JSON: {}", path.display(), one_line(&source.to_string()))]
     Json {
@@ -114,6 +119,14 @@ impl Error {
         }
     }
 
+    /// A bad input file named by the user (exit code 2).
+    pub fn input(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
+        Error::Input {
+            path: path.as_ref().to_path_buf(),
+            msg: msg.into(),
+        }
+    }
+
     pub(crate) fn safetensors(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
         Error::Safetensors {
             path: path.as_ref().to_path_buf(),
@@ -162,6 +175,7 @@ impl Error {
             | Error::Tensor { .. }
             | Error::Tokenizer { .. }
             | Error::InvalidArgument(_)
+            | Error::Input { .. }
             | Error::WorkDir { .. } => 2,
             Error::Interrupted(_) => 130,
             Error::Io { .. }

@@ -15,6 +15,7 @@ pub mod interrupt;
 pub mod lowrank;
 pub mod model;
 pub mod quant;
+pub mod text;
 
 pub use dtype::DType;
 pub use error::{Error, Result};

@@ -139,6 +139,10 @@ struct CalibArgs {
     /// Seed for drawing or sampling calibration sequences.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Tokenize text files byte for byte, keeping CRLF and lone CR (llama.cpp's way). By
+    /// default text is read as Python's text mode reads it: CRLF and lone CR become LF.
+    #[arg(long)]
+    raw_text: bool,
 }
 
 impl CalibArgs {
@@ -161,6 +165,7 @@ impl CalibArgs {
             samples: self.calib_samples,
             len: self.calib_len,
             seed: self.seed,
+            newlines: newlines(self.raw_text),
         })
     }
 }
@@ -249,6 +254,10 @@ struct ImportanceArgs {
     /// Seed for drawing or sampling calibration sequences.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Tokenize text files byte for byte, keeping CRLF and lone CR (llama.cpp's way). By
+    /// default text is read as Python's text mode reads it: CRLF and lone CR become LF.
+    #[arg(long)]
+    raw_text: bool,
     /// Size k of the top-k token sets (1–64).
     #[arg(long, default_value_t = 10)]
     top_k: usize,
@@ -361,7 +370,7 @@ struct CompressArgs {
     #[arg(long)]
     no_rht: bool,
     /// CALDERA: bits per weight each matrix may use (everything stored counted); sets the rank.
-    #[arg(long, default_value_t = 2.5)]
+    #[arg(long, default_value_t = 2.5, value_parser = parse_target_bpw)]
     target_bpw: f64,
     /// CALDERA: a fixed rank instead of --target-bpw.
     #[arg(long)]
@@ -530,6 +539,11 @@ struct EvalArgs {
     /// Whitespace-separated token ids instead of text (for models without a tokenizer).
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// Tokenize text files byte for byte, keeping CRLF and lone CR (llama.cpp's way). By
+    /// default text is read as Python's text mode reads it: CRLF and lone CR become LF.
+    #[arg(long)]
+    raw_text: bool,
+
     /// Window length in tokens.
     #[arg(long, default_value_t = 512)]
     ctx: usize,
@@ -555,17 +569,21 @@ struct EvalArgs {
 struct GenerateArgs {
     /// Model directory.
     model: PathBuf,
-    /// Prompt text (empty: start from the BOS token).
+    /// Prompt text (empty: start from the BOS token). CRLF and lone CR become LF unless
+    /// --raw-text is given.
     #[arg(long, default_value = "")]
     prompt: String,
+    /// Keep CRLF and lone CR in the prompt as they are.
+    #[arg(long)]
+    raw_text: bool,
     /// Tokens to generate at most.
     #[arg(long, default_value_t = 64)]
     max_tokens: usize,
     /// Sampling temperature; 0 is greedy (deterministic).
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, value_parser = parse_temperature)]
     temperature: f32,
-    /// Nucleus sampling: keep the most likely tokens up to this probability mass.
-    #[arg(long, default_value_t = 0.95)]
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass (0 < p ≤ 1).
+    #[arg(long, default_value_t = 0.95, value_parser = parse_top_p)]
     top_p: f32,
     /// Seed for sampling.
     #[arg(long, default_value_t = 0)]
@@ -966,6 +984,7 @@ fn importance_cmd(gpu_opts: &GpuOptions, a: ImportanceArgs) -> anyhow::Result<()
         samples: a.calib_samples,
         len,
         seed: a.seed,
+        newlines: newlines(a.raw_text),
     };
     let gpu = Gpu::new(gpu_opts)?;
     eprintln!(
@@ -1259,6 +1278,32 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
         .into());
     }
     let ck = Checkpoint::open(&a.model)?;
+    // --eval-text is read and tokenized before any GPU work: a bad file fails at once.
+    let eval_tokens = match &a.eval_text {
+        Some(text_path) => {
+            let tok = Tokenizer::from_model_dir(&a.model)?.ok_or_else(|| {
+                pumice::Error::InvalidArgument(format!(
+                    "{} has no tokenizer.json for --eval-text",
+                    a.model.display()
+                ))
+            })?;
+            let text = pumice::text::read_text(text_path, newlines(a.cal.raw_text))?;
+            let tokens = tok.encode(&text)?;
+            if tokens.len() < a.eval_ctx.max(2) {
+                return Err(pumice::Error::input(
+                    text_path,
+                    format!(
+                        "{} tokens, fewer than one --eval-ctx window of {}",
+                        tokens.len(),
+                        a.eval_ctx
+                    ),
+                )
+                .into());
+            }
+            Some(tokens)
+        }
+        None => None,
+    };
     let bits = a
         .bits
         .unwrap_or(if a.method == MethodArg::Caldera { 2 } else { 4 });
@@ -1335,18 +1380,7 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
     }
     let output = opts.output.clone();
     let mut before_after = None;
-    if let Some(text_path) = &a.eval_text {
-        let tok = Tokenizer::from_model_dir(&a.model)?.ok_or_else(|| {
-            pumice::Error::InvalidArgument(format!(
-                "{} has no tokenizer.json for --eval-text",
-                a.model.display()
-            ))
-        })?;
-        let text = std::fs::read_to_string(text_path).map_err(|e| pumice::Error::Io {
-            path: text_path.clone(),
-            source: e,
-        })?;
-        let tokens = tok.encode(&text)?;
+    if let Some(tokens) = eval_tokens {
         let out_ck = Checkpoint::open(&output)?;
         let eopts = EngineOptions {
             resident_bytes: 2 << 30,
@@ -1377,6 +1411,7 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
             samples: a.eval_samples,
             len,
             seed: a.cal.seed.wrapping_add(1),
+            newlines: newlines(a.cal.raw_text),
         };
         let seqs = pumice::compress::calib::self_generated(&mut orig, &copts, &mut |_, _| {})?;
         let out_ck = Checkpoint::open(&output)?;
@@ -1551,11 +1586,57 @@ fn compress_cmd(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn parse_f64(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number"))?;
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(format!("`{s}` is not a finite number"))
+    }
+}
+
+/// --temperature: finite and ≥ 0.
+fn parse_temperature(s: &str) -> Result<f32, String> {
+    let v = parse_f64(s)?;
+    if v < 0.0 || v > 1e6 {
+        return Err(format!("{v} must be within 0 (greedy) and 1e6"));
+    }
+    Ok(v as f32)
+}
+
+/// --top-p: a probability mass in (0, 1].
+fn parse_top_p(s: &str) -> Result<f32, String> {
+    let v = parse_f64(s)?;
+    if !(v > 0.0 && v <= 1.0) {
+        return Err(format!("{v} must be within (0, 1]"));
+    }
+    Ok(v as f32)
+}
+
+/// --target-bpw: stored bits per weight; at least 1 (no grid pumice has stores less) and at
+/// most 32.
+fn parse_target_bpw(s: &str) -> Result<f64, String> {
+    let v = parse_f64(s)?;
+    if !(1.0..=32.0).contains(&v) {
+        return Err(format!("{v} bits per weight must be within 1 and 32"));
+    }
+    Ok(v)
+}
+
+/// How text inputs are read: Python's universal newlines unless `--raw-text`.
+fn newlines(raw: bool) -> pumice::text::Newlines {
+    if raw {
+        pumice::text::Newlines::Keep
+    } else {
+        pumice::text::Newlines::Universal
+    }
+}
+
 fn read_token_file(path: &std::path::Path) -> Result<Vec<u32>, pumice::Error> {
-    let text = std::fs::read_to_string(path).map_err(|e| pumice::Error::Io {
-        path: path.to_path_buf(),
-        source: e,
-    })?;
+    let text = pumice::text::read_text(path, pumice::text::Newlines::Keep)?;
     text.split_whitespace()
         .enumerate()
         .map(|(i, s)| {
@@ -1582,15 +1663,36 @@ fn eval(gpu_opts: &GpuOptions, a: EvalArgs) -> anyhow::Result<()> {
                     a.model.display()
                 ))
             })?;
-            let text = std::fs::read_to_string(t).map_err(|e| pumice::Error::Io {
-                path: t.clone(),
-                source: e,
-            })?;
+            let text = pumice::text::read_text(t, newlines(a.raw_text))?;
             tok.encode(&text)?
         }
         (None, None) => unreachable!("clap requires --text or --token-file"),
     };
     let windows = window_count(tokens.len(), a.ctx, a.max_windows);
+    // Checked before anything is sized from --ctx (the RoPE table, the KV buffers).
+    let source = a
+        .text
+        .as_ref()
+        .or(a.token_file.as_ref())
+        .expect("clap requires one");
+    if a.ctx < 2 {
+        return Err(pumice::Error::InvalidArgument(format!(
+            "--ctx {}: windows need at least 2 tokens",
+            a.ctx
+        ))
+        .into());
+    }
+    if windows == 0 {
+        return Err(pumice::Error::input(
+            source,
+            format!(
+                "{} tokens, fewer than one window of --ctx {}",
+                tokens.len(),
+                a.ctx
+            ),
+        )
+        .into());
+    }
     let gpu = Gpu::new(gpu_opts)?;
     tracing::info!("evaluating on {}", gpu.describe());
     let eopts = EngineOptions {
@@ -1667,10 +1769,14 @@ fn generate_cmd(gpu_opts: &GpuOptions, a: GenerateArgs) -> anyhow::Result<()> {
     let tok = Tokenizer::from_model_dir(&a.model)?.ok_or_else(|| {
         pumice::Error::InvalidArgument(format!("{} has no tokenizer.json", a.model.display()))
     })?;
-    let prompt = tok.encode(&a.prompt)?;
+    let prompt_text = pumice::text::normalize(&a.prompt, newlines(a.raw_text)).into_owned();
+    let prompt = tok.encode(&prompt_text)?;
     let gpu = Gpu::new(gpu_opts)?;
-    let positions =
-        (prompt.len().max(1) + a.max_tokens).min(ck.config().max_position_embeddings.max(1));
+    let positions = prompt
+        .len()
+        .max(1)
+        .saturating_add(a.max_tokens)
+        .min(ck.config().max_position_embeddings.max(1));
     let mut engine = Engine::new(
         &gpu,
         &ck,
@@ -1687,7 +1793,7 @@ fn generate_cmd(gpu_opts: &GpuOptions, a: GenerateArgs) -> anyhow::Result<()> {
         stop_at_eos: !a.ignore_eos,
     };
     let mut out = std::io::stdout().lock();
-    write!(out, "{}", a.prompt)?;
+    write!(out, "{prompt_text}")?;
     out.flush()?;
     // Decode the whole continuation each time and print what is new, so multi-token characters
     // come out whole.

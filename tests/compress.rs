@@ -34,6 +34,7 @@ fn opts(method: Method, bits: u32, group: usize, out: &Path) -> CompressOptions 
             samples: 8,
             len: 64,
             seed: 1,
+            newlines: Default::default(),
         },
         caldera: Default::default(),
         output: out.to_path_buf(),

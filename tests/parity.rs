@@ -288,3 +288,42 @@ fn self_kl_is_zero() {
     );
     assert_eq!(rep.top1_agreement, Some(1.0));
 }
+
+/// WikiText-2's test file has 2,891 CRLF line endings. Read as Python's text mode reads it (as
+/// transformers-based evaluations do), the asset model's tokenizer gives transformers' 451,899
+/// tokens and `pumice eval --ctx 256 --max-windows 64` its perplexity, 441.29 (transformers,
+/// f32); `--raw-text` keeps the CRs (454,790 tokens, llama.cpp's reading).
+#[test]
+fn wikitext2_read_as_python_reads_it() {
+    let Some(shared) = shared_or_skip("wikitext2_read_as_python_reads_it") else {
+        return;
+    };
+    let text = shared.join("eval/wikitext2/wiki.test.raw");
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "eval".to_string(),
+            project_root()
+                .join("assets/models/gutenberg-llama")
+                .display()
+                .to_string(),
+            "--text".into(),
+            text.display().to_string(),
+            "--ctx".into(),
+            "256".into(),
+            "--json".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_pumice"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let r = run(&["--max-windows", "64"]);
+    assert_eq!(r["tokens"].as_u64(), Some(451_899));
+    let ppl = r["perplexity"].as_f64().unwrap();
+    assert!((ppl - 441.29).abs() / 441.29 < 1e-4, "perplexity {ppl}");
+    let raw = run(&["--max-windows", "1", "--raw-text"]);
+    assert_eq!(raw["tokens"].as_u64(), Some(454_790));
+}

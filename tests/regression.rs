@@ -68,6 +68,7 @@ fn compress_and_reader_agree_on_symmetric_zero_points() {
         samples: 4,
         len: 32,
         seed: 3,
+        newlines: Default::default(),
     };
     let out = d.path().join("sym");
     let grid = Grid::new(4, 64, true).unwrap();

@@ -15,6 +15,8 @@ pub struct CalibOptions {
     pub samples: usize,
     pub len: usize,
     pub seed: u64,
+    /// How line endings of the calibration files are read.
+    pub newlines: crate::text::Newlines,
 }
 
 /// Calibration sequences: `samples` rows of `len` tokens.
@@ -65,7 +67,7 @@ pub fn from_text(tok: &Tokenizer, paths: &[PathBuf], opts: &CalibOptions) -> Res
     let files = expand_paths(paths)?;
     let mut docs = Vec::new();
     for f in &files {
-        let text = std::fs::read_to_string(f).map_err(|e| Error::io(f, e))?;
+        let text = crate::text::read_text(f, opts.newlines)?;
         docs.push(tok.encode(&text)?);
     }
     // Valid start positions per file, then draws over their union.

@@ -1319,7 +1319,11 @@ fn job_inputs(
                 CalibSource::Text(paths) => {
                     let files = calib::expand_paths(paths)?;
                     let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
-                    format!("text sha256 {}", sha256_files(&refs)?)
+                    format!(
+                        "text sha256 {}, newlines {:?}",
+                        sha256_files(&refs)?,
+                        opts.calib.newlines
+                    )
                 }
             };
             put(

@@ -14,19 +14,46 @@ fn tensor(ck: &Checkpoint, name: &str) -> Result<Vec<f64>> {
         .collect())
 }
 
-/// y[r] = x[r] · Wᵀ (+ b) for x [rows, inp], W [out, inp].
+/// y[r] = x[r] · Wᵀ (+ b) for x [rows, inp], W [out, inp], in f64 (faer, all cores).
 fn linear(x: &[f64], w: &[f64], b: Option<&[f64]>, inp: usize, out: usize) -> Vec<f64> {
+    use faer::{Accum, MatRef, Par};
     let rows = x.len() / inp;
+    let xm = MatRef::from_row_major_slice(x, rows, inp);
+    let wm = MatRef::from_row_major_slice(w, out, inp).transpose();
+    let mut c = faer::Mat::<f64>::zeros(rows, out);
+    faer::linalg::matmul::matmul(c.as_mut(), Accum::Replace, xm, wm, 1.0f64, Par::rayon(0));
     let mut y = vec![0.0; rows * out];
     for r in 0..rows {
-        let xr = &x[r * inp..(r + 1) * inp];
         for o in 0..out {
-            let wr = &w[o * inp..(o + 1) * inp];
-            y[r * out + o] =
-                xr.iter().zip(wr).map(|(a, c)| a * c).sum::<f64>() + b.map_or(0.0, |b| b[o]);
+            y[r * out + o] = c[(r, o)] + b.map_or(0.0, |b| b[o]);
         }
     }
     y
+}
+
+/// The final RMSNorm of the residual stream leaving the last decoder layer, [ids.len(),
+/// hidden] in f64: what the LM head reads (for models whose full f64 logits are too costly).
+pub fn reference_final_hidden(ck: &Checkpoint, ids: &[u32], seq_len: usize) -> Result<Vec<f64>> {
+    let mut last = Vec::new();
+    let n = ck.arch().layers.len();
+    forward_layers(ck, ids, seq_len, &mut |l, x| {
+        if l == n {
+            last = x.to_vec();
+        }
+    })?;
+    let norm = tensor(ck, &ck.arch().final_norm.name)?;
+    Ok(rms_norm(&last, &norm, ck.config().rms_norm_eps))
+}
+
+/// Logits [rows, vocab] in f64 of normed hidden states [rows, hidden] through the LM head (the
+/// embedding when tied).
+pub fn reference_head(ck: &Checkpoint, hidden: &[f64]) -> Result<Vec<f64>> {
+    let c = ck.config();
+    let head = match &ck.arch().lm_head {
+        Some(hs) => tensor(ck, &hs.name)?,
+        None => tensor(ck, &ck.arch().embed_tokens.name)?,
+    };
+    Ok(linear(hidden, &head, None, c.hidden_size, c.vocab_size))
 }
 
 fn rms_norm(x: &[f64], w: &[f64], eps: f64) -> Vec<f64> {
@@ -96,6 +123,23 @@ pub fn reference_logits_observed(
     observe: &mut dyn FnMut(usize, &[f64]),
 ) -> Result<Vec<f64>> {
     let c = ck.config();
+    let x = forward_layers(ck, ids, seq_len, observe)?;
+    let xn = rms_norm(&x, &tensor(ck, &ck.arch().final_norm.name)?, c.rms_norm_eps);
+    let head = match &ck.arch().lm_head {
+        Some(hs) => tensor(ck, &hs.name)?,
+        None => tensor(ck, &ck.arch().embed_tokens.name)?,
+    };
+    Ok(linear(&xn, &head, None, c.hidden_size, c.vocab_size))
+}
+
+/// Every decoder layer in f64; returns the residual stream leaving the last one.
+fn forward_layers(
+    ck: &Checkpoint,
+    ids: &[u32],
+    seq_len: usize,
+    observe: &mut dyn FnMut(usize, &[f64]),
+) -> Result<Vec<f64>> {
+    let c = ck.config();
     let (h, hd) = (c.hidden_size, c.head_dim);
     let (nh, nkv) = (c.num_heads, c.num_kv_heads);
     let rows = ids.len();
@@ -122,33 +166,45 @@ pub fn reference_logits_observed(
         rope(&mut k, nkv, &inv, seq_len);
         let mut attn = vec![0.0; rows * nh * hd];
         let scale = 1.0 / (hd as f64).sqrt();
-        for r in 0..rows {
-            let (seq, i) = (r / seq_len, r % seq_len);
-            let lo = if window > 0 && i + 1 > window {
-                i + 1 - window
-            } else {
-                0
-            };
-            for head in 0..nh {
-                let kh = head / (nh / nkv);
-                let qr = &q[r * nh * hd + head * hd..][..hd];
-                let scores: Vec<f64> = (lo..=i)
-                    .map(|j| {
-                        let kr = &k[(seq * seq_len + j) * nkv * hd + kh * hd..][..hd];
-                        qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f64>() * scale
-                    })
-                    .collect();
-                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
-                for (jj, s) in scores.iter().enumerate() {
-                    let p = (s - m).exp() / z;
-                    let vr = &v[(seq * seq_len + lo + jj) * nkv * hd + kh * hd..][..hd];
-                    for d in 0..hd {
-                        attn[r * nh * hd + head * hd + d] += p * vr[d];
+        let row_len = nh * hd;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let per = rows.div_ceil(threads).max(1);
+        std::thread::scope(|scope| {
+            for (part, out) in attn.chunks_mut(per * row_len).enumerate() {
+                let (q, k, v) = (&q, &k, &v);
+                scope.spawn(move || {
+                    for (rr, orow) in out.chunks_mut(row_len).enumerate() {
+                        let r = part * per + rr;
+                        let (seq, i) = (r / seq_len, r % seq_len);
+                        let lo = if window > 0 && i + 1 > window {
+                            i + 1 - window
+                        } else {
+                            0
+                        };
+                        for head in 0..nh {
+                            let kh = head / (nh / nkv);
+                            let qr = &q[r * nh * hd + head * hd..][..hd];
+                            let scores: Vec<f64> = (lo..=i)
+                                .map(|j| {
+                                    let kr = &k[(seq * seq_len + j) * nkv * hd + kh * hd..][..hd];
+                                    qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f64>() * scale
+                                })
+                                .collect();
+                            let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                            let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
+                            let oh = &mut orow[head * hd..(head + 1) * hd];
+                            for (jj, s) in scores.iter().enumerate() {
+                                let p = (s - m).exp() / z;
+                                let vr = &v[(seq * seq_len + lo + jj) * nkv * hd + kh * hd..][..hd];
+                                for d in 0..hd {
+                                    oh[d] += p * vr[d];
+                                }
+                            }
+                        }
                     }
-                }
+                });
             }
-        }
+        });
         let o = lin(LinearKind::OProj, &attn)?;
         x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
         let h2 = rms_norm(
@@ -167,10 +223,5 @@ pub fn reference_logits_observed(
         x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
     }
     observe(ck.arch().layers.len(), &x);
-    let xn = rms_norm(&x, &tensor(ck, &ck.arch().final_norm.name)?, c.rms_norm_eps);
-    let head = match &ck.arch().lm_head {
-        Some(hs) => tensor(ck, &hs.name)?,
-        None => emb,
-    };
-    Ok(linear(&xn, &head, None, h, c.vocab_size))
+    Ok(x)
 }

@@ -176,19 +176,42 @@ impl ModelConfig {
             }
         };
 
-        let hidden_size = f.usize_req("hidden_size")?;
-        let intermediate_size = f.usize_req("intermediate_size")?;
-        let num_layers = f.usize_req("num_hidden_layers")?;
-        let num_heads = f.usize_req("num_attention_heads")?;
-        let num_kv_heads = f.usize_opt("num_key_value_heads")?.unwrap_or(num_heads);
-        let vocab_size = f.usize_req("vocab_size")?;
+        // Upper bounds far above any real model, checked before anything is sized from these
+        // values (a hostile config.json must not make pumice allocate or overflow).
+        let bounded = |key: &str, v: usize, max: usize| -> Result<usize> {
+            if v > max {
+                Err(f.err(format!(
+                    "field `{key}` = {v} is implausibly large (at most {max})"
+                )))
+            } else {
+                Ok(v)
+            }
+        };
+        let hidden_size = bounded("hidden_size", f.usize_req("hidden_size")?, 1 << 17)?;
+        let intermediate_size = bounded(
+            "intermediate_size",
+            f.usize_req("intermediate_size")?,
+            1 << 20,
+        )?;
+        let num_layers = bounded("num_hidden_layers", f.usize_req("num_hidden_layers")?, 4096)?;
+        let num_heads = bounded(
+            "num_attention_heads",
+            f.usize_req("num_attention_heads")?,
+            4096,
+        )?;
+        let num_kv_heads = bounded(
+            "num_key_value_heads",
+            f.usize_opt("num_key_value_heads")?.unwrap_or(num_heads),
+            4096,
+        )?;
+        let vocab_size = bounded("vocab_size", f.usize_req("vocab_size")?, 1 << 24)?;
         if num_heads % num_kv_heads != 0 {
             return Err(f.err(format!(
                 "num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv_heads})"
             )));
         }
         let head_dim = match f.usize_opt("head_dim")? {
-            Some(h) => h,
+            Some(h) => bounded("head_dim", h, 1024)?,
             None if hidden_size % num_heads == 0 => hidden_size / num_heads,
             None => {
                 return Err(f.err(format!(
@@ -199,7 +222,11 @@ impl ModelConfig {
         if head_dim % 2 != 0 {
             return Err(f.err(format!("head_dim {head_dim} must be even for RoPE")));
         }
-        let max_position_embeddings = f.usize_opt("max_position_embeddings")?.unwrap_or(2048);
+        let max_position_embeddings = bounded(
+            "max_position_embeddings",
+            f.usize_opt("max_position_embeddings")?.unwrap_or(2048),
+            1 << 24,
+        )?;
         let rms_norm_eps = f.f64_opt("rms_norm_eps")?.unwrap_or(1e-6);
         if rms_norm_eps <= 0.0 {
             return Err(f.err(format!("rms_norm_eps must be positive, got {rms_norm_eps}")));

@@ -115,7 +115,13 @@ impl SyntheticLlama {
                 } else if t.name.ends_with(".bias") {
                     0.1
                 } else if t.name == arch.embed_tokens.name {
-                    1.0
+                    // A tied head reads the embedding: keep its logits in a trained model's
+                    // range (std ≈ 1) instead of ±√hidden.
+                    if parsed.tie_word_embeddings {
+                        2.0 / (self.hidden as f32).sqrt()
+                    } else {
+                        1.0
+                    }
                 } else {
                     1.0 / (t.shape[1] as f32).sqrt()
                 };
