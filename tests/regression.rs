@@ -185,7 +185,8 @@ fn missing_file_error_names_its_cause_once() {
         .current_dir(common::project_root())
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(1));
+    // A missing input file is bad input (exit 2), see `unreadable_inputs_are_bad_input`.
+    assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
     let line = err
         .lines()
@@ -213,4 +214,188 @@ fn json_floats_round_trip_bit_for_bit() {
             "{v:e} came back as {back:e} via {text}"
         );
     }
+}
+
+/// Run the binary in the project root; returns (exit code, stderr).
+fn pumice(args: &[&str]) -> (Option<i32>, String) {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_pumice"))
+        .args(args)
+        .current_dir(common::project_root())
+        .output()
+        .unwrap();
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn error_line(err: &str) -> String {
+    err.lines()
+        .find(|l| l.starts_with("error"))
+        .unwrap_or_else(|| panic!("no error line in {err}"))
+        .to_string()
+}
+
+/// `--text`, `--token-file` and `--calib` files that cannot be read exited 1 (a machine
+/// fault); they are bad input: exit 2, naming the file.
+#[test]
+fn unreadable_inputs_are_bad_input() {
+    let model = "assets/models/gutenberg-llama";
+    for args in [
+        vec!["eval", model, "--text", "/nonexistent/a.txt"],
+        vec!["eval", model, "--token-file", "/nonexistent/a.txt"],
+        vec![
+            "compress",
+            model,
+            "-o",
+            "/tmp/pumice-never",
+            "--calib",
+            "/nonexistent/a.txt",
+        ],
+    ] {
+        let (code, err) = pumice(&args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(error_line(&err).contains("/nonexistent/a.txt"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+/// A config.json with a huge `num_hidden_layers` made arch.rs allocate before checking
+/// anything (abort: capacity overflow / out of memory).
+#[test]
+fn huge_config_dimensions_are_refused_not_allocated() {
+    let d = tempfile::tempdir().unwrap();
+    let src = common::project_root().join("assets/models/gutenberg-llama");
+    for f in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(src.join(f), d.path().join(f)).unwrap();
+    }
+    let config = std::fs::read_to_string(src.join("config.json")).unwrap();
+    for (key, value) in [
+        ("num_hidden_layers", "6", "1000000000000"),
+        ("vocab_size", "4096", "18446744073709551615"),
+    ]
+    .map(|(k, old, new)| {
+        (
+            k,
+            config.replace(&format!("\"{k}\": {old}"), &format!("\"{k}\": {new}")),
+        )
+    }) {
+        std::fs::write(d.path().join("config.json"), &value).unwrap();
+        let (code, err) = pumice(&["inspect", d.path().to_str().unwrap()]);
+        assert_eq!(code, Some(2), "{key}: {err}");
+        let line = error_line(&err);
+        assert!(line.contains("config.json") && line.contains(key), "{line}");
+    }
+}
+
+/// A huge `eval --ctx` built the RoPE table (ctx × head_dim/2 floats) before the context was
+/// checked against the text: abort. It is refused first, naming the text.
+#[test]
+fn huge_eval_context_is_refused_before_gpu_work() {
+    let d = tempfile::tempdir().unwrap();
+    let t = d.path().join("t.txt");
+    std::fs::write(&t, "A short text of a few tokens.").unwrap();
+    for ctx in ["18446744073709551615", "100000000", "1"] {
+        let (code, err) = pumice(&[
+            "eval",
+            "assets/models/gutenberg-llama",
+            "--text",
+            t.to_str().unwrap(),
+            "--ctx",
+            ctx,
+        ]);
+        assert_eq!(code, Some(2), "--ctx {ctx}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+/// Sampling and budget values that make no sense were accepted: --temperature NaN, --top-p 2,
+/// --top-p NaN, --target-bpw NaN, --target-bpw 0.1.
+#[test]
+fn nonsense_numbers_are_refused() {
+    let model = "assets/models/gutenberg-llama";
+    for args in [
+        vec!["generate", model, "--temperature", "NaN"],
+        vec!["generate", model, "--temperature", "-1"],
+        vec!["generate", model, "--top-p", "2"],
+        vec!["generate", model, "--top-p", "NaN"],
+        vec!["generate", model, "--top-p", "0"],
+        vec![
+            "compress",
+            model,
+            "-o",
+            "/tmp/pumice-never",
+            "--target-bpw",
+            "NaN",
+        ],
+        vec![
+            "compress",
+            model,
+            "-o",
+            "/tmp/pumice-never",
+            "--target-bpw",
+            "0.1",
+        ],
+        vec![
+            "compress",
+            model,
+            "-o",
+            "/tmp/pumice-never",
+            "--target-bpw",
+            "inf",
+        ],
+    ] {
+        let (code, err) = pumice(&args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+    }
+    assert!(!std::path::Path::new("/tmp/pumice-never").exists());
+}
+
+/// `compress -o X --work-dir X` was accepted and the work directory silently replaced at the
+/// end (and `merge W -o W --force` replaced the work directory it read). An output that is,
+/// contains or lies inside the work directory is refused before any work; a --work-dir that
+/// is a regular file is refused by name instead of a raw OS error.
+#[test]
+fn output_never_replaces_the_work_directory() {
+    let d = tempfile::tempdir().unwrap();
+    let w = d.path().join("w");
+    let model = "assets/models/gutenberg-llama";
+    for (out, work) in [
+        (w.clone(), w.clone()),
+        (w.join("out"), w.clone()),
+        (d.path().to_path_buf(), w.clone()),
+    ] {
+        let (code, err) = pumice(&[
+            "compress",
+            model,
+            "--method",
+            "rtn",
+            "-o",
+            out.to_str().unwrap(),
+            "--work-dir",
+            work.to_str().unwrap(),
+            "--force",
+        ]);
+        assert_eq!(code, Some(2), "{err}");
+        assert!(error_line(&err).contains("work directory"), "{err}");
+    }
+    let file = d.path().join("plain-file");
+    std::fs::write(&file, "not a directory").unwrap();
+    let (code, err) = pumice(&[
+        "compress",
+        model,
+        "--method",
+        "rtn",
+        "-o",
+        d.path().join("o").to_str().unwrap(),
+        "--work-dir",
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    let line = error_line(&err);
+    assert!(
+        line.contains("plain-file") && line.contains("not a directory"),
+        "{line}"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "not a directory");
 }

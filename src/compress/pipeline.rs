@@ -217,8 +217,48 @@ pub struct CompressSummary {
 /// stays under this many bytes.
 const SUBBATCH_BYTES: usize = 128 << 20;
 
+/// `path` made absolute without requiring it to exist: its deepest existing ancestor
+/// canonicalized, the rest appended.
+fn resolved(path: &Path) -> Option<PathBuf> {
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().ok()?.join(path)
+    };
+    let mut rest = Vec::new();
+    let mut cur = abs.as_path();
+    loop {
+        if let Ok(c) = std::fs::canonicalize(cur) {
+            return Some(rest.iter().rev().fold(c, |p: PathBuf, n| p.join(n)));
+        }
+        rest.push(cur.file_name()?.to_os_string());
+        cur = cur.parent()?;
+    }
+}
+
+/// Refuse an output that is, contains or lies inside one of the directories the job reads or
+/// keeps (`inputs`: a work directory, saved Hessians): replacing it would destroy them.
+fn check_output_apart(out: &Path, inputs: &[(&str, &Path)]) -> Result<()> {
+    let Some(o) = resolved(out) else {
+        return Ok(());
+    };
+    for (what, p) in inputs {
+        if let Some(p) = resolved(p) {
+            if o == p || p.starts_with(&o) || o.starts_with(&p) {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: the output would overwrite the {what} {} the job reads",
+                    out.display(),
+                    p.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn check_output(ck: &Checkpoint, out: &Path, force: bool) -> Result<()> {
     let input = std::fs::canonicalize(ck.dir()).map_err(|e| Error::io(ck.dir(), e))?;
+    check_output_apart(out, &[("model", ck.dir())])?;
     if out.exists() {
         let o = std::fs::canonicalize(out).map_err(|e| Error::io(out, e))?;
         if o == input || input.starts_with(&o) {
@@ -1286,6 +1326,7 @@ pub fn shard_layers(layers: usize, i: usize, n: usize) -> std::ops::Range<usize>
 
 /// What a work directory's job depends on, by name.
 fn job_inputs(
+    gpu: &Gpu,
     opts: &CompressOptions,
     source_sha256: &str,
     hessians: Option<&str>,
@@ -1294,6 +1335,15 @@ fn job_inputs(
     let mut put = |k: &str, v: String| {
         m.insert(k.to_string(), v);
     };
+    // Different adapters and backends round differently: layers of one job come from one.
+    let r = gpu.report();
+    put(
+        "adapter",
+        format!(
+            "{} ({}, driver {} {})",
+            r.name, r.backend, r.driver, r.driver_info
+        ),
+    );
     put("pumice", env!("CARGO_PKG_VERSION").into());
     put("source_sha256", source_sha256.into());
     put("method", format!("{:?}", opts.method));
@@ -1379,6 +1429,14 @@ pub fn compress(
             shard_layers(nlayers, i, n)
         }
         None => {
+            let mut inputs: Vec<(&str, &Path)> = Vec::new();
+            if let Some(w) = &opts.work_dir {
+                inputs.push(("work directory", w));
+            }
+            if let Some(h) = &opts.hessians {
+                inputs.push(("Hessian directory", h));
+            }
+            check_output_apart(&opts.output, &inputs)?;
             check_output(ck, &opts.output, opts.force)?;
             0..nlayers
         }
@@ -1412,6 +1470,7 @@ pub fn compress(
     // text is not free).
     let inputs = match &opts.work_dir {
         Some(_) => job_inputs(
+            gpu,
             opts,
             &source.sha256,
             hessians.as_ref().map(|h| h.2.as_str()),
@@ -1421,6 +1480,9 @@ pub fn compress(
     let fp = fingerprint(&inputs);
     let mut job = None;
     if let Some(wd) = &opts.work_dir {
+        if wd.exists() && !wd.is_dir() {
+            return Err(Error::work_dir(wd, "is not a directory"));
+        }
         std::fs::create_dir_all(wd).map_err(|e| Error::io(wd, e))?;
         if let Some(j) = Job::read(wd)? {
             check_inputs(wd, &j.inputs, &inputs)?;
@@ -1696,6 +1758,7 @@ pub fn merge(
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from(&job.source.path));
     let ck = Checkpoint::open(&src)?;
+    check_output_apart(output, &[("work directory", work_dir)])?;
     check_output(&ck, output, force)?;
     let nlayers = ck.arch().layers.len();
     if nlayers != job.layers {

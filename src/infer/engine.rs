@@ -148,24 +148,32 @@ fn dequantize_packed(
     let groups = grid.groups(cols);
     let (codes, _, _) = ck.raw(&format!("{prefix}.qweight"))?;
     let scales = ck.tensor(&format!("{prefix}.scales"))?;
+    check_finite(&scales)?;
     let zeros = if grid.symmetric {
         crate::gpu::quant::symmetric_zeros(gpu, grid, rows, groups)?
     } else {
         let z = ck.tensor(&format!("{prefix}.zeros"))?;
+        check_finite(&z)?;
         upload(gpu, &z, rows, groups)?
     };
     let perm = if act_order {
         let (bytes, _, _) = ck.raw(&format!("{prefix}.perm"))?;
-        if let Some(bad) = bytes
+        // A permutation: every column exactly once (a repeated column would silently drop
+        // another one's weights).
+        let mut seen = vec![false; cols];
+        for p in bytes
             .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .find(|&p| p as usize >= cols)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize)
         {
-            return Err(Error::tensor(
-                ck.dir(),
-                &format!("{prefix}.perm"),
-                format!("column {bad} is out of range"),
-            ));
+            let msg = if p >= cols {
+                format!("column {p} is out of range")
+            } else if seen[p] {
+                format!("column {p} appears twice: not a permutation")
+            } else {
+                seen[p] = true;
+                continue;
+            };
+            return Err(Error::tensor(ck.dir(), &format!("{prefix}.perm"), msg));
         }
         Some(gpu.upload(bytes)?)
     } else {

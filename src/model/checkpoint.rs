@@ -384,15 +384,28 @@ impl Checkpoint {
     /// Scan every weight for NaN or infinity (reads the whole checkpoint).
     pub fn check_finite(&self) -> Result<()> {
         for spec in self.arch.tensors() {
-            if self.quantized(&spec.name).is_some() {
-                let scales = format!("{}.scales", spec.name);
-                let t = self.tensor(&scales)?;
-                if let Some(i) = t.first_non_finite() {
-                    return Err(Error::tensor(
-                        t.file,
-                        t.name,
-                        format!("scale {i} is not finite"),
-                    ));
+            if let Some(q) = self.quantized(&spec.name) {
+                // Every stored f16 value: scales and zeros of the codes and, for CALDERA, of
+                // the factors L and R.
+                let mut parts = vec!["scales".to_string()];
+                if !q.symmetric {
+                    parts.push("zeros".into());
+                }
+                if q.lr_grid()?.is_some() {
+                    for f in ["L", "R"] {
+                        parts.push(format!("{f}.scales"));
+                        parts.push(format!("{f}.zeros"));
+                    }
+                }
+                for part in parts {
+                    let t = self.tensor(&format!("{}.{part}", spec.name))?;
+                    if let Some(i) = t.first_non_finite() {
+                        return Err(Error::tensor(
+                            t.file,
+                            t.name,
+                            format!("value {i} is not finite"),
+                        ));
+                    }
                 }
                 continue;
             }

@@ -262,6 +262,15 @@ impl Manifest {
             }
         }
         for (file, info) in &m.files {
+            let plain = Path::new(file).file_name().map(|n| n == file.as_str()) == Some(true);
+            if !plain || file == ".." || file == "." {
+                return Err(Error::config(
+                    &path,
+                    format!(
+                        "file name `{file}` must be a plain file name in the checkpoint directory"
+                    ),
+                ));
+            }
             let p = dir.join(file);
             let len = std::fs::metadata(&p).map_err(|e| Error::io(&p, e))?.len();
             if len != info.bytes {
