@@ -194,37 +194,30 @@ fn check_context(g: &Gpu, ck: &Checkpoint, ctx: usize, name: &str) {
 
 const CONTEXTS: [usize; 8] = [1, 255, 256, 257, 511, 512, 1024, 2048];
 
-#[test]
-fn smollm2_135m_shape_matches_f64_at_real_contexts() {
+/// Write `spec` and check it at every context of `contexts`.
+fn check_family(spec: SyntheticLlama, contexts: &[usize], name: &str) {
     let g = gpu();
     let d = tempfile::tempdir().unwrap();
-    smollm2_135m(2).write(d.path()).unwrap();
+    spec.write(d.path()).unwrap();
     let ck = Checkpoint::open(d.path()).unwrap();
-    for ctx in CONTEXTS {
-        check_context(&g, &ck, ctx, "SmolLM2-135M-like");
+    for &ctx in contexts {
+        check_context(&g, &ck, ctx, name);
     }
+}
+
+#[test]
+fn smollm2_135m_shape_matches_f64_at_real_contexts() {
+    check_family(smollm2_135m(2), &CONTEXTS, "SmolLM2-135M-like");
 }
 
 #[test]
 fn qwen25_05b_shape_matches_f64_at_real_contexts() {
-    let g = gpu();
-    let d = tempfile::tempdir().unwrap();
-    qwen25_05b(2).write(d.path()).unwrap();
-    let ck = Checkpoint::open(d.path()).unwrap();
-    for ctx in CONTEXTS {
-        check_context(&g, &ck, ctx, "Qwen2.5-0.5B-like");
-    }
+    check_family(qwen25_05b(2), &CONTEXTS, "Qwen2.5-0.5B-like");
 }
 
 #[test]
 fn llama32_1b_shape_matches_f64_at_real_contexts() {
-    let g = gpu();
-    let d = tempfile::tempdir().unwrap();
-    llama32_1b(1).write(d.path()).unwrap();
-    let ck = Checkpoint::open(d.path()).unwrap();
-    for ctx in [1, 257, 512, 2048] {
-        check_context(&g, &ck, ctx, "Llama-3.2-1B-like");
-    }
+    check_family(llama32_1b(1), &[1, 257, 512, 2048], "Llama-3.2-1B-like");
 }
 
 /// The evaluation protocol itself (what `pumice eval` runs: batched windows, GPU log-softmax

@@ -455,6 +455,15 @@ pub fn attention(
     } else {
         segments
     };
+    // Running (m, l) per (row, head) carried between the dispatches of a split, shared by the
+    // q chunks (their dispatches run in order). Unread with one dispatch: a minimal binding.
+    let max_rows = q.chunks().iter().map(|c| c.rows).max().unwrap_or(0);
+    let state_bytes = if segments.len() > 1 {
+        (max_rows * sh.heads * 2 * 4) as u64
+    } else {
+        16
+    };
+    let state = gpu.storage(state_bytes.max(16), false)?;
     for (qc, oc) in q.chunks().iter().zip(out.chunks()) {
         check(qc.row0 % sh.t == 0 && qc.rows % sh.t == 0, || {
             "attention: a q chunk splits a sequence".into()
@@ -476,12 +485,6 @@ pub fn attention(
                 (kc, vc, (kv0 - kc.row0) * kd, sh.s, 1)
             }
             KvLayout::Interleaved => (&k.chunks()[0], &v.chunks()[0], seq0 * kd, 1, nseq),
-        };
-        // Running (m, l) between the dispatches of a split (a placeholder when there is one).
-        let state = if segments.len() > 1 {
-            gpu.storage((qc.rows * sh.heads * 2 * 4) as u64, false)?
-        } else {
-            gpu.storage(16, false)?
         };
         let wg = [qc.rows.div_ceil(64) as u32, sh.heads as u32, 1];
         for (n, &(kb, ke)) in segments.iter().enumerate() {
