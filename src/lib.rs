@@ -3,6 +3,7 @@
 //!
 //! See ARCHITECTURE.md for the module map and the invariants.
 
+pub mod base;
 pub mod bench;
 pub mod budget;
 pub mod compress;

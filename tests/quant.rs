@@ -302,7 +302,8 @@ fn clip_search_lowers_rtn_error() {
 /// bitmask) dequantizes on the GPU to exactly the reference's dequantization.
 #[test]
 fn sparse_gptq_matches_reference() {
-    use pumice::gpu::quant::{pack_sparse, SparseIndex};
+    use pumice::gpu::quant::SparseIndex;
+    use pumice::quant::sparsity::pack_sparse;
     use pumice::quant::sparsity::{Sparsity, PRUNED};
     for (g, m, n, block, sp, seed) in [
         (gpu(), 13, 130, 48, Sparsity::TwoFour, 1u64),

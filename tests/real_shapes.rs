@@ -17,81 +17,20 @@ use pumice::infer::eval::{evaluate, EvalOptions};
 use pumice::infer::{Engine, EngineOptions};
 use pumice::model::synthetic::SyntheticLlama;
 use pumice::model::Checkpoint;
-use pumice::DType;
 
-fn extra(s: &mut SyntheticLlama, v: serde_json::Value) {
-    for (k, x) in v.as_object().unwrap() {
-        s.extra.insert(k.clone(), x.clone());
-    }
-}
-
-/// SmolLM2-135M: hidden 576, intermediate 1536, 9 / 3 heads of 64, rope_theta 1e5, tied
-/// 49,152-token head, f32.
+/// SmolLM2-135M's shape (see `SyntheticLlama::family`).
 fn smollm2_135m(layers: usize) -> SyntheticLlama {
-    let mut s = SyntheticLlama::tiny("LlamaForCausalLM");
-    (
-        s.hidden,
-        s.intermediate,
-        s.layers,
-        s.heads,
-        s.kv_heads,
-        s.vocab,
-    ) = (576, 1536, layers, 9, 3, 49_152);
-    s.seed = 135;
-    extra(
-        &mut s,
-        serde_json::json!({"rope_theta": 100000.0, "tie_word_embeddings": true,
-                           "max_position_embeddings": 8192}),
-    );
-    s
+    SyntheticLlama::family("smollm2-135m", layers).unwrap()
 }
 
-/// Qwen2.5-0.5B: hidden 896, intermediate 4864, 14 / 2 heads of 64, q/k/v biases,
-/// rope_theta 1e6, tied 151,936-token head (larger than a 128 MiB binding), bf16.
+/// Qwen2.5-0.5B's shape: q/k/v biases, a tied head larger than a 128 MiB binding.
 fn qwen25_05b(layers: usize) -> SyntheticLlama {
-    let mut s = SyntheticLlama::tiny("Qwen2ForCausalLM");
-    (
-        s.hidden,
-        s.intermediate,
-        s.layers,
-        s.heads,
-        s.kv_heads,
-        s.vocab,
-    ) = (896, 4864, layers, 14, 2, 151_936);
-    s.dtype = DType::BF16;
-    s.seed = 500;
-    extra(
-        &mut s,
-        serde_json::json!({"rope_theta": 1000000.0, "tie_word_embeddings": true,
-                           "sliding_window": 32768, "use_sliding_window": false,
-                           "max_window_layers": 21, "max_position_embeddings": 32768}),
-    );
-    s
+    SyntheticLlama::family("qwen2.5-0.5b", layers).unwrap()
 }
 
-/// Llama-3.2-1B: hidden 2048, intermediate 8192, 32 / 8 heads of 64, llama3 RoPE scaling
-/// (factor 32, base 5e5), tied 128,256-token head, bf16.
+/// Llama-3.2-1B's shape: llama3 RoPE scaling, 32 / 8 heads.
 fn llama32_1b(layers: usize) -> SyntheticLlama {
-    let mut s = SyntheticLlama::tiny("LlamaForCausalLM");
-    (
-        s.hidden,
-        s.intermediate,
-        s.layers,
-        s.heads,
-        s.kv_heads,
-        s.vocab,
-    ) = (2048, 8192, layers, 32, 8, 128_256);
-    s.dtype = DType::BF16;
-    s.seed = 1000;
-    extra(
-        &mut s,
-        serde_json::json!({"rope_theta": 500000.0, "tie_word_embeddings": true,
-                           "max_position_embeddings": 131072,
-                           "rope_scaling": {"rope_type": "llama3", "factor": 32.0,
-                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                            "original_max_position_embeddings": 8192}}),
-    );
-    s
+    SyntheticLlama::family("llama-3.2-1b", layers).unwrap()
 }
 
 /// Token ids spread over the whole vocabulary (the last ids included).

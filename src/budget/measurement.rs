@@ -61,16 +61,7 @@ impl Measurement {
     pub fn write(&self, path: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self)
             .map_err(|e| Error::InvalidArgument(format!("measurement: {e}")))?;
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "measurement.json".into());
-        let tmp = path.with_file_name(format!(".{name}.pumice-tmp-{}", std::process::id()));
-        std::fs::write(&tmp, text + "\n").map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            Error::io(path, e)
-        })
+        crate::base::atomic::write_atomic(path, &[text.as_bytes(), b"\n"])
     }
 
     /// Read and check a measurement file.

@@ -5,6 +5,8 @@
 pub mod allocate;
 pub mod candidates;
 pub mod importance;
+pub mod measure;
 pub mod measurement;
+pub mod plan;
 pub mod report;
 pub mod sensitivity;

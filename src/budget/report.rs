@@ -184,3 +184,27 @@ pub fn svg(rows: &[ReportRow], title: &str) -> String {
     );
     s
 }
+/// Write report.svg (the per-layer allocation) into a budgeted checkpoint `output`, titled
+/// after `model`; returns its path and rows (empty when the manifest records no allocation).
+pub fn write_allocation_report(
+    model: &std::path::Path,
+    output: &std::path::Path,
+    linear_bits_per_parameter: f64,
+) -> crate::Result<(std::path::PathBuf, Vec<ReportRow>)> {
+    let m = Manifest::read(output)?;
+    let rule = m
+        .allocation
+        .as_ref()
+        .and_then(|v| v["rule"].as_str())
+        .unwrap_or("?")
+        .to_string();
+    let rows = rows(&m).unwrap_or_default();
+    let title = format!(
+        "{}: {rule} allocation, {linear_bits_per_parameter:.3} bits/parameter in the linear layers",
+        model.display(),
+    );
+    let svg = svg(&rows, &title);
+    let path = output.join("report.svg");
+    crate::base::atomic::write_atomic(&path, &[svg.as_bytes()])?;
+    Ok((path, rows))
+}

@@ -3,8 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::base::rng::Rng;
 use crate::error::{Error, Result};
-use crate::infer::generate::{sample, Rng};
+use crate::infer::generate::sample;
 use crate::infer::Engine;
 use crate::model::compressed::CalibInfo;
 use crate::model::Tokenizer;

@@ -3,5 +3,7 @@
 //! (format: `model::compressed`).
 
 pub mod calib;
+mod outdir;
 pub mod pipeline;
+pub mod review;
 pub mod workdir;

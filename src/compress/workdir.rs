@@ -6,16 +6,21 @@
 //! complete: a process killed at any instant leaves either the old state or the new one.
 //!
 //! Binary files share one container: 8 magic bytes, a little-endian u64 header length, a JSON
-//! header padded with spaces to a multiple of 8 bytes, then the blobs the header lists, back to
-//! back.
+//! header padded with spaces to a multiple of 8 bytes, the blobs the header lists, back to
+//! back, and last the 32-byte SHA-256 of everything before it. A file is only used whole and
+//! verified: a flipped bit anywhere (a count, `layers_done`, a weight) is refused by name
+//! instead of resuming into a different model. Every size read from a file is checked
+//! arithmetic, so a hostile header cannot wrap a count or allocate beyond the file.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use crate::base::atomic::write_atomic;
+use crate::base::hash::sha256_hex;
 use crate::model::compressed::{CalibInfo, MatrixReport, QuantEntry, SourceInfo};
 use crate::model::InputGroup;
 use crate::{Error, Result};
@@ -30,9 +35,11 @@ pub const HESSIANS_FILE: &str = "hessians.json";
 const JOB_FORMAT: &str = "pumice-work";
 const HESSIANS_FORMAT: &str = "pumice-hessians";
 const VERSION: u32 = 1;
-const LAYER_MAGIC: &[u8; 8] = b"PMCLAYR1";
-const ACT_MAGIC: &[u8; 8] = b"PMCACTS1";
-const HESS_MAGIC: &[u8; 8] = b"PMCHESS1";
+const LAYER_MAGIC: &[u8; 8] = b"PMCLAYR2";
+const ACT_MAGIC: &[u8; 8] = b"PMCACTS2";
+const HESS_MAGIC: &[u8; 8] = b"PMCHESS2";
+/// Bytes of the trailing checksum.
+const DIGEST: u64 = 32;
 /// Largest container header accepted (a hostile length must not allocate gigabytes).
 const MAX_HEADER: u64 = 64 << 20;
 
@@ -46,45 +53,6 @@ pub fn hessian_file(dir: &Path, layer: usize) -> PathBuf {
     dir.join(format!("layer-{layer:05}.hessians"))
 }
 
-/// Write `parts` (concatenated) to `path` atomically: a temporary sibling, fsync, rename.
-pub fn write_atomic(path: &Path, parts: &[&[u8]]) -> Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    // Unique across processes and machines sharing the directory (shards on a cluster).
-    let nonce = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}-{nonce}", std::process::id()));
-    let res = (|| -> std::io::Result<()> {
-        let f = std::fs::File::create(&tmp)?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-        for p in parts {
-            w.write_all(p)?;
-        }
-        w.flush()?;
-        w.get_ref().sync_all()?;
-        Ok(())
-    })();
-    if let Err(e) = res {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(&tmp, e));
-    }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })?;
-    // The rename itself is durable once the directory is synced.
-    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
-}
-
 /// Write a container: `header` plus `blobs`, whose lengths the header must describe.
 fn write_container(path: &Path, magic: &[u8; 8], header: &Value, blobs: &[&[u8]]) -> Result<()> {
     let mut h = serde_json::to_vec(header).expect("header serializes");
@@ -94,17 +62,37 @@ fn write_container(path: &Path, magic: &[u8; 8], header: &Value, blobs: &[&[u8]]
     let len = (h.len() as u64).to_le_bytes();
     let mut parts: Vec<&[u8]> = vec![magic, &len, &h];
     parts.extend_from_slice(blobs);
+    let digest = {
+        use sha2::Digest;
+        let mut d = sha2::Sha256::new();
+        for p in &parts {
+            d.update(p);
+        }
+        d.finalize()
+    };
+    parts.push(&digest);
     write_atomic(path, &parts)
 }
 
 /// Read a container's header and, when `with_data`, the data after it (whose length must be
-/// `expected_data(header)`).
+/// `expected_data(header)`, `None` when the header does not describe it or the sum
+/// overflows). The whole file's checksum is verified either way.
+/// How much of a container to read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// Everything, verified, the data dropped.
+    Verify,
+    /// Everything, verified, the data kept.
+    Data,
+}
+
 fn read_container(
     path: &Path,
     magic: &[u8; 8],
-    with_data: bool,
+    mode: Read,
     expected_data: impl Fn(&Value) -> Option<u64>,
 ) -> Result<(Value, Vec<u8>)> {
+    use sha2::Digest;
     let bad = |msg: &str| Error::work_dir(path, msg);
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let size = f.metadata().map_err(|e| Error::io(path, e))?.len();
@@ -112,31 +100,91 @@ fn read_container(
     f.read_exact(&mut head)
         .map_err(|_| bad("truncated: shorter than its 16-byte preamble"))?;
     if &head[..8] != magic {
+        if head[..7] == magic[..7] {
+            return Err(bad(
+                "was written by an older pumice (format without checksums); remove it and run again",
+            ));
+        }
         return Err(bad("not a pumice file of this kind (wrong magic bytes)"));
     }
     let hlen = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
-    if hlen > MAX_HEADER || 16 + hlen > size {
+    if hlen > MAX_HEADER || 16 + hlen + DIGEST > size {
         return Err(bad("truncated or damaged: header length exceeds the file"));
     }
     let mut h = vec![0u8; hlen as usize];
     f.read_exact(&mut h).map_err(|e| Error::io(path, e))?;
-    let header: Value = serde_json::from_slice(&h).map_err(|e| Error::Json {
-        path: path.to_path_buf(),
-        source: e,
-    })?;
-    let want = expected_data(&header).ok_or_else(|| bad("header lacks its blob list"))?;
-    if size != 16 + hlen + want {
+    // A header that does not parse or fit is reported as damage when the checksum says so.
+    let damaged = |msg: String| {
+        if checksum_matches(path) == Some(false) {
+            bad(CHECKSUM_MISMATCH)
+        } else {
+            bad(&msg)
+        }
+    };
+    let header: Value = serde_json::from_slice(&h)
+        .map_err(|e| damaged(format!("damaged header ({e}); remove the file")))?;
+    let Some(want) = expected_data(&header) else {
+        return Err(damaged(
+            "damaged header: its blob sizes are missing or overflow".into(),
+        ));
+    };
+    let have = size - 16 - hlen - DIGEST;
+    if have != want {
         return Err(bad(&format!(
-            "truncated or damaged: {} data bytes, the header lists {want}",
-            size - 16 - hlen
+            "truncated or damaged: {have} data bytes, the header lists {want}"
         )));
     }
+    let n = usize::try_from(want).map_err(|_| bad("too large for this machine"))?;
+    let mut d = sha2::Sha256::new();
+    d.update(head);
+    d.update(&h);
     let mut data = Vec::new();
-    if with_data {
-        data.reserve_exact(want as usize);
-        f.read_to_end(&mut data).map_err(|e| Error::io(path, e))?;
+    if mode == Read::Data {
+        data.try_reserve_exact(n)
+            .map_err(|_| bad("too large to read into memory"))?;
+        (&mut f)
+            .take(want)
+            .read_to_end(&mut data)
+            .map_err(|e| Error::io(path, e))?;
+        if data.len() != n {
+            return Err(bad("changed while being read"));
+        }
+        d.update(&data);
+    } else {
+        // Verify without keeping the data.
+        let mut rest = want;
+        let mut buf = vec![0u8; 1 << 20];
+        while rest > 0 {
+            let k = (rest.min(buf.len() as u64)) as usize;
+            f.read_exact(&mut buf[..k])
+                .map_err(|_| bad("changed while being read"))?;
+            d.update(&buf[..k]);
+            rest -= k as u64;
+        }
+    }
+    let mut stored = [0u8; DIGEST as usize];
+    f.read_exact(&mut stored)
+        .map_err(|_| bad("changed while being read"))?;
+    if d.finalize().as_slice() != stored.as_slice() {
+        return Err(bad(CHECKSUM_MISMATCH));
     }
     Ok((header, data))
+}
+
+const CHECKSUM_MISMATCH: &str = "damaged: its SHA-256 checksum does not match its contents";
+
+/// Whether a container's trailing SHA-256 matches the bytes before it (`None`: unreadable or
+/// too short to tell).
+fn checksum_matches(path: &Path) -> Option<bool> {
+    use sha2::Digest;
+    let mut f = std::fs::File::open(path).ok()?;
+    let size = f.metadata().ok()?.len();
+    let body = size.checked_sub(DIGEST)?;
+    let mut d = sha2::Sha256::new();
+    std::io::copy(&mut (&mut f).take(body), &mut d).ok()?;
+    let mut stored = [0u8; DIGEST as usize];
+    f.read_exact(&mut stored).ok()?;
+    Some(d.finalize().as_slice() == stored.as_slice())
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
@@ -145,11 +193,6 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
         path: path.to_path_buf(),
         source: e,
     })
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    format!("{:x}", sha2::Sha256::digest(bytes))
 }
 
 /// What a work directory's job is: the inputs its output depends on, and the manifest fields
@@ -303,8 +346,7 @@ fn blob_total(h: &Value, key: &str, size: impl Fn(&Value) -> Option<u64>) -> Opt
     h.get(key)?
         .as_array()?
         .iter()
-        .map(&size)
-        .sum::<Option<u64>>()
+        .try_fold(0u64, |acc, v| acc.checked_add(size(v)?))
 }
 
 impl StoredLayer {
@@ -330,7 +372,8 @@ impl StoredLayer {
         with_data: bool,
     ) -> Result<StoredLayer> {
         let path = layer_file(dir, layer);
-        let (v, data) = read_container(&path, LAYER_MAGIC, with_data, |h| {
+        let mode = if with_data { Read::Data } else { Read::Verify };
+        let (v, data) = read_container(&path, LAYER_MAGIC, mode, |h| {
             blob_total(h, "tensors", |t| t.get("bytes")?.as_u64())
         })?;
         let h: LayerHeader = serde_json::from_value(v).map_err(|e| Error::Json {
@@ -414,9 +457,9 @@ impl Activations {
             return Ok(None);
         }
         let cols_of = |h: &Value| h.get("cols").and_then(Value::as_u64);
-        let (h, data) = read_container(&path, ACT_MAGIC, true, |h| {
+        let (h, data) = read_container(&path, ACT_MAGIC, Read::Data, |h| {
             let c = cols_of(h)?;
-            blob_total(h, "batches", |r| Some(r.as_u64()? * c * 4))
+            blob_total(h, "batches", |r| r.as_u64()?.checked_mul(c)?.checked_mul(4))
         })?;
         if h.get("fingerprint").and_then(Value::as_str) != Some(fingerprint) {
             return Err(Error::work_dir(
@@ -540,13 +583,36 @@ impl LayerHessians {
         write_container(&hessian_file(dir, layer), HESS_MAGIC, &header, &blobs)
     }
 
+    /// Check that layer `layer`'s file is there, describes that layer and matches its
+    /// checksum, without keeping its data (a run verifies every file it will need up front).
+    pub fn verify(dir: &Path, layer: usize, source_sha256: &str) -> Result<()> {
+        Self::read_impl(dir, layer, source_sha256, Read::Verify).map(|_| ())
+    }
+
     pub fn read(dir: &Path, layer: usize, source_sha256: &str) -> Result<LayerHessians> {
+        Self::read_impl(dir, layer, source_sha256, Read::Data)
+    }
+
+    fn read_impl(
+        dir: &Path,
+        layer: usize,
+        source_sha256: &str,
+        mode: Read,
+    ) -> Result<LayerHessians> {
         let path = hessian_file(dir, layer);
+        if !path.exists() {
+            return Err(Error::work_dir(
+                &path,
+                format!("is missing: the Hessian directory lacks layer {layer}"),
+            ));
+        }
         let feats = |g: &Value| g.get("features").and_then(Value::as_u64);
-        let (h, data) = read_container(&path, HESS_MAGIC, true, |h| {
+        let (h, data) = read_container(&path, HESS_MAGIC, mode, |h| {
             blob_total(h, "groups", |g| {
                 let n = feats(g)?;
-                Some(n * (n + 1) / 2 * 8)
+                n.checked_mul(n.checked_add(1)?)?
+                    .checked_div(2)?
+                    .checked_mul(8)
             })
         })?;
         if h.get("layer").and_then(Value::as_u64) != Some(layer as u64)
@@ -556,6 +622,9 @@ impl LayerHessians {
                 &path,
                 format!("is not layer {layer} of this model's Hessians"),
             ));
+        }
+        if mode != Read::Data {
+            return Ok(LayerHessians::default());
         }
         let mut groups = Vec::new();
         let mut off = 0;

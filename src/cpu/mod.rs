@@ -36,30 +36,7 @@ pub fn gemm_f64(
     c
 }
 
-/// `XᵀX` in f64 for X of shape [rows, f], full symmetric matrix.
-pub fn hessian_f64(x: &[f32], rows: usize, f: usize) -> Vec<f64> {
-    assert_eq!(x.len(), rows * f, "X has the wrong length");
-    let mut h = vec![0.0f64; f * f];
-    let mut row64 = vec![0.0f64; f];
-    for r in 0..rows {
-        for (d, &s) in row64.iter_mut().zip(&x[r * f..(r + 1) * f]) {
-            *d = s as f64;
-        }
-        for i in 0..f {
-            let xi = row64[i];
-            let hi = &mut h[i * f..(i + 1) * f];
-            for j in i..f {
-                hi[j] += xi * row64[j];
-            }
-        }
-    }
-    for i in 0..f {
-        for j in 0..i {
-            h[i * f + j] = h[j * f + i];
-        }
-    }
-    h
-}
+pub use crate::quant::reference::hessian_f64;
 
 /// CPU baseline with faer: `C = A · op(B)` in f32 on all cores. Returns C row-major.
 pub fn gemm_faer(

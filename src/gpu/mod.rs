@@ -20,6 +20,7 @@ mod operand;
 pub mod ops;
 pub mod pipeline;
 pub mod quant;
+mod reduce;
 
 pub use adapter::{list_adapters, AdapterReport, AdapterSelector, BackendChoice, GpuOptions};
 pub use batch::Batch;

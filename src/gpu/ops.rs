@@ -13,6 +13,8 @@ use super::matrix::GpuMatrix;
 use super::operand::operand_wgsl;
 use super::pipeline::{Kernel, Spec};
 
+pub use super::reduce::{logit_stats, top_k, transpose, MAX_TOP_K};
+
 const EMBED: Kernel = Kernel {
     name: "embed",
     template: include_str!("../../shaders/embed.wgsl"),
@@ -33,18 +35,6 @@ const ELEMENTWISE: Kernel = Kernel {
     name: "elementwise",
     template: include_str!("../../shaders/elementwise.wgsl"),
 };
-const TRANSPOSE: Kernel = Kernel {
-    name: "transpose",
-    template: include_str!("../../shaders/transpose.wgsl"),
-};
-const TOPK: Kernel = Kernel {
-    name: "topk",
-    template: include_str!("../../shaders/topk.wgsl"),
-};
-const LOGITS: Kernel = Kernel {
-    name: "logits",
-    template: include_str!("../../shaders/logits.wgsl"),
-};
 
 /// Rows per dispatch dimension for kernels that index rows as gid.y + gid.z · 65535.
 pub(crate) const ROWS_Y: usize = 65535;
@@ -61,7 +51,7 @@ pub(crate) fn row_grid(cols: usize, rows: usize) -> [u32; 3] {
 
 /// Workgroup size for per-row reductions: wide on GPUs, narrow on CPU adapters where each
 /// barrier is expensive.
-fn reduce_wg(gpu: &Gpu) -> u32 {
+pub(super) fn reduce_wg(gpu: &Gpu) -> u32 {
     if gpu.caps().is_cpu {
         32
     } else {
@@ -69,7 +59,7 @@ fn reduce_wg(gpu: &Gpu) -> u32 {
     }
 }
 
-fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
+pub(super) fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
     if cond {
         Ok(())
     } else {
@@ -612,181 +602,4 @@ pub fn add_bias(
         },
     )?;
     elementwise(batch, 2, y, rows, bias, true)
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct LogitParams {
-    rows: u32,
-    v: u32,
-    z_off: u32,
-    row_base: u32,
-    wg_base: u32,
-    _pad: [u32; 3],
-}
-
-/// Per-row statistics of logits `z` ([rows, vocab]): writes 4 floats per row into `out`
-/// (from `out_row0`): NLL of `targets[out_row0 + r]`, KL(softmax(z_ref) ‖ softmax(z)) when
-/// `z_ref` is given (else 0), argmax z, argmax z_ref (else argmax z).
-pub fn logit_stats(
-    batch: &mut Batch<'_>,
-    z: &GpuMatrix,
-    z_ref: Option<&GpuMatrix>,
-    targets: &GpuBuffer,
-    out: &GpuBuffer,
-    out_row0: usize,
-) -> Result<()> {
-    if let Some(r) = z_ref {
-        check(r.shape() == z.shape() && r.same_layout(z), || {
-            format!("logit_stats: {:?} vs ref {:?}", z.shape(), r.shape())
-        })?;
-    }
-    check(
-        out.len() >= 16 * (out_row0 + z.rows()) as u64
-            && targets.len() >= 4 * (out_row0 + z.rows()) as u64,
-        || "logit_stats: output or targets too short".into(),
-    )?;
-    let gpu = batch.gpu();
-    // Each invocation scans v / WG logits twice, then two tree reductions.
-    let wg = reduce_wg(gpu) as u64;
-    let iterations = 2 * (z.cols() as u64).div_ceil(wg) + 2 * 32;
-    check(iterations <= gpu.caps().loop_budget(), || {
-        format!(
-            "logit_stats: a vocabulary of {} needs {iterations} loop iterations per invocation, \
-             more than this adapter runs ({})",
-            z.cols(),
-            gpu.caps().loop_budget()
-        )
-    })?;
-    let spec = Spec::new()
-        .set("WG", reduce_wg(gpu))
-        .set("KL", z_ref.is_some());
-    let pipeline = gpu.pipeline(&LOGITS, &spec)?;
-    let max = gpu.caps().max_workgroups_per_dim as usize;
-    for (i, zc) in z.chunks().iter().enumerate() {
-        let rc = z_ref.map(|r| &r.chunks()[i].buf).unwrap_or(&zc.buf);
-        let mut r = 0;
-        while r < zc.rows {
-            let n = (zc.rows - r).min(max);
-            let params = LogitParams {
-                rows: zc.rows as u32,
-                v: z.cols() as u32,
-                z_off: 0,
-                row_base: (out_row0 + zc.row0) as u32,
-                wg_base: r as u32,
-                _pad: [0; 3],
-            };
-            batch.dispatch(
-                pipeline.clone(),
-                &params,
-                &[&zc.buf, rc, targets, out],
-                [n as u32, 1, 1],
-            )?;
-            r += n;
-        }
-    }
-    Ok(())
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct TransposeParams {
-    m: u32,
-    n: u32,
-    in_row0: u32,
-    in_rows: u32,
-    out_row0: u32,
-    out_rows: u32,
-    _pad: [u32; 2],
-}
-
-/// `xᵀ` as a new f32 matrix (x may be chunked and of any dtype).
-pub fn transpose(gpu: &Gpu, x: &GpuMatrix) -> Result<GpuMatrix> {
-    let (m, n) = (x.rows(), x.cols());
-    let out = GpuMatrix::uninit(gpu, n, m)?;
-    let spec = Spec::new().set("OPERANDS", operand_wgsl("x", 1, x.dtype(), false));
-    let pipeline = gpu.pipeline(&TRANSPOSE, &spec)?;
-    let max = gpu.caps().max_workgroups_per_dim as usize * 16;
-    if m > max || n > max {
-        return Err(Error::Shape(format!(
-            "transpose of {m}×{n} exceeds {max} rows or columns per dispatch"
-        )));
-    }
-    let mut b = Batch::new(gpu);
-    for ic in x.chunks() {
-        for oc in out.chunks() {
-            let params = TransposeParams {
-                m: m as u32,
-                n: n as u32,
-                in_row0: ic.row0 as u32,
-                in_rows: ic.rows as u32,
-                out_row0: oc.row0 as u32,
-                out_rows: oc.rows as u32,
-                _pad: [0; 2],
-            };
-            let wg = [oc.rows.div_ceil(16) as u32, ic.rows.div_ceil(16) as u32, 1];
-            b.dispatch(pipeline.clone(), &params, &[&ic.buf, &oc.buf], wg)?;
-        }
-    }
-    b.submit()?;
-    Ok(out)
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct TopkParams {
-    rows: u32,
-    v: u32,
-    row_base: u32,
-    c_begin: u32,
-    c_end: u32,
-    _pad: [u32; 3],
-}
-
-/// Largest k supported by [`top_k`].
-pub const MAX_TOP_K: usize = 64;
-
-/// Indices of the `k` largest entries of each row of `z` (descending; ties to the lower
-/// index), written as k u32 per row to `out` starting at row `out_row0`.
-pub fn top_k(
-    batch: &mut Batch<'_>,
-    z: &GpuMatrix,
-    k: usize,
-    out: &GpuBuffer,
-    out_row0: usize,
-) -> Result<()> {
-    check((1..=MAX_TOP_K).contains(&k) && k <= z.cols(), || {
-        format!(
-            "top_k: k = {k} must be within 1..={MAX_TOP_K} and at most the row length {}",
-            z.cols()
-        )
-    })?;
-    check(out.len() >= (4 * k * (out_row0 + z.rows())) as u64, || {
-        "top_k: output too short".into()
-    })?;
-    let gpu = batch.gpu();
-    let pipeline = gpu.pipeline(&TOPK, &Spec::new().set("K", k))?;
-    // Columns per dispatch within the loop budget: each column costs at most k + 2 iterations
-    // (the scan and an insertion shifting k entries); loading and storing cost 2k.
-    let span =
-        (gpu.caps().loop_budget().saturating_sub(2 * k as u64) / (k as u64 + 2)).max(1) as usize;
-    for zc in z.chunks() {
-        let groups = zc.rows.div_ceil(64);
-        let wg = [groups.min(ROWS_Y) as u32, groups.div_ceil(ROWS_Y) as u32, 1];
-        let mut c0 = 0;
-        while c0 < z.cols() {
-            let c1 = (c0 + span).min(z.cols());
-            let params = TopkParams {
-                rows: zc.rows as u32,
-                v: z.cols() as u32,
-                row_base: (out_row0 + zc.row0) as u32,
-                c_begin: c0 as u32,
-                c_end: c1 as u32,
-                _pad: [0; 3],
-            };
-            batch.dispatch(pipeline.clone(), &params, &[&zc.buf, out], wg)?;
-            c0 = c1;
-        }
-    }
-    Ok(())
 }

@@ -2,6 +2,7 @@
 //! GPU, 16 bytes read back per token), otherwise temperature + nucleus (top-p) sampling on the
 //! last position's logits with a seeded generator, so runs are reproducible.
 
+use crate::base::rng::Rng;
 use crate::error::{Error, Result};
 use crate::gpu::ops;
 use crate::gpu::Batch;
@@ -29,27 +30,6 @@ impl Default for GenerateOptions {
             seed: 0,
             stop_at_eos: true,
         }
-    }
-}
-
-/// SplitMix64: small, seedable, good enough for sampling.
-#[derive(Clone, Debug)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 
@@ -107,7 +87,7 @@ pub fn generate(
     } else {
         prompt.to_vec()
     };
-    let capacity = prompt.len() + opts.max_tokens;
+    let capacity = prompt.len().saturating_add(opts.max_tokens);
     if capacity > engine.max_positions() {
         return Err(Error::InvalidArgument(format!(
             "prompt ({}) plus --max-tokens ({}) exceeds the {} positions available",

@@ -5,5 +5,6 @@
 pub mod engine;
 pub mod eval;
 pub mod generate;
+pub(crate) mod weights;
 
 pub use engine::{Engine, EngineOptions, KvCache};

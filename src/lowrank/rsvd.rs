@@ -11,7 +11,6 @@
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gpu::{matmul, ops, GemmOp, Gpu, GpuMatrix, HessianAccumulator};
-use crate::infer::generate::Rng;
 
 /// A rank-k factorization A ≈ U diag(s) Vᵀ.
 #[derive(Clone, Debug)]
@@ -48,20 +47,7 @@ impl Default for RsvdOptions {
     }
 }
 
-/// Standard normal samples (Box–Muller) from the crate's seeded generator.
-pub fn gaussian(n: usize, seed: u64) -> Vec<f32> {
-    let mut rng = Rng::new(seed ^ 0x5851_F42D_4C95_7F2D);
-    let mut out = Vec::with_capacity(n + 1);
-    while out.len() < n {
-        let u1 = rng.uniform().max(1e-300);
-        let u2 = rng.uniform();
-        let r = (-2.0 * u1.ln()).sqrt();
-        out.push((r * (2.0 * std::f64::consts::PI * u2).cos()) as f32);
-        out.push((r * (2.0 * std::f64::consts::PI * u2).sin()) as f32);
-    }
-    out.truncate(n);
-    out
-}
+pub use crate::base::rng::gaussian;
 
 /// Gram matrix YᵀY (l × l, f64) of a tall GPU matrix.
 fn gram(gpu: &Gpu, y: &GpuMatrix) -> Result<Vec<f64>> {

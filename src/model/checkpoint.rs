@@ -203,65 +203,9 @@ impl Checkpoint {
                 ),
             ));
         }
-        let grid = q.grid()?;
-        let kept = if q.sparsity.is_some() {
-            if q.kept_per_row == 0 || q.kept_per_row > q.cols || q.act_order || q.rank > 0 {
-                return Err(Error::tensor(
-                    &manifest_path,
-                    name,
-                    format!(
-                        "pruned with {} kept of {} per row{}",
-                        q.kept_per_row,
-                        q.cols,
-                        if q.act_order || q.rank > 0 {
-                            " and act-order or factors, which pruning excludes"
-                        } else {
-                            ""
-                        }
-                    ),
-                ));
-            }
-            q.kept_per_row
-        } else {
-            q.cols
-        };
-        let words = crate::quant::grid::packed_words(kept, q.bits);
-        let groups = grid.groups(q.cols);
-        let mut parts = vec![
-            ("qweight", "U32", vec![q.rows, words]),
-            ("scales", "F16", vec![q.rows, groups]),
-        ];
-        if q.sparsity.is_some() {
-            parts.push(("mask", "U32", vec![q.rows, q.cols.div_ceil(32)]));
-        }
-        if !q.symmetric {
-            parts.push(("zeros", "F16", vec![q.rows, groups]));
-        }
-        if q.act_order {
-            parts.push(("perm", "U32", vec![q.cols]));
-        }
-        let factor_parts: Vec<(String, &str, Vec<usize>)>;
-        if let Some(lg) = q.lr_grid()? {
-            factor_parts = [("L", q.rows), ("R", q.cols)]
-                .into_iter()
-                .flat_map(|(f, len)| {
-                    let words = crate::quant::grid::packed_words(len, lg.bits);
-                    let groups = lg.groups(len);
-                    [
-                        (format!("{f}.qweight"), "U32", vec![q.rank, words]),
-                        (format!("{f}.scales"), "F16", vec![q.rank, groups]),
-                        (format!("{f}.zeros"), "F16", vec![q.rank, groups]),
-                    ]
-                })
-                .collect();
-        } else {
-            factor_parts = Vec::new();
-        }
-        let parts: Vec<(String, &str, Vec<usize>)> = parts
-            .into_iter()
-            .map(|(a, b, c)| (a.to_string(), b, c))
-            .chain(factor_parts)
-            .collect();
+        let parts = q
+            .stored_parts()
+            .map_err(|msg| Error::tensor(&manifest_path, name, msg))?;
         for (suffix, dtype, want) in parts {
             let pname = format!("{name}.{suffix}");
             let Some((file, info)) = self.info(&pname) else {

@@ -103,6 +103,19 @@ pub struct RhtSeeds {
     pub cols: u64,
 }
 
+/// One stored tensor of a compressed weight: name suffix, dtype, shape.
+pub type StoredPart = (String, &'static str, Vec<usize>);
+
+/// Bytes per element of a stored part's dtype (U32 codes, masks and permutations; F16 scales
+/// and zeros).
+pub fn stored_element_bytes(dtype: &str) -> usize {
+    if dtype == "F16" {
+        2
+    } else {
+        4
+    }
+}
+
 impl QuantEntry {
     pub fn grid(&self) -> Result<Grid> {
         Grid::new(self.bits, self.group_size, self.symmetric)
@@ -116,42 +129,88 @@ impl QuantEntry {
         Grid::new(self.lr_bits, self.lr_group_size, false).map(Some)
     }
 
-    /// Stored bits computed from the shape and grids (what `stored_bits` must equal).
+    /// Stored bits computed from the stored layout (what `stored_bits` must equal); 0 for an
+    /// entry that is itself invalid (the caller reports the mismatch).
     pub fn expected_bits(&self) -> u64 {
-        let factors = match self.lr_grid() {
-            Ok(Some(g)) => {
-                g.stored_bits(self.rank, self.rows) + g.stored_bits(self.rank, self.cols)
-            }
-            _ => 0,
+        let Ok(parts) = self.stored_parts() else {
+            return 0;
         };
-        self.backbone_bits() + factors + if self.rht.is_some() { 128 } else { 0 }
+        let data: u64 = parts
+            .iter()
+            .map(|(_, dtype, shape)| {
+                shape
+                    .iter()
+                    .fold(stored_element_bytes(dtype) as u64 * 8, |a, &d| {
+                        a.saturating_mul(d as u64)
+                    })
+            })
+            .fold(0u64, u64::saturating_add);
+        data.saturating_add(if self.rht.is_some() { 128 } else { 0 })
     }
 
-    fn backbone_bits(&self) -> u64 {
-        let g = if self.group_size == 0 {
-            self.cols.max(1)
+    /// The tensors this weight is stored as, `(suffix, dtype, shape)` (the tensor is named
+    /// `{weight}.{suffix}`), in the order they are written, or why the entry itself is invalid
+    /// (grid, pruning). The one authority on the stored layout: the writer's plan from an
+    /// entry, the validator at open, the work-directory check and the size accounting all
+    /// derive from it.
+    pub fn stored_parts(&self) -> std::result::Result<Vec<StoredPart>, String> {
+        let grid = self.grid().map_err(|e| e.to_string())?;
+        let kept = if self.sparsity.is_some() {
+            if self.kept_per_row == 0
+                || self.kept_per_row > self.cols
+                || self.act_order
+                || self.rank > 0
+            {
+                return Err(format!(
+                    "pruned with {} kept of {} per row{}",
+                    self.kept_per_row,
+                    self.cols,
+                    if self.act_order || self.rank > 0 {
+                        " and act-order or factors, which pruning excludes"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+            self.kept_per_row
         } else {
-            self.group_size
+            self.cols
         };
-        let groups = self.cols.div_ceil(g) as u64;
-        let rows = self.rows as u64;
-        let (kept, mask) = match self.sparsity {
-            Some(_) => (self.kept_per_row, rows * self.cols.div_ceil(32) as u64 * 32),
-            None => (self.cols, 0),
-        };
-        let codes = rows * packed_words(kept, self.bits) as u64 * 32 + mask;
-        let scales = rows * groups * 16;
-        let zeros = if self.symmetric {
-            0
-        } else {
-            rows * groups * 16
-        };
-        let perm = if self.act_order {
-            self.cols as u64 * 32
-        } else {
-            0
-        };
-        codes + scales + zeros + perm
+        let groups = grid.groups(self.cols);
+        let mut parts = vec![
+            (
+                "qweight".to_string(),
+                "U32",
+                vec![self.rows, packed_words(kept, self.bits)],
+            ),
+            ("scales".to_string(), "F16", vec![self.rows, groups]),
+        ];
+        if !self.symmetric {
+            parts.push(("zeros".into(), "F16", vec![self.rows, groups]));
+        }
+        if self.sparsity.is_some() {
+            parts.push((
+                "mask".into(),
+                "U32",
+                vec![self.rows, self.cols.div_ceil(32)],
+            ));
+        }
+        if self.act_order {
+            parts.push(("perm".into(), "U32", vec![self.cols]));
+        }
+        if let Some(lg) = self.lr_grid().map_err(|e| e.to_string())? {
+            for (f, len) in [("L", self.rows), ("R", self.cols)] {
+                let groups = lg.groups(len);
+                parts.push((
+                    format!("{f}.qweight"),
+                    "U32",
+                    vec![self.rank, packed_words(len, lg.bits)],
+                ));
+                parts.push((format!("{f}.scales"), "F16", vec![self.rank, groups]));
+                parts.push((format!("{f}.zeros"), "F16", vec![self.rank, groups]));
+            }
+        }
+        Ok(parts)
     }
 }
 
@@ -287,16 +346,7 @@ impl Manifest {
     }
 }
 
-/// SHA-256 of files, concatenated in the given order.
-pub fn sha256_files(paths: &[&Path]) -> Result<String> {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    for p in paths {
-        let mut f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
-        std::io::copy(&mut f, &mut h).map_err(|e| Error::io(p, e))?;
-    }
-    Ok(format!("{:x}", h.finalize()))
-}
+pub use crate::base::hash::sha256_files;
 
 /// One tensor of a safetensors file being written: its header entry.
 #[derive(Clone, Debug)]

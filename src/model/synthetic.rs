@@ -59,6 +59,61 @@ impl SyntheticLlama {
         }
     }
 
+    /// The decoder shape of a real model family with `layers` layers (real hidden sizes,
+    /// heads, head_dim 64, RoPE bases and scaling, biases, tied vocabularies):
+    /// `smollm2-135m` (576, 9/3 heads, θ 1e5, 49,152 tokens, f32), `qwen2.5-0.5b` (896, 14/2,
+    /// q/k/v biases, θ 1e6, 151,936 tokens, bf16), `llama-3.2-1b` (2048, 32/8, llama3 scaling,
+    /// 128,256 tokens, bf16).
+    pub fn family(name: &str, layers: usize) -> Option<SyntheticLlama> {
+        let (arch, dims, dtype, seed, extra) = match name {
+            "smollm2-135m" => (
+                "LlamaForCausalLM",
+                (576, 1536, 9, 3, 49_152),
+                DType::F32,
+                135,
+                serde_json::json!({"rope_theta": 100000.0, "tie_word_embeddings": true,
+                                   "max_position_embeddings": 8192}),
+            ),
+            "qwen2.5-0.5b" => (
+                "Qwen2ForCausalLM",
+                (896, 4864, 14, 2, 151_936),
+                DType::BF16,
+                500,
+                serde_json::json!({"rope_theta": 1000000.0, "tie_word_embeddings": true,
+                                   "sliding_window": 32768, "use_sliding_window": false,
+                                   "max_window_layers": 21, "max_position_embeddings": 32768}),
+            ),
+            "llama-3.2-1b" => (
+                "LlamaForCausalLM",
+                (2048, 8192, 32, 8, 128_256),
+                DType::BF16,
+                1000,
+                serde_json::json!({"rope_theta": 500000.0, "tie_word_embeddings": true,
+                                   "max_position_embeddings": 131072,
+                                   "rope_scaling": {"rope_type": "llama3", "factor": 32.0,
+                                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                    "original_max_position_embeddings": 8192}}),
+            ),
+            _ => return None,
+        };
+        let (hidden, intermediate, heads, kv_heads, vocab) = dims;
+        Some(SyntheticLlama {
+            hidden,
+            intermediate,
+            layers,
+            heads,
+            kv_heads,
+            vocab,
+            dtype,
+            seed,
+            architecture: arch.into(),
+            extra: extra.as_object().cloned().unwrap_or_default(),
+        })
+    }
+
+    /// Names [`SyntheticLlama::family`] knows.
+    pub const FAMILIES: [&'static str; 3] = ["smollm2-135m", "qwen2.5-0.5b", "llama-3.2-1b"];
+
     fn values(&self, n: usize, seed: u64, scale: f32) -> Vec<f32> {
         let mut s = (self.seed ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1;
         (0..n)

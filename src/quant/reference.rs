@@ -348,13 +348,38 @@ pub fn weighted_norm(w: &[f32], rows: usize, h: &[f64]) -> f64 {
     weighted_error(w, &zeros, rows, h)
 }
 
+/// `XᵀX` in f64 for X of shape [rows, f], full symmetric matrix.
+pub fn hessian_f64(x: &[f32], rows: usize, f: usize) -> Vec<f64> {
+    assert_eq!(x.len(), rows * f, "X has the wrong length");
+    let mut h = vec![0.0f64; f * f];
+    let mut row64 = vec![0.0f64; f];
+    for r in 0..rows {
+        for (d, &s) in row64.iter_mut().zip(&x[r * f..(r + 1) * f]) {
+            *d = s as f64;
+        }
+        for i in 0..f {
+            let xi = row64[i];
+            let hi = &mut h[i * f..(i + 1) * f];
+            for j in i..f {
+                hi[j] += xi * row64[j];
+            }
+        }
+    }
+    for i in 0..f {
+        for j in 0..i {
+            h[i * f + j] = h[j * f + i];
+        }
+    }
+    h
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::quant::test_values as lcg;
 
     fn hessian(x: &[f32], rows: usize, n: usize) -> Vec<f64> {
-        crate::cpu::hessian_f64(x, rows, n)
+        hessian_f64(x, rows, n)
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! grids need. Index layout: element i = p·k + q with p < 2^a (Hadamard index) and q < k (block
 //! index).
 
-use crate::infer::generate::Rng;
+use crate::base::rng::Rng;
 
 /// An orthogonal transform of size n.
 #[derive(Clone, Debug)]
@@ -53,7 +53,7 @@ impl Rht {
         let block = if k == 1 {
             vec![1.0]
         } else {
-            let g = crate::lowrank::rsvd::gaussian(k * k, seed ^ 0xB10C ^ k as u64);
+            let g = crate::base::rng::gaussian(k * k, seed ^ 0xB10C ^ k as u64);
             let a = faer::Mat::<f64>::from_fn(k, k, |i, j| g[i * k + j] as f64);
             let q = a.qr().compute_thin_Q();
             (0..k * k).map(|idx| q[(idx / k, idx % k)]).collect()
@@ -210,7 +210,7 @@ mod tests {
             w[r * n + 7] *= 30.0; // an outlier column
         }
         let x = lcg(200 * n, 2);
-        let h = crate::cpu::hessian_f64(&x, 200, n);
+        let h = crate::quant::reference::hessian_f64(&x, 200, n);
         let wq: Vec<f32> = w.iter().map(|v| (v * 4.0).round() / 4.0).collect();
         let (tm, tn) = (Rht::new(m, 3), Rht::new(n, 4));
         let (wr, wqr, hr) = (

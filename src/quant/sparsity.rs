@@ -94,6 +94,40 @@ pub fn smallest(scores: &[f64], count: usize) -> Vec<bool> {
     m
 }
 
+/// The mask words (rows × ⌈n/32⌉) and the packed kept codes (rows × packed_words(kept)) of a
+/// pruned matrix whose codes use [`PRUNED`](crate::quant::sparsity::PRUNED) for pruned weights.
+pub fn pack_sparse(
+    codes: &[u32],
+    rows: usize,
+    n: usize,
+    bits: u32,
+    kept: usize,
+) -> crate::Result<(Vec<u32>, Vec<u32>)> {
+    use crate::quant::grid::{pack_row, packed_words};
+    let mw = n.div_ceil(32);
+    let mut mask = vec![0u32; rows * mw];
+    let mut packed = Vec::with_capacity(rows * packed_words(kept, bits));
+    let mut row_codes = Vec::with_capacity(kept);
+    for r in 0..rows {
+        row_codes.clear();
+        for j in 0..n {
+            let c = codes[r * n + j];
+            if c != PRUNED {
+                mask[r * mw + j / 32] |= 1 << (j % 32);
+                row_codes.push(c);
+            }
+        }
+        if row_codes.len() != kept {
+            return Err(crate::Error::Shape(format!(
+                "row {r} keeps {} weights, the format expects {kept}",
+                row_codes.len()
+            )));
+        }
+        pack_row(&row_codes, bits, &mut packed);
+    }
+    Ok((mask, packed))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

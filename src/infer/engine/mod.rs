@@ -8,14 +8,15 @@
 
 use std::ops::Range;
 
-use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gpu::ops::{self, AttentionShape, KvLayout, RopeTable};
-use crate::gpu::quant::{self, PackedWeight};
 use crate::gpu::{gemm_rows, Batch, GemmOp, Gpu, GpuBuffer, GpuMatrix};
-use crate::model::compressed::QuantEntry;
-use crate::model::{Checkpoint, LayerSpec, LinearKind, TensorRef};
-use crate::quant::rht::Rht;
+use crate::model::{Checkpoint, LayerSpec, LinearKind};
+
+mod decode;
+
+pub(crate) use super::weights::unrotate_linear;
+use super::weights::{check_finite, dequantize_stored, dequantize_weight, upload};
 
 /// How the engine uses GPU memory.
 #[derive(Clone, Debug)]
@@ -126,192 +127,6 @@ pub struct Engine<'a> {
     rope: RopeTable,
 }
 
-/// Upload a checkpoint tensor as a rows × cols matrix in its stored dtype.
-fn upload(gpu: &Gpu, t: &TensorRef<'_>, rows: usize, cols: usize) -> Result<GpuMatrix> {
-    GpuMatrix::from_bytes(gpu, rows, cols, t.dtype, t.bytes)
-}
-
-/// Upload one packed quantized matrix (`PREFIX.qweight`, `.scales`, `.zeros`, optional
-/// `.perm`) and dequantize it to f32 on the GPU.
-#[allow(clippy::too_many_arguments)]
-fn dequantize_packed(
-    gpu: &Gpu,
-    ck: &Checkpoint,
-    prefix: &str,
-    rows: usize,
-    cols: usize,
-    grid: crate::quant::Grid,
-    act_order: bool,
-    kept: usize,
-) -> Result<GpuMatrix> {
-    let words = crate::quant::grid::packed_words(kept, grid.bits);
-    let groups = grid.groups(cols);
-    let (codes, _, _) = ck.raw(&format!("{prefix}.qweight"))?;
-    let scales = ck.tensor(&format!("{prefix}.scales"))?;
-    check_finite(&scales)?;
-    let zeros = if grid.symmetric {
-        crate::gpu::quant::symmetric_zeros(gpu, grid, rows, groups)?
-    } else {
-        let z = ck.tensor(&format!("{prefix}.zeros"))?;
-        check_finite(&z)?;
-        upload(gpu, &z, rows, groups)?
-    };
-    let perm = if act_order {
-        let (bytes, _, _) = ck.raw(&format!("{prefix}.perm"))?;
-        // A permutation: every column exactly once (a repeated column would silently drop
-        // another one's weights).
-        let mut seen = vec![false; cols];
-        for p in bytes
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize)
-        {
-            let msg = if p >= cols {
-                format!("column {p} is out of range")
-            } else if seen[p] {
-                format!("column {p} appears twice: not a permutation")
-            } else {
-                seen[p] = true;
-                continue;
-            };
-            return Err(Error::tensor(ck.dir(), &format!("{prefix}.perm"), msg));
-        }
-        Some(gpu.upload(bytes)?)
-    } else {
-        None
-    };
-    let sparse = if kept < cols {
-        let mw = cols.div_ceil(32);
-        let (bytes, _, _) = ck.raw(&format!("{prefix}.mask"))?;
-        let mask: Vec<u32> = bytes
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        if let Some(r) = (0..rows).find(|&r| {
-            mask[r * mw..(r + 1) * mw]
-                .iter()
-                .map(|w| w.count_ones() as usize)
-                .sum::<usize>()
-                != kept
-        }) {
-            return Err(Error::tensor(
-                ck.dir(),
-                &format!("{prefix}.mask"),
-                format!("row {r} does not keep {kept} weights"),
-            ));
-        }
-        Some(quant::SparseIndex::upload(gpu, rows, mw, &mask)?)
-    } else {
-        None
-    };
-    let packed = PackedWeight {
-        rows,
-        cols,
-        grid,
-        packed: GpuMatrix::from_bytes(gpu, rows, words, DType::F32, codes)?,
-        scales: upload(gpu, &scales, rows, groups)?,
-        zeros,
-        perm,
-        sparse,
-    };
-    quant::dequantize(gpu, &packed)
-}
-
-/// A compressed weight ready for the forward pass: the dequantized backbone, plus the
-/// dequantized factors of a CALDERA weight, with any incoherence rotation undone.
-fn dequantize_weight(
-    gpu: &Gpu,
-    ck: &Checkpoint,
-    name: &str,
-    q: &QuantEntry,
-) -> Result<LinearWeight> {
-    let kept = if q.sparsity.is_some() {
-        q.kept_per_row
-    } else {
-        q.cols
-    };
-    let backbone = dequantize_packed(gpu, ck, name, q.rows, q.cols, q.grid()?, q.act_order, kept)?;
-    let w = match q.lr_grid()? {
-        None => LinearWeight::Dense(backbone),
-        Some(lg) => LinearWeight::LowRank {
-            q: backbone,
-            lt: dequantize_packed(
-                gpu,
-                ck,
-                &format!("{name}.L"),
-                q.rank,
-                q.rows,
-                lg,
-                false,
-                q.rows,
-            )?,
-            r: dequantize_packed(
-                gpu,
-                ck,
-                &format!("{name}.R"),
-                q.rank,
-                q.cols,
-                lg,
-                false,
-                q.cols,
-            )?,
-        },
-    };
-    match q.rht {
-        Some(seeds) => unrotate_linear(
-            gpu,
-            w,
-            &Rht::new(q.rows, seeds.rows),
-            &Rht::new(q.cols, seeds.cols),
-        ),
-        None => Ok(w),
-    }
-}
-
-/// Undo incoherence processing: a weight quantized as W_r = T_m W T_nᵀ becomes
-/// W = T_mᵀ W_r T_n; for Q + L·R the factors transform on their own (L = T_mᵀ L_r,
-/// R = R_r T_n), so the low-rank form is kept.
-pub(crate) fn unrotate_linear(
-    gpu: &Gpu,
-    w: LinearWeight,
-    tm: &Rht,
-    tn: &Rht,
-) -> Result<LinearWeight> {
-    let dense = |x: &GpuMatrix| -> Result<GpuMatrix> {
-        let v = crate::quant::rht::unrotate_weight(&x.to_f32(gpu)?, x.rows(), x.cols(), tm, tn);
-        GpuMatrix::from_f32(gpu, x.rows(), x.cols(), DType::F32, &v)
-    };
-    let rows_t = |x: &GpuMatrix, t: &Rht| -> Result<GpuMatrix> {
-        let mut v: Vec<f64> = x.to_f32(gpu)?.into_iter().map(f64::from).collect();
-        crate::quant::rht::rows(&mut v, t, true);
-        GpuMatrix::from_f32(
-            gpu,
-            x.rows(),
-            x.cols(),
-            DType::F32,
-            &v.iter().map(|&a| a as f32).collect::<Vec<_>>(),
-        )
-    };
-    Ok(match w {
-        LinearWeight::Dense(q) => LinearWeight::Dense(dense(&q)?),
-        LinearWeight::LowRank { q, lt, r } => LinearWeight::LowRank {
-            q: dense(&q)?,
-            lt: rows_t(&lt, tm)?,
-            r: rows_t(&r, tn)?,
-        },
-    })
-}
-
-fn check_finite(t: &TensorRef<'_>) -> Result<()> {
-    match t.first_non_finite() {
-        None => Ok(()),
-        Some(i) => Err(Error::Tensor {
-            path: t.file.to_path_buf(),
-            tensor: t.name.to_string(),
-            msg: format!("element {i} is not finite (weights must be finite)"),
-        }),
-    }
-}
-
 impl<'a> Engine<'a> {
     pub fn new(gpu: &'a Gpu, ck: &'a Checkpoint, opts: &EngineOptions) -> Result<Engine<'a>> {
         let c = ck.config();
@@ -375,7 +190,7 @@ impl<'a> Engine<'a> {
                 self.ck.dir().display()
             ))
         })?;
-        dequantize_packed(
+        dequantize_stored(
             self.gpu,
             self.ck,
             name,
@@ -779,134 +594,6 @@ impl<'a> Engine<'a> {
         ops::embed(&mut b, &ids, &self.embed, &x)?;
         b.submit()?;
         Ok(x)
-    }
-
-    /// Rows of logits formed at once by callers of [`logits`](Self::logits): a block of at
-    /// most 64 MiB of f32 logits.
-    pub fn logit_block_rows(&self) -> usize {
-        ((64usize << 20) / (self.ck.config().vocab_size * 4)).max(1)
-    }
-
-    /// Logits [rows.len(), vocab] of a block of rows of normed hidden states.
-    pub fn logits(&self, hidden: &GpuMatrix, rows: Range<usize>) -> Result<GpuMatrix> {
-        let v = self.ck.config().vocab_size;
-        let z = GpuMatrix::uninit(self.gpu, rows.len(), v)?;
-        let mut b = Batch::new(self.gpu);
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        gemm_rows(&mut b, hidden, rows, head, GemmOp::NT, &z, 0, false)?;
-        b.submit()?;
-        Ok(z)
-    }
-
-    /// An empty KV cache for one sequence of up to `capacity` positions.
-    pub fn new_cache(&mut self, capacity: usize) -> Result<KvCache> {
-        self.new_batch_cache(1, capacity)
-    }
-
-    /// An empty KV cache for `nseq` sequences decoded in lockstep, `capacity` positions each.
-    pub fn new_batch_cache(&mut self, nseq: usize, capacity: usize) -> Result<KvCache> {
-        let c = self.ck.config();
-        if capacity > self.rope.positions() {
-            return Err(Error::InvalidArgument(format!(
-                "a cache of {capacity} positions exceeds the {} this engine was built for",
-                self.rope.positions()
-            )));
-        }
-        let nseq = nseq.max(1);
-        let rows = capacity * nseq;
-        let kd = c.num_kv_heads * c.head_dim;
-        let layers = (0..c.num_layers)
-            .map(|_| {
-                // One chunk each (group = all rows): attention reads the cache as one binding.
-                Ok((
-                    GpuMatrix::uninit_grouped(self.gpu, rows, kd, rows)?,
-                    GpuMatrix::uninit_grouped(self.gpu, rows, kd, rows)?,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let positions: Vec<u32> = (0..rows).map(|r| (r / nseq) as u32).collect();
-        Ok(KvCache {
-            layers,
-            positions: ops::upload_u32(self.gpu, &positions)?,
-            nseq,
-            len: 0,
-            capacity,
-        })
-    }
-
-    /// Append `tokens` to a one-sequence cache and return the normed hidden states of the new
-    /// tokens ([tokens.len(), hidden]; the last row predicts the next token).
-    pub fn extend(&mut self, cache: &mut KvCache, tokens: &[u32]) -> Result<GpuMatrix> {
-        if cache.nseq != 1 {
-            return Err(Error::InvalidArgument(
-                "extend: use extend_batch for a batch cache".into(),
-            ));
-        }
-        self.extend_impl(cache, tokens)
-    }
-
-    /// Append one token to each sequence of a batch cache (`tokens[b]` to sequence b); returns
-    /// the normed hidden states [nseq, hidden].
-    pub fn extend_batch(&mut self, cache: &mut KvCache, tokens: &[u32]) -> Result<GpuMatrix> {
-        if tokens.len() != cache.nseq {
-            return Err(Error::Shape(format!(
-                "{} tokens for {} sequences",
-                tokens.len(),
-                cache.nseq
-            )));
-        }
-        self.extend_impl(cache, tokens)
-    }
-
-    fn extend_impl(&mut self, cache: &mut KvCache, tokens: &[u32]) -> Result<GpuMatrix> {
-        let c = self.ck.config().clone();
-        let n = tokens.len();
-        let steps = n / cache.nseq;
-        if n == 0 {
-            return Err(Error::InvalidArgument("no tokens to append".into()));
-        }
-        if cache.len + steps > cache.capacity {
-            return Err(Error::InvalidArgument(format!(
-                "the sequence would reach {} tokens, past the cache of {}",
-                cache.len + steps,
-                cache.capacity
-            )));
-        }
-        self.validate_ids(tokens)?;
-        let gpu = self.gpu;
-        let ids = ops::upload_u32(gpu, tokens)?;
-        let positions: Vec<u32> = (0..n)
-            .map(|r| (cache.len + r / cache.nseq) as u32)
-            .collect();
-        let pos = ops::upload_u32(gpu, &positions)?;
-        // One group: x is a single chunk like the cache rows it writes.
-        let x = GpuMatrix::uninit_grouped(gpu, n, c.hidden_size, n)?;
-        let mut b = Batch::new(gpu);
-        ops::embed(&mut b, &ids, &self.embed, &x)?;
-        b.submit()?;
-        for l in 0..c.num_layers {
-            self.load_layer(l)?;
-            let w = self.layers[l].as_ref().expect("just loaded");
-            let (k, v) = &cache.layers[l];
-            let view = CacheView {
-                k,
-                v,
-                positions: &cache.positions,
-                start: cache.len,
-                nseq: cache.nseq,
-            };
-            self.layer(w, &x, &pos, n, Some(view))?;
-            if !self.resident {
-                self.layers[l] = None;
-                self.ck.release_layer(l);
-            }
-        }
-        cache.len += steps;
-        let y = GpuMatrix::uninit_grouped(gpu, n, c.hidden_size, n)?;
-        let mut b = Batch::new(gpu);
-        ops::rms_norm(&mut b, &x, &self.final_norm, c.rms_norm_eps as f32, &y)?;
-        b.submit()?;
-        Ok(y)
     }
 }
 

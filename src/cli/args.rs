@@ -1,0 +1,139 @@
+//! Arguments and parsers several commands share: calibration, numbers with units and
+//! ranges, how text is read, token files.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+/// Where calibration sequences come from (compress, hessians).
+#[derive(Args, Debug)]
+pub(crate) struct CalibArgs {
+    /// Calibration text: files, or directories of .txt files. Without it, the model samples
+    /// its own calibration sequences (self-calibration).
+    #[arg(long, num_args = 1..)]
+    pub(crate) calib: Vec<PathBuf>,
+    /// Calibration sequences.
+    #[arg(long, default_value_t = 128)]
+    pub(crate) calib_samples: usize,
+    /// Tokens per calibration sequence (capped at the model's context).
+    #[arg(long, default_value_t = 2048)]
+    pub(crate) calib_len: usize,
+    /// Seed for drawing or sampling calibration sequences.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: u64,
+    /// Tokenize text files byte for byte, keeping CRLF and lone CR (llama.cpp's way). By
+    /// default text is read as Python's text mode reads it: CRLF and lone CR become LF.
+    #[arg(long)]
+    pub(crate) raw_text: bool,
+}
+
+impl CalibArgs {
+    pub(crate) fn source(&self) -> pumice::compress::pipeline::CalibSource {
+        use pumice::compress::pipeline::CalibSource;
+        if self.calib.is_empty() {
+            CalibSource::SelfGenerated
+        } else {
+            CalibSource::Text(self.calib.clone())
+        }
+    }
+
+    pub(crate) fn options(&self) -> Result<pumice::compress::calib::CalibOptions, pumice::Error> {
+        if self.calib_samples == 0 {
+            return Err(pumice::Error::InvalidArgument(
+                "--calib-samples must be at least 1".into(),
+            ));
+        }
+        Ok(pumice::compress::calib::CalibOptions {
+            samples: self.calib_samples,
+            len: self.calib_len,
+            seed: self.seed,
+            newlines: newlines(self.raw_text),
+        })
+    }
+}
+
+pub(crate) fn parse_sparsity(s: &str) -> Result<pumice::quant::sparsity::Sparsity, String> {
+    pumice::quant::sparsity::Sparsity::parse(s).map_err(|e| e.to_string())
+}
+
+pub(crate) fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a byte count (e.g. 3500000, 512K, 1.5G)"))?;
+    if !(v >= 0.0 && v.is_finite()) {
+        return Err(format!("`{s}` is not a byte count"));
+    }
+    Ok((v * mult as f64) as u64)
+}
+
+pub(crate) fn parse_f64(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number"))?;
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(format!("`{s}` is not a finite number"))
+    }
+}
+
+/// --temperature: finite and ≥ 0.
+pub(crate) fn parse_temperature(s: &str) -> Result<f32, String> {
+    let v = parse_f64(s)?;
+    if !(0.0..=1e6).contains(&v) {
+        return Err(format!("{v} must be within 0 (greedy) and 1e6"));
+    }
+    Ok(v as f32)
+}
+
+/// --top-p: a probability mass in (0, 1].
+pub(crate) fn parse_top_p(s: &str) -> Result<f32, String> {
+    let v = parse_f64(s)?;
+    if !(v > 0.0 && v <= 1.0) {
+        return Err(format!("{v} must be within (0, 1]"));
+    }
+    Ok(v as f32)
+}
+
+/// --target-bpw: stored bits per weight; at least 1 (no grid pumice has stores less) and at
+/// most 32.
+pub(crate) fn parse_target_bpw(s: &str) -> Result<f64, String> {
+    let v = parse_f64(s)?;
+    if !(1.0..=32.0).contains(&v) {
+        return Err(format!("{v} bits per weight must be within 1 and 32"));
+    }
+    Ok(v)
+}
+
+/// How text inputs are read: Python's universal newlines unless `--raw-text`.
+pub(crate) fn newlines(raw: bool) -> pumice::text::Newlines {
+    if raw {
+        pumice::text::Newlines::Keep
+    } else {
+        pumice::text::Newlines::Universal
+    }
+}
+
+pub(crate) fn read_token_file(path: &std::path::Path) -> Result<Vec<u32>, pumice::Error> {
+    let text = pumice::text::read_text(path, pumice::text::Newlines::Keep)?;
+    text.split_whitespace()
+        .enumerate()
+        .map(|(i, s)| {
+            s.parse::<u32>().map_err(|_| {
+                pumice::Error::InvalidArgument(format!(
+                    "{}: item {} (`{s}`) is not a token id",
+                    path.display(),
+                    i + 1
+                ))
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,205 @@
+//! `pumice bench`.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::Args;
+use pumice::gpu::{list_adapters, AdapterSelector, BackendChoice, Gpu, GpuOptions};
+
+use super::progress;
+use super::GpuArgs;
+
+#[derive(Args, Debug)]
+pub(crate) struct BenchArgs {
+    /// Small shapes (1024² stand-ins for the 7B matrices) and few runs: minutes per backend
+    /// even on a CPU adapter.
+    #[arg(long)]
+    pub(crate) quick: bool,
+    /// Timed runs per operation (default 3 with --quick, else 5); the median is reported.
+    #[arg(long)]
+    pub(crate) runs: Option<usize>,
+    /// Untimed warm-up runs before them.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) warmup: usize,
+    /// Outer iterations of each timed CALDERA run (a compression uses 15; time is about
+    /// proportional).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) caldera_outer: usize,
+    /// Only operations whose name contains one of these: gemm, hessian, gptq, caldera,
+    /// forward, compress.
+    #[arg(long, num_args = 1..)]
+    pub(crate) only: Vec<String>,
+    /// Skip the CPU (faer) baseline rows.
+    #[arg(long)]
+    pub(crate) no_cpu: bool,
+    /// Model for the forward and end-to-end rows.
+    #[arg(long, default_value = "assets/models/gutenberg-llama")]
+    pub(crate) model: PathBuf,
+    /// JSON lines on stdout: one per result, then a summary with every result and the
+    /// machine's identity (implied when stdout is not a terminal).
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+pub(crate) fn run(gpu_args: &GpuArgs, a: BenchArgs) -> anyhow::Result<()> {
+    use pumice::bench::{run as bench_run, BenchOptions, BenchResult, Target};
+    let rep = progress::Reporter::new(a.json);
+    let scratch = tempdir_for_bench()?;
+    let opts = BenchOptions {
+        quick: a.quick,
+        runs: a.runs.unwrap_or(if a.quick { 3 } else { 5 }),
+        warmup: a.warmup,
+        caldera_outer: a.caldera_outer,
+        model: a.model.clone(),
+        scratch: scratch.clone(),
+        only: a.only.clone(),
+    };
+    // Every adapter on the requested backends (all by default), or the one --adapter picks.
+    let backend = gpu_args.backend.unwrap_or(BackendChoice::All);
+    let listing = GpuOptions {
+        backend: Some(backend),
+        adapter: None,
+        max_binding_bytes: None,
+        max_loop_iterations: None,
+    };
+    let mut adapters = list_adapters(&listing);
+    if let Some(sel) = &gpu_args.adapter {
+        let chosen = list_adapters(&GpuOptions {
+            adapter: Some(sel.clone()),
+            ..listing.clone()
+        })
+        .into_iter()
+        .find(|r| r.selected)
+        .map(|r| r.index);
+        adapters.retain(|r| Some(r.index) == chosen);
+    }
+    if adapters.is_empty() {
+        return Err(pumice::Error::NoAdapter(format!(
+            "none on backend {backend:?} to benchmark; on Linux without a GPU install Mesa's \
+             lavapipe (mesa-vulkan-drivers) and EGL (libegl1, libgl1-mesa-dri)"
+        ))
+        .into());
+    }
+    let mut results: Vec<BenchResult> = Vec::new();
+    let mut on_result = |r: BenchResult| {
+        eprintln!(
+            "{:<7} {:<28} {:<20} {:<48} {}",
+            r.backend,
+            truncate(&r.adapter, 28),
+            r.op,
+            truncate(&r.shape, 48),
+            match &r.error {
+                Some(e) => format!("error: {e}"),
+                None => format!("{:.4} s median of {}", r.median_s, r.runs),
+            }
+        );
+        rep.emit("result", serde_json::to_value(&r).unwrap_or_default());
+        results.push(r);
+    };
+    for r in &adapters {
+        let gpu = Gpu::new(&GpuOptions {
+            backend: Some(backend),
+            adapter: Some(AdapterSelector::Index(r.index)),
+            max_binding_bytes: None,
+            max_loop_iterations: None,
+        });
+        match gpu {
+            Ok(g) => {
+                eprintln!("benchmarking {}", g.describe());
+                bench_run(&Target::Gpu(&g), &opts, &mut on_result)?;
+            }
+            Err(e) => eprintln!("skipping {} ({}): {e}", r.name, r.backend),
+        }
+    }
+    if !a.no_cpu {
+        eprintln!("benchmarking the CPU baseline (faer)");
+        bench_run(&Target::Cpu, &opts, &mut on_result)?;
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    let machine = serde_json::json!({
+        "os": std::env::consts::OS,
+        "arch": std::env::consts::ARCH,
+        "cpu": pumice::bench::cpu_model(),
+        "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    });
+    if rep.json() {
+        rep.summary(serde_json::json!({
+            "pumice": env!("CARGO_PKG_VERSION"),
+            "quick": a.quick,
+            "machine": machine,
+            "adapters": adapters,
+            "results": results,
+        }));
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{} ({} threads); medians of {} runs after {} warm-up; x cpu = CPU (faer) median / this median",
+        machine["cpu"].as_str().unwrap_or("?"),
+        machine["threads"],
+        opts.runs,
+        opts.warmup
+    )?;
+    writeln!(
+        out,
+        "{:<7} {:<34} {:<20} {:<64} {:>10} {:>9} {:>10} {:>7}",
+        "backend", "adapter", "operation", "shape", "median s", "GFLOP/s", "tokens/s", "x cpu"
+    )?;
+    for r in &results {
+        let cpu = results.iter().find(|c| {
+            c.backend == "cpu" && c.op == r.op && c.shape == r.shape && c.error.is_none()
+        });
+        let opt = |v: Option<f64>, prec: usize| {
+            v.map(|x| format!("{x:.prec$}"))
+                .unwrap_or_else(|| "-".into())
+        };
+        if let Some(e) = &r.error {
+            writeln!(
+                out,
+                "{:<7} {:<34} {:<20} {:<64} error: {}",
+                r.backend,
+                truncate(&r.adapter, 34),
+                r.op,
+                truncate(&r.shape, 64),
+                e
+            )?;
+            continue;
+        }
+        writeln!(
+            out,
+            "{:<7} {:<34} {:<20} {:<64} {:>10.4} {:>9} {:>10} {:>7}",
+            r.backend,
+            truncate(&r.adapter, 34),
+            r.op,
+            truncate(&r.shape, 64),
+            r.median_s,
+            opt(r.gflops, 1),
+            opt(r.tokens_per_s, 0),
+            if r.backend == "cpu" {
+                "-".into()
+            } else {
+                opt(cpu.map(|c| c.median_s / r.median_s), 2)
+            }
+        )?;
+    }
+    Ok(())
+}
+
+pub(crate) fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        format!("{}…", s.chars().take(n - 1).collect::<String>())
+    }
+}
+
+/// A private scratch directory for the end-to-end rows.
+pub(crate) fn tempdir_for_bench() -> Result<PathBuf, pumice::Error> {
+    let d = std::env::temp_dir().join(format!("pumice-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&d).map_err(|e| pumice::Error::Io {
+        path: d.clone(),
+        source: e,
+    })?;
+    Ok(d)
+}

@@ -1,0 +1,53 @@
+//! `pumice merge`: assemble a work directory.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::progress;
+
+#[derive(Args, Debug)]
+pub(crate) struct MergeArgs {
+    /// Work directory the shards wrote (`compress --work-dir`).
+    pub(crate) work_dir: PathBuf,
+    /// Output directory (written to a temporary name and renamed when complete).
+    #[arg(short, long)]
+    pub(crate) output: PathBuf,
+    /// The source model, when it is not where the job recorded it (checked by SHA-256).
+    #[arg(long)]
+    pub(crate) model: Option<PathBuf>,
+    /// Replace the output directory if it exists.
+    #[arg(long)]
+    pub(crate) force: bool,
+    /// JSON lines on stdout (implied when stdout is not a terminal).
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+pub(crate) fn run(a: MergeArgs) -> anyhow::Result<()> {
+    use pumice::compress::pipeline::{merge, Event};
+    let mut rep = progress::Reporter::new(a.json);
+    rep.emit(
+        "start",
+        serde_json::json!({"command": "merge", "work_dir": a.work_dir.display().to_string()}),
+    );
+    let s = merge(
+        &a.work_dir,
+        a.model.as_deref(),
+        &a.output,
+        a.force,
+        &mut |e: &Event| rep.on(e),
+    )?;
+    rep.conclude(serde_json::to_value(&s)?, || {
+        writeln!(
+            std::io::stdout(),
+            "wrote {}: {:.2} MiB, {:.3} bits/parameter overall, {:.3} in the linear layers",
+            s.output,
+            s.output_bytes as f64 / (1u64 << 20) as f64,
+            s.bits_per_parameter,
+            s.linear_bits_per_parameter
+        )
+    })?;
+    Ok(())
+}

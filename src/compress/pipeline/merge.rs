@@ -1,0 +1,136 @@
+//! `merge`: assemble a work directory whose layers are all finished into a checkpoint.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::model::compressed::{LayerReport, PlannedTensor};
+use crate::model::Checkpoint;
+
+use crate::compress::workdir::{layer_file, Job, StoredLayer};
+
+use super::{checks::*, layout::*, options::*, output::*};
+
+/// Assemble the compressed checkpoint from a work directory whose layers are all finished
+/// (by one run or by shards on several machines). `model` overrides the source path the job
+/// recorded; the source must be the same model (checked by SHA-256).
+pub fn merge(
+    work_dir: &Path,
+    model: Option<&Path>,
+    output: &Path,
+    force: bool,
+    progress: &mut dyn FnMut(&Event),
+) -> Result<CompressSummary> {
+    let start = Instant::now();
+    let job = Job::read(work_dir)?.ok_or_else(|| {
+        Error::work_dir(
+            work_dir,
+            "is not a work directory (no job.json): run `pumice compress ... --work-dir` first",
+        )
+    })?;
+    let src = model
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(&job.source.path));
+    let ck = Checkpoint::open(&src)?;
+    check_output_apart(output, &[("work directory", work_dir)])?;
+    check_output(&ck, output, force)?;
+    let nlayers = ck.arch().layers.len();
+    if nlayers != job.layers {
+        return Err(Error::work_dir(
+            work_dir,
+            format!(
+                "the job has {} layers but {} has {nlayers}",
+                job.layers,
+                src.display()
+            ),
+        ));
+    }
+    let missing: Vec<String> = (0..nlayers)
+        .filter(|&l| !layer_file(work_dir, l).exists())
+        .map(|l| l.to_string())
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::work_dir(
+            work_dir,
+            format!(
+                "layers {} are not finished (their shards are still running or failed; rerun them with --resume)",
+                missing.join(", ")
+            ),
+        ));
+    }
+    let source = source_info(&ck)?;
+    if job.inputs.get("source_sha256") != Some(&source.sha256) {
+        return Err(Error::work_dir(
+            work_dir,
+            format!(
+                "was made from another model than {} (SHA-256 differs)",
+                src.display()
+            ),
+        ));
+    }
+    let headers = (0..nlayers)
+        .map(|l| {
+            let s = StoredLayer::read_header(work_dir, l, &job.fingerprint)?;
+            check_stored_layer(&ck, work_dir, &s)?;
+            Ok(s)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let plan = plan_with(&ck, &mut |l, name, _, _| {
+        let prefix = format!("{name}.");
+        Ok(headers[l]
+            .tensors
+            .iter()
+            .filter(|(m, _)| m.name.starts_with(&prefix))
+            .map(|(m, _)| PlannedTensor {
+                name: m.name.clone(),
+                dtype: m.dtype.clone(),
+                shape: m.shape.clone(),
+                bytes: m.bytes,
+            })
+            .collect())
+    })?;
+    let mut w = OutputWriter::begin(&ck, output, force, plan)?;
+    let metas = |s: &StoredLayer| s.tensors.iter().map(|(m, _)| m.clone()).collect::<Vec<_>>();
+    for (l, header) in headers.iter().enumerate() {
+        let s = StoredLayer::read(work_dir, l, &job.fingerprint)?;
+        if metas(&s) != metas(header) {
+            return Err(Error::work_dir(
+                layer_file(work_dir, l),
+                "changed while being merged",
+            ));
+        }
+        w.layer(&ck, &s)?;
+        crate::interrupt::check("stopped while merging; nothing was written")?;
+    }
+    progress(&Event::Writing);
+    let base = ManifestBase {
+        source: job.source.clone(),
+        method: job.method.clone(),
+        params: job.params.clone(),
+        calibration: job.calibration.clone(),
+        allocation: job.allocation.clone(),
+    };
+    let manifest = w.finish(&ck, output, base)?;
+    Ok(CompressSummary {
+        output: output.display().to_string(),
+        method: job.method.clone(),
+        source_bytes: ck.bytes_on_disk(),
+        output_bytes: manifest.files["model.safetensors"].bytes,
+        parameters: manifest.total.parameters,
+        bits_per_parameter: manifest.total.bits_per_parameter,
+        linear_bits_per_parameter: manifest.linear.bits_per_parameter,
+        seconds: start.elapsed().as_secs_f64(),
+        calibration: job.calibration,
+        layers: headers
+            .into_iter()
+            .map(|s| LayerReport {
+                layer: s.layer,
+                seconds: Some(s.seconds),
+                matrices: s.reports,
+            })
+            .collect(),
+        shard: None,
+        peak_rss_bytes: peak_rss_bytes(),
+        peak_gpu_bytes: 0,
+    })
+}

@@ -1,0 +1,189 @@
+//! What a compression is asked to do (methods, recipes, options) and what it reports
+//! (events, the summary).
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::model::compressed::{CalibInfo, LayerReport};
+use crate::quant::sparsity::Sparsity;
+use crate::quant::{GptqOptions, Grid};
+
+use crate::compress::calib::CalibOptions;
+
+/// Quantization method.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    Rtn,
+    Gptq,
+    /// W ≈ Q + L·R (Q by GPTQ on `grid`, factors on their own grid).
+    Caldera,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Rtn => "rtn",
+            Method::Gptq => "gptq",
+            Method::Caldera => "caldera",
+        }
+    }
+}
+
+/// CALDERA settings (used with [`Method::Caldera`]).
+#[derive(Clone, Debug)]
+pub struct CalderaSettings {
+    /// Bits per weight each matrix may use, everything stored counted; picks the rank.
+    pub target_bpw: f64,
+    /// A fixed rank instead of the budget.
+    pub rank: Option<usize>,
+    pub lr_bits: u32,
+    pub lr_group_size: usize,
+    pub outer_iters: usize,
+    pub inner_iters: usize,
+    /// Least-squares clip search for the L and R grids.
+    pub clip: bool,
+}
+
+impl Default for CalderaSettings {
+    fn default() -> Self {
+        CalderaSettings {
+            target_bpw: 2.5,
+            rank: None,
+            lr_bits: 4,
+            lr_group_size: 64,
+            outer_iters: 15,
+            inner_iters: 10,
+            clip: true,
+        }
+    }
+}
+
+impl CalderaSettings {
+    pub fn lr_grid(&self) -> Result<Grid> {
+        Ok(Grid::new(self.lr_bits, self.lr_group_size, false)?.with_clip(self.clip))
+    }
+
+    /// Rank for an m × n matrix with backbone grid `q`.
+    pub fn rank_for(&self, q: &Grid, m: usize, n: usize) -> Result<usize> {
+        Ok(match self.rank {
+            Some(k) => k.min(m).min(n),
+            None => {
+                crate::lowrank::caldera::rank_for_budget(q, &self.lr_grid()?, m, n, self.target_bpw)
+            }
+        })
+    }
+}
+
+/// Where calibration text comes from.
+#[derive(Clone, Debug)]
+pub enum CalibSource {
+    /// Text files or directories of .txt files.
+    Text(Vec<PathBuf>),
+    /// Sequences sampled from the model itself.
+    SelfGenerated,
+}
+
+/// What one decoder layer gets: method, backbone grid, CALDERA settings.
+#[derive(Clone, Debug)]
+pub struct LayerRecipe {
+    pub method: Method,
+    pub grid: Grid,
+    pub caldera: CalderaSettings,
+    /// Pruning (gptq only).
+    pub sparsity: Sparsity,
+}
+
+#[derive(Clone, Debug)]
+pub struct CompressOptions {
+    /// Per-layer recipes (from an allocation); empty: every layer gets `method`, `grid`,
+    /// `caldera`.
+    pub layers: Vec<LayerRecipe>,
+    /// Recorded in the manifest when `layers` came from an allocation.
+    pub allocation: Option<serde_json::Value>,
+    /// Pruning of every layer (gptq only; per layer in `layers`).
+    pub sparsity: Sparsity,
+    pub method: Method,
+    pub grid: Grid,
+    pub gptq: GptqOptions,
+    pub calib_source: CalibSource,
+    pub calib: CalibOptions,
+    pub caldera: CalderaSettings,
+    pub output: PathBuf,
+    /// Replace an existing output directory (never the input).
+    pub force: bool,
+    /// Incoherence processing: quantize T_m W T_nᵀ against T_n H T_nᵀ (randomized Hadamard
+    /// transforms, seeds stored, undone at load).
+    pub rht: bool,
+    /// Hessians saved by [`collect_hessians`] instead of a calibration pass (layers are then
+    /// independent: nothing propagates through quantized layers).
+    pub hessians: Option<PathBuf>,
+    /// Keep each finished layer here (atomic files) so an interrupted run resumes.
+    pub work_dir: Option<PathBuf>,
+    /// Continue the job in `work_dir` (a fresh one starts if it holds none).
+    pub resume: bool,
+    /// Compress only shard `(i, n)`'s layers into `work_dir` (needs `hessians`); [`merge`]
+    /// writes the output. `output` and `force` are then unused.
+    pub shard: Option<(usize, usize)>,
+}
+
+impl CompressOptions {
+    /// The recipe of decoder layer `l`.
+    pub fn recipe(&self, l: usize) -> LayerRecipe {
+        self.layers.get(l).cloned().unwrap_or_else(|| LayerRecipe {
+            method: self.method,
+            grid: self.grid,
+            caldera: self.caldera.clone(),
+            sparsity: self.sparsity,
+        })
+    }
+}
+
+/// Progress events.
+#[derive(Clone, Debug)]
+pub enum Event {
+    Calibrating {
+        kind: &'static str,
+        done: usize,
+        total: usize,
+    },
+    Matrix {
+        layer: usize,
+        name: String,
+        done: usize,
+        total: usize,
+        relative_error: Option<f64>,
+    },
+    /// A decoder layer finished (`done` of `total` this run compresses).
+    Layer {
+        layer: usize,
+        done: usize,
+        total: usize,
+        seconds: f64,
+    },
+    Note(String),
+    Writing,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CompressSummary {
+    pub output: String,
+    pub method: String,
+    pub source_bytes: u64,
+    pub output_bytes: u64,
+    pub parameters: usize,
+    pub bits_per_parameter: f64,
+    pub linear_bits_per_parameter: f64,
+    pub seconds: f64,
+    pub calibration: CalibInfo,
+    pub layers: Vec<LayerReport>,
+    /// Set for a shard: which one and its layers (the sizes then cover those layers only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shard: Option<String>,
+    /// Peak resident memory of the process (Linux), bytes.
+    pub peak_rss_bytes: Option<u64>,
+    /// Peak GPU memory in pumice's buffers, bytes.
+    pub peak_gpu_bytes: u64,
+}

@@ -1,0 +1,409 @@
+//! `compress`: validation, job and resume, the start point, the loop over layers, and the
+//! final write.
+
+use std::path::Path;
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::gpu::ops;
+use crate::gpu::{Gpu, GpuMatrix};
+use crate::model::compressed::LayerReport;
+use crate::model::Checkpoint;
+use crate::quant::sparsity::Sparsity;
+
+use crate::compress::calib::CalibOptions;
+use crate::compress::workdir::{
+    check_inputs, fingerprint, layer_file, Activations, HessiansInfo, Job, LayerHessians,
+    StoredLayer,
+};
+
+use super::{checks::*, job::*, layer::*, layout::*, options::*, output::*};
+
+/// Compress `ck` into `opts.output` — or, with `opts.shard`, compress that shard's layers into
+/// `opts.work_dir` for [`merge`].
+pub fn compress(
+    gpu: &Gpu,
+    ck: &Checkpoint,
+    opts: &CompressOptions,
+    progress: &mut dyn FnMut(&Event),
+) -> Result<CompressSummary> {
+    let start = Instant::now();
+    if ck.manifest().is_some() {
+        return Err(Error::InvalidArgument(format!(
+            "{} is already a compressed checkpoint; compress the original model",
+            ck.dir().display()
+        )));
+    }
+    let nlayers = ck.arch().layers.len();
+    for l in 0..nlayers {
+        let r = opts.recipe(l);
+        if r.sparsity != Sparsity::Dense
+            && (r.method != Method::Gptq || opts.gptq.act_order || opts.gptq.block > 128)
+        {
+            return Err(Error::InvalidArgument(
+                "pruning (--sparsity) works with --method gptq, without --act-order".into(),
+            ));
+        }
+    }
+    let todo = match opts.shard {
+        Some((i, n)) => {
+            if opts.work_dir.is_none() || opts.hessians.is_none() {
+                return Err(Error::InvalidArgument(
+                    "a shard (--shard I/N) needs --hessians HDIR and --work-dir DIR".into(),
+                ));
+            }
+            if n == 0 || i >= n {
+                return Err(Error::InvalidArgument(format!(
+                    "shard {i}/{n}: the index must be below the count (0-based)"
+                )));
+            }
+            shard_layers(nlayers, i, n)
+        }
+        None => {
+            let mut inputs: Vec<(&str, &Path)> = Vec::new();
+            if let Some(w) = &opts.work_dir {
+                inputs.push(("work directory", w));
+            }
+            if let Some(h) = &opts.hessians {
+                inputs.push(("Hessian directory", h));
+            }
+            check_output_apart(&opts.output, &inputs)?;
+            check_output(ck, &opts.output, opts.force)?;
+            0..nlayers
+        }
+    };
+    let cfg = ck.config().clone();
+    let len = opts.calib.len.min(cfg.max_position_embeddings).max(2);
+    let copts = CalibOptions {
+        len,
+        ..opts.calib.clone()
+    };
+    let source = source_info(ck)?;
+    let hessians = match &opts.hessians {
+        Some(d) => {
+            let (info, id) = HessiansInfo::read(d)?;
+            if info.source.sha256 != source.sha256 || info.layers != nlayers {
+                return Err(Error::work_dir(
+                    d,
+                    format!(
+                        "holds the Hessians of another model ({}, sha256 {}…), not of {}",
+                        info.source.path,
+                        &info.source.sha256[..12.min(info.source.sha256.len())],
+                        ck.dir().display()
+                    ),
+                ));
+            }
+            Some((d.clone(), info, id))
+        }
+        None => None,
+    };
+    // What a work directory's job depends on (only needed with one: hashing the calibration
+    // text is not free).
+    let inputs = match &opts.work_dir {
+        Some(_) => job_inputs(
+            gpu,
+            opts,
+            &source.sha256,
+            hessians.as_ref().map(|h| h.2.as_str()),
+        )?,
+        None => Default::default(),
+    };
+    let fp = fingerprint(&inputs);
+    let mut job = None;
+    if let Some(wd) = &opts.work_dir {
+        if wd.exists() && !wd.is_dir() {
+            return Err(Error::work_dir(wd, "is not a directory"));
+        }
+        std::fs::create_dir_all(wd).map_err(|e| Error::io(wd, e))?;
+        if let Some(j) = Job::read(wd)? {
+            check_inputs(wd, &j.inputs, &inputs)?;
+            if !opts.resume && opts.shard.is_none() {
+                return Err(Error::work_dir(
+                    wd,
+                    "holds a started job; pass --resume to continue it, or remove the directory",
+                ));
+            }
+            job = Some(j);
+        }
+    }
+
+    // Everything earlier runs left is read and verified before any GPU work: saved
+    // activations, finished layers (checksums, entries), the Hessian files still needed.
+    let saved = match (&hessians, &opts.work_dir, &job) {
+        (None, Some(wd), Some(_)) => match Activations::read(wd, &fp)? {
+            Some(a) => {
+                let rows: usize = a.batches.iter().map(|(r, _)| *r).sum();
+                if a.len != len
+                    || a.cols != cfg.hidden_size
+                    || a.layers_done == 0
+                    || a.layers_done > nlayers
+                    || rows == 0
+                    || a.batches.iter().any(|(r, _)| r % len != 0)
+                {
+                    return Err(Error::work_dir(
+                        wd.join(crate::compress::workdir::ACTIVATIONS_FILE),
+                        format!(
+                            "does not fit this model and job ({} layers done of {nlayers}, {} × {} per sequence, the job needs {len} × {})",
+                            a.layers_done, a.len, a.cols, cfg.hidden_size
+                        ),
+                    ));
+                }
+                Some(a)
+            }
+            None => None,
+        },
+        _ => None,
+    };
+    let first = saved.as_ref().map_or(todo.start, |a| a.layers_done);
+    for l in todo.clone() {
+        let finished = match &opts.work_dir {
+            Some(wd) if hessians.is_some() => layer_file(wd, l).exists(),
+            Some(_) => l < first,
+            None => false,
+        };
+        if let (true, Some(wd)) = (finished, &opts.work_dir) {
+            let path = layer_file(wd, l);
+            if !path.exists() {
+                return Err(Error::work_dir(
+                    &path,
+                    format!(
+                        "is missing, yet {} says {first} layers are done; remove that file to start again",
+                        crate::compress::workdir::ACTIVATIONS_FILE
+                    ),
+                ));
+            }
+            check_stored_layer(ck, wd, &StoredLayer::read_header(wd, l, &fp)?)?;
+        } else if let Some((d, info, _)) = &hessians {
+            LayerHessians::verify(d, l, &info.source.sha256)?;
+        }
+    }
+
+    let mut engine = streaming_engine(gpu, ck, len)?;
+    // Starting point: saved Hessians, saved activations, or a fresh calibration.
+    let mut xs: Vec<GpuMatrix> = Vec::new();
+    let mut pos = None;
+    let calib_info = match (&hessians, saved, &job) {
+        (Some((_, info, _)), _, _) => info.calibration.clone(),
+        (None, Some(a), Some(j)) => {
+            let most = a.batches.iter().map(|(r, _)| *r).max().unwrap_or(len);
+            for (rows, v) in &a.batches {
+                xs.push(GpuMatrix::from_f32_grouped(gpu, *rows, a.cols, len, v)?);
+            }
+            let positions: Vec<u32> = (0..most).map(|r| (r % len) as u32).collect();
+            pos = Some(ops::upload_u32(gpu, &positions)?);
+            progress(&Event::Note(format!(
+                "resuming: {first} of {nlayers} layers already done"
+            )));
+            j.calibration.clone()
+        }
+        _ => {
+            let c = calibrate(&mut engine, &opts.calib_source, &copts, progress)?;
+            let b = calibration_batches(&engine, &c.tokens, len)?;
+            xs = b.xs;
+            pos = Some(b.pos);
+            c.info
+        }
+    };
+    let base = ManifestBase {
+        source,
+        method: manifest_method(opts),
+        params: manifest_params(opts),
+        calibration: calib_info,
+        allocation: opts.allocation.clone(),
+    };
+    if let (Some(wd), None) = (&opts.work_dir, &job) {
+        Job::new(
+            inputs.clone(),
+            nlayers,
+            base.source.clone(),
+            base.method.clone(),
+            base.params.clone(),
+            base.calibration.clone(),
+            base.allocation.clone(),
+        )
+        .write(wd)?;
+    }
+
+    // Without a work directory, layers stream straight into the output.
+    let mut direct = match &opts.work_dir {
+        None => Some(OutputWriter::begin(
+            ck,
+            &opts.output,
+            opts.force,
+            plan(ck, opts)?,
+        )?),
+        Some(_) => None,
+    };
+    let empty_pos;
+    let pos_ref = match &pos {
+        Some(p) => p,
+        None => {
+            empty_pos = ops::upload_u32(gpu, &[0])?;
+            &empty_pos
+        }
+    };
+    let shared = LayerShared {
+        gpu,
+        ck,
+        gptq: opts.gptq,
+        rht: opts.rht,
+        seed: opts.calib.seed,
+        len,
+        pos: pos_ref,
+    };
+    let total_matrices = todo.len() * 7;
+    let mut done = 0;
+    let mut layers = Vec::new();
+    let mut shard_bits = 0u64;
+    let mut shard_params = 0usize;
+    for l in todo.clone() {
+        if let Some(wd) = &opts.work_dir {
+            let finished = if hessians.is_some() {
+                layer_file(wd, l).exists()
+            } else {
+                l < first
+            };
+            if finished {
+                let s = StoredLayer::read_header(wd, l, &fp)?;
+                done += 7;
+                shard_bits += s.entries.iter().map(|(_, e)| e.stored_bits).sum::<u64>();
+                shard_params += s
+                    .entries
+                    .iter()
+                    .map(|(_, e)| e.rows * e.cols)
+                    .sum::<usize>();
+                layers.push(LayerReport {
+                    layer: l,
+                    seconds: Some(s.seconds),
+                    matrices: s.reports,
+                });
+                continue;
+            }
+        }
+        let stopped = |e: Error| {
+            match e {
+            Error::Interrupted(_) => Error::Interrupted(match &opts.work_dir {
+                Some(wd) => format!(
+                    "stopped during layer {l}; finished layers are kept in {} (continue with --resume)",
+                    wd.display()
+                ),
+                None => format!(
+                    "stopped during layer {l}; nothing was written (--work-dir DIR makes a run resumable)"
+                ),
+            }),
+            e => e,
+        }
+        };
+        crate::interrupt::check("").map_err(stopped)?;
+        let t0 = Instant::now();
+        let recipe = opts.recipe(l);
+        let input = match &hessians {
+            Some((d, info, _)) => {
+                LayerInput::Hessians(LayerHessians::read(d, l, &info.source.sha256)?)
+            }
+            None => LayerInput::Activations(&xs),
+        };
+        let result = compress_layer(
+            &engine,
+            &shared,
+            l,
+            &recipe,
+            input,
+            &mut done,
+            total_matrices,
+            progress,
+        )
+        .map_err(stopped)?;
+        let seconds = t0.elapsed().as_secs_f64();
+        let stored = result.into_stored(l, seconds)?;
+        ck.release_layer(l);
+        shard_bits += stored
+            .entries
+            .iter()
+            .map(|(_, e)| e.stored_bits)
+            .sum::<u64>();
+        shard_params += stored
+            .entries
+            .iter()
+            .map(|(_, e)| e.rows * e.cols)
+            .sum::<usize>();
+        match (&opts.work_dir, &mut direct) {
+            (Some(wd), _) => {
+                stored.write(wd, &fp)?;
+                if hessians.is_none() {
+                    let batches = xs
+                        .iter()
+                        .map(|x| Ok((x.rows(), x.to_f32(gpu)?)))
+                        .collect::<Result<Vec<_>>>()?;
+                    Activations {
+                        layers_done: l + 1,
+                        len,
+                        cols: cfg.hidden_size,
+                        batches,
+                    }
+                    .write(wd, &fp)?;
+                }
+            }
+            (None, Some(w)) => w.layer(ck, &stored)?,
+            (None, None) => unreachable!("direct output exists without a work dir"),
+        }
+        progress(&Event::Layer {
+            layer: l,
+            done: l + 1 - todo.start,
+            total: todo.len(),
+            seconds,
+        });
+        layers.push(LayerReport {
+            layer: l,
+            seconds: Some(seconds),
+            matrices: stored.reports,
+        });
+    }
+    drop(xs);
+
+    if let (Some((i, n)), Some(wd)) = (opts.shard, &opts.work_dir) {
+        return Ok(CompressSummary {
+            output: wd.display().to_string(),
+            method: base.method,
+            source_bytes: ck.bytes_on_disk(),
+            output_bytes: shard_bits / 8,
+            parameters: shard_params,
+            bits_per_parameter: shard_bits as f64 / shard_params.max(1) as f64,
+            linear_bits_per_parameter: shard_bits as f64 / shard_params.max(1) as f64,
+            seconds: start.elapsed().as_secs_f64(),
+            calibration: base.calibration,
+            layers,
+            shard: Some(format!("{i}/{n}: layers {}..{}", todo.start, todo.end)),
+            peak_rss_bytes: peak_rss_bytes(),
+            peak_gpu_bytes: gpu.memory().peak_bytes,
+        });
+    }
+    let w = match (direct, &opts.work_dir) {
+        (Some(w), _) => w,
+        (None, Some(wd)) => {
+            let mut w = OutputWriter::begin(ck, &opts.output, opts.force, plan(ck, opts)?)?;
+            for l in 0..nlayers {
+                w.layer(ck, &StoredLayer::read(wd, l, &fp)?)?;
+            }
+            w
+        }
+        (None, None) => unreachable!("one of the two outputs exists"),
+    };
+    progress(&Event::Writing);
+    let manifest = w.finish(ck, &opts.output, base)?;
+    Ok(CompressSummary {
+        output: opts.output.display().to_string(),
+        method: opts.method.name().into(),
+        source_bytes: ck.bytes_on_disk(),
+        output_bytes: manifest.files["model.safetensors"].bytes,
+        parameters: manifest.total.parameters,
+        bits_per_parameter: manifest.total.bits_per_parameter,
+        linear_bits_per_parameter: manifest.linear.bits_per_parameter,
+        seconds: start.elapsed().as_secs_f64(),
+        calibration: manifest.calibration.clone().expect("written above"),
+        layers,
+        shard: None,
+        peak_rss_bytes: peak_rss_bytes(),
+        peak_gpu_bytes: gpu.memory().peak_bytes,
+    })
+}

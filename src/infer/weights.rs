@@ -1,0 +1,248 @@
+//! Weights for the forward pass, read from a checkpoint: plain tensors uploaded in their
+//! stored dtype, compressed weights (pumice format) uploaded packed and dequantized on the GPU,
+//! CALDERA factors kept low-rank, incoherence rotations undone on the host.
+//!
+//! Invariant: the stored layout is checked at open (`Checkpoint`); here every value that
+//! would poison the forward pass (non-finite scales, a `.perm` that is not a permutation, a
+//! mask keeping the wrong count) is refused naming the tensor.
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::gpu::quant::{self, PackedWeight};
+use crate::gpu::{Gpu, GpuMatrix};
+use crate::model::compressed::QuantEntry;
+use crate::model::{Checkpoint, TensorRef};
+use crate::quant::rht::Rht;
+
+use super::engine::LinearWeight;
+
+/// Upload a checkpoint tensor as a rows × cols matrix in its stored dtype.
+pub(crate) fn upload(gpu: &Gpu, t: &TensorRef<'_>, rows: usize, cols: usize) -> Result<GpuMatrix> {
+    GpuMatrix::from_bytes(gpu, rows, cols, t.dtype, t.bytes)
+}
+
+/// The stored pieces of one packed matrix, as bytes in their stored layout (codes U32, scales
+/// and zeros F16, perm U32, the pruning mask as u32 words).
+pub(crate) struct PackedPieces<'a> {
+    pub codes: &'a [u8],
+    pub scales: &'a [u8],
+    /// None for a symmetric grid (its zero points are implied).
+    pub zeros: Option<&'a [u8]>,
+    pub perm: Option<&'a [u8]>,
+    pub mask: Option<&'a [u32]>,
+}
+
+/// The one dequantization of a packed matrix, used by the reader (from a checkpoint) and by
+/// the compressor (from memory, so later stages see what the reader will compute): upload the
+/// pieces and dequantize to f32 on the GPU. `kept` is the stored codes per row.
+pub(crate) fn dequantize_packed(
+    gpu: &Gpu,
+    rows: usize,
+    cols: usize,
+    grid: crate::quant::Grid,
+    kept: usize,
+    p: &PackedPieces<'_>,
+) -> Result<GpuMatrix> {
+    let groups = grid.groups(cols);
+    let zeros = match p.zeros {
+        Some(z) => GpuMatrix::from_bytes(gpu, rows, groups, DType::F16, z)?,
+        None => quant::symmetric_zeros(gpu, grid, rows, groups)?,
+    };
+    let packed = PackedWeight {
+        rows,
+        cols,
+        grid,
+        packed: GpuMatrix::from_bytes(
+            gpu,
+            rows,
+            crate::quant::grid::packed_words(kept, grid.bits),
+            DType::F32,
+            p.codes,
+        )?,
+        scales: GpuMatrix::from_bytes(gpu, rows, groups, DType::F16, p.scales)?,
+        zeros,
+        perm: p.perm.map(|b| gpu.upload(b)).transpose()?,
+        sparse: p
+            .mask
+            .map(|m| quant::SparseIndex::upload(gpu, rows, cols.div_ceil(32), m))
+            .transpose()?,
+    };
+    quant::dequantize(gpu, &packed)
+}
+
+/// Read one packed matrix (`PREFIX.qweight`, `.scales`, `.zeros`, `.perm`, `.mask` as its
+/// entry implies) from a checkpoint, refusing values that would poison the forward pass, and
+/// dequantize it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dequantize_stored(
+    gpu: &Gpu,
+    ck: &Checkpoint,
+    prefix: &str,
+    rows: usize,
+    cols: usize,
+    grid: crate::quant::Grid,
+    act_order: bool,
+    kept: usize,
+) -> Result<GpuMatrix> {
+    let (codes, _, _) = ck.raw(&format!("{prefix}.qweight"))?;
+    let scales = ck.tensor(&format!("{prefix}.scales"))?;
+    check_finite(&scales)?;
+    let zeros = if grid.symmetric {
+        None
+    } else {
+        let z = ck.tensor(&format!("{prefix}.zeros"))?;
+        check_finite(&z)?;
+        Some(z)
+    };
+    let perm = if act_order {
+        let (bytes, _, _) = ck.raw(&format!("{prefix}.perm"))?;
+        // A permutation: every column exactly once (a repeated column would silently drop
+        // another one's weights).
+        let mut seen = vec![false; cols];
+        for p in bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize)
+        {
+            let msg = if p >= cols {
+                format!("column {p} is out of range")
+            } else if seen[p] {
+                format!("column {p} appears twice: not a permutation")
+            } else {
+                seen[p] = true;
+                continue;
+            };
+            return Err(Error::tensor(ck.dir(), &format!("{prefix}.perm"), msg));
+        }
+        Some(bytes)
+    } else {
+        None
+    };
+    let mask = if kept < cols {
+        let mw = cols.div_ceil(32);
+        let (bytes, _, _) = ck.raw(&format!("{prefix}.mask"))?;
+        let mask: Vec<u32> = bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        if let Some(r) = (0..rows).find(|&r| {
+            mask[r * mw..(r + 1) * mw]
+                .iter()
+                .map(|w| w.count_ones() as usize)
+                .sum::<usize>()
+                != kept
+        }) {
+            return Err(Error::tensor(
+                ck.dir(),
+                &format!("{prefix}.mask"),
+                format!("row {r} does not keep {kept} weights"),
+            ));
+        }
+        Some(mask)
+    } else {
+        None
+    };
+    let pieces = PackedPieces {
+        codes,
+        scales: scales.bytes,
+        zeros: zeros.as_ref().map(|z| z.bytes),
+        perm,
+        mask: mask.as_deref(),
+    };
+    dequantize_packed(gpu, rows, cols, grid, kept, &pieces)
+}
+
+/// A compressed weight ready for the forward pass: the dequantized backbone, plus the
+/// dequantized factors of a CALDERA weight, with any incoherence rotation undone.
+pub(crate) fn dequantize_weight(
+    gpu: &Gpu,
+    ck: &Checkpoint,
+    name: &str,
+    q: &QuantEntry,
+) -> Result<LinearWeight> {
+    let kept = if q.sparsity.is_some() {
+        q.kept_per_row
+    } else {
+        q.cols
+    };
+    let backbone = dequantize_stored(gpu, ck, name, q.rows, q.cols, q.grid()?, q.act_order, kept)?;
+    let w = match q.lr_grid()? {
+        None => LinearWeight::Dense(backbone),
+        Some(lg) => LinearWeight::LowRank {
+            q: backbone,
+            lt: dequantize_stored(
+                gpu,
+                ck,
+                &format!("{name}.L"),
+                q.rank,
+                q.rows,
+                lg,
+                false,
+                q.rows,
+            )?,
+            r: dequantize_stored(
+                gpu,
+                ck,
+                &format!("{name}.R"),
+                q.rank,
+                q.cols,
+                lg,
+                false,
+                q.cols,
+            )?,
+        },
+    };
+    match q.rht {
+        Some(seeds) => unrotate_linear(
+            gpu,
+            w,
+            &Rht::new(q.rows, seeds.rows),
+            &Rht::new(q.cols, seeds.cols),
+        ),
+        None => Ok(w),
+    }
+}
+
+/// Undo incoherence processing: a weight quantized as W_r = T_m W T_nᵀ becomes
+/// W = T_mᵀ W_r T_n; for Q + L·R the factors transform on their own (L = T_mᵀ L_r,
+/// R = R_r T_n), so the low-rank form is kept.
+pub(crate) fn unrotate_linear(
+    gpu: &Gpu,
+    w: LinearWeight,
+    tm: &Rht,
+    tn: &Rht,
+) -> Result<LinearWeight> {
+    let dense = |x: &GpuMatrix| -> Result<GpuMatrix> {
+        let v = crate::quant::rht::unrotate_weight(&x.to_f32(gpu)?, x.rows(), x.cols(), tm, tn);
+        GpuMatrix::from_f32(gpu, x.rows(), x.cols(), DType::F32, &v)
+    };
+    let rows_t = |x: &GpuMatrix, t: &Rht| -> Result<GpuMatrix> {
+        let mut v: Vec<f64> = x.to_f32(gpu)?.into_iter().map(f64::from).collect();
+        crate::quant::rht::rows(&mut v, t, true);
+        GpuMatrix::from_f32(
+            gpu,
+            x.rows(),
+            x.cols(),
+            DType::F32,
+            &v.iter().map(|&a| a as f32).collect::<Vec<_>>(),
+        )
+    };
+    Ok(match w {
+        LinearWeight::Dense(q) => LinearWeight::Dense(dense(&q)?),
+        LinearWeight::LowRank { q, lt, r } => LinearWeight::LowRank {
+            q: dense(&q)?,
+            lt: rows_t(&lt, tm)?,
+            r: rows_t(&r, tn)?,
+        },
+    })
+}
+
+pub(crate) fn check_finite(t: &TensorRef<'_>) -> Result<()> {
+    match t.first_non_finite() {
+        None => Ok(()),
+        Some(i) => Err(Error::Tensor {
+            path: t.file.to_path_buf(),
+            tensor: t.name.to_string(),
+            msg: format!("element {i} is not finite (weights must be finite)"),
+        }),
+    }
+}
