@@ -149,7 +149,7 @@ impl Gpu {
     fn probe_loop_limit(&self) -> Result<Option<u64>> {
         const PROBE: Kernel = Kernel {
             name: "loop_probe",
-            template: include_str!("../../shaders/loop_probe.wgsl"),
+            template: include_str!("../../shaders/device/loop_probe.wgsl"),
         };
         const N: u32 = 1 << 20;
         let pipeline = self.pipeline(&PROBE, &Spec::new())?;

@@ -17,7 +17,7 @@ use super::pipeline::{Kernel, Spec};
 
 const KERNEL: Kernel = Kernel {
     name: "gemm",
-    template: include_str!("../../shaders/gemm.wgsl"),
+    template: include_str!("../../shaders/linalg/gemm.wgsl"),
 };
 
 /// Output tile per workgroup: each invocation computes `tm`×4 elements, a workgroup

@@ -1,6 +1,6 @@
 //! Accumulating H = Σ XᵀX over many batches of activations on the GPU.
 //!
-//! H is held as two f32 matrices (hi, lo) forming a compensated sum (see shaders/hessian.wgsl);
+//! H is held as two f32 matrices (hi, lo) forming a compensated sum (see shaders/linalg/hessian.wgsl);
 //! [`HessianAccumulator::read`] returns hi + lo in f64 with the lower triangle mirrored. Each
 //! dispatch covers at most [`ROWS_PER_DISPATCH`] rows of X, which bounds the run time of one
 //! dispatch (watchdogs) and keeps the per-dispatch f32 sums short.
@@ -16,7 +16,7 @@ use super::pipeline::{Kernel, Spec};
 
 const KERNEL: Kernel = Kernel {
     name: "hessian",
-    template: include_str!("../../shaders/hessian.wgsl"),
+    template: include_str!("../../shaders/linalg/hessian.wgsl"),
 };
 
 /// Rows of X summed in plain f32 before a compensated merge.

@@ -1,7 +1,8 @@
 //! WGSL snippets that bind a read-only operand and decode its storage type to f32.
 //!
 //! For an operand named `x` at binding `b` this emits `x_data` plus `load_x1(i) -> f32` and
-//! `load_x4(i) -> vec4<f32>` (elements i..i+3). In the aligned variant the buffer is viewed as
+//! `load_x4(i) -> vec4<f32>` (elements i..i+3), and `load_x4_clamped(row_base, j0, n)` (four
+//! elements of a row, indices past n clamped; shared by gemm and hessian). In the aligned variant the buffer is viewed as
 //! vec4<f32> (f32) or vec2<u32> (two packed 16-bit pairs) and `load_x4` is one vector load, which
 //! requires `i % 4 == 0`; the unaligned variant gathers scalars and accepts any `i`.
 
@@ -13,7 +14,23 @@ pub(crate) fn aligned(offset: usize, stride: usize) -> bool {
     offset.is_multiple_of(4) && stride.is_multiple_of(4)
 }
 
+/// The bindings and loaders of operand `name` (see the module doc).
 pub(crate) fn operand_wgsl(name: &str, binding: u32, dtype: DType, aligned: bool) -> String {
+    let mut src = loaders(name, binding, dtype, aligned);
+    // Four consecutive elements j0..j0+3 of a row starting at `row_base`, indices past `n`
+    // clamped to n-1 (callers never store what clamped lanes compute).
+    src.push_str(&format!(
+        "fn load_{name}4_clamped(row_base: u32, j0: u32, n: u32) -> vec4<f32> {{\n\
+         \x20   if (j0 + 3u < n) {{ return load_{name}4(row_base + j0); }}\n\
+         \x20   let last = n - 1u;\n\
+         \x20   return vec4<f32>(load_{name}1(row_base + min(j0, last)), load_{name}1(row_base + min(j0 + 1u, last)), load_{name}1(row_base + min(j0 + 2u, last)), load_{name}1(row_base + min(j0 + 3u, last)));\n\
+         }}\n"
+    ));
+    src
+}
+
+/// `load_NAME1` and `load_NAME4` for one operand binding.
+fn loaders(name: &str, binding: u32, dtype: DType, aligned: bool) -> String {
     let d = format!("{name}_data");
     let decl =
         |ty: &str| format!("@group(0) @binding({binding}) var<storage, read> {d}: array<{ty}>;\n");

@@ -17,23 +17,23 @@ pub use super::reduce::{logit_stats, top_k, transpose, MAX_TOP_K};
 
 const EMBED: Kernel = Kernel {
     name: "embed",
-    template: include_str!("../../shaders/embed.wgsl"),
+    template: include_str!("../../shaders/nn/embed.wgsl"),
 };
 const RMSNORM: Kernel = Kernel {
     name: "rmsnorm",
-    template: include_str!("../../shaders/rmsnorm.wgsl"),
+    template: include_str!("../../shaders/nn/rmsnorm.wgsl"),
 };
 const ROPE: Kernel = Kernel {
     name: "rope",
-    template: include_str!("../../shaders/rope.wgsl"),
+    template: include_str!("../../shaders/nn/rope.wgsl"),
 };
 const ATTENTION: Kernel = Kernel {
     name: "attention",
-    template: include_str!("../../shaders/attention.wgsl"),
+    template: include_str!("../../shaders/nn/attention.wgsl"),
 };
 const ELEMENTWISE: Kernel = Kernel {
     name: "elementwise",
-    template: include_str!("../../shaders/elementwise.wgsl"),
+    template: include_str!("../../shaders/nn/elementwise.wgsl"),
 };
 
 /// Rows per dispatch dimension for kernels that index rows as gid.y + gid.z · 65535.

@@ -17,18 +17,18 @@ use super::operand::operand_wgsl;
 use super::ops::row_grid;
 use super::pipeline::{Kernel, Spec};
 
-const COMMON: &str = include_str!("../../shaders/quant_common.wgsl");
+const COMMON: &str = include_str!("../../shaders/quant/common.wgsl");
 const RTN: Kernel = Kernel {
     name: "rtn",
-    template: include_str!("../../shaders/rtn.wgsl"),
+    template: include_str!("../../shaders/quant/rtn.wgsl"),
 };
 const GPTQ_BLOCK: Kernel = Kernel {
     name: "gptq_block",
-    template: include_str!("../../shaders/gptq_block.wgsl"),
+    template: include_str!("../../shaders/quant/gptq_block.wgsl"),
 };
 const DEQUANT: Kernel = Kernel {
     name: "dequant",
-    template: include_str!("../../shaders/dequant.wgsl"),
+    template: include_str!("../../shaders/quant/dequant.wgsl"),
 };
 
 /// Unpacked quantization result on the GPU: codes as u32 per weight (rows × cols, stored column

@@ -14,15 +14,15 @@ use super::pipeline::{Kernel, Spec};
 
 const TRANSPOSE: Kernel = Kernel {
     name: "transpose",
-    template: include_str!("../../shaders/transpose.wgsl"),
+    template: include_str!("../../shaders/reduce/transpose.wgsl"),
 };
 const TOPK: Kernel = Kernel {
     name: "topk",
-    template: include_str!("../../shaders/topk.wgsl"),
+    template: include_str!("../../shaders/reduce/topk.wgsl"),
 };
 const LOGITS: Kernel = Kernel {
     name: "logits",
-    template: include_str!("../../shaders/logits.wgsl"),
+    template: include_str!("../../shaders/reduce/logits.wgsl"),
 };
 
 #[repr(C)]

@@ -191,52 +191,48 @@ pub(crate) fn run_layer_stages(
     group: &mut GroupHook<'_>,
 ) -> Result<()> {
     let gpu = engine.gpu();
+    // One stage over every sub-batch: its own Batch, submitted at once (bounded memory).
+    let per_batch = |f: &mut dyn FnMut(&mut Batch<'_>, usize) -> Result<Option<GpuMatrix>>| {
+        let mut out = Vec::new();
+        for i in 0..xs.len() {
+            let mut b = Batch::new(gpu);
+            if let Some(m) = f(&mut b, i)? {
+                out.push(m);
+            }
+            b.submit()?;
+        }
+        Ok::<_, crate::Error>(out)
+    };
     // q, k, v on the normed input.
-    let mut hs = Vec::new();
-    for x in xs {
-        let mut b = Batch::new(gpu);
-        hs.push(engine.stage_attn_input(&mut b, w, x, len)?);
-        b.submit()?;
-    }
+    let hs = per_batch(&mut |b, i| engine.stage_attn_input(b, w, &xs[i], len).map(Some))?;
     group(GROUPS[0], &hs, w)?;
-    // o on the attention output of the (quantized) q, k, v.
-    let mut attns = Vec::new();
-    for h in &hs {
-        let mut b = Batch::new(gpu);
-        // `pos` covers the largest sub-batch; smaller ones read a prefix.
-        attns.push(engine.stage_attention(&mut b, w, h, pos, len, None)?);
-        b.submit()?;
-    }
+    // o on the attention output of the (quantized) q, k, v. `pos` covers the largest
+    // sub-batch; smaller ones read a prefix.
+    let attns = per_batch(&mut |b, i| {
+        engine
+            .stage_attention(b, w, &hs[i], pos, len, None)
+            .map(Some)
+    })?;
     drop(hs);
     group(GROUPS[1], &attns, w)?;
-    for (a, x) in attns.iter().zip(xs) {
-        let mut b = Batch::new(gpu);
-        engine.stage_o_residual(&mut b, w, a, x)?;
-        b.submit()?;
-    }
+    per_batch(&mut |b, i| {
+        engine
+            .stage_o_residual(b, w, &attns[i], &xs[i])
+            .map(|_| None)
+    })?;
     drop(attns);
     // gate, up on the post-attention norm.
-    let mut h2s = Vec::new();
-    for x in xs {
-        let mut b = Batch::new(gpu);
-        h2s.push(engine.stage_mlp_input(&mut b, w, x, len)?);
-        b.submit()?;
-    }
+    let h2s = per_batch(&mut |b, i| engine.stage_mlp_input(b, w, &xs[i], len).map(Some))?;
     group(GROUPS[2], &h2s, w)?;
     // down on the SwiGLU product of the (quantized) gate, up.
-    let mut acts = Vec::new();
-    for h2 in &h2s {
-        let mut b = Batch::new(gpu);
-        acts.push(engine.stage_mlp_act(&mut b, w, h2, len)?);
-        b.submit()?;
-    }
+    let acts = per_batch(&mut |b, i| engine.stage_mlp_act(b, w, &h2s[i], len).map(Some))?;
     drop(h2s);
     group(GROUPS[3], &acts, w)?;
-    for (a, x) in acts.iter().zip(xs) {
-        let mut b = Batch::new(gpu);
-        engine.stage_down_residual(&mut b, w, a, x)?;
-        b.submit()?;
-    }
+    per_batch(&mut |b, i| {
+        engine
+            .stage_down_residual(b, w, &acts[i], &xs[i])
+            .map(|_| None)
+    })?;
     Ok(())
 }
 

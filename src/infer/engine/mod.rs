@@ -418,9 +418,20 @@ impl<'a> Engine<'a> {
         x: &GpuMatrix,
         t: usize,
     ) -> Result<GpuMatrix> {
+        self.stage_norm(b, &w.input_norm, x, t)
+    }
+
+    /// RMSNorm of the residual stream `x` with `weight` (sequences of `t` rows stay whole).
+    fn stage_norm(
+        &self,
+        b: &mut Batch<'_>,
+        weight: &GpuMatrix,
+        x: &GpuMatrix,
+        t: usize,
+    ) -> Result<GpuMatrix> {
         let c = self.ck.config();
         let h = GpuMatrix::uninit_grouped(self.gpu, x.rows(), c.hidden_size, t)?;
-        ops::rms_norm(b, x, &w.input_norm, c.rms_norm_eps as f32, &h)?;
+        ops::rms_norm(b, x, weight, c.rms_norm_eps as f32, &h)?;
         Ok(h)
     }
 
@@ -534,10 +545,7 @@ impl<'a> Engine<'a> {
         x: &GpuMatrix,
         t: usize,
     ) -> Result<GpuMatrix> {
-        let c = self.ck.config();
-        let h2 = GpuMatrix::uninit_grouped(self.gpu, x.rows(), c.hidden_size, t)?;
-        ops::rms_norm(b, x, &w.post_norm, c.rms_norm_eps as f32, &h2)?;
-        Ok(h2)
+        self.stage_norm(b, &w.post_norm, x, t)
     }
 
     /// silu(gate) ⊙ up: the input of down_proj.

@@ -31,16 +31,7 @@ const BLOCK: u32 = {{BLOCK}}u;
 
 // Four features j0..j0+3 of one row, clamped to f-1 (clamped results are never stored).
 fn load_feats(row_base: u32, j0: u32) -> vec4<f32> {
-    if (j0 + 3u < p.f) {
-        return load_x4(row_base + j0);
-    }
-    let last = p.f - 1u;
-    return vec4<f32>(
-        load_x1(row_base + min(j0, last)),
-        load_x1(row_base + min(j0 + 1u, last)),
-        load_x1(row_base + min(j0 + 2u, last)),
-        load_x1(row_base + min(j0 + 3u, last)),
-    );
+    return load_x4_clamped(row_base, j0, p.f);
 }
 
 // Knuth's TwoSum: s + e == a + b exactly.

@@ -1,7 +1,7 @@
 // Round-to-nearest quantization: one invocation per (row, group) computes the group's grid
 // from its min/max (or, with clip, the least-squares best of the shrunk ranges) and writes unpacked codes (one u32 per weight) and f32 scales/zeros (already
 // f16-rounded). W may be f32/f16/bf16 (OPERANDS: binding 1, load_w1); COMMON is
-// quant_common.wgsl.
+// quant/common.wgsl.
 
 struct Params {
     rows: u32,
@@ -25,6 +25,11 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> scales: array<f32>;
 @group(0) @binding(4) var<storage, read_write> zeros: array<f32>;
 
+// The values choose_grid (quant/common.wgsl) reads: W through its operand loader.
+fn group_value(i: u32) -> f32 {
+    return load_w1(i);
+}
+
 @compute @workgroup_size(64, 1, 1)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let gi = gid.x;
@@ -34,31 +39,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let c0 = gi * p.g;
     let c1 = min(c0 + p.g, p.n);
-    var lo = 0.0;
-    var hi = 0.0;
-    for (var c = c0; c < c1; c = c + 1u) {
-        let x = load_w1(p.w_off + r * p.n + c);
-        lo = min(lo, x);
-        hi = max(hi, x);
-    }
-    var sz = grid_params(lo, hi, p.maxq, p.symmetric != 0u);
-    if (p.clip != 0u) {
-        var best = 3.4e38;
-        for (var t = 0u; t < CLIP_STEPS; t = t + 1u) {
-            let f = clip_factor(t);
-            let cand = grid_params(lo * f, hi * f, p.maxq, p.symmetric != 0u);
-            var err = 0.0;
-            for (var c = c0; c < c1; c = c + 1u) {
-                let x = load_w1(p.w_off + r * p.n + c);
-                let d = x - cand.x * (code_of(x, cand, p.maxq) - cand.y);
-                err = err + d * d;
-            }
-            if (err < best) {
-                best = err;
-                sz = cand;
-            }
-        }
-    }
+    let row0 = p.w_off + r * p.n;
+    let sz = choose_grid(row0 + c0, row0 + c1, p.maxq, p.symmetric != 0u, p.clip != 0u);
     scales[(p.sz_row0 + r) * p.ng + gi] = sz.x;
     zeros[(p.sz_row0 + r) * p.ng + gi] = sz.y;
     for (var c = c0; c < c1; c = c + 1u) {

@@ -42,3 +42,35 @@ fn grid_params(lo_in: f32, hi_in: f32, maxq: f32, symmetric: bool) -> vec2<f32> 
 fn code_of(x: f32, sz: vec2<f32>, maxq: f32) -> f32 {
     return clamp(round_away(x / sz.x + sz.y), 0.0, maxq);
 }
+
+// The grid of one group of values: min–max, then (when `clip`) the least-squares clip search
+// over CLIP_STEPS shrink factors (src/quant/grid.rs). The values are group_value(i) for i in
+// [i0, i1): each kernel that includes this file defines group_value for its own storage.
+fn choose_grid(i0: u32, i1: u32, maxq: f32, symmetric: bool, clip: bool) -> vec2<f32> {
+    var lo = 0.0;
+    var hi = 0.0;
+    for (var i = i0; i < i1; i = i + 1u) {
+        let x = group_value(i);
+        lo = min(lo, x);
+        hi = max(hi, x);
+    }
+    var sz = grid_params(lo, hi, maxq, symmetric);
+    if (clip) {
+        var best = 3.4e38;
+        for (var t = 0u; t < CLIP_STEPS; t = t + 1u) {
+            let f = clip_factor(t);
+            let cand = grid_params(lo * f, hi * f, maxq, symmetric);
+            var err = 0.0;
+            for (var i = i0; i < i1; i = i + 1u) {
+                let x = group_value(i);
+                let d = x - cand.x * (code_of(x, cand, maxq) - cand.y);
+                err = err + d * d;
+            }
+            if (err < best) {
+                best = err;
+                sz = cand;
+            }
+        }
+    }
+    return sz;
+}

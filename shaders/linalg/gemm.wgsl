@@ -43,16 +43,7 @@ const B_T: bool = {{B_T}};
 // Four consecutive columns j0..j0+3 of row `row_base` of B (B stored [k, n]); columns past n
 // are clamped to n-1 (their results are never stored).
 fn load_b_cols(row_base: u32, j0: u32) -> vec4<f32> {
-    if (j0 + 3u < p.n) {
-        return load_b4(row_base + j0);
-    }
-    let last = p.n - 1u;
-    return vec4<f32>(
-        load_b1(row_base + min(j0, last)),
-        load_b1(row_base + min(j0 + 1u, last)),
-        load_b1(row_base + min(j0 + 2u, last)),
-        load_b1(row_base + min(j0 + 3u, last)),
-    );
+    return load_b4_clamped(row_base, j0, p.n);
 }
 
 fn store(i: u32, j0: u32, v: vec4<f32>) {

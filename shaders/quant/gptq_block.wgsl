@@ -4,7 +4,7 @@
 //   - q = code(w_i); e = (w_i − deq(q)) / U_ii;  w_j −= e · U_ij for the block's later columns;
 //   - the negated error −e goes to E, so the host's GEMM W[:, i1+bw:] += E · U[block, i1+bw:]
 //     applies the lazy update to the rest of the row.
-// W is updated in place (f32, processing column order). COMMON is quant_common.wgsl.
+// W is updated in place (f32, processing column order). COMMON is quant/common.wgsl.
 
 struct Params {
     rows: u32,
@@ -39,6 +39,11 @@ fn is_pruned(m: array<u32, 4>, i: u32) -> bool {
 @group(0) @binding(4) var<storage, read_write> scales: array<f32>;
 @group(0) @binding(5) var<storage, read_write> zeros: array<f32>;
 @group(0) @binding(6) var<storage, read_write> e_out: array<f32>; // [rows, bw]
+
+// The values choose_grid (quant/common.wgsl) reads: the working row of W.
+fn group_value(i: u32) -> f32 {
+    return w[i];
+}
 
 @compute @workgroup_size(64, 1, 1)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -101,30 +106,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         let gi = col / p.g;
         if (col % p.g == 0u) {
             let end = min(col + p.g, p.n);
-            var lo = 0.0;
-            var hi = 0.0;
-            for (var c = col; c < end; c = c + 1u) {
-                lo = min(lo, w[base + c]);
-                hi = max(hi, w[base + c]);
-            }
-            var sz = grid_params(lo, hi, p.maxq, p.symmetric != 0u);
-            if (p.clip != 0u) {
-                var best = 3.4e38;
-                for (var t = 0u; t < CLIP_STEPS; t = t + 1u) {
-                    let f = clip_factor(t);
-                    let cand = grid_params(lo * f, hi * f, p.maxq, p.symmetric != 0u);
-                    var err = 0.0;
-                    for (var c = col; c < end; c = c + 1u) {
-                        let x = w[base + c];
-                        let d = x - cand.x * (code_of(x, cand, p.maxq) - cand.y);
-                        err = err + d * d;
-                    }
-                    if (err < best) {
-                        best = err;
-                        sz = cand;
-                    }
-                }
-            }
+            let sz = choose_grid(base + col, base + end, p.maxq, p.symmetric != 0u, p.clip != 0u);
             scales[srow + gi] = sz.x;
             zeros[srow + gi] = sz.y;
         }
