@@ -516,6 +516,21 @@ fn make_container(magic: &[u8; 8], header: &serde_json::Value, data: &[u8]) -> V
     v
 }
 
+/// A finished quick job in `root/work` whose output `root/out` was removed again: (work
+/// directory, output, the arguments that resume it).
+fn finished_job(
+    root: &std::path::Path,
+    work: &str,
+    out: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, Vec<String>) {
+    let (w, out) = (root.join(work), root.join(out));
+    let mut job = quick(&out, &["--work-dir", w.to_str().unwrap()]);
+    run_ok(&job);
+    std::fs::remove_dir_all(&out).unwrap();
+    job.push("--resume".into());
+    (w, out, job)
+}
+
 /// `pumice hessians` of the asset model into `dir` (quick calibration).
 fn save_hessians(dir: &std::path::Path) {
     run_ok(
@@ -564,12 +579,7 @@ fn flip_bit(path: &std::path::Path, from_end: usize) {
 #[test]
 fn work_and_hessian_files_carry_checksums_that_are_verified() {
     let d = tempfile::tempdir().unwrap();
-    let (w, out) = (d.path().join("w"), d.path().join("out"));
-    let job = quick(&out, &["--work-dir", w.to_str().unwrap()]);
-    run_ok(&job);
-    std::fs::remove_dir_all(&out).unwrap();
-    let mut resume = job.clone();
-    resume.push("--resume".into());
+    let (w, out, resume) = finished_job(d.path(), "w", "out");
     let layer = w.join("layer-00002.bin");
     let acts = w.join("activations.bin");
     let (layer_ok, acts_ok) = (
@@ -620,12 +630,7 @@ fn work_and_hessian_files_carry_checksums_that_are_verified() {
 #[test]
 fn hostile_sizes_in_work_and_hessian_files_do_not_wrap() {
     let d = tempfile::tempdir().unwrap();
-    let (w, out) = (d.path().join("w"), d.path().join("out"));
-    let job = quick(&out, &["--work-dir", w.to_str().unwrap()]);
-    run_ok(&job);
-    std::fs::remove_dir_all(&out).unwrap();
-    let mut resume = job.clone();
-    resume.push("--resume".into());
+    let (w, out, resume) = finished_job(d.path(), "w", "out");
 
     // Two tensor sizes that each add 2^63: their sum wraps to the true data length.
     let layer = w.join("layer-00001.bin");
@@ -714,13 +719,9 @@ fn missing_work_and_hessian_files_are_found_before_any_work() {
     refused(code, &err, &["layer-00004.hessians", "missing"]);
     assert!(entries_with(&w, "layer-").is_empty());
 
-    let (w, out) = (d.path().join("w2"), d.path().join("out2"));
-    let mut job = quick(&out, &["--work-dir", w.to_str().unwrap()]);
-    run_ok(&job);
-    std::fs::remove_dir_all(&out).unwrap();
+    let (w, out, resume) = finished_job(d.path(), "w2", "out2");
     std::fs::remove_file(w.join("layer-00002.bin")).unwrap();
-    job.push("--resume".into());
-    let (code, err) = run_args(&job);
+    let (code, err) = run_args(&resume);
     refused(code, &err, &["layer-00002.bin", "missing"]);
     let (code, err) = pumice(&["merge", w.to_str().unwrap(), "-o", out.to_str().unwrap()]);
     refused(code, &err, &["2"]);

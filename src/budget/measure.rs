@@ -36,6 +36,18 @@ pub struct MeasureOptions {
     pub rht: bool,
 }
 
+impl MeasureOptions {
+    /// Refuse options that cannot measure anything (callers run this before opening a GPU).
+    pub fn check(&self) -> Result<()> {
+        if self.calib_opts.samples == 0 {
+            return Err(Error::InvalidArgument(
+                "--calib-samples must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Progress of a measurement: stage, done, total.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MeasureStage {
@@ -55,11 +67,7 @@ pub fn measure_model(
     opts: &MeasureOptions,
     progress: &mut dyn FnMut(MeasureStage, usize, usize),
 ) -> Result<Measurement> {
-    if opts.calib_opts.samples == 0 {
-        return Err(Error::InvalidArgument(
-            "--calib-samples must be at least 1".into(),
-        ));
-    }
+    opts.check()?;
     let len = opts
         .calib_opts
         .len

@@ -64,8 +64,8 @@ pub(crate) struct EvalArgs {
 pub(crate) fn run(gpu_opts: &GpuOptions, a: EvalArgs) -> anyhow::Result<()> {
     let ck = Checkpoint::open(&a.model)?;
     let reference = a.reference.as_ref().map(Checkpoint::open).transpose()?;
-    let tokens = match (&a.text, &a.token_file) {
-        (_, Some(f)) => read_token_file(f)?,
+    let (tokens, source) = match (&a.text, &a.token_file) {
+        (_, Some(f)) => (read_token_file(f)?, f),
         (Some(t), None) => {
             let tok = Tokenizer::from_model_dir(&a.model)?.ok_or_else(|| {
                 pumice::Error::InvalidArgument(format!(
@@ -74,17 +74,17 @@ pub(crate) fn run(gpu_opts: &GpuOptions, a: EvalArgs) -> anyhow::Result<()> {
                 ))
             })?;
             let text = pumice::text::read_text(t, newlines(a.raw_text))?;
-            tok.encode(&text)?
+            (tok.encode(&text)?, t)
         }
-        (None, None) => unreachable!("clap requires --text or --token-file"),
+        (None, None) => {
+            return Err(pumice::Error::InvalidArgument(
+                "eval needs --text FILE or --token-file FILE".into(),
+            )
+            .into())
+        }
     };
     let windows = window_count(tokens.len(), a.ctx, a.max_windows);
     // Checked before anything is sized from --ctx (the RoPE table, the KV buffers).
-    let source = a
-        .text
-        .as_ref()
-        .or(a.token_file.as_ref())
-        .expect("clap requires one");
     if a.ctx < 2 {
         return Err(pumice::Error::InvalidArgument(format!(
             "--ctx {}: windows need at least 2 tokens",

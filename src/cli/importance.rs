@@ -86,11 +86,7 @@ pub(crate) fn run(gpu_opts: &GpuOptions, a: ImportanceArgs) -> anyhow::Result<()
         inner_iters: a.inner_iters,
         rht: !a.no_rht,
     };
-    if opts.calib_opts.samples == 0 {
-        return Err(
-            pumice::Error::InvalidArgument("--calib-samples must be at least 1".into()).into(),
-        );
-    }
+    opts.check()?;
     let gpu = Gpu::new(gpu_opts)?;
     eprintln!(
         "measuring layer importance of {} on {}",

@@ -103,10 +103,9 @@ pub(crate) fn recover(out: &Path) {
     }
 }
 
-/// A temporary sibling of `out` to write into, named after this process (leftovers of killed
-/// runs tidied first).
+/// A temporary sibling of `out` to write into, named after this process. (Leftovers of killed
+/// runs were tidied by [`recover`], which the output check runs first.)
 pub(crate) fn begin(out: &Path) -> Result<TempDir> {
-    recover(out);
     let (parent, name) = parts(out);
     let path = parent.join(format!(".{name}.{TMP}{}", std::process::id()));
     remove_any(&path);

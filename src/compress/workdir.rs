@@ -152,14 +152,9 @@ fn read_container(
         d.update(&data);
     } else {
         // Verify without keeping the data.
-        let mut rest = want;
-        let mut buf = vec![0u8; 1 << 20];
-        while rest > 0 {
-            let k = (rest.min(buf.len() as u64)) as usize;
-            f.read_exact(&mut buf[..k])
-                .map_err(|_| bad("changed while being read"))?;
-            d.update(&buf[..k]);
-            rest -= k as u64;
+        let n = std::io::copy(&mut (&mut f).take(want), &mut d).map_err(|e| Error::io(path, e))?;
+        if n != want {
+            return Err(bad("changed while being read"));
         }
     }
     let mut stored = [0u8; DIGEST as usize];

@@ -132,9 +132,12 @@ impl QuantEntry {
     /// Stored bits computed from the stored layout (what `stored_bits` must equal); 0 for an
     /// entry that is itself invalid (the caller reports the mismatch).
     pub fn expected_bits(&self) -> u64 {
-        let Ok(parts) = self.stored_parts() else {
-            return 0;
-        };
+        self.stored_parts()
+            .map(|parts| self.bits_of(&parts))
+            .unwrap_or(0)
+    }
+
+    fn bits_of(&self, parts: &[StoredPart]) -> u64 {
         let data: u64 = parts
             .iter()
             .map(|(_, dtype, shape)| {
@@ -146,6 +149,20 @@ impl QuantEntry {
             })
             .fold(0u64, u64::saturating_add);
         data.saturating_add(if self.rht.is_some() { 128 } else { 0 })
+    }
+
+    /// The entry checked on its own (grid, pruning, `stored_bits` against its layout); its
+    /// stored parts when valid. What every reader of an entry (manifest, work directory) runs.
+    pub fn check(&self) -> std::result::Result<Vec<StoredPart>, String> {
+        let parts = self.stored_parts()?;
+        let want = self.bits_of(&parts);
+        if self.stored_bits != want {
+            return Err(format!(
+                "stored_bits {} disagrees with its shape and grid ({want})",
+                self.stored_bits
+            ));
+        }
+        Ok(parts)
     }
 
     /// The tensors this weight is stored as, `(suffix, dtype, shape)` (the tensor is named
@@ -307,18 +324,8 @@ impl Manifest {
                     format!("tensor `{name}` uses the symmetric grid of format version {}, which this build no longer decodes; compress the model again", m.format_version),
                 ));
             }
-            e.grid()
+            e.check()
                 .map_err(|err| Error::config(&path, format!("tensor `{name}`: {err}")))?;
-            if e.stored_bits != e.expected_bits() {
-                return Err(Error::config(
-                    &path,
-                    format!(
-                        "tensor `{name}`: stored_bits {} disagrees with its shape and grid ({})",
-                        e.stored_bits,
-                        e.expected_bits()
-                    ),
-                ));
-            }
         }
         for (file, info) in &m.files {
             let plain = Path::new(file).file_name().map(|n| n == file.as_str()) == Some(true);

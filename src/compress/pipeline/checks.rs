@@ -86,7 +86,7 @@ pub(crate) fn check_stored_layer(ck: &Checkpoint, dir: &Path, s: &StoredLayer) -
     let spec = ck.arch().layers.get(s.layer).ok_or_else(|| {
         Error::work_dir(&path, format!("holds layer {}, beyond the model", s.layer))
     })?;
-    let mut expected: Vec<(String, &'static str, Vec<usize>)> = Vec::new();
+    let mut expected: Vec<crate::model::compressed::StoredPart> = Vec::new();
     for (name, e) in &s.entries {
         let bad = |msg: String| Error::tensor(&path, name, msg);
         let Some(lin) = spec.linears.iter().find(|l| &l.weight.name == name) else {
@@ -101,14 +101,7 @@ pub(crate) fn check_stored_layer(ck: &Checkpoint, dir: &Path, s: &StoredLayer) -
                 e.rows, e.cols, lin.out_features, lin.in_features
             )));
         }
-        let parts = e.stored_parts().map_err(&bad)?;
-        if e.stored_bits != e.expected_bits() {
-            return Err(bad(format!(
-                "stored_bits {} disagrees with its shape and grid ({})",
-                e.stored_bits,
-                e.expected_bits()
-            )));
-        }
+        let parts = e.check().map_err(&bad)?;
         expected.extend(
             parts
                 .into_iter()

@@ -190,50 +190,48 @@ pub(crate) fn run_layer_stages(
     pos: &crate::gpu::GpuBuffer,
     group: &mut GroupHook<'_>,
 ) -> Result<()> {
-    let gpu = engine.gpu();
-    // One stage over every sub-batch: its own Batch, submitted at once (bounded memory).
-    let per_batch = |f: &mut dyn FnMut(&mut Batch<'_>, usize) -> Result<Option<GpuMatrix>>| {
-        let mut out = Vec::new();
-        for i in 0..xs.len() {
-            let mut b = Batch::new(gpu);
-            if let Some(m) = f(&mut b, i)? {
-                out.push(m);
-            }
-            b.submit()?;
-        }
-        Ok::<_, crate::Error>(out)
-    };
+    let (gpu, n) = (engine.gpu(), xs.len());
     // q, k, v on the normed input.
-    let hs = per_batch(&mut |b, i| engine.stage_attn_input(b, w, &xs[i], len).map(Some))?;
+    let hs = per_batch(gpu, n, |b, i| engine.stage_attn_input(b, w, &xs[i], len))?;
     group(GROUPS[0], &hs, w)?;
     // o on the attention output of the (quantized) q, k, v. `pos` covers the largest
     // sub-batch; smaller ones read a prefix.
-    let attns = per_batch(&mut |b, i| {
-        engine
-            .stage_attention(b, w, &hs[i], pos, len, None)
-            .map(Some)
+    let attns = per_batch(gpu, n, |b, i| {
+        engine.stage_attention(b, w, &hs[i], pos, len, None)
     })?;
     drop(hs);
     group(GROUPS[1], &attns, w)?;
-    per_batch(&mut |b, i| {
-        engine
-            .stage_o_residual(b, w, &attns[i], &xs[i])
-            .map(|_| None)
+    per_batch(gpu, n, |b, i| {
+        engine.stage_residual(b, w, LinearKind::OProj, &attns[i], &xs[i])
     })?;
     drop(attns);
     // gate, up on the post-attention norm.
-    let h2s = per_batch(&mut |b, i| engine.stage_mlp_input(b, w, &xs[i], len).map(Some))?;
+    let h2s = per_batch(gpu, n, |b, i| engine.stage_mlp_input(b, w, &xs[i], len))?;
     group(GROUPS[2], &h2s, w)?;
     // down on the SwiGLU product of the (quantized) gate, up.
-    let acts = per_batch(&mut |b, i| engine.stage_mlp_act(b, w, &h2s[i], len).map(Some))?;
+    let acts = per_batch(gpu, n, |b, i| engine.stage_mlp_act(b, w, &h2s[i], len))?;
     drop(h2s);
     group(GROUPS[3], &acts, w)?;
-    per_batch(&mut |b, i| {
-        engine
-            .stage_down_residual(b, w, &acts[i], &xs[i])
-            .map(|_| None)
+    per_batch(gpu, n, |b, i| {
+        engine.stage_residual(b, w, LinearKind::DownProj, &acts[i], &xs[i])
     })?;
     Ok(())
+}
+
+/// One stage over every sub-batch `i < n`: its own Batch, submitted at once (bounded memory).
+fn per_batch<T>(
+    gpu: &Gpu,
+    n: usize,
+    mut stage: impl FnMut(&mut Batch<'_>, usize) -> Result<T>,
+) -> Result<Vec<T>> {
+    (0..n)
+        .map(|i| {
+            let mut b = Batch::new(gpu);
+            let out = stage(&mut b, i)?;
+            b.submit()?;
+            Ok(out)
+        })
+        .collect()
 }
 
 /// H = Σ XᵀX over `inputs` (f64, full symmetric).

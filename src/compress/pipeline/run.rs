@@ -155,6 +155,8 @@ pub fn compress(
         _ => None,
     };
     let first = saved.as_ref().map_or(todo.start, |a| a.layers_done);
+    // Finished layers' headers, read and verified once here, used by the loop below.
+    let mut finished_layers = std::collections::BTreeMap::new();
     for l in todo.clone() {
         let finished = match &opts.work_dir {
             Some(wd) if hessians.is_some() => layer_file(wd, l).exists(),
@@ -172,7 +174,9 @@ pub fn compress(
                     ),
                 ));
             }
-            check_stored_layer(ck, wd, &StoredLayer::read_header(wd, l, &fp)?)?;
+            let header = StoredLayer::read_header(wd, l, &fp)?;
+            check_stored_layer(ck, wd, &header)?;
+            finished_layers.insert(l, header);
         } else if let Some((d, info, _)) = &hessians {
             LayerHessians::verify(d, l, &info.source.sha256)?;
         }
@@ -257,28 +261,20 @@ pub fn compress(
     let mut shard_bits = 0u64;
     let mut shard_params = 0usize;
     for l in todo.clone() {
-        if let Some(wd) = &opts.work_dir {
-            let finished = if hessians.is_some() {
-                layer_file(wd, l).exists()
-            } else {
-                l < first
-            };
-            if finished {
-                let s = StoredLayer::read_header(wd, l, &fp)?;
-                done += 7;
-                shard_bits += s.entries.iter().map(|(_, e)| e.stored_bits).sum::<u64>();
-                shard_params += s
-                    .entries
-                    .iter()
-                    .map(|(_, e)| e.rows * e.cols)
-                    .sum::<usize>();
-                layers.push(LayerReport {
-                    layer: l,
-                    seconds: Some(s.seconds),
-                    matrices: s.reports,
-                });
-                continue;
-            }
+        if let Some(s) = finished_layers.remove(&l) {
+            done += 7;
+            shard_bits += s.entries.iter().map(|(_, e)| e.stored_bits).sum::<u64>();
+            shard_params += s
+                .entries
+                .iter()
+                .map(|(_, e)| e.rows * e.cols)
+                .sum::<usize>();
+            layers.push(LayerReport {
+                layer: l,
+                seconds: Some(s.seconds),
+                matrices: s.reports,
+            });
+            continue;
         }
         let stopped = |e: Error| {
             match e {

@@ -400,10 +400,10 @@ impl<'a> Engine<'a> {
         let mut b = Batch::new(self.gpu);
         let h = self.stage_attn_input(&mut b, w, x, t)?;
         let attn = self.stage_attention(&mut b, w, &h, pos, t, cache)?;
-        self.stage_o_residual(&mut b, w, &attn, x)?;
+        self.stage_residual(&mut b, w, LinearKind::OProj, &attn, x)?;
         let h2 = self.stage_mlp_input(&mut b, w, x, t)?;
         let act = self.stage_mlp_act(&mut b, w, &h2, t)?;
-        self.stage_down_residual(&mut b, w, &act, x)?;
+        self.stage_residual(&mut b, w, LinearKind::DownProj, &act, x)?;
         b.submit()
     }
 
@@ -518,23 +518,17 @@ impl<'a> Engine<'a> {
         Ok(attn)
     }
 
-    /// x += attn · W_oᵀ (+ b_o).
-    pub(crate) fn stage_o_residual(
+    /// x += inp · Wᵀ (+ b) for the residual-writing linear `kind`: o_proj on the attention
+    /// output, down_proj on the SwiGLU product.
+    pub(crate) fn stage_residual(
         &self,
         b: &mut Batch<'_>,
         w: &LayerWeights,
-        attn: &GpuMatrix,
+        kind: LinearKind,
+        inp: &GpuMatrix,
         x: &GpuMatrix,
     ) -> Result<()> {
-        linear(
-            b,
-            attn,
-            0..attn.rows(),
-            w.linear(LinearKind::OProj),
-            x,
-            0,
-            true,
-        )
+        linear(b, inp, 0..inp.rows(), w.linear(kind), x, 0, true)
     }
 
     /// The normed input of gate/up.
@@ -572,25 +566,6 @@ impl<'a> Engine<'a> {
         linear(b, h2, 0..rows, w.linear(LinearKind::UpProj), &up, 0, false)?;
         ops::swiglu(b, &gate, &up)?;
         Ok(gate)
-    }
-
-    /// x += act · W_downᵀ (+ b_down).
-    pub(crate) fn stage_down_residual(
-        &self,
-        b: &mut Batch<'_>,
-        w: &LayerWeights,
-        act: &GpuMatrix,
-        x: &GpuMatrix,
-    ) -> Result<()> {
-        linear(
-            b,
-            act,
-            0..act.rows(),
-            w.linear(LinearKind::DownProj),
-            x,
-            0,
-            true,
-        )
     }
 
     /// Embed tokens (sequences of `t`) into a new hidden-state matrix grouped by `t`.
