@@ -10,6 +10,7 @@ pub mod compress;
 pub mod cpu;
 pub mod dtype;
 pub mod error;
+pub mod format;
 pub mod gpu;
 pub mod infer;
 pub mod interrupt;

@@ -5,7 +5,7 @@ mod common;
 
 use common::{gpu, gpu_limited, random};
 use pumice::cpu;
-use pumice::gpu::quant::{self as gq, PackedWeight};
+use pumice::gpu::quant::{self as gq, GpuPacked};
 use pumice::gpu::{ops, Gpu, GpuMatrix};
 use pumice::quant::grid::{pack_row, packed_words};
 use pumice::quant::reference::{self, weighted_error, weighted_norm};
@@ -31,7 +31,7 @@ fn activations(t: usize, n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-fn upload_packed(g: &Gpu, q: &Quantized, dt: DType) -> PackedWeight {
+fn upload_packed(g: &Gpu, q: &Quantized, dt: DType) -> GpuPacked {
     let words = packed_words(q.cols, q.grid.bits);
     let mut packed = Vec::with_capacity(q.rows * words);
     for r in 0..q.rows {
@@ -42,7 +42,7 @@ fn upload_packed(g: &Gpu, q: &Quantized, dt: DType) -> PackedWeight {
         );
     }
     let ng = q.grid.groups(q.cols);
-    PackedWeight {
+    GpuPacked {
         rows: q.rows,
         cols: q.cols,
         grid: q.grid,
@@ -364,7 +364,7 @@ fn sparse_gptq_matches_reference() {
         // Packed: kept codes + bitmask, dequantized on the GPU.
         let (mask, packed) = pack_sparse(&got.codes, m, n, 4, kept).unwrap();
         let words = pumice::quant::grid::packed_words(kept, 4);
-        let pw = PackedWeight {
+        let pw = GpuPacked {
             rows: m,
             cols: n,
             grid,

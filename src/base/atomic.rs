@@ -1,6 +1,6 @@
 //! Atomic file writes: a file that exists is complete. Every file pumice writes outside an
 //! output directory (work-directory files, Hessian descriptions, measurement files, reports)
-//! goes through [`write_atomic`]; output directories have their own move (compress::outdir).
+//! goes through [`write_atomic`]; output directories have their own move ([`super::outdir`]).
 
 use std::io::Write;
 use std::path::Path;

@@ -3,7 +3,6 @@
 //! (format: `model::compressed`).
 
 pub mod calib;
-mod outdir;
 pub mod pipeline;
 pub mod review;
 pub mod workdir;

@@ -21,6 +21,7 @@ use serde_json::Value;
 
 pub use crate::base::atomic::write_atomic;
 use crate::base::hash::sha256_hex;
+use crate::format::{CompressedLayer, CompressedMatrix, PackedMatrix};
 use crate::model::compressed::{CalibInfo, MatrixReport, QuantEntry, SourceInfo};
 use crate::model::InputGroup;
 use crate::{Error, Result};
@@ -316,15 +317,16 @@ pub struct TensorMeta {
     pub bytes: usize,
 }
 
-/// A finished layer: its linear weights' manifest entries and reports, and the stored tensors
-/// (in checkpoint order).
+/// A finished layer's record in a work directory: its linear weights' manifest entries and
+/// reports, and its stored tensors' header entries (in the native layout, named
+/// `{weight}.{suffix}`), without their data.
 #[derive(Clone, Debug)]
 pub struct StoredLayer {
     pub layer: usize,
     pub seconds: f64,
     pub entries: Vec<(String, QuantEntry)>,
     pub reports: Vec<MatrixReport>,
-    pub tensors: Vec<(TensorMeta, Vec<u8>)>,
+    pub tensors: Vec<TensorMeta>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -345,29 +347,44 @@ fn blob_total(h: &Value, key: &str, size: impl Fn(&Value) -> Option<u64>) -> Opt
 }
 
 impl StoredLayer {
-    /// Write to `layer_file(dir, layer)`, tagged with the job's fingerprint.
-    pub fn write(&self, dir: &Path, fingerprint: &str) -> Result<()> {
+    /// Write `layer` to `layer_file(dir, layer.layer)`, tagged with the job's fingerprint.
+    pub fn write(layer: &CompressedLayer, dir: &Path, fingerprint: &str) -> Result<()> {
+        let mut tensors = Vec::new();
+        let mut blobs: Vec<&[u8]> = Vec::new();
+        for m in &layer.matrices {
+            for (p, bytes) in m.parts()? {
+                tensors.push(TensorMeta {
+                    name: p.name(&m.weight),
+                    dtype: p.dtype.into(),
+                    shape: p.shape,
+                    bytes: bytes.len(),
+                });
+                blobs.push(bytes);
+            }
+        }
         let header = LayerHeader {
-            layer: self.layer,
+            layer: layer.layer,
             fingerprint: fingerprint.into(),
-            seconds: self.seconds,
-            entries: self.entries.clone(),
-            reports: self.reports.clone(),
-            tensors: self.tensors.iter().map(|(m, _)| m.clone()).collect(),
+            seconds: layer.seconds,
+            entries: layer
+                .matrices
+                .iter()
+                .map(|m| (m.weight.clone(), m.entry.clone()))
+                .collect(),
+            reports: layer.reports.clone(),
+            tensors,
         };
         let v = serde_json::to_value(&header).expect("header serializes");
-        let blobs: Vec<&[u8]> = self.tensors.iter().map(|(_, d)| d.as_slice()).collect();
-        write_container(&layer_file(dir, self.layer), LAYER_MAGIC, &v, &blobs)
+        write_container(&layer_file(dir, layer.layer), LAYER_MAGIC, &v, &blobs)
     }
 
     fn read_impl(
         dir: &Path,
         layer: usize,
         fingerprint: &str,
-        with_data: bool,
-    ) -> Result<StoredLayer> {
+        mode: Read,
+    ) -> Result<(StoredLayer, Vec<u8>)> {
         let path = layer_file(dir, layer);
-        let mode = if with_data { Read::Data } else { Read::Verify };
         let (v, data) = read_container(&path, LAYER_MAGIC, mode, |h| {
             blob_total(h, "tensors", |t| t.get("bytes")?.as_u64())
         })?;
@@ -387,34 +404,73 @@ impl StoredLayer {
                 "was made by another job (fingerprint differs from job.json); remove it",
             ));
         }
-        let mut tensors = Vec::with_capacity(h.tensors.len());
-        let mut off = 0;
-        for m in h.tensors {
-            let d = if with_data {
-                data[off..off + m.bytes].to_vec()
-            } else {
-                Vec::new()
-            };
-            off += m.bytes;
-            tensors.push((m, d));
-        }
-        Ok(StoredLayer {
+        let stored = StoredLayer {
             layer,
             seconds: h.seconds,
             entries: h.entries,
             reports: h.reports,
-            tensors,
-        })
+            tensors: h.tensors,
+        };
+        Ok((stored, data))
     }
 
-    /// Read layer `layer` of the job with `fingerprint` from `dir`.
-    pub fn read(dir: &Path, layer: usize, fingerprint: &str) -> Result<StoredLayer> {
-        Self::read_impl(dir, layer, fingerprint, true)
+    /// Read layer `layer` of the job with `fingerprint` from `dir`: its record and the layer
+    /// itself, every weight's parts found by the layout its entry implies.
+    pub fn read(
+        dir: &Path,
+        layer: usize,
+        fingerprint: &str,
+    ) -> Result<(StoredLayer, CompressedLayer)> {
+        let (stored, data) = Self::read_impl(dir, layer, fingerprint, Read::Data)?;
+        let path = layer_file(dir, layer);
+        let mut offsets = std::collections::HashMap::new();
+        let mut off = 0usize;
+        for m in &stored.tensors {
+            offsets.insert(m.name.as_str(), (off, m));
+            off += m.bytes;
+        }
+        let mut matrices = Vec::with_capacity(stored.entries.len());
+        for (weight, entry) in &stored.entries {
+            let parts = entry
+                .stored_parts()
+                .map_err(|msg| Error::tensor(&path, weight, msg))?;
+            let mut blobs = Vec::with_capacity(parts.len());
+            for p in parts {
+                let name = p.name(weight);
+                let Some(&(at, m)) = offsets.get(name.as_str()) else {
+                    return Err(Error::tensor(
+                        &path,
+                        &name,
+                        "is missing from the layer file",
+                    ));
+                };
+                if Some(m.bytes) != p.bytes() {
+                    return Err(Error::tensor(
+                        &path,
+                        &name,
+                        format!("holds {} bytes, its entry implies {:?}", m.bytes, p.bytes()),
+                    ));
+                }
+                blobs.push((p, data[at..at + m.bytes].to_vec()));
+            }
+            matrices.push(CompressedMatrix {
+                weight: weight.clone(),
+                data: PackedMatrix::from_parts(entry, blobs),
+                entry: entry.clone(),
+            });
+        }
+        let compressed = CompressedLayer {
+            layer,
+            seconds: stored.seconds,
+            matrices,
+            reports: stored.reports.clone(),
+        };
+        Ok((stored, compressed))
     }
 
-    /// The same without the tensor data (header entries only).
+    /// The record alone (the whole file's checksum verified, its data not kept).
     pub fn read_header(dir: &Path, layer: usize, fingerprint: &str) -> Result<StoredLayer> {
-        Self::read_impl(dir, layer, fingerprint, false)
+        Ok(Self::read_impl(dir, layer, fingerprint, Read::Verify)?.0)
     }
 }
 

@@ -399,7 +399,7 @@ struct DequantParams {
 
 /// Packed codes (rows × words u32, stored as a 4-byte matrix), scales and zeros (rows × groups,
 /// f16 or f32) and an optional permutation, ready to dequantize on the GPU.
-pub struct PackedWeight {
+pub struct GpuPacked {
     pub rows: usize,
     pub cols: usize,
     pub grid: Grid,
@@ -440,7 +440,7 @@ impl SparseIndex {
 }
 
 /// Dequantize into a new f32 matrix (original column order).
-pub fn dequantize(gpu: &Gpu, w: &PackedWeight) -> Result<GpuMatrix> {
+pub fn dequantize(gpu: &Gpu, w: &GpuPacked) -> Result<GpuMatrix> {
     let (m, n) = (w.rows, w.cols);
     let words = w.packed.cols();
     let (g, ng) = (w.grid.group_len(n), w.grid.groups(n));

@@ -8,9 +8,9 @@
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::gpu::quant::{self, PackedWeight};
+use crate::gpu::quant::{self, GpuPacked};
 use crate::gpu::{Gpu, GpuMatrix};
-use crate::model::compressed::QuantEntry;
+use crate::model::compressed::{Factor, PartKind, QuantEntry};
 use crate::model::{Checkpoint, TensorRef};
 use crate::quant::rht::Rht;
 
@@ -48,7 +48,7 @@ pub(crate) fn dequantize_packed(
         Some(z) => GpuMatrix::from_bytes(gpu, rows, groups, DType::F16, z)?,
         None => quant::symmetric_zeros(gpu, grid, rows, groups)?,
     };
-    let packed = PackedWeight {
+    let packed = GpuPacked {
         rows,
         cols,
         grid,
@@ -70,76 +70,87 @@ pub(crate) fn dequantize_packed(
     quant::dequantize(gpu, &packed)
 }
 
-/// Read one packed matrix (`PREFIX.qweight`, `.scales`, `.zeros`, `.perm`, `.mask` as its
-/// entry implies) from a checkpoint, refusing values that would poison the forward pass, and
-/// dequantize it.
-#[allow(clippy::too_many_arguments)]
+/// Read one stored matrix of weight `weight` (the backbone or a CALDERA factor, its parts as
+/// the entry's layout lists them) from a checkpoint, refusing values that would poison the
+/// forward pass, and dequantize it.
 pub(crate) fn dequantize_stored(
     gpu: &Gpu,
     ck: &Checkpoint,
-    prefix: &str,
-    rows: usize,
-    cols: usize,
-    grid: crate::quant::Grid,
-    act_order: bool,
-    kept: usize,
+    weight: &str,
+    q: &QuantEntry,
+    factor: Factor,
 ) -> Result<GpuMatrix> {
-    let (codes, _, _) = ck.raw(&format!("{prefix}.qweight"))?;
-    let scales = ck.tensor(&format!("{prefix}.scales"))?;
-    check_finite(&scales)?;
-    let zeros = if grid.symmetric {
-        None
-    } else {
-        let z = ck.tensor(&format!("{prefix}.zeros"))?;
-        check_finite(&z)?;
-        Some(z)
+    let parts = q
+        .stored_parts()
+        .map_err(|msg| Error::tensor(ck.dir(), weight, msg))?;
+    let name_of = |kind: PartKind| {
+        parts
+            .iter()
+            .find(|p| p.factor == factor && p.kind == kind)
+            .map(|p| p.name(weight))
     };
-    let perm = if act_order {
-        let (bytes, _, _) = ck.raw(&format!("{prefix}.perm"))?;
-        // A permutation: every column exactly once (a repeated column would silently drop
-        // another one's weights).
-        let mut seen = vec![false; cols];
-        for p in bytes
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize)
-        {
-            let msg = if p >= cols {
-                format!("column {p} is out of range")
-            } else if seen[p] {
-                format!("column {p} appears twice: not a permutation")
+    let (rows, cols, grid, kept) = match (factor, q.lr_grid()?) {
+        (Factor::Backbone, _) => {
+            let kept = if q.sparsity.is_some() {
+                q.kept_per_row
             } else {
-                seen[p] = true;
-                continue;
+                q.cols
             };
-            return Err(Error::tensor(ck.dir(), &format!("{prefix}.perm"), msg));
+            (q.rows, q.cols, q.grid()?, kept)
         }
-        Some(bytes)
-    } else {
-        None
+        (Factor::L, Some(lg)) => (q.rank, q.rows, lg, q.rows),
+        (Factor::R, Some(lg)) => (q.rank, q.cols, lg, q.cols),
+        (_, None) => {
+            return Err(Error::tensor(ck.dir(), weight, "has no low-rank factors"));
+        }
     };
-    let mask = if kept < cols {
-        let mw = cols.div_ceil(32);
-        let (bytes, _, _) = ck.raw(&format!("{prefix}.mask"))?;
-        let mask: Vec<u32> = bytes
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        if let Some(r) = (0..rows).find(|&r| {
-            mask[r * mw..(r + 1) * mw]
-                .iter()
-                .map(|w| w.count_ones() as usize)
-                .sum::<usize>()
-                != kept
-        }) {
-            return Err(Error::tensor(
-                ck.dir(),
-                &format!("{prefix}.mask"),
-                format!("row {r} does not keep {kept} weights"),
-            ));
+    let codes_name = name_of(PartKind::Codes)
+        .ok_or_else(|| Error::tensor(ck.dir(), weight, "its layout lists no codes"))?;
+    let (codes, _, _) = ck.raw(&codes_name)?;
+    let scales_name = name_of(PartKind::Scales)
+        .ok_or_else(|| Error::tensor(ck.dir(), weight, "its layout lists no scales"))?;
+    let scales = ck.tensor(&scales_name)?;
+    check_finite(&scales)?;
+    let zeros = match name_of(PartKind::Zeros) {
+        Some(n) => {
+            let z = ck.tensor(&n)?;
+            check_finite(&z)?;
+            Some(z)
         }
-        Some(mask)
-    } else {
-        None
+        None => None,
+    };
+    let perm = match name_of(PartKind::Perm) {
+        Some(n) => {
+            let (bytes, _, _) = ck.raw(&n)?;
+            check_permutation(bytes, cols).map_err(|msg| Error::tensor(ck.dir(), &n, msg))?;
+            Some(bytes)
+        }
+        None => None,
+    };
+    let mask = match name_of(PartKind::Mask) {
+        Some(n) => {
+            let mw = cols.div_ceil(32);
+            let (bytes, _, _) = ck.raw(&n)?;
+            let mask: Vec<u32> = bytes
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            if let Some(r) = (0..rows).find(|&r| {
+                mask[r * mw..(r + 1) * mw]
+                    .iter()
+                    .map(|w| w.count_ones() as usize)
+                    .sum::<usize>()
+                    != kept
+            }) {
+                return Err(Error::tensor(
+                    ck.dir(),
+                    &n,
+                    format!("row {r} does not keep {kept} weights"),
+                ));
+            }
+            Some(mask)
+        }
+        None => None,
     };
     let pieces = PackedPieces {
         codes,
@@ -151,6 +162,25 @@ pub(crate) fn dequantize_stored(
     dequantize_packed(gpu, rows, cols, grid, kept, &pieces)
 }
 
+/// A permutation of `cols` columns: every column exactly once (a repeated column would
+/// silently drop another one's weights).
+fn check_permutation(bytes: &[u8], cols: usize) -> std::result::Result<(), String> {
+    let mut seen = vec![false; cols];
+    for p in bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize)
+    {
+        if p >= cols {
+            return Err(format!("column {p} is out of range"));
+        }
+        if seen[p] {
+            return Err(format!("column {p} appears twice: not a permutation"));
+        }
+        seen[p] = true;
+    }
+    Ok(())
+}
+
 /// A compressed weight ready for the forward pass: the dequantized backbone, plus the
 /// dequantized factors of a CALDERA weight, with any incoherence rotation undone.
 pub(crate) fn dequantize_weight(
@@ -159,36 +189,13 @@ pub(crate) fn dequantize_weight(
     name: &str,
     q: &QuantEntry,
 ) -> Result<LinearWeight> {
-    let kept = if q.sparsity.is_some() {
-        q.kept_per_row
-    } else {
-        q.cols
-    };
-    let backbone = dequantize_stored(gpu, ck, name, q.rows, q.cols, q.grid()?, q.act_order, kept)?;
-    let w = match q.lr_grid()? {
-        None => LinearWeight::Dense(backbone),
-        Some(lg) => LinearWeight::LowRank {
+    let backbone = dequantize_stored(gpu, ck, name, q, Factor::Backbone)?;
+    let w = match q.rank {
+        0 => LinearWeight::Dense(backbone),
+        _ => LinearWeight::LowRank {
             q: backbone,
-            lt: dequantize_stored(
-                gpu,
-                ck,
-                &format!("{name}.L"),
-                q.rank,
-                q.rows,
-                lg,
-                false,
-                q.rows,
-            )?,
-            r: dequantize_stored(
-                gpu,
-                ck,
-                &format!("{name}.R"),
-                q.rank,
-                q.cols,
-                lg,
-                false,
-                q.cols,
-            )?,
+            lt: dequantize_stored(gpu, ck, name, q, Factor::L)?,
+            r: dequantize_stored(gpu, ck, name, q, Factor::R)?,
         },
     };
     match q.rht {

@@ -206,8 +206,9 @@ impl Checkpoint {
         let parts = q
             .stored_parts()
             .map_err(|msg| Error::tensor(&manifest_path, name, msg))?;
-        for (suffix, dtype, want) in parts {
-            let pname = format!("{name}.{suffix}");
+        for part in parts {
+            let (dtype, want) = (part.dtype, &part.shape);
+            let pname = part.name(name);
             let Some((file, info)) = self.info(&pname) else {
                 return Err(Error::tensor(
                     &manifest_path,
@@ -215,7 +216,7 @@ impl Checkpoint {
                     "missing from the safetensors file",
                 ));
             };
-            if info.dtype_name != dtype || info.shape != want {
+            if info.dtype_name != dtype || &info.shape != want {
                 return Err(Error::tensor(
                     file.path(),
                     &pname,
@@ -331,18 +332,11 @@ impl Checkpoint {
             if let Some(q) = self.quantized(&spec.name) {
                 // Every stored f16 value: scales and zeros of the codes and, for CALDERA, of
                 // the factors L and R.
-                let mut parts = vec!["scales".to_string()];
-                if !q.symmetric {
-                    parts.push("zeros".into());
-                }
-                if q.lr_grid()?.is_some() {
-                    for f in ["L", "R"] {
-                        parts.push(format!("{f}.scales"));
-                        parts.push(format!("{f}.zeros"));
-                    }
-                }
-                for part in parts {
-                    let t = self.tensor(&format!("{}.{part}", spec.name))?;
+                let parts = q
+                    .stored_parts()
+                    .map_err(|msg| Error::tensor(self.dir.join(MANIFEST_FILE), &spec.name, msg))?;
+                for part in parts.iter().filter(|p| p.dtype == "F16") {
+                    let t = self.tensor(&part.name(&spec.name))?;
                     if let Some(i) = t.first_non_finite() {
                         return Err(Error::tensor(
                             t.file,

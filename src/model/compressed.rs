@@ -103,16 +103,77 @@ pub struct RhtSeeds {
     pub cols: u64,
 }
 
-/// One stored tensor of a compressed weight: name suffix, dtype, shape.
-pub type StoredPart = (String, &'static str, Vec<usize>);
+/// What a stored tensor of a compressed weight holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PartKind {
+    /// The codes, each row a little-endian bit stream in u32 words.
+    Codes,
+    /// One f16 scale per row and group.
+    Scales,
+    /// One f16 integer zero point per row and group (asymmetric grids only).
+    Zeros,
+    /// The kept-weight bit mask of a pruned matrix, u32 words per row.
+    Mask,
+    /// The act-order column permutation (u32 per column).
+    Perm,
+}
 
-/// Bytes per element of a stored part's dtype (U32 codes, masks and permutations; F16 scales
-/// and zeros).
-pub fn stored_element_bytes(dtype: &str) -> usize {
-    if dtype == "F16" {
-        2
-    } else {
-        4
+/// Which matrix of a compressed weight a part belongs to: the backbone Q, or one of CALDERA's
+/// factors (Lᵀ, k × rows; R, k × cols).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Factor {
+    Backbone,
+    L,
+    R,
+}
+
+/// One stored tensor of a compressed weight: whose, what, dtype and shape. Its name in a
+/// pumice checkpoint is `{weight}.{suffix}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredPart {
+    pub factor: Factor,
+    pub kind: PartKind,
+    /// `U32` or `F16`.
+    pub dtype: &'static str,
+    pub shape: Vec<usize>,
+}
+
+impl StoredPart {
+    /// The tensor name's suffix after the weight's name (`qweight`, `L.scales`, …).
+    pub fn suffix(&self) -> String {
+        let kind = match self.kind {
+            PartKind::Codes => "qweight",
+            PartKind::Scales => "scales",
+            PartKind::Zeros => "zeros",
+            PartKind::Mask => "mask",
+            PartKind::Perm => "perm",
+        };
+        match self.factor {
+            Factor::Backbone => kind.to_string(),
+            Factor::L => format!("L.{kind}"),
+            Factor::R => format!("R.{kind}"),
+        }
+    }
+
+    /// The stored tensor's name for weight `weight`.
+    pub fn name(&self, weight: &str) -> String {
+        format!("{weight}.{}", self.suffix())
+    }
+
+    /// Bytes per element (U32 codes, masks and permutations; F16 scales and zeros).
+    pub fn element_bytes(&self) -> usize {
+        if self.dtype == "F16" {
+            2
+        } else {
+            4
+        }
+    }
+
+    /// Its size in bytes; None when that overflows (a hostile entry).
+    pub fn bytes(&self) -> Option<usize> {
+        self.shape
+            .iter()
+            .try_fold(self.element_bytes(), |a, &d| a.checked_mul(d))
     }
 }
 
@@ -140,12 +201,10 @@ impl QuantEntry {
     fn bits_of(&self, parts: &[StoredPart]) -> u64 {
         let data: u64 = parts
             .iter()
-            .map(|(_, dtype, shape)| {
-                shape
-                    .iter()
-                    .fold(stored_element_bytes(dtype) as u64 * 8, |a, &d| {
-                        a.saturating_mul(d as u64)
-                    })
+            .map(|p| {
+                p.shape.iter().fold(p.element_bytes() as u64 * 8, |a, &d| {
+                    a.saturating_mul(d as u64)
+                })
             })
             .fold(0u64, u64::saturating_add);
         data.saturating_add(if self.rht.is_some() { 128 } else { 0 })
@@ -165,11 +224,10 @@ impl QuantEntry {
         Ok(parts)
     }
 
-    /// The tensors this weight is stored as, `(suffix, dtype, shape)` (the tensor is named
-    /// `{weight}.{suffix}`), in the order they are written, or why the entry itself is invalid
-    /// (grid, pruning). The one authority on the stored layout: the writer's plan from an
-    /// entry, the validator at open, the work-directory check and the size accounting all
-    /// derive from it.
+    /// The tensors this weight is stored as (named `{weight}.{suffix}`), in the order they are
+    /// written, or why the entry itself is invalid (grid, pruning). The one authority on the
+    /// stored layout: the writer's plan, the work-directory record, the validator at open, the
+    /// reader, the finiteness scan and the size accounting all derive from it.
     pub fn stored_parts(&self) -> std::result::Result<Vec<StoredPart>, String> {
         let grid = self.grid().map_err(|e| e.to_string())?;
         let kept = if self.sparsity.is_some() {
@@ -194,37 +252,47 @@ impl QuantEntry {
             self.cols
         };
         let groups = grid.groups(self.cols);
+        let part = |factor, kind, dtype, shape| StoredPart {
+            factor,
+            kind,
+            dtype,
+            shape,
+        };
+        let b = Factor::Backbone;
         let mut parts = vec![
-            (
-                "qweight".to_string(),
+            part(
+                b,
+                PartKind::Codes,
                 "U32",
                 vec![self.rows, packed_words(kept, self.bits)],
             ),
-            ("scales".to_string(), "F16", vec![self.rows, groups]),
+            part(b, PartKind::Scales, "F16", vec![self.rows, groups]),
         ];
         if !self.symmetric {
-            parts.push(("zeros".into(), "F16", vec![self.rows, groups]));
+            parts.push(part(b, PartKind::Zeros, "F16", vec![self.rows, groups]));
         }
         if self.sparsity.is_some() {
-            parts.push((
-                "mask".into(),
+            parts.push(part(
+                b,
+                PartKind::Mask,
                 "U32",
                 vec![self.rows, self.cols.div_ceil(32)],
             ));
         }
         if self.act_order {
-            parts.push(("perm".into(), "U32", vec![self.cols]));
+            parts.push(part(b, PartKind::Perm, "U32", vec![self.cols]));
         }
         if let Some(lg) = self.lr_grid().map_err(|e| e.to_string())? {
-            for (f, len) in [("L", self.rows), ("R", self.cols)] {
+            for (f, len) in [(Factor::L, self.rows), (Factor::R, self.cols)] {
                 let groups = lg.groups(len);
-                parts.push((
-                    format!("{f}.qweight"),
+                parts.push(part(
+                    f,
+                    PartKind::Codes,
                     "U32",
                     vec![self.rank, packed_words(len, lg.bits)],
                 ));
-                parts.push((format!("{f}.scales"), "F16", vec![self.rank, groups]));
-                parts.push((format!("{f}.zeros"), "F16", vec![self.rank, groups]));
+                parts.push(part(f, PartKind::Scales, "F16", vec![self.rank, groups]));
+                parts.push(part(f, PartKind::Zeros, "F16", vec![self.rank, groups]));
             }
         }
         Ok(parts)

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::compress::outdir;
+use crate::base::outdir;
 
 use crate::error::{Error, Result};
 use crate::model::Checkpoint;
@@ -86,7 +86,7 @@ pub(crate) fn check_stored_layer(ck: &Checkpoint, dir: &Path, s: &StoredLayer) -
     let spec = ck.arch().layers.get(s.layer).ok_or_else(|| {
         Error::work_dir(&path, format!("holds layer {}, beyond the model", s.layer))
     })?;
-    let mut expected: Vec<crate::model::compressed::StoredPart> = Vec::new();
+    let mut expected: Vec<(String, crate::model::compressed::StoredPart)> = Vec::new();
     for (name, e) in &s.entries {
         let bad = |msg: String| Error::tensor(&path, name, msg);
         let Some(lin) = spec.linears.iter().find(|l| &l.weight.name == name) else {
@@ -102,11 +102,7 @@ pub(crate) fn check_stored_layer(ck: &Checkpoint, dir: &Path, s: &StoredLayer) -
             )));
         }
         let parts = e.check().map_err(&bad)?;
-        expected.extend(
-            parts
-                .into_iter()
-                .map(|(suffix, dt, shape)| (format!("{name}.{suffix}"), dt, shape)),
-        );
+        expected.extend(parts.into_iter().map(|p| (p.name(name), p)));
     }
     for lin in &spec.linears {
         let n = s
@@ -132,17 +128,16 @@ pub(crate) fn check_stored_layer(ck: &Checkpoint, dir: &Path, s: &StoredLayer) -
             ),
         ));
     }
-    for (m, _) in &s.tensors {
-        let Some((_, dt, shape)) = expected.iter().find(|(n, _, _)| n == &m.name) else {
+    for m in &s.tensors {
+        let Some((_, p)) = expected.iter().find(|(n, _)| n == &m.name) else {
             return Err(Error::tensor(
                 &path,
                 &m.name,
                 "is not implied by the layer's entries",
             ));
         };
-        let elem = crate::model::compressed::stored_element_bytes(dt);
-        let bytes = shape.iter().try_fold(elem, |a: usize, &d| a.checked_mul(d));
-        if m.dtype != *dt || &m.shape != shape || bytes != Some(m.bytes) {
+        let (dt, shape) = (p.dtype, &p.shape);
+        if m.dtype != dt || &m.shape != shape || p.bytes() != Some(m.bytes) {
             return Err(Error::tensor(
                 &path,
                 &m.name,

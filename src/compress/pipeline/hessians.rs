@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use crate::compress::outdir;
+use crate::base::outdir;
 
 use serde::Serialize;
 

@@ -14,7 +14,8 @@ use crate::quant::reference::prepare_hessian;
 use crate::quant::rht::{rotate_hessian, rotate_weight, Rht};
 use crate::quant::GptqOptions;
 
-use crate::compress::workdir::{LayerHessians, StoredLayer, TensorMeta};
+use crate::compress::workdir::LayerHessians;
+use crate::format::{CompressedLayer, CompressedMatrix, PackedMatrix};
 
 use super::{layout::*, options::*};
 
@@ -106,7 +107,7 @@ pub(crate) struct LayerShared<'a> {
 
 /// What one layer became.
 pub(crate) struct LayerResult {
-    pub(crate) packed: Vec<(String, Packed)>,
+    pub(crate) packed: Vec<(String, PackedMatrix)>,
     pub(crate) entries: Vec<(String, QuantEntry)>,
     pub(crate) reports: Vec<MatrixReport>,
 }
@@ -117,48 +118,31 @@ impl LayerResult {
         &self.entries
     }
 
-    /// The stored form (what a work directory keeps and the checkpoint receives).
-    pub(crate) fn into_stored(self, layer: usize, seconds: f64) -> Result<StoredLayer> {
-        let mut tensors = Vec::new();
-        for (name, p) in self.packed {
-            let e = &self
-                .entries
-                .iter()
-                .find(|(n, _)| *n == name)
-                .expect("every packed matrix has an entry")
-                .1;
-            let metas = plan_entry(&name, e)?;
-            let mut blobs = Vec::new();
-            packed_blobs(&name, p, &mut blobs);
-            if metas.len() != blobs.len()
-                || metas
+    /// The format-neutral layer (what a work directory keeps and a format receives).
+    pub(crate) fn into_layer(self, layer: usize, seconds: f64) -> CompressedLayer {
+        let mut entries = self.entries;
+        let matrices = self
+            .packed
+            .into_iter()
+            .map(|(weight, data)| {
+                let at = entries
                     .iter()
-                    .zip(&blobs)
-                    .any(|(m, (n, d))| m.name != *n || m.bytes != d.len())
-            {
-                return Err(Error::Shape(format!(
-                    "{name}: packed tensors disagree with the planned layout"
-                )));
-            }
-            for (m, (_, d)) in metas.into_iter().zip(blobs) {
-                tensors.push((
-                    TensorMeta {
-                        name: m.name,
-                        dtype: m.dtype,
-                        shape: m.shape,
-                        bytes: m.bytes,
-                    },
-                    d,
-                ));
-            }
-        }
-        Ok(StoredLayer {
+                    .position(|(n, _)| *n == weight)
+                    .expect("every packed matrix has an entry");
+                let (_, entry) = entries.swap_remove(at);
+                CompressedMatrix {
+                    weight,
+                    entry,
+                    data,
+                }
+            })
+            .collect();
+        CompressedLayer {
             layer,
             seconds,
-            entries: self.entries,
+            matrices,
             reports: self.reports,
-            tensors,
-        })
+        }
     }
 }
 
@@ -262,7 +246,7 @@ pub(crate) fn compress_layer(
     let (gpu, ck) = (sh.gpu, sh.ck);
     let spec = &ck.arch().layers[l];
     let act_order = sh.gptq.act_order && recipe.method == Method::Gptq;
-    let mut packed: Vec<(String, Packed)> = Vec::new();
+    let mut packed: Vec<(String, PackedMatrix)> = Vec::new();
     let mut reports = Vec::new();
     let mut entries = Vec::new();
 

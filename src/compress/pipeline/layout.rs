@@ -1,31 +1,21 @@
-//! The stored form of compressed weights: host packing, the tensors each matrix is stored
-//! as (planned before writing, so the safetensors header is written first), plain copies.
+//! The compressed form of weights: host packing, the reader's dequantization of what was
+//! packed, and the entries planned from the recipe (from which a format plans its output
+//! before the first layer is compressed).
 
 use crate::dtype::DType;
 use crate::error::Result;
+use crate::format::PackedMatrix;
 use crate::gpu::{Gpu, GpuMatrix};
-use crate::model::compressed::{PlannedTensor, QuantEntry, RhtSeeds, StreamingWriter};
+use crate::model::compressed::{QuantEntry, RhtSeeds};
 use crate::model::Checkpoint;
 use crate::quant::grid::{pack_row, packed_words};
 use crate::quant::sparsity::PRUNED;
-use crate::quant::{Grid, Quantized};
+use crate::quant::Quantized;
 
 use super::options::*;
 
-/// The stored pieces of one compressed weight.
-pub(crate) struct Packed {
-    pub(crate) qweight: Vec<u8>,
-    pub(crate) scales: Vec<u8>,
-    pub(crate) zeros: Option<Vec<u8>>,
-    pub(crate) perm: Option<Vec<u8>>,
-    /// Pruned: the kept-weight mask (rows × ⌈cols/32⌉) and the kept count per row.
-    pub(crate) mask: Option<Vec<u32>>,
-    pub(crate) kept: usize,
-    /// CALDERA factors Lᵀ and R, each packed like a backbone.
-    pub(crate) factors: Option<Box<(Packed, Packed)>>,
-}
-
-pub(crate) fn pack(q: &Quantized) -> Result<Packed> {
+/// Pack a quantized matrix into its stored form.
+pub(crate) fn pack(q: &Quantized) -> Result<PackedMatrix> {
     let (codes, mask, kept) = if q.codes.contains(&PRUNED) {
         let kept = q.codes[..q.cols].iter().filter(|&&c| c != PRUNED).count();
         let (mask, codes) =
@@ -43,10 +33,10 @@ pub(crate) fn pack(q: &Quantized) -> Result<Packed> {
         }
         (codes, None, q.cols)
     };
-    Ok(Packed {
+    Ok(PackedMatrix {
         mask,
         kept,
-        qweight: bytemuck::cast_slice(&codes).to_vec(),
+        codes: bytemuck::cast_slice(&codes).to_vec(),
         scales: DType::F16.encode_f32(&q.scales),
         zeros: (!q.grid.symmetric).then(|| DType::F16.encode_f32(&q.zeros)),
         perm: q.perm.as_ref().map(|p| bytemuck::cast_slice(p).to_vec()),
@@ -56,9 +46,13 @@ pub(crate) fn pack(q: &Quantized) -> Result<Packed> {
 
 /// The f32 weight the reader will reconstruct from `p`, dequantized on the GPU by the
 /// reader's own function.
-pub(crate) fn dequantize_in_memory(gpu: &Gpu, p: &Packed, q: &Quantized) -> Result<GpuMatrix> {
+pub(crate) fn dequantize_in_memory(
+    gpu: &Gpu,
+    p: &PackedMatrix,
+    q: &Quantized,
+) -> Result<GpuMatrix> {
     let pieces = crate::infer::weights::PackedPieces {
-        codes: &p.qweight,
+        codes: &p.codes,
         scales: &p.scales,
         zeros: p.zeros.as_deref(),
         perm: p.perm.as_deref(),
@@ -67,12 +61,16 @@ pub(crate) fn dequantize_in_memory(gpu: &Gpu, p: &Packed, q: &Quantized) -> Resu
     crate::infer::weights::dequantize_packed(gpu, q.rows, q.cols, q.grid, p.kept, &pieces)
 }
 
-/// Stored bits of all compressed linear weights under `opts` (what the manifest's `linear`
-/// accounting will say), computed from shapes and recipes before compressing.
-pub fn planned_linear_bits(ck: &Checkpoint, opts: &CompressOptions) -> Result<u64> {
-    let mut total = 0;
+/// The manifest entry every linear weight will have under `opts` (its stored layout follows;
+/// `stored_bits`, errors and damping are known only after compressing), layer by layer.
+pub(crate) fn planned_entries(
+    ck: &Checkpoint,
+    opts: &CompressOptions,
+) -> Result<Vec<Vec<(String, QuantEntry)>>> {
+    let mut layers = Vec::new();
     for (l, spec) in ck.arch().layers.iter().enumerate() {
         let r = opts.recipe(l);
+        let mut entries = Vec::new();
         for lin in &spec.linears {
             let (m, n) = (lin.out_features, lin.in_features);
             let rank = if r.method == Method::Caldera {
@@ -99,162 +97,19 @@ pub fn planned_linear_bits(ck: &Checkpoint, opts: &CompressOptions) -> Result<u6
                 sparsity: (kept < n).then(|| r.sparsity.name()).flatten(),
                 kept_per_row: kept,
             };
-            total += e.expected_bits();
+            entries.push((lin.weight.name.clone(), e));
         }
+        layers.push(entries);
     }
-    Ok(total)
+    Ok(layers)
 }
 
-/// The stored tensors of one linear weight: `(layer, name, rows, cols) → tensors`.
-pub(crate) type LinearPlan<'a> =
-    dyn FnMut(usize, &str, usize, usize) -> Result<Vec<PlannedTensor>> + 'a;
-
-/// Plan of every stored tensor, in the checkpoint's order; `linear(layer, name, rows, cols)`
-/// gives the stored tensors of one linear weight.
-pub(crate) fn plan_with(
-    ck: &Checkpoint,
-    linear: &mut LinearPlan<'_>,
-) -> Result<Vec<PlannedTensor>> {
-    let linear_layer: std::collections::HashMap<&str, usize> = ck
-        .arch()
-        .layers
+/// Stored bits of all compressed linear weights under `opts` (what the manifest's `linear`
+/// accounting will say), computed from shapes and recipes before compressing.
+pub fn planned_linear_bits(ck: &Checkpoint, opts: &CompressOptions) -> Result<u64> {
+    Ok(planned_entries(ck, opts)?
         .iter()
-        .enumerate()
-        .flat_map(|(l, spec)| {
-            spec.linears
-                .iter()
-                .map(move |lin| (lin.weight.name.as_str(), l))
-        })
-        .collect();
-    let mut out = Vec::new();
-    for spec in ck.arch().tensors() {
-        if let Some(&l) = linear_layer.get(spec.name.as_str()) {
-            out.extend(linear(l, &spec.name, spec.shape[0], spec.shape[1])?);
-        } else {
-            let t = ck.tensor(&spec.name)?;
-            out.push(PlannedTensor {
-                name: spec.name.clone(),
-                dtype: t.dtype.safetensors_name().into(),
-                shape: t.shape.to_vec(),
-                bytes: t.bytes.len(),
-            });
-        }
-    }
-    Ok(out)
-}
-
-/// The plan under `opts` (known before compressing).
-pub(crate) fn plan(ck: &Checkpoint, opts: &CompressOptions) -> Result<Vec<PlannedTensor>> {
-    plan_with(ck, &mut |l, name, m, n| {
-        let r = opts.recipe(l);
-        let act_order = opts.gptq.act_order && r.method == Method::Gptq;
-        let kept = r.sparsity.kept_per_row(n, opts.gptq.block);
-        let mut out = Vec::new();
-        plan_packed(&mut out, name, m, n, &r.grid, act_order, kept);
-        if r.method == Method::Caldera {
-            let k = r.caldera.rank_for(&r.grid, m, n)?;
-            if k > 0 {
-                let lg = r.caldera.lr_grid()?;
-                plan_packed(&mut out, &format!("{name}.L"), k, m, &lg, false, m);
-                plan_packed(&mut out, &format!("{name}.R"), k, n, &lg, false, n);
-            }
-        }
-        Ok(out)
-    })
-}
-
-/// The stored tensors of one linear weight as its manifest entry describes them (the layout
-/// from `QuantEntry::stored_parts`).
-pub(crate) fn plan_entry(name: &str, e: &QuantEntry) -> Result<Vec<PlannedTensor>> {
-    let parts = e
-        .stored_parts()
-        .map_err(|msg| crate::Error::InvalidArgument(format!("{name}: {msg}")))?;
-    Ok(parts
-        .into_iter()
-        .map(|(suffix, dtype, shape)| PlannedTensor {
-            name: format!("{name}.{suffix}"),
-            dtype: dtype.into(),
-            bytes: shape.iter().product::<usize>()
-                * crate::model::compressed::stored_element_bytes(dtype),
-            shape,
-        })
-        .collect())
-}
-
-/// The data of `p`'s stored tensors, in the order [`plan_packed`] lists them.
-pub(crate) fn packed_blobs(name: &str, p: Packed, out: &mut Vec<(String, Vec<u8>)>) {
-    out.push((format!("{name}.qweight"), p.qweight));
-    out.push((format!("{name}.scales"), p.scales));
-    if let Some(z) = p.zeros {
-        out.push((format!("{name}.zeros"), z));
-    }
-    if let Some(m) = p.mask {
-        out.push((format!("{name}.mask"), bytemuck::cast_slice(&m).to_vec()));
-    }
-    if let Some(pm) = p.perm {
-        out.push((format!("{name}.perm"), pm));
-    }
-    if let Some(f) = p.factors {
-        let (l, r) = *f;
-        packed_blobs(&format!("{name}.L"), l, out);
-        packed_blobs(&format!("{name}.R"), r, out);
-    }
-}
-
-/// Header entries of one packed matrix (`PREFIX.qweight`, `.scales`, `.zeros`, `.perm`).
-pub(crate) fn plan_packed(
-    out: &mut Vec<PlannedTensor>,
-    prefix: &str,
-    rows: usize,
-    cols: usize,
-    grid: &Grid,
-    act_order: bool,
-    kept: usize,
-) {
-    let groups = grid.groups(cols);
-    let words = packed_words(kept, grid.bits);
-    out.push(PlannedTensor {
-        name: format!("{prefix}.qweight"),
-        dtype: "U32".into(),
-        shape: vec![rows, words],
-        bytes: rows * words * 4,
-    });
-    out.push(PlannedTensor {
-        name: format!("{prefix}.scales"),
-        dtype: "F16".into(),
-        shape: vec![rows, groups],
-        bytes: rows * groups * 2,
-    });
-    if !grid.symmetric {
-        out.push(PlannedTensor {
-            name: format!("{prefix}.zeros"),
-            dtype: "F16".into(),
-            shape: vec![rows, groups],
-            bytes: rows * groups * 2,
-        });
-    }
-    if kept < cols {
-        let mw = cols.div_ceil(32);
-        out.push(PlannedTensor {
-            name: format!("{prefix}.mask"),
-            dtype: "U32".into(),
-            shape: vec![rows, mw],
-            bytes: rows * mw * 4,
-        });
-    }
-    if act_order {
-        out.push(PlannedTensor {
-            name: format!("{prefix}.perm"),
-            dtype: "U32".into(),
-            shape: vec![cols],
-            bytes: cols * 4,
-        });
-    }
-}
-
-pub(crate) fn copy_plain(wr: &mut StreamingWriter, ck: &Checkpoint, name: &str) -> Result<()> {
-    let t = ck.tensor(name)?;
-    wr.write(name, t.bytes)?;
-    ck.release(name);
-    Ok(())
+        .flatten()
+        .map(|(_, e)| e.expected_bits())
+        .sum())
 }

@@ -4,12 +4,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::model::compressed::{LayerReport, PlannedTensor};
+use crate::format::{native::Native, Format, JobInfo};
+use crate::model::compressed::LayerReport;
 use crate::model::Checkpoint;
 
 use crate::compress::workdir::{layer_file, Job, StoredLayer};
 
-use super::{checks::*, layout::*, options::*, output::*};
+use super::{checks::*, options::*, output::*};
 
 /// Assemble the compressed checkpoint from a work directory whose layers are all finished
 /// (by one run or by shards on several machines). `model` overrides the source path the job
@@ -75,50 +76,38 @@ pub fn merge(
             Ok(s)
         })
         .collect::<Result<Vec<_>>>()?;
-    let plan = plan_with(&ck, &mut |l, name, _, _| {
-        let prefix = format!("{name}.");
-        Ok(headers[l]
-            .tensors
-            .iter()
-            .filter(|(m, _)| m.name.starts_with(&prefix))
-            .map(|(m, _)| PlannedTensor {
-                name: m.name.clone(),
-                dtype: m.dtype.clone(),
-                shape: m.shape.clone(),
-                bytes: m.bytes,
-            })
-            .collect())
-    })?;
-    let mut w = OutputWriter::begin(&ck, output, force, plan)?;
-    let metas = |s: &StoredLayer| s.tensors.iter().map(|(m, _)| m.clone()).collect::<Vec<_>>();
+    let planned: Vec<Vec<_>> = headers.iter().map(|s| s.entries.clone()).collect();
+    let format = Native;
+    format.check(&ck, &planned)?;
+    let mut w = format.begin(&ck, output, force, &planned)?;
     for (l, header) in headers.iter().enumerate() {
-        let s = StoredLayer::read(work_dir, l, &job.fingerprint)?;
-        if metas(&s) != metas(header) {
+        let (s, layer) = StoredLayer::read(work_dir, l, &job.fingerprint)?;
+        if s.tensors != header.tensors || s.entries != header.entries {
             return Err(Error::work_dir(
                 layer_file(work_dir, l),
                 "changed while being merged",
             ));
         }
-        w.layer(&ck, &s)?;
+        w.layer(&ck, &layer)?;
         crate::interrupt::check("stopped while merging; nothing was written")?;
     }
     progress(&Event::Writing);
-    let base = ManifestBase {
+    let info = JobInfo {
         source: job.source.clone(),
         method: job.method.clone(),
         params: job.params.clone(),
         calibration: job.calibration.clone(),
         allocation: job.allocation.clone(),
     };
-    let manifest = w.finish(&ck, output, base)?;
+    let written = w.finish(&ck, info)?;
     Ok(CompressSummary {
         output: output.display().to_string(),
         method: job.method.clone(),
         source_bytes: ck.bytes_on_disk(),
-        output_bytes: manifest.files["model.safetensors"].bytes,
-        parameters: manifest.total.parameters,
-        bits_per_parameter: manifest.total.bits_per_parameter,
-        linear_bits_per_parameter: manifest.linear.bits_per_parameter,
+        output_bytes: written.bytes(),
+        parameters: written.total.parameters,
+        bits_per_parameter: written.total.bits_per_parameter,
+        linear_bits_per_parameter: written.linear.bits_per_parameter,
         seconds: start.elapsed().as_secs_f64(),
         calibration: job.calibration,
         layers: headers

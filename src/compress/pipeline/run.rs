@@ -17,6 +17,8 @@ use crate::compress::workdir::{
     StoredLayer,
 };
 
+use crate::format::{native::Native, Format, JobInfo};
+
 use super::{checks::*, job::*, layer::*, layout::*, options::*, output::*};
 
 /// Compress `ck` into `opts.output` — or, with `opts.shard`, compress that shard's layers into
@@ -45,6 +47,10 @@ pub fn compress(
             ));
         }
     }
+    // What the output will hold, checked by the format before any GPU work.
+    let format = Native;
+    let planned = planned_entries(ck, opts)?;
+    format.check(ck, &planned)?;
     let todo = match opts.shard {
         Some((i, n)) => {
             if opts.work_dir.is_none() || opts.hessians.is_none() {
@@ -208,7 +214,7 @@ pub fn compress(
             c.info
         }
     };
-    let base = ManifestBase {
+    let base = JobInfo {
         source,
         method: manifest_method(opts),
         params: manifest_params(opts),
@@ -230,12 +236,7 @@ pub fn compress(
 
     // Without a work directory, layers stream straight into the output.
     let mut direct = match &opts.work_dir {
-        None => Some(OutputWriter::begin(
-            ck,
-            &opts.output,
-            opts.force,
-            plan(ck, opts)?,
-        )?),
+        None => Some(format.begin(ck, &opts.output, opts.force, &planned)?),
         Some(_) => None,
     };
     let empty_pos;
@@ -311,21 +312,21 @@ pub fn compress(
         )
         .map_err(stopped)?;
         let seconds = t0.elapsed().as_secs_f64();
-        let stored = result.into_stored(l, seconds)?;
+        let layer = result.into_layer(l, seconds);
         ck.release_layer(l);
-        shard_bits += stored
-            .entries
+        shard_bits += layer
+            .matrices
             .iter()
-            .map(|(_, e)| e.stored_bits)
+            .map(|m| m.entry.stored_bits)
             .sum::<u64>();
-        shard_params += stored
-            .entries
+        shard_params += layer
+            .matrices
             .iter()
-            .map(|(_, e)| e.rows * e.cols)
+            .map(|m| m.entry.rows * m.entry.cols)
             .sum::<usize>();
         match (&opts.work_dir, &mut direct) {
             (Some(wd), _) => {
-                stored.write(wd, &fp)?;
+                StoredLayer::write(&layer, wd, &fp)?;
                 if hessians.is_none() {
                     let batches = xs
                         .iter()
@@ -340,7 +341,7 @@ pub fn compress(
                     .write(wd, &fp)?;
                 }
             }
-            (None, Some(w)) => w.layer(ck, &stored)?,
+            (None, Some(w)) => w.layer(ck, &layer)?,
             (None, None) => unreachable!("direct output exists without a work dir"),
         }
         progress(&Event::Layer {
@@ -352,7 +353,7 @@ pub fn compress(
         layers.push(LayerReport {
             layer: l,
             seconds: Some(seconds),
-            matrices: stored.reports,
+            matrices: layer.reports,
         });
     }
     drop(xs);
@@ -377,26 +378,27 @@ pub fn compress(
     let w = match (direct, &opts.work_dir) {
         (Some(w), _) => w,
         (None, Some(wd)) => {
-            let mut w = OutputWriter::begin(ck, &opts.output, opts.force, plan(ck, opts)?)?;
+            let mut w = format.begin(ck, &opts.output, opts.force, &planned)?;
             for l in 0..nlayers {
-                w.layer(ck, &StoredLayer::read(wd, l, &fp)?)?;
+                w.layer(ck, &StoredLayer::read(wd, l, &fp)?.1)?;
             }
             w
         }
         (None, None) => unreachable!("one of the two outputs exists"),
     };
     progress(&Event::Writing);
-    let manifest = w.finish(ck, &opts.output, base)?;
+    let calibration = base.calibration.clone();
+    let written = w.finish(ck, base)?;
     Ok(CompressSummary {
         output: opts.output.display().to_string(),
         method: opts.method.name().into(),
         source_bytes: ck.bytes_on_disk(),
-        output_bytes: manifest.files["model.safetensors"].bytes,
-        parameters: manifest.total.parameters,
-        bits_per_parameter: manifest.total.bits_per_parameter,
-        linear_bits_per_parameter: manifest.linear.bits_per_parameter,
+        output_bytes: written.bytes(),
+        parameters: written.total.parameters,
+        bits_per_parameter: written.total.bits_per_parameter,
+        linear_bits_per_parameter: written.linear.bits_per_parameter,
         seconds: start.elapsed().as_secs_f64(),
-        calibration: manifest.calibration.clone().expect("written above"),
+        calibration,
         layers,
         shard: None,
         peak_rss_bytes: peak_rss_bytes(),

@@ -194,15 +194,8 @@ impl<'a> Engine<'a> {
             self.gpu,
             self.ck,
             name,
-            q.rows,
-            q.cols,
-            q.grid()?,
-            q.act_order,
-            if q.sparsity.is_some() {
-                q.kept_per_row
-            } else {
-                q.cols
-            },
+            q,
+            crate::model::compressed::Factor::Backbone,
         )
     }
 

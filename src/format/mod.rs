@@ -1,0 +1,334 @@
+//! The format seam: where compressed layers leave the pipeline for a file format.
+//!
+//! The pipeline produces [`CompressedLayer`]s — for every linear weight its manifest entry
+//! (method, grid, rank, pruning, rotation seeds) and its packed data by role (codes, scales,
+//! zeros, mask, permutation, factors), with no stored tensor names — and hands them, in layer
+//! order, to the [`FormatWriter`] a [`Format`] began. Before any GPU work the pipeline asks the
+//! format to [`Format::check`] the planned entries, so a recipe a format cannot hold exactly is
+//! refused up front, naming the tensor and the reason.
+//!
+//! Formats: [`native`] (the pumice checkpoint, `model::compressed`).
+//!
+//! Invariant: a format knows nothing of calibration, Hessians or GPUs; it receives finished
+//! layers and what the job was ([`JobInfo`]), and writes its output whole or not at all
+//! (`base::outdir`).
+
+pub mod native;
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::model::compressed::{
+    Accounting, CalibInfo, Factor, MatrixReport, PartKind, QuantEntry, SourceInfo, StoredPart,
+};
+use crate::model::Checkpoint;
+
+/// One matrix's packed data (the backbone Q, or a CALDERA factor), by role: codes as
+/// little-endian bit streams per row in u32 words, f16 scales and zero points per row and
+/// group, the pruning mask, the act-order permutation.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PackedMatrix {
+    /// Codes, rows × words(kept) u32 words, as bytes.
+    pub codes: Vec<u8>,
+    /// f16 scales, rows × groups, as bytes.
+    pub scales: Vec<u8>,
+    /// f16 zero points (None for a symmetric grid, whose zero is implied).
+    pub zeros: Option<Vec<u8>>,
+    /// Pruned: the kept-weight mask, rows × ⌈cols/32⌉ words.
+    pub mask: Option<Vec<u32>>,
+    /// Act-order: stored column j is original column perm[j] (u32 little-endian bytes).
+    pub perm: Option<Vec<u8>>,
+    /// Codes stored per row (cols when not pruned).
+    pub kept: usize,
+    /// CALDERA: the factors Lᵀ and R, each packed like a backbone.
+    pub factors: Option<Box<(PackedMatrix, PackedMatrix)>>,
+}
+
+impl PackedMatrix {
+    fn of(&self, factor: Factor) -> Option<&PackedMatrix> {
+        match factor {
+            Factor::Backbone => Some(self),
+            Factor::L => self.factors.as_deref().map(|f| &f.0),
+            Factor::R => self.factors.as_deref().map(|f| &f.1),
+        }
+    }
+
+    /// The bytes of one stored part (None when this matrix has no such part).
+    pub fn part(&self, p: &StoredPart) -> Option<&[u8]> {
+        let m = self.of(p.factor)?;
+        match p.kind {
+            PartKind::Codes => Some(&m.codes),
+            PartKind::Scales => Some(&m.scales),
+            PartKind::Zeros => m.zeros.as_deref(),
+            PartKind::Mask => m.mask.as_deref().map(bytemuck::cast_slice),
+            PartKind::Perm => m.perm.as_deref(),
+        }
+    }
+
+    /// Rebuild from the parts `entry.stored_parts()` lists and their bytes, in that order.
+    pub fn from_parts(
+        entry: &QuantEntry,
+        parts: impl IntoIterator<Item = (StoredPart, Vec<u8>)>,
+    ) -> PackedMatrix {
+        let kept = if entry.sparsity.is_some() {
+            entry.kept_per_row
+        } else {
+            entry.cols
+        };
+        let mut backbone = PackedMatrix {
+            kept,
+            ..Default::default()
+        };
+        let mut l = PackedMatrix {
+            kept: entry.rows,
+            ..Default::default()
+        };
+        let mut r = PackedMatrix {
+            kept: entry.cols,
+            ..Default::default()
+        };
+        for (p, bytes) in parts {
+            let m = match p.factor {
+                Factor::Backbone => &mut backbone,
+                Factor::L => &mut l,
+                Factor::R => &mut r,
+            };
+            match p.kind {
+                PartKind::Codes => m.codes = bytes,
+                PartKind::Scales => m.scales = bytes,
+                PartKind::Zeros => m.zeros = Some(bytes),
+                PartKind::Mask => {
+                    m.mask = Some(
+                        bytes
+                            .chunks_exact(4)
+                            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                            .collect(),
+                    )
+                }
+                PartKind::Perm => m.perm = Some(bytes),
+            }
+        }
+        if entry.rank > 0 {
+            backbone.factors = Some(Box::new((l, r)));
+        }
+        backbone
+    }
+}
+
+/// One compressed linear weight, format-neutral.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CompressedMatrix {
+    /// The source weight it replaces (`model.layers.3.mlp.down_proj.weight`).
+    pub weight: String,
+    pub entry: QuantEntry,
+    pub data: PackedMatrix,
+}
+
+impl CompressedMatrix {
+    /// The stored parts with their bytes, checked against the entry's layout (every part
+    /// present, of its size).
+    pub fn parts(&self) -> Result<Vec<(StoredPart, &[u8])>> {
+        let parts = self
+            .entry
+            .stored_parts()
+            .map_err(|msg| Error::InvalidArgument(format!("{}: {msg}", self.weight)))?;
+        parts
+            .into_iter()
+            .map(|p| {
+                let bytes = self.data.part(&p).filter(|b| Some(b.len()) == p.bytes());
+                match bytes {
+                    Some(b) => Ok((p, b)),
+                    None => Err(Error::Shape(format!(
+                        "{}: packed data disagree with the entry's layout at {}",
+                        self.weight,
+                        p.suffix()
+                    ))),
+                }
+            })
+            .collect()
+    }
+}
+
+/// One finished decoder layer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CompressedLayer {
+    pub layer: usize,
+    pub seconds: f64,
+    pub matrices: Vec<CompressedMatrix>,
+    /// Per-matrix errors, in the order the layer computed them.
+    pub reports: Vec<MatrixReport>,
+}
+
+/// What the job was, for the output's own description of itself.
+#[derive(Clone, Debug)]
+pub struct JobInfo {
+    pub source: SourceInfo,
+    pub method: String,
+    pub params: serde_json::Value,
+    pub calibration: CalibInfo,
+    pub allocation: Option<serde_json::Value>,
+}
+
+/// What a finished output holds.
+#[derive(Clone, Debug)]
+pub struct Written {
+    /// Files written (name inside the output, bytes).
+    pub files: Vec<(String, u64)>,
+    /// All parameters and the bits stored for them.
+    pub total: Accounting,
+    /// The compressed linear weights alone.
+    pub linear: Accounting,
+}
+
+impl Written {
+    pub fn bytes(&self) -> u64 {
+        self.files.iter().map(|(_, b)| b).sum()
+    }
+}
+
+/// The planned entries of every layer's linear weights (stored_bits not yet known).
+pub type Planned = [Vec<(String, QuantEntry)>];
+
+/// An output format.
+pub trait Format {
+    fn name(&self) -> &'static str;
+
+    /// Refuse, before any GPU work, what this format cannot hold exactly (naming the tensor and
+    /// the reason).
+    fn check(&self, ck: &Checkpoint, planned: &Planned) -> Result<()>;
+
+    /// Start writing `out` for `ck`'s compression as planned (layers then arrive in order).
+    fn begin(
+        &self,
+        ck: &Checkpoint,
+        out: &Path,
+        force: bool,
+        planned: &Planned,
+    ) -> Result<Box<dyn FormatWriter>>;
+}
+
+/// An output being written.
+pub trait FormatWriter {
+    /// The next decoder layer (layers arrive in order, every one exactly once).
+    fn layer(&mut self, ck: &Checkpoint, layer: &CompressedLayer) -> Result<()>;
+
+    /// Everything after the layers; then move the output into place.
+    fn finish(self: Box<Self>, ck: &Checkpoint, job: JobInfo) -> Result<Written>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(symmetric: bool, act_order: bool, rank: usize, sparse: bool) -> QuantEntry {
+        let (rows, cols) = (7, 71);
+        QuantEntry {
+            method: "test".into(),
+            bits: 3,
+            group_size: 32,
+            symmetric,
+            act_order,
+            rows,
+            cols,
+            stored_bits: 0,
+            relative_error: None,
+            damp: None,
+            rank,
+            lr_bits: if rank > 0 { 4 } else { 0 },
+            lr_group_size: if rank > 0 { 32 } else { 0 },
+            rht: None,
+            sparsity: sparse.then(|| "2:4".to_string()),
+            kept_per_row: if sparse { 36 } else { cols },
+        }
+    }
+
+    /// Distinct bytes for every part, sized as the layout says.
+    fn matrix(e: &QuantEntry) -> CompressedMatrix {
+        let parts = e.stored_parts().unwrap();
+        let mut seed = 1u8;
+        let data = PackedMatrix::from_parts(
+            e,
+            parts.into_iter().map(|p| {
+                seed = seed.wrapping_mul(31).wrapping_add(7);
+                let n = p.bytes().unwrap();
+                let bytes = (0..n).map(|i| seed.wrapping_add(i as u8)).collect();
+                (p, bytes)
+            }),
+        );
+        CompressedMatrix {
+            weight: "model.layers.0.mlp.up_proj.weight".into(),
+            entry: e.clone(),
+            data,
+        }
+    }
+
+    #[test]
+    fn parts_round_trip_through_the_layout() {
+        for e in [
+            entry(false, false, 0, false),
+            entry(true, true, 0, false),
+            entry(false, false, 3, false),
+            entry(true, false, 2, false),
+            entry(false, false, 0, true),
+        ] {
+            let m = matrix(&e);
+            let parts = m.parts().unwrap();
+            assert_eq!(
+                parts.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(),
+                e.stored_parts().unwrap()
+            );
+            let back =
+                PackedMatrix::from_parts(&e, parts.into_iter().map(|(p, b)| (p, b.to_vec())));
+            assert_eq!(back, m.data, "{e:?}");
+            assert_eq!(m.data.factors.is_some(), e.rank > 0);
+            assert_eq!(m.data.zeros.is_some(), !e.symmetric);
+            assert_eq!(m.data.perm.is_some(), e.act_order);
+            assert_eq!(m.data.mask.is_some(), e.sparsity.is_some());
+            assert_eq!(m.data.kept, e.kept_per_row);
+        }
+    }
+
+    #[test]
+    fn data_that_disagree_with_the_entry_are_refused_by_part() {
+        let e = entry(false, false, 2, false);
+        let mut m = matrix(&e);
+        m.data.zeros = None;
+        let err = m.parts().unwrap_err().to_string();
+        assert!(
+            err.contains("up_proj.weight") && err.contains("at zeros"),
+            "{err}"
+        );
+        let mut m = matrix(&e);
+        m.data.factors.as_mut().unwrap().1.scales.pop();
+        let err = m.parts().unwrap_err().to_string();
+        assert!(err.contains("at R.scales"), "{err}");
+        let mut m = matrix(&e);
+        m.entry.bits = 9;
+        assert!(m.parts().is_err());
+    }
+
+    #[test]
+    fn part_names_are_the_native_suffixes() {
+        let names: Vec<String> = entry(false, true, 1, false)
+            .stored_parts()
+            .unwrap()
+            .iter()
+            .map(|p| p.name("w"))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "w.qweight",
+                "w.scales",
+                "w.zeros",
+                "w.perm",
+                "w.L.qweight",
+                "w.L.scales",
+                "w.L.zeros",
+                "w.R.qweight",
+                "w.R.scales",
+                "w.R.zeros"
+            ]
+        );
+    }
+}
