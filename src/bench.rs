@@ -531,6 +531,8 @@ pub fn run(
                     work_dir: None,
                     resume: false,
                     shard: None,
+                    format: crate::format::FormatKind::Native,
+                    dtype: None,
                 };
                 // Whole jobs: no warm-up beyond the kernels' pipelines, at most three runs.
                 let r = time_runs(0, runs.min(3), &mut || {

@@ -44,6 +44,8 @@ fn opts(method: Method, bits: u32, group: usize, out: &Path) -> CompressOptions 
         work_dir: None,
         resume: false,
         shard: None,
+        format: pumice::format::FormatKind::Native,
+        dtype: None,
     }
 }
 

@@ -89,6 +89,8 @@ fn compress_and_reader_agree_on_symmetric_zero_points() {
         work_dir: None,
         resume: false,
         shard: None,
+        format: pumice::format::FormatKind::Native,
+        dtype: None,
     };
     compress(&g, &src, &o, &mut |_| {}).unwrap();
     let ck = Checkpoint::open(&out).unwrap();

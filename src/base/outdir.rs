@@ -220,6 +220,76 @@ fn sync_parent(out: &Path) {
     sync_dir(&parts(out).0);
 }
 
+/// `path` made absolute without requiring it to exist: its deepest existing ancestor
+/// canonicalized, the rest appended.
+pub(crate) fn resolved(path: &Path) -> Option<PathBuf> {
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().ok()?.join(path)
+    };
+    let mut rest = Vec::new();
+    let mut cur = abs.as_path();
+    loop {
+        if let Ok(c) = std::fs::canonicalize(cur) {
+            return Some(rest.iter().rev().fold(c, |p: PathBuf, n| p.join(n)));
+        }
+        rest.push(cur.file_name()?.to_os_string());
+        cur = cur.parent()?;
+    }
+}
+
+/// Refuse an output that is, contains or lies inside one of the directories the job reads or
+/// keeps (`inputs`: a work directory, saved Hessians): replacing it would destroy them.
+pub(crate) fn check_output_apart(out: &Path, inputs: &[(&str, &Path)]) -> Result<()> {
+    let Some(o) = resolved(out) else {
+        return Ok(());
+    };
+    for (what, p) in inputs {
+        if let Some(p) = resolved(p) {
+            if o == p || p.starts_with(&o) || o.starts_with(&p) {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: the output would overwrite the {what} {} the job reads",
+                    out.display(),
+                    p.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Refuse an output that would replace the input `input_dir`, or that exists without `force`,
+/// or whose parent is missing; tidy leftovers of killed runs writing it first.
+pub(crate) fn check_output(input_dir: &Path, out: &Path, force: bool) -> Result<()> {
+    let input = std::fs::canonicalize(input_dir).map_err(|e| Error::io(input_dir, e))?;
+    recover(out);
+    if out.exists() {
+        let o = std::fs::canonicalize(out).map_err(|e| Error::io(out, e))?;
+        if o == input || input.starts_with(&o) {
+            return Err(Error::InvalidArgument(format!(
+                "{}: refusing to overwrite the input model",
+                out.display()
+            )));
+        }
+        if !force {
+            return Err(Error::InvalidArgument(format!(
+                "{}: already exists (pass --force to replace it)",
+                out.display()
+            )));
+        }
+    }
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.is_dir() {
+            return Err(Error::InvalidArgument(format!(
+                "{}: no such directory",
+                parent.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

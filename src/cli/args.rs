@@ -137,3 +137,16 @@ pub(crate) fn read_token_file(path: &std::path::Path) -> Result<Vec<u32>, pumice
         })
         .collect()
 }
+
+/// A storage dtype by name: f32, f16, bf16 (or the safetensors / torch spellings).
+pub(crate) fn parse_dtype(s: &str) -> Result<pumice::DType, String> {
+    let l = s.to_ascii_lowercase();
+    pumice::DType::from_safetensors(&l.to_ascii_uppercase())
+        .or_else(|| pumice::DType::from_torch(&l))
+        .ok_or_else(|| format!("`{s}`: known dtypes are f32, f16, bf16"))
+}
+
+/// An output format by name (`pumice::format::FormatKind`).
+pub(crate) fn parse_format(s: &str) -> Result<pumice::format::FormatKind, String> {
+    pumice::format::FormatKind::parse(s).map_err(|e| e.to_string())
+}

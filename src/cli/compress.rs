@@ -114,6 +114,14 @@ pub(crate) struct CompressArgs {
     /// Replace the output directory if it exists (never the input).
     #[arg(long)]
     pub(crate) force: bool,
+    /// Output format: pumice (default), dense, compressed-tensors, peft (see `pumice export`).
+    /// What the format cannot hold exactly is refused before any work. pumice evaluates
+    /// pumice and dense outputs afterwards; the others are not read back.
+    #[arg(long, value_parser = super::args::parse_format, default_value = "pumice")]
+    pub(crate) format: pumice::format::FormatKind,
+    /// Dtype of a dense output (f32, f16, bf16; default: the model's).
+    #[arg(long, value_parser = super::args::parse_dtype)]
+    pub(crate) dtype: Option<pumice::DType>,
     /// Evaluate before and after on this text (perplexity, KL against the original).
     #[arg(long)]
     pub(crate) eval_text: Option<PathBuf>,
@@ -276,6 +284,8 @@ impl TryFrom<&CompressArgs> for pumice::compress::pipeline::CompressOptions {
             work_dir: a.work_dir.clone(),
             resume: a.resume,
             shard,
+            format: a.format,
+            dtype: a.dtype,
         })
     }
 }
@@ -366,19 +376,31 @@ pub(crate) fn run(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> 
         return Ok(());
     }
     let output = opts.output.clone();
-    let review = pumice::compress::review::review(
-        &gpu,
-        &ck,
-        &output,
-        &pumice::compress::review::ReviewOptions {
-            eval_tokens,
-            eval_ctx: a.eval_ctx,
-            eval_windows: a.eval_windows,
-            self_samples: a.eval_samples,
-            seed: a.cal.seed,
-            newlines: newlines(a.cal.raw_text),
-        },
-    )?;
+    use pumice::format::FormatKind;
+    let review = if matches!(opts.format, FormatKind::Native | FormatKind::Dense) {
+        pumice::compress::review::review(
+            &gpu,
+            &ck,
+            &output,
+            &pumice::compress::review::ReviewOptions {
+                eval_tokens,
+                eval_ctx: a.eval_ctx,
+                eval_windows: a.eval_windows,
+                self_samples: a.eval_samples,
+                seed: a.cal.seed,
+                newlines: newlines(a.cal.raw_text),
+            },
+        )?
+    } else {
+        if eval_tokens.is_some() || a.eval_samples > 0 {
+            rep.on(&Event::Note(format!(
+                "not evaluated: pumice does not read {} outputs (evaluate with the tool that \
+                 loads them, or compress to the pumice format and `pumice export`)",
+                opts.format.name()
+            )));
+        }
+        Default::default()
+    };
     let (before_after, self_eval) = (review.before_after, review.self_generated);
     // The allocation report: report.svg in the output directory.
     let report_rows = if opts.allocation.is_some() {

@@ -17,6 +17,12 @@ pub(crate) struct MergeArgs {
     /// The source model, when it is not where the job recorded it (checked by SHA-256).
     #[arg(long)]
     pub(crate) model: Option<PathBuf>,
+    /// Output format: pumice (default), dense, compressed-tensors, peft (see `pumice export`).
+    #[arg(long, value_parser = super::args::parse_format, default_value = "pumice")]
+    pub(crate) format: pumice::format::FormatKind,
+    /// Dtype of a dense output (f32, f16, bf16; default: the model's).
+    #[arg(long, value_parser = super::args::parse_dtype)]
+    pub(crate) dtype: Option<pumice::DType>,
     /// Replace the output directory if it exists.
     #[arg(long)]
     pub(crate) force: bool,
@@ -37,6 +43,8 @@ pub(crate) fn run(a: MergeArgs) -> anyhow::Result<()> {
         a.model.as_deref(),
         &a.output,
         a.force,
+        a.format,
+        a.dtype,
         &mut |e: &Event| rep.on(e),
     )?;
     rep.conclude(serde_json::to_value(&s)?, || {

@@ -10,6 +10,7 @@ pub(crate) mod bench;
 pub(crate) mod compress;
 pub(crate) mod devices;
 pub(crate) mod eval;
+pub(crate) mod export;
 pub(crate) mod generate;
 pub(crate) mod hessians;
 pub(crate) mod importance;
@@ -24,6 +25,7 @@ use bench::BenchArgs;
 use clap::{Args, Parser, Subcommand};
 use compress::CompressArgs;
 use eval::{EvalArgs, EVAL_PROTOCOL};
+use export::ExportArgs;
 use generate::GenerateArgs;
 use hessians::HessiansArgs;
 use importance::ImportanceArgs;
@@ -132,6 +134,10 @@ pub(crate) enum Command {
     /// Assemble the checkpoint from a work directory whose layers are all finished (by shards
     /// on several machines, or one interrupted run).
     Merge(MergeArgs),
+    /// Write a compressed checkpoint in another format: dense weights, compressed-tensors
+    /// (transformers, vLLM) with CALDERA's factors as a PEFT adapter, or the adapter alone.
+    /// Only the checkpoint is read; no GPU. What a format cannot hold exactly is refused.
+    Export(ExportArgs),
     /// Measure each decoder layer: LSAQ importance (1 − mean Jaccard similarity of the top-k
     /// tokens predicted from the layer's input and output, both read through the final norm and
     /// the LM head) and, per option, the measured sensitivity (KL vs the original when only that
@@ -155,6 +161,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Importance(args) => importance::run(&gpu, args),
         Command::Hessians(args) => hessians::run(&gpu, args),
         Command::Merge(args) => merge::run(args),
+        Command::Export(args) => export::run(args),
         Command::Bench(args) => bench::run(&cli.gpu, args),
     }
 }

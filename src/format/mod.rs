@@ -10,10 +10,15 @@
 //! Formats: [`native`] (the pumice checkpoint, `model::compressed`).
 //!
 //! Invariant: a format knows nothing of calibration, Hessians or GPUs; it receives finished
-//! layers and what the job was ([`JobInfo`]), and writes its output whole or not at all
-//! (`base::outdir`).
+//! layers and what the job was ([`JobInfo`]), and writes into a directory its caller moves into
+//! place whole (`base::outdir`).
 
+pub mod compressed_tensors;
+pub mod dense;
+mod hf;
 pub mod native;
+pub mod peft;
+pub mod weights;
 
 use std::path::Path;
 
@@ -165,7 +170,7 @@ pub struct JobInfo {
     pub source: SourceInfo,
     pub method: String,
     pub params: serde_json::Value,
-    pub calibration: CalibInfo,
+    pub calibration: Option<CalibInfo>,
     pub allocation: Option<serde_json::Value>,
 }
 
@@ -197,12 +202,14 @@ pub trait Format {
     /// the reason).
     fn check(&self, ck: &Checkpoint, planned: &Planned) -> Result<()>;
 
-    /// Start writing `out` for `ck`'s compression as planned (layers then arrive in order).
+    /// Start writing the output for `ck`'s compression as planned into `dir`, an empty
+    /// directory the caller moves to `target` when [`FormatWriter::finish`] succeeds (layers
+    /// arrive in order).
     fn begin(
         &self,
         ck: &Checkpoint,
-        out: &Path,
-        force: bool,
+        dir: &Path,
+        target: &Path,
         planned: &Planned,
     ) -> Result<Box<dyn FormatWriter>>;
 }
@@ -212,8 +219,136 @@ pub trait FormatWriter {
     /// The next decoder layer (layers arrive in order, every one exactly once).
     fn layer(&mut self, ck: &Checkpoint, layer: &CompressedLayer) -> Result<()>;
 
-    /// Everything after the layers; then move the output into place.
+    /// Everything after the layers; every file complete and synced when this returns.
     fn finish(self: Box<Self>, ck: &Checkpoint, job: JobInfo) -> Result<Written>;
+}
+
+/// The formats pumice writes, by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FormatKind {
+    /// The pumice checkpoint (`model::compressed`).
+    Native,
+    /// Plain weights in one dtype (L·R merged, rotations undone).
+    Dense,
+    /// compressed-tensors pack-quantized (+ a PEFT adapter for CALDERA's factors).
+    CompressedTensors,
+    /// CALDERA's factors alone, as a PEFT LoRA adapter.
+    Peft,
+}
+
+impl FormatKind {
+    pub const ALL: [FormatKind; 4] = [
+        FormatKind::Native,
+        FormatKind::Dense,
+        FormatKind::CompressedTensors,
+        FormatKind::Peft,
+    ];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            FormatKind::Native => "pumice",
+            FormatKind::Dense => "dense",
+            FormatKind::CompressedTensors => "compressed-tensors",
+            FormatKind::Peft => "peft",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<FormatKind> {
+        FormatKind::ALL
+            .into_iter()
+            .find(|f| f.name() == s)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "--format {s}: known formats are {}",
+                    FormatKind::ALL.map(|f| f.name()).join(", ")
+                ))
+            })
+    }
+
+    /// The format, with `dtype` for the formats that store plain values.
+    pub fn make(&self, dtype: crate::DType) -> Box<dyn Format> {
+        match self {
+            FormatKind::Native => Box::new(native::Native),
+            FormatKind::Dense => Box::new(dense::Dense { dtype }),
+            FormatKind::CompressedTensors => Box::new(compressed_tensors::CompressedTensors),
+            FormatKind::Peft => Box::new(peft::Peft),
+        }
+    }
+}
+
+/// An output being written: a format's writer filling a temporary sibling of `out`, moved into
+/// place only when the writer has finished (`base::outdir`: never replacing without `force`).
+pub struct Output {
+    tmp: crate::base::outdir::TempDir,
+    writer: Box<dyn FormatWriter>,
+    out: std::path::PathBuf,
+    force: bool,
+}
+
+impl Output {
+    pub fn begin(
+        format: &dyn Format,
+        ck: &Checkpoint,
+        out: &Path,
+        force: bool,
+        planned: &Planned,
+    ) -> Result<Output> {
+        let tmp = crate::base::outdir::begin(out)?;
+        let writer = format.begin(ck, &tmp.path, out, planned)?;
+        Ok(Output {
+            tmp,
+            writer,
+            out: out.to_path_buf(),
+            force,
+        })
+    }
+
+    pub fn layer(&mut self, ck: &Checkpoint, layer: &CompressedLayer) -> Result<()> {
+        self.writer.layer(ck, layer)
+    }
+
+    pub fn finish(self, ck: &Checkpoint, job: JobInfo) -> Result<Written> {
+        let written = self.writer.finish(ck, job)?;
+        crate::base::outdir::commit(self.tmp, &self.out, self.force)?;
+        Ok(written)
+    }
+}
+
+/// Write a native compressed checkpoint `ck` in another format into `out` (nothing but the
+/// checkpoint is read; no GPU). The format checks every weight before anything is written.
+pub fn export(
+    ck: &Checkpoint,
+    format: &dyn Format,
+    out: &Path,
+    force: bool,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Written> {
+    let manifest = ck.manifest().ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "{} is not a pumice-compressed checkpoint (no pumice.json); compress it first",
+            ck.dir().display()
+        ))
+    })?;
+    crate::base::outdir::check_output(ck.dir(), out, force)?;
+    let planned = native::entries(ck)?;
+    format.check(ck, &planned)?;
+    let mut output = Output::begin(format, ck, out, force, &planned)?;
+    let n = planned.len();
+    for l in 0..n {
+        output.layer(ck, &native::read_layer(ck, l)?)?;
+        progress(l + 1, n);
+        crate::interrupt::check("stopped while exporting; nothing was written")?;
+    }
+    output.finish(
+        ck,
+        JobInfo {
+            source: manifest.source.clone(),
+            method: manifest.method.clone(),
+            params: manifest.params.clone(),
+            calibration: manifest.calibration.clone(),
+            allocation: manifest.allocation.clone(),
+        },
+    )
 }
 
 #[cfg(test)]

@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::base::atomic::write_atomic;
-use crate::base::outdir;
 use crate::error::{Error, Result};
 use crate::model::compressed::{
     sha256_files, Accounting, FileInfo, LayerReport, Manifest, PlannedTensor, QuantEntry,
@@ -15,19 +14,7 @@ use crate::model::compressed::{
 };
 use crate::model::Checkpoint;
 
-use super::{CompressedLayer, Format, FormatWriter, JobInfo, Planned, Written};
-
-/// Files copied from the source directory beside the weights.
-pub(crate) const SIDE_FILES: [&str; 8] = [
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-];
+use super::{hf, CompressedLayer, Format, FormatWriter, JobInfo, Planned, Written};
 
 /// The pumice checkpoint format.
 pub struct Native;
@@ -55,16 +42,11 @@ impl Format for Native {
     fn begin(
         &self,
         ck: &Checkpoint,
-        out: &Path,
-        force: bool,
+        dir: &Path,
+        _target: &Path,
         planned: &Planned,
     ) -> Result<Box<dyn FormatWriter>> {
-        Ok(Box::new(NativeWriter::begin(
-            ck,
-            out,
-            force,
-            plan(ck, planned)?,
-        )?))
+        Ok(Box::new(NativeWriter::begin(ck, dir, plan(ck, planned)?)?))
     }
 }
 
@@ -76,49 +58,33 @@ pub(crate) fn plan(ck: &Checkpoint, planned: &Planned) -> Result<Vec<PlannedTens
         .flatten()
         .map(|(n, e)| (n.as_str(), e))
         .collect();
-    let mut out = Vec::new();
-    for spec in ck.arch().tensors() {
-        if let Some(e) = entries.get(spec.name.as_str()) {
-            let parts = e
-                .stored_parts()
-                .map_err(|msg| Error::tensor(ck.dir(), &spec.name, msg))?;
-            for p in parts {
+    hf::plan_model(ck, |weight, _, _| {
+        let e = entries
+            .get(weight)
+            .ok_or_else(|| Error::tensor(ck.dir(), weight, "has no planned entry"))?;
+        let parts = e
+            .stored_parts()
+            .map_err(|msg| Error::tensor(ck.dir(), weight, msg))?;
+        parts
+            .into_iter()
+            .map(|p| {
                 let bytes = p
                     .bytes()
-                    .ok_or_else(|| Error::tensor(ck.dir(), &spec.name, "stored size overflows"))?;
-                out.push(PlannedTensor {
-                    name: p.name(&spec.name),
+                    .ok_or_else(|| Error::tensor(ck.dir(), weight, "stored size overflows"))?;
+                Ok(PlannedTensor {
+                    name: p.name(weight),
                     dtype: p.dtype.into(),
                     shape: p.shape,
                     bytes,
-                });
-            }
-        } else {
-            let t = ck.tensor(&spec.name)?;
-            out.push(PlannedTensor {
-                name: spec.name.clone(),
-                dtype: t.dtype.safetensors_name().into(),
-                shape: t.shape.to_vec(),
-                bytes: t.bytes.len(),
-            });
-        }
-    }
-    Ok(out)
+                })
+            })
+            .collect()
+    })
 }
 
-fn copy_plain(wr: &mut StreamingWriter, ck: &Checkpoint, name: &str) -> Result<()> {
-    let t = ck.tensor(name)?;
-    wr.write(name, t.bytes)?;
-    ck.release(name);
-    Ok(())
-}
-
-/// Streams a compressed checkpoint into a temporary directory, layer by layer, and renames it
-/// into place when complete.
+/// Streams a compressed checkpoint into a directory, layer by layer.
 struct NativeWriter {
-    tmp: outdir::TempDir,
-    out: PathBuf,
-    force: bool,
+    dir: PathBuf,
     st_path: PathBuf,
     writer: StreamingWriter,
     entries: BTreeMap<String, QuantEntry>,
@@ -126,20 +92,12 @@ struct NativeWriter {
 }
 
 impl NativeWriter {
-    fn begin(
-        ck: &Checkpoint,
-        out: &Path,
-        force: bool,
-        plan: Vec<PlannedTensor>,
-    ) -> Result<NativeWriter> {
-        let tmp = outdir::begin(out)?;
-        let st_path = tmp.path.join("model.safetensors");
+    fn begin(ck: &Checkpoint, dir: &Path, plan: Vec<PlannedTensor>) -> Result<NativeWriter> {
+        let st_path = dir.join("model.safetensors");
         let mut writer = StreamingWriter::create(&st_path, plan)?;
-        copy_plain(&mut writer, ck, &ck.arch().embed_tokens.name)?;
+        hf::copy_plain(&mut writer, ck, &ck.arch().embed_tokens.name)?;
         Ok(NativeWriter {
-            tmp,
-            out: out.to_path_buf(),
-            force,
+            dir: dir.to_path_buf(),
             st_path,
             writer,
             entries: Default::default(),
@@ -168,7 +126,7 @@ impl FormatWriter for NativeWriter {
                     self.writer.write(&p.name(&m.weight), bytes)?;
                 }
             } else {
-                copy_plain(&mut self.writer, ck, &t.name)?;
+                hf::copy_plain(&mut self.writer, ck, &t.name)?;
             }
         }
         self.entries.extend(
@@ -187,29 +145,22 @@ impl FormatWriter for NativeWriter {
         Ok(())
     }
 
-    /// Final norm, LM head, side files, manifest; then rename into place.
+    /// Final norm, LM head, side files, manifest.
     fn finish(mut self: Box<Self>, ck: &Checkpoint, job: JobInfo) -> Result<Written> {
         let arch = ck.arch();
-        copy_plain(&mut self.writer, ck, &arch.final_norm.name)?;
+        hf::copy_plain(&mut self.writer, ck, &arch.final_norm.name)?;
         if let Some(h) = &arch.lm_head {
-            copy_plain(&mut self.writer, ck, &h.name)?;
+            hf::copy_plain(&mut self.writer, ck, &h.name)?;
         }
         let NativeWriter {
-            tmp,
-            out,
-            force,
+            dir,
             st_path,
             writer,
             entries,
             layers,
         } = *self;
         writer.finish()?;
-        for f in SIDE_FILES {
-            let src = ck.dir().join(f);
-            if src.is_file() {
-                std::fs::copy(&src, tmp.path.join(f)).map_err(|e| Error::io(&src, e))?;
-            }
-        }
+        hf::copy_side_files(ck, &dir, true)?;
         let out_bytes = std::fs::metadata(&st_path)
             .map_err(|e| Error::io(&st_path, e))?
             .len();
@@ -223,7 +174,7 @@ impl FormatWriter for NativeWriter {
             source: job.source,
             method: job.method,
             params: job.params,
-            calibration: Some(job.calibration),
+            calibration: job.calibration,
             tensors: entries,
             linear: Accounting::new(linear_params, linear_bits),
             total: Accounting::new(parameters, out_bytes * 8),
@@ -240,8 +191,7 @@ impl FormatWriter for NativeWriter {
             allocation: job.allocation,
         };
         let text = serde_json::to_string_pretty(&manifest).expect("manifest serializes");
-        write_atomic(&tmp.path.join(MANIFEST_FILE), &[text.as_bytes()])?;
-        outdir::commit(tmp, &out, force)?;
+        write_atomic(&dir.join(MANIFEST_FILE), &[text.as_bytes()])?;
         Ok(Written {
             files: manifest
                 .files
@@ -252,4 +202,76 @@ impl FormatWriter for NativeWriter {
             linear: manifest.linear,
         })
     }
+}
+
+/// Layer `l` of a native compressed checkpoint, read back into the format-neutral form (every
+/// linear weight's parts found by its manifest entry's layout), for export to another format.
+pub fn read_layer(ck: &Checkpoint, l: usize) -> Result<CompressedLayer> {
+    let manifest = ck.manifest().ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "{} is not a pumice-compressed checkpoint (no {MANIFEST_FILE})",
+            ck.dir().display()
+        ))
+    })?;
+    let spec = &ck.arch().layers[l];
+    let mut matrices = Vec::with_capacity(spec.linears.len());
+    for lin in &spec.linears {
+        let weight = &lin.weight.name;
+        let entry = ck.quantized(weight).ok_or_else(|| {
+            Error::tensor(
+                ck.dir().join(MANIFEST_FILE),
+                weight,
+                "is not compressed (export needs every linear weight compressed)",
+            )
+        })?;
+        let parts = entry
+            .stored_parts()
+            .map_err(|msg| Error::tensor(ck.dir().join(MANIFEST_FILE), weight, msg))?;
+        let mut blobs = Vec::with_capacity(parts.len());
+        for p in parts {
+            let (bytes, _, _) = ck.raw(&p.name(weight))?;
+            blobs.push((p, bytes.to_vec()));
+        }
+        matrices.push(super::CompressedMatrix {
+            weight: weight.clone(),
+            data: super::PackedMatrix::from_parts(entry, blobs),
+            entry: entry.clone(),
+        });
+    }
+    let reports = manifest
+        .layers
+        .iter()
+        .find(|r| r.layer == l)
+        .map(|r| r.matrices.clone())
+        .unwrap_or_default();
+    Ok(CompressedLayer {
+        layer: l,
+        seconds: 0.0,
+        matrices,
+        reports,
+    })
+}
+
+/// The entries of a native checkpoint's linear weights, layer by layer (what it was planned
+/// as, now known).
+pub fn entries(ck: &Checkpoint) -> Result<Vec<Vec<(String, QuantEntry)>>> {
+    ck.arch()
+        .layers
+        .iter()
+        .map(|spec| {
+            spec.linears
+                .iter()
+                .map(|lin| {
+                    let e = ck.quantized(&lin.weight.name).ok_or_else(|| {
+                        Error::tensor(
+                            ck.dir().join(MANIFEST_FILE),
+                            &lin.weight.name,
+                            "is not compressed (export needs every linear weight compressed)",
+                        )
+                    })?;
+                    Ok((lin.weight.name.clone(), e.clone()))
+                })
+                .collect()
+        })
+        .collect()
 }

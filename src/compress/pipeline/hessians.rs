@@ -15,7 +15,7 @@ use crate::model::Checkpoint;
 use crate::compress::calib::CalibOptions;
 use crate::compress::workdir::{hessian_file, HessiansInfo, LayerHessians};
 
-use super::{checks::*, job::*, layer::*, options::*, output::*};
+use super::{job::*, layer::*, options::*, output::*};
 
 /// What `pumice hessians` wrote.
 #[derive(Clone, Debug, Serialize)]
@@ -45,7 +45,7 @@ pub fn collect_hessians(
             ck.dir().display()
         )));
     }
-    check_output(ck, out, force)?;
+    outdir::check_output(ck.dir(), out, force)?;
     let len = calib_opts
         .len
         .min(ck.config().max_position_embeddings)

@@ -123,6 +123,9 @@ pub(crate) fn job_inputs_for(
         work_dir: _,
         resume: _,
         shard: _,
+        // The same layers go into every format: a resumed or sharded job may write another.
+        format: _,
+        dtype: _,
     } = opts;
     let CalibOptions {
         samples,
@@ -205,6 +208,8 @@ mod tests {
             work_dir: None,
             resume: false,
             shard: None,
+            format: crate::format::FormatKind::Native,
+            dtype: None,
         }
     }
 
@@ -272,6 +277,8 @@ mod tests {
         o.work_dir = Some("w".into());
         o.resume = true;
         o.shard = Some((1, 4));
+        o.format = crate::format::FormatKind::Dense;
+        o.dtype = Some(crate::DType::F32);
         assert_eq!(fp(&o), b);
         // And the adapter, model and Hessian identity are inputs too.
         let i = |a: &str, s: &str, h: Option<&str>| {

@@ -3,8 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::base::outdir;
 use crate::error::{Error, Result};
-use crate::format::{native::Native, Format, JobInfo};
+use crate::format::{FormatKind, JobInfo, Output};
 use crate::model::compressed::LayerReport;
 use crate::model::Checkpoint;
 
@@ -14,12 +15,15 @@ use super::{checks::*, options::*, output::*};
 
 /// Assemble the compressed checkpoint from a work directory whose layers are all finished
 /// (by one run or by shards on several machines). `model` overrides the source path the job
-/// recorded; the source must be the same model (checked by SHA-256).
+/// recorded; the source must be the same model (checked by SHA-256). `format` is the output's
+/// (any: the work directory holds format-neutral layers), `dtype` that of a dense output.
 pub fn merge(
     work_dir: &Path,
     model: Option<&Path>,
     output: &Path,
     force: bool,
+    format: FormatKind,
+    dtype: Option<crate::DType>,
     progress: &mut dyn FnMut(&Event),
 ) -> Result<CompressSummary> {
     let start = Instant::now();
@@ -33,8 +37,8 @@ pub fn merge(
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from(&job.source.path));
     let ck = Checkpoint::open(&src)?;
-    check_output_apart(output, &[("work directory", work_dir)])?;
-    check_output(&ck, output, force)?;
+    outdir::check_output_apart(output, &[("work directory", work_dir)])?;
+    outdir::check_output(ck.dir(), output, force)?;
     let nlayers = ck.arch().layers.len();
     if nlayers != job.layers {
         return Err(Error::work_dir(
@@ -77,9 +81,9 @@ pub fn merge(
         })
         .collect::<Result<Vec<_>>>()?;
     let planned: Vec<Vec<_>> = headers.iter().map(|s| s.entries.clone()).collect();
-    let format = Native;
+    let format = format.make(dtype.unwrap_or_else(|| ck.dtype()));
     format.check(&ck, &planned)?;
-    let mut w = format.begin(&ck, output, force, &planned)?;
+    let mut w = Output::begin(format.as_ref(), &ck, output, force, &planned)?;
     for (l, header) in headers.iter().enumerate() {
         let (s, layer) = StoredLayer::read(work_dir, l, &job.fingerprint)?;
         if s.tensors != header.tensors || s.entries != header.entries {
@@ -96,7 +100,7 @@ pub fn merge(
         source: job.source.clone(),
         method: job.method.clone(),
         params: job.params.clone(),
-        calibration: job.calibration.clone(),
+        calibration: Some(job.calibration.clone()),
         allocation: job.allocation.clone(),
     };
     let written = w.finish(&ck, info)?;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use crate::error::Result;
+use crate::format::FormatKind;
 use crate::model::compressed::{CalibInfo, LayerReport};
 use crate::quant::sparsity::Sparsity;
 use crate::quant::{GptqOptions, Grid};
@@ -127,6 +128,10 @@ pub struct CompressOptions {
     /// Compress only shard `(i, n)`'s layers into `work_dir` (needs `hessians`); [`merge`]
     /// writes the output. `output` and `force` are then unused.
     pub shard: Option<(usize, usize)>,
+    /// The output's format (checked against every planned weight before any GPU work).
+    pub format: FormatKind,
+    /// Dtype of a dense output (default: the source's).
+    pub dtype: Option<crate::DType>,
 }
 
 impl CompressOptions {

@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::time::Instant;
 
+use crate::base::outdir;
 use crate::error::{Error, Result};
 use crate::gpu::ops;
 use crate::gpu::{Gpu, GpuMatrix};
@@ -17,7 +18,7 @@ use crate::compress::workdir::{
     StoredLayer,
 };
 
-use crate::format::{native::Native, Format, JobInfo};
+use crate::format::{JobInfo, Output};
 
 use super::{checks::*, job::*, layer::*, layout::*, options::*, output::*};
 
@@ -48,7 +49,8 @@ pub fn compress(
         }
     }
     // What the output will hold, checked by the format before any GPU work.
-    let format = Native;
+    let format = opts.format.make(opts.dtype.unwrap_or_else(|| ck.dtype()));
+    let format = format.as_ref();
     let planned = planned_entries(ck, opts)?;
     format.check(ck, &planned)?;
     let todo = match opts.shard {
@@ -73,8 +75,8 @@ pub fn compress(
             if let Some(h) = &opts.hessians {
                 inputs.push(("Hessian directory", h));
             }
-            check_output_apart(&opts.output, &inputs)?;
-            check_output(ck, &opts.output, opts.force)?;
+            outdir::check_output_apart(&opts.output, &inputs)?;
+            outdir::check_output(ck.dir(), &opts.output, opts.force)?;
             0..nlayers
         }
     };
@@ -218,7 +220,7 @@ pub fn compress(
         source,
         method: manifest_method(opts),
         params: manifest_params(opts),
-        calibration: calib_info,
+        calibration: Some(calib_info.clone()),
         allocation: opts.allocation.clone(),
     };
     if let (Some(wd), None) = (&opts.work_dir, &job) {
@@ -228,7 +230,7 @@ pub fn compress(
             base.source.clone(),
             base.method.clone(),
             base.params.clone(),
-            base.calibration.clone(),
+            calib_info.clone(),
             base.allocation.clone(),
         )
         .write(wd)?;
@@ -236,7 +238,13 @@ pub fn compress(
 
     // Without a work directory, layers stream straight into the output.
     let mut direct = match &opts.work_dir {
-        None => Some(format.begin(ck, &opts.output, opts.force, &planned)?),
+        None => Some(Output::begin(
+            format,
+            ck,
+            &opts.output,
+            opts.force,
+            &planned,
+        )?),
         Some(_) => None,
     };
     let empty_pos;
@@ -368,7 +376,7 @@ pub fn compress(
             bits_per_parameter: shard_bits as f64 / shard_params.max(1) as f64,
             linear_bits_per_parameter: shard_bits as f64 / shard_params.max(1) as f64,
             seconds: start.elapsed().as_secs_f64(),
-            calibration: base.calibration,
+            calibration: calib_info,
             layers,
             shard: Some(format!("{i}/{n}: layers {}..{}", todo.start, todo.end)),
             peak_rss_bytes: peak_rss_bytes(),
@@ -378,7 +386,7 @@ pub fn compress(
     let w = match (direct, &opts.work_dir) {
         (Some(w), _) => w,
         (None, Some(wd)) => {
-            let mut w = format.begin(ck, &opts.output, opts.force, &planned)?;
+            let mut w = Output::begin(format, ck, &opts.output, opts.force, &planned)?;
             for l in 0..nlayers {
                 w.layer(ck, &StoredLayer::read(wd, l, &fp)?.1)?;
             }
@@ -387,7 +395,6 @@ pub fn compress(
         (None, None) => unreachable!("one of the two outputs exists"),
     };
     progress(&Event::Writing);
-    let calibration = base.calibration.clone();
     let written = w.finish(ck, base)?;
     Ok(CompressSummary {
         output: opts.output.display().to_string(),
@@ -398,7 +405,7 @@ pub fn compress(
         bits_per_parameter: written.total.bits_per_parameter,
         linear_bits_per_parameter: written.linear.bits_per_parameter,
         seconds: start.elapsed().as_secs_f64(),
-        calibration,
+        calibration: calib_info,
         layers,
         shard: None,
         peak_rss_bytes: peak_rss_bytes(),

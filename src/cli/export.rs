@@ -1,0 +1,80 @@
+//! `pumice export`: write a compressed checkpoint in another format.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::Args;
+use pumice::format::FormatKind;
+use pumice::DType;
+
+use super::progress;
+
+#[derive(Args, Debug)]
+pub(crate) struct ExportArgs {
+    /// A pumice-compressed checkpoint (`pumice compress` output).
+    pub(crate) input: PathBuf,
+    /// Output directory (written to a temporary name and renamed when complete).
+    #[arg(short, long)]
+    pub(crate) output: PathBuf,
+    /// Target format: dense (plain weights, L·R merged), compressed-tensors (pack-quantized,
+    /// for transformers and vLLM; CALDERA's factors as a PEFT adapter in OUT/adapter), peft
+    /// (CALDERA's factors alone, as a LoRA adapter). What a format cannot hold exactly is
+    /// refused, naming the tensor and the reason.
+    #[arg(long, value_parser = super::args::parse_format)]
+    pub(crate) format: FormatKind,
+    /// Dtype of dense weights (f32, f16, bf16; default: the model's).
+    #[arg(long, value_parser = super::args::parse_dtype)]
+    pub(crate) dtype: Option<DType>,
+    /// Replace the output directory if it exists.
+    #[arg(long)]
+    pub(crate) force: bool,
+    /// JSON lines on stdout (implied when stdout is not a terminal).
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+pub(crate) fn run(a: ExportArgs) -> anyhow::Result<()> {
+    let ck = pumice::model::Checkpoint::open(&a.input)?;
+    let dtype = a.dtype.unwrap_or_else(|| ck.dtype());
+    let format = a.format.make(dtype);
+    let mut rep = progress::Reporter::new(a.json);
+    rep.emit(
+        "start",
+        serde_json::json!({"command": "export", "input": a.input.display().to_string(),
+                           "format": a.format.name()}),
+    );
+    let mut bar: Option<progress::Progress> = None;
+    let w = pumice::format::export(&ck, format.as_ref(), &a.output, a.force, &mut |done, n| {
+        bar.get_or_insert_with(|| progress::Progress::new("export", n as u64, "layers"))
+            .set(done as u64);
+    })?;
+    if let Some(mut b) = bar {
+        b.finish();
+    }
+    let summary = serde_json::json!({
+        "output": a.output.display().to_string(),
+        "format": a.format.name(),
+        "files": w.files.iter().map(|(f, b)| serde_json::json!({"file": f, "bytes": b})).collect::<Vec<_>>(),
+        "bytes": w.bytes(),
+        "parameters": w.total.parameters,
+        "bits_per_parameter": w.total.bits_per_parameter,
+        "linear_bits_per_parameter": w.linear.bits_per_parameter,
+    });
+    rep.conclude(summary, || {
+        let mut out = std::io::stdout();
+        writeln!(
+            out,
+            "wrote {} ({}): {:.2} MiB, {:.3} bits/parameter overall, {:.3} in the linear layers",
+            a.output.display(),
+            a.format.name(),
+            w.bytes() as f64 / (1u64 << 20) as f64,
+            w.total.bits_per_parameter,
+            w.linear.bits_per_parameter
+        )?;
+        for (f, b) in &w.files {
+            writeln!(out, "  {f}: {b} bytes")?;
+        }
+        Ok(())
+    })?;
+    Ok(())
+}

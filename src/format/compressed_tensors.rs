@@ -1,0 +1,354 @@
+//! compressed-tensors `pack-quantized` (transformers, vLLM, llm-compressor): per linear module
+//! `P`, `P.weight_packed` I32 [out, ⌈in·b/32⌉] (pumice's little-endian bit stream of codes,
+//! unchanged, in the original column order), `P.weight_scale` F32 [out, groups] (pumice's f16
+//! scales, exactly), `P.weight_zero_point` I32 [⌈out·b/32⌉, groups] (the integer zero points,
+//! packed along the output dimension), `P.weight_shape` I64 [2]. Value = scale · (code − zero),
+//! as pumice's.
+//!
+//! Holds exactly pumice's asymmetric integer-zero grids over whole groups only: midrise grids
+//! (zero (2^b−1)/2), randomized-Hadamard rotations, pruning masks, act-order (its groups follow
+//! the permuted columns; compressed-tensors 0.20 dropped g_idx) and partial last groups are
+//! refused by tensor. A CALDERA checkpoint's
+//! factors go to a PEFT adapter in `adapter/` beside the base.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::model::compressed::{Accounting, QuantEntry, StreamingWriter};
+use crate::model::Checkpoint;
+use crate::quant::grid::{pack_row, packed_words};
+
+use super::peft::{self, LoraWriter};
+use super::{
+    hf, CompressedLayer, CompressedMatrix, Format, FormatWriter, JobInfo, Planned, Written,
+};
+
+/// Why compressed-tensors cannot hold `e` exactly (None: it can).
+pub(crate) fn refusal(e: &QuantEntry) -> Option<String> {
+    if e.rht.is_some() {
+        return Some(
+            "its codes are of a randomized-Hadamard-rotated weight, which compressed-tensors \
+             cannot reproduce (compress without --rht, or export --format dense)"
+                .into(),
+        );
+    }
+    if e.symmetric {
+        return Some(format!(
+            "its {}-bit grid is midrise (zero {}), which compressed-tensors' integer zero points \
+             cannot express (compress with an asymmetric grid, or export --format dense)",
+            e.bits,
+            ((1u32 << e.bits) - 1) as f32 / 2.0
+        ));
+    }
+    if e.sparsity.is_some() {
+        return Some(
+            "it is pruned; pack-quantized stores every code (export --format dense)".into(),
+        );
+    }
+    if e.group_size > 0 && !e.cols.is_multiple_of(e.group_size) {
+        return Some(format!(
+            "its {} columns are not a multiple of the group size {} (compressed-tensors needs \
+             whole groups; compress with a group size that divides every input width)",
+            e.cols, e.group_size
+        ));
+    }
+    if e.act_order {
+        return Some(
+            "its act-order groups follow the permuted columns, which needs a g_idx that \
+             compressed-tensors 0.20 no longer reads (actorder \"group\" was removed; compress \
+             without --act-order, or export --format dense)"
+                .into(),
+        );
+    }
+    if e.bits > 8 {
+        return Some(format!("{} bits: pack-quantized holds 1 to 8", e.bits));
+    }
+    peft::refusal(e)
+}
+
+/// compressed-tensors pack-quantized.
+pub struct CompressedTensors;
+
+/// The quantization scheme of one config group.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Scheme {
+    bits: u32,
+    group_size: usize,
+}
+
+impl Scheme {
+    fn of(e: &QuantEntry) -> Scheme {
+        Scheme {
+            bits: e.bits,
+            group_size: e.group_size,
+        }
+    }
+
+    fn weights(&self) -> serde_json::Value {
+        serde_json::json!({
+            "num_bits": self.bits,
+            "type": "int",
+            "symmetric": false,
+            "strategy": if self.group_size == 0 { "channel" } else { "group" },
+            "group_size": (self.group_size > 0).then_some(self.group_size),
+            "actorder": null,
+            "dynamic": false,
+            "observer": "minmax",
+        })
+    }
+}
+
+impl Format for CompressedTensors {
+    fn name(&self) -> &'static str {
+        "compressed-tensors"
+    }
+
+    fn check(&self, ck: &Checkpoint, planned: &Planned) -> Result<()> {
+        for (name, e) in planned.iter().flatten() {
+            e.stored_parts()
+                .map_err(|msg| Error::tensor(ck.dir(), name, msg))?;
+            if let Some(why) = refusal(e) {
+                return Err(Error::tensor(
+                    ck.dir(),
+                    name,
+                    format!("cannot be exported to compressed-tensors exactly: {why}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn begin(
+        &self,
+        ck: &Checkpoint,
+        dir: &Path,
+        target: &Path,
+        planned: &Planned,
+    ) -> Result<Box<dyn FormatWriter>> {
+        let entries: BTreeMap<&str, &QuantEntry> = planned
+            .iter()
+            .flatten()
+            .map(|(n, e)| (n.as_str(), e))
+            .collect();
+        let plan = hf::plan_model(ck, |w, rows, cols| {
+            let e = entries
+                .get(w)
+                .ok_or_else(|| Error::tensor(ck.dir(), w, "has no planned entry"))?;
+            let m = hf::module_of(w);
+            let b = e.bits;
+            let groups = e.grid()?.groups(cols);
+            Ok(vec![
+                hf::tensor(
+                    format!("{m}.weight_packed"),
+                    "I32",
+                    vec![rows, packed_words(cols, b)],
+                ),
+                hf::tensor(format!("{m}.weight_scale"), "F32", vec![rows, groups]),
+                hf::tensor(
+                    format!("{m}.weight_zero_point"),
+                    "I32",
+                    vec![packed_words(rows, b), groups],
+                ),
+                hf::tensor(format!("{m}.weight_shape"), "I64", vec![2]),
+            ])
+        })?;
+        let mut schemes: BTreeMap<Scheme, Vec<String>> = BTreeMap::new();
+        for (w, e) in &entries {
+            schemes
+                .entry(Scheme::of(e))
+                .or_default()
+                .push(hf::module_of(w).to_string());
+        }
+        let path = dir.join("model.safetensors");
+        let mut writer = StreamingWriter::create(&path, plan)?;
+        hf::copy_plain(&mut writer, ck, &ck.arch().embed_tokens.name)?;
+        let lora = planned
+            .iter()
+            .flatten()
+            .any(|(_, e)| e.rank > 0)
+            .then(|| LoraWriter::begin(&dir.join("adapter"), Some(target), planned))
+            .transpose()?;
+        Ok(Box::new(CtWriter {
+            dir: dir.to_path_buf(),
+            path,
+            writer,
+            schemes,
+            lora,
+            linear_params: 0,
+            linear_bits: 0,
+        }))
+    }
+}
+
+struct CtWriter {
+    dir: PathBuf,
+    path: PathBuf,
+    writer: StreamingWriter,
+    schemes: BTreeMap<Scheme, Vec<String>>,
+    /// The adapter of a CALDERA checkpoint's factors.
+    lora: Option<LoraWriter>,
+    linear_params: usize,
+    linear_bits: u64,
+}
+
+/// The tensors of one module, in the planned order.
+fn module_tensors(m: &CompressedMatrix) -> Result<Vec<(String, Vec<u8>)>> {
+    let e = &m.entry;
+    let (rows, cols, b) = (e.rows, e.cols, e.bits);
+    let grid = e.grid()?;
+    let module = hf::module_of(&m.weight);
+    let codes = m.data.codes(rows, cols, b);
+    let (scales, zeros) = m.data.scales_zeros(&grid);
+    let groups = grid.groups(cols);
+    let mut packed: Vec<u32> = Vec::with_capacity(rows * packed_words(cols, b));
+    let mut row = vec![0u32; cols];
+    for r in 0..rows {
+        for (c, x) in row.iter_mut().enumerate() {
+            *x = codes[r * cols + c].unwrap_or(0);
+        }
+        pack_row(&row, b, &mut packed);
+    }
+    // Zero points packed along the output dimension: column by column of groups.
+    let zw = packed_words(rows, b);
+    let mut zp = vec![0u32; zw * groups];
+    let mut col = Vec::with_capacity(zw);
+    let mut zs = vec![0u32; rows];
+    for gi in 0..groups {
+        for (r, z) in zs.iter_mut().enumerate() {
+            *z = zeros[r * groups + gi] as u32;
+        }
+        col.clear();
+        pack_row(&zs, b, &mut col);
+        for (w, &v) in col.iter().enumerate() {
+            zp[w * groups + gi] = v;
+        }
+    }
+    Ok(vec![
+        (
+            format!("{module}.weight_packed"),
+            bytemuck::cast_slice(&packed).to_vec(),
+        ),
+        (
+            format!("{module}.weight_scale"),
+            bytemuck::cast_slice(&scales).to_vec(),
+        ),
+        (
+            format!("{module}.weight_zero_point"),
+            bytemuck::cast_slice(&zp).to_vec(),
+        ),
+        (
+            format!("{module}.weight_shape"),
+            [rows as i64, cols as i64]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+    ])
+}
+
+impl FormatWriter for CtWriter {
+    fn layer(&mut self, ck: &Checkpoint, s: &CompressedLayer) -> Result<()> {
+        let spec = &ck.arch().layers[s.layer];
+        for t in spec.tensors() {
+            match s.matrices.iter().find(|m| m.weight == t.name) {
+                Some(m) => {
+                    let mut bits = 0u64;
+                    for (name, bytes) in module_tensors(m)? {
+                        bits += bytes.len() as u64 * 8;
+                        self.writer.write(&name, &bytes)?;
+                    }
+                    self.linear_params += m.entry.rows * m.entry.cols;
+                    self.linear_bits += bits;
+                }
+                None if spec.linears.iter().any(|l| l.weight.name == t.name) => {
+                    return Err(Error::InvalidArgument(format!(
+                        "{}: missing from compressed layer {}",
+                        t.name, s.layer
+                    )));
+                }
+                None => hf::copy_plain(&mut self.writer, ck, &t.name)?,
+            }
+        }
+        match &mut self.lora {
+            Some(l) => l.layer(s),
+            None => Ok(()),
+        }
+    }
+
+    fn finish(mut self: Box<Self>, ck: &Checkpoint, job: JobInfo) -> Result<Written> {
+        let arch = ck.arch();
+        hf::copy_plain(&mut self.writer, ck, &arch.final_norm.name)?;
+        if let Some(h) = &arch.lm_head {
+            hf::copy_plain(&mut self.writer, ck, &h.name)?;
+        }
+        let CtWriter {
+            dir,
+            path,
+            writer,
+            schemes,
+            lora,
+            linear_params,
+            linear_bits,
+        } = *self;
+        writer.finish()?;
+        hf::copy_side_files(ck, &dir, false)?;
+        let one = schemes.len() == 1;
+        let groups: serde_json::Map<String, serde_json::Value> = schemes
+            .iter()
+            .enumerate()
+            .map(|(i, (scheme, modules))| {
+                let targets = if one {
+                    serde_json::json!(["Linear"])
+                } else {
+                    serde_json::json!(modules)
+                };
+                (
+                    format!("group_{i}"),
+                    serde_json::json!({
+                        "targets": targets,
+                        "weights": scheme.weights(),
+                        "input_activations": null,
+                        "output_activations": null,
+                        "format": "pack-quantized",
+                    }),
+                )
+            })
+            .collect();
+        // transformers' lm_head is a Linear even when tied to the embedding: never quantized.
+        let ignore = ["lm_head"];
+        hf::write_config(ck, &dir, |c| {
+            c.insert(
+                "quantization_config".into(),
+                serde_json::json!({
+                    "quant_method": "compressed-tensors",
+                    "format": "pack-quantized",
+                    "quantization_status": "compressed",
+                    "config_groups": groups,
+                    "ignore": ignore,
+                    "kv_cache_scheme": null,
+                    "sparsity_config": {},
+                    "global_compression_ratio": null,
+                    "version": "0.20.1",
+                }),
+            );
+        })?;
+        let bytes = std::fs::metadata(&path)
+            .map_err(|e| Error::io(&path, e))?
+            .len();
+        let mut files = vec![("model.safetensors".to_string(), bytes)];
+        let mut total_bytes = bytes;
+        if let Some(lora) = lora {
+            let (adapter, _) = lora.finish()?;
+            for (f, b) in adapter {
+                total_bytes += b;
+                files.push((format!("adapter/{f}"), b));
+            }
+        }
+        Ok(Written {
+            files,
+            total: Accounting::new(job.source.parameters, total_bytes * 8),
+            linear: Accounting::new(linear_params, linear_bits),
+        })
+    }
+}

@@ -1,0 +1,490 @@
+//! `pumice export`: the host dequantization equals the reader's bit for bit; a dense export
+//! computes what the compressed checkpoint computes; every format refuses, by tensor, what it
+//! cannot hold exactly; and transformers (with compressed-tensors and peft), an implementation
+//! that is not ours, loads the exports and computes pumice's logits.
+//!
+//! The interop test needs Python with torch, transformers, compressed-tensors and peft
+//! (`.ci/run` makes that environment): `PUMICE_PYTHON`, else `~/.cache/pumice-venv/bin/python`.
+//! Without it the test fails, naming what is missing.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use common::{gpu, project_root, reader_weight};
+use pumice::infer::{Engine, EngineOptions};
+use pumice::model::Checkpoint;
+
+fn model() -> PathBuf {
+    project_root().join("assets/models/gutenberg-llama")
+}
+
+fn pumice(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_pumice"))
+        .args(args)
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .output()
+        .unwrap()
+}
+
+fn work() -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("export");
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Compressions of the asset model shared by the tests (made once per test binary).
+struct Fixtures {
+    /// gptq 4-bit asymmetric, groups of 64.
+    gptq4: PathBuf,
+    /// caldera, asymmetric Q, no rotation, rank 8.
+    caldera: PathBuf,
+    /// caldera defaults (midrise Q, rotations).
+    caldera_rht: PathBuf,
+    /// gptq 3-bit with act-order.
+    act_order: PathBuf,
+    /// gptq 4-bit pruned 2:4.
+    pruned: PathBuf,
+}
+
+fn fixtures() -> &'static Fixtures {
+    static F: OnceLock<Fixtures> = OnceLock::new();
+    F.get_or_init(|| {
+        let m = model();
+        let m = m.to_str().unwrap();
+        let make = |name: &str, extra: &[&str]| -> PathBuf {
+            let out = work().join(name);
+            let mut args = vec![
+                "compress",
+                m,
+                "-o",
+                out.to_str().unwrap(),
+                "--force",
+                "--eval-samples",
+                "0",
+                "--calib-samples",
+                "8",
+                "--calib-len",
+                "128",
+                "--json",
+            ];
+            args.extend_from_slice(extra);
+            let o = pumice(&args);
+            assert!(
+                o.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            out
+        };
+        Fixtures {
+            gptq4: make(
+                "gptq4",
+                &["--method", "gptq", "--bits", "4", "--group-size", "64"],
+            ),
+            caldera: make(
+                "caldera",
+                &[
+                    "--method",
+                    "caldera",
+                    "--asymmetric",
+                    "--no-rht",
+                    "--group-size",
+                    "64",
+                    "--rank",
+                    "8",
+                ],
+            ),
+            caldera_rht: make("caldera-rht", &["--method", "caldera", "--rank", "8"]),
+            act_order: make(
+                "act-order",
+                &[
+                    "--method",
+                    "gptq",
+                    "--bits",
+                    "3",
+                    "--group-size",
+                    "64",
+                    "--act-order",
+                ],
+            ),
+            pruned: make(
+                "pruned",
+                &["--method", "gptq", "--bits", "4", "--sparsity", "2:4"],
+            ),
+        }
+    })
+}
+
+fn export(input: &Path, name: &str, format: &str, extra: &[&str]) -> PathBuf {
+    let out = work().join(name);
+    let mut args = vec![
+        "export",
+        input.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--format",
+        format,
+        "--force",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let o = pumice(&args);
+    assert!(
+        o.status.success(),
+        "export {name}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
+/// Token ids: two sequences of 48 drawn from the vocabulary with a fixed seed.
+fn ids(vocab: usize) -> Vec<Vec<u32>> {
+    let mut s = 0x9e37_79b9_7f4a_7c15u64;
+    (0..2)
+        .map(|_| {
+            (0..48)
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    (s % vocab as u64) as u32
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// pumice's logits of `dir` on `seqs` (f32, [nseq·T, vocab] flattened).
+fn pumice_logits(dir: &Path, seqs: &[Vec<u32>]) -> Vec<f32> {
+    let g = gpu();
+    let ck = Checkpoint::open(dir).unwrap();
+    let t = seqs[0].len();
+    let mut engine = Engine::new(
+        &g,
+        &ck,
+        &EngineOptions {
+            max_positions: t,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let flat: Vec<u32> = seqs.concat();
+    let hidden = engine.hidden_states(&flat, t).unwrap();
+    engine
+        .logits(&hidden, 0..flat.len())
+        .unwrap()
+        .to_f32(&g)
+        .unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs() as f64))
+}
+
+fn linear_names(ck: &Checkpoint) -> Vec<String> {
+    ck.arch()
+        .layers
+        .iter()
+        .flat_map(|l| l.linears.iter().map(|lin| lin.weight.name.clone()))
+        .collect()
+}
+
+#[test]
+fn host_dequantization_equals_the_readers_bit_for_bit() {
+    let f = fixtures();
+    let g = gpu();
+    for dir in [&f.gptq4, &f.caldera_rht, &f.act_order, &f.pruned] {
+        let ck = Checkpoint::open(dir).unwrap();
+        let last = ck.arch().layers.len() - 1;
+        for l in [0, last] {
+            let layer = pumice::format::native::read_layer(&ck, l).unwrap();
+            for m in &layer.matrices {
+                let host = m.backbone().unwrap();
+                let gpu_w = reader_weight(&g, &ck, &m.weight);
+                assert_eq!(host.len(), gpu_w.len());
+                let differing = host
+                    .iter()
+                    .zip(&gpu_w)
+                    .filter(|(a, b)| a.to_bits() != b.to_bits())
+                    .count();
+                assert_eq!(
+                    differing,
+                    0,
+                    "{}: {} {differing} values differ",
+                    dir.display(),
+                    m.weight
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn dense_export_computes_what_the_compressed_checkpoint_does() {
+    let f = fixtures();
+    let seqs = ids(4096);
+    for (dir, name) in [
+        (&f.caldera_rht, "dense-caldera-rht"),
+        (&f.caldera, "dense-caldera"),
+        (&f.act_order, "dense-act-order"),
+        (&f.pruned, "dense-pruned"),
+    ] {
+        let out = export(dir, name, "dense", &["--dtype", "f32"]);
+        // A plain checkpoint: no manifest, no quantization config, every linear dense f32.
+        assert!(!out.join("pumice.json").exists());
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                .unwrap();
+        assert!(cfg.get("quantization_config").is_none());
+        assert_eq!(cfg["torch_dtype"], "float32");
+        let ck = Checkpoint::open(&out).unwrap();
+        assert!(ck.manifest().is_none());
+        for w in linear_names(&ck) {
+            assert_eq!(ck.tensor(&w).unwrap().dtype, pumice::DType::F32);
+        }
+        let d = max_diff(&pumice_logits(dir, &seqs), &pumice_logits(&out, &seqs));
+        assert!(d < 1e-4, "{name}: logits differ by {d}");
+    }
+}
+
+fn refused(input: &Path, format: &str, want: &[&str]) {
+    let out = work().join(format!(
+        "refused-{}-{format}",
+        input.file_name().unwrap().to_str().unwrap()
+    ));
+    let _ = std::fs::remove_dir_all(&out);
+    let o = pumice(&[
+        "export",
+        input.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--format",
+        format,
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{format}: {err}");
+    for w in want {
+        assert!(err.contains(w), "{format}: `{w}` not in: {err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!out.exists(), "{} was written", out.display());
+}
+
+#[test]
+fn formats_refuse_what_they_cannot_hold_by_tensor() {
+    let f = fixtures();
+    refused(
+        &f.caldera_rht,
+        "compressed-tensors",
+        &["model.layers.0.", "randomized-Hadamard"],
+    );
+    refused(&f.act_order, "compressed-tensors", &["act-order", "tensor"]);
+    refused(&f.pruned, "compressed-tensors", &["pruned", "tensor"]);
+    refused(&f.caldera_rht, "peft", &["randomized-Hadamard", "tensor"]);
+    refused(&f.gptq4, "peft", &["no weight has low-rank factors"]);
+    // The asset model's 192 columns are not whole groups of 128.
+    let g128 = work().join("gptq4-g128");
+    let o = pumice(&[
+        "compress",
+        model().to_str().unwrap(),
+        "-o",
+        g128.to_str().unwrap(),
+        "--force",
+        "--method",
+        "rtn",
+        "--bits",
+        "4",
+        "--eval-samples",
+        "0",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    refused(
+        &g128,
+        "compressed-tensors",
+        &["192 columns", "group size 128"],
+    );
+    // Midrise grids (caldera's default Q) have no integer zero point.
+    let midrise = work().join("rtn-midrise");
+    let o = pumice(&[
+        "compress",
+        model().to_str().unwrap(),
+        "-o",
+        midrise.to_str().unwrap(),
+        "--force",
+        "--method",
+        "rtn",
+        "--bits",
+        "3",
+        "--group-size",
+        "64",
+        "--symmetric",
+        "--eval-samples",
+        "0",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    refused(&midrise, "compressed-tensors", &["midrise", "tensor"]);
+    // Only a compressed checkpoint exports.
+    refused(&model(), "dense", &["not a pumice-compressed checkpoint"]);
+}
+
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("PUMICE_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var_os("HOME").expect("HOME is set");
+    PathBuf::from(home).join(".cache/pumice-venv/bin/python")
+}
+
+/// transformers' logits of `dir` (optionally with a PEFT adapter) on `seqs`.
+fn transformers_logits(dir: &Path, adapter: Option<&Path>, seqs: &[Vec<u32>]) -> Vec<f32> {
+    let py = python();
+    assert!(
+        py.exists(),
+        "{} not found: the interop tests need Python with torch, transformers, \
+         compressed-tensors and peft (.ci/run makes ~/.cache/pumice-venv; or set PUMICE_PYTHON)",
+        py.display()
+    );
+    let out = dir.with_extension("logits.safetensors");
+    let ids: Vec<String> = seqs
+        .iter()
+        .map(|s| {
+            s.iter()
+                .map(|t| t.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .collect();
+    let mut cmd = Command::new(&py);
+    cmd.arg(project_root().join("tools/interop/hf_logits.py"))
+        .arg(dir)
+        .arg(&out)
+        .arg("--ids")
+        .arg(ids.join(";"));
+    if let Some(a) = adapter {
+        cmd.arg("--adapter").arg(a);
+    }
+    let o = cmd.output().unwrap();
+    assert!(
+        o.status.success(),
+        "hf_logits.py {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let f = pumice::model::safetensors::SafetensorsFile::open(&out).unwrap();
+    let li = f.info("logits").unwrap();
+    assert_eq!(li.dtype_name, "F32");
+    f.bytes(li)
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+#[test]
+fn transformers_loads_the_exports_and_computes_pumices_logits() {
+    let f = fixtures();
+    let seqs = ids(4096);
+    // compressed-tensors pack-quantized, dequantized by compressed-tensors on load.
+    let ct = export(&f.gptq4, "ct-gptq4", "compressed-tensors", &[]);
+    let d = max_diff(
+        &pumice_logits(&f.gptq4, &seqs),
+        &transformers_logits(&ct, None, &seqs),
+    );
+    assert!(d < 1e-4, "compressed-tensors gptq4: logits differ by {d}");
+    // CALDERA: the quantized Q in compressed-tensors, L·R as a PEFT adapter beside it.
+    let ct = export(&f.caldera, "ct-caldera", "compressed-tensors", &[]);
+    assert!(ct.join("adapter/adapter_config.json").exists());
+    let d = max_diff(
+        &pumice_logits(&f.caldera, &seqs),
+        &transformers_logits(&ct, Some(&ct.join("adapter")), &seqs),
+    );
+    assert!(
+        d < 1e-4,
+        "compressed-tensors + peft caldera: logits differ by {d}"
+    );
+    // The adapter alone (--format peft) is the same adapter.
+    let peft = export(&f.caldera, "peft-caldera", "peft", &[]);
+    let d = max_diff(
+        &pumice_logits(&f.caldera, &seqs),
+        &transformers_logits(&ct, Some(&peft), &seqs),
+    );
+    assert!(d < 1e-4, "peft caldera: logits differ by {d}");
+    // Dense f32 of CALDERA with rotations: everything undone on the host.
+    let dense = export(
+        &f.caldera_rht,
+        "dense-caldera-rht-hf",
+        "dense",
+        &["--dtype", "f32"],
+    );
+    let d = max_diff(
+        &pumice_logits(&f.caldera_rht, &seqs),
+        &transformers_logits(&dense, None, &seqs),
+    );
+    assert!(d < 1e-4, "dense caldera (rht): logits differ by {d}");
+}
+
+#[test]
+fn compress_writes_any_format_through_the_same_writer() {
+    let f = fixtures();
+    // The same compression written straight to compressed-tensors is byte for byte the
+    // export of the pumice checkpoint.
+    let direct = work().join("direct-ct");
+    let o = pumice(&[
+        "compress",
+        model().to_str().unwrap(),
+        "-o",
+        direct.to_str().unwrap(),
+        "--force",
+        "--eval-samples",
+        "0",
+        "--calib-samples",
+        "8",
+        "--calib-len",
+        "128",
+        "--method",
+        "gptq",
+        "--bits",
+        "4",
+        "--group-size",
+        "64",
+        "--format",
+        "compressed-tensors",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let exported = export(&f.gptq4, "exported-ct", "compressed-tensors", &[]);
+    for file in ["model.safetensors", "config.json"] {
+        assert_eq!(
+            std::fs::read(direct.join(file)).unwrap(),
+            std::fs::read(exported.join(file)).unwrap(),
+            "{file}"
+        );
+    }
+    // A recipe the format cannot hold is refused before any work, naming the tensor.
+    let refused = work().join("direct-refused");
+    let _ = std::fs::remove_dir_all(&refused);
+    let o = pumice(&[
+        "compress",
+        model().to_str().unwrap(),
+        "-o",
+        refused.to_str().unwrap(),
+        "--method",
+        "caldera",
+        "--format",
+        "compressed-tensors",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("model.layers.0.")
+            && (err.contains("midrise") || err.contains("randomized-Hadamard")),
+        "{err}"
+    );
+    assert!(!err.contains("calibrat"), "work started: {err}");
+    assert!(!refused.exists());
+}

@@ -1,0 +1,41 @@
+"""Logits of a model directory as transformers computes them (float32, CPU), for comparing
+pumice's exports with pumice's own forward pass.
+
+usage: python hf_logits.py MODEL_DIR OUT.safetensors --ids 0,5,7;3,9,1 [--adapter DIR]
+
+MODEL_DIR is any directory transformers loads (dense, compressed-tensors, GPTQ); a
+compressed-tensors model is dequantized on load (CompressedTensorsConfig(dequantize=True)).
+--adapter puts a PEFT adapter on top. Writes `input_ids` I64 [nseq, T] and `logits` F32
+[nseq, T, vocab], and prints one JSON line: what was loaded and how.
+"""
+import argparse, json, os
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+ap = argparse.ArgumentParser()
+ap.add_argument("model")
+ap.add_argument("out")
+ap.add_argument("--ids", required=True, help="sequences separated by ';', ids by ','")
+ap.add_argument("--adapter")
+a = ap.parse_args()
+torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+cfg = json.load(open(os.path.join(a.model, "config.json")))
+qc = cfg.get("quantization_config") or {}
+kw = {}
+if qc.get("quant_method") == "compressed-tensors":
+    from transformers import CompressedTensorsConfig
+    kw["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, **kw)
+if a.adapter:
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(model, a.adapter)
+model.eval()
+seqs = [[int(t) for t in s.split(",")] for s in a.ids.split(";")]
+ids = torch.tensor(seqs, dtype=torch.long)
+with torch.no_grad():
+    logits = model(ids).logits.float().contiguous()
+save_file({"input_ids": ids.contiguous(), "logits": logits}, a.out)
+print(json.dumps({"model": a.model, "adapter": a.adapter, "quant_method": qc.get("quant_method"),
+                  "class": type(model).__name__, "shape": list(logits.shape)}))
