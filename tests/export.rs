@@ -488,3 +488,229 @@ fn compress_writes_any_format_through_the_same_writer() {
     assert!(!err.contains("calibrat"), "work started: {err}");
     assert!(!refused.exists());
 }
+
+/// GGUF tensors by name: numpy shape and f32 values.
+type GgufTensors = std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// Every tensor of a GGUF file as gguf-py dequantizes it (name → (numpy shape, f32 values)),
+/// and its ggml type names.
+fn gguf_py(file: &Path) -> (GgufTensors, serde_json::Value) {
+    let py = python();
+    assert!(py.exists(), "{} not found (see python())", py.display());
+    let out = file.with_extension("dequant.safetensors");
+    let o = Command::new(&py)
+        .arg(project_root().join("tools/interop/gguf_dequant.py"))
+        .arg(file)
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "gguf_dequant.py {}: {}",
+        file.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_slice(
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .last()
+            .unwrap()
+            .as_bytes(),
+    )
+    .unwrap();
+    let f = pumice::model::safetensors::SafetensorsFile::open(&out).unwrap();
+    let mut m = std::collections::HashMap::new();
+    for name in info["types"].as_object().unwrap().keys() {
+        let ti = f.info(name).unwrap();
+        let v: Vec<f32> = f
+            .bytes(ti)
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        m.insert(name.clone(), (ti.shape.clone(), v));
+    }
+    (m, info)
+}
+
+/// llama.cpp's q/k row order (convert_hf_to_gguf's permute: reshape(heads, 2, d/2, in),
+/// swap axes 1 and 2): GGUF row i holds HF row order[i].
+fn llama_rows(rows: usize, heads: usize) -> Vec<usize> {
+    let d = rows / heads;
+    let mut order = vec![0; rows];
+    for h in 0..heads {
+        for half in 0..2 {
+            for i in 0..d / 2 {
+                order[h * d + i * 2 + half] = h * d + half * (d / 2) + i;
+            }
+        }
+    }
+    order
+}
+
+fn bits_equal(a: &[f32], b: &[f32]) -> usize {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .filter(|(x, y)| x.to_bits() != y.to_bits())
+        .count()
+}
+
+#[test]
+fn gguf_holds_pumices_values_bit_for_bit_and_transformers_agrees() {
+    let f = fixtures();
+    let seqs = ids(4096);
+    // (checkpoint, output, the type every linear gets, whether the model file alone is the
+    // whole model: CALDERA's L·R is in the adapter, which transformers does not load).
+    for (dir, name, want_type, whole) in [
+        (&f.gptq4, "gguf-gptq4", "Q8_0", true),
+        (&f.caldera, "gguf-caldera", "Q4_0", false),
+        (&f.pruned, "gguf-pruned", "Q8_0", true),
+    ] {
+        let out = export(dir, name, "gguf", &[]);
+        let (tensors, info) = gguf_py(&out.join("model.gguf"));
+        assert_eq!(info["metadata"]["general.architecture"], "llama");
+        assert_eq!(info["metadata"]["tokenizer.ggml.pre"], "gpt2");
+        let ck = Checkpoint::open(dir).unwrap();
+        let cfg = ck.config().clone();
+        let kinds = [
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+        ];
+        for l in 0..ck.arch().layers.len() {
+            let layer = pumice::format::native::read_layer(&ck, l).unwrap();
+            for (lin, kind) in ck.arch().layers[l].linears.iter().zip(kinds) {
+                let m = layer
+                    .matrices
+                    .iter()
+                    .find(|m| m.weight == lin.weight.name)
+                    .unwrap();
+                let gname = format!("blk.{l}.{kind}.weight");
+                assert_eq!(info["types"][&gname], want_type, "{name} {gname}");
+                let (shape, got) = &tensors[&gname];
+                assert_eq!(shape, &vec![lin.out_features, lin.in_features]);
+                let v = m.backbone().unwrap();
+                let heads = match kind {
+                    "attn_q" => cfg.num_heads,
+                    "attn_k" => cfg.num_kv_heads,
+                    _ => 1,
+                };
+                let order: Vec<usize> = if heads > 1 {
+                    llama_rows(lin.out_features, heads)
+                } else {
+                    (0..lin.out_features).collect()
+                };
+                let n = lin.in_features;
+                let want: Vec<f32> = order
+                    .iter()
+                    .flat_map(|&r| v[r * n..(r + 1) * n].iter().copied())
+                    .collect();
+                assert_eq!(
+                    bits_equal(got, &want),
+                    0,
+                    "{name}: {gname} differs from pumice's values"
+                );
+            }
+        }
+        // The embedding as the source stores it (bf16, read as f32).
+        let emb = ck
+            .tensor("model.embed_tokens.weight")
+            .unwrap()
+            .to_f32()
+            .unwrap();
+        assert_eq!(bits_equal(&tensors["token_embd.weight"].1, &emb), 0);
+        // transformers' GGUF loader (gguf-py's dequantization, the llama q/k order undone)
+        // computes pumice's logits.
+        if whole {
+            let d = max_diff(
+                &pumice_logits(dir, &seqs),
+                &transformers_gguf_logits(&out, &seqs),
+            );
+            assert!(
+                d < 1e-4,
+                "{name}: transformers' logits of the GGUF differ by {d}"
+            );
+        }
+    }
+    // CALDERA's factors: the LoRA adapter holds R (lora_a) and L (lora_b, q/k rows in GGUF
+    // order) exactly; alpha = rank.
+    let out = work().join("gguf-caldera");
+    let (lora, info) = gguf_py(&out.join("adapter.gguf"));
+    assert_eq!(info["metadata"]["general.type"], "adapter");
+    assert_eq!(info["metadata"]["adapter.type"], "lora");
+    assert_eq!(info["metadata"]["adapter.lora.alpha"], 8.0);
+    let ck = Checkpoint::open(&f.caldera).unwrap();
+    let layer = pumice::format::native::read_layer(&ck, 2).unwrap();
+    let m = layer
+        .matrices
+        .iter()
+        .find(|m| m.weight.ends_with("q_proj.weight"))
+        .unwrap();
+    let (lt, r) = pumice::format::weights::factors(&m.entry, &m.data)
+        .unwrap()
+        .unwrap();
+    let (rows, k) = (m.entry.rows, m.entry.rank);
+    let (ashape, a) = &lora["blk.2.attn_q.weight.lora_a"];
+    assert_eq!(ashape, &vec![k, m.entry.cols]);
+    assert_eq!(bits_equal(a, &r), 0);
+    let order = llama_rows(rows, ck.config().num_heads);
+    let (bshape, b) = &lora["blk.2.attn_q.weight.lora_b"];
+    assert_eq!(bshape, &vec![rows, k]);
+    let want: Vec<f32> = order
+        .iter()
+        .flat_map(|&hr| (0..k).map(move |t| (hr, t)))
+        .map(|(hr, t)| lt[t * rows + hr])
+        .collect();
+    assert_eq!(bits_equal(b, &want), 0);
+    // What GGUF cannot hold is refused by tensor.
+    refused(&f.caldera_rht, "gguf", &["randomized-Hadamard", "tensor"]);
+    refused(&f.act_order, "gguf", &["act-order", "tensor"]);
+    let o = pumice(&[
+        "export",
+        f.gptq4.to_str().unwrap(),
+        "-o",
+        work().join("gguf-q4-refused").to_str().unwrap(),
+        "--format",
+        "gguf",
+        "--gguf-type",
+        "q4_0",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("q4_0 cannot hold its 4-bit"), "{err}");
+}
+
+fn transformers_gguf_logits(dir: &Path, seqs: &[Vec<u32>]) -> Vec<f32> {
+    let py = python();
+    let out = dir.with_extension("gguf-logits.safetensors");
+    let ids: Vec<String> = seqs
+        .iter()
+        .map(|s| {
+            s.iter()
+                .map(|t| t.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .collect();
+    let o = Command::new(&py)
+        .arg(project_root().join("tools/interop/hf_logits.py"))
+        .arg(dir)
+        .arg(&out)
+        .arg("--gguf")
+        .arg("model.gguf")
+        .arg("--ids")
+        .arg(ids.join(";"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let f = pumice::model::safetensors::SafetensorsFile::open(&out).unwrap();
+    let li = f.info("logits").unwrap();
+    f.bytes(li)
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}

@@ -16,12 +16,17 @@ pub(crate) struct ExportArgs {
     /// Output directory (written to a temporary name and renamed when complete).
     #[arg(short, long)]
     pub(crate) output: PathBuf,
-    /// Target format: dense (plain weights, L·R merged), compressed-tensors (pack-quantized,
-    /// for transformers and vLLM; CALDERA's factors as a PEFT adapter in OUT/adapter), peft
+    /// Target format: gguf (llama.cpp: OUT/model.gguf, CALDERA's factors in OUT/adapter.gguf),
+    /// dense (plain weights, L·R merged), compressed-tensors (pack-quantized, for
+    /// transformers and vLLM; CALDERA's factors as a PEFT adapter in OUT/adapter), peft
     /// (CALDERA's factors alone, as a LoRA adapter). What a format cannot hold exactly is
     /// refused, naming the tensor and the reason.
     #[arg(long, value_parser = super::args::parse_format)]
     pub(crate) format: FormatKind,
+    /// GGUF: the ggml type of every linear weight (q4_0, q8_0, f32; default: the smallest
+    /// that holds each weight exactly).
+    #[arg(long)]
+    pub(crate) gguf_type: Option<String>,
     /// Dtype of dense weights (f32, f16, bf16; default: the model's).
     #[arg(long, value_parser = super::args::parse_dtype)]
     pub(crate) dtype: Option<DType>,
@@ -36,7 +41,29 @@ pub(crate) struct ExportArgs {
 pub(crate) fn run(a: ExportArgs) -> anyhow::Result<()> {
     let ck = pumice::model::Checkpoint::open(&a.input)?;
     let dtype = a.dtype.unwrap_or_else(|| ck.dtype());
-    let format = a.format.make(dtype);
+    let format: Box<dyn pumice::format::Format> = match (&a.gguf_type, a.format) {
+        (None, f) => f.make(dtype),
+        (Some(t), FormatKind::Gguf) => {
+            use pumice::format::gguf::{file::GgmlType, Gguf};
+            let linear = GgmlType::parse(t)
+                .filter(|t| matches!(t, GgmlType::Q4_0 | GgmlType::Q8_0 | GgmlType::F32))
+                .ok_or_else(|| {
+                    pumice::Error::InvalidArgument(format!(
+                        "--gguf-type {t}: known types are q4_0, q8_0, f32"
+                    ))
+                })?;
+            Box::new(Gguf {
+                linear: Some(linear),
+            })
+        }
+        (Some(_), f) => {
+            return Err(pumice::Error::InvalidArgument(format!(
+                "--gguf-type is for --format gguf, not {}",
+                f.name()
+            ))
+            .into())
+        }
+    };
     let mut rep = progress::Reporter::new(a.json);
     rep.emit(
         "start",

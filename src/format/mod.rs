@@ -15,6 +15,7 @@
 
 pub mod compressed_tensors;
 pub mod dense;
+pub mod gguf;
 mod hf;
 pub mod native;
 pub mod peft;
@@ -234,14 +235,17 @@ pub enum FormatKind {
     CompressedTensors,
     /// CALDERA's factors alone, as a PEFT LoRA adapter.
     Peft,
+    /// llama.cpp's GGUF (+ a GGUF LoRA adapter for CALDERA's factors).
+    Gguf,
 }
 
 impl FormatKind {
-    pub const ALL: [FormatKind; 4] = [
+    pub const ALL: [FormatKind; 5] = [
         FormatKind::Native,
         FormatKind::Dense,
         FormatKind::CompressedTensors,
         FormatKind::Peft,
+        FormatKind::Gguf,
     ];
 
     pub fn name(&self) -> &'static str {
@@ -250,6 +254,7 @@ impl FormatKind {
             FormatKind::Dense => "dense",
             FormatKind::CompressedTensors => "compressed-tensors",
             FormatKind::Peft => "peft",
+            FormatKind::Gguf => "gguf",
         }
     }
 
@@ -265,13 +270,15 @@ impl FormatKind {
             })
     }
 
-    /// The format, with `dtype` for the formats that store plain values.
+    /// The format, with `dtype` for the formats that store plain values (GGUF: the smallest
+    /// exact ggml type per weight; [`gguf::Gguf`] takes a fixed one).
     pub fn make(&self, dtype: crate::DType) -> Box<dyn Format> {
         match self {
             FormatKind::Native => Box::new(native::Native),
             FormatKind::Dense => Box::new(dense::Dense { dtype }),
             FormatKind::CompressedTensors => Box::new(compressed_tensors::CompressedTensors),
             FormatKind::Peft => Box::new(peft::Peft),
+            FormatKind::Gguf => Box::new(gguf::Gguf { linear: None }),
         }
     }
 }

@@ -4,7 +4,8 @@ pumice's exports with pumice's own forward pass.
 usage: python hf_logits.py MODEL_DIR OUT.safetensors --ids 0,5,7;3,9,1 [--adapter DIR]
 
 MODEL_DIR is any directory transformers loads (dense, compressed-tensors, GPTQ); a
-compressed-tensors model is dequantized on load (CompressedTensorsConfig(dequantize=True)).
+compressed-tensors model is dequantized on load (CompressedTensorsConfig(dequantize=True)); with
+--gguf FILE the model is MODEL_DIR/FILE, dequantized by transformers' GGUF loader (gguf-py).
 --adapter puts a PEFT adapter on top. Writes `input_ids` I64 [nseq, T] and `logits` F32
 [nseq, T, vocab], and prints one JSON line: what was loaded and how.
 """
@@ -18,12 +19,17 @@ ap.add_argument("model")
 ap.add_argument("out")
 ap.add_argument("--ids", required=True, help="sequences separated by ';', ids by ','")
 ap.add_argument("--adapter")
+ap.add_argument("--gguf", help="a GGUF file inside MODEL_DIR (transformers dequantizes it)")
 a = ap.parse_args()
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
-cfg = json.load(open(os.path.join(a.model, "config.json")))
-qc = cfg.get("quantization_config") or {}
 kw = {}
+if a.gguf:
+    kw["gguf_file"] = a.gguf
+    qc = {"quant_method": "gguf"}
+else:
+    cfg = json.load(open(os.path.join(a.model, "config.json")))
+    qc = cfg.get("quantization_config") or {}
 if qc.get("quant_method") == "compressed-tensors":
     from transformers import CompressedTensorsConfig
     kw["quantization_config"] = CompressedTensorsConfig(dequantize=True)

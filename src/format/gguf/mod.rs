@@ -1,0 +1,563 @@
+//! GGUF for llama.cpp (and Ollama, LM Studio, transformers' GGUF loader): the whole model in one
+//! file `model.gguf` — architecture metadata (llama or qwen2; RoPE and its scaling), the
+//! tokenizer, every linear weight in a ggml block type that holds pumice's values exactly, the
+//! embeddings and LM head in their source dtype, norms and biases in f32 — and CALDERA's L·R in
+//! a GGUF LoRA adapter `adapter.gguf` (`llama-cli --lora`).
+//!
+//! Exact carriers of pumice's grids (the codes are not re-rounded): an asymmetric grid's
+//! value s·(q − z) is Q8_0's d·q' with d = s, q' = q − z; a midrise grid's s·(q − (2^b−1)/2) is
+//! d·q' with d = s/2, q' = 2q − (2^b−1); Q4_0 stores q' + 8 and so holds grids of at most 3 bits.
+//! Groups of 32 or more repeat their scale in every 32-block. A pruned weight is q' = 0.
+//! Not representable (refused by tensor): randomized-Hadamard rotations, act-order (GGUF has
+//! no column permutation). Widths that are not whole 32-blocks are stored as f32 (exact).
+//! llama.cpp's q/k row order for the llama architecture is applied (rows and adapter B alike).
+
+pub mod file;
+mod tokenizer;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use half::f16;
+
+use crate::error::{Error, Result};
+use crate::model::compressed::{Accounting, QuantEntry};
+use crate::model::config::{Family, RopeScaling};
+use crate::model::{Checkpoint, LinearKind};
+
+use super::{weights::factors, CompressedLayer, CompressedMatrix, Format, FormatWriter};
+use super::{JobInfo, Planned, Written};
+use file::{GgmlType, GgufWriter, TensorInfo, Value};
+
+/// The model file inside the output directory.
+pub const MODEL_FILE: &str = "model.gguf";
+/// The LoRA adapter holding CALDERA's factors.
+pub const ADAPTER_FILE: &str = "adapter.gguf";
+
+/// GGUF, with every linear weight in `linear` (None: the smallest exact type per weight).
+pub struct Gguf {
+    pub linear: Option<GgmlType>,
+}
+
+/// The ggml types that hold `e`'s values exactly, smallest first, or why none does.
+pub(crate) fn exact_types(e: &QuantEntry) -> std::result::Result<Vec<GgmlType>, String> {
+    if e.rht.is_some() {
+        return Err(
+            "its codes are of a randomized-Hadamard-rotated weight, which no ggml type \
+                    reproduces (compress without --rht, or export --format dense)"
+                .into(),
+        );
+    }
+    if e.act_order {
+        return Err(
+            "act-order stores columns permuted and GGUF has no permutation (compress \
+                    without --act-order, or export --format dense)"
+                .into(),
+        );
+    }
+    if e.bits > 8 {
+        return Err(format!("{} bits", e.bits));
+    }
+    let mut t = Vec::new();
+    if e.cols.is_multiple_of(32) {
+        // |q − z| and |2q − maxq| are at most maxq.
+        let maxq = (1u32 << e.bits) - 1;
+        if maxq <= 7 {
+            t.push(GgmlType::Q4_0);
+        }
+        if maxq <= 127 {
+            t.push(GgmlType::Q8_0);
+        }
+    }
+    t.push(GgmlType::F32);
+    Ok(t)
+}
+
+fn arch_name(ck: &Checkpoint) -> &'static str {
+    match ck.config().family {
+        Family::Qwen2 => "qwen2",
+        Family::Llama | Family::Mistral => "llama",
+    }
+}
+
+/// llama.cpp's row order for q and k of the llama architecture (rotary pairs interleaved):
+/// GGUF row h·d + 2i + j is HF row h·d + j·d/2 + i.
+fn row_order(ck: &Checkpoint, kind: LinearKind, rows: usize) -> Vec<usize> {
+    let c = ck.config();
+    let heads = match kind {
+        LinearKind::QProj => c.num_heads,
+        LinearKind::KProj => c.num_kv_heads,
+        _ => 0,
+    };
+    if heads == 0 || c.family == Family::Qwen2 {
+        return (0..rows).collect();
+    }
+    let d = rows / heads;
+    let mut order = Vec::with_capacity(rows);
+    for h in 0..heads {
+        for i in 0..d / 2 {
+            for j in 0..2 {
+                order.push(h * d + j * (d / 2) + i);
+            }
+        }
+    }
+    order
+}
+
+fn gguf_name(kind: LinearKind) -> &'static str {
+    match kind {
+        LinearKind::QProj => "attn_q",
+        LinearKind::KProj => "attn_k",
+        LinearKind::VProj => "attn_v",
+        LinearKind::OProj => "attn_output",
+        LinearKind::GateProj => "ffn_gate",
+        LinearKind::UpProj => "ffn_up",
+        LinearKind::DownProj => "ffn_down",
+    }
+}
+
+/// Encode `m`'s backbone as `ty`, rows in `order`.
+fn encode(m: &CompressedMatrix, ty: GgmlType, order: &[usize]) -> Result<Vec<u8>> {
+    let e = &m.entry;
+    let (rows, cols) = (e.rows, e.cols);
+    if ty == GgmlType::F32 {
+        let v = m.backbone()?;
+        let mut out = Vec::with_capacity(rows * cols * 4);
+        for &r in order {
+            out.extend(bytemuck::cast_slice(&v[r * cols..(r + 1) * cols]));
+        }
+        return Ok(out);
+    }
+    let grid = e.grid()?;
+    let codes = m.data.codes(rows, cols, e.bits);
+    let (scales, zeros) = m.data.scales_zeros(&grid);
+    let groups = grid.groups(cols);
+    let g = grid.group_len(cols);
+    let maxq = grid.maxq() as i32;
+    let bad = |msg: String| Error::Shape(format!("{}: {msg}", m.weight));
+    let mut out = Vec::with_capacity(rows * ty.row_bytes(cols).unwrap_or(0));
+    let mut q = [0i32; 32];
+    for &r in order {
+        for b in 0..cols / 32 {
+            let gi = r * groups + (b * 32) / g;
+            let (s, z) = (scales[gi], zeros[gi]);
+            let d = if grid.symmetric { s / 2.0 } else { s };
+            let dh = f16::from_f32(d);
+            if dh.to_f32() != d {
+                return Err(bad(format!("scale {s} has no exact f16 half")));
+            }
+            for (k, x) in q.iter_mut().enumerate() {
+                *x = match codes[r * cols + b * 32 + k] {
+                    None => 0,
+                    Some(c) if grid.symmetric => 2 * c as i32 - maxq,
+                    Some(c) => c as i32 - z as i32,
+                };
+            }
+            out.extend(dh.to_le_bytes());
+            match ty {
+                GgmlType::Q8_0 => out.extend(q.iter().map(|&x| x as i8 as u8)),
+                GgmlType::Q4_0 => {
+                    if let Some(x) = q.iter().find(|&&x| !(-8..=7).contains(&x)) {
+                        return Err(bad(format!("value {x} does not fit Q4_0")));
+                    }
+                    out.extend((0..16).map(|j| ((q[j] + 8) | ((q[j + 16] + 8) << 4)) as u8));
+                }
+                _ => unreachable!("float types return above"),
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl Gguf {
+    fn linear_type(&self, e: &QuantEntry) -> std::result::Result<GgmlType, String> {
+        let exact = exact_types(e)?;
+        match self.linear {
+            None => Ok(exact[0]),
+            Some(t) if exact.contains(&t) => Ok(t),
+            Some(t) => Err(format!(
+                "{} cannot hold its {}-bit {} grid exactly over {} columns (exact: {})",
+                t.name(),
+                e.bits,
+                if e.symmetric { "midrise" } else { "asymmetric" },
+                e.cols,
+                exact
+                    .iter()
+                    .map(|t| t.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
+    }
+}
+
+fn float_type(d: crate::DType) -> GgmlType {
+    match d {
+        crate::DType::F32 => GgmlType::F32,
+        crate::DType::F16 => GgmlType::F16,
+        crate::DType::BF16 => GgmlType::BF16,
+    }
+}
+
+/// The model's metadata: architecture, RoPE, tokenizer.
+fn metadata(ck: &Checkpoint, types: &[GgmlType]) -> Result<Vec<(String, Value)>> {
+    let c = ck.config();
+    let a = arch_name(ck);
+    let name = ck
+        .dir()
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "model".into());
+    let file_type = match types.first() {
+        Some(GgmlType::Q8_0) => 7,
+        Some(GgmlType::Q4_0) => 2,
+        _ => 0,
+    };
+    let k = |s: &str| format!("{a}.{s}");
+    let mut kv = vec![
+        ("general.architecture".to_string(), Value::Str(a.into())),
+        ("general.name".to_string(), Value::Str(name)),
+        ("general.file_type".to_string(), Value::U32(file_type)),
+        (
+            k("context_length"),
+            Value::U32(c.max_position_embeddings as u32),
+        ),
+        (k("embedding_length"), Value::U32(c.hidden_size as u32)),
+        (k("block_count"), Value::U32(c.num_layers as u32)),
+        (
+            k("feed_forward_length"),
+            Value::U32(c.intermediate_size as u32),
+        ),
+        (k("attention.head_count"), Value::U32(c.num_heads as u32)),
+        (
+            k("attention.head_count_kv"),
+            Value::U32(c.num_kv_heads as u32),
+        ),
+        (k("attention.key_length"), Value::U32(c.head_dim as u32)),
+        (k("attention.value_length"), Value::U32(c.head_dim as u32)),
+        (
+            k("attention.layer_norm_rms_epsilon"),
+            Value::F32(c.rms_norm_eps as f32),
+        ),
+        (k("rope.freq_base"), Value::F32(c.rope.theta as f32)),
+        (k("rope.dimension_count"), Value::U32(c.head_dim as u32)),
+        (k("vocab_size"), Value::U32(c.vocab_size as u32)),
+    ];
+    if let RopeScaling::Linear { factor } = c.rope.scaling {
+        kv.push((k("rope.scaling.type"), Value::Str("linear".into())));
+        kv.push((k("rope.scaling.factor"), Value::F32(factor as f32)));
+    }
+    kv.extend(tokenizer::metadata(ck.dir(), c)?);
+    Ok(kv)
+}
+
+/// Llama 3.1's per-frequency RoPE divisors (`rope_freqs.weight`, as llama.cpp applies them).
+fn rope_freqs(ck: &Checkpoint) -> Option<Vec<f32>> {
+    let c = ck.config();
+    let RopeScaling::Llama3 {
+        factor,
+        low_freq_factor,
+        high_freq_factor,
+        original_max_position_embeddings,
+    } = c.rope.scaling
+    else {
+        return None;
+    };
+    let old = original_max_position_embeddings as f64;
+    let (low_wl, high_wl) = (old / low_freq_factor, old / high_freq_factor);
+    let d = c.head_dim;
+    Some(
+        (0..d / 2)
+            .map(|i| {
+                let freq = 1.0 / c.rope.theta.powf((2 * i) as f64 / d as f64);
+                let wl = 2.0 * std::f64::consts::PI / freq;
+                (if wl < high_wl {
+                    1.0
+                } else if wl > low_wl {
+                    factor
+                } else {
+                    let smooth =
+                        (old / wl - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    1.0 / ((1.0 - smooth) / factor + smooth)
+                }) as f32
+            })
+            .collect(),
+    )
+}
+
+impl Format for Gguf {
+    fn name(&self) -> &'static str {
+        "gguf"
+    }
+
+    fn check(&self, ck: &Checkpoint, planned: &Planned) -> Result<()> {
+        for (name, e) in planned.iter().flatten() {
+            e.stored_parts()
+                .map_err(|msg| Error::tensor(ck.dir(), name, msg))?;
+            self.linear_type(e).map_err(|why| {
+                Error::tensor(
+                    ck.dir(),
+                    name,
+                    format!("cannot be written to GGUF exactly: {why}"),
+                )
+            })?;
+        }
+        metadata(ck, &[])?;
+        Ok(())
+    }
+
+    fn begin(
+        &self,
+        ck: &Checkpoint,
+        dir: &Path,
+        _target: &Path,
+        planned: &Planned,
+    ) -> Result<Box<dyn FormatWriter>> {
+        let arch = ck.arch();
+        let types: HashMap<String, GgmlType> = planned
+            .iter()
+            .flatten()
+            .map(|(n, e)| {
+                self.linear_type(e)
+                    .map(|t| (n.clone(), t))
+                    .map_err(|why| Error::tensor(ck.dir(), n, why))
+            })
+            .collect::<Result<_>>()?;
+        let type_of = |w: &str| {
+            types
+                .get(w)
+                .copied()
+                .ok_or_else(|| Error::tensor(ck.dir(), w, "has no planned entry"))
+        };
+        let plain = |name: &str, gname: String| -> Result<TensorInfo> {
+            let t = ck.tensor(name)?;
+            let ty = if t.shape.len() == 1 {
+                GgmlType::F32
+            } else {
+                float_type(t.dtype)
+            };
+            Ok(TensorInfo {
+                name: gname,
+                ne: t.shape.iter().rev().copied().collect(),
+                ty,
+            })
+        };
+        let mut plan = vec![plain(&arch.embed_tokens.name, "token_embd.weight".into())?];
+        let freqs = rope_freqs(ck);
+        if let Some(f) = &freqs {
+            plan.push(TensorInfo {
+                name: "rope_freqs.weight".into(),
+                ne: vec![f.len()],
+                ty: GgmlType::F32,
+            });
+        }
+        for (l, spec) in arch.layers.iter().enumerate() {
+            let p = |s: &str| format!("blk.{l}.{s}");
+            plan.push(plain(&spec.input_norm.name, p("attn_norm.weight"))?);
+            for lin in &spec.linears {
+                if lin.kind == LinearKind::GateProj {
+                    plan.push(plain(&spec.post_attention_norm.name, p("ffn_norm.weight"))?);
+                }
+                let ty = type_of(&lin.weight.name)?;
+                plan.push(TensorInfo {
+                    name: p(&format!("{}.weight", gguf_name(lin.kind))),
+                    ne: vec![lin.in_features, lin.out_features],
+                    ty,
+                });
+                if let Some(b) = &lin.bias {
+                    plan.push(TensorInfo {
+                        name: p(&format!("{}.bias", gguf_name(lin.kind))),
+                        ne: vec![b.shape[0]],
+                        ty: GgmlType::F32,
+                    });
+                }
+            }
+        }
+        plan.push(plain(&arch.final_norm.name, "output_norm.weight".into())?);
+        if let Some(h) = &arch.lm_head {
+            plan.push(plain(&h.name, "output.weight".into())?);
+        }
+        let path = dir.join(MODEL_FILE);
+        let mut counts: HashMap<u32, usize> = HashMap::new();
+        for t in types.values() {
+            *counts.entry(t.id()).or_default() += 1;
+        }
+        let common = [GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::F32]
+            .into_iter()
+            .max_by_key(|t| counts.get(&t.id()).copied().unwrap_or(0));
+        let kv = metadata(ck, common.as_slice())?;
+        let mut writer = GgufWriter::create(&path, &kv, plan)?;
+        write_plain(
+            &mut writer,
+            ck,
+            &arch.embed_tokens.name,
+            "token_embd.weight",
+        )?;
+        if let Some(f) = &freqs {
+            writer.write("rope_freqs.weight", bytemuck::cast_slice(f))?;
+        }
+        let lora = lora_plan(ck, planned)?
+            .map(|(plan, rank)| {
+                let kv = vec![
+                    ("general.type".to_string(), Value::Str("adapter".into())),
+                    (
+                        "general.architecture".to_string(),
+                        Value::Str(arch_name(ck).into()),
+                    ),
+                    ("adapter.type".to_string(), Value::Str("lora".into())),
+                    ("adapter.lora.alpha".to_string(), Value::F32(rank as f32)),
+                ];
+                GgufWriter::create(&dir.join(ADAPTER_FILE), &kv, plan).map(|w| (w, rank))
+            })
+            .transpose()?;
+        Ok(Box::new(GgufOut {
+            writer,
+            types,
+            lora,
+            linear_params: 0,
+            linear_bytes: 0,
+        }))
+    }
+}
+
+/// The adapter's tensors (weights with factors, all padded to the largest rank) and that rank.
+fn lora_plan(ck: &Checkpoint, planned: &Planned) -> Result<Option<(Vec<TensorInfo>, usize)>> {
+    let rank = planned
+        .iter()
+        .flatten()
+        .map(|(_, e)| e.rank)
+        .max()
+        .unwrap_or(0);
+    if rank == 0 {
+        return Ok(None);
+    }
+    let mut plan = Vec::new();
+    for (l, spec) in ck.arch().layers.iter().enumerate() {
+        for lin in &spec.linears {
+            let e = planned[l].iter().find(|(n, _)| *n == lin.weight.name);
+            if e.is_some_and(|(_, e)| e.rank > 0) {
+                let n = format!("blk.{l}.{}.weight", gguf_name(lin.kind));
+                plan.push(TensorInfo {
+                    name: format!("{n}.lora_a"),
+                    ne: vec![lin.in_features, rank],
+                    ty: GgmlType::F32,
+                });
+                plan.push(TensorInfo {
+                    name: format!("{n}.lora_b"),
+                    ne: vec![rank, lin.out_features],
+                    ty: GgmlType::F32,
+                });
+            }
+        }
+    }
+    Ok(Some((plan, rank)))
+}
+
+fn write_plain(w: &mut GgufWriter, ck: &Checkpoint, name: &str, gname: &str) -> Result<()> {
+    let t = ck.tensor(name)?;
+    if t.shape.len() == 1 && t.dtype != crate::DType::F32 {
+        w.write(gname, bytemuck::cast_slice(&t.to_f32()?))?;
+    } else {
+        w.write(gname, t.bytes)?;
+    }
+    ck.release(name);
+    Ok(())
+}
+
+struct GgufOut {
+    writer: GgufWriter,
+    types: HashMap<String, GgmlType>,
+    lora: Option<(GgufWriter, usize)>,
+    linear_params: usize,
+    linear_bytes: u64,
+}
+
+impl FormatWriter for GgufOut {
+    fn layer(&mut self, ck: &Checkpoint, s: &CompressedLayer) -> Result<()> {
+        let spec = &ck.arch().layers[s.layer];
+        let l = s.layer;
+        write_plain(
+            &mut self.writer,
+            ck,
+            &spec.input_norm.name,
+            &format!("blk.{l}.attn_norm.weight"),
+        )?;
+        for lin in &spec.linears {
+            if lin.kind == LinearKind::GateProj {
+                write_plain(
+                    &mut self.writer,
+                    ck,
+                    &spec.post_attention_norm.name,
+                    &format!("blk.{l}.ffn_norm.weight"),
+                )?;
+            }
+            let m = s
+                .matrices
+                .iter()
+                .find(|m| m.weight == lin.weight.name)
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!("{}: missing from layer {l}", lin.weight.name))
+                })?;
+            let ty = self.types[&lin.weight.name];
+            let order = row_order(ck, lin.kind, lin.out_features);
+            let n = format!("blk.{l}.{}.weight", gguf_name(lin.kind));
+            let data = encode(m, ty, &order)?;
+            self.linear_params += lin.out_features * lin.in_features;
+            self.linear_bytes += data.len() as u64;
+            self.writer.write(&n, &data)?;
+            if let Some(b) = &lin.bias {
+                let gb = format!("blk.{l}.{}.bias", gguf_name(lin.kind));
+                let v = ck.tensor(&b.name)?.to_f32()?;
+                let v: Vec<f32> = order.iter().map(|&r| v[r]).collect();
+                self.writer.write(&gb, bytemuck::cast_slice(&v))?;
+            }
+            if let (Some((w, rank)), Some((lt, r))) = (&mut self.lora, factors(&m.entry, &m.data)?)
+            {
+                let (rows, cols, k) = (m.entry.rows, m.entry.cols, m.entry.rank);
+                // lora_a = R zero-padded to `rank` rows; lora_b = L (rows in GGUF order),
+                // zero-padded to `rank` columns.
+                let mut a = r.clone();
+                a.resize(*rank * cols, 0.0);
+                let mut bm = vec![0.0f32; rows * *rank];
+                for (i, &hr) in order.iter().enumerate() {
+                    for t in 0..k {
+                        bm[i * *rank + t] = lt[t * rows + hr];
+                    }
+                }
+                w.write(&format!("{n}.lora_a"), bytemuck::cast_slice(&a))?;
+                w.write(&format!("{n}.lora_b"), bytemuck::cast_slice(&bm))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>, ck: &Checkpoint, job: JobInfo) -> Result<Written> {
+        let arch = ck.arch();
+        write_plain(
+            &mut self.writer,
+            ck,
+            &arch.final_norm.name,
+            "output_norm.weight",
+        )?;
+        if let Some(h) = &arch.lm_head {
+            write_plain(&mut self.writer, ck, &h.name, "output.weight")?;
+        }
+        let GgufOut {
+            writer,
+            lora,
+            linear_params,
+            linear_bytes,
+            ..
+        } = *self;
+        let mut files = vec![(MODEL_FILE.to_string(), writer.finish()?)];
+        if let Some((w, _)) = lora {
+            files.push((ADAPTER_FILE.to_string(), w.finish()?));
+        }
+        let total: u64 = files.iter().map(|(_, b)| b).sum();
+        Ok(Written {
+            files,
+            total: Accounting::new(job.source.parameters, total * 8),
+            linear: Accounting::new(linear_params, linear_bytes * 8),
+        })
+    }
+}
