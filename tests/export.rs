@@ -14,7 +14,6 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use common::{gpu, project_root, reader_weight};
-use pumice::infer::{Engine, EngineOptions};
 use pumice::model::Checkpoint;
 
 fn model() -> PathBuf {
@@ -29,10 +28,48 @@ fn pumice(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// Run `pumice COMMAND INPUT -o work()/NAME --force --json EXTRA...`, which must succeed.
+fn write(command: &str, input: &Path, name: &str, extra: &[&str]) -> PathBuf {
+    let out = work().join(name);
+    let mut args = vec![
+        command,
+        input.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--force",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let o = pumice(&args);
+    assert!(
+        o.status.success(),
+        "{command} {name}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
 fn work() -> PathBuf {
     let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("export");
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+/// The recipe of the gptq 4-bit fixture.
+const GPTQ4: [&str; 6] = ["--method", "gptq", "--bits", "4", "--group-size", "64"];
+
+/// Compress the asset model into work()/NAME with a small calibration and `extra` options.
+fn compress(name: &str, extra: &[&str]) -> PathBuf {
+    let mut args = vec![
+        "--eval-samples",
+        "0",
+        "--calib-samples",
+        "8",
+        "--calib-len",
+        "128",
+    ];
+    args.extend_from_slice(extra);
+    write("compress", &model(), name, &args)
 }
 
 /// Compressions of the asset model shared by the tests (made once per test binary).
@@ -52,38 +89,9 @@ struct Fixtures {
 fn fixtures() -> &'static Fixtures {
     static F: OnceLock<Fixtures> = OnceLock::new();
     F.get_or_init(|| {
-        let m = model();
-        let m = m.to_str().unwrap();
-        let make = |name: &str, extra: &[&str]| -> PathBuf {
-            let out = work().join(name);
-            let mut args = vec![
-                "compress",
-                m,
-                "-o",
-                out.to_str().unwrap(),
-                "--force",
-                "--eval-samples",
-                "0",
-                "--calib-samples",
-                "8",
-                "--calib-len",
-                "128",
-                "--json",
-            ];
-            args.extend_from_slice(extra);
-            let o = pumice(&args);
-            assert!(
-                o.status.success(),
-                "{name}: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            out
-        };
+        let make = compress;
         Fixtures {
-            gptq4: make(
-                "gptq4",
-                &["--method", "gptq", "--bits", "4", "--group-size", "64"],
-            ),
+            gptq4: make("gptq4", &GPTQ4),
             caldera: make(
                 "caldera",
                 &[
@@ -119,25 +127,9 @@ fn fixtures() -> &'static Fixtures {
 }
 
 fn export(input: &Path, name: &str, format: &str, extra: &[&str]) -> PathBuf {
-    let out = work().join(name);
-    let mut args = vec![
-        "export",
-        input.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--format",
-        format,
-        "--force",
-        "--json",
-    ];
+    let mut args = vec!["--format", format];
     args.extend_from_slice(extra);
-    let o = pumice(&args);
-    assert!(
-        o.status.success(),
-        "export {name}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    out
+    write("export", input, name, &args)
 }
 
 /// Token ids: two sequences of 48 drawn from the vocabulary with a fixed seed.
@@ -159,25 +151,8 @@ fn ids(vocab: usize) -> Vec<Vec<u32>> {
 
 /// pumice's logits of `dir` on `seqs` (f32, [nseq·T, vocab] flattened).
 fn pumice_logits(dir: &Path, seqs: &[Vec<u32>]) -> Vec<f32> {
-    let g = gpu();
     let ck = Checkpoint::open(dir).unwrap();
-    let t = seqs[0].len();
-    let mut engine = Engine::new(
-        &g,
-        &ck,
-        &EngineOptions {
-            max_positions: t,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let flat: Vec<u32> = seqs.concat();
-    let hidden = engine.hidden_states(&flat, t).unwrap();
-    engine
-        .logits(&hidden, 0..flat.len())
-        .unwrap()
-        .to_f32(&g)
-        .unwrap()
+    common::engine_logits(&gpu(), &ck, &seqs.concat(), seqs[0].len())
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f64 {
@@ -289,45 +264,22 @@ fn formats_refuse_what_they_cannot_hold_by_tensor() {
     refused(&f.caldera_rht, "peft", &["randomized-Hadamard", "tensor"]);
     refused(&f.gptq4, "peft", &["no weight has low-rank factors"]);
     // The asset model's 192 columns are not whole groups of 128.
-    let g128 = work().join("gptq4-g128");
-    let o = pumice(&[
-        "compress",
-        model().to_str().unwrap(),
-        "-o",
-        g128.to_str().unwrap(),
-        "--force",
-        "--method",
-        "rtn",
-        "--bits",
-        "4",
-        "--eval-samples",
-        "0",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rtn = |name: &str, extra: &[&str]| {
+        let mut args = vec!["--method", "rtn", "--eval-samples", "0"];
+        args.extend_from_slice(extra);
+        write("compress", &model(), name, &args)
+    };
+    let g128 = rtn("gptq4-g128", &["--bits", "4"]);
     refused(
         &g128,
         "compressed-tensors",
         &["192 columns", "group size 128"],
     );
     // Midrise grids (caldera's default Q) have no integer zero point.
-    let midrise = work().join("rtn-midrise");
-    let o = pumice(&[
-        "compress",
-        model().to_str().unwrap(),
-        "-o",
-        midrise.to_str().unwrap(),
-        "--force",
-        "--method",
-        "rtn",
-        "--bits",
-        "3",
-        "--group-size",
-        "64",
-        "--symmetric",
-        "--eval-samples",
-        "0",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let midrise = rtn(
+        "rtn-midrise",
+        &["--bits", "3", "--group-size", "64", "--symmetric"],
+    );
     refused(&midrise, "compressed-tensors", &["midrise", "tensor"]);
     // Only a compressed checkpoint exports.
     refused(&model(), "dense", &["not a pumice-compressed checkpoint"]);
@@ -341,8 +293,9 @@ fn python() -> PathBuf {
     PathBuf::from(home).join(".cache/pumice-venv/bin/python")
 }
 
-/// transformers' logits of `dir` (optionally with a PEFT adapter) on `seqs`.
-fn transformers_logits(dir: &Path, adapter: Option<&Path>, seqs: &[Vec<u32>]) -> Vec<f32> {
+/// transformers' logits of `dir` on `seqs`; `extra` adds hf_logits.py options (`--adapter
+/// DIR`, `--gguf FILE`).
+fn hf_logits(dir: &Path, extra: &[&std::ffi::OsStr], seqs: &[Vec<u32>]) -> Vec<f32> {
     let py = python();
     assert!(
         py.exists(),
@@ -350,7 +303,7 @@ fn transformers_logits(dir: &Path, adapter: Option<&Path>, seqs: &[Vec<u32>]) ->
          compressed-tensors and peft (.ci/run makes ~/.cache/pumice-venv; or set PUMICE_PYTHON)",
         py.display()
     );
-    let out = dir.with_extension("logits.safetensors");
+    let out = dir.with_extension(format!("logits{}.safetensors", extra.len()));
     let ids: Vec<String> = seqs
         .iter()
         .map(|s| {
@@ -360,16 +313,15 @@ fn transformers_logits(dir: &Path, adapter: Option<&Path>, seqs: &[Vec<u32>]) ->
                 .join(",")
         })
         .collect();
-    let mut cmd = Command::new(&py);
-    cmd.arg(project_root().join("tools/interop/hf_logits.py"))
+    let o = Command::new(&py)
+        .arg(project_root().join("tools/interop/hf_logits.py"))
         .arg(dir)
         .arg(&out)
         .arg("--ids")
-        .arg(ids.join(";"));
-    if let Some(a) = adapter {
-        cmd.arg("--adapter").arg(a);
-    }
-    let o = cmd.output().unwrap();
+        .arg(ids.join(";"))
+        .args(extra)
+        .output()
+        .unwrap();
     assert!(
         o.status.success(),
         "hf_logits.py {}: {}",
@@ -383,6 +335,13 @@ fn transformers_logits(dir: &Path, adapter: Option<&Path>, seqs: &[Vec<u32>]) ->
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
         .collect()
+}
+
+fn transformers_logits(dir: &Path, adapter: Option<&Path>, seqs: &[Vec<u32>]) -> Vec<f32> {
+    match adapter {
+        Some(a) => hf_logits(dir, &["--adapter".as_ref(), a.as_os_str()], seqs),
+        None => hf_logits(dir, &[], seqs),
+    }
 }
 
 #[test]
@@ -433,30 +392,9 @@ fn compress_writes_any_format_through_the_same_writer() {
     let f = fixtures();
     // The same compression written straight to compressed-tensors is byte for byte the
     // export of the pumice checkpoint.
-    let direct = work().join("direct-ct");
-    let o = pumice(&[
-        "compress",
-        model().to_str().unwrap(),
-        "-o",
-        direct.to_str().unwrap(),
-        "--force",
-        "--eval-samples",
-        "0",
-        "--calib-samples",
-        "8",
-        "--calib-len",
-        "128",
-        "--method",
-        "gptq",
-        "--bits",
-        "4",
-        "--group-size",
-        "64",
-        "--format",
-        "compressed-tensors",
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut args = GPTQ4.to_vec();
+    args.extend(["--format", "compressed-tensors"]);
+    let direct = compress("direct-ct", &args);
     let exported = export(&f.gptq4, "exported-ct", "compressed-tensors", &[]);
     for file in ["model.safetensors", "config.json"] {
         assert_eq!(
@@ -685,32 +623,5 @@ fn gguf_holds_pumices_values_bit_for_bit_and_transformers_agrees() {
 }
 
 fn transformers_gguf_logits(dir: &Path, seqs: &[Vec<u32>]) -> Vec<f32> {
-    let py = python();
-    let out = dir.with_extension("gguf-logits.safetensors");
-    let ids: Vec<String> = seqs
-        .iter()
-        .map(|s| {
-            s.iter()
-                .map(|t| t.to_string())
-                .collect::<Vec<_>>()
-                .join(",")
-        })
-        .collect();
-    let o = Command::new(&py)
-        .arg(project_root().join("tools/interop/hf_logits.py"))
-        .arg(dir)
-        .arg(&out)
-        .arg("--gguf")
-        .arg("model.gguf")
-        .arg("--ids")
-        .arg(ids.join(";"))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let f = pumice::model::safetensors::SafetensorsFile::open(&out).unwrap();
-    let li = f.info("logits").unwrap();
-    f.bytes(li)
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
+    hf_logits(dir, &["--gguf".as_ref(), "model.gguf".as_ref()], seqs)
 }

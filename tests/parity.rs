@@ -49,21 +49,7 @@ fn logits_max_diff(model_dir: &Path, reference: &Path) -> f64 {
     let v = ck.config().vocab_size;
     assert_eq!(li.shape, [nseq, t, v]);
 
-    let mut engine = Engine::new(
-        &g,
-        &ck,
-        &EngineOptions {
-            max_positions: t,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let hidden = engine.hidden_states(&ids, t).unwrap();
-    let got = engine
-        .logits(&hidden, 0..nseq * t)
-        .unwrap()
-        .to_f32(&g)
-        .unwrap();
+    let got = common::engine_logits(&g, &ck, &ids, t);
     got.iter()
         .zip(&want)
         .fold(0.0f64, |m, (a, b)| m.max((a - b).abs() as f64))

@@ -105,18 +105,7 @@ impl Format for CompressedTensors {
     }
 
     fn check(&self, ck: &Checkpoint, planned: &Planned) -> Result<()> {
-        for (name, e) in planned.iter().flatten() {
-            e.stored_parts()
-                .map_err(|msg| Error::tensor(ck.dir(), name, msg))?;
-            if let Some(why) = refusal(e) {
-                return Err(Error::tensor(
-                    ck.dir(),
-                    name,
-                    format!("cannot be exported to compressed-tensors exactly: {why}"),
-                ));
-            }
-        }
-        Ok(())
+        super::check_each(ck, planned, "compressed-tensors", refusal)
     }
 
     fn begin(
@@ -277,11 +266,7 @@ impl FormatWriter for CtWriter {
     }
 
     fn finish(mut self: Box<Self>, ck: &Checkpoint, job: JobInfo) -> Result<Written> {
-        let arch = ck.arch();
-        hf::copy_plain(&mut self.writer, ck, &arch.final_norm.name)?;
-        if let Some(h) = &arch.lm_head {
-            hf::copy_plain(&mut self.writer, ck, &h.name)?;
-        }
+        hf::copy_tail(&mut self.writer, ck, None)?;
         let CtWriter {
             dir,
             path,

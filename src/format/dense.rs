@@ -25,11 +25,7 @@ impl Format for Dense {
 
     /// Every valid entry dequantizes.
     fn check(&self, ck: &Checkpoint, planned: &Planned) -> Result<()> {
-        for (name, e) in planned.iter().flatten() {
-            e.stored_parts()
-                .map_err(|msg| Error::tensor(ck.dir(), name, msg))?;
-        }
-        Ok(())
+        super::check_each(ck, planned, "dense weights", |_| None)
     }
 
     fn begin(
@@ -87,11 +83,7 @@ impl FormatWriter for DenseWriter {
     }
 
     fn finish(mut self: Box<Self>, ck: &Checkpoint, job: JobInfo) -> Result<Written> {
-        let arch = ck.arch();
-        hf::copy_as(&mut self.writer, ck, &arch.final_norm.name, self.dtype)?;
-        if let Some(h) = &arch.lm_head {
-            hf::copy_as(&mut self.writer, ck, &h.name, self.dtype)?;
-        }
+        hf::copy_tail(&mut self.writer, ck, Some(self.dtype))?;
         let DenseWriter {
             dtype,
             dir,

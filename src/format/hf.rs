@@ -168,3 +168,21 @@ pub(crate) fn tensor(name: String, dtype: &str, shape: Vec<usize>) -> PlannedTen
 pub(crate) fn module_of(weight: &str) -> &str {
     weight.strip_suffix(".weight").unwrap_or(weight)
 }
+
+/// The tensors after the decoder layers (final norm, LM head), in `dtype` when given.
+pub(crate) fn copy_tail(
+    wr: &mut StreamingWriter,
+    ck: &Checkpoint,
+    dtype: Option<DType>,
+) -> Result<()> {
+    let arch = ck.arch();
+    let names =
+        std::iter::once(&arch.final_norm.name).chain(arch.lm_head.as_ref().map(|h| &h.name));
+    for name in names {
+        match dtype {
+            Some(d) => copy_as(wr, ck, name, d)?,
+            None => copy_plain(wr, ck, name)?,
+        }
+    }
+    Ok(())
+}

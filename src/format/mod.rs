@@ -195,6 +195,31 @@ impl Written {
 /// The planned entries of every layer's linear weights (stored_bits not yet known).
 pub type Planned = [Vec<(String, QuantEntry)>];
 
+/// Check every planned entry: valid on its own, and not refused by `refusal` (why the format
+/// cannot hold it exactly); the error names the tensor and says "cannot be written to
+/// {format} exactly: {why}".
+pub(crate) fn check_each(
+    ck: &Checkpoint,
+    planned: &Planned,
+    format: &str,
+    refusal: impl Fn(&QuantEntry) -> Option<String>,
+) -> Result<()> {
+    for (name, e) in planned.iter().flatten() {
+        let why = match e.stored_parts() {
+            Err(msg) => Some(msg),
+            Ok(_) => refusal(e),
+        };
+        if let Some(why) = why {
+            return Err(Error::tensor(
+                ck.dir(),
+                name,
+                format!("cannot be written to {format} exactly: {why}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// An output format.
 pub trait Format {
     fn name(&self) -> &'static str;

@@ -27,16 +27,7 @@ impl Format for Native {
     /// Every valid entry has a stored layout; an invalid one (a grid or pruning the format
     /// cannot describe) is refused naming the weight.
     fn check(&self, ck: &Checkpoint, planned: &Planned) -> Result<()> {
-        for (name, e) in planned.iter().flatten() {
-            e.stored_parts().map_err(|msg| {
-                Error::tensor(
-                    ck.dir(),
-                    name,
-                    format!("the pumice format cannot store this recipe: {msg}"),
-                )
-            })?;
-        }
-        Ok(())
+        super::check_each(ck, planned, "the pumice format", |_| None)
     }
 
     fn begin(
@@ -147,11 +138,7 @@ impl FormatWriter for NativeWriter {
 
     /// Final norm, LM head, side files, manifest.
     fn finish(mut self: Box<Self>, ck: &Checkpoint, job: JobInfo) -> Result<Written> {
-        let arch = ck.arch();
-        hf::copy_plain(&mut self.writer, ck, &arch.final_norm.name)?;
-        if let Some(h) = &arch.lm_head {
-            hf::copy_plain(&mut self.writer, ck, &h.name)?;
-        }
+        hf::copy_tail(&mut self.writer, ck, None)?;
         let NativeWriter {
             dir,
             st_path,

@@ -46,14 +46,8 @@ impl Format for Peft {
     }
 
     fn check(&self, ck: &Checkpoint, planned: &Planned) -> Result<()> {
-        let mut any = false;
-        for (name, e) in planned.iter().flatten() {
-            if let Some(why) = refusal(e) {
-                return Err(Error::tensor(ck.dir(), name, why));
-            }
-            any |= e.rank > 0;
-        }
-        if !any {
+        super::check_each(ck, planned, "a PEFT adapter", refusal)?;
+        if !planned.iter().flatten().any(|(_, e)| e.rank > 0) {
             return Err(Error::InvalidArgument(format!(
                 "{}: no weight has low-rank factors (a PEFT adapter holds CALDERA's L·R; \
                  compress with --method caldera)",

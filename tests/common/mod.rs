@@ -257,3 +257,24 @@ pub fn json_summary(stdout: &[u8]) -> serde_json::Value {
     assert_eq!(last["event"], "summary", "last line: {last}");
     last
 }
+
+/// The engine's logits of `ck` on `ids` (sequences of `t` tokens back to back), f32
+/// [ids.len() × vocab].
+#[allow(dead_code)]
+pub fn engine_logits(g: &Gpu, ck: &pumice::model::Checkpoint, ids: &[u32], t: usize) -> Vec<f32> {
+    let mut engine = pumice::infer::Engine::new(
+        g,
+        ck,
+        &pumice::infer::EngineOptions {
+            max_positions: t,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let hidden = engine.hidden_states(ids, t).unwrap();
+    engine
+        .logits(&hidden, 0..ids.len())
+        .unwrap()
+        .to_f32(g)
+        .unwrap()
+}

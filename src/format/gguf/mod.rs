@@ -291,17 +291,7 @@ impl Format for Gguf {
     }
 
     fn check(&self, ck: &Checkpoint, planned: &Planned) -> Result<()> {
-        for (name, e) in planned.iter().flatten() {
-            e.stored_parts()
-                .map_err(|msg| Error::tensor(ck.dir(), name, msg))?;
-            self.linear_type(e).map_err(|why| {
-                Error::tensor(
-                    ck.dir(),
-                    name,
-                    format!("cannot be written to GGUF exactly: {why}"),
-                )
-            })?;
-        }
+        super::check_each(ck, planned, "GGUF", |e| self.linear_type(e).err())?;
         metadata(ck, &[])?;
         Ok(())
     }
