@@ -507,7 +507,7 @@ fn gguf_holds_pumices_values_bit_for_bit_and_transformers_agrees() {
         let out = export(dir, name, "gguf", &[]);
         let (tensors, info) = gguf_py(&out.join("model.gguf"));
         assert_eq!(info["metadata"]["general.architecture"], "llama");
-        assert_eq!(info["metadata"]["tokenizer.ggml.pre"], "gpt2");
+        assert_eq!(info["metadata"]["tokenizer.ggml.pre"], "gpt-2");
         let ck = Checkpoint::open(dir).unwrap();
         let cfg = ck.config().clone();
         let kinds = [

@@ -33,7 +33,7 @@ fn pre_name(pre: &Json) -> std::result::Result<&'static str, String> {
             && p.get("use_regex").and_then(Json::as_bool) == Some(true)
     };
     if byte_level_regex(pre) {
-        return Ok("gpt2");
+        return Ok("gpt-2");
     }
     if ty == "Sequence" {
         let items = pre
@@ -59,7 +59,7 @@ fn pre_name(pre: &Json) -> std::result::Result<&'static str, String> {
     }
     Err(format!(
         "its pre-tokenizer ({}) is not one llama.cpp implements as pumice can name it \
-         (byte-level gpt2, llama-bpe, qwen2, smollm)",
+         (byte-level gpt-2, llama-bpe, qwen2, smollm)",
         serde_json::to_string(pre).unwrap_or_default()
     ))
 }
