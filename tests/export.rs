@@ -625,3 +625,83 @@ fn gguf_holds_pumices_values_bit_for_bit_and_transformers_agrees() {
 fn transformers_gguf_logits(dir: &Path, seqs: &[Vec<u32>]) -> Vec<f32> {
     hf_logits(dir, &["--gguf".as_ref(), "model.gguf".as_ref()], seqs)
 }
+
+/// A Qwen2-shaped model (head_dim 64, q/k/v biases, tied embeddings, θ 1e6) with the asset
+/// tokenizer: GGUF keeps Qwen2's row order and biases and omits the tied head; compressed-tensors
+/// keeps the biases; transformers computes pumice's logits from both.
+#[test]
+fn qwen2_shaped_exports_keep_biases_tied_head_and_row_order() {
+    let src = work().join("qwen2-src");
+    let mut m = pumice::model::synthetic::SyntheticLlama::tiny("Qwen2ForCausalLM");
+    (
+        m.hidden,
+        m.intermediate,
+        m.layers,
+        m.heads,
+        m.kv_heads,
+        m.vocab,
+    ) = (256, 512, 2, 4, 2, 4096);
+    m.dtype = pumice::DType::BF16;
+    m.extra
+        .insert("tie_word_embeddings".into(), serde_json::json!(true));
+    m.extra.insert("rope_theta".into(), serde_json::json!(1e6));
+    m.extra.insert("bos_token_id".into(), serde_json::json!(0));
+    m.extra.insert("eos_token_id".into(), serde_json::json!(1));
+    let _ = std::fs::remove_dir_all(&src);
+    m.write(&src).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(model().join(f), src.join(f)).unwrap();
+    }
+    let q = write(
+        "compress",
+        &src,
+        "qwen2-gptq4",
+        &[
+            "--eval-samples",
+            "0",
+            "--calib-samples",
+            "4",
+            "--calib-len",
+            "64",
+        ]
+        .iter()
+        .chain(GPTQ4.iter())
+        .copied()
+        .collect::<Vec<_>>(),
+    );
+    let ck = Checkpoint::open(&q).unwrap();
+    assert!(ck.arch().lm_head.is_none() && ck.config().attention_bias);
+    let seqs = ids(4096);
+    let want = pumice_logits(&q, &seqs);
+    // GGUF: qwen2, no output.weight, biases f32, q/k rows as transformers has them.
+    let g = export(&q, "qwen2-gguf", "gguf", &[]);
+    let (tensors, info) = gguf_py(&g.join("model.gguf"));
+    assert_eq!(info["metadata"]["general.architecture"], "qwen2");
+    assert!(!tensors.contains_key("output.weight"));
+    let layer = pumice::format::native::read_layer(&ck, 1).unwrap();
+    for (kind, gname) in [("q_proj", "attn_q"), ("k_proj", "attn_k")] {
+        let w = format!("model.layers.1.self_attn.{kind}");
+        let mm = layer
+            .matrices
+            .iter()
+            .find(|x| x.weight == format!("{w}.weight"))
+            .unwrap();
+        assert_eq!(
+            bits_equal(
+                &tensors[&format!("blk.1.{gname}.weight")].1,
+                &mm.backbone().unwrap()
+            ),
+            0
+        );
+        let bias = ck.tensor(&format!("{w}.bias")).unwrap().to_f32().unwrap();
+        assert_eq!(
+            bits_equal(&tensors[&format!("blk.1.{gname}.bias")].1, &bias),
+            0
+        );
+    }
+    let d = max_diff(&want, &transformers_gguf_logits(&g, &seqs));
+    assert!(d < 1e-4, "qwen2 GGUF: transformers' logits differ by {d}");
+    let ct = export(&q, "qwen2-ct", "compressed-tensors", &[]);
+    let d = max_diff(&want, &transformers_logits(&ct, None, &seqs));
+    assert!(d < 1e-4, "qwen2 compressed-tensors: logits differ by {d}");
+}

@@ -129,8 +129,15 @@ impl SyntheticLlama {
     /// The config.json this model is written with.
     pub fn config_json(&self) -> serde_json::Value {
         let hd = self.hidden / self.heads;
+        // transformers finds the model class by `model_type`.
+        let model_type = match self.architecture.as_str() {
+            "Qwen2ForCausalLM" => "qwen2",
+            "MistralForCausalLM" => "mistral",
+            _ => "llama",
+        };
         let mut config = serde_json::json!({
             "architectures": [self.architecture],
+            "model_type": model_type,
             "hidden_size": self.hidden,
             "intermediate_size": self.intermediate,
             "num_hidden_layers": self.layers,
