@@ -403,6 +403,16 @@ fn compress_writes_any_format_through_the_same_writer() {
             "{file}"
         );
     }
+    // And GGUF (its general.name is the source model's either way).
+    let mut args = GPTQ4.to_vec();
+    args.extend(["--format", "gguf"]);
+    let direct = compress("direct-gguf", &args);
+    let exported = export(&f.gptq4, "exported-gguf", "gguf", &[]);
+    assert!(
+        std::fs::read(direct.join("model.gguf")).unwrap()
+            == std::fs::read(exported.join("model.gguf")).unwrap(),
+        "compress --format gguf and export wrote different files"
+    );
     // A recipe the format cannot hold is refused before any work, naming the tensor.
     let refused = work().join("direct-refused");
     let _ = std::fs::remove_dir_all(&refused);

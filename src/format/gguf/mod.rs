@@ -203,8 +203,13 @@ fn float_type(d: crate::DType) -> GgmlType {
 fn metadata(ck: &Checkpoint, types: &[GgmlType]) -> Result<Vec<(String, Value)>> {
     let c = ck.config();
     let a = arch_name(ck);
-    let name = ck
-        .dir()
+    // The source model's directory name (a compressed checkpoint records its source), so
+    // `compress --format gguf` and `export` of the same compression write the same file.
+    let source = ck
+        .manifest()
+        .map(|m| std::path::PathBuf::from(&m.source.path))
+        .unwrap_or_else(|| ck.dir().to_path_buf());
+    let name = source
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_else(|| "model".into());
