@@ -614,6 +614,15 @@ fn gguf_holds_pumices_values_bit_for_bit_and_transformers_agrees() {
         .map(|(hr, t)| lt[t * rows + hr])
         .collect();
     assert_eq!(bits_equal(b, &want), 0);
+    // `inspect` reports the GGUF output's sizes and bits per weight, adapter included.
+    let o = pumice(&["inspect", out.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(s["linear_bits_per_parameter"], 4.5);
+    assert_eq!(s["types"]["q4_0"][0], 42);
+    let model_bytes = std::fs::metadata(out.join("model.gguf")).unwrap().len();
+    let adapter_bytes = std::fs::metadata(out.join("adapter.gguf")).unwrap().len();
+    assert_eq!(s["bytes"], model_bytes + adapter_bytes);
     // What GGUF cannot hold is refused by tensor.
     refused(&f.caldera_rht, "gguf", &["randomized-Hadamard", "tensor"]);
     refused(&f.act_order, "gguf", &["act-order", "tensor"]);

@@ -5,6 +5,12 @@ use std::io::Write;
 use pumice::model::{Checkpoint, ModelSummary};
 
 pub(crate) fn run(model: &std::path::Path, json: bool, check_weights: bool) -> anyhow::Result<()> {
+    let gguf = model.extension().is_some_and(|e| e == "gguf")
+        || (model.join(pumice::format::gguf::MODEL_FILE).is_file()
+            && !model.join("config.json").is_file());
+    if gguf {
+        return gguf_summary(model, json);
+    }
     let ck = Checkpoint::open(model)?;
     if check_weights {
         ck.check_finite()?;
@@ -80,5 +86,36 @@ pub(crate) fn run(model: &std::path::Path, json: bool, check_weights: bool) -> a
     if check_weights {
         writeln!(out, "  weights         all finite")?;
     }
+    Ok(())
+}
+
+/// A GGUF output: its architecture, sizes and bits per weight by ggml type.
+fn gguf_summary(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let s = pumice::format::gguf::summary(path)?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&s)?)?;
+        return Ok(());
+    }
+    writeln!(out, "{}  (GGUF, {})", s.path, s.architecture)?;
+    writeln!(
+        out,
+        "  parameters      {} ({} in decoder linear layers), {} tensors",
+        s.parameters, s.linear_parameters, s.tensors
+    )?;
+    for (ty, (n, p)) in &s.types {
+        writeln!(out, "  {ty:<15} {n} tensors, {p} parameters")?;
+    }
+    if let Some((bytes, tensors, alpha)) = &s.adapter {
+        writeln!(
+            out,
+            "  adapter.gguf    {bytes} bytes, {tensors} LoRA tensors, alpha {alpha}"
+        )?;
+    }
+    writeln!(
+        out,
+        "  on disk         {} bytes; {:.3} bits/parameter overall, {:.3} in decoder linear layers",
+        s.bytes, s.bits_per_parameter, s.linear_bits_per_parameter
+    )?;
     Ok(())
 }

@@ -253,3 +253,233 @@ impl GgufWriter {
         Ok(f.metadata().map_err(|e| Error::io(&self.path, e))?.len())
     }
 }
+
+/// What a GGUF file holds, read from its header alone.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct GgufInfo {
+    pub version: u32,
+    /// Metadata: scalars and strings as values, arrays as `{"array": length}`.
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// Tensors: name, dims (ne0 first), ggml type id.
+    pub tensors: Vec<(String, Vec<u64>, u32)>,
+    /// The file's size.
+    pub bytes: u64,
+}
+
+impl GgufInfo {
+    /// Bytes of a tensor of ggml type `ty` with `elements` elements, for the types pumice
+    /// knows (None otherwise).
+    pub fn tensor_bytes(ty: u32, elements: u64) -> Option<u64> {
+        let t = [
+            GgmlType::F32,
+            GgmlType::F16,
+            GgmlType::BF16,
+            GgmlType::Q4_0,
+            GgmlType::Q8_0,
+        ]
+        .into_iter()
+        .find(|t| t.id() == ty)?;
+        let (b, bytes) = t.block();
+        Some(elements.div_ceil(b as u64) * bytes as u64)
+    }
+
+    /// The name of a ggml type id pumice knows.
+    pub fn type_name(ty: u32) -> String {
+        [
+            GgmlType::F32,
+            GgmlType::F16,
+            GgmlType::BF16,
+            GgmlType::Q4_0,
+            GgmlType::Q8_0,
+        ]
+        .into_iter()
+        .find(|t| t.id() == ty)
+        .map(|t| t.name().to_string())
+        .unwrap_or_else(|| format!("ggml type {ty}"))
+    }
+}
+
+/// Read a GGUF file's header: metadata and tensor infos. Every count and length is checked
+/// against the file's size before anything is allocated for it.
+pub fn read_info(path: &Path) -> Result<GgufInfo> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let size = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut r = std::io::BufReader::new(f);
+    let bad = |msg: &str| Error::InvalidArgument(format!("{}: {msg}", path.display()));
+    let mut read = |n: usize| -> Result<Vec<u8>> {
+        if n as u64 > size {
+            return Err(bad("damaged GGUF header: a length exceeds the file"));
+        }
+        let mut b = vec![0u8; n];
+        r.read_exact(&mut b)
+            .map_err(|_| bad("truncated GGUF header"))?;
+        Ok(b)
+    };
+    fn u32_of(b: &[u8]) -> u32 {
+        u32::from_le_bytes(b[..4].try_into().expect("4 bytes"))
+    }
+    fn u64_of(b: &[u8]) -> u64 {
+        u64::from_le_bytes(b[..8].try_into().expect("8 bytes"))
+    }
+    if read(4)? != b"GGUF" {
+        return Err(bad("not a GGUF file (no GGUF magic)"));
+    }
+    let version = u32_of(&read(4)?);
+    if version != 3 {
+        return Err(bad(&format!(
+            "GGUF version {version}; pumice reads version 3"
+        )));
+    }
+    let n_tensors = u64_of(&read(8)?);
+    let n_kv = u64_of(&read(8)?);
+    if n_tensors > size / 24 || n_kv > size / 12 {
+        return Err(bad("damaged GGUF header: counts exceed the file"));
+    }
+    let string = |read: &mut dyn FnMut(usize) -> Result<Vec<u8>>| -> Result<String> {
+        let n = u64_of(&read(8)?);
+        if n > size {
+            return Err(bad("damaged GGUF header: a string exceeds the file"));
+        }
+        Ok(String::from_utf8_lossy(&read(n as usize)?).into_owned())
+    };
+    let scalar_size = |t: u32| -> Option<usize> {
+        match t {
+            0 | 1 | 7 => Some(1),
+            2 | 3 => Some(2),
+            4..=6 => Some(4),
+            10..=12 => Some(8),
+            _ => None,
+        }
+    };
+    let scalar = |t: u32, b: &[u8]| -> serde_json::Value {
+        match t {
+            0 => b[0].into(),
+            1 => (b[0] as i8).into(),
+            2 => u16::from_le_bytes([b[0], b[1]]).into(),
+            3 => i16::from_le_bytes([b[0], b[1]]).into(),
+            4 => u32_of(b).into(),
+            5 => (u32_of(b) as i32).into(),
+            6 => f32::from_le_bytes(b[..4].try_into().expect("4 bytes")).into(),
+            7 => (b[0] != 0).into(),
+            10 => u64_of(b).into(),
+            11 => (u64_of(b) as i64).into(),
+            _ => f64::from_le_bytes(b[..8].try_into().expect("8 bytes")).into(),
+        }
+    };
+    let mut metadata = serde_json::Map::new();
+    for _ in 0..n_kv {
+        let key = string(&mut read)?;
+        let t = u32_of(&read(4)?);
+        let v = match t {
+            8 => string(&mut read)?.into(),
+            9 => {
+                let et = u32_of(&read(4)?);
+                let n = u64_of(&read(8)?);
+                if n > size {
+                    return Err(bad("damaged GGUF header: an array exceeds the file"));
+                }
+                match (et, scalar_size(et)) {
+                    (8, _) => {
+                        for _ in 0..n {
+                            string(&mut read)?;
+                        }
+                    }
+                    (_, Some(s)) => {
+                        read(s * n as usize)?;
+                    }
+                    _ => return Err(bad(&format!("unsupported array element type {et}"))),
+                }
+                serde_json::json!({ "array": n })
+            }
+            _ => match scalar_size(t) {
+                Some(s) => scalar(t, &read(s)?),
+                None => return Err(bad(&format!("unknown metadata type {t} of {key}"))),
+            },
+        };
+        metadata.insert(key, v);
+    }
+    let mut tensors = Vec::with_capacity(n_tensors as usize);
+    for _ in 0..n_tensors {
+        let name = string(&mut read)?;
+        let nd = u32_of(&read(4)?);
+        if nd > 8 {
+            return Err(bad(&format!("tensor {name} has {nd} dimensions")));
+        }
+        let dims: Vec<u64> = (0..nd)
+            .map(|_| read(8).map(|b| u64_of(&b)))
+            .collect::<Result<_>>()?;
+        let ty = u32_of(&read(4)?);
+        read(8)?; // offset
+        tensors.push((name, dims, ty));
+    }
+    Ok(GgufInfo {
+        version,
+        metadata,
+        tensors,
+        bytes: size,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_is_written_reads_back_and_hostile_headers_are_refused() {
+        let dir = std::env::temp_dir().join(format!("pumice-gguf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.gguf");
+        let kv = vec![
+            (
+                "general.architecture".to_string(),
+                Value::Str("llama".into()),
+            ),
+            ("n".to_string(), Value::U32(7)),
+            ("x".to_string(), Value::F32(0.5)),
+            ("b".to_string(), Value::Bool(true)),
+            (
+                "toks".to_string(),
+                Value::Strs(vec!["a".into(), "bc".into()]),
+            ),
+            ("ids".to_string(), Value::I32s(vec![1, -2, 3])),
+        ];
+        let plan = vec![
+            TensorInfo {
+                name: "w".into(),
+                ne: vec![64, 3],
+                ty: GgmlType::Q8_0,
+            },
+            TensorInfo {
+                name: "n".into(),
+                ne: vec![5],
+                ty: GgmlType::F32,
+            },
+        ];
+        let mut w = GgufWriter::create(&path, &kv, plan).unwrap();
+        w.write("w", &vec![1u8; 3 * 2 * 34]).unwrap();
+        w.write("n", &[0u8; 20]).unwrap();
+        let bytes = w.finish().unwrap();
+        let info = read_info(&path).unwrap();
+        assert_eq!(info.bytes, bytes);
+        assert_eq!(info.metadata["general.architecture"], "llama");
+        assert_eq!(info.metadata["n"], 7);
+        assert_eq!(info.metadata["x"], 0.5);
+        assert_eq!(info.metadata["b"], true);
+        assert_eq!(info.metadata["toks"]["array"], 2);
+        assert_eq!(info.metadata["ids"]["array"], 3);
+        assert_eq!(info.tensors[0], ("w".to_string(), vec![64, 3], 8));
+        assert_eq!(GgufInfo::tensor_bytes(8, 192), Some(6 * 34));
+        // A count that exceeds the file, a truncated header, no magic.
+        let data = std::fs::read(&path).unwrap();
+        let mut hostile = data.clone();
+        hostile[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        std::fs::write(&path, &hostile).unwrap();
+        assert!(read_info(&path).unwrap_err().to_string().contains("exceed"));
+        std::fs::write(&path, &data[..40]).unwrap();
+        assert!(read_info(&path).is_err());
+        std::fs::write(&path, b"NOPE").unwrap();
+        assert!(read_info(&path).unwrap_err().to_string().contains("magic"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -556,3 +556,82 @@ impl FormatWriter for GgufOut {
         })
     }
 }
+
+/// What `pumice inspect` says about a GGUF output: sizes and bits per weight, by ggml type.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct GgufSummary {
+    pub path: String,
+    pub architecture: String,
+    pub tensors: usize,
+    pub parameters: u64,
+    /// Parameters of the decoder's linear weights (blk.N.attn_* / ffn_* .weight).
+    pub linear_parameters: u64,
+    pub bytes: u64,
+    pub bits_per_parameter: f64,
+    pub linear_bits_per_parameter: f64,
+    /// Per ggml type: tensors and parameters.
+    pub types: std::collections::BTreeMap<String, (usize, u64)>,
+    /// The LoRA adapter beside it (adapter.gguf): bytes, tensors, alpha.
+    pub adapter: Option<(u64, usize, serde_json::Value)>,
+}
+
+/// Summarize `path` (a GGUF file, or a directory holding model.gguf).
+pub fn summary(path: &Path) -> Result<GgufSummary> {
+    let file = if path.is_dir() {
+        path.join(MODEL_FILE)
+    } else {
+        path.to_path_buf()
+    };
+    let info = file::read_info(&file)?;
+    let mut types = std::collections::BTreeMap::new();
+    let (mut params, mut linear_params, mut linear_bytes) = (0u64, 0u64, 0u64);
+    for (name, dims, ty) in &info.tensors {
+        let n: u64 = dims.iter().product();
+        params += n;
+        let e = types
+            .entry(file::GgufInfo::type_name(*ty))
+            .or_insert((0, 0));
+        e.0 += 1;
+        e.1 += n;
+        let linear = name.starts_with("blk.")
+            && name.ends_with(".weight")
+            && (name.contains(".attn_") || name.contains(".ffn_"))
+            && !name.ends_with("_norm.weight");
+        if linear {
+            linear_params += n;
+            linear_bytes += file::GgufInfo::tensor_bytes(*ty, n).unwrap_or(0);
+        }
+    }
+    let adapter_path = file.with_file_name(ADAPTER_FILE);
+    let adapter = if adapter_path.is_file() {
+        let a = file::read_info(&adapter_path)?;
+        Some((
+            a.bytes,
+            a.tensors.len(),
+            a.metadata
+                .get("adapter.lora.alpha")
+                .cloned()
+                .unwrap_or(serde_json::Value::Null),
+        ))
+    } else {
+        None
+    };
+    let total = info.bytes + adapter.as_ref().map_or(0, |a| a.0);
+    Ok(GgufSummary {
+        path: file.display().to_string(),
+        architecture: info
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.as_str())
+            .unwrap_or("?")
+            .to_string(),
+        tensors: info.tensors.len(),
+        parameters: params,
+        linear_parameters: linear_params,
+        bytes: total,
+        bits_per_parameter: total as f64 * 8.0 / params.max(1) as f64,
+        linear_bits_per_parameter: linear_bytes as f64 * 8.0 / linear_params.max(1) as f64,
+        types,
+        adapter,
+    })
+}
