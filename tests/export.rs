@@ -517,6 +517,8 @@ fn gguf_holds_pumices_values_bit_for_bit_and_transformers_agrees() {
         let out = export(dir, name, "gguf", &[]);
         let (tensors, info) = gguf_py(&out.join("model.gguf"));
         assert_eq!(info["metadata"]["general.architecture"], "llama");
+        // llama.cpp knows GPT-2's pre-tokenizer as "gpt-2"; "gpt2" made it refuse the file
+        // ("unknown pre-tokenizer type"), which gguf-py and transformers did not notice.
         assert_eq!(info["metadata"]["tokenizer.ggml.pre"], "gpt-2");
         let ck = Checkpoint::open(dir).unwrap();
         let cfg = ck.config().clone();
