@@ -21,6 +21,15 @@ pub enum GgmlType {
 }
 
 impl GgmlType {
+    /// Every type pumice writes.
+    pub const ALL: [GgmlType; 5] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q4_0,
+        GgmlType::Q8_0,
+    ];
+
     pub fn id(self) -> u32 {
         match self {
             GgmlType::F32 => 0,
@@ -52,15 +61,9 @@ impl GgmlType {
     }
 
     pub fn parse(s: &str) -> Option<GgmlType> {
-        [
-            GgmlType::F32,
-            GgmlType::F16,
-            GgmlType::BF16,
-            GgmlType::Q4_0,
-            GgmlType::Q8_0,
-        ]
-        .into_iter()
-        .find(|t| t.name().eq_ignore_ascii_case(s))
+        GgmlType::ALL
+            .into_iter()
+            .find(|t| t.name().eq_ignore_ascii_case(s))
     }
 
     /// Bytes of a row of `n` elements (None when `n` is not whole blocks).
@@ -270,32 +273,18 @@ impl GgufInfo {
     /// Bytes of a tensor of ggml type `ty` with `elements` elements, for the types pumice
     /// knows (None otherwise).
     pub fn tensor_bytes(ty: u32, elements: u64) -> Option<u64> {
-        let t = [
-            GgmlType::F32,
-            GgmlType::F16,
-            GgmlType::BF16,
-            GgmlType::Q4_0,
-            GgmlType::Q8_0,
-        ]
-        .into_iter()
-        .find(|t| t.id() == ty)?;
+        let t = GgmlType::ALL.into_iter().find(|t| t.id() == ty)?;
         let (b, bytes) = t.block();
         Some(elements.div_ceil(b as u64) * bytes as u64)
     }
 
     /// The name of a ggml type id pumice knows.
     pub fn type_name(ty: u32) -> String {
-        [
-            GgmlType::F32,
-            GgmlType::F16,
-            GgmlType::BF16,
-            GgmlType::Q4_0,
-            GgmlType::Q8_0,
-        ]
-        .into_iter()
-        .find(|t| t.id() == ty)
-        .map(|t| t.name().to_string())
-        .unwrap_or_else(|| format!("ggml type {ty}"))
+        GgmlType::ALL
+            .into_iter()
+            .find(|t| t.id() == ty)
+            .map(|t| t.name().to_string())
+            .unwrap_or_else(|| format!("ggml type {ty}"))
     }
 }
 
