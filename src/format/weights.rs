@@ -63,18 +63,6 @@ impl PackedMatrix {
         (scales, zeros)
     }
 
-    /// The stored column each original column came from (the inverse of the act-order
-    /// permutation; the identity without one).
-    pub fn source_columns(&self, cols: usize) -> Vec<usize> {
-        let mut inv: Vec<usize> = (0..cols).collect();
-        if let Some(p) = &self.perm {
-            for (j, c) in u32s(p).into_iter().enumerate() {
-                inv[c as usize] = j;
-            }
-        }
-        inv
-    }
-
     /// Dequantized values, rows × cols in the original column order, f32.
     pub fn values(&self, rows: usize, cols: usize, grid: &Grid) -> Vec<f32> {
         let codes = self.codes(rows, cols, grid.bits);

@@ -326,11 +326,7 @@ impl Format for Gguf {
         };
         let plain = |name: &str, gname: String| -> Result<TensorInfo> {
             let t = ck.tensor(name)?;
-            let ty = if t.shape.len() == 1 {
-                GgmlType::F32
-            } else {
-                float_type(t.dtype)
-            };
+            let ty = plain_type(&t);
             Ok(TensorInfo {
                 name: gname,
                 ne: t.shape.iter().rev().copied().collect(),
@@ -448,9 +444,19 @@ fn lora_plan(ck: &Checkpoint, planned: &Planned) -> Result<Option<(Vec<TensorInf
     Ok(Some((plan, rank)))
 }
 
+/// The ggml type a tensor copied from the source gets: norms and biases f32 (what llama.cpp
+/// expects), matrices their source dtype.
+fn plain_type(t: &crate::model::TensorRef<'_>) -> GgmlType {
+    if t.shape.len() == 1 {
+        GgmlType::F32
+    } else {
+        float_type(t.dtype)
+    }
+}
+
 fn write_plain(w: &mut GgufWriter, ck: &Checkpoint, name: &str, gname: &str) -> Result<()> {
     let t = ck.tensor(name)?;
-    if t.shape.len() == 1 && t.dtype != crate::DType::F32 {
+    if plain_type(&t) != float_type(t.dtype) {
         w.write(gname, bytemuck::cast_slice(&t.to_f32()?))?;
     } else {
         w.write(gname, t.bytes)?;
