@@ -15,7 +15,7 @@ use pumice::gpu::quant::gptq;
 use pumice::gpu::Gpu;
 use pumice::lowrank::caldera::{decompose, CalderaOptions};
 use pumice::quant::reference::prepare_hessian;
-use pumice::quant::{GptqOptions, Grid};
+use pumice::quant::{GptqOptions, Grid, GridKind};
 
 fn bench(c: &mut Criterion) {
     let g = Gpu::from_env().expect("a GPU adapter (lavapipe works)");
@@ -40,7 +40,7 @@ fn bench(c: &mut Criterion) {
             .sample_size(10)
             .warm_up_time(Duration::from_millis(1))
             .measurement_time(Duration::from_secs(1));
-        let g64 = Grid::new(2, 64, false).unwrap();
+        let g64 = Grid::new(2, 64, GridKind::Asymmetric).unwrap();
         // GPTQ's error through the same code path: rank 0, one outer iteration. The issue's
         // baseline (asymmetric min–max g64, 2.5 bpw) and the strongest 2.5-bpw GPTQ grid
         // (midrise g32 with the clip search).
@@ -48,7 +48,7 @@ fn bench(c: &mut Criterion) {
             ("g64 min-max", g64),
             (
                 "midrise g32 clip",
-                Grid::new(2, 32, true).unwrap().with_clip(true),
+                Grid::new(2, 32, GridKind::Midrise).unwrap().with_clip(true),
             ),
         ] {
             let mut go = CalderaOptions::new(0);

@@ -15,7 +15,7 @@ use pumice::cpu;
 use pumice::gpu::quant::gptq;
 use pumice::gpu::Gpu;
 use pumice::quant::reference::prepare_hessian;
-use pumice::quant::{GptqOptions, Grid};
+use pumice::quant::{GptqOptions, Grid, GridKind};
 use support::values;
 
 /// Inputs with a few dominant directions and outlier channels, like real activations.
@@ -48,7 +48,7 @@ fn bench(c: &mut Criterion) {
         .map(f64::from)
         .collect();
     let opts = GptqOptions::default();
-    let grid = Grid::new(4, 128, false).unwrap();
+    let grid = Grid::new(4, 128, GridKind::Asymmetric).unwrap();
 
     let mut group = c.benchmark_group("gptq_prepare_hessian_4096");
     group

@@ -27,7 +27,7 @@ use crate::infer::{Engine, EngineOptions};
 use crate::lowrank::caldera::{decompose, CalderaOptions};
 use crate::model::Checkpoint;
 use crate::quant::reference::prepare_hessian;
-use crate::quant::{GptqOptions, Grid};
+use crate::quant::{GptqOptions, Grid, GridKind};
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -380,7 +380,7 @@ pub fn run(
             .map(|v| v * 0.02)
             .collect();
         let gopts = GptqOptions::default();
-        let grid = Grid::new(2, 64, false)?;
+        let grid = Grid::new(2, 64, GridKind::Asymmetric)?;
         if wanted("gptq") {
             let prep = prepare_hessian(h, n, &gopts)?;
             let mut last = None;
@@ -511,9 +511,9 @@ pub fn run(
                     sparsity: Default::default(),
                     method,
                     grid: if method == Method::Caldera {
-                        Grid::new(2, 64, true)?
+                        Grid::new(2, 64, GridKind::Midrise)?
                     } else {
-                        Grid::new(4, 128, false)?
+                        Grid::new(4, 128, GridKind::Asymmetric)?
                     },
                     gptq: GptqOptions::default(),
                     calib_source: CalibSource::SelfGenerated,

@@ -8,7 +8,7 @@ use pumice::cpu;
 use pumice::lowrank::caldera::{self, rank_for_budget, CalderaOptions};
 use pumice::quant::reference::{self, weighted_error, weighted_norm};
 use pumice::quant::rht::{self, Rht};
-use pumice::quant::{GptqOptions, Grid};
+use pumice::quant::{GptqOptions, Grid, GridKind};
 
 /// X (t × n) with correlated channels and `outliers` channels scaled ×20; H = XᵀX/t.
 fn outlier_hessian(t: usize, n: usize, outliers: usize, seed: u64) -> Vec<f64> {
@@ -46,8 +46,8 @@ fn outlier_hessian_with(
 
 #[test]
 fn rank_budget_counts_everything() {
-    let q = Grid::new(2, 128, false).unwrap();
-    let lr = Grid::new(4, 64, false).unwrap();
+    let q = Grid::new(2, 128, GridKind::Asymmetric).unwrap();
+    let lr = Grid::new(4, 64, GridKind::Asymmetric).unwrap();
     let _ = CalderaOptions::new(0); // defaults: Q midrise g64 (2.25 bpw), factors 4-bit g64
                                     // 4096²: Q 2 + 32/128 = 2.25 bpw; each rank costs (4 + 0.5)·8192 bits.
     let k = rank_for_budget(&q, &lr, 4096, 4096, 2.5);
@@ -88,8 +88,13 @@ fn reference_beats_gptq_2bit_on_outlier_hessians() {
         let q = reference::gptq(w, m, n, &prep, grid, 128).dequantize();
         weighted_error(w, &q, m, h) / norm
     };
-    let e_gptq = gptq_err(&w, &h, Grid::new(2, 64, false).unwrap(), &act);
-    let strong = Grid::new(2, 32, true).unwrap().with_clip(true);
+    let e_gptq = gptq_err(
+        &w,
+        &h,
+        Grid::new(2, 64, GridKind::Asymmetric).unwrap(),
+        &act,
+    );
+    let strong = Grid::new(2, 32, GridKind::Midrise).unwrap().with_clip(true);
     let e_strong = gptq_err(&w, &h, strong, &act);
     let (tm, tn) = (Rht::new(m, 3), Rht::new(n, 4));
     let (wr, hr) = (

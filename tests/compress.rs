@@ -15,7 +15,7 @@ use pumice::infer::{Engine, EngineOptions};
 use pumice::model::compressed::MANIFEST_FILE;
 use pumice::model::{Checkpoint, Tokenizer};
 use pumice::quant::grid::unpack;
-use pumice::quant::{GptqOptions, Grid};
+use pumice::quant::{GptqOptions, Grid, GridKind};
 
 fn asset() -> PathBuf {
     project_root().join("assets/models/gutenberg-llama")
@@ -27,7 +27,7 @@ fn opts(method: Method, bits: u32, group: usize, out: &Path) -> CompressOptions 
         allocation: None,
         sparsity: Default::default(),
         method,
-        grid: Grid::new(bits, group, false).unwrap(),
+        grid: Grid::new(bits, group, GridKind::Asymmetric).unwrap(),
         gptq: GptqOptions::default(),
         calib_source: CalibSource::SelfGenerated,
         calib: CalibOptions {
@@ -212,7 +212,12 @@ fn rtn_round_trips_exactly() {
     }
     // RTN of the source weight reproduces the stored codes.
     let w = src.tensor(name).unwrap().to_f32().unwrap();
-    let re = pumice::quant::reference::rtn(&w, q.rows, q.cols, Grid::new(3, 32, false).unwrap());
+    let re = pumice::quant::reference::rtn(
+        &w,
+        q.rows,
+        q.cols,
+        Grid::new(3, 32, GridKind::Asymmetric).unwrap(),
+    );
     assert_eq!(
         re.dequantize(),
         want,
@@ -382,6 +387,20 @@ fn corrupt_compressed_checkpoints() {
     v["tensors"]["model.layers.0.self_attn.q_proj.weight"]["symmetric"] = true.into();
     write_manifest(&p, &v);
     expect_one_line_failure(&p, "symmetric grid of format version 1");
+
+    // A version-2 file spelled the grid `"symmetric": bool` (true: midrise); it reads unchanged.
+    let p = copy("v2_grid");
+    let mut v = manifest(&p);
+    v["format_version"] = 2.into();
+    for (_, e) in v["tensors"].as_object_mut().unwrap() {
+        let kind = e.as_object_mut().unwrap().remove("grid").unwrap();
+        e["symmetric"] = (kind == "midrise").into();
+    }
+    write_manifest(&p, &v);
+    let ck = Checkpoint::open(&p).unwrap();
+    let m = ck.manifest().unwrap();
+    assert!(!m.tensors.is_empty());
+    assert!(m.tensors.values().all(|e| e.kind == GridKind::Asymmetric));
 
     // Not a manifest at all.
     let p = copy("garbage");

@@ -76,6 +76,10 @@ fn compress(name: &str, extra: &[&str]) -> PathBuf {
 struct Fixtures {
     /// gptq 4-bit asymmetric, groups of 64.
     gptq4: PathBuf,
+    /// gptq 4-bit symmetric (integer zero 8), groups of 32: ggml's Q4_0 grid.
+    sym4: PathBuf,
+    /// gptq on ggml's IQ4_NL codebook, groups of 32.
+    iq4: PathBuf,
     /// caldera, asymmetric Q, no rotation, rank 8.
     caldera: PathBuf,
     /// caldera defaults (midrise Q, rotations).
@@ -92,12 +96,30 @@ fn fixtures() -> &'static Fixtures {
         let make = compress;
         Fixtures {
             gptq4: make("gptq4", &GPTQ4),
+            sym4: make(
+                "sym4",
+                &[
+                    "--method",
+                    "gptq",
+                    "--bits",
+                    "4",
+                    "--group-size",
+                    "32",
+                    "--grid",
+                    "symmetric",
+                ],
+            ),
+            iq4: make(
+                "iq4",
+                &["--method", "gptq", "--group-size", "32", "--grid", "iq4nl"],
+            ),
             caldera: make(
                 "caldera",
                 &[
                     "--method",
                     "caldera",
-                    "--asymmetric",
+                    "--grid",
+                    "asymmetric",
                     "--no-rht",
                     "--group-size",
                     "64",
@@ -174,7 +196,14 @@ fn linear_names(ck: &Checkpoint) -> Vec<String> {
 fn host_dequantization_equals_the_readers_bit_for_bit() {
     let f = fixtures();
     let g = gpu();
-    for dir in [&f.gptq4, &f.caldera_rht, &f.act_order, &f.pruned] {
+    for dir in [
+        &f.gptq4,
+        &f.sym4,
+        &f.iq4,
+        &f.caldera_rht,
+        &f.act_order,
+        &f.pruned,
+    ] {
         let ck = Checkpoint::open(dir).unwrap();
         let last = ck.arch().layers.len() - 1;
         for l in [0, last] {
@@ -278,9 +307,14 @@ fn formats_refuse_what_they_cannot_hold_by_tensor() {
     // Midrise grids (caldera's default Q) have no integer zero point.
     let midrise = rtn(
         "rtn-midrise",
-        &["--bits", "3", "--group-size", "64", "--symmetric"],
+        &["--bits", "3", "--group-size", "64", "--grid", "midrise"],
     );
     refused(&midrise, "compressed-tensors", &["midrise", "tensor"]);
+    refused(
+        &f.iq4,
+        "compressed-tensors",
+        &["IQ4_NL's codebook", "tensor"],
+    );
     // Only a compressed checkpoint exports.
     refused(&model(), "dense", &["not a pumice-compressed checkpoint"]);
 }
@@ -355,6 +389,17 @@ fn transformers_loads_the_exports_and_computes_pumices_logits() {
         &transformers_logits(&ct, None, &seqs),
     );
     assert!(d < 1e-4, "compressed-tensors gptq4: logits differ by {d}");
+    // The symmetric grid is compressed-tensors' `symmetric: true` (no zero points stored).
+    let ct = export(&f.sym4, "ct-sym4", "compressed-tensors", &[]);
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ct.join("config.json")).unwrap()).unwrap();
+    let groups = &config["quantization_config"]["config_groups"];
+    assert_eq!(groups["group_0"]["weights"]["symmetric"], true, "{groups}");
+    let d = max_diff(
+        &pumice_logits(&f.sym4, &seqs),
+        &transformers_logits(&ct, None, &seqs),
+    );
+    assert!(d < 1e-4, "compressed-tensors sym4: logits differ by {d}");
     // CALDERA: the quantized Q in compressed-tensors, L·R as a PEFT adapter beside it.
     let ct = export(&f.caldera, "ct-caldera", "compressed-tensors", &[]);
     assert!(ct.join("adapter/adapter_config.json").exists());
@@ -511,6 +556,10 @@ fn gguf_holds_pumices_values_bit_for_bit_and_transformers_agrees() {
     // whole model: CALDERA's L·R is in the adapter, which transformers does not load).
     for (dir, name, want_type, whole) in [
         (&f.gptq4, "gguf-gptq4", "Q8_0", true),
+        // The symmetric 4-bit grid in groups of 32 is Q4_0's own.
+        (&f.sym4, "gguf-sym4", "Q4_0", true),
+        // The iq4nl grid in groups of 32 is IQ4_NL's.
+        (&f.iq4, "gguf-iq4", "IQ4_NL", true),
         (&f.caldera, "gguf-caldera", "Q4_0", false),
         (&f.pruned, "gguf-pruned", "Q8_0", true),
     ] {

@@ -55,7 +55,7 @@ fn compress_and_reader_agree_on_symmetric_zero_points() {
     use pumice::model::checkpoint::Checkpoint;
     use pumice::model::tokenizer::Tokenizer;
     use pumice::quant::reference::weighted_error;
-    use pumice::quant::{GptqOptions, Grid};
+    use pumice::quant::{GptqOptions, Grid, GridKind};
     let g = gpu();
     let model = common::project_root().join("assets/models/gutenberg-llama");
     let src = Checkpoint::open(&model).unwrap();
@@ -71,7 +71,7 @@ fn compress_and_reader_agree_on_symmetric_zero_points() {
         newlines: Default::default(),
     };
     let out = d.path().join("sym");
-    let grid = Grid::new(4, 64, true).unwrap();
+    let grid = Grid::new(4, 64, GridKind::Midrise).unwrap();
     let o = CompressOptions {
         layers: Vec::new(),
         allocation: None,
@@ -148,14 +148,14 @@ fn compress_and_reader_agree_on_symmetric_zero_points() {
 fn gptq_block_larger_than_a_binding() {
     use pumice::gpu::quant::gptq;
     use pumice::quant::reference::{self, weighted_error, weighted_norm};
-    use pumice::quant::{GptqOptions, Grid};
+    use pumice::quant::{GptqOptions, Grid, GridKind};
     let g = common::gpu_limited(4096);
     let (m, n) = (37, 64);
     let x = random(300 * n, 5, 0.0);
     let h = cpu::hessian_f64(&x, 300, n);
     let w = random(m * n, 6, 0.0);
     let prep = reference::prepare_hessian(&h, n, &GptqOptions::default()).unwrap();
-    let grid = Grid::new(4, 32, false).unwrap();
+    let grid = Grid::new(4, 32, GridKind::Asymmetric).unwrap();
     let want = reference::gptq(&w, m, n, &prep, grid, 64);
     let got = gptq(&g, &w, m, n, &prep, grid, 64)
         .unwrap()

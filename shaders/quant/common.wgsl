@@ -18,11 +18,51 @@ fn clip_factor(t: u32) -> f32 {
     return f32(20u - t) * 0.05;
 }
 
+// Round to the nearest f16 keeping the sign, magnitude clamped as to_f16 (signed scales).
+fn to_f16_signed(v: f32) -> f32 {
+    let m = to_f16(abs(v));
+    return select(m, -m, v < 0.0);
+}
+
+// Grid kinds (GridKind::wgsl in src/quant/grid.rs).
+const GRID_ASYMMETRIC: u32 = 0u;
+const GRID_MIDRISE: u32 = 1u;
+const GRID_SYMMETRIC: u32 = 2u;
+const GRID_IQ4NL: u32 = 3u;
+
+// IQ4_NL's levels and -1/127 as f32 bits, generated from src/quant/grid.rs (gpu::quant).
+{{LEVELS}}
+
+// The value code q dequantizes to (Grid::value).
+fn level_value(q: f32, sz: vec2<f32>, kind: u32) -> f32 {
+    if (kind == GRID_IQ4NL) {
+        return sz.x * IQ4NL_LEVELS[u32(q) & 15u];
+    }
+    return sz.x * (q - sz.y);
+}
+
 // Grid parameters of a group from its min and max: returns (scale, zero). See src/quant/grid.rs.
-fn grid_params(lo_in: f32, hi_in: f32, maxq: f32, symmetric: bool) -> vec2<f32> {
+fn grid_params(lo_in: f32, hi_in: f32, maxq: f32, kind: u32) -> vec2<f32> {
     var lo = min(lo_in, 0.0);
     var hi = max(hi_in, 0.0);
-    if (symmetric) {
+    if (kind == GRID_SYMMETRIC) {
+        // The value of largest magnitude (the negative one on ties) maps to code 0; scaling by
+        // the power of two -1/half is exact.
+        let half = (maxq + 1.0) * 0.5;
+        var e = select(hi, lo, -lo >= hi);
+        if (e == 0.0) {
+            e = -1.0;
+        }
+        return vec2<f32>(to_f16_signed(e * (-1.0 / half)), half);
+    }
+    if (kind == GRID_IQ4NL) {
+        var e = select(hi, lo, -lo >= hi);
+        if (e == 0.0) {
+            e = -1.0;
+        }
+        return vec2<f32>(to_f16_signed(e * bitcast<f32>(IQ4NL_SCALE_BITS)), 0.0);
+    }
+    if (kind == GRID_MIDRISE) {
         let m = max(hi, -lo);
         lo = -m;
         hi = m;
@@ -33,20 +73,34 @@ fn grid_params(lo_in: f32, hi_in: f32, maxq: f32, symmetric: bool) -> vec2<f32> 
     }
     let scale = to_f16((hi - lo) / maxq);
     var zero = maxq * 0.5; // midrise
-    if (!symmetric) {
+    if (kind == GRID_ASYMMETRIC) {
         zero = clamp(round_away(-lo / scale), 0.0, maxq);
     }
     return vec2<f32>(scale, zero);
 }
 
-fn code_of(x: f32, sz: vec2<f32>, maxq: f32) -> f32 {
+// The code of x (Grid::code): the nearest IQ4_NL level (the first on ties), or the rounded
+// uniform one.
+fn code_of(x: f32, sz: vec2<f32>, maxq: f32, kind: u32) -> f32 {
+    if (kind == GRID_IQ4NL) {
+        var best = 0u;
+        var bd = 3.4e38;
+        for (var q = 0u; q < 16u; q = q + 1u) {
+            let d = abs(x - sz.x * IQ4NL_LEVELS[q]);
+            if (d < bd) {
+                bd = d;
+                best = q;
+            }
+        }
+        return f32(best);
+    }
     return clamp(round_away(x / sz.x + sz.y), 0.0, maxq);
 }
 
 // The grid of one group of values: min–max, then (when `clip`) the least-squares clip search
 // over CLIP_STEPS shrink factors (src/quant/grid.rs). The values are group_value(i) for i in
 // [i0, i1): each kernel that includes this file defines group_value for its own storage.
-fn choose_grid(i0: u32, i1: u32, maxq: f32, symmetric: bool, clip: bool) -> vec2<f32> {
+fn choose_grid(i0: u32, i1: u32, maxq: f32, kind: u32, clip: bool) -> vec2<f32> {
     var lo = 0.0;
     var hi = 0.0;
     for (var i = i0; i < i1; i = i + 1u) {
@@ -54,16 +108,16 @@ fn choose_grid(i0: u32, i1: u32, maxq: f32, symmetric: bool, clip: bool) -> vec2
         lo = min(lo, x);
         hi = max(hi, x);
     }
-    var sz = grid_params(lo, hi, maxq, symmetric);
+    var sz = grid_params(lo, hi, maxq, kind);
     if (clip) {
         var best = 3.4e38;
         for (var t = 0u; t < CLIP_STEPS; t = t + 1u) {
             let f = clip_factor(t);
-            let cand = grid_params(lo * f, hi * f, maxq, symmetric);
+            let cand = grid_params(lo * f, hi * f, maxq, kind);
             var err = 0.0;
             for (var i = i0; i < i1; i = i + 1u) {
                 let x = group_value(i);
-                let d = x - cand.x * (code_of(x, cand, maxq) - cand.y);
+                let d = x - level_value(code_of(x, cand, maxq, kind), cand, kind);
                 err = err + d * d;
             }
             if (err < best) {

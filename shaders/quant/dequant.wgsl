@@ -1,4 +1,5 @@
-// Dequantize packed codes to f32: out[r, perm[j]] = scale[r, j / g] · (code[r, j] − zero[r, j / g]).
+// Dequantize packed codes to f32: out[r, perm[j]] = scale[r, j / g] · (code[r, j] − zero[r, j / g]),
+// or scale[r, j / g] · IQ4NL_LEVELS[code[r, j]] for the iq4nl grid (kind 3).
 // Codes are a little-endian bit stream per row of `words` u32; scales/zeros may be f16 or f32
 // (OPERANDS: bindings 2 and 3, load_s1 / load_z1). Without act-order, perm is the identity.
 // Pruned matrices (SPARSE_DECL/SPARSE_BODY filled in by the host) keep only the codes of kept
@@ -18,8 +19,10 @@ struct Params {
     sz_row0: u32,  // index of this dispatch's first row in scales / zeros
     has_perm: u32,
     m_off: u32,    // element offset of this dispatch's first row in the mask / prefix chunks
-    _pad1: u32,
+    kind: u32,     // GridKind::wgsl
 };
+
+{{LEVELS}}
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> codes: array<u32>;
@@ -46,7 +49,12 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let q = f32(v & ((1u << p.bits) - 1u));
     let gi = (p.sz_row0 + r) * p.ng + j / p.g;
-    let x = load_s1(gi) * (q - load_z1(gi));
+    var x = 0.0;
+    if (p.kind == 3u) {
+        x = load_s1(gi) * IQ4NL_LEVELS[u32(q)];
+    } else {
+        x = load_s1(gi) * (q - load_z1(gi));
+    }
     var col = j;
     if (p.has_perm != 0u) {
         col = perm[j];

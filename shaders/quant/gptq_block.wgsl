@@ -14,7 +14,7 @@ struct Params {
     g: u32,        // group length
     ng: u32,
     maxq: f32,
-    symmetric: u32,
+    kind: u32,
     w_off: u32,    // element offset of this dispatch's first row in the W / codes chunks
     s_row0: u32,   // first row of this dispatch within the scales / zeros chunks
     e_row0: u32,   // first row of this dispatch within the E chunk
@@ -106,7 +106,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         let gi = col / p.g;
         if (col % p.g == 0u) {
             let end = min(col + p.g, p.n);
-            let sz = choose_grid(base + col, base + end, p.maxq, p.symmetric != 0u, p.clip != 0u);
+            let sz = choose_grid(base + col, base + end, p.maxq, p.kind, p.clip != 0u);
             scales[srow + gi] = sz.x;
             zeros[srow + gi] = sz.y;
         }
@@ -116,9 +116,9 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         if (is_pruned(mask, i)) {
             codes[base + col] = PRUNED;
         } else {
-            let q = code_of(x, sz, p.maxq);
+            let q = code_of(x, sz, p.maxq, p.kind);
             codes[base + col] = u32(q);
-            v = sz.x * (q - sz.y);
+            v = level_value(q, sz, p.kind);
         }
         let e = (x - v) / u[i * p.bw + i];
         for (var j = i + 1u; j < p.bw; j = j + 1u) {

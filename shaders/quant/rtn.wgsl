@@ -9,7 +9,7 @@ struct Params {
     g: u32,        // group length
     ng: u32,       // groups per row
     maxq: f32,
-    symmetric: u32,
+    kind: u32,
     sz_row0: u32,  // index of this dispatch's first row in scales / zeros
     w_off: u32,    // element offset of the first row in the weight chunk
     c_off: u32,    // element offset of the first row in the codes chunk
@@ -40,10 +40,10 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let c0 = gi * p.g;
     let c1 = min(c0 + p.g, p.n);
     let row0 = p.w_off + r * p.n;
-    let sz = choose_grid(row0 + c0, row0 + c1, p.maxq, p.symmetric != 0u, p.clip != 0u);
+    let sz = choose_grid(row0 + c0, row0 + c1, p.maxq, p.kind, p.clip != 0u);
     scales[(p.sz_row0 + r) * p.ng + gi] = sz.x;
     zeros[(p.sz_row0 + r) * p.ng + gi] = sz.y;
     for (var c = c0; c < c1; c = c + 1u) {
-        codes[p.c_off + r * p.n + c] = u32(code_of(load_w1(p.w_off + r * p.n + c), sz, p.maxq));
+        codes[p.c_off + r * p.n + c] = u32(code_of(load_w1(p.w_off + r * p.n + c), sz, p.maxq, p.kind));
     }
 }

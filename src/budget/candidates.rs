@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::compress::pipeline::{CalderaSettings, LayerRecipe, Method};
 use crate::error::{Error, Result};
 use crate::quant::sparsity::Sparsity;
-use crate::quant::Grid;
+use crate::quant::{Grid, GridKind};
 
 /// One option, as parsed from its name.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -60,7 +60,7 @@ impl Candidate {
                 }
                 Ok(LayerRecipe {
                     method: Method::Caldera,
-                    grid: Grid::new(2, 64, true)?.with_clip(true),
+                    grid: Grid::new(2, 64, GridKind::Midrise)?.with_clip(true),
                     caldera: CalderaSettings {
                         target_bpw: b,
                         rank: None,
@@ -90,7 +90,7 @@ impl Candidate {
                     } else {
                         Method::Rtn
                     },
-                    grid: Grid::new(bits, g, false)?.with_clip(true),
+                    grid: Grid::new(bits, g, GridKind::Asymmetric)?.with_clip(true),
                     caldera: base.clone(),
                     sparsity,
                 })

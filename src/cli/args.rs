@@ -147,6 +147,10 @@ pub(crate) fn parse_dtype(s: &str) -> Result<pumice::DType, String> {
 }
 
 /// An output format by name (`pumice::format::FormatKind`).
+pub(crate) fn parse_grid(s: &str) -> Result<pumice::quant::GridKind, String> {
+    pumice::quant::GridKind::parse(s).map_err(|e| e.to_string())
+}
+
 pub(crate) fn parse_format(s: &str) -> Result<pumice::format::FormatKind, String> {
     pumice::format::FormatKind::parse(s).map_err(|e| e.to_string())
 }

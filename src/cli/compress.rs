@@ -61,14 +61,14 @@ pub(crate) struct CompressArgs {
     /// caldera, 128 for gptq and rtn.
     #[arg(long)]
     pub(crate) group_size: Option<usize>,
-    /// Symmetric midrise grid (levels ±s/2, ±3s/2, …; only the scale is stored). The default
-    /// for caldera's Q.
-    #[arg(long, conflicts_with = "asymmetric")]
-    pub(crate) symmetric: bool,
-    /// Asymmetric grid (f16 scale and integer zero point per group). The default for gptq and
-    /// rtn.
-    #[arg(long)]
-    pub(crate) asymmetric: bool,
+    /// Quantization grid: `asymmetric` (f16 scale and integer zero point per group; the
+    /// default for gptq and rtn), `midrise` (levels ±s/2, ±3s/2, …, only the scale stored; the
+    /// default for caldera's Q), `symmetric` (integer zero 2^(bits−1), signed f16 scale: ggml's
+    /// Q4_0 at 4 bits and Q8_0 at 8 bits in groups of 32, compressed-tensors' and GPTQ's
+    /// symmetric grids), `iq4nl` (ggml's 4-bit IQ4_NL codebook, signed f16 scale: IQ4_NL in
+    /// groups of 32).
+    #[arg(long, value_parser = super::args::parse_grid)]
+    pub(crate) grid: Option<pumice::quant::GridKind>,
     /// Pick each group's range by min–max only, without the least-squares clip search.
     #[arg(long)]
     pub(crate) no_clip: bool,
@@ -233,7 +233,7 @@ impl TryFrom<&CompressArgs> for pumice::compress::pipeline::CompressOptions {
 
     fn try_from(a: &CompressArgs) -> Result<Self, pumice::Error> {
         use pumice::compress::pipeline::{CalderaSettings, CompressOptions, Method};
-        use pumice::quant::{GptqOptions, Grid};
+        use pumice::quant::{GptqOptions, Grid, GridKind};
         let shard = match (&a.output, a.shard) {
             (Some(_), _) => None,
             (None, Some(s)) => Some(s),
@@ -249,8 +249,12 @@ impl TryFrom<&CompressArgs> for pumice::compress::pipeline::CompressOptions {
             .unwrap_or(if a.method == MethodArg::Caldera { 2 } else { 4 });
         let caldera = a.method == MethodArg::Caldera;
         let group_size = a.group_size.unwrap_or(if caldera { 64 } else { 128 });
-        let symmetric = a.symmetric || (caldera && !a.asymmetric);
-        let grid = Grid::new(bits, group_size, symmetric)?.with_clip(!a.no_clip);
+        let kind = a.grid.unwrap_or(if caldera {
+            GridKind::Midrise
+        } else {
+            GridKind::Asymmetric
+        });
+        let grid = Grid::new(bits, group_size, kind)?.with_clip(!a.no_clip);
         Ok(CompressOptions {
             layers: Vec::new(),
             allocation: None,

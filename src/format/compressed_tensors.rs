@@ -2,10 +2,11 @@
 //! `P`, `P.weight_packed` I32 [out, ⌈in·b/32⌉] (pumice's little-endian bit stream of codes,
 //! unchanged, in the original column order), `P.weight_scale` F32 [out, groups] (pumice's f16
 //! scales, exactly), `P.weight_zero_point` I32 [⌈out·b/32⌉, groups] (the integer zero points,
-//! packed along the output dimension), `P.weight_shape` I64 [2]. Value = scale · (code − zero),
-//! as pumice's.
+//! packed along the output dimension; asymmetric grids only), `P.weight_shape` I64 [2].
+//! Value = scale · (code − zero), as pumice's: compressed-tensors' signed q and zp are pumice's
+//! code and zero minus 2^(b−1), and its `symmetric: true` (zp = 0) is pumice's symmetric grid.
 //!
-//! Holds exactly pumice's asymmetric integer-zero grids over whole groups only: midrise grids
+//! Holds exactly pumice's asymmetric and symmetric grids over whole groups only: midrise grids
 //! (zero (2^b−1)/2), randomized-Hadamard rotations, pruning masks, act-order (its groups follow
 //! the permuted columns; compressed-tensors 0.20 dropped g_idx) and partial last groups are
 //! refused by tensor. A CALDERA checkpoint's
@@ -18,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::model::compressed::{Accounting, QuantEntry, StreamingWriter};
 use crate::model::Checkpoint;
 use crate::quant::grid::{pack_row, packed_words};
+use crate::quant::GridKind;
 
 use super::peft::{self, LoraWriter};
 use super::{
@@ -33,13 +35,21 @@ pub(crate) fn refusal(e: &QuantEntry) -> Option<String> {
                 .into(),
         );
     }
-    if e.symmetric {
+    if e.kind == GridKind::Midrise {
         return Some(format!(
             "its {}-bit grid is midrise (zero {}), which compressed-tensors' integer zero points \
-             cannot express (compress with an asymmetric grid, or export --format dense)",
+             cannot express (compress with --grid symmetric or asymmetric, or export --format \
+             dense)",
             e.bits,
             ((1u32 << e.bits) - 1) as f32 / 2.0
         ));
+    }
+    if e.kind == GridKind::Iq4nl {
+        return Some(
+            "its grid is IQ4_NL's codebook, which compressed-tensors' integer grids cannot \
+             express (compress with --grid symmetric or asymmetric, or export --format dense)"
+                .into(),
+        );
     }
     if e.sparsity.is_some() {
         return Some(
@@ -75,6 +85,7 @@ pub struct CompressedTensors;
 struct Scheme {
     bits: u32,
     group_size: usize,
+    symmetric: bool,
 }
 
 impl Scheme {
@@ -82,6 +93,7 @@ impl Scheme {
         Scheme {
             bits: e.bits,
             group_size: e.group_size,
+            symmetric: e.kind == GridKind::Symmetric,
         }
     }
 
@@ -89,7 +101,7 @@ impl Scheme {
         serde_json::json!({
             "num_bits": self.bits,
             "type": "int",
-            "symmetric": false,
+            "symmetric": self.symmetric,
             "strategy": if self.group_size == 0 { "channel" } else { "group" },
             "group_size": (self.group_size > 0).then_some(self.group_size),
             "actorder": null,
@@ -126,21 +138,25 @@ impl Format for CompressedTensors {
                 .ok_or_else(|| Error::tensor(ck.dir(), w, "has no planned entry"))?;
             let m = hf::module_of(w);
             let b = e.bits;
-            let groups = e.grid()?.groups(cols);
-            Ok(vec![
+            let grid = e.grid()?;
+            let groups = grid.groups(cols);
+            let mut t = vec![
                 hf::tensor(
                     format!("{m}.weight_packed"),
                     "I32",
                     vec![rows, packed_words(cols, b)],
                 ),
                 hf::tensor(format!("{m}.weight_scale"), "F32", vec![rows, groups]),
-                hf::tensor(
+            ];
+            if grid.stores_zeros() {
+                t.push(hf::tensor(
                     format!("{m}.weight_zero_point"),
                     "I32",
                     vec![packed_words(rows, b), groups],
-                ),
-                hf::tensor(format!("{m}.weight_shape"), "I64", vec![2]),
-            ])
+                ));
+            }
+            t.push(hf::tensor(format!("{m}.weight_shape"), "I64", vec![2]));
+            Ok(t)
         })?;
         let mut schemes: BTreeMap<Scheme, Vec<String>> = BTreeMap::new();
         for (w, e) in &entries {
@@ -213,7 +229,7 @@ fn module_tensors(m: &CompressedMatrix) -> Result<Vec<(String, Vec<u8>)>> {
             zp[w * groups + gi] = v;
         }
     }
-    Ok(vec![
+    let mut out = vec![
         (
             format!("{module}.weight_packed"),
             bytemuck::cast_slice(&packed).to_vec(),
@@ -222,18 +238,21 @@ fn module_tensors(m: &CompressedMatrix) -> Result<Vec<(String, Vec<u8>)>> {
             format!("{module}.weight_scale"),
             bytemuck::cast_slice(&scales).to_vec(),
         ),
-        (
+    ];
+    if grid.stores_zeros() {
+        out.push((
             format!("{module}.weight_zero_point"),
             bytemuck::cast_slice(&zp).to_vec(),
-        ),
-        (
-            format!("{module}.weight_shape"),
-            [rows as i64, cols as i64]
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-        ),
-    ])
+        ));
+    }
+    out.push((
+        format!("{module}.weight_shape"),
+        [rows as i64, cols as i64]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+    ));
+    Ok(out)
 }
 
 impl FormatWriter for CtWriter {

@@ -387,13 +387,15 @@ pub fn export(
 mod tests {
     use super::*;
 
-    fn entry(symmetric: bool, act_order: bool, rank: usize, sparse: bool) -> QuantEntry {
+    use crate::quant::GridKind;
+
+    fn entry(kind: GridKind, act_order: bool, rank: usize, sparse: bool) -> QuantEntry {
         let (rows, cols) = (7, 71);
         QuantEntry {
             method: "test".into(),
             bits: 3,
             group_size: 32,
-            symmetric,
+            kind,
             act_order,
             rows,
             cols,
@@ -432,11 +434,13 @@ mod tests {
     #[test]
     fn parts_round_trip_through_the_layout() {
         for e in [
-            entry(false, false, 0, false),
-            entry(true, true, 0, false),
-            entry(false, false, 3, false),
-            entry(true, false, 2, false),
-            entry(false, false, 0, true),
+            entry(GridKind::Asymmetric, false, 0, false),
+            entry(GridKind::Midrise, true, 0, false),
+            entry(GridKind::Symmetric, true, 0, false),
+            entry(GridKind::Asymmetric, false, 3, false),
+            entry(GridKind::Midrise, false, 2, false),
+            entry(GridKind::Symmetric, false, 2, false),
+            entry(GridKind::Asymmetric, false, 0, true),
         ] {
             let m = matrix(&e);
             let parts = m.parts().unwrap();
@@ -448,7 +452,7 @@ mod tests {
                 PackedMatrix::from_parts(&e, parts.into_iter().map(|(p, b)| (p, b.to_vec())));
             assert_eq!(back, m.data, "{e:?}");
             assert_eq!(m.data.factors.is_some(), e.rank > 0);
-            assert_eq!(m.data.zeros.is_some(), !e.symmetric);
+            assert_eq!(m.data.zeros.is_some(), e.kind == GridKind::Asymmetric);
             assert_eq!(m.data.perm.is_some(), e.act_order);
             assert_eq!(m.data.mask.is_some(), e.sparsity.is_some());
             assert_eq!(m.data.kept, e.kept_per_row);
@@ -457,7 +461,7 @@ mod tests {
 
     #[test]
     fn data_that_disagree_with_the_entry_are_refused_by_part() {
-        let e = entry(false, false, 2, false);
+        let e = entry(GridKind::Asymmetric, false, 2, false);
         let mut m = matrix(&e);
         m.data.zeros = None;
         let err = m.parts().unwrap_err().to_string();
@@ -476,7 +480,7 @@ mod tests {
 
     #[test]
     fn part_names_are_the_native_suffixes() {
-        let names: Vec<String> = entry(false, true, 1, false)
+        let names: Vec<String> = entry(GridKind::Asymmetric, true, 1, false)
             .stored_parts()
             .unwrap()
             .iter()

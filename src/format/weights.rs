@@ -53,12 +53,13 @@ impl PackedMatrix {
         out
     }
 
-    /// Scales and zero points per row and group, as f32 (a symmetric grid's implied zero).
+    /// Scales and zero points per row and group, as f32 (the implied zero of a midrise or
+    /// symmetric grid).
     pub fn scales_zeros(&self, grid: &Grid) -> (Vec<f32>, Vec<f32>) {
         let scales = f16s(&self.scales);
         let zeros = match &self.zeros {
             Some(z) => f16s(z),
-            None => vec![grid.symmetric_zero(); scales.len()],
+            None => vec![grid.implied_zero().unwrap_or(0.0); scales.len()],
         };
         (scales, zeros)
     }
@@ -78,7 +79,7 @@ impl PackedMatrix {
                 };
                 let gi = r * groups + j / g;
                 let col = perm.as_ref().map_or(j, |p| p[j] as usize);
-                out[r * cols + col] = Grid::dequant(q, scales[gi], zeros[gi]);
+                out[r * cols + col] = grid.value(q, scales[gi], zeros[gi]);
             }
         }
         out

@@ -4,9 +4,9 @@
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::quant::grid::CLIP_STEPS;
+use crate::quant::grid::{CLIP_STEPS, IQ4NL_LEVELS, IQ4NL_SCALE};
 use crate::quant::sparsity::Sparsity;
-use crate::quant::{Grid, PreparedHessian, Quantized};
+use crate::quant::{Grid, GridKind, PreparedHessian, Quantized};
 
 use super::batch::Batch;
 use super::buffer::GpuBuffer;
@@ -83,7 +83,7 @@ struct RtnParams {
     g: u32,
     ng: u32,
     maxq: f32,
-    symmetric: u32,
+    kind: u32,
     sz_row0: u32,
     w_off: u32,
     c_off: u32,
@@ -91,36 +91,52 @@ struct RtnParams {
     _pad: [u32; 2],
 }
 
-/// The zero points of a symmetric grid (not stored in checkpoints): rows × groups copies of
-/// [`Grid::symmetric_zero`]. The one place both the reader and the compressor build them.
-pub fn symmetric_zeros(gpu: &Gpu, grid: Grid, rows: usize, groups: usize) -> Result<GpuMatrix> {
-    GpuMatrix::from_f32(
-        gpu,
-        rows,
-        groups,
-        DType::F32,
-        &vec![grid.symmetric_zero(); rows * groups],
+/// IQ4_NL's levels and the bits of −1/127 as WGSL (`{{LEVELS}}`), from the host's constants.
+fn levels_wgsl() -> String {
+    let levels: Vec<String> = IQ4NL_LEVELS.iter().map(|l| format!("{l}.0")).collect();
+    format!(
+        "var<private> IQ4NL_LEVELS: array<f32, 16> = array<f32, 16>({});\n\
+         const IQ4NL_SCALE_BITS: u32 = {:#010x}u;",
+        levels.join(", "),
+        IQ4NL_SCALE.to_bits()
     )
 }
 
+/// The zero points of a grid that implies them (not stored in checkpoints): rows × groups
+/// copies of [`Grid::implied_zero`]. The one place both the reader and the compressor build
+/// them.
+pub fn implied_zeros(gpu: &Gpu, grid: Grid, rows: usize, groups: usize) -> Result<GpuMatrix> {
+    let z = grid.implied_zero().ok_or_else(|| {
+        Error::InvalidArgument("an asymmetric grid stores its zero points".into())
+    })?;
+    GpuMatrix::from_f32(gpu, rows, groups, DType::F32, &vec![z; rows * groups])
+}
+
 /// Loop iterations of one invocation that fits one group's grid over `g` columns (min/max, the
-/// clip search, the codes).
-fn grid_iterations(g: usize, clip: bool) -> u64 {
-    let steps = if clip { CLIP_STEPS as u64 + 1 } else { 0 };
-    (g as u64) * (2 + steps) + steps
+/// clip search, the codes; a codebook code is a loop over its 16 levels).
+fn grid_iterations(g: usize, grid: Grid) -> u64 {
+    let steps = if grid.clip { CLIP_STEPS as u64 + 1 } else { 0 };
+    let code = if grid.kind == GridKind::Iq4nl { 17 } else { 1 };
+    (g as u64) * (1 + code * (1 + steps)) + steps
 }
 
 /// Loop iterations of one invocation of the GPTQ block kernel (every loop counted).
-fn gptq_block_iterations(bw: usize, g: usize, clip: bool, sparsity: Sparsity) -> u64 {
+fn gptq_block_iterations(bw: usize, g: usize, grid: Grid, sparsity: Sparsity) -> u64 {
     let bw64 = bw as u64;
     // Groups whose grid is fitted inside this block: columns scanned at most max(bw, g).
-    let grids = grid_iterations(g.max(bw), clip);
+    let grids = grid_iterations(g.max(bw), grid);
     let prune = match sparsity {
         Sparsity::Dense => 0,
         Sparsity::TwoFour => bw64 * 3,
         Sparsity::Unstructured(_) => bw64 + sparsity.pruned_in_block(bw) as u64 * (bw64 + 1),
     };
-    bw64 + bw64 * bw64 / 2 + grids + prune
+    // Each column's code: one step, or a pass over a codebook's 16 levels.
+    let codes = if grid.kind == GridKind::Iq4nl {
+        16 * bw64
+    } else {
+        0
+    };
+    bw64 + bw64 * bw64 / 2 + grids + prune + codes
 }
 
 /// Refuse a grid whose groups are too long for one invocation on this adapter.
@@ -143,7 +159,7 @@ fn check_group_budget(gpu: &Gpu, iterations: u64, g: usize) -> Result<()> {
 pub fn rtn(gpu: &Gpu, w: &GpuMatrix, grid: Grid) -> Result<GpuQuantized> {
     let (m, n) = (w.rows(), w.cols());
     let (g, ng) = (grid.group_len(n), grid.groups(n));
-    check_group_budget(gpu, grid_iterations(g, grid.clip), g)?;
+    check_group_budget(gpu, grid_iterations(g, grid), g)?;
     let codes = GpuMatrix::uninit(gpu, m, n)?;
     let scales = GpuMatrix::uninit(gpu, m, ng)?;
     let zeros = GpuMatrix::uninit(gpu, m, ng)?;
@@ -151,6 +167,7 @@ pub fn rtn(gpu: &Gpu, w: &GpuMatrix, grid: Grid) -> Result<GpuQuantized> {
     let zbuf = single(&zeros, "RTN zeros")?;
     let spec = Spec::new()
         .set("COMMON", COMMON)
+        .set("LEVELS", levels_wgsl())
         .set("OPERANDS", operand_wgsl("w", 1, w.dtype(), false));
     let pipeline = gpu.pipeline(&RTN, &spec)?;
     let mut b = Batch::new(gpu);
@@ -162,7 +179,7 @@ pub fn rtn(gpu: &Gpu, w: &GpuMatrix, grid: Grid) -> Result<GpuQuantized> {
                 g: g as u32,
                 ng: ng as u32,
                 maxq: grid.maxq() as f32,
-                symmetric: grid.symmetric as u32,
+                kind: grid.kind.wgsl(),
                 sz_row0: r0 as u32,
                 w_off: (w_local * n) as u32,
                 c_off: ((r0 - cc.row0) * n) as u32,
@@ -200,7 +217,7 @@ struct GptqParams {
     g: u32,
     ng: u32,
     maxq: f32,
-    symmetric: u32,
+    kind: u32,
     w_off: u32,
     s_row0: u32,
     e_row0: u32,
@@ -269,7 +286,12 @@ pub fn sparse_gptq(
     let codes = GpuMatrix::uninit(gpu, m, n)?;
     let scales = GpuMatrix::uninit(gpu, m, ng)?;
     let zeros = GpuMatrix::uninit(gpu, m, ng)?;
-    let pipeline = gpu.pipeline(&GPTQ_BLOCK, &Spec::new().set("COMMON", COMMON))?;
+    let pipeline = gpu.pipeline(
+        &GPTQ_BLOCK,
+        &Spec::new()
+            .set("COMMON", COMMON)
+            .set("LEVELS", levels_wgsl()),
+    )?;
     // The block's diagonal of U (block² f32) is one binding. Lazy blocks only batch updates
     // (the result does not depend on their size) except for unstructured pruning, whose masks
     // are chosen per block: shrink the block when the binding limit demands it, keeping it a
@@ -294,13 +316,13 @@ pub fn sparse_gptq(
     let budget = gpu.caps().loop_budget();
     while block > 4
         && !matches!(sparsity, Sparsity::Unstructured(_))
-        && gptq_block_iterations(block, g, grid.clip, sparsity) > budget
+        && gptq_block_iterations(block, g, grid, sparsity) > budget
     {
         block = (block / 2).max(4) / 4 * 4;
     }
     check_group_budget(
         gpu,
-        gptq_block_iterations(block.min(n), g, grid.clip, sparsity),
+        gptq_block_iterations(block.min(n), g, grid, sparsity),
         g,
     )?;
     let u = &prep.u;
@@ -328,7 +350,7 @@ pub fn sparse_gptq(
                 g: g as u32,
                 ng: ng as u32,
                 maxq: grid.maxq() as f32,
-                symmetric: grid.symmetric as u32,
+                kind: grid.kind.wgsl(),
                 w_off: (w_local * n) as u32,
                 s_row0: s_local as u32,
                 e_row0: e_local as u32,
@@ -394,7 +416,7 @@ struct DequantParams {
     sz_row0: u32,
     has_perm: u32,
     m_off: u32,
-    _pad: u32,
+    kind: u32,
 }
 
 /// Packed codes (rows × words u32, stored as a 4-byte matrix), scales and zeros (rows × groups,
@@ -470,7 +492,8 @@ pub fn dequantize(gpu: &Gpu, w: &GpuPacked) -> Result<GpuMatrix> {
             ),
         )
         .set("SPARSE_DECL", decl)
-        .set("SPARSE_BODY", body);
+        .set("SPARSE_BODY", body)
+        .set("LEVELS", levels_wgsl());
     let pipeline = gpu.pipeline(&DEQUANT, &spec)?;
     // A dummy binding when there is no permutation (bindings must exist).
     let dummy;
@@ -506,7 +529,7 @@ pub fn dequantize(gpu: &Gpu, w: &GpuPacked) -> Result<GpuMatrix> {
             sz_row0: s_local as u32,
             has_perm: w.perm.is_some() as u32,
             m_off: (m_local * n.div_ceil(32)) as u32,
-            _pad: 0,
+            kind: w.grid.kind.wgsl(),
         };
         let wg = row_grid(n, nr);
         let mut bufs = vec![&cc.buf, &sc.buf, &zc.buf, perm, &oc.buf];

@@ -26,7 +26,7 @@ pub(crate) fn upload(gpu: &Gpu, t: &TensorRef<'_>, rows: usize, cols: usize) -> 
 pub(crate) struct PackedPieces<'a> {
     pub codes: &'a [u8],
     pub scales: &'a [u8],
-    /// None for a symmetric grid (its zero points are implied).
+    /// None for a grid that implies its zero points (midrise, symmetric).
     pub zeros: Option<&'a [u8]>,
     pub perm: Option<&'a [u8]>,
     pub mask: Option<&'a [u32]>,
@@ -46,7 +46,7 @@ pub(crate) fn dequantize_packed(
     let groups = grid.groups(cols);
     let zeros = match p.zeros {
         Some(z) => GpuMatrix::from_bytes(gpu, rows, groups, DType::F16, z)?,
-        None => quant::symmetric_zeros(gpu, grid, rows, groups)?,
+        None => quant::implied_zeros(gpu, grid, rows, groups)?,
     };
     let packed = GpuPacked {
         rows,

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::quant::reference::{
     gptq, prepare_hessian, rtn, weighted_error, weighted_norm, PreparedHessian,
 };
-use crate::quant::{GptqOptions, Grid, Quantized};
+use crate::quant::{GptqOptions, Grid, GridKind, Quantized};
 
 /// Parameters of one decomposition.
 #[derive(Clone, Copy, Debug)]
@@ -43,13 +43,13 @@ impl CalderaOptions {
             q_grid: Grid {
                 bits: 2,
                 group_size: 64,
-                symmetric: true,
+                kind: GridKind::Midrise,
                 clip: true,
             },
             lr_grid: Grid {
                 bits: 4,
                 group_size: 64,
-                symmetric: false,
+                kind: GridKind::Asymmetric,
                 clip: true,
             },
             outer_iters: 15,

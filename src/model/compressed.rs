@@ -1,8 +1,11 @@
-//! Compressed checkpoint, format version 2.
+//! Compressed checkpoint, format version 3.
 //!
-//! Version 2 changed one thing: symmetric grids are midrise (zero = (2^bits − 1)/2, levels
-//! ±scale/2, ±3·scale/2, …); version 1's symmetric zero was 2^bits/2. Version 1 files without
-//! symmetric tensors read unchanged; those with them are refused (re-compress).
+//! Version 3 names each tensor's grid (`"grid": "asymmetric" | "midrise" | "symmetric"`,
+//! `quant::GridKind`) where version 2 had `"symmetric": bool` (true meant midrise); version 2
+//! files read unchanged. Version 2 changed one thing: symmetric grids are midrise (zero =
+//! (2^bits − 1)/2, levels ±scale/2, ±3·scale/2, …); version 1's symmetric zero was 2^bits/2.
+//! Version 1 files without symmetric tensors read unchanged; those with them are refused
+//! (re-compress).
 //!
 //! A directory holding the source's config.json and tokenizer files, `model.safetensors`, and
 //! the manifest `pumice.json`. For every compressed linear layer `NAME.weight` the safetensors
@@ -10,8 +13,9 @@
 //! - `NAME.weight.qweight` U32 [rows, words]: each row's codes as a little-endian bit stream
 //!   of `bits`-bit codes (words = ceil(cols · bits / 32));
 //! - `NAME.weight.scales`  F16 [rows, groups];
-//! - `NAME.weight.zeros`   F16 [rows, groups] (integer zero points; absent for symmetric grids,
-//!   whose zero is (2^bits − 1)/2);
+//! - `NAME.weight.zeros`   F16 [rows, groups] (integer zero points of asymmetric grids; absent
+//!   for midrise grids, whose zero is (2^bits − 1)/2, and symmetric ones, whose zero is
+//!   2^(bits−1));
 //! - `NAME.weight.perm`    U32 [cols] with act-order: stored column j is original column perm[j].
 //!
 //! A weight dequantizes to scale · (code − zero). Everything else (embeddings, norms, LM head,
@@ -27,11 +31,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::quant::grid::packed_words;
-use crate::quant::Grid;
+use crate::quant::{Grid, GridKind};
 
 pub const MANIFEST_FILE: &str = "pumice.json";
 pub const FORMAT_NAME: &str = "pumice-compressed";
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// What the calibration was.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -61,7 +65,9 @@ pub struct QuantEntry {
     pub method: String,
     pub bits: u32,
     pub group_size: usize,
-    pub symmetric: bool,
+    /// The backbone's grid kind (`"grid"` in the manifest).
+    #[serde(rename = "grid")]
+    pub kind: GridKind,
     pub act_order: bool,
     pub rows: usize,
     pub cols: usize,
@@ -179,7 +185,7 @@ impl StoredPart {
 
 impl QuantEntry {
     pub fn grid(&self) -> Result<Grid> {
-        Grid::new(self.bits, self.group_size, self.symmetric)
+        Grid::new(self.bits, self.group_size, self.kind)
     }
 
     /// Grid of the low-rank factors (asymmetric), when there are factors.
@@ -187,7 +193,7 @@ impl QuantEntry {
         if self.rank == 0 {
             return Ok(None);
         }
-        Grid::new(self.lr_bits, self.lr_group_size, false).map(Some)
+        Grid::new(self.lr_bits, self.lr_group_size, GridKind::Asymmetric).map(Some)
     }
 
     /// Stored bits computed from the stored layout (what `stored_bits` must equal); 0 for an
@@ -268,7 +274,7 @@ impl QuantEntry {
             ),
             part(b, PartKind::Scales, "F16", vec![self.rows, groups]),
         ];
-        if !self.symmetric {
+        if grid.stores_zeros() {
             parts.push(part(b, PartKind::Zeros, "F16", vec![self.rows, groups]));
         }
         if self.sparsity.is_some() {
@@ -297,6 +303,46 @@ impl QuantEntry {
         }
         Ok(parts)
     }
+}
+
+/// A manifest of an older format version rewritten as the current one (in memory): version 2
+/// spelled the grid `"symmetric": bool` (true: midrise); version 1's symmetric grid is no
+/// longer decoded.
+fn upgrade(mut v: serde_json::Value, path: &Path) -> Result<serde_json::Value> {
+    let version = v
+        .get("format_version")
+        .and_then(|x| x.as_u64())
+        .unwrap_or(0);
+    if version >= 3 {
+        return Ok(v);
+    }
+    if let Some(tensors) = v.get_mut("tensors").and_then(|t| t.as_object_mut()) {
+        for (name, e) in tensors.iter_mut() {
+            let Some(e) = e.as_object_mut() else { continue };
+            let Some(symmetric) = e.remove("symmetric") else {
+                continue;
+            };
+            let symmetric = symmetric.as_bool().ok_or_else(|| {
+                Error::config(
+                    path,
+                    format!("tensor `{name}`: `symmetric` is not a boolean"),
+                )
+            })?;
+            if symmetric && version < 2 {
+                return Err(Error::config(
+                    path,
+                    format!("tensor `{name}` uses the symmetric grid of format version {version}, which this build no longer decodes; compress the model again"),
+                ));
+            }
+            let kind = if symmetric {
+                GridKind::Midrise
+            } else {
+                GridKind::Asymmetric
+            };
+            e.insert("grid".into(), kind.name().into());
+        }
+    }
+    Ok(v)
 }
 
 /// Size accounting of a group of parameters.
@@ -383,15 +429,10 @@ impl Manifest {
             (Some(FORMAT_NAME), Some(_)) => {}
             _ => return Err(Error::config(&path, format!("not a {FORMAT_NAME} manifest (missing `format` or `format_version`)"))),
         }
+        let v = upgrade(v, &path)?;
         let m: Manifest = serde_json::from_value(v)
             .map_err(|e| Error::config(&path, format!("malformed manifest: {e}")))?;
         for (name, e) in &m.tensors {
-            if m.format_version < 2 && e.symmetric {
-                return Err(Error::config(
-                    &path,
-                    format!("tensor `{name}` uses the symmetric grid of format version {}, which this build no longer decodes; compress the model again", m.format_version),
-                ));
-            }
             e.check()
                 .map_err(|err| Error::config(&path, format!("tensor `{name}`: {err}")))?;
         }

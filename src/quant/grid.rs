@@ -1,12 +1,28 @@
 //! Uniform quantization grids with per-group scales and zeros, stored in f16.
 //!
-//! Conventions: a group's range always includes 0 (xmin = min(min x, 0), xmax = max(max x, 0));
-//! asymmetric grids have scale = (xmax − xmin)/maxq and an integer zero = round(−xmin/scale)
-//! (GPTQ's quantizer: 0 is a level); symmetric grids are *midrise*: xmax = max(|xmin|, xmax),
-//! scale = 2·xmax/maxq and zero = maxq/2, so the levels are ±scale/2, ±3·scale/2, … (no level at
-//! 0, none wasted: for 2 bits {−1.5, −0.5, 0.5, 1.5}·scale) and only the scale is stored.
-//! A code q ∈ [0, maxq] dequantizes to scale·(q − zero). The scale is rounded to f16 *before*
-//! codes are chosen, so what is stored reproduces exactly what was optimized.
+//! A code q ∈ [0, maxq] (maxq = 2^bits − 1) dequantizes to scale·(q − zero). Three kinds
+//! ([`GridKind`]); a group's range always includes 0 (xmin = min(min x, 0), xmax = max(max x, 0)):
+//! - *asymmetric*: scale = (xmax − xmin)/maxq and an integer zero = round(−xmin/scale), stored
+//!   per group (GPTQ's quantizer: 0 is a level). Exactly compressed-tensors' and GPTQ's
+//!   asymmetric grids.
+//! - *midrise*: xmax = max(|xmin|, xmax), scale = 2·xmax/maxq and zero = maxq/2, so the levels
+//!   are ±scale/2, ±3·scale/2, … (no level at 0, none wasted: for 2 bits
+//!   {−1.5, −0.5, 0.5, 1.5}·scale); only the scale is stored. No other format holds it.
+//! - *symmetric* (integer zero 2^(bits−1), implied): levels −2^(bits−1)·scale … (2^(bits−1) − 1)·
+//!   scale, 0 among them. The scale is signed, as llama.cpp's Q4_0 chooses it: the group's value
+//!   of largest magnitude, e, maps exactly to the extra level, scale = e / −2^(bits−1), so the
+//!   side that holds e gets 2^(bits−1) levels. Exactly ggml's Q4_0 (4 bits, groups of 32) and
+//!   Q8_0 (8 bits, groups of 32) and compressed-tensors' / GPTQ's symmetric grids.
+//!
+//! - *iq4nl*: ggml's IQ4_NL, a 4-bit non-uniform codebook: a code q dequantizes to
+//!   scale·K[q] with K = [`IQ4NL_LEVELS`] (−127 … 113, denser near 0 where weights are). The
+//!   scale is signed as the symmetric grid's: the largest-magnitude value e maps exactly to
+//!   K[0] = −127, scale = e·(−1/127); a code is the level nearest to x (the first on ties,
+//!   compared as |x − scale·K[q]| in f32). No zero is stored (its implied zero, 0, is unused).
+//!   In groups of 32 it is exactly IQ4_NL.
+//!
+//! The scale is rounded to f16 *before* codes are chosen, so what is stored reproduces exactly
+//! what was optimized.
 //!
 //! With `clip`, the range is not simply min–max: the range is shrunk by each factor
 //! 1 − t/20, t = 0..CLIP_STEPS, and the factor with the least squared error over the group is
@@ -17,6 +33,67 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// Where a grid's zero point lies (module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum GridKind {
+    /// Integer zero point per group, stored.
+    Asymmetric,
+    /// Zero maxq/2: no level at 0; implied.
+    Midrise,
+    /// Integer zero 2^(bits−1), signed scale; implied.
+    Symmetric,
+    /// ggml's IQ4_NL codebook (4 bits), signed scale; no zero.
+    Iq4nl,
+}
+
+/// IQ4_NL's 16 levels (ggml's `kvalues_iq4nl`): code q dequantizes to scale·IQ4NL_LEVELS[q].
+pub const IQ4NL_LEVELS: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
+/// −1/127 in f32: the iq4nl scale is e·IQ4NL_SCALE (the WGSL kernels take its bits).
+pub const IQ4NL_SCALE: f32 = -1.0 / 127.0;
+
+impl GridKind {
+    pub const ALL: [GridKind; 4] = [
+        GridKind::Asymmetric,
+        GridKind::Midrise,
+        GridKind::Symmetric,
+        GridKind::Iq4nl,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            GridKind::Asymmetric => "asymmetric",
+            GridKind::Midrise => "midrise",
+            GridKind::Symmetric => "symmetric",
+            GridKind::Iq4nl => "iq4nl",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<GridKind> {
+        GridKind::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "--grid {s}: supported are asymmetric, midrise, symmetric and iq4nl"
+                ))
+            })
+    }
+
+    /// The number the WGSL kernels take (`grid_params` in shaders/quant/common.wgsl).
+    pub fn wgsl(self) -> u32 {
+        match self {
+            GridKind::Asymmetric => 0,
+            GridKind::Midrise => 1,
+            GridKind::Symmetric => 2,
+            GridKind::Iq4nl => 3,
+        }
+    }
+}
+
 /// A uniform grid configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Grid {
@@ -24,7 +101,7 @@ pub struct Grid {
     pub bits: u32,
     /// Columns sharing one scale/zero; 0 means one per row (per channel).
     pub group_size: usize,
-    pub symmetric: bool,
+    pub kind: GridKind,
     /// Choose each group's range by a least-squares search over shrink factors (see module
     /// docs); does not change what is stored, only which scale/zero.
     #[serde(default)]
@@ -41,10 +118,15 @@ pub fn clip_factor(t: u32) -> f32 {
 }
 
 impl Grid {
-    pub fn new(bits: u32, group_size: usize, symmetric: bool) -> Result<Grid> {
+    pub fn new(bits: u32, group_size: usize, kind: GridKind) -> Result<Grid> {
         if !matches!(bits, 2 | 3 | 4 | 8) {
             return Err(Error::InvalidArgument(format!(
                 "--bits {bits}: supported are 2, 3, 4 and 8"
+            )));
+        }
+        if kind == GridKind::Iq4nl && bits != 4 {
+            return Err(Error::InvalidArgument(format!(
+                "--grid iq4nl is a 4-bit codebook; --bits {bits} does not apply"
             )));
         }
         if group_size != 0 && !matches!(group_size, 32 | 64 | 128 | 256) {
@@ -55,7 +137,7 @@ impl Grid {
         Ok(Grid {
             bits,
             group_size,
-            symmetric,
+            kind,
             clip: false,
         })
     }
@@ -65,9 +147,20 @@ impl Grid {
         Grid { clip, ..self }
     }
 
-    /// Zero point of symmetric (midrise) grids.
-    pub fn symmetric_zero(&self) -> f32 {
-        self.maxq() as f32 / 2.0
+    /// The zero point when the grid implies it (midrise, symmetric); None when each group
+    /// stores its own (asymmetric).
+    pub fn implied_zero(&self) -> Option<f32> {
+        match self.kind {
+            GridKind::Asymmetric => None,
+            GridKind::Midrise => Some(self.maxq() as f32 / 2.0),
+            GridKind::Symmetric => Some((1u32 << (self.bits - 1)) as f32),
+            GridKind::Iq4nl => Some(0.0),
+        }
+    }
+
+    /// Whether zero points are stored per group.
+    pub fn stores_zeros(&self) -> bool {
+        self.implied_zero().is_none()
     }
 
     pub fn maxq(&self) -> u32 {
@@ -103,7 +196,7 @@ impl Grid {
             let (s, z) = self.range_params(lo * f, hi * f);
             let mut err = 0.0f32;
             for &v in values {
-                let d = v - Grid::dequant(self.code(v, s, z), s, z);
+                let d = v - self.value(self.code(v, s, z), s, z);
                 err += d * d;
             }
             if err < best.0 {
@@ -117,7 +210,24 @@ impl Grid {
     pub fn range_params(&self, lo: f32, hi: f32) -> (f32, f32) {
         let (mut lo, mut hi) = (lo.min(0.0), hi.max(0.0));
         let maxq = self.maxq() as f32;
-        if self.symmetric {
+        if self.kind == GridKind::Symmetric {
+            // The value of largest magnitude (the negative one on ties) maps to code 0.
+            let half = (1u32 << (self.bits - 1)) as f32;
+            let mut e = if -lo >= hi { lo } else { hi };
+            if e == 0.0 {
+                e = -1.0;
+            }
+            // Multiplying by the power of two −1/half is exact (WGSL's division need not be).
+            return (round_f16_signed(e * (-1.0 / half)), half);
+        }
+        if self.kind == GridKind::Iq4nl {
+            let mut e = if -lo >= hi { lo } else { hi };
+            if e == 0.0 {
+                e = -1.0;
+            }
+            return (round_f16_signed(e * IQ4NL_SCALE), 0.0);
+        }
+        if self.kind == GridKind::Midrise {
             let m = hi.max(-lo);
             lo = -m;
             hi = m;
@@ -127,8 +237,8 @@ impl Grid {
             hi = 1.0;
         }
         let scale = round_f16((hi - lo) / maxq).max(f16_min_positive());
-        let zero = if self.symmetric {
-            self.symmetric_zero()
+        let zero = if let Some(z) = self.implied_zero() {
+            z
         } else {
             (-lo / scale).round().clamp(0.0, maxq)
         };
@@ -138,11 +248,25 @@ impl Grid {
     /// Code of `x` under (scale, zero).
     #[inline]
     pub fn code(&self, x: f32, scale: f32, zero: f32) -> u32 {
+        if self.kind == GridKind::Iq4nl {
+            let mut best = (f32::INFINITY, 0);
+            for (q, &k) in IQ4NL_LEVELS.iter().enumerate() {
+                let d = (x - scale * k as f32).abs();
+                if d < best.0 {
+                    best = (d, q as u32);
+                }
+            }
+            return best.1;
+        }
         ((x / scale) + zero).round().clamp(0.0, self.maxq() as f32) as u32
     }
 
+    /// The value code `q` dequantizes to under (scale, zero).
     #[inline]
-    pub fn dequant(q: u32, scale: f32, zero: f32) -> f32 {
+    pub fn value(&self, q: u32, scale: f32, zero: f32) -> f32 {
+        if self.kind == GridKind::Iq4nl {
+            return scale * IQ4NL_LEVELS[q as usize & 15] as f32;
+        }
         scale * (q as f32 - zero)
     }
 }
@@ -154,6 +278,17 @@ pub fn round_f16(x: f32) -> f32 {
 
 fn f16_min_positive() -> f32 {
     half::f16::MIN_POSITIVE_SUBNORMAL.to_f32()
+}
+
+/// Round to the nearest f16, keeping the sign and at least the smallest subnormal magnitude
+/// and at most f16's largest (a symmetric grid's signed scale).
+pub fn round_f16_signed(x: f32) -> f32 {
+    let m = round_f16(x.abs().min(65504.0)).max(f16_min_positive());
+    if x < 0.0 {
+        -m
+    } else {
+        m
+    }
 }
 
 /// Pack `codes` (each < 2^bits) of one row into a little-endian bit stream of u32 words.
@@ -181,7 +316,7 @@ impl Grid {
         }
         let words = packed_words(cols, self.bits) as u64;
         let groups = self.groups(cols) as u64;
-        rows as u64 * (words * 32 + groups * 16 * if self.symmetric { 1 } else { 2 })
+        rows as u64 * (words * 32 + groups * 16 * if self.stores_zeros() { 2 } else { 1 })
     }
 }
 
@@ -224,22 +359,70 @@ mod tests {
 
     #[test]
     fn grid_params_cover_the_range() {
-        let g = Grid::new(4, 0, false).unwrap();
+        let g = Grid::new(4, 0, GridKind::Asymmetric).unwrap();
         let vals = [-0.3f32, 0.1, 0.7, 0.25];
         let (s, z) = g.params(&vals);
         for &v in &vals {
-            let d = Grid::dequant(g.code(v, s, z), s, z);
+            let d = g.value(g.code(v, s, z), s, z);
             // Rounding the zero to an integer can shift the grid by up to s/2.
             assert!((d - v).abs() <= s + 1e-6, "{v} -> {d}");
         }
-        let gs = Grid::new(3, 0, true).unwrap();
+        let gs = Grid::new(3, 0, GridKind::Midrise).unwrap();
         let (s, z) = gs.params(&vals);
         assert_eq!(z, 3.5);
         // Midrise: the extreme levels are ±max|x|.
-        assert!((Grid::dequant(7, s, z) - 0.7).abs() < 1e-3);
-        assert!((Grid::dequant(0, s, z) + 0.7).abs() < 1e-3);
+        assert!((gs.value(7, s, z) - 0.7).abs() < 1e-3);
+        assert!((gs.value(0, s, z) + 0.7).abs() < 1e-3);
         assert!(s > 0.0);
-        assert!(Grid::new(5, 0, false).is_err());
-        assert!(Grid::new(4, 100, false).is_err());
+        assert!(Grid::new(5, 0, GridKind::Asymmetric).is_err());
+        assert!(Grid::new(4, 100, GridKind::Asymmetric).is_err());
+    }
+
+    #[test]
+    fn symmetric_grid_is_q4_0s() {
+        let g = Grid::new(4, 0, GridKind::Symmetric).unwrap();
+        // The largest magnitude is negative: positive scale, −0.8 is the extra level (code 0).
+        let vals = [-0.8f32, 0.1, 0.7, 0.25];
+        let (s, z) = g.params(&vals);
+        assert_eq!(z, 8.0);
+        assert_eq!(s, round_f16(0.1));
+        assert_eq!(g.code(-0.8, s, z), 0);
+        assert_eq!(g.code(0.7, s, z), 15);
+        assert_eq!(g.value(8, s, z), 0.0);
+        // Largest magnitude positive: the scale is negative and 0.9 is code 0.
+        let (s, z) = g.params(&[0.9f32, -0.3, 0.0]);
+        assert_eq!(s, round_f16(-0.9 / 8.0));
+        assert_eq!(g.code(0.9, s, z), 0);
+        assert!((g.value(0, s, z) - 0.9).abs() < 1e-3);
+        // All zeros: a finite scale, every code the zero level.
+        let (s, z) = g.params(&[0.0f32; 5]);
+        assert!(s.is_finite() && s != 0.0);
+        assert_eq!(g.code(0.0, s, z), 8);
+        assert!(!g.stores_zeros());
+        assert_eq!(g.stored_bits(3, 64), 3 * (8 * 32 + 16));
+    }
+
+    #[test]
+    fn iq4nl_grid_is_ggmls_codebook() {
+        let g = Grid::new(4, 32, GridKind::Iq4nl).unwrap();
+        assert!(Grid::new(3, 32, GridKind::Iq4nl).is_err());
+        // −1/127 as the nearest f32.
+        assert_eq!(IQ4NL_SCALE, (-1.0f64 / 127.0) as f32);
+        let vals = [-0.5f32, 0.02, 0.3, -0.1];
+        let (s, z) = g.params(&vals);
+        assert_eq!(s, round_f16(0.5 * (1.0 / 127.0)));
+        assert_eq!(g.code(-0.5, s, z), 0);
+        assert!((g.value(0, s, z) + 0.5).abs() < 1e-3);
+        // Every code's level is its own nearest.
+        for q in 0..16 {
+            assert_eq!(g.code(g.value(q, s, z), s, z), q);
+        }
+        // Between two levels, the nearer; a positive extreme gives a negative scale.
+        let (s, z) = g.params(&[0.9f32, -0.2]);
+        assert!(s < 0.0);
+        assert_eq!(g.code(0.9, s, z), 0);
+        let mid = 0.5 * (g.value(8, s, z) + g.value(9, s, z));
+        assert_eq!(g.code(mid * 0.99 + g.value(8, s, z) * 0.01, s, z), 8);
+        assert!(!g.stores_zeros());
     }
 }

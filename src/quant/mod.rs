@@ -6,7 +6,7 @@ pub mod reference;
 pub mod rht;
 pub mod sparsity;
 
-pub use grid::Grid;
+pub use grid::{Grid, GridKind};
 pub use reference::{GptqOptions, PreparedHessian, Quantized};
 
 /// Deterministic pseudo-random values in [-1, 1) for the unit tests of this module.

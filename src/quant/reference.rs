@@ -57,7 +57,7 @@ impl Quantized {
                 let v = if c == PRUNED {
                     0.0
                 } else {
-                    Grid::dequant(c, self.scales[gi], self.zeros[gi])
+                    self.grid.value(c, self.scales[gi], self.zeros[gi])
                 };
                 let col = self.perm.as_ref().map_or(j, |p| p[j] as usize);
                 out[r * n + col] = v;
@@ -291,7 +291,7 @@ pub fn sparse_gptq(
                     (PRUNED, 0.0)
                 } else {
                     let q = grid.code(x as f32, s, z);
-                    (q, Grid::dequant(q, s, z) as f64)
+                    (q, grid.value(q, s, z) as f64)
                 };
                 codes[r * n + i] = q;
                 let e = (x - v) / u[i * n + i];
@@ -427,7 +427,7 @@ mod tests {
             .collect();
         let h = hessian(&x, t, n);
         let w = lcg(m * n, 8);
-        let grid = Grid::new(3, 0, false).unwrap();
+        let grid = Grid::new(3, 0, crate::quant::GridKind::Asymmetric).unwrap();
         let rt = rtn(&w, m, n, grid).dequantize();
         for act_order in [false, true] {
             let opts = GptqOptions {

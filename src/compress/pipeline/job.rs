@@ -183,7 +183,7 @@ mod tests {
     use super::*;
     use crate::compress::workdir::fingerprint;
     use crate::quant::sparsity::Sparsity;
-    use crate::quant::{GptqOptions, Grid};
+    use crate::quant::{GptqOptions, Grid, GridKind};
 
     fn base() -> CompressOptions {
         CompressOptions {
@@ -191,7 +191,7 @@ mod tests {
             allocation: None,
             sparsity: Sparsity::Dense,
             method: Method::Gptq,
-            grid: Grid::new(4, 128, false).unwrap(),
+            grid: Grid::new(4, 128, GridKind::Asymmetric).unwrap(),
             gptq: GptqOptions::default(),
             calib_source: CalibSource::SelfGenerated,
             calib: CalibOptions {
@@ -232,7 +232,9 @@ mod tests {
             }),
             ("sparsity", |o| o.sparsity = Sparsity::TwoFour),
             ("method", |o| o.method = Method::Rtn),
-            ("grid", |o| o.grid = Grid::new(3, 128, false).unwrap()),
+            ("grid", |o| {
+                o.grid = Grid::new(3, 128, GridKind::Asymmetric).unwrap()
+            }),
             ("gptq.block", |o| o.gptq.block /= 2),
             ("gptq.damp", |o| o.gptq.damp *= 2.0),
             ("gptq.act_order", |o| o.gptq.act_order = !o.gptq.act_order),

@@ -367,7 +367,7 @@ pub(crate) fn compress_layer(
                 method: recipe.method.name().into(),
                 bits: recipe.grid.bits,
                 group_size: recipe.grid.group_size,
-                symmetric: recipe.grid.symmetric,
+                kind: recipe.grid.kind,
                 act_order,
                 rows: m,
                 cols: n,

@@ -38,7 +38,10 @@ pub(crate) fn pack(q: &Quantized) -> Result<PackedMatrix> {
         kept,
         codes: bytemuck::cast_slice(&codes).to_vec(),
         scales: DType::F16.encode_f32(&q.scales),
-        zeros: (!q.grid.symmetric).then(|| DType::F16.encode_f32(&q.zeros)),
+        zeros: q
+            .grid
+            .stores_zeros()
+            .then(|| DType::F16.encode_f32(&q.zeros)),
         perm: q.perm.as_ref().map(|p| bytemuck::cast_slice(p).to_vec()),
         factors: None,
     })
@@ -83,7 +86,7 @@ pub(crate) fn planned_entries(
                 method: r.method.name().into(),
                 bits: r.grid.bits,
                 group_size: r.grid.group_size,
-                symmetric: r.grid.symmetric,
+                kind: r.grid.kind,
                 act_order: opts.gptq.act_order && r.method == Method::Gptq,
                 rows: m,
                 cols: n,

@@ -9,7 +9,7 @@ use crate::error::Result;
 use crate::format::FormatKind;
 use crate::model::compressed::{CalibInfo, LayerReport};
 use crate::quant::sparsity::Sparsity;
-use crate::quant::{GptqOptions, Grid};
+use crate::quant::{GptqOptions, Grid, GridKind};
 
 use crate::compress::calib::CalibOptions;
 
@@ -64,7 +64,7 @@ impl Default for CalderaSettings {
 
 impl CalderaSettings {
     pub fn lr_grid(&self) -> Result<Grid> {
-        Ok(Grid::new(self.lr_bits, self.lr_group_size, false)?.with_clip(self.clip))
+        Ok(Grid::new(self.lr_bits, self.lr_group_size, GridKind::Asymmetric)?.with_clip(self.clip))
     }
 
     /// Rank for an m × n matrix with backbone grid `q`.

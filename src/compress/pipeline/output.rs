@@ -52,7 +52,7 @@ pub(crate) fn manifest_params(opts: &CompressOptions) -> serde_json::Value {
     serde_json::json!({
         "bits": opts.grid.bits,
         "group_size": opts.grid.group_size,
-        "symmetric": opts.grid.symmetric,
+        "grid": opts.grid.kind.name(),
         "clip": opts.grid.clip,
         "act_order": opts.gptq.act_order && opts.method == Method::Gptq,
         "damp": opts.gptq.damp,

@@ -18,16 +18,18 @@ pub enum GgmlType {
     BF16,
     Q4_0,
     Q8_0,
+    Iq4Nl,
 }
 
 impl GgmlType {
     /// Every type pumice writes.
-    pub const ALL: [GgmlType; 5] = [
+    pub const ALL: [GgmlType; 6] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::BF16,
         GgmlType::Q4_0,
         GgmlType::Q8_0,
+        GgmlType::Iq4Nl,
     ];
 
     pub fn id(self) -> u32 {
@@ -36,6 +38,7 @@ impl GgmlType {
             GgmlType::F16 => 1,
             GgmlType::Q4_0 => 2,
             GgmlType::Q8_0 => 8,
+            GgmlType::Iq4Nl => 20,
             GgmlType::BF16 => 30,
         }
     }
@@ -45,7 +48,7 @@ impl GgmlType {
         match self {
             GgmlType::F32 => (1, 4),
             GgmlType::F16 | GgmlType::BF16 => (1, 2),
-            GgmlType::Q4_0 => (32, 18),
+            GgmlType::Q4_0 | GgmlType::Iq4Nl => (32, 18),
             GgmlType::Q8_0 => (32, 34),
         }
     }
@@ -57,6 +60,7 @@ impl GgmlType {
             GgmlType::BF16 => "bf16",
             GgmlType::Q4_0 => "q4_0",
             GgmlType::Q8_0 => "q8_0",
+            GgmlType::Iq4Nl => "iq4_nl",
         }
     }
 

@@ -4,10 +4,13 @@
 //! embeddings and LM head in their source dtype, norms and biases in f32 — and CALDERA's L·R in
 //! a GGUF LoRA adapter `adapter.gguf` (`llama-cli --lora`).
 //!
-//! Exact carriers of pumice's grids (the codes are not re-rounded): an asymmetric grid's
-//! value s·(q − z) is Q8_0's d·q' with d = s, q' = q − z; a midrise grid's s·(q − (2^b−1)/2) is
-//! d·q' with d = s/2, q' = 2q − (2^b−1); Q4_0 stores q' + 8 and so holds grids of at most 3 bits.
-//! Groups of 32 or more repeat their scale in every 32-block. A pruned weight is q' = 0.
+//! Exact carriers of pumice's grids (the codes are not re-rounded): a symmetric grid's value
+//! s·(q − 2^(b−1)) is ggml's own d·q' with d = s, q' = q − 2^(b−1) ∈ [−2^(b−1), 2^(b−1) − 1]
+//! (4 bits: Q4_0 exactly, 8 bits: Q8_0 exactly); an asymmetric grid's s·(q − z) is d·q' with
+//! d = s, q' = q − z ∈ [−maxq, maxq]; a midrise grid's s·(q − maxq/2) is d·q' with d = s/2,
+//! q' = 2q − maxq ∈ [−maxq, maxq]. Q4_0 stores q' + 8 ∈ [0, 15] and so holds symmetric grids of
+//! up to 4 bits and the others of up to 3; Q8_0 holds q' ∈ [−128, 127]. Groups of 32 or more
+//! repeat their scale in every 32-block. A pruned weight is q' = 0.
 //! Not representable (refused by tensor): randomized-Hadamard rotations, act-order (GGUF has
 //! no column permutation). Widths that are not whole 32-blocks are stored as f32 (exact).
 //! llama.cpp's q/k row order for the llama architecture is applied (rows and adapter B alike).
@@ -24,6 +27,7 @@ use crate::error::{Error, Result};
 use crate::model::compressed::{Accounting, QuantEntry};
 use crate::model::config::{Family, RopeScaling};
 use crate::model::{Checkpoint, LinearKind};
+use crate::quant::GridKind;
 
 use super::{weights::factors, CompressedLayer, CompressedMatrix, Format, FormatWriter};
 use super::{JobInfo, Planned, Written};
@@ -59,18 +63,46 @@ pub(crate) fn exact_types(e: &QuantEntry) -> std::result::Result<Vec<GgmlType>, 
         return Err(format!("{} bits", e.bits));
     }
     let mut t = Vec::new();
-    if e.cols.is_multiple_of(32) {
-        // |q − z| and |2q − maxq| are at most maxq.
-        let maxq = (1u32 << e.bits) - 1;
-        if maxq <= 7 {
-            t.push(GgmlType::Q4_0);
+    if e.kind == GridKind::Iq4nl {
+        // IQ4_NL has no level at 0 for a pruned weight.
+        if e.cols.is_multiple_of(32) && e.sparsity.is_none() {
+            t.push(GgmlType::Iq4Nl);
         }
-        if maxq <= 127 {
-            t.push(GgmlType::Q8_0);
+    } else if e.cols.is_multiple_of(32) {
+        let (lo, hi) = level_range(e.kind, e.bits);
+        for ty in [GgmlType::Q4_0, GgmlType::Q8_0] {
+            let (tlo, thi) = if ty == GgmlType::Q4_0 {
+                (-8, 7)
+            } else {
+                (-128, 127)
+            };
+            if tlo <= lo && hi <= thi {
+                t.push(ty);
+            }
         }
     }
     t.push(GgmlType::F32);
     Ok(t)
+}
+
+/// The range of the integer q' (value = d·q') a grid's codes become (module docs).
+fn level_range(kind: GridKind, bits: u32) -> (i32, i32) {
+    let maxq = (1i32 << bits) - 1;
+    match kind {
+        GridKind::Symmetric => (-(1 << (bits - 1)), (1 << (bits - 1)) - 1),
+        GridKind::Asymmetric | GridKind::Midrise => (-maxq, maxq),
+        // The codebook's indices are stored as they are.
+        GridKind::Iq4nl => (0, 15),
+    }
+}
+
+/// A code's integer q' and the block scale d for scale s (module docs).
+fn ggml_level(kind: GridKind, code: u32, s: f32, z: f32, maxq: i32) -> (i32, f32) {
+    match kind {
+        GridKind::Midrise => (2 * code as i32 - maxq, s / 2.0),
+        GridKind::Asymmetric | GridKind::Symmetric => (code as i32 - z as i32, s),
+        GridKind::Iq4nl => (code as i32, s),
+    }
 }
 
 fn arch_name(ck: &Checkpoint) -> &'static str {
@@ -141,16 +173,15 @@ fn encode(m: &CompressedMatrix, ty: GgmlType, order: &[usize]) -> Result<Vec<u8>
         for b in 0..cols / 32 {
             let gi = r * groups + (b * 32) / g;
             let (s, z) = (scales[gi], zeros[gi]);
-            let d = if grid.symmetric { s / 2.0 } else { s };
+            let d = ggml_level(grid.kind, 0, s, z, maxq).1;
             let dh = f16::from_f32(d);
             if dh.to_f32() != d {
-                return Err(bad(format!("scale {s} has no exact f16 half")));
+                return Err(bad(format!("scale {s} has no exact f16 block scale")));
             }
             for (k, x) in q.iter_mut().enumerate() {
                 *x = match codes[r * cols + b * 32 + k] {
                     None => 0,
-                    Some(c) if grid.symmetric => 2 * c as i32 - maxq,
-                    Some(c) => c as i32 - z as i32,
+                    Some(c) => ggml_level(grid.kind, c, s, z, maxq).0,
                 };
             }
             out.extend(dh.to_le_bytes());
@@ -161,6 +192,16 @@ fn encode(m: &CompressedMatrix, ty: GgmlType, order: &[usize]) -> Result<Vec<u8>
                         return Err(bad(format!("value {x} does not fit Q4_0")));
                     }
                     out.extend((0..16).map(|j| ((q[j] + 8) | ((q[j + 16] + 8) << 4)) as u8));
+                }
+                // Codebook indices, packed as Q4_0's nibbles (a pruned weight has none: the
+                // grid never prunes).
+                GgmlType::Iq4Nl => {
+                    if grid.kind != GridKind::Iq4nl
+                        || codes[r * cols + b * 32..][..32].contains(&None)
+                    {
+                        return Err(bad("IQ4_NL holds only iq4nl codes".into()));
+                    }
+                    out.extend((0..16).map(|j| (q[j] | (q[j + 16] << 4)) as u8));
                 }
                 _ => unreachable!("float types return above"),
             }
@@ -179,7 +220,7 @@ impl Gguf {
                 "{} cannot hold its {}-bit {} grid exactly over {} columns (exact: {})",
                 t.name(),
                 e.bits,
-                if e.symmetric { "midrise" } else { "asymmetric" },
+                e.kind.name(),
                 e.cols,
                 exact
                     .iter()
@@ -216,6 +257,7 @@ fn metadata(ck: &Checkpoint, types: &[GgmlType]) -> Result<Vec<(String, Value)>>
     let file_type = match types.first() {
         Some(GgmlType::Q8_0) => 7,
         Some(GgmlType::Q4_0) => 2,
+        Some(GgmlType::Iq4Nl) => 25,
         _ => 0,
     };
     let k = |s: &str| format!("{a}.{s}");
@@ -373,9 +415,14 @@ impl Format for Gguf {
         for t in types.values() {
             *counts.entry(t.id()).or_default() += 1;
         }
-        let common = [GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::F32]
-            .into_iter()
-            .max_by_key(|t| counts.get(&t.id()).copied().unwrap_or(0));
+        let common = [
+            GgmlType::Q4_0,
+            GgmlType::Q8_0,
+            GgmlType::Iq4Nl,
+            GgmlType::F32,
+        ]
+        .into_iter()
+        .max_by_key(|t| counts.get(&t.id()).copied().unwrap_or(0));
         let kv = metadata(ck, common.as_slice())?;
         let mut writer = GgufWriter::create(&path, &kv, plan)?;
         write_plain(
