@@ -310,11 +310,7 @@ fn formats_refuse_what_they_cannot_hold_by_tensor() {
         &["--bits", "3", "--group-size", "64", "--grid", "midrise"],
     );
     refused(&midrise, "compressed-tensors", &["midrise", "tensor"]);
-    refused(
-        &f.iq4,
-        "compressed-tensors",
-        &["IQ4_NL's codebook", "tensor"],
-    );
+    refused(&f.iq4, "compressed-tensors", &["IQ4_NL codebook", "tensor"]);
     // Only a compressed checkpoint exports.
     refused(&model(), "dense", &["not a pumice-compressed checkpoint"]);
 }
@@ -774,4 +770,107 @@ fn qwen2_shaped_exports_keep_biases_tied_head_and_row_order() {
     let ct = export(&q, "qwen2-ct", "compressed-tensors", &[]);
     let d = max_diff(&want, &transformers_logits(&ct, None, &seqs));
     assert!(d < 1e-4, "qwen2 compressed-tensors: logits differ by {d}");
+}
+
+/// ggml's k-quant grids on a Llama whose widths are whole super-blocks (hidden 256,
+/// intermediate 512): `--grid k --bits 4` exports as Q4_K and `--bits 2` as Q2_K, every linear
+/// tensor gguf-py dequantizes equals pumice's value bit for bit (llama's q/k row order
+/// applied), the reader's dequantization equals the host's, and transformers' GGUF loader
+/// computes pumice's logits. compressed-tensors refuses the grid by tensor.
+#[test]
+fn k_grids_export_as_ggml_k_quants_bit_for_bit() {
+    let src = work().join("llama256-src");
+    let mut m = pumice::model::synthetic::SyntheticLlama::tiny("LlamaForCausalLM");
+    (
+        m.hidden,
+        m.intermediate,
+        m.layers,
+        m.heads,
+        m.kv_heads,
+        m.vocab,
+    ) = (256, 512, 2, 4, 2, 4096);
+    m.dtype = pumice::DType::BF16;
+    m.extra.insert("bos_token_id".into(), serde_json::json!(0));
+    m.extra.insert("eos_token_id".into(), serde_json::json!(1));
+    let _ = std::fs::remove_dir_all(&src);
+    m.write(&src).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(model().join(f), src.join(f)).unwrap();
+    }
+    let g = gpu();
+    let seqs = ids(4096);
+    for (bits, ty) in [("4", "Q4_K"), ("2", "Q2_K")] {
+        let name = format!("llama256-k{bits}");
+        let q = write(
+            "compress",
+            &src,
+            &name,
+            &[
+                "--eval-samples",
+                "0",
+                "--calib-samples",
+                "4",
+                "--calib-len",
+                "64",
+                "--method",
+                "gptq",
+                "--grid",
+                "k",
+                "--bits",
+                bits,
+            ],
+        );
+        let ck = Checkpoint::open(&q).unwrap();
+        let cfg = ck.config().clone();
+        let out = export(&q, &format!("{name}-gguf"), "gguf", &[]);
+        let (tensors, info) = gguf_py(&out.join("model.gguf"));
+        for l in 0..ck.arch().layers.len() {
+            let layer = pumice::format::native::read_layer(&ck, l).unwrap();
+            for m in &layer.matrices {
+                let host = m.backbone().unwrap();
+                let reader = reader_weight(&g, &ck, &m.weight);
+                assert_eq!(bits_equal(&host, &reader), 0, "{name}: {}", m.weight);
+                let kind = m.weight.split('.').nth(4).unwrap();
+                let (gname, heads) = match kind {
+                    "q_proj" => ("attn_q", cfg.num_heads),
+                    "k_proj" => ("attn_k", cfg.num_kv_heads),
+                    "v_proj" => ("attn_v", 1),
+                    "o_proj" => ("attn_output", 1),
+                    "gate_proj" => ("ffn_gate", 1),
+                    "up_proj" => ("ffn_up", 1),
+                    _ => ("ffn_down", 1),
+                };
+                let gname = format!("blk.{l}.{gname}.weight");
+                assert_eq!(info["types"][&gname], ty, "{name} {gname}");
+                let (rows, n) = (m.entry.rows, m.entry.cols);
+                let order: Vec<usize> = if heads > 1 {
+                    llama_rows(rows, heads)
+                } else {
+                    (0..rows).collect()
+                };
+                let want: Vec<f32> = order
+                    .iter()
+                    .flat_map(|&r| host[r * n..(r + 1) * n].iter().copied())
+                    .collect();
+                assert_eq!(
+                    bits_equal(&tensors[&gname].1, &want),
+                    0,
+                    "{name}: {gname} differs from pumice's values"
+                );
+            }
+        }
+        let d = max_diff(
+            &pumice_logits(&q, &seqs),
+            &transformers_gguf_logits(&out, &seqs),
+        );
+        assert!(
+            d < 1e-4,
+            "{name}: transformers' logits of the GGUF differ by {d}"
+        );
+        refused(
+            &q,
+            "compressed-tensors",
+            &["k-quant super-blocks", "tensor"],
+        );
+    }
 }

@@ -29,12 +29,21 @@ const GRID_ASYMMETRIC: u32 = 0u;
 const GRID_MIDRISE: u32 = 1u;
 const GRID_SYMMETRIC: u32 = 2u;
 const GRID_IQ4NL: u32 = 3u;
+const GRID_K: u32 = 4u;
+
+// Round to the nearest f16 value without clamping away 0 (a k grid's d, dmin).
+fn f16_round(v: f32) -> f32 {
+    return unpack2x16float(pack2x16float(vec2<f32>(min(v, 65504.0), 0.0))).x;
+}
 
 // IQ4_NL's levels and -1/127 as f32 bits, generated from src/quant/grid.rs (gpu::quant).
 {{LEVELS}}
 
 // The value code q dequantizes to (Grid::value).
 fn level_value(q: f32, sz: vec2<f32>, kind: u32) -> f32 {
+    if (kind == GRID_K) {
+        return sz.x * q - sz.y;
+    }
     if (kind == GRID_IQ4NL) {
         return sz.x * IQ4NL_LEVELS[u32(q) & 15u];
     }
@@ -82,6 +91,9 @@ fn grid_params(lo_in: f32, hi_in: f32, maxq: f32, kind: u32) -> vec2<f32> {
 // The code of x (Grid::code): the nearest IQ4_NL level (the first on ties), or the rounded
 // uniform one.
 fn code_of(x: f32, sz: vec2<f32>, maxq: f32, kind: u32) -> f32 {
+    if (kind == GRID_K) {
+        return k_code(x, sz.x, sz.y, maxq);
+    }
     if (kind == GRID_IQ4NL) {
         var best = 0u;
         var bd = 3.4e38;
@@ -127,4 +139,86 @@ fn choose_grid(i0: u32, i1: u32, maxq: f32, kind: u32, clip: bool) -> vec2<f32> 
         }
     }
     return sz;
+}
+
+// ---- k grids (src/quant/kquant.rs): super-blocks of 256 columns ----
+
+// The code of x in a sub-block with effective (a, b): value a·q − b.
+fn k_code(x: f32, a: f32, b: f32, maxq: f32) -> f32 {
+    if (a == 0.0) {
+        return 0.0;
+    }
+    return clamp(round_away((x + b) / a), 0.0, maxq);
+}
+
+// A sub-block's continuous (s, m) from group_value(i), i in [i0, i1) (KType::sub_range).
+fn k_sub_range(i0: u32, i1: u32, maxq: f32, clip: bool) -> vec2<f32> {
+    var lo = 0.0;
+    var hi = 0.0;
+    for (var i = i0; i < i1; i = i + 1u) {
+        let x = group_value(i);
+        lo = min(lo, x);
+        hi = max(hi, x);
+    }
+    var steps = 1u;
+    if (clip) {
+        steps = CLIP_STEPS;
+    }
+    var best = 3.4e38;
+    var res = vec2<f32>(0.0, 0.0);
+    for (var t = 0u; t < steps; t = t + 1u) {
+        let f = clip_factor(t);
+        let l = lo * f;
+        let h = hi * f;
+        let s = (h - l) / maxq;
+        let m = -l;
+        var err = 0.0;
+        for (var i = i0; i < i1; i = i + 1u) {
+            let x = group_value(i);
+            let d = x - (s * k_code(x, s, m, maxq) - m);
+            err = err + d * d;
+        }
+        if (err < best) {
+            best = err;
+            res = vec2<f32>(s, m);
+        }
+    }
+    return res;
+}
+
+// Choose one row's super-block from group_value(i0 ..< i0 + 256) (KType::choose): writes the
+// effective (a, b) of its sub-blocks to scales/zeros[g0 ..] and d, dmin, every sc, every m to
+// kparams[k0 ..]. The including kernel declares scales, zeros and kparams.
+fn k_super(i0: u32, g0: u32, k0: u32, sub: u32, maxq: f32, smax: f32, clip: bool) {
+    let subs = 256u / sub;
+    var ranges: array<vec2<f32>, 16>;
+    var smx = 0.0;
+    var mmx = 0.0;
+    for (var j = 0u; j < subs; j = j + 1u) {
+        let r = k_sub_range(i0 + j * sub, i0 + (j + 1u) * sub, maxq, clip);
+        ranges[j] = r;
+        smx = max(smx, r.x);
+        mmx = max(mmx, r.y);
+    }
+    let d = f16_round(smx / smax);
+    let dmin = f16_round(mmx / smax);
+    kparams[k0] = d;
+    kparams[k0 + 1u] = dmin;
+    for (var j = 0u; j < subs; j = j + 1u) {
+        var q = 0.0;
+        if (d > 0.0) {
+            q = clamp(round_away(ranges[j].x / d), 0.0, smax);
+            if (q == 0.0 && ranges[j].x > 0.0) {
+                q = 1.0;
+            }
+        }
+        var mq = 0.0;
+        if (dmin > 0.0) {
+            mq = clamp(round_away(ranges[j].y / dmin), 0.0, smax);
+        }
+        kparams[k0 + 2u + j] = q;
+        kparams[k0 + 2u + subs + j] = mq;
+        scales[g0 + j] = d * q;
+        zeros[g0 + j] = dmin * mq;
+    }
 }

@@ -1,5 +1,6 @@
 // Dequantize packed codes to f32: out[r, perm[j]] = scale[r, j / g] · (code[r, j] − zero[r, j / g]),
-// or scale[r, j / g] · IQ4NL_LEVELS[code[r, j]] for the iq4nl grid (kind 3).
+// or scale[r, j / g] · IQ4NL_LEVELS[code[r, j]] for the iq4nl grid (kind 3), or
+// scale · code − zero for k grids (kind 4).
 // Codes are a little-endian bit stream per row of `words` u32; scales/zeros may be f16 or f32
 // (OPERANDS: bindings 2 and 3, load_s1 / load_z1). Without act-order, perm is the identity.
 // Pruned matrices (SPARSE_DECL/SPARSE_BODY filled in by the host) keep only the codes of kept
@@ -52,6 +53,10 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     var x = 0.0;
     if (p.kind == 3u) {
         x = load_s1(gi) * IQ4NL_LEVELS[u32(q)];
+    } else if (p.kind == 4u) {
+        // k grids: scale a, zero b, value a·q − b (the reader computes these on the host, in
+        // ggml's f32 operations, since a GPU may fuse this into one rounding).
+        x = load_s1(gi) * q - load_z1(gi);
     } else {
         x = load_s1(gi) * (q - load_z1(gi));
     }

@@ -21,8 +21,8 @@ struct Params {
     clip: u32,     // 1: least-squares search over shrunk ranges (src/quant/grid.rs)
     sparse: u32,   // 0 dense, 1 2:4, 2 unstructured (src/quant/sparsity.rs)
     prune: u32,    // unstructured: weights pruned per row in this block
-    _pad0: u32,
-    _pad1: u32,
+    smax: f32,     // k grids: largest sub-block scale / minimum
+    k_len: u32,    // k grids: kparams values per row
 };
 
 const PRUNED: u32 = 0xFFFFFFFFu;
@@ -39,6 +39,7 @@ fn is_pruned(m: array<u32, 4>, i: u32) -> bool {
 @group(0) @binding(4) var<storage, read_write> scales: array<f32>;
 @group(0) @binding(5) var<storage, read_write> zeros: array<f32>;
 @group(0) @binding(6) var<storage, read_write> e_out: array<f32>; // [rows, bw]
+@group(0) @binding(7) var<storage, read_write> kparams: array<f32>; // k grids: [rows, k_len]
 
 // The values choose_grid (quant/common.wgsl) reads: the working row of W.
 fn group_value(i: u32) -> f32 {
@@ -104,7 +105,12 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
             }
         }
         let gi = col / p.g;
-        if (col % p.g == 0u) {
+        if (p.kind == GRID_K) {
+            if (col % 256u == 0u) {
+                let k0 = (p.s_row0 + r) * p.k_len + (col / 256u) * (2u + 2u * (256u / p.g));
+                k_super(base + col, srow + gi, k0, p.g, p.maxq, p.smax, p.clip != 0u);
+            }
+        } else if (col % p.g == 0u) {
             let end = min(col + p.g, p.n);
             let sz = choose_grid(base + col, base + end, p.maxq, p.kind, p.clip != 0u);
             scales[srow + gi] = sz.x;

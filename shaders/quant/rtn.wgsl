@@ -14,8 +14,8 @@ struct Params {
     w_off: u32,    // element offset of the first row in the weight chunk
     c_off: u32,    // element offset of the first row in the codes chunk
     clip: u32,     // 1: least-squares search over shrunk ranges (see grid_params' callers)
-    _pad1: u32,
-    _pad2: u32,
+    smax: f32,     // k grids: largest sub-block scale / minimum
+    k_len: u32,    // k grids: kparams values per row
 };
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -24,6 +24,7 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> codes: array<u32>;
 @group(0) @binding(3) var<storage, read_write> scales: array<f32>;
 @group(0) @binding(4) var<storage, read_write> zeros: array<f32>;
+@group(0) @binding(5) var<storage, read_write> kparams: array<f32>; // k grids: [rows, k_len]
 
 // The values choose_grid (quant/common.wgsl) reads: W through its operand loader.
 fn group_value(i: u32) -> f32 {
@@ -34,6 +35,22 @@ fn group_value(i: u32) -> f32 {
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let gi = gid.x;
     let r = gid.y + gid.z * 65535u;
+    if (p.kind == GRID_K) {
+        // One invocation per (row, super-block of 256 columns).
+        if (gi >= p.n / 256u || r >= p.rows) {
+            return;
+        }
+        let c0 = gi * 256u;
+        let g0 = (p.sz_row0 + r) * p.ng + c0 / p.g;
+        let k0 = (p.sz_row0 + r) * p.k_len + gi * (2u + 2u * (256u / p.g));
+        k_super(p.w_off + r * p.n + c0, g0, k0, p.g, p.maxq, p.smax, p.clip != 0u);
+        for (var c = c0; c < c0 + 256u; c = c + 1u) {
+            let gs = g0 + (c - c0) / p.g;
+            let x = load_w1(p.w_off + r * p.n + c);
+            codes[p.c_off + r * p.n + c] = u32(k_code(x, scales[gs], zeros[gs], p.maxq));
+        }
+        return;
+    }
     if (gi >= p.ng || r >= p.rows) {
         return;
     }

@@ -66,7 +66,8 @@ pub(crate) struct CompressArgs {
     /// default for caldera's Q), `symmetric` (integer zero 2^(bits−1), signed f16 scale: ggml's
     /// Q4_0 at 4 bits and Q8_0 at 8 bits in groups of 32, compressed-tensors' and GPTQ's
     /// symmetric grids), `iq4nl` (ggml's 4-bit IQ4_NL codebook, signed f16 scale: IQ4_NL in
-    /// groups of 32).
+    /// groups of 32), `k` (ggml's k-quant super-blocks of 256 with a minimum: Q4_K at 4 bits,
+    /// Q2_K at 2; input widths must be multiples of 256).
     #[arg(long, value_parser = super::args::parse_grid)]
     pub(crate) grid: Option<pumice::quant::GridKind>,
     /// Pick each group's range by min–max only, without the least-squares clip search.
@@ -248,12 +249,18 @@ impl TryFrom<&CompressArgs> for pumice::compress::pipeline::CompressOptions {
             .bits
             .unwrap_or(if a.method == MethodArg::Caldera { 2 } else { 4 });
         let caldera = a.method == MethodArg::Caldera;
-        let group_size = a.group_size.unwrap_or(if caldera { 64 } else { 128 });
         let kind = a.grid.unwrap_or(if caldera {
             GridKind::Midrise
         } else {
             GridKind::Asymmetric
         });
+        // A k grid's groups are its sub-blocks.
+        let k_sub = (kind == GridKind::K)
+            .then(|| pumice::quant::kquant::KType::of_bits(bits).map(|k| k.sub))
+            .flatten();
+        let group_size = a
+            .group_size
+            .unwrap_or(k_sub.unwrap_or(if caldera { 64 } else { 128 }));
         let grid = Grid::new(bits, group_size, kind)?.with_clip(!a.no_clip);
         Ok(CompressOptions {
             layers: Vec::new(),

@@ -23,8 +23,8 @@ pub(crate) struct ExportArgs {
     /// refused, naming the tensor and the reason.
     #[arg(long, value_parser = super::args::parse_format)]
     pub(crate) format: FormatKind,
-    /// GGUF: the ggml type of every linear weight (q4_0, q8_0, iq4_nl, f32; default: the
-    /// smallest that holds each weight exactly).
+    /// GGUF: the ggml type of every linear weight (q4_0, q8_0, iq4_nl, q2_k, q4_k, f32;
+    /// default: the smallest that holds each weight exactly).
     #[arg(long)]
     pub(crate) gguf_type: Option<String>,
     /// Dtype of dense weights (f32, f16, bf16; default: the model's).
@@ -49,12 +49,17 @@ pub(crate) fn run(a: ExportArgs) -> anyhow::Result<()> {
                 .filter(|t| {
                     matches!(
                         t,
-                        GgmlType::Q4_0 | GgmlType::Q8_0 | GgmlType::Iq4Nl | GgmlType::F32
+                        GgmlType::Q4_0
+                            | GgmlType::Q8_0
+                            | GgmlType::Iq4Nl
+                            | GgmlType::Q2K
+                            | GgmlType::Q4K
+                            | GgmlType::F32
                     )
                 })
                 .ok_or_else(|| {
                     pumice::Error::InvalidArgument(format!(
-                        "--gguf-type {t}: known types are q4_0, q8_0, iq4_nl, f32"
+                        "--gguf-type {t}: known types are q4_0, q8_0, iq4_nl, q2_k, q4_k, f32"
                     ))
                 })?;
             Box::new(Gguf {

@@ -44,12 +44,16 @@ pub(crate) fn refusal(e: &QuantEntry) -> Option<String> {
             ((1u32 << e.bits) - 1) as f32 / 2.0
         ));
     }
-    if e.kind == GridKind::Iq4nl {
-        return Some(
-            "its grid is IQ4_NL's codebook, which compressed-tensors' integer grids cannot \
-             express (compress with --grid symmetric or asymmetric, or export --format dense)"
-                .into(),
-        );
+    if matches!(e.kind, GridKind::Iq4nl | GridKind::K) {
+        return Some(format!(
+            "its grid is ggml's {}, which compressed-tensors' integer grids cannot express \
+             (compress with --grid symmetric or asymmetric, or export --format dense)",
+            if e.kind == GridKind::K {
+                "k-quant super-blocks"
+            } else {
+                "IQ4_NL codebook"
+            }
+        ));
     }
     if e.sparsity.is_some() {
         return Some(
@@ -204,7 +208,7 @@ fn module_tensors(m: &CompressedMatrix) -> Result<Vec<(String, Vec<u8>)>> {
     let grid = e.grid()?;
     let module = hf::module_of(&m.weight);
     let codes = m.data.codes(rows, cols, b);
-    let (scales, zeros) = m.data.scales_zeros(&grid);
+    let (scales, zeros) = m.data.scales_zeros(&grid, rows, cols);
     let groups = grid.groups(cols);
     let mut packed: Vec<u32> = Vec::with_capacity(rows * packed_words(cols, b));
     let mut row = vec![0u32; cols];

@@ -36,10 +36,12 @@ use crate::model::Checkpoint;
 pub struct PackedMatrix {
     /// Codes, rows × words(kept) u32 words, as bytes.
     pub codes: Vec<u8>,
-    /// f16 scales, rows × groups, as bytes.
+    /// f16 scales, rows × groups, as bytes (a k grid: each super-block's d, dmin).
     pub scales: Vec<u8>,
-    /// f16 zero points (None for a symmetric grid, whose zero is implied).
+    /// f16 zero points (None for a grid whose zero is implied, and for k grids).
     pub zeros: Option<Vec<u8>>,
+    /// A k grid's packed sub-block scales and minimums (u32 words per row, as bytes).
+    pub subscales: Option<Vec<u8>>,
     /// Pruned: the kept-weight mask, rows × ⌈cols/32⌉ words.
     pub mask: Option<Vec<u32>>,
     /// Act-order: stored column j is original column perm[j] (u32 little-endian bytes).
@@ -66,6 +68,7 @@ impl PackedMatrix {
             PartKind::Codes => Some(&m.codes),
             PartKind::Scales => Some(&m.scales),
             PartKind::Zeros => m.zeros.as_deref(),
+            PartKind::SubScales => m.subscales.as_deref(),
             PartKind::Mask => m.mask.as_deref().map(bytemuck::cast_slice),
             PartKind::Perm => m.perm.as_deref(),
         }
@@ -103,6 +106,7 @@ impl PackedMatrix {
                 PartKind::Codes => m.codes = bytes,
                 PartKind::Scales => m.scales = bytes,
                 PartKind::Zeros => m.zeros = Some(bytes),
+                PartKind::SubScales => m.subscales = Some(bytes),
                 PartKind::Mask => {
                     m.mask = Some(
                         bytes

@@ -54,9 +54,13 @@ impl PackedMatrix {
     }
 
     /// Scales and zero points per row and group, as f32 (the implied zero of a midrise or
-    /// symmetric grid).
-    pub fn scales_zeros(&self, grid: &Grid) -> (Vec<f32>, Vec<f32>) {
+    /// symmetric grid; a k grid's effective (a, b) per sub-block, value a·q − b).
+    pub fn scales_zeros(&self, grid: &Grid, rows: usize, cols: usize) -> (Vec<f32>, Vec<f32>) {
         let scales = f16s(&self.scales);
+        if let Some(k) = grid.ktype() {
+            let words = u32s(self.subscales.as_deref().unwrap_or_default());
+            return crate::quant::kquant::effective_stored(k, &scales, &words, rows, cols);
+        }
         let zeros = match &self.zeros {
             Some(z) => f16s(z),
             None => vec![grid.implied_zero().unwrap_or(0.0); scales.len()],
@@ -67,7 +71,7 @@ impl PackedMatrix {
     /// Dequantized values, rows × cols in the original column order, f32.
     pub fn values(&self, rows: usize, cols: usize, grid: &Grid) -> Vec<f32> {
         let codes = self.codes(rows, cols, grid.bits);
-        let (scales, zeros) = self.scales_zeros(grid);
+        let (scales, zeros) = self.scales_zeros(grid, rows, cols);
         let groups = grid.groups(cols);
         let g = grid.group_len(cols);
         let perm: Option<Vec<u32>> = self.perm.as_deref().map(u32s);

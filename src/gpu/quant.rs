@@ -5,6 +5,7 @@
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::quant::grid::{CLIP_STEPS, IQ4NL_LEVELS, IQ4NL_SCALE};
+use crate::quant::kquant::SUPER;
 use crate::quant::sparsity::Sparsity;
 use crate::quant::{Grid, GridKind, PreparedHessian, Quantized};
 
@@ -41,6 +42,9 @@ pub struct GpuQuantized {
     pub scales: GpuMatrix,
     pub zeros: GpuMatrix,
     pub perm: Option<Vec<u32>>,
+    /// A k grid's super-block parameters (rows × supers·params_len), as the host's
+    /// `Quantized::kparams`.
+    pub kparams: Option<GpuMatrix>,
 }
 
 impl GpuQuantized {
@@ -60,6 +64,10 @@ impl GpuQuantized {
             scales: self.scales.to_f32(gpu)?,
             zeros: self.zeros.to_f32(gpu)?,
             perm: self.perm.clone(),
+            kparams: match &self.kparams {
+                Some(k) => k.to_f32(gpu)?,
+                None => Vec::new(),
+            },
         })
     }
 }
@@ -88,7 +96,8 @@ struct RtnParams {
     w_off: u32,
     c_off: u32,
     clip: u32,
-    _pad: [u32; 2],
+    smax: f32,
+    k_len: u32,
 }
 
 /// IQ4_NL's levels and the bits of −1/127 as WGSL (`{{LEVELS}}`), from the host's constants.
@@ -159,12 +168,15 @@ fn check_group_budget(gpu: &Gpu, iterations: u64, g: usize) -> Result<()> {
 pub fn rtn(gpu: &Gpu, w: &GpuMatrix, grid: Grid) -> Result<GpuQuantized> {
     let (m, n) = (w.rows(), w.cols());
     let (g, ng) = (grid.group_len(n), grid.groups(n));
-    check_group_budget(gpu, grid_iterations(g, grid), g)?;
+    check_k_columns(grid, n)?;
+    check_group_budget(gpu, grid_iterations(grid.span(n), grid), grid.span(n))?;
     let codes = GpuMatrix::uninit(gpu, m, n)?;
     let scales = GpuMatrix::uninit(gpu, m, ng)?;
     let zeros = GpuMatrix::uninit(gpu, m, ng)?;
+    let (kparams, k_len) = kparams_matrix(gpu, grid, m, n)?;
     let sbuf = single(&scales, "RTN scales")?;
     let zbuf = single(&zeros, "RTN zeros")?;
+    let kbuf = single(&kparams, "RTN k-grid parameters")?;
     let spec = Spec::new()
         .set("COMMON", COMMON)
         .set("LEVELS", levels_wgsl())
@@ -184,13 +196,21 @@ pub fn rtn(gpu: &Gpu, w: &GpuMatrix, grid: Grid) -> Result<GpuQuantized> {
                 w_off: (w_local * n) as u32,
                 c_off: ((r0 - cc.row0) * n) as u32,
                 clip: grid.clip as u32,
-                _pad: [0; 2],
+                smax: grid.ktype().map_or(0.0, |k| k.smax() as f32),
+                k_len: k_len as u32,
             };
-            let wg = row_grid(ng, rows);
+            let wg = row_grid(
+                if grid.ktype().is_some() {
+                    n / SUPER
+                } else {
+                    ng
+                },
+                rows,
+            );
             b.dispatch(
                 pipeline.clone(),
                 &params,
-                &[&wc.buf, &cc.buf, sbuf, zbuf],
+                &[&wc.buf, &cc.buf, sbuf, zbuf, kbuf],
                 wg,
             )?;
         }
@@ -204,7 +224,26 @@ pub fn rtn(gpu: &Gpu, w: &GpuMatrix, grid: Grid) -> Result<GpuQuantized> {
         scales,
         zeros,
         perm: None,
+        kparams: grid.ktype().map(|_| kparams),
     })
+}
+
+/// A k grid's rows must be whole super-blocks.
+fn check_k_columns(grid: Grid, n: usize) -> Result<()> {
+    if grid.ktype().is_some() && !n.is_multiple_of(SUPER) {
+        return Err(Error::InvalidArgument(format!(
+            "the k grid needs rows of whole {SUPER}-column super-blocks; this matrix has {n} \
+             columns"
+        )));
+    }
+    Ok(())
+}
+
+/// The k-grid parameters' matrix (rows × supers·params_len) and its row length; one column for
+/// other grids (a binding must exist).
+fn kparams_matrix(gpu: &Gpu, grid: Grid, m: usize, n: usize) -> Result<(GpuMatrix, usize)> {
+    let len = grid.ktype().map_or(1, |k| n / SUPER * k.params_len());
+    Ok((GpuMatrix::zeros(gpu, m, len)?, len))
 }
 
 #[repr(C)]
@@ -224,7 +263,8 @@ struct GptqParams {
     clip: u32,
     sparse: u32,
     prune: u32,
-    _pad: [u32; 2],
+    smax: f32,
+    k_len: u32,
 }
 
 /// GPTQ/LDLQ of `w` (rows × cols, any float dtype) with a prepared Hessian. Columns go in
@@ -283,9 +323,12 @@ pub fn sparse_gptq(
         }
     }
     let wm = GpuMatrix::from_f32(gpu, m, n, DType::F32, &wk)?;
+    check_k_columns(grid, n)?;
     let codes = GpuMatrix::uninit(gpu, m, n)?;
     let scales = GpuMatrix::uninit(gpu, m, ng)?;
     let zeros = GpuMatrix::uninit(gpu, m, ng)?;
+    let (kparams, k_len) = kparams_matrix(gpu, grid, m, n)?;
+    let span = grid.span(n);
     let pipeline = gpu.pipeline(
         &GPTQ_BLOCK,
         &Spec::new()
@@ -316,14 +359,14 @@ pub fn sparse_gptq(
     let budget = gpu.caps().loop_budget();
     while block > 4
         && !matches!(sparsity, Sparsity::Unstructured(_))
-        && gptq_block_iterations(block, g, grid, sparsity) > budget
+        && gptq_block_iterations(block, span, grid, sparsity) > budget
     {
         block = (block / 2).max(4) / 4 * 4;
     }
     check_group_budget(
         gpu,
-        gptq_block_iterations(block.min(n), g, grid, sparsity),
-        g,
+        gptq_block_iterations(block.min(n), span, grid, sparsity),
+        span,
     )?;
     let u = &prep.u;
     let mut b = Batch::new(gpu);
@@ -338,10 +381,23 @@ pub fn sparse_gptq(
             .collect();
         let ud = GpuMatrix::from_f32(gpu, bw, bw, DType::F32, &diag)?;
         let e = GpuMatrix::uninit(gpu, m, bw)?;
-        for (rows, parts) in GpuMatrix::common_segments(&[&wm, &codes, &scales, &zeros, &e], 0..m) {
-            let [(wc, w_local), (cc, _), (sc, s_local), (zc, _), (ec, e_local)] = parts[..] else {
-                unreachable!("five matrices in, five parts out")
+        for (rows, parts) in
+            GpuMatrix::common_segments(&[&wm, &codes, &scales, &zeros, &e, &kparams], 0..m)
+        {
+            let [(wc, w_local), (cc, _), (sc, s_local), (zc, _), (ec, e_local), (kc, k_local)] =
+                parts[..]
+            else {
+                unreachable!("six matrices in, six parts out")
             };
+            if k_local != s_local {
+                // The kernel indexes both from s_row0; they are chunked alike in practice
+                // (a k grid's parameters are a few floats per 256 weights).
+                return Err(Error::TooLarge {
+                    what: format!("k-grid parameters of a {m}×{n} matrix"),
+                    bytes: (m * k_len * 4) as u64,
+                    limit: gpu.caps().max_binding,
+                });
+            }
             let params = GptqParams {
                 rows: rows.len() as u32,
                 n: n as u32,
@@ -361,7 +417,8 @@ pub fn sparse_gptq(
                     Sparsity::Unstructured(_) => 2,
                 },
                 prune: sparsity.pruned_in_block(bw) as u32,
-                _pad: [0; 2],
+                smax: grid.ktype().map_or(0.0, |k| k.smax() as f32),
+                k_len: k_len as u32,
             };
             b.dispatch(
                 pipeline.clone(),
@@ -373,6 +430,7 @@ pub fn sparse_gptq(
                     &sc.buf,
                     &zc.buf,
                     &ec.buf,
+                    &kc.buf,
                 ],
                 [rows.len().div_ceil(64) as u32, 1, 1],
             )?;
@@ -399,6 +457,7 @@ pub fn sparse_gptq(
         scales,
         zeros,
         perm: prep.perm.clone(),
+        kparams: grid.ktype().map(|_| kparams),
     })
 }
 

@@ -26,8 +26,10 @@ pub(crate) fn upload(gpu: &Gpu, t: &TensorRef<'_>, rows: usize, cols: usize) -> 
 pub(crate) struct PackedPieces<'a> {
     pub codes: &'a [u8],
     pub scales: &'a [u8],
-    /// None for a grid that implies its zero points (midrise, symmetric).
+    /// None for a grid that implies its zero points (midrise, symmetric) and k grids.
     pub zeros: Option<&'a [u8]>,
+    /// A k grid's packed sub-block scales and minimums.
+    pub subscales: Option<&'a [u8]>,
     pub perm: Option<&'a [u8]>,
     pub mask: Option<&'a [u32]>,
 }
@@ -43,6 +45,10 @@ pub(crate) fn dequantize_packed(
     kept: usize,
     p: &PackedPieces<'_>,
 ) -> Result<GpuMatrix> {
+    if let Some(k) = grid.ktype() {
+        let values = dequantize_k(k, rows, cols, p)?;
+        return GpuMatrix::from_f32(gpu, rows, cols, DType::F32, &values);
+    }
     let groups = grid.groups(cols);
     let zeros = match p.zeros {
         Some(z) => GpuMatrix::from_bytes(gpu, rows, groups, DType::F16, z)?,
@@ -68,6 +74,38 @@ pub(crate) fn dequantize_packed(
             .transpose()?,
     };
     quant::dequantize(gpu, &packed)
+}
+
+/// A k grid's values on the host, in ggml's f32 operations (a = d·sc, b = dmin·m, a·q − b),
+/// so they equal llama.cpp's and gguf-py's bit for bit whatever a GPU compiler would fuse.
+fn dequantize_k(
+    k: crate::quant::kquant::KType,
+    rows: usize,
+    cols: usize,
+    p: &PackedPieces<'_>,
+) -> Result<Vec<f32>> {
+    let subs = p
+        .subscales
+        .ok_or_else(|| Error::Shape("a k grid without sub-block scales".into()))?;
+    let mut dd = Vec::new();
+    DType::F16.decode_f32(p.scales, &mut dd);
+    let words: Vec<u32> = bytemuck::pod_collect_to_vec(subs);
+    let codes: Vec<u32> = bytemuck::pod_collect_to_vec(p.codes);
+    let (a, b) = crate::quant::kquant::effective_stored(k, &dd, &words, rows, cols);
+    let perm: Option<Vec<u32>> = p.perm.map(bytemuck::pod_collect_to_vec);
+    let cw = crate::quant::grid::packed_words(cols, k.bits);
+    let ng = cols / k.sub;
+    let mut out = vec![0.0f32; rows * cols];
+    for r in 0..rows {
+        let row = &codes[r * cw..(r + 1) * cw];
+        for j in 0..cols {
+            let q = crate::quant::grid::unpack(row, j, k.bits);
+            let gi = r * ng + j / k.sub;
+            let col = perm.as_ref().map_or(j, |p| p[j] as usize);
+            out[r * cols + col] = crate::quant::kquant::KType::value(q, a[gi], b[gi]);
+        }
+    }
+    Ok(out)
 }
 
 /// Read one stored matrix of weight `weight` (the backbone or a CALDERA factor, its parts as
@@ -152,10 +190,15 @@ pub(crate) fn dequantize_stored(
         }
         None => None,
     };
+    let subscales = match name_of(PartKind::SubScales) {
+        Some(n) => Some(ck.raw(&n)?.0),
+        None => None,
+    };
     let pieces = PackedPieces {
         codes,
         scales: scales.bytes,
         zeros: zeros.as_ref().map(|z| z.bytes),
+        subscales,
         perm,
         mask: mask.as_deref(),
     };

@@ -18,6 +18,11 @@
 //!   2^(bits−1));
 //! - `NAME.weight.perm`    U32 [cols] with act-order: stored column j is original column perm[j].
 //!
+//! A k grid (`quant::kquant`) stores instead of scales and zeros `NAME.weight.scales` F16
+//! [rows, 2·supers] (each super-block's d, dmin) and `NAME.weight.subscales` U32 [rows, words]
+//! (each sub-block's integer scale and minimum, in that order, as a little-endian bit stream
+//! of `sbits`-bit fields); columns must be whole super-blocks of 256.
+//!
 //! A weight dequantizes to scale · (code − zero). Everything else (embeddings, norms, LM head,
 //! biases) is stored as in the source. The manifest records the source and its hash, the method
 //! and its parameters per tensor, the calibration, per-layer errors and the exact size
@@ -31,6 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::quant::grid::packed_words;
+use crate::quant::kquant::SUPER;
 use crate::quant::{Grid, GridKind};
 
 pub const MANIFEST_FILE: &str = "pumice.json";
@@ -118,6 +124,8 @@ pub enum PartKind {
     Scales,
     /// One f16 integer zero point per row and group (asymmetric grids only).
     Zeros,
+    /// A k grid's integer sub-block scales and minimums, bit-packed in u32 words per row.
+    SubScales,
     /// The kept-weight bit mask of a pruned matrix, u32 words per row.
     Mask,
     /// The act-order column permutation (u32 per column).
@@ -151,6 +159,7 @@ impl StoredPart {
             PartKind::Codes => "qweight",
             PartKind::Scales => "scales",
             PartKind::Zeros => "zeros",
+            PartKind::SubScales => "subscales",
             PartKind::Mask => "mask",
             PartKind::Perm => "perm",
         };
@@ -265,15 +274,40 @@ impl QuantEntry {
             shape,
         };
         let b = Factor::Backbone;
-        let mut parts = vec![
-            part(
+        let mut parts = vec![part(
+            b,
+            PartKind::Codes,
+            "U32",
+            vec![self.rows, packed_words(kept, self.bits)],
+        )];
+        if let Some(k) = grid.ktype() {
+            if !self.cols.is_multiple_of(SUPER) || self.sparsity.is_some() {
+                return Err(format!(
+                    "the k grid needs whole super-blocks of {SUPER} columns and no pruning \
+                     ({} columns{})",
+                    self.cols,
+                    if self.sparsity.is_some() {
+                        ", pruned"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+            parts.push(part(
                 b,
-                PartKind::Codes,
+                PartKind::Scales,
+                "F16",
+                vec![self.rows, 2 * (self.cols / SUPER)],
+            ));
+            parts.push(part(
+                b,
+                PartKind::SubScales,
                 "U32",
-                vec![self.rows, packed_words(kept, self.bits)],
-            ),
-            part(b, PartKind::Scales, "F16", vec![self.rows, groups]),
-        ];
+                vec![self.rows, packed_words(2 * groups, k.sbits)],
+            ));
+        } else {
+            parts.push(part(b, PartKind::Scales, "F16", vec![self.rows, groups]));
+        }
         if grid.stores_zeros() {
             parts.push(part(b, PartKind::Zeros, "F16", vec![self.rows, groups]));
         }

@@ -21,6 +21,11 @@
 //!   compared as |x − scale·K[q]| in f32). No zero is stored (its implied zero, 0, is unused).
 //!   In groups of 32 it is exactly IQ4_NL.
 //!
+//! - *k*: ggml's k-quant super-block grids with a minimum, Q2_K (2 bits) and Q4_K (4 bits):
+//!   see [`super::kquant`]. Its groups are the sub-blocks (16 or 32 columns) whose effective
+//!   (scale, zero) are (a, b) with value a·q − b; their parameters are fixed a super-block of
+//!   256 columns at a time ([`Grid::span`]).
+//!
 //! The scale is rounded to f16 *before* codes are chosen, so what is stored reproduces exactly
 //! what was optimized.
 //!
@@ -31,6 +36,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::kquant::{KType, SUPER};
 use crate::error::{Error, Result};
 
 /// Where a grid's zero point lies (module docs).
@@ -45,6 +51,8 @@ pub enum GridKind {
     Symmetric,
     /// ggml's IQ4_NL codebook (4 bits), signed scale; no zero.
     Iq4nl,
+    /// ggml's k-quant super-blocks with a minimum (Q2_K, Q4_K).
+    K,
 }
 
 /// IQ4_NL's 16 levels (ggml's `kvalues_iq4nl`): code q dequantizes to scale·IQ4NL_LEVELS[q].
@@ -56,11 +64,12 @@ pub const IQ4NL_LEVELS: [i8; 16] = [
 pub const IQ4NL_SCALE: f32 = -1.0 / 127.0;
 
 impl GridKind {
-    pub const ALL: [GridKind; 4] = [
+    pub const ALL: [GridKind; 5] = [
         GridKind::Asymmetric,
         GridKind::Midrise,
         GridKind::Symmetric,
         GridKind::Iq4nl,
+        GridKind::K,
     ];
 
     pub fn name(self) -> &'static str {
@@ -69,6 +78,7 @@ impl GridKind {
             GridKind::Midrise => "midrise",
             GridKind::Symmetric => "symmetric",
             GridKind::Iq4nl => "iq4nl",
+            GridKind::K => "k",
         }
     }
 
@@ -78,7 +88,7 @@ impl GridKind {
             .find(|k| k.name() == s)
             .ok_or_else(|| {
                 Error::InvalidArgument(format!(
-                    "--grid {s}: supported are asymmetric, midrise, symmetric and iq4nl"
+                    "--grid {s}: supported are asymmetric, midrise, symmetric, iq4nl and k"
                 ))
             })
     }
@@ -90,6 +100,7 @@ impl GridKind {
             GridKind::Midrise => 1,
             GridKind::Symmetric => 2,
             GridKind::Iq4nl => 3,
+            GridKind::K => 4,
         }
     }
 }
@@ -129,6 +140,23 @@ impl Grid {
                 "--grid iq4nl is a 4-bit codebook; --bits {bits} does not apply"
             )));
         }
+        if kind == GridKind::K {
+            let k = KType::of_bits(bits).ok_or_else(|| {
+                Error::InvalidArgument(format!("--grid k: --bits 2 (Q2_K) or 4 (Q4_K), not {bits}"))
+            })?;
+            if group_size != k.sub {
+                return Err(Error::InvalidArgument(format!(
+                    "--grid k --bits {bits}: its sub-blocks are {} columns (--group-size {})",
+                    k.sub, k.sub
+                )));
+            }
+            return Ok(Grid {
+                bits,
+                group_size,
+                kind,
+                clip: false,
+            });
+        }
         if group_size != 0 && !matches!(group_size, 32 | 64 | 128 | 256) {
             return Err(Error::InvalidArgument(format!(
                 "--group-size {group_size}: supported are 32, 64, 128, 256 and 0 (per channel)"
@@ -155,12 +183,30 @@ impl Grid {
             GridKind::Midrise => Some(self.maxq() as f32 / 2.0),
             GridKind::Symmetric => Some((1u32 << (self.bits - 1)) as f32),
             GridKind::Iq4nl => Some(0.0),
+            GridKind::K => None,
         }
     }
 
-    /// Whether zero points are stored per group.
+    /// The k-quant type of a k grid.
+    pub fn ktype(&self) -> Option<KType> {
+        (self.kind == GridKind::K)
+            .then(|| KType::of_bits(self.bits))
+            .flatten()
+    }
+
+    /// Columns whose group parameters are fixed together: a k grid's super-block, otherwise
+    /// one group.
+    pub fn span(&self, n: usize) -> usize {
+        if self.kind == GridKind::K {
+            SUPER
+        } else {
+            self.group_len(n)
+        }
+    }
+
+    /// Whether zero points are stored per group (a k grid stores its minimums otherwise).
     pub fn stores_zeros(&self) -> bool {
-        self.implied_zero().is_none()
+        self.implied_zero().is_none() && self.kind != GridKind::K
     }
 
     pub fn maxq(&self) -> u32 {
@@ -248,6 +294,9 @@ impl Grid {
     /// Code of `x` under (scale, zero).
     #[inline]
     pub fn code(&self, x: f32, scale: f32, zero: f32) -> u32 {
+        if let Some(k) = self.ktype() {
+            return k.code(x, scale, zero);
+        }
         if self.kind == GridKind::Iq4nl {
             let mut best = (f32::INFINITY, 0);
             for (q, &k) in IQ4NL_LEVELS.iter().enumerate() {
@@ -264,6 +313,9 @@ impl Grid {
     /// The value code `q` dequantizes to under (scale, zero).
     #[inline]
     pub fn value(&self, q: u32, scale: f32, zero: f32) -> f32 {
+        if self.kind == GridKind::K {
+            return KType::value(q, scale, zero);
+        }
         if self.kind == GridKind::Iq4nl {
             return scale * IQ4NL_LEVELS[q as usize & 15] as f32;
         }
@@ -316,6 +368,12 @@ impl Grid {
         }
         let words = packed_words(cols, self.bits) as u64;
         let groups = self.groups(cols) as u64;
+        if let Some(k) = self.ktype() {
+            // Codes, (d, dmin) f16 per super-block, (sc, m) packed per sub-block.
+            let supers = cols.div_ceil(SUPER) as u64;
+            let sub = packed_words(2 * self.groups(cols), k.sbits) as u64;
+            return rows as u64 * (words * 32 + supers * 32 + sub * 32);
+        }
         rows as u64 * (words * 32 + groups * 16 * if self.stores_zeros() { 2 } else { 1 })
     }
 }

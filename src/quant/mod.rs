@@ -2,6 +2,7 @@
 //! preparation, RTN and GPTQ ([`reference`]). The GPU quantizers live in `gpu::quant`.
 
 pub mod grid;
+pub mod kquant;
 pub mod reference;
 pub mod rht;
 pub mod sparsity;

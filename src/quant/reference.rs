@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 
 use super::grid::Grid;
+use super::kquant::{KType, SUPER};
 use super::sparsity::{smallest, Sparsity, PRUNED};
 
 /// How GPTQ runs.
@@ -41,6 +42,10 @@ pub struct Quantized {
     pub zeros: Vec<f32>,
     /// Stored column j holds original column perm[j].
     pub perm: Option<Vec<u32>>,
+    /// A k grid's super-block parameters, per row and super-block
+    /// [`KType::params_len`] values: d, dmin, each sub-block's sc, each one's m (empty for
+    /// other grids). `scales`/`zeros` hold the effective (a, b) they imply.
+    pub kparams: Vec<f32>,
 }
 
 impl Quantized {
@@ -172,6 +177,40 @@ pub fn rtn(w: &[f32], rows: usize, cols: usize, grid: Grid) -> Quantized {
     let mut codes = vec![0u32; rows * cols];
     let mut scales = vec![0.0f32; rows * ng];
     let mut zeros = vec![0.0f32; rows * ng];
+    let mut kparams = kparams_for(grid, rows, cols);
+    if let Some(k) = grid.ktype() {
+        for r in 0..rows {
+            for c0 in (0..cols).step_by(SUPER) {
+                let row = &w[r * cols + c0..r * cols + (c0 + SUPER).min(cols)];
+                set_super(
+                    k,
+                    grid.clip,
+                    row,
+                    r,
+                    c0,
+                    cols,
+                    &mut scales,
+                    &mut zeros,
+                    &mut kparams,
+                );
+                let ng = grid.groups(cols);
+                for (j, &x) in row.iter().enumerate() {
+                    let gi = r * ng + (c0 + j) / k.sub;
+                    codes[r * cols + c0 + j] = k.code(x, scales[gi], zeros[gi]);
+                }
+            }
+        }
+        return Quantized {
+            rows,
+            cols,
+            grid,
+            codes,
+            scales,
+            zeros,
+            perm: None,
+            kparams,
+        };
+    }
     for r in 0..rows {
         for gi in 0..ng {
             let c0 = gi * g;
@@ -193,6 +232,7 @@ pub fn rtn(w: &[f32], rows: usize, cols: usize, grid: Grid) -> Quantized {
         scales,
         zeros,
         perm: None,
+        kparams,
     }
 }
 
@@ -250,6 +290,7 @@ pub fn sparse_gptq(
     let mut codes = vec![0u32; rows * n];
     let mut scales = vec![0.0f32; rows * ng];
     let mut zeros = vec![0.0f32; rows * ng];
+    let mut kparams = kparams_for(grid, rows, n);
     let block = block.max(1);
     let mut err = vec![0.0f64; rows * block];
     let mut i1 = 0;
@@ -278,7 +319,23 @@ pub fn sparse_gptq(
                         }
                     }
                 }
-                if i % g == 0 {
+                if let Some(k) = grid.ktype() {
+                    if i % SUPER == 0 {
+                        let end = (i + SUPER).min(n);
+                        let vals: Vec<f32> = row[i..end].iter().map(|&v| v as f32).collect();
+                        set_super(
+                            k,
+                            grid.clip,
+                            &vals,
+                            r,
+                            i,
+                            n,
+                            &mut scales,
+                            &mut zeros,
+                            &mut kparams,
+                        );
+                    }
+                } else if i % g == 0 {
                     let end = (i + g).min(n);
                     let vals: Vec<f32> = row[i..end].iter().map(|&v| v as f32).collect();
                     let (ps, pz) = grid.params(&vals);
@@ -319,6 +376,40 @@ pub fn sparse_gptq(
         scales,
         zeros,
         perm: prep.perm.clone(),
+        kparams,
+    }
+}
+
+/// Zeroed k-grid parameters for a rows × cols matrix (empty for other grids).
+fn kparams_for(grid: Grid, rows: usize, cols: usize) -> Vec<f32> {
+    grid.ktype().map_or(Vec::new(), |k| {
+        vec![0.0; rows * cols.div_ceil(SUPER) * k.params_len()]
+    })
+}
+
+/// Choose the super-block of row `r` starting at column `c0` from its values `x`; record its
+/// parameters and the effective (a, b) of its sub-blocks.
+#[allow(clippy::too_many_arguments)]
+fn set_super(
+    k: KType,
+    clip: bool,
+    x: &[f32],
+    r: usize,
+    c0: usize,
+    cols: usize,
+    scales: &mut [f32],
+    zeros: &mut [f32],
+    kparams: &mut [f32],
+) {
+    let p = k.choose(x, clip);
+    let ng = cols.div_ceil(k.sub);
+    let nsb = cols.div_ceil(SUPER);
+    let base = (r * nsb + c0 / SUPER) * k.params_len();
+    kparams[base..base + k.params_len()].copy_from_slice(&p.flatten());
+    for j in 0..x.len().div_ceil(k.sub) {
+        let (a, b) = p.effective(j);
+        scales[r * ng + c0 / k.sub + j] = a;
+        zeros[r * ng + c0 / k.sub + j] = b;
     }
 }
 

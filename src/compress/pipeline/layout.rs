@@ -33,10 +33,24 @@ pub(crate) fn pack(q: &Quantized) -> Result<PackedMatrix> {
         }
         (codes, None, q.cols)
     };
+    if let Some(k) = q.grid.ktype() {
+        let (dd, words) = crate::quant::kquant::pack_stored(k, &q.kparams, q.rows, q.cols);
+        return Ok(PackedMatrix {
+            mask,
+            kept,
+            codes: bytemuck::cast_slice(&codes).to_vec(),
+            scales: DType::F16.encode_f32(&dd),
+            zeros: None,
+            subscales: Some(bytemuck::cast_slice(&words).to_vec()),
+            perm: q.perm.as_ref().map(|p| bytemuck::cast_slice(p).to_vec()),
+            factors: None,
+        });
+    }
     Ok(PackedMatrix {
         mask,
         kept,
         codes: bytemuck::cast_slice(&codes).to_vec(),
+        subscales: None,
         scales: DType::F16.encode_f32(&q.scales),
         zeros: q
             .grid
@@ -58,6 +72,7 @@ pub(crate) fn dequantize_in_memory(
         codes: &p.codes,
         scales: &p.scales,
         zeros: p.zeros.as_deref(),
+        subscales: p.subscales.as_deref(),
         perm: p.perm.as_deref(),
         mask: p.mask.as_deref(),
     };

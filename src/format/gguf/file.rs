@@ -19,17 +19,21 @@ pub enum GgmlType {
     Q4_0,
     Q8_0,
     Iq4Nl,
+    Q2K,
+    Q4K,
 }
 
 impl GgmlType {
     /// Every type pumice writes.
-    pub const ALL: [GgmlType; 6] = [
+    pub const ALL: [GgmlType; 8] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::BF16,
         GgmlType::Q4_0,
         GgmlType::Q8_0,
         GgmlType::Iq4Nl,
+        GgmlType::Q2K,
+        GgmlType::Q4K,
     ];
 
     pub fn id(self) -> u32 {
@@ -39,6 +43,8 @@ impl GgmlType {
             GgmlType::Q4_0 => 2,
             GgmlType::Q8_0 => 8,
             GgmlType::Iq4Nl => 20,
+            GgmlType::Q2K => 10,
+            GgmlType::Q4K => 12,
             GgmlType::BF16 => 30,
         }
     }
@@ -49,6 +55,10 @@ impl GgmlType {
             GgmlType::F32 => (1, 4),
             GgmlType::F16 | GgmlType::BF16 => (1, 2),
             GgmlType::Q4_0 | GgmlType::Iq4Nl => (32, 18),
+            // scales[16], qs[64], d, dmin.
+            GgmlType::Q2K => (256, 84),
+            // d, dmin, scales[12], qs[128].
+            GgmlType::Q4K => (256, 144),
             GgmlType::Q8_0 => (32, 34),
         }
     }
@@ -61,6 +71,8 @@ impl GgmlType {
             GgmlType::Q4_0 => "q4_0",
             GgmlType::Q8_0 => "q8_0",
             GgmlType::Iq4Nl => "iq4_nl",
+            GgmlType::Q2K => "q2_k",
+            GgmlType::Q4K => "q4_k",
         }
     }
 

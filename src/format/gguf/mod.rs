@@ -63,7 +63,15 @@ pub(crate) fn exact_types(e: &QuantEntry) -> std::result::Result<Vec<GgmlType>, 
         return Err(format!("{} bits", e.bits));
     }
     let mut t = Vec::new();
-    if e.kind == GridKind::Iq4nl {
+    if e.kind == GridKind::K {
+        if e.cols.is_multiple_of(crate::quant::kquant::SUPER) && e.sparsity.is_none() {
+            match e.bits {
+                2 => t.push(GgmlType::Q2K),
+                4 => t.push(GgmlType::Q4K),
+                _ => {}
+            }
+        }
+    } else if e.kind == GridKind::Iq4nl {
         // IQ4_NL has no level at 0 for a pruned weight.
         if e.cols.is_multiple_of(32) && e.sparsity.is_none() {
             t.push(GgmlType::Iq4Nl);
@@ -91,8 +99,8 @@ fn level_range(kind: GridKind, bits: u32) -> (i32, i32) {
     match kind {
         GridKind::Symmetric => (-(1 << (bits - 1)), (1 << (bits - 1)) - 1),
         GridKind::Asymmetric | GridKind::Midrise => (-maxq, maxq),
-        // The codebook's indices are stored as they are.
-        GridKind::Iq4nl => (0, 15),
+        // The codebook's indices are stored as they are; k grids have their own blocks.
+        GridKind::Iq4nl | GridKind::K => (0, 15),
     }
 }
 
@@ -101,7 +109,7 @@ fn ggml_level(kind: GridKind, code: u32, s: f32, z: f32, maxq: i32) -> (i32, f32
     match kind {
         GridKind::Midrise => (2 * code as i32 - maxq, s / 2.0),
         GridKind::Asymmetric | GridKind::Symmetric => (code as i32 - z as i32, s),
-        GridKind::Iq4nl => (code as i32, s),
+        GridKind::Iq4nl | GridKind::K => (code as i32, s),
     }
 }
 
@@ -148,10 +156,93 @@ fn gguf_name(kind: LinearKind) -> &'static str {
     }
 }
 
+/// Encode a k grid's backbone as Q4_K or Q2_K (ggml's block layouts), rows in `order`: the
+/// stored d, dmin and sub-block scales and minimums, the codes as they are.
+fn encode_k(m: &CompressedMatrix, ty: GgmlType, order: &[usize]) -> Result<Vec<u8>> {
+    use crate::quant::kquant::{unpack_stored, SUPER};
+    let e = &m.entry;
+    let (rows, cols) = (e.rows, e.cols);
+    let grid = e.grid()?;
+    let bad = |msg: &str| Error::Shape(format!("{}: {msg}", m.weight));
+    let k = grid.ktype().ok_or_else(|| bad("not a k grid"))?;
+    let want = match ty {
+        GgmlType::Q4K => 4,
+        GgmlType::Q2K => 2,
+        _ => return Err(bad("not a k-quant type")),
+    };
+    if k.bits != want {
+        return Err(bad("its k grid is not this type's"));
+    }
+    let codes = m.data.codes(rows, cols, e.bits);
+    let mut dd = Vec::new();
+    crate::DType::F16.decode_f32(&m.data.scales, &mut dd);
+    let words: Vec<u32> = bytemuck::pod_collect_to_vec(
+        m.data
+            .subscales
+            .as_deref()
+            .ok_or_else(|| bad("no sub-block scales"))?,
+    );
+    let supers = unpack_stored(k, &dd, &words, rows, cols);
+    let nsb = cols / SUPER;
+    let mut out = Vec::with_capacity(rows * ty.row_bytes(cols).unwrap_or(0));
+    for &r in order {
+        for sb in 0..nsb {
+            let p = &supers[r * nsb + sb];
+            let q = |j: usize| -> Result<u8> {
+                codes[r * cols + sb * SUPER + j]
+                    .map(|c| c as u8)
+                    .ok_or_else(|| bad("a pruned weight has no k-quant level"))
+            };
+            let d = f16::from_f32(p.d).to_le_bytes();
+            let dmin = f16::from_f32(p.dmin).to_le_bytes();
+            if ty == GgmlType::Q4K {
+                out.extend(d);
+                out.extend(dmin);
+                let (sc, mn) = (&p.sc, &p.m);
+                for i in 0..4 {
+                    out.push((sc[i] | ((sc[4 + i] >> 4) << 6)) as u8);
+                }
+                for i in 0..4 {
+                    out.push((mn[i] | ((mn[4 + i] >> 4) << 6)) as u8);
+                }
+                for i in 0..4 {
+                    out.push(((sc[4 + i] & 15) | ((mn[4 + i] & 15) << 4)) as u8);
+                }
+                // Four chunks of 64 values: low nibbles the first 32, high nibbles the rest.
+                for c in 0..4 {
+                    for l in 0..32 {
+                        out.push(q(c * 64 + l)? | (q(c * 64 + 32 + l)? << 4));
+                    }
+                }
+            } else {
+                for j in 0..16 {
+                    out.push((p.sc[j] | (p.m[j] << 4)) as u8);
+                }
+                // Two chunks of 128 values: byte l holds values s·32 + l at bits 2s.
+                for c in 0..2 {
+                    for l in 0..32 {
+                        let mut b = 0u8;
+                        for s in 0..4 {
+                            b |= q(c * 128 + s * 32 + l)? << (2 * s);
+                        }
+                        out.push(b);
+                    }
+                }
+                out.extend(d);
+                out.extend(dmin);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Encode `m`'s backbone as `ty`, rows in `order`.
 fn encode(m: &CompressedMatrix, ty: GgmlType, order: &[usize]) -> Result<Vec<u8>> {
     let e = &m.entry;
     let (rows, cols) = (e.rows, e.cols);
+    if matches!(ty, GgmlType::Q4K | GgmlType::Q2K) {
+        return encode_k(m, ty, order);
+    }
     if ty == GgmlType::F32 {
         let v = m.backbone()?;
         let mut out = Vec::with_capacity(rows * cols * 4);
@@ -162,7 +253,7 @@ fn encode(m: &CompressedMatrix, ty: GgmlType, order: &[usize]) -> Result<Vec<u8>
     }
     let grid = e.grid()?;
     let codes = m.data.codes(rows, cols, e.bits);
-    let (scales, zeros) = m.data.scales_zeros(&grid);
+    let (scales, zeros) = m.data.scales_zeros(&grid, rows, cols);
     let groups = grid.groups(cols);
     let g = grid.group_len(cols);
     let maxq = grid.maxq() as i32;
@@ -258,6 +349,8 @@ fn metadata(ck: &Checkpoint, types: &[GgmlType]) -> Result<Vec<(String, Value)>>
         Some(GgmlType::Q8_0) => 7,
         Some(GgmlType::Q4_0) => 2,
         Some(GgmlType::Iq4Nl) => 25,
+        Some(GgmlType::Q4K) => 14,
+        Some(GgmlType::Q2K) => 10,
         _ => 0,
     };
     let k = |s: &str| format!("{a}.{s}");
@@ -419,6 +512,8 @@ impl Format for Gguf {
             GgmlType::Q4_0,
             GgmlType::Q8_0,
             GgmlType::Iq4Nl,
+            GgmlType::Q2K,
+            GgmlType::Q4K,
             GgmlType::F32,
         ]
         .into_iter()
