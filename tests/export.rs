@@ -15,6 +15,7 @@ use std::sync::OnceLock;
 
 use common::{gpu, project_root, reader_weight};
 use pumice::model::Checkpoint;
+use pumice::quant::GridKind;
 
 fn model() -> PathBuf {
     project_root().join("assets/models/gutenberg-llama")
@@ -872,5 +873,38 @@ fn k_grids_export_as_ggml_k_quants_bit_for_bit() {
             "compressed-tensors",
             &["k-quant super-blocks", "tensor"],
         );
+    }
+    // The asset model's 192-wide inputs are not whole super-blocks: those weights fall back to
+    // the iq4nl grid (IQ4_NL, as llama.cpp falls back for Q2_K), the 512-wide down
+    // projections keep Q2_K; both exact.
+    let q = compress(
+        "asset-k2",
+        &["--method", "gptq", "--grid", "k", "--bits", "2"],
+    );
+    let ck = Checkpoint::open(&q).unwrap();
+    let m = ck.manifest().unwrap();
+    for (name, e) in &m.tensors {
+        let want = if name.contains("down_proj") {
+            GridKind::K
+        } else {
+            GridKind::Iq4nl
+        };
+        assert_eq!(e.kind, want, "{name}");
+    }
+    let out = export(&q, "asset-k2-gguf", "gguf", &[]);
+    let (tensors, info) = gguf_py(&out.join("model.gguf"));
+    let layer = pumice::format::native::read_layer(&ck, 1).unwrap();
+    for (kind, gname, ty) in [
+        ("mlp.down_proj", "ffn_down", "Q2_K"),
+        ("mlp.up_proj", "ffn_up", "IQ4_NL"),
+    ] {
+        let gname = format!("blk.1.{gname}.weight");
+        assert_eq!(info["types"][&gname], ty);
+        let mm = layer
+            .matrices
+            .iter()
+            .find(|x| x.weight == format!("model.layers.1.{kind}.weight"))
+            .unwrap();
+        assert_eq!(bits_equal(&tensors[&gname].1, &mm.backbone().unwrap()), 0);
     }
 }

@@ -194,6 +194,22 @@ impl Grid {
             .flatten()
     }
 
+    /// The grid a matrix of `n` columns gets: a k grid falls back, on widths that are not
+    /// whole super-blocks, to the iq4nl grid in groups of 32 (4.5 bits per weight, IQ4_NL in
+    /// GGUF — what llama.cpp falls back to for Q2_K and Q3_K); any other grid is itself.
+    pub fn for_cols(&self, n: usize) -> Grid {
+        if self.kind == GridKind::K && !n.is_multiple_of(SUPER) {
+            Grid {
+                bits: 4,
+                group_size: 32,
+                kind: GridKind::Iq4nl,
+                clip: self.clip,
+            }
+        } else {
+            *self
+        }
+    }
+
     /// Columns whose group parameters are fixed together: a k grid's super-block, otherwise
     /// one group.
     pub fn span(&self, n: usize) -> usize {

@@ -303,12 +303,15 @@ pub(crate) fn compress_layer(
                 }
             };
             let mut rank = 0;
+            // The grid this matrix gets (a k grid falls back on widths that are not whole
+            // super-blocks).
+            let grid = recipe.grid.for_cols(n);
             let (p, rel) = if recipe.method == Method::Caldera {
                 let cs = &recipe.caldera;
-                rank = cs.rank_for(&recipe.grid, m, n)?;
+                rank = cs.rank_for(&grid, m, n)?;
                 let co = crate::lowrank::caldera::CalderaOptions {
                     rank,
-                    q_grid: recipe.grid,
+                    q_grid: grid,
                     lr_grid: cs.lr_grid()?,
                     outer_iters: cs.outer_iters,
                     inner_iters: cs.inner_iters,
@@ -337,20 +340,13 @@ pub(crate) fn compress_layer(
                 (p, Some(d.relative_error))
             } else {
                 let q = match &prep {
-                    Some(p) => gq::sparse_gptq(
-                        gpu,
-                        &wv,
-                        m,
-                        n,
-                        p,
-                        recipe.grid,
-                        sh.gptq.block,
-                        recipe.sparsity,
-                    )?
-                    .download(gpu)?,
+                    Some(p) => {
+                        gq::sparse_gptq(gpu, &wv, m, n, p, grid, sh.gptq.block, recipe.sparsity)?
+                            .download(gpu)?
+                    }
                     None => {
                         let wm = GpuMatrix::from_f32(gpu, m, n, DType::F32, &wv)?;
-                        gq::rtn(gpu, &wm, recipe.grid)?.download(gpu)?
+                        gq::rtn(gpu, &wm, grid)?.download(gpu)?
                     }
                 };
                 let p = pack(&q)?;
@@ -365,9 +361,9 @@ pub(crate) fn compress_layer(
                 sparsity: p.mask.as_ref().and(recipe.sparsity.name()),
                 kept_per_row: p.kept,
                 method: recipe.method.name().into(),
-                bits: recipe.grid.bits,
-                group_size: recipe.grid.group_size,
-                kind: recipe.grid.kind,
+                bits: grid.bits,
+                group_size: grid.group_size,
+                kind: grid.kind,
                 act_order,
                 rows: m,
                 cols: n,

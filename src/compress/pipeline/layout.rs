@@ -91,17 +91,18 @@ pub(crate) fn planned_entries(
         let mut entries = Vec::new();
         for lin in &spec.linears {
             let (m, n) = (lin.out_features, lin.in_features);
+            let grid = r.grid.for_cols(n);
             let rank = if r.method == Method::Caldera {
-                r.caldera.rank_for(&r.grid, m, n)?
+                r.caldera.rank_for(&grid, m, n)?
             } else {
                 0
             };
             let kept = r.sparsity.kept_per_row(n, opts.gptq.block);
             let e = QuantEntry {
                 method: r.method.name().into(),
-                bits: r.grid.bits,
-                group_size: r.grid.group_size,
-                kind: r.grid.kind,
+                bits: grid.bits,
+                group_size: grid.group_size,
+                kind: grid.kind,
                 act_order: opts.gptq.act_order && r.method == Method::Gptq,
                 rows: m,
                 cols: n,
