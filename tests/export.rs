@@ -774,7 +774,7 @@ fn qwen2_shaped_exports_keep_biases_tied_head_and_row_order() {
 }
 
 /// ggml's k-quant grids on a Llama whose widths are whole super-blocks (hidden 256,
-/// intermediate 512): `--grid k --bits 4` exports as Q4_K and `--bits 2` as Q2_K, every linear
+/// intermediate 512): `--grid k --bits 4|2|3|6` exports as Q4_K, Q2_K, Q3_K, Q6_K; every linear
 /// tensor gguf-py dequantizes equals pumice's value bit for bit (llama's q/k row order
 /// applied), the reader's dequantization equals the host's, and transformers' GGUF loader
 /// computes pumice's logits. compressed-tensors refuses the grid by tensor.
@@ -800,7 +800,7 @@ fn k_grids_export_as_ggml_k_quants_bit_for_bit() {
     }
     let g = gpu();
     let seqs = ids(4096);
-    for (bits, ty) in [("4", "Q4_K"), ("2", "Q2_K")] {
+    for (bits, ty) in [("4", "Q4_K"), ("2", "Q2_K"), ("3", "Q3_K"), ("6", "Q6_K")] {
         let name = format!("llama256-k{bits}");
         let q = write(
             "compress",

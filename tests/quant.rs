@@ -440,14 +440,21 @@ fn sparse_gptq_matches_reference() {
     }
 }
 
-/// ggml's k-quant grids (Q4_K, Q2_K): RTN on the GPU chooses the reference's super-block
+/// ggml's k-quant grids (Q4_K, Q2_K with a minimum; Q3_K, Q6_K symmetric): RTN on the GPU chooses the reference's super-block
 /// parameters exactly (d, dmin, sub-block scales and minimums, the effective scales and zeros),
 /// GPTQ on them stays within 0.5 % of the f64 reference and beats RTN, and the GPU dequantizes
 /// them as the host does.
 #[test]
 fn k_grids_match_reference() {
     let g = gpu();
-    for (bits, clip) in [(4, true), (2, true), (4, false)] {
+    for (bits, clip) in [
+        (4, true),
+        (2, true),
+        (4, false),
+        (3, true),
+        (6, true),
+        (3, false),
+    ] {
         let sub = pumice::quant::kquant::KType::of_bits(bits).unwrap().sub;
         let grid = Grid::new(bits, sub, GridKind::K).unwrap().with_clip(clip);
         for (m, n) in [(1, 256), (7, 512), (33, 768)] {

@@ -29,7 +29,8 @@ const GRID_ASYMMETRIC: u32 = 0u;
 const GRID_MIDRISE: u32 = 1u;
 const GRID_SYMMETRIC: u32 = 2u;
 const GRID_IQ4NL: u32 = 3u;
-const GRID_K: u32 = 4u;
+const GRID_K: u32 = 4u;   // k-quant with a minimum (Q2_K, Q4_K)
+const GRID_KS: u32 = 5u;  // symmetric k-quant (Q3_K, Q6_K)
 
 // Round to the nearest f16 value without clamping away 0 (a k grid's d, dmin).
 fn f16_round(v: f32) -> f32 {
@@ -93,6 +94,9 @@ fn grid_params(lo_in: f32, hi_in: f32, maxq: f32, kind: u32) -> vec2<f32> {
 fn code_of(x: f32, sz: vec2<f32>, maxq: f32, kind: u32) -> f32 {
     if (kind == GRID_K) {
         return k_code(x, sz.x, sz.y, maxq);
+    }
+    if (kind == GRID_KS) {
+        return ks_code(x, sz.x, sz.y, maxq);
     }
     if (kind == GRID_IQ4NL) {
         var best = 0u;
@@ -220,5 +224,81 @@ fn k_super(i0: u32, g0: u32, k0: u32, sub: u32, maxq: f32, smax: f32, clip: bool
         kparams[k0 + 2u + subs + j] = mq;
         scales[g0 + j] = d * q;
         zeros[g0 + j] = dmin * mq;
+    }
+}
+
+// ---- symmetric k grids (Q3_K, Q6_K): value a·(q − z), z = 2^(bits−1) ----
+
+fn ks_code(x: f32, a: f32, z: f32, maxq: f32) -> f32 {
+    if (a == 0.0) {
+        return z;
+    }
+    return clamp(round_away(x / a + z), 0.0, maxq);
+}
+
+// A sub-block's signed continuous scale (KType::sub_range, symmetric family).
+fn ks_sub_scale(i0: u32, i1: u32, maxq: f32, clip: bool) -> f32 {
+    var lo = 0.0;
+    var hi = 0.0;
+    for (var i = i0; i < i1; i = i + 1u) {
+        let x = group_value(i);
+        lo = min(lo, x);
+        hi = max(hi, x);
+    }
+    let z = (maxq + 1.0) * 0.5;
+    let e = select(hi, lo, -lo >= hi);
+    var steps = 1u;
+    if (clip) {
+        steps = CLIP_STEPS;
+    }
+    var best = 3.4e38;
+    var res = 0.0;
+    for (var t = 0u; t < steps; t = t + 1u) {
+        let s = e * clip_factor(t) * (-1.0 / z);
+        var err = 0.0;
+        for (var i = i0; i < i1; i = i + 1u) {
+            let x = group_value(i);
+            let d = x - s * (ks_code(x, s, z, maxq) - z);
+            err = err + d * d;
+        }
+        if (err < best) {
+            best = err;
+            res = s;
+        }
+    }
+    return res;
+}
+
+// KType::choose for the symmetric family; `half_sc` = −sc_min (32 or 128). kparams gets d, 0,
+// every sc offset by half_sc, zeros.
+fn ks_super(i0: u32, g0: u32, k0: u32, sub: u32, maxq: f32, half_sc: f32, clip: bool) {
+    let subs = 256u / sub;
+    var sc: array<f32, 16>;
+    var big = 0.0;
+    for (var j = 0u; j < subs; j = j + 1u) {
+        let s = ks_sub_scale(i0 + j * sub, i0 + (j + 1u) * sub, maxq, clip);
+        sc[j] = s;
+        if (abs(s) > abs(big)) {
+            big = s;
+        }
+    }
+    let lo = -half_sc;
+    let d = f16_round(clamp(big * (1.0 / lo), -65504.0, 65504.0));
+    let z = (maxq + 1.0) * 0.5;
+    kparams[k0] = d;
+    kparams[k0 + 1u] = 0.0;
+    for (var j = 0u; j < subs; j = j + 1u) {
+        let s = sc[j];
+        var q = 0.0;
+        if (d != 0.0) {
+            q = clamp(round_away(s / d), lo, -lo - 1.0);
+            if (q == 0.0 && s != 0.0) {
+                q = select(-1.0, 1.0, (s < 0.0) == (d < 0.0));
+            }
+        }
+        kparams[k0 + 2u + j] = q - lo;
+        kparams[k0 + 2u + subs + j] = 0.0;
+        scales[g0 + j] = d * q;
+        zeros[g0 + j] = z;
     }
 }

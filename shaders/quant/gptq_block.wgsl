@@ -105,10 +105,14 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
             }
         }
         let gi = col / p.g;
-        if (p.kind == GRID_K) {
+        if (p.kind == GRID_K || p.kind == GRID_KS) {
             if (col % 256u == 0u) {
                 let k0 = (p.s_row0 + r) * p.k_len + (col / 256u) * (2u + 2u * (256u / p.g));
-                k_super(base + col, srow + gi, k0, p.g, p.maxq, p.smax, p.clip != 0u);
+                if (p.kind == GRID_K) {
+                    k_super(base + col, srow + gi, k0, p.g, p.maxq, p.smax, p.clip != 0u);
+                } else {
+                    ks_super(base + col, srow + gi, k0, p.g, p.maxq, p.smax, p.clip != 0u);
+                }
             }
         } else if (col % p.g == 0u) {
             let end = min(col + p.g, p.n);

@@ -35,7 +35,7 @@ fn group_value(i: u32) -> f32 {
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let gi = gid.x;
     let r = gid.y + gid.z * 65535u;
-    if (p.kind == GRID_K) {
+    if (p.kind == GRID_K || p.kind == GRID_KS) {
         // One invocation per (row, super-block of 256 columns).
         if (gi >= p.n / 256u || r >= p.rows) {
             return;
@@ -43,11 +43,16 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         let c0 = gi * 256u;
         let g0 = (p.sz_row0 + r) * p.ng + c0 / p.g;
         let k0 = (p.sz_row0 + r) * p.k_len + gi * (2u + 2u * (256u / p.g));
-        k_super(p.w_off + r * p.n + c0, g0, k0, p.g, p.maxq, p.smax, p.clip != 0u);
+        if (p.kind == GRID_K) {
+            k_super(p.w_off + r * p.n + c0, g0, k0, p.g, p.maxq, p.smax, p.clip != 0u);
+        } else {
+            ks_super(p.w_off + r * p.n + c0, g0, k0, p.g, p.maxq, p.smax, p.clip != 0u);
+        }
         for (var c = c0; c < c0 + 256u; c = c + 1u) {
             let gs = g0 + (c - c0) / p.g;
             let x = load_w1(p.w_off + r * p.n + c);
-            codes[p.c_off + r * p.n + c] = u32(k_code(x, scales[gs], zeros[gs], p.maxq));
+            let sz = vec2<f32>(scales[gs], zeros[gs]);
+            codes[p.c_off + r * p.n + c] = u32(code_of(x, sz, p.maxq, p.kind));
         }
         return;
     }

@@ -66,8 +66,9 @@ pub(crate) struct CompressArgs {
     /// default for caldera's Q), `symmetric` (integer zero 2^(bits−1), signed f16 scale: ggml's
     /// Q4_0 at 4 bits and Q8_0 at 8 bits in groups of 32, compressed-tensors' and GPTQ's
     /// symmetric grids), `iq4nl` (ggml's 4-bit IQ4_NL codebook, signed f16 scale: IQ4_NL in
-    /// groups of 32), `k` (ggml's k-quant super-blocks of 256 with a minimum: Q4_K at 4 bits,
-    /// Q2_K at 2; input widths must be multiples of 256).
+    /// groups of 32), `k` (ggml's k-quant super-blocks of 256: Q2_K, Q3_K, Q4_K, Q6_K at 2, 3,
+    /// 4, 6 bits; weights whose input width is not a multiple of 256 fall back to iq4nl, or
+    /// to Q8_0's grid for Q6_K).
     #[arg(long, value_parser = super::args::parse_grid)]
     pub(crate) grid: Option<pumice::quant::GridKind>,
     /// Pick each group's range by min–max only, without the least-squares clip search.

@@ -23,7 +23,7 @@ pub(crate) struct ExportArgs {
     /// refused, naming the tensor and the reason.
     #[arg(long, value_parser = super::args::parse_format)]
     pub(crate) format: FormatKind,
-    /// GGUF: the ggml type of every linear weight (q4_0, q8_0, iq4_nl, q2_k, q4_k, f32;
+    /// GGUF: the ggml type of every linear weight (q4_0, q8_0, iq4_nl, q2_k, q3_k, q4_k, q6_k, f32;
     /// default: the smallest that holds each weight exactly).
     #[arg(long)]
     pub(crate) gguf_type: Option<String>,
@@ -53,13 +53,15 @@ pub(crate) fn run(a: ExportArgs) -> anyhow::Result<()> {
                             | GgmlType::Q8_0
                             | GgmlType::Iq4Nl
                             | GgmlType::Q2K
+                            | GgmlType::Q3K
                             | GgmlType::Q4K
+                            | GgmlType::Q6K
                             | GgmlType::F32
                     )
                 })
                 .ok_or_else(|| {
                     pumice::Error::InvalidArgument(format!(
-                        "--gguf-type {t}: known types are q4_0, q8_0, iq4_nl, q2_k, q4_k, f32"
+                        "--gguf-type {t}: known types are q4_0, q8_0, iq4_nl, q2_k, q3_k, q4_k, q6_k, f32"
                     ))
                 })?;
             Box::new(Gguf {

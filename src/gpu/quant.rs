@@ -191,12 +191,12 @@ pub fn rtn(gpu: &Gpu, w: &GpuMatrix, grid: Grid) -> Result<GpuQuantized> {
                 g: g as u32,
                 ng: ng as u32,
                 maxq: grid.maxq() as f32,
-                kind: grid.kind.wgsl(),
+                kind: grid.wgsl_kind(),
                 sz_row0: r0 as u32,
                 w_off: (w_local * n) as u32,
                 c_off: ((r0 - cc.row0) * n) as u32,
                 clip: grid.clip as u32,
-                smax: grid.ktype().map_or(0.0, |k| k.smax() as f32),
+                smax: grid.ktype().map_or(0.0, |k| k.smax_f32()),
                 k_len: k_len as u32,
             };
             let wg = row_grid(
@@ -406,7 +406,7 @@ pub fn sparse_gptq(
                 g: g as u32,
                 ng: ng as u32,
                 maxq: grid.maxq() as f32,
-                kind: grid.kind.wgsl(),
+                kind: grid.wgsl_kind(),
                 w_off: (w_local * n) as u32,
                 s_row0: s_local as u32,
                 e_row0: e_local as u32,
@@ -417,7 +417,7 @@ pub fn sparse_gptq(
                     Sparsity::Unstructured(_) => 2,
                 },
                 prune: sparsity.pruned_in_block(bw) as u32,
-                smax: grid.ktype().map_or(0.0, |k| k.smax() as f32),
+                smax: grid.ktype().map_or(0.0, |k| k.smax_f32()),
                 k_len: k_len as u32,
             };
             b.dispatch(
@@ -588,7 +588,7 @@ pub fn dequantize(gpu: &Gpu, w: &GpuPacked) -> Result<GpuMatrix> {
             sz_row0: s_local as u32,
             has_perm: w.perm.is_some() as u32,
             m_off: (m_local * n.div_ceil(32)) as u32,
-            kind: w.grid.kind.wgsl(),
+            kind: w.grid.wgsl_kind(),
         };
         let wg = row_grid(n, nr);
         let mut bufs = vec![&cc.buf, &sc.buf, &zc.buf, perm, &oc.buf];

@@ -102,7 +102,7 @@ fn dequantize_k(
             let q = crate::quant::grid::unpack(row, j, k.bits);
             let gi = r * ng + j / k.sub;
             let col = perm.as_ref().map_or(j, |p| p[j] as usize);
-            out[r * cols + col] = crate::quant::kquant::KType::value(q, a[gi], b[gi]);
+            out[r * cols + col] = k.value(q, a[gi], b[gi]);
         }
     }
     Ok(out)

@@ -19,9 +19,10 @@
 //! - `NAME.weight.perm`    U32 [cols] with act-order: stored column j is original column perm[j].
 //!
 //! A k grid (`quant::kquant`) stores instead of scales and zeros `NAME.weight.scales` F16
-//! [rows, 2·supers] (each super-block's d, dmin) and `NAME.weight.subscales` U32 [rows, words]
-//! (each sub-block's integer scale and minimum, in that order, as a little-endian bit stream
-//! of `sbits`-bit fields); columns must be whole super-blocks of 256.
+//! [rows, supers·(2 or 1)] (each super-block's d and dmin, or d) and `NAME.weight.subscales`
+//! U32 [rows, words] (each sub-block's integer scale and minimum, or its scale offset to be
+//! unsigned, as a little-endian bit stream of `sbits`-bit fields); columns must be whole
+//! super-blocks of 256.
 //!
 //! A weight dequantizes to scale · (code − zero). Everything else (embeddings, norms, LM head,
 //! biases) is stored as in the source. The manifest records the source and its hash, the method
@@ -297,13 +298,13 @@ impl QuantEntry {
                 b,
                 PartKind::Scales,
                 "F16",
-                vec![self.rows, 2 * (self.cols / SUPER)],
+                vec![self.rows, k.supers_f16() * (self.cols / SUPER)],
             ));
             parts.push(part(
                 b,
                 PartKind::SubScales,
                 "U32",
-                vec![self.rows, packed_words(2 * groups, k.sbits)],
+                vec![self.rows, packed_words(k.fields() * groups, k.sbits)],
             ));
         } else {
             parts.push(part(b, PartKind::Scales, "F16", vec![self.rows, groups]));

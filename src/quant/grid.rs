@@ -130,19 +130,11 @@ pub fn clip_factor(t: u32) -> f32 {
 
 impl Grid {
     pub fn new(bits: u32, group_size: usize, kind: GridKind) -> Result<Grid> {
-        if !matches!(bits, 2 | 3 | 4 | 8) {
-            return Err(Error::InvalidArgument(format!(
-                "--bits {bits}: supported are 2, 3, 4 and 8"
-            )));
-        }
-        if kind == GridKind::Iq4nl && bits != 4 {
-            return Err(Error::InvalidArgument(format!(
-                "--grid iq4nl is a 4-bit codebook; --bits {bits} does not apply"
-            )));
-        }
         if kind == GridKind::K {
             let k = KType::of_bits(bits).ok_or_else(|| {
-                Error::InvalidArgument(format!("--grid k: --bits 2 (Q2_K) or 4 (Q4_K), not {bits}"))
+                Error::InvalidArgument(format!(
+                    "--grid k: --bits 2 (Q2_K), 3 (Q3_K), 4 (Q4_K) or 6 (Q6_K), not {bits}"
+                ))
             })?;
             if group_size != k.sub {
                 return Err(Error::InvalidArgument(format!(
@@ -156,6 +148,16 @@ impl Grid {
                 kind,
                 clip: false,
             });
+        }
+        if !matches!(bits, 2 | 3 | 4 | 8) {
+            return Err(Error::InvalidArgument(format!(
+                "--bits {bits}: supported are 2, 3, 4 and 8"
+            )));
+        }
+        if kind == GridKind::Iq4nl && bits != 4 {
+            return Err(Error::InvalidArgument(format!(
+                "--grid iq4nl is a 4-bit codebook; --bits {bits} does not apply"
+            )));
         }
         if group_size != 0 && !matches!(group_size, 32 | 64 | 128 | 256) {
             return Err(Error::InvalidArgument(format!(
@@ -187,6 +189,15 @@ impl Grid {
         }
     }
 
+    /// The grid kind as the WGSL kernels number it (`GRID_*` in shaders/quant/common.wgsl):
+    /// [`GridKind::wgsl`], with the symmetric k-quant family (Q3_K, Q6_K) as its own kind.
+    pub fn wgsl_kind(&self) -> u32 {
+        match self.ktype() {
+            Some(k) if !k.min => 5,
+            _ => self.kind.wgsl(),
+        }
+    }
+
     /// The k-quant type of a k grid.
     pub fn ktype(&self) -> Option<KType> {
         (self.kind == GridKind::K)
@@ -196,17 +207,22 @@ impl Grid {
 
     /// The grid a matrix of `n` columns gets: a k grid falls back, on widths that are not
     /// whole super-blocks, to the iq4nl grid in groups of 32 (4.5 bits per weight, IQ4_NL in
-    /// GGUF — what llama.cpp falls back to for Q2_K and Q3_K); any other grid is itself.
+    /// GGUF — what llama.cpp falls back to for Q2_K and Q3_K), Q6_K to the symmetric 8-bit grid
+    /// in groups of 32 (Q8_0, as llama.cpp); any other grid is itself.
     pub fn for_cols(&self, n: usize) -> Grid {
-        if self.kind == GridKind::K && !n.is_multiple_of(SUPER) {
-            Grid {
-                bits: 4,
-                group_size: 32,
-                kind: GridKind::Iq4nl,
-                clip: self.clip,
-            }
+        if self.kind != GridKind::K || n.is_multiple_of(SUPER) {
+            return *self;
+        }
+        let (bits, kind) = if self.bits == 6 {
+            (8, GridKind::Symmetric)
         } else {
-            *self
+            (4, GridKind::Iq4nl)
+        };
+        Grid {
+            bits,
+            group_size: 32,
+            kind,
+            clip: self.clip,
         }
     }
 
@@ -330,7 +346,7 @@ impl Grid {
     #[inline]
     pub fn value(&self, q: u32, scale: f32, zero: f32) -> f32 {
         if self.kind == GridKind::K {
-            return KType::value(q, scale, zero);
+            return KType::of_bits(self.bits).map_or(0.0, |k| k.value(q, scale, zero));
         }
         if self.kind == GridKind::Iq4nl {
             return scale * IQ4NL_LEVELS[q as usize & 15] as f32;
@@ -385,10 +401,10 @@ impl Grid {
         let words = packed_words(cols, self.bits) as u64;
         let groups = self.groups(cols) as u64;
         if let Some(k) = self.ktype() {
-            // Codes, (d, dmin) f16 per super-block, (sc, m) packed per sub-block.
+            // Codes, (d, dmin) or d f16 per super-block, (sc, m) or sc packed per sub-block.
             let supers = cols.div_ceil(SUPER) as u64;
-            let sub = packed_words(2 * self.groups(cols), k.sbits) as u64;
-            return rows as u64 * (words * 32 + supers * 32 + sub * 32);
+            let sub = packed_words(k.fields() * self.groups(cols), k.sbits) as u64;
+            return rows as u64 * (words * 32 + supers * 16 * k.supers_f16() as u64 + sub * 32);
         }
         rows as u64 * (words * 32 + groups * 16 * if self.stores_zeros() { 2 } else { 1 })
     }

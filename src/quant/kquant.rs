@@ -1,9 +1,18 @@
-//! ggml's k-quant super-block grids with a minimum (Q2_K, Q4_K, Q5_K), as a pumice grid
-//! (`GridKind::K`): rows are cut into super-blocks of [`SUPER`] = 256 columns, each with an f16
-//! scale d and an f16 minimum scale dmin, and into sub-blocks (16 columns for Q2_K, 32 for Q4_K
-//! and Q5_K) with integer scales sc and minimums m of `sbits` bits (4 for Q2_K, 6 otherwise).
-//! A code q of sub-block j dequantizes to a·q − b with a = f32(d·sc_j), b = f32(dmin·m_j), in
-//! that order of f32 operations — ggml's own (`dequantize_row_q4_K`) and gguf-py's.
+//! ggml's k-quant super-block grids as a pumice grid (`GridKind::K`, the type chosen by the
+//! code bits): rows are cut into super-blocks of [`SUPER`] = 256 columns with an f16 scale d,
+//! and into sub-blocks (16 columns; 32 for Q4_K) with integer scales sc of `sbits` bits.
+//!
+//! *With a minimum* (Q2_K: 2 bits, 4-bit sc and m; Q4_K: 4 bits, 6-bit): each super-block also
+//! has an f16 minimum scale dmin and each sub-block an integer minimum m; a code q of sub-block
+//! j dequantizes to a·q − b with a = f32(d·sc_j), b = f32(dmin·m_j), in that order of f32
+//! operations — ggml's own (`dequantize_row_q4_K`) and gguf-py's.
+//!
+//! *Symmetric* (Q3_K: 3 bits, 6-bit signed sc ∈ [−32, 31]; Q6_K: 6 bits, 8-bit signed sc ∈
+//! [−128, 127]): a code q dequantizes to a·(q − z) with a = f32(d·sc_j) and z = 2^(bits−1).
+//! Per sub-block the signed scale maps the largest-magnitude value to code 0 (s_j = e·(−1/z),
+//! with the clip search over shrink factors), then d = f16(S·(−1/|sc_min|)) for the s_j of
+//! largest magnitude S (so it becomes sc = sc_min) and sc_j = round(s_j/d) clamped (±1 at least
+//! where s_j ≠ 0); a code is clamp(round(x/a + z), 0, maxq), z where a = 0.
 //!
 //! The super-block's parameters are fixed when GPTQ reaches it, from its (error-updated)
 //! columns ([`KType::choose`]): per sub-block a continuous range (lo = min(min x, 0), hi =
@@ -19,15 +28,17 @@ use super::grid::{clip_factor, round_f16, CLIP_STEPS};
 /// Columns per super-block.
 pub const SUPER: usize = 256;
 
-/// One of the k-quant types with a minimum.
+/// One of the k-quant types.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KType {
     /// Bits per code.
     pub bits: u32,
     /// Columns per sub-block.
     pub sub: usize,
-    /// Bits of each sub-block scale and minimum.
+    /// Bits of each sub-block scale (and minimum).
     pub sbits: u32,
+    /// With a minimum (value a·q − b) or symmetric (value a·(q − 2^(bits−1))).
+    pub min: bool,
 }
 
 /// The parameters of one row's super-block.
@@ -41,6 +52,16 @@ pub struct SuperParams {
 }
 
 impl SuperParams {
+    /// Effective (a, b) of sub-block j for type k: (d·sc, dmin·m), or the symmetric family's
+    /// (d·(sc + sc_min), zero).
+    pub fn effective_for(&self, k: KType, j: usize) -> (f32, f32) {
+        if k.min {
+            self.effective(j)
+        } else {
+            (self.d * (self.sc[j] as f32 + k.sc_min()), k.zero())
+        }
+    }
+
     /// As [`KType::params_len`] f32 values: d, dmin, every sc, every m.
     pub fn flatten(&self) -> Vec<f32> {
         let mut v = vec![self.d, self.dmin];
@@ -67,20 +88,44 @@ impl SuperParams {
 }
 
 impl KType {
-    /// The k-quant type of `bits`-bit codes (2: Q2_K, 4: Q4_K, 5: Q5_K).
+    /// The k-quant type of `bits`-bit codes (2: Q2_K, 3: Q3_K, 4: Q4_K, 6: Q6_K).
     pub fn of_bits(bits: u32) -> Option<KType> {
-        match bits {
-            2 => Some(KType {
-                bits,
-                sub: 16,
-                sbits: 4,
-            }),
-            4 | 5 => Some(KType {
-                bits,
-                sub: 32,
-                sbits: 6,
-            }),
-            _ => None,
+        let (sub, sbits, min) = match bits {
+            2 => (16, 4, true),
+            3 => (16, 6, false),
+            4 => (32, 6, true),
+            6 => (16, 8, false),
+            _ => return None,
+        };
+        Some(KType {
+            bits,
+            sub,
+            sbits,
+            min,
+        })
+    }
+
+    /// The symmetric family's implied zero 2^(bits−1) (0 with a minimum).
+    pub fn zero(&self) -> f32 {
+        if self.min {
+            0.0
+        } else {
+            (1u32 << (self.bits - 1)) as f32
+        }
+    }
+
+    /// The symmetric family's most negative sub-block scale (−32 or −128), as f32.
+    fn sc_min(&self) -> f32 {
+        -((1u32 << (self.sbits - 1)) as f32)
+    }
+
+    /// The f32 values the GPU takes for this type: kind flags in the order of
+    /// shaders/quant/common.wgsl's k_super (min, zero, smax or −sc_min).
+    pub fn smax_f32(&self) -> f32 {
+        if self.min {
+            self.smax() as f32
+        } else {
+            -self.sc_min()
         }
     }
 
@@ -102,15 +147,38 @@ impl KType {
         SUPER / self.sub
     }
 
-    /// Stored bits per super-block of one row: codes, the two f16 super-scales, the sub-block
-    /// scales and minimums (Q4_K: 1024 + 32 + 96 = 1152, 4.5 bits per weight).
-    pub fn bits_per_super(&self) -> u64 {
-        SUPER as u64 * self.bits as u64 + 32 + 2 * self.subs() as u64 * self.sbits as u64
+    /// f16 super-scales per super-block: d and dmin, or d.
+    pub fn supers_f16(&self) -> usize {
+        if self.min {
+            2
+        } else {
+            1
+        }
     }
 
-    /// The code of x in a sub-block with effective (a, b).
+    /// Integer fields per sub-block: sc and m, or sc.
+    pub fn fields(&self) -> usize {
+        self.supers_f16()
+    }
+
+    /// Stored bits per super-block of one row: codes, the f16 super-scales, the sub-block
+    /// fields (Q4_K: 1024 + 32 + 96 = 1152, 4.5 bits per weight; Q3_K 880; Q6_K 1680; Q2_K
+    /// 672 — ggml's block sizes).
+    pub fn bits_per_super(&self) -> u64 {
+        SUPER as u64 * self.bits as u64
+            + 16 * self.supers_f16() as u64
+            + (self.fields() * self.subs()) as u64 * self.sbits as u64
+    }
+
+    /// The code of x in a sub-block with effective (a, b) (b: the minimum, or the zero).
     #[inline]
     pub fn code(&self, x: f32, a: f32, b: f32) -> u32 {
+        if !self.min {
+            if a == 0.0 {
+                return b as u32;
+            }
+            return (x / a + b).round().clamp(0.0, self.maxq() as f32) as u32;
+        }
         if a == 0.0 {
             return 0;
         }
@@ -119,11 +187,16 @@ impl KType {
 
     /// The value of code q in a sub-block with effective (a, b).
     #[inline]
-    pub fn value(q: u32, a: f32, b: f32) -> f32 {
-        a * q as f32 - b
+    pub fn value(&self, q: u32, a: f32, b: f32) -> f32 {
+        if self.min {
+            a * q as f32 - b
+        } else {
+            a * (q as f32 - b)
+        }
     }
 
-    /// The continuous (s, m) of one sub-block's values (module docs).
+    /// The continuous (s, m) of one sub-block's values (module docs); the symmetric family's
+    /// signed s and its zero.
     fn sub_range(&self, x: &[f32], clip: bool) -> (f32, f32) {
         let (mut lo, mut hi) = (0.0f32, 0.0f32);
         for &v in x {
@@ -133,14 +206,19 @@ impl KType {
         let maxq = self.maxq() as f32;
         let steps = if clip { CLIP_STEPS } else { 1 };
         let mut best = (f32::INFINITY, (0.0, 0.0));
+        let e = if -lo >= hi { lo } else { hi };
         for t in 0..steps {
             let f = clip_factor(t);
-            let (l, h) = (lo * f, hi * f);
-            let s = (h - l) / maxq;
-            let m = -l;
+            let (s, m) = if self.min {
+                let (l, h) = (lo * f, hi * f);
+                ((h - l) / maxq, -l)
+            } else {
+                // −1/z is a power of two: exact.
+                (e * f * (-1.0 / self.zero()), self.zero())
+            };
             let mut err = 0.0f32;
             for &v in x {
-                let d = v - KType::value(self.code(v, s, m), s, m);
+                let d = v - self.value(self.code(v, s, m), s, m);
                 err += d * d;
             }
             if err < best.0 {
@@ -150,12 +228,44 @@ impl KType {
         best.1
     }
 
-    /// The parameters of one row's super-block from its values (module docs).
+    /// The parameters of one row's super-block from its values (module docs). The symmetric
+    /// family's sc are stored offset by −sc_min (unsigned), dmin and m are 0.
     pub fn choose(&self, x: &[f32], clip: bool) -> SuperParams {
         let ranges: Vec<(f32, f32)> = x
             .chunks(self.sub)
             .map(|c| self.sub_range(c, clip))
             .collect();
+        if !self.min {
+            let mut big = 0.0f32;
+            for &(s, _) in &ranges {
+                if s.abs() > big.abs() {
+                    big = s;
+                }
+            }
+            let lo = self.sc_min();
+            // −1/|sc_min| is a power of two: exact.
+            let d = round_f16((big * (1.0 / lo)).clamp(-65504.0, 65504.0));
+            let sc = ranges
+                .iter()
+                .map(|&(s, _)| {
+                    let mut q = if d != 0.0 {
+                        (s / d).round().clamp(lo, -lo - 1.0)
+                    } else {
+                        0.0
+                    };
+                    if q == 0.0 && s != 0.0 && d != 0.0 {
+                        q = if (s < 0.0) == (d < 0.0) { 1.0 } else { -1.0 };
+                    }
+                    (q - lo) as u32
+                })
+                .collect();
+            return SuperParams {
+                d,
+                dmin: 0.0,
+                sc,
+                m: vec![0; ranges.len()],
+            };
+        }
         let smax = self.smax() as f32;
         let (mut smx, mut mmx) = (0.0f32, 0.0f32);
         for &(s, m) in &ranges {
@@ -200,10 +310,14 @@ pub fn pack_stored(k: KType, kparams: &[f32], rows: usize, cols: usize) -> (Vec<
             let base = (r * nsb + sb) * k.params_len();
             let p = SuperParams::unflatten(&kparams[base..base + k.params_len()]);
             dd.push(p.d);
-            dd.push(p.dmin);
+            if k.min {
+                dd.push(p.dmin);
+            }
             for j in 0..k.subs() {
                 fields.push(p.sc[j]);
-                fields.push(p.m[j]);
+                if k.min {
+                    fields.push(p.m[j]);
+                }
             }
         }
         super::grid::pack_row(&fields, k.sbits, &mut words);
@@ -220,18 +334,22 @@ pub fn unpack_stored(
     cols: usize,
 ) -> Vec<SuperParams> {
     let nsb = cols / SUPER;
-    let per_row = super::grid::packed_words(2 * nsb * k.subs(), k.sbits);
+    let (nf, nd) = (k.fields(), k.supers_f16());
+    let per_row = super::grid::packed_words(nf * nsb * k.subs(), k.sbits);
     let mut out = Vec::with_capacity(rows * nsb);
     for r in 0..rows {
         let row = &words[r * per_row..(r + 1) * per_row];
         for sb in 0..nsb {
             let f = |i: usize| super::grid::unpack(row, i, k.sbits);
-            let first = sb * 2 * k.subs();
+            let first = sb * nf * k.subs();
+            let at = (r * nsb + sb) * nd;
             out.push(SuperParams {
-                d: dd[(r * nsb + sb) * 2],
-                dmin: dd[(r * nsb + sb) * 2 + 1],
-                sc: (0..k.subs()).map(|j| f(first + 2 * j)).collect(),
-                m: (0..k.subs()).map(|j| f(first + 2 * j + 1)).collect(),
+                d: dd[at],
+                dmin: if k.min { dd[at + 1] } else { 0.0 },
+                sc: (0..k.subs()).map(|j| f(first + nf * j)).collect(),
+                m: (0..k.subs())
+                    .map(|j| if k.min { f(first + nf * j + 1) } else { 0 })
+                    .collect(),
             });
         }
     }
@@ -250,7 +368,7 @@ pub fn effective_stored(
     let mut b = Vec::with_capacity(rows * cols / k.sub);
     for p in unpack_stored(k, dd, words, rows, cols) {
         for j in 0..k.subs() {
-            let (x, y) = p.effective(j);
+            let (x, y) = p.effective_for(k, j);
             a.push(x);
             b.push(y);
         }
@@ -274,10 +392,10 @@ mod tests {
         let mut err = 0.0f64;
         let mut norm = 0.0f64;
         for (j, c) in x.chunks(32).enumerate() {
-            let (a, b) = p.effective(j);
+            let (a, b) = p.effective_for(k, j);
             for &v in c {
                 let q = k.code(v, a, b);
-                err += ((v - KType::value(q, a, b)) as f64).powi(2);
+                err += ((v - k.value(q, a, b)) as f64).powi(2);
                 norm += (v as f64).powi(2);
             }
         }
@@ -287,9 +405,35 @@ mod tests {
         let flat = p.flatten();
         let (dd, words) = pack_stored(k, &flat, 1, SUPER);
         assert_eq!(unpack_stored(k, &dd, &words, 1, SUPER), vec![p.clone()]);
+        // The symmetric family: Q3_K and Q6_K.
+        for bits in [3, 6] {
+            let k = KType::of_bits(bits).unwrap();
+            let p = k.choose(&x, true);
+            let lo = -k.sc_min() as u32;
+            // The sub-block of largest scale is at the most negative integer scale.
+            assert!(p.sc.contains(&0), "{bits}: {:?}", p.sc);
+            assert!(p.sc.iter().all(|&s| s < 2 * lo));
+            let (mut err, mut norm) = (0.0f64, 0.0f64);
+            for (j, c) in x.chunks(16).enumerate() {
+                let (a, z) = p.effective_for(k, j);
+                assert_eq!(z, k.zero());
+                for &v in c {
+                    err += ((v - k.value(k.code(v, a, z), a, z)) as f64).powi(2);
+                    norm += (v as f64).powi(2);
+                }
+            }
+            let bound = if bits == 3 { 0.05 } else { 0.002 };
+            assert!(err / norm < bound, "{bits}: {}", err / norm);
+            let (dd, words) = pack_stored(k, &p.flatten(), 1, SUPER);
+            assert_eq!(dd.len(), 1);
+            assert_eq!(unpack_stored(k, &dd, &words, 1, SUPER), vec![p]);
+        }
+        assert_eq!(KType::of_bits(3).unwrap().bits_per_super(), 880);
+        assert_eq!(KType::of_bits(6).unwrap().bits_per_super(), 1680);
+        assert_eq!(KType::of_bits(2).unwrap().bits_per_super(), 672);
         // All zeros: every value is exactly 0.
         let p = k.choose(&[0.0; SUPER], true);
-        let (a, b) = p.effective(0);
-        assert_eq!(KType::value(k.code(0.0, a, b), a, b), 0.0);
+        let (a, b) = p.effective_for(k, 0);
+        assert_eq!(k.value(k.code(0.0, a, b), a, b), 0.0);
     }
 }

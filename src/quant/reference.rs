@@ -407,7 +407,7 @@ fn set_super(
     let base = (r * nsb + c0 / SUPER) * k.params_len();
     kparams[base..base + k.params_len()].copy_from_slice(&p.flatten());
     for j in 0..x.len().div_ceil(k.sub) {
-        let (a, b) = p.effective(j);
+        let (a, b) = p.effective_for(k, j);
         scales[r * ng + c0 / k.sub + j] = a;
         zeros[r * ng + c0 / k.sub + j] = b;
     }

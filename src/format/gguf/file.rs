@@ -20,12 +20,14 @@ pub enum GgmlType {
     Q8_0,
     Iq4Nl,
     Q2K,
+    Q3K,
     Q4K,
+    Q6K,
 }
 
 impl GgmlType {
     /// Every type pumice writes.
-    pub const ALL: [GgmlType; 8] = [
+    pub const ALL: [GgmlType; 10] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::BF16,
@@ -33,7 +35,9 @@ impl GgmlType {
         GgmlType::Q8_0,
         GgmlType::Iq4Nl,
         GgmlType::Q2K,
+        GgmlType::Q3K,
         GgmlType::Q4K,
+        GgmlType::Q6K,
     ];
 
     pub fn id(self) -> u32 {
@@ -44,7 +48,9 @@ impl GgmlType {
             GgmlType::Q8_0 => 8,
             GgmlType::Iq4Nl => 20,
             GgmlType::Q2K => 10,
+            GgmlType::Q3K => 11,
             GgmlType::Q4K => 12,
+            GgmlType::Q6K => 14,
             GgmlType::BF16 => 30,
         }
     }
@@ -59,6 +65,10 @@ impl GgmlType {
             GgmlType::Q2K => (256, 84),
             // d, dmin, scales[12], qs[128].
             GgmlType::Q4K => (256, 144),
+            // hmask[32], qs[64], scales[12], d.
+            GgmlType::Q3K => (256, 110),
+            // ql[128], qh[64], scales[16], d.
+            GgmlType::Q6K => (256, 210),
             GgmlType::Q8_0 => (32, 34),
         }
     }
@@ -72,7 +82,9 @@ impl GgmlType {
             GgmlType::Q8_0 => "q8_0",
             GgmlType::Iq4Nl => "iq4_nl",
             GgmlType::Q2K => "q2_k",
+            GgmlType::Q3K => "q3_k",
             GgmlType::Q4K => "q4_k",
+            GgmlType::Q6K => "q6_k",
         }
     }
 

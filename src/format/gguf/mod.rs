@@ -67,7 +67,9 @@ pub(crate) fn exact_types(e: &QuantEntry) -> std::result::Result<Vec<GgmlType>, 
         if e.cols.is_multiple_of(crate::quant::kquant::SUPER) && e.sparsity.is_none() {
             match e.bits {
                 2 => t.push(GgmlType::Q2K),
+                3 => t.push(GgmlType::Q3K),
                 4 => t.push(GgmlType::Q4K),
+                6 => t.push(GgmlType::Q6K),
                 _ => {}
             }
         }
@@ -168,6 +170,8 @@ fn encode_k(m: &CompressedMatrix, ty: GgmlType, order: &[usize]) -> Result<Vec<u
     let want = match ty {
         GgmlType::Q4K => 4,
         GgmlType::Q2K => 2,
+        GgmlType::Q3K => 3,
+        GgmlType::Q6K => 6,
         _ => return Err(bad("not a k-quant type")),
     };
     if k.bits != want {
@@ -195,6 +199,65 @@ fn encode_k(m: &CompressedMatrix, ty: GgmlType, order: &[usize]) -> Result<Vec<u
             };
             let d = f16::from_f32(p.d).to_le_bytes();
             let dmin = f16::from_f32(p.dmin).to_le_bytes();
+            if ty == GgmlType::Q3K {
+                // hmask: byte l bit s holds the high bit of value s·32 + l.
+                for l in 0..32 {
+                    let mut b = 0u8;
+                    for s in 0..8 {
+                        b |= (q(s * 32 + l)? >> 2) << s;
+                    }
+                    out.push(b);
+                }
+                // qs: as Q2_K's, the low two bits.
+                for c in 0..2 {
+                    for l in 0..32 {
+                        let mut b = 0u8;
+                        for s in 0..4 {
+                            b |= (q(c * 128 + s * 32 + l)? & 3) << (2 * s);
+                        }
+                        out.push(b);
+                    }
+                }
+                // scales: the 16 6-bit (sc + 32) as low nibbles (8 bytes, j and j + 8) and
+                // high two bits (4 bytes, 2·s bits of byte i for j = 4·s + i).
+                let s6 = &p.sc;
+                for i in 0..8 {
+                    out.push(((s6[i] & 15) | ((s6[i + 8] & 15) << 4)) as u8);
+                }
+                for i in 0..4 {
+                    let mut b = 0u32;
+                    for s in 0..4 {
+                        b |= (s6[4 * s + i] >> 4) << (2 * s);
+                    }
+                    out.push(b as u8);
+                }
+                out.extend(d);
+                continue;
+            }
+            if ty == GgmlType::Q6K {
+                // ql: byte c·64 + l, nibble h holds the low four bits of value c·128 + h·64 + l.
+                for c in 0..2 {
+                    for l in 0..64 {
+                        out.push((q(c * 128 + l)? & 15) | ((q(c * 128 + 64 + l)? & 15) << 4));
+                    }
+                }
+                // qh: byte c·32 + l, bits 2·s hold the high two bits of value c·128 + s·32 + l.
+                for c in 0..2 {
+                    for l in 0..32 {
+                        let mut b = 0u8;
+                        for s in 0..4 {
+                            b |= (q(c * 128 + s * 32 + l)? >> 4) << (2 * s);
+                        }
+                        out.push(b);
+                    }
+                }
+                // scales: int8 (stored offset by 128).
+                for j in 0..16 {
+                    out.push((p.sc[j] as i32 - 128) as i8 as u8);
+                }
+                out.extend(d);
+                continue;
+            }
             if ty == GgmlType::Q4K {
                 out.extend(d);
                 out.extend(dmin);
@@ -240,7 +303,10 @@ fn encode_k(m: &CompressedMatrix, ty: GgmlType, order: &[usize]) -> Result<Vec<u
 fn encode(m: &CompressedMatrix, ty: GgmlType, order: &[usize]) -> Result<Vec<u8>> {
     let e = &m.entry;
     let (rows, cols) = (e.rows, e.cols);
-    if matches!(ty, GgmlType::Q4K | GgmlType::Q2K) {
+    if matches!(
+        ty,
+        GgmlType::Q4K | GgmlType::Q2K | GgmlType::Q3K | GgmlType::Q6K
+    ) {
         return encode_k(m, ty, order);
     }
     if ty == GgmlType::F32 {
@@ -351,6 +417,8 @@ fn metadata(ck: &Checkpoint, types: &[GgmlType]) -> Result<Vec<(String, Value)>>
         Some(GgmlType::Iq4Nl) => 25,
         Some(GgmlType::Q4K) => 14,
         Some(GgmlType::Q2K) => 10,
+        Some(GgmlType::Q3K) => 11,
+        Some(GgmlType::Q6K) => 18,
         _ => 0,
     };
     let k = |s: &str| format!("{a}.{s}");
@@ -513,7 +581,9 @@ impl Format for Gguf {
             GgmlType::Q8_0,
             GgmlType::Iq4Nl,
             GgmlType::Q2K,
+            GgmlType::Q3K,
             GgmlType::Q4K,
+            GgmlType::Q6K,
             GgmlType::F32,
         ]
         .into_iter()
