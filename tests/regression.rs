@@ -975,3 +975,45 @@ fn eval_text_is_read_before_any_work() {
     assert!(!out.exists());
     assert!(!w.exists() || entries_with(&w, "layer-").is_empty());
 }
+
+/// `compress --measurement … --format gguf` wrote the GGUF and then failed (exit 1) reading
+/// `pumice.json` for report.svg, which only the pumice format has.
+#[test]
+fn an_allocation_written_to_another_format_finishes() {
+    let d = tempfile::tempdir().unwrap();
+    let model = common::project_root().join("assets/models/gutenberg-llama");
+    let m = d.path().join("measurement.json");
+    let out = d.path().join("out");
+    let q = ["--calib-samples", "4", "--calib-len", "64"];
+    let mut args = vec![
+        "importance",
+        model.to_str().unwrap(),
+        "-o",
+        m.to_str().unwrap(),
+        "--no-rht",
+        "--options",
+        "gptq-q4_0,gptq-q8_0",
+    ];
+    args.extend(q);
+    let (code, err) = pumice(&args);
+    assert_eq!(code, Some(0), "{err}");
+    let mut args = vec![
+        "compress",
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--measurement",
+        m.to_str().unwrap(),
+        "--target-bpw",
+        "6",
+        "--format",
+        "gguf",
+        "--eval-samples",
+        "0",
+    ];
+    args.extend(q);
+    let (code, err) = pumice(&args);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.join("model.gguf").exists());
+    assert!(!out.join("report.svg").exists());
+}

@@ -1,8 +1,12 @@
 //! The per-layer options an allocation chooses from, by name:
 //! `caldera-B` (CALDERA, Q 2-bit midrise g64, rank from a budget of B bits per weight),
 //! `gptq-BITS-gG` and `rtn-BITS-gG` (asymmetric grid, groups of G; `g0` per row), and pruned
-//! GPTQ `gptq-BITS-gG-s24` (2:4) or `gptq-BITS-gG-sP` (a fraction P of every row pruned).
-//! Every grid uses the clip search; incoherence processing follows the run's `--rht`.
+//! GPTQ `gptq-BITS-gG-s24` (2:4) or `gptq-BITS-gG-sP` (a fraction P of every row pruned), and
+//! GPTQ on a ggml type's own grid, `gptq-TYPE` with TYPE one of q2_k, q3_k, q4_k, q6_k (the k
+//! grid; its fallback on widths that are not whole super-blocks), iq4_nl, q4_0, q8_0 — so an
+//! allocation over them is a measured per-layer mix of llama.cpp types (what its _S/_M/_L
+//! presets choose by hand). Every grid uses the clip search; incoherence processing follows the
+//! run's `--rht`.
 
 use serde::{Deserialize, Serialize};
 
@@ -47,7 +51,8 @@ impl Candidate {
     pub fn recipe(&self, base: &CalderaSettings) -> Result<LayerRecipe> {
         let bad = || {
             Error::InvalidArgument(format!(
-                "option `{}`: expected caldera-BPW, gptq-BITS-gGROUP or rtn-BITS-gGROUP",
+                "option `{}`: expected caldera-BPW, gptq-BITS-gGROUP, rtn-BITS-gGROUP or \
+                 gptq-TYPE (q2_k, q3_k, q4_k, q6_k, iq4_nl, q4_0, q8_0)",
                 self.name
             ))
         };
@@ -69,6 +74,16 @@ impl Candidate {
                     sparsity: Sparsity::Dense,
                 })
             }
+            [m @ ("gptq" | "rtn"), ty] if ggml_grid(ty).is_some() => Ok(LayerRecipe {
+                method: if *m == "gptq" {
+                    Method::Gptq
+                } else {
+                    Method::Rtn
+                },
+                grid: ggml_grid(ty).ok_or_else(bad)??.with_clip(true),
+                caldera: base.clone(),
+                sparsity: Sparsity::Dense,
+            }),
             [m @ ("gptq" | "rtn"), bits, g, rest @ ..] if rest.len() <= 1 => {
                 let bits: u32 = bits.parse().map_err(|_| bad())?;
                 let g: usize = g
@@ -100,6 +115,21 @@ impl Candidate {
     }
 }
 
+/// The grid of a ggml type's name.
+fn ggml_grid(ty: &str) -> Option<Result<Grid>> {
+    let (bits, g, kind) = match ty {
+        "q2_k" => (2, 16, GridKind::K),
+        "q3_k" => (3, 16, GridKind::K),
+        "q4_k" => (4, 32, GridKind::K),
+        "q6_k" => (6, 16, GridKind::K),
+        "iq4_nl" => (4, 32, GridKind::Iq4nl),
+        "q4_0" => (4, 32, GridKind::Symmetric),
+        "q8_0" => (8, 32, GridKind::Symmetric),
+        _ => return None,
+    };
+    Some(Grid::new(bits, g, kind))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,6 +146,19 @@ mod tests {
             (r.method, r.grid.bits, r.grid.group_size),
             (Method::Gptq, 3, 128)
         );
+        let r = Candidate::parse("gptq-q4_k")
+            .unwrap()
+            .recipe(&CalderaSettings::default())
+            .unwrap();
+        assert_eq!(
+            (r.grid.kind, r.grid.bits, r.grid.group_size),
+            (GridKind::K, 4, 32)
+        );
+        let r = Candidate::parse("gptq-q8_0")
+            .unwrap()
+            .recipe(&CalderaSettings::default())
+            .unwrap();
+        assert_eq!(r.grid.kind, GridKind::Symmetric);
         let r = Candidate::parse("gptq-4-g128-s24")
             .unwrap()
             .recipe(&CalderaSettings::default())

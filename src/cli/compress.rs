@@ -414,8 +414,17 @@ pub(crate) fn run(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> 
         Default::default()
     };
     let (before_after, self_eval) = (review.before_after, review.self_generated);
-    // The allocation report: report.svg in the output directory.
-    let report_rows = if opts.allocation.is_some() {
+    // The allocation report: report.svg in the output directory (read back from the pumice
+    // manifest, the one format that records the allocation).
+    let native = opts.format == pumice::format::FormatKind::Native;
+    if opts.allocation.is_some() && !native {
+        rep.on(&Event::Note(format!(
+            "no report.svg: the allocation is recorded in pumice's own format only (the {} \
+             output's per-tensor types show it; `pumice inspect`)",
+            opts.format.name()
+        )));
+    }
+    let report_rows = if opts.allocation.is_some() && native {
         let (path, rows) = pumice::budget::report::write_allocation_report(
             &a.model,
             &output,

@@ -38,7 +38,8 @@ pub(crate) struct ImportanceArgs {
     #[arg(long, default_value_t = 8)]
     pub(crate) batch: usize,
     /// Options whose sensitivity is measured, comma-separated: caldera-BPW (Q 2-bit midrise
-    /// g64, rank from the budget), gptq-BITS-gGROUP, rtn-BITS-gGROUP.
+    /// g64, rank from the budget), gptq-BITS-gGROUP, rtn-BITS-gGROUP, gptq-TYPE for a ggml
+    /// type's grid (q2_k, q3_k, q4_k, q6_k, iq4_nl, q4_0, q8_0).
     #[arg(long, default_value = pumice::budget::candidates::DEFAULT_CANDIDATES)]
     pub(crate) options: String,
     /// Importance only; skip the (slower) sensitivity sweep.
