@@ -73,6 +73,19 @@ fn logits_match_transformers() {
     }
 }
 
+/// The committed gutenberg-llama-256 (hidden 256, intermediate 512: widths that are whole
+/// k-quant super-blocks) against its committed transformers reference (made with
+/// ../shared/tools/make_reference.py; its held-out perplexities are in reference.json, and
+/// `pumice eval` reproduces them — numbers in issue 14's note).
+#[test]
+fn gutenberg_llama_256_matches_transformers() {
+    let dir = project_root().join("assets/models/gutenberg-llama-256");
+    let reference = project_root().join("assets/reference/gutenberg-llama-256");
+    let d = logits_max_diff(&dir, &reference.join("logits_random_ids.safetensors"));
+    eprintln!("gutenberg-llama-256: max |Δlogit| vs transformers = {d:.3e}");
+    assert!(d <= 2e-3, "max |Δ| {d:.3e} > 2e-3");
+}
+
 fn read_ids(path: &Path) -> Vec<u32> {
     std::fs::read_to_string(path)
         .unwrap()

@@ -27,8 +27,10 @@ mkdir -p "$out"
 src_dtype=$("$PYTHON" -c "import json,sys; print(json.load(open(sys.argv[1]+'/config.json')).get('torch_dtype') or json.load(open(sys.argv[1]+'/config.json')).get('dtype') or 'float32')" "$model")
 case $src_dtype in bfloat16) keep=bf16 ;; float16) keep=f16 ;; *) keep=f32 ;; esac
 
-kld() { # MODEL.gguf -> "mean_kld ppl"
-  "$LLAMA_BIN/llama-perplexity" -m "$1" -f "$heldout" -c "$CTX" --chunks "$CHUNKS" -b "$CTX" \
+kld() { # MODEL.gguf [ADAPTER.gguf] -> "mean_kld ppl top1"
+  local lora=()
+  [ -n "${2:-}" ] && lora=(--lora "$2")
+  "$LLAMA_BIN/llama-perplexity" -m "$1" "${lora[@]}" -f "$heldout" -c "$CTX" --chunks "$CHUNKS" -b "$CTX" \
     --kl-divergence-base "$out/base.kld" --kl-divergence -t 2 -nr > "$1.kld.log" 2>&1 || {
       tail -5 "$1.kld.log"; return 1; }
   local k p
@@ -63,9 +65,14 @@ for row in "$@"; do
     --output-tensor-type "$keep" "$out/source.gguf" "$lf" "$ltype" 2 > "$lf.log" 2>&1 \
     || { tail -5 "$lf.log"; exit 1; }
   for f in "$pd/model.gguf" "$lf"; do
-    read -r k p t <<< "$(kld "$f")"
-    mib=$(awk -v b="$(stat -c %s "$f")" 'BEGIN{printf "%.3f", b/1048576}')
-    who=$([ "$f" = "$lf" ] && echo "llama-quantize $ltype + imatrix" || echo "pumice $name")
+    # CALDERA: the model with its LoRA adapter, sizes together.
+    ad=""
+    [ "$f" = "$pd/model.gguf" ] && [ -f "$pd/adapter.gguf" ] && ad="$pd/adapter.gguf"
+    read -r k p t <<< "$(kld "$f" "$ad")"
+    bytes=$(stat -c %s "$f")
+    [ -n "$ad" ] && bytes=$((bytes + $(stat -c %s "$ad")))
+    mib=$(awk -v b="$bytes" 'BEGIN{printf "%.3f", b/1048576}')
+    who=$([ "$f" = "$lf" ] && echo "llama-quantize $ltype + imatrix" || echo "pumice $name${ad:+ + adapter}")
     printf "| %s | %s | %s | %s | %s | %s |\n" "$name" "$who" "$mib" "$k" "$p" "$t" | tee -a "$out/table.md"
   done
 done
