@@ -662,6 +662,15 @@ fn gguf_holds_pumices_values_bit_for_bit_and_transformers_agrees() {
         .map(|(hr, t)| lt[t * rows + hr])
         .collect();
     assert_eq!(bits_equal(b, &want), 0);
+    // `--dtype f16` halves the adapter: its factors rounded to f16 once.
+    let half = export(&f.caldera, "gguf-caldera-f16", "gguf", &["--dtype", "f16"]);
+    let (lora16, info16) = gguf_py(&half.join("adapter.gguf"));
+    assert_eq!(info16["types"]["blk.2.attn_q.weight.lora_a"], "F16");
+    let rounded: Vec<f32> = r
+        .iter()
+        .map(|&x| half::f16::from_f32(x).to_f32())
+        .collect();
+    assert_eq!(bits_equal(&lora16["blk.2.attn_q.weight.lora_a"].1, &rounded), 0);
     // `inspect` reports the GGUF output's sizes and bits per weight, adapter included.
     let o = pumice(&["inspect", out.to_str().unwrap(), "--json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -27,7 +27,8 @@ pub(crate) struct ExportArgs {
     /// default: the smallest that holds each weight exactly).
     #[arg(long)]
     pub(crate) gguf_type: Option<String>,
-    /// Dtype of dense weights (f32, f16, bf16; default: the model's).
+    /// Dtype of dense weights (f32, f16, bf16; default: the model's), or of a GGUF LoRA
+    /// adapter's factors (default f32, exact; f16 halves the adapter, rounding the factors).
     #[arg(long, value_parser = super::args::parse_dtype)]
     pub(crate) dtype: Option<DType>,
     /// Replace the output directory if it exists.
@@ -40,9 +41,8 @@ pub(crate) struct ExportArgs {
 
 pub(crate) fn run(a: ExportArgs) -> anyhow::Result<()> {
     let ck = pumice::model::Checkpoint::open(&a.input)?;
-    let dtype = a.dtype.unwrap_or_else(|| ck.dtype());
     let format: Box<dyn pumice::format::Format> = match (&a.gguf_type, a.format) {
-        (None, f) => f.make(dtype),
+        (None, f) => f.make(a.dtype, ck.dtype()),
         (Some(t), FormatKind::Gguf) => {
             use pumice::format::gguf::{file::GgmlType, Gguf};
             let linear = GgmlType::parse(t)
@@ -66,6 +66,7 @@ pub(crate) fn run(a: ExportArgs) -> anyhow::Result<()> {
                 })?;
             Box::new(Gguf {
                 linear: Some(linear),
+                lora: a.dtype.unwrap_or(DType::F32),
             })
         }
         (Some(_), f) => {

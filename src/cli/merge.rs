@@ -20,7 +20,8 @@ pub(crate) struct MergeArgs {
     /// Output format: pumice (default), dense, compressed-tensors, peft (see `pumice export`).
     #[arg(long, value_parser = super::args::parse_format, default_value = "pumice")]
     pub(crate) format: pumice::format::FormatKind,
-    /// Dtype of a dense output (f32, f16, bf16; default: the model's).
+    /// Dtype of a dense output (f32, f16, bf16; default: the model's), or of a GGUF LoRA
+    /// adapter's factors (default f32, exact; f16 halves the adapter, rounding the factors).
     #[arg(long, value_parser = super::args::parse_dtype)]
     pub(crate) dtype: Option<pumice::DType>,
     /// Replace the output directory if it exists.

@@ -301,13 +301,21 @@ impl FormatKind {
 
     /// The format, with `dtype` for the formats that store plain values (GGUF: the smallest
     /// exact ggml type per weight; [`gguf::Gguf`] takes a fixed one).
-    pub fn make(&self, dtype: crate::DType) -> Box<dyn Format> {
+    /// The format, with `dtype` (`--dtype`) for what it stores in floats: a dense output's
+    /// weights (default `model`, the source's dtype), a GGUF LoRA adapter's factors (default
+    /// f32, exact).
+    pub fn make(&self, dtype: Option<crate::DType>, model: crate::DType) -> Box<dyn Format> {
         match self {
             FormatKind::Native => Box::new(native::Native),
-            FormatKind::Dense => Box::new(dense::Dense { dtype }),
+            FormatKind::Dense => Box::new(dense::Dense {
+                dtype: dtype.unwrap_or(model),
+            }),
             FormatKind::CompressedTensors => Box::new(compressed_tensors::CompressedTensors),
             FormatKind::Peft => Box::new(peft::Peft),
-            FormatKind::Gguf => Box::new(gguf::Gguf { linear: None }),
+            FormatKind::Gguf => Box::new(gguf::Gguf {
+                linear: None,
+                lora: dtype.unwrap_or(crate::DType::F32),
+            }),
         }
     }
 }

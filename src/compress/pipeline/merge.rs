@@ -81,7 +81,7 @@ pub fn merge(
         })
         .collect::<Result<Vec<_>>>()?;
     let planned: Vec<Vec<_>> = headers.iter().map(|s| s.entries.clone()).collect();
-    let format = format.make(dtype.unwrap_or_else(|| ck.dtype()));
+    let format = format.make(dtype, ck.dtype());
     format.check(&ck, &planned)?;
     let mut w = Output::begin(format.as_ref(), &ck, output, force, &planned)?;
     for (l, header) in headers.iter().enumerate() {

@@ -41,6 +41,8 @@ pub const ADAPTER_FILE: &str = "adapter.gguf";
 /// GGUF, with every linear weight in `linear` (None: the smallest exact type per weight).
 pub struct Gguf {
     pub linear: Option<GgmlType>,
+    /// The LoRA adapter's float dtype (f32: exact).
+    pub lora: crate::DType,
 }
 
 /// The ggml types that hold `e`'s values exactly, smallest first, or why none does.
@@ -599,7 +601,7 @@ impl Format for Gguf {
         if let Some(f) = &freqs {
             writer.write("rope_freqs.weight", bytemuck::cast_slice(f))?;
         }
-        let lora = lora_plan(ck, planned)?
+        let lora = lora_plan(ck, planned, float_type(self.lora))?
             .map(|(plan, rank)| {
                 let kv = vec![
                     ("general.type".to_string(), Value::Str("adapter".into())),
@@ -617,6 +619,7 @@ impl Format for Gguf {
             writer,
             types,
             lora,
+            lora_dtype: self.lora,
             linear_params: 0,
             linear_bytes: 0,
         }))
@@ -624,7 +627,11 @@ impl Format for Gguf {
 }
 
 /// The adapter's tensors (weights with factors, all padded to the largest rank) and that rank.
-fn lora_plan(ck: &Checkpoint, planned: &Planned) -> Result<Option<(Vec<TensorInfo>, usize)>> {
+fn lora_plan(
+    ck: &Checkpoint,
+    planned: &Planned,
+    ty: GgmlType,
+) -> Result<Option<(Vec<TensorInfo>, usize)>> {
     let rank = planned
         .iter()
         .flatten()
@@ -643,12 +650,12 @@ fn lora_plan(ck: &Checkpoint, planned: &Planned) -> Result<Option<(Vec<TensorInf
                 plan.push(TensorInfo {
                     name: format!("{n}.lora_a"),
                     ne: vec![lin.in_features, rank],
-                    ty: GgmlType::F32,
+                    ty,
                 });
                 plan.push(TensorInfo {
                     name: format!("{n}.lora_b"),
                     ne: vec![rank, lin.out_features],
-                    ty: GgmlType::F32,
+                    ty,
                 });
             }
         }
@@ -681,6 +688,7 @@ struct GgufOut {
     writer: GgufWriter,
     types: HashMap<String, GgmlType>,
     lora: Option<(GgufWriter, usize)>,
+    lora_dtype: crate::DType,
     linear_params: usize,
     linear_bytes: u64,
 }
@@ -737,8 +745,8 @@ impl FormatWriter for GgufOut {
                         bm[i * *rank + t] = lt[t * rows + hr];
                     }
                 }
-                w.write(&format!("{n}.lora_a"), bytemuck::cast_slice(&a))?;
-                w.write(&format!("{n}.lora_b"), bytemuck::cast_slice(&bm))?;
+                w.write(&format!("{n}.lora_a"), &self.lora_dtype.encode_f32(&a))?;
+                w.write(&format!("{n}.lora_b"), &self.lora_dtype.encode_f32(&bm))?;
             }
         }
         Ok(())
