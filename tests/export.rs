@@ -397,6 +397,17 @@ fn transformers_loads_the_exports_and_computes_pumices_logits() {
         &transformers_logits(&ct, None, &seqs),
     );
     assert!(d < 1e-4, "compressed-tensors sym4: logits differ by {d}");
+    // `inspect` reports its size and bits per weight: 4-bit codes + an f32 scale per 32.
+    let o = pumice(&["inspect", ct.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(s["linear_bits_per_parameter"], 5.0);
+    assert_eq!(
+        s["bytes"],
+        std::fs::metadata(ct.join("model.safetensors"))
+            .unwrap()
+            .len()
+    );
     // CALDERA: the quantized Q in compressed-tensors, L·R as a PEFT adapter beside it.
     let ct = export(&f.caldera, "ct-caldera", "compressed-tensors", &[]);
     assert!(ct.join("adapter/adapter_config.json").exists());
@@ -666,11 +677,11 @@ fn gguf_holds_pumices_values_bit_for_bit_and_transformers_agrees() {
     let half = export(&f.caldera, "gguf-caldera-f16", "gguf", &["--dtype", "f16"]);
     let (lora16, info16) = gguf_py(&half.join("adapter.gguf"));
     assert_eq!(info16["types"]["blk.2.attn_q.weight.lora_a"], "F16");
-    let rounded: Vec<f32> = r
-        .iter()
-        .map(|&x| half::f16::from_f32(x).to_f32())
-        .collect();
-    assert_eq!(bits_equal(&lora16["blk.2.attn_q.weight.lora_a"].1, &rounded), 0);
+    let rounded: Vec<f32> = r.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect();
+    assert_eq!(
+        bits_equal(&lora16["blk.2.attn_q.weight.lora_a"].1, &rounded),
+        0
+    );
     // `inspect` reports the GGUF output's sizes and bits per weight, adapter included.
     let o = pumice(&["inspect", out.to_str().unwrap(), "--json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -11,6 +11,9 @@ pub(crate) fn run(model: &std::path::Path, json: bool, check_weights: bool) -> a
     if gguf {
         return gguf_summary(model, json);
     }
+    if pumice::format::compressed_tensors::is_output(model) {
+        return ct_summary(model, json);
+    }
     let ck = Checkpoint::open(model)?;
     if check_weights {
         ck.check_finite()?;
@@ -90,6 +93,42 @@ pub(crate) fn run(model: &std::path::Path, json: bool, check_weights: bool) -> a
 }
 
 /// A GGUF output: its architecture, sizes and bits per weight by ggml type.
+fn ct_summary(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let s = pumice::format::compressed_tensors::summary(path)?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&s)?)?;
+        return Ok(());
+    }
+    writeln!(out, "{}  (compressed-tensors pack-quantized)", s.path)?;
+    writeln!(
+        out,
+        "  parameters      {} ({} in quantized linear layers)",
+        s.parameters, s.linear_parameters
+    )?;
+    for (bits, group, symmetric, targets) in &s.schemes {
+        writeln!(
+            out,
+            "  scheme          {bits}-bit {}, {}, {targets} targets",
+            if *symmetric {
+                "symmetric"
+            } else {
+                "asymmetric"
+            },
+            group.map_or("per channel".to_string(), |g| format!("groups of {g}"))
+        )?;
+    }
+    if let Some((bytes, r)) = &s.adapter {
+        writeln!(out, "  adapter/        {bytes} bytes, PEFT LoRA r {r}")?;
+    }
+    writeln!(
+        out,
+        "  on disk         {} bytes; {:.3} bits/parameter overall, {:.3} in quantized linear layers",
+        s.bytes, s.bits_per_parameter, s.linear_bits_per_parameter
+    )?;
+    Ok(())
+}
+
 fn gguf_summary(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
     let s = pumice::format::gguf::summary(path)?;
     let mut out = std::io::stdout().lock();
