@@ -113,10 +113,8 @@ fn code_of(x: f32, sz: vec2<f32>, maxq: f32, kind: u32) -> f32 {
     return clamp(round_away(x / sz.x + sz.y), 0.0, maxq);
 }
 
-// The grid of one group of values: min–max, then (when `clip`) the least-squares clip search
-// over CLIP_STEPS shrink factors (src/quant/grid.rs). The values are group_value(i) for i in
-// [i0, i1): each kernel that includes this file defines group_value for its own storage.
-fn choose_grid(i0: u32, i1: u32, maxq: f32, kind: u32, clip: bool) -> vec2<f32> {
+// The range of group_value(i), i in [i0, i1), widened to include 0: (lo, hi).
+fn group_range(i0: u32, i1: u32) -> vec2<f32> {
     var lo = 0.0;
     var hi = 0.0;
     for (var i = i0; i < i1; i = i + 1u) {
@@ -124,6 +122,16 @@ fn choose_grid(i0: u32, i1: u32, maxq: f32, kind: u32, clip: bool) -> vec2<f32> 
         lo = min(lo, x);
         hi = max(hi, x);
     }
+    return vec2<f32>(lo, hi);
+}
+
+// The grid of one group of values: min–max, then (when `clip`) the least-squares clip search
+// over CLIP_STEPS shrink factors (src/quant/grid.rs). The values are group_value(i) for i in
+// [i0, i1): each kernel that includes this file defines group_value for its own storage.
+fn choose_grid(i0: u32, i1: u32, maxq: f32, kind: u32, clip: bool) -> vec2<f32> {
+    let range = group_range(i0, i1);
+    let lo = range.x;
+    let hi = range.y;
     var sz = grid_params(lo, hi, maxq, kind);
     if (clip) {
         var best = 3.4e38;
@@ -157,13 +165,9 @@ fn k_code(x: f32, a: f32, b: f32, maxq: f32) -> f32 {
 
 // A sub-block's continuous (s, m) from group_value(i), i in [i0, i1) (KType::sub_range).
 fn k_sub_range(i0: u32, i1: u32, maxq: f32, clip: bool) -> vec2<f32> {
-    var lo = 0.0;
-    var hi = 0.0;
-    for (var i = i0; i < i1; i = i + 1u) {
-        let x = group_value(i);
-        lo = min(lo, x);
-        hi = max(hi, x);
-    }
+    let range = group_range(i0, i1);
+    let lo = range.x;
+    let hi = range.y;
     var steps = 1u;
     if (clip) {
         steps = CLIP_STEPS;
@@ -238,13 +242,9 @@ fn ks_code(x: f32, a: f32, z: f32, maxq: f32) -> f32 {
 
 // A sub-block's signed continuous scale (KType::sub_range, symmetric family).
 fn ks_sub_scale(i0: u32, i1: u32, maxq: f32, clip: bool) -> f32 {
-    var lo = 0.0;
-    var hi = 0.0;
-    for (var i = i0; i < i1; i = i + 1u) {
-        let x = group_value(i);
-        lo = min(lo, x);
-        hi = max(hi, x);
-    }
+    let range = group_range(i0, i1);
+    let lo = range.x;
+    let hi = range.y;
     let z = (maxq + 1.0) * 0.5;
     let e = select(hi, lo, -lo >= hi);
     var steps = 1u;

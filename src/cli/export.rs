@@ -46,22 +46,12 @@ pub(crate) fn run(a: ExportArgs) -> anyhow::Result<()> {
         (Some(t), FormatKind::Gguf) => {
             use pumice::format::gguf::{file::GgmlType, Gguf};
             let linear = GgmlType::parse(t)
-                .filter(|t| {
-                    matches!(
-                        t,
-                        GgmlType::Q4_0
-                            | GgmlType::Q8_0
-                            | GgmlType::Iq4Nl
-                            | GgmlType::Q2K
-                            | GgmlType::Q3K
-                            | GgmlType::Q4K
-                            | GgmlType::Q6K
-                            | GgmlType::F32
-                    )
-                })
+                .filter(|t| GgmlType::LINEAR.contains(t))
                 .ok_or_else(|| {
+                    let known: Vec<&str> = GgmlType::LINEAR.iter().map(|t| t.name()).collect();
                     pumice::Error::InvalidArgument(format!(
-                        "--gguf-type {t}: known types are q4_0, q8_0, iq4_nl, q2_k, q3_k, q4_k, q6_k, f32"
+                        "--gguf-type {t}: known types are {}",
+                        known.join(", ")
                     ))
                 })?;
             Box::new(Gguf {

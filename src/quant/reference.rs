@@ -178,49 +178,22 @@ pub fn rtn(w: &[f32], rows: usize, cols: usize, grid: Grid) -> Quantized {
     let mut scales = vec![0.0f32; rows * ng];
     let mut zeros = vec![0.0f32; rows * ng];
     let mut kparams = kparams_for(grid, rows, cols);
-    if let Some(k) = grid.ktype() {
-        for r in 0..rows {
-            for c0 in (0..cols).step_by(SUPER) {
-                let row = &w[r * cols + c0..r * cols + (c0 + SUPER).min(cols)];
-                set_super(
-                    k,
-                    grid.clip,
-                    row,
-                    r,
-                    c0,
-                    cols,
-                    &mut scales,
-                    &mut zeros,
-                    &mut kparams,
-                );
-                let ng = grid.groups(cols);
-                for (j, &x) in row.iter().enumerate() {
-                    let gi = r * ng + (c0 + j) / k.sub;
-                    codes[r * cols + c0 + j] = k.code(x, scales[gi], zeros[gi]);
-                }
-            }
-        }
-        return Quantized {
-            rows,
-            cols,
-            grid,
-            codes,
-            scales,
-            zeros,
-            perm: None,
-            kparams,
-        };
-    }
+    // Parameters are fixed a span at a time (one group, or a k grid's super-block).
+    let span = grid.span(cols);
     for r in 0..rows {
-        for gi in 0..ng {
-            let c0 = gi * g;
-            let c1 = (c0 + g).min(cols);
-            let row = &w[r * cols + c0..r * cols + c1];
-            let (s, z) = grid.params(row);
-            scales[r * ng + gi] = s;
-            zeros[r * ng + gi] = z;
+        for c0 in (0..cols).step_by(span) {
+            let row = &w[r * cols + c0..r * cols + (c0 + span).min(cols)];
+            if let Some(k) = grid.ktype() {
+                let (s, z, kp) = (&mut scales, &mut zeros, &mut kparams);
+                set_super(k, grid.clip, row, r, c0, cols, s, z, kp);
+            } else {
+                let (s, z) = grid.params(row);
+                scales[r * ng + c0 / g] = s;
+                zeros[r * ng + c0 / g] = z;
+            }
             for (j, &x) in row.iter().enumerate() {
-                codes[r * cols + c0 + j] = grid.code(x, s, z);
+                let gi = r * ng + (c0 + j) / g;
+                codes[r * cols + c0 + j] = grid.code(x, scales[gi], zeros[gi]);
             }
         }
     }

@@ -40,6 +40,19 @@ impl GgmlType {
         GgmlType::Q6K,
     ];
 
+    /// The types a linear weight may be written in (`--gguf-type`), in the order that breaks
+    /// ties when choosing the file's main type.
+    pub const LINEAR: [GgmlType; 8] = [
+        GgmlType::Q4_0,
+        GgmlType::Q8_0,
+        GgmlType::Iq4Nl,
+        GgmlType::Q2K,
+        GgmlType::Q3K,
+        GgmlType::Q4K,
+        GgmlType::Q6K,
+        GgmlType::F32,
+    ];
+
     pub fn id(self) -> u32 {
         match self {
             GgmlType::F32 => 0,

@@ -124,7 +124,8 @@ pub(crate) fn metadata(dir: &Path, cfg: &ModelConfig) -> Result<Vec<(String, Val
         let special = a.get("special").and_then(Json::as_bool).unwrap_or(false);
         types[id as usize] = if special { 3 } else { 4 };
     }
-    // Ids the vocabulary leaves unused (a padded embedding) get placeholder names.
+    // Ids the vocabulary leaves unused (a padded embedding) are named `[PAD{id}]` with token
+    // type 5 (unused), as llama.cpp's converter names them.
     let tokens: Vec<String> = tokens
         .into_iter()
         .enumerate()
