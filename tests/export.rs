@@ -312,6 +312,14 @@ fn formats_refuse_what_they_cannot_hold_by_tensor() {
     );
     refused(&midrise, "compressed-tensors", &["midrise", "tensor"]);
     refused(&f.iq4, "compressed-tensors", &["IQ4_NL codebook", "tensor"]);
+    refused(&midrise, "gptq", &["midrise", "tensor"]);
+    refused(
+        &f.caldera_rht,
+        "gptq-v1",
+        &["randomized-Hadamard", "tensor"],
+    );
+    refused(&f.pruned, "gptq", &["pruned", "tensor"]);
+    refused(&f.iq4, "gptq", &["ggml", "tensor"]);
     // Only a compressed checkpoint exports.
     refused(&model(), "dense", &["not a pumice-compressed checkpoint"]);
 }
@@ -327,6 +335,15 @@ fn python() -> PathBuf {
 /// transformers' logits of `dir` on `seqs`; `extra` adds hf_logits.py options (`--adapter
 /// DIR`, `--gguf FILE`).
 fn hf_logits(dir: &Path, extra: &[&std::ffi::OsStr], seqs: &[Vec<u32>]) -> Vec<f32> {
+    hf_logits_info(dir, extra, seqs).0
+}
+
+/// [`hf_logits`] and the JSON line hf_logits.py prints (what was loaded and how).
+fn hf_logits_info(
+    dir: &Path,
+    extra: &[&std::ffi::OsStr],
+    seqs: &[Vec<u32>],
+) -> (Vec<f32>, serde_json::Value) {
     let py = python();
     assert!(
         py.exists(),
@@ -359,13 +376,21 @@ fn hf_logits(dir: &Path, extra: &[&std::ffi::OsStr], seqs: &[Vec<u32>]) -> Vec<f
         dir.display(),
         String::from_utf8_lossy(&o.stderr)
     );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let info = stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .unwrap_or_else(|| panic!("hf_logits.py printed no JSON line: {stdout}"));
     let f = pumice::model::safetensors::SafetensorsFile::open(&out).unwrap();
     let li = f.info("logits").unwrap();
     assert_eq!(li.dtype_name, "F32");
-    f.bytes(li)
+    let logits = f
+        .bytes(li)
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
+        .collect();
+    (logits, info)
 }
 
 fn transformers_logits(dir: &Path, adapter: Option<&Path>, seqs: &[Vec<u32>]) -> Vec<f32> {
@@ -440,6 +465,72 @@ fn transformers_loads_the_exports_and_computes_pumices_logits() {
     assert!(d < 1e-4, "dense caldera (rht): logits differ by {d}");
 }
 
+/// GPTQ checkpoints, loaded by transformers through optimum + GPTQModel: GPTQModel's own
+/// dequantization gives pumice's weights (in f32 with its scales widened, and bit for bit in its
+/// native f16), so the logits equal pumice's; v2 and v1, asymmetric and symmetric, act-order
+/// (g_idx), and CALDERA with its PEFT adapter.
+#[test]
+fn gptq_exports_load_in_gptqmodel_and_compute_pumices_logits() {
+    let f = fixtures();
+    let seqs = ids(4096);
+    for (fixture, name, format, adapter) in [
+        (&f.gptq4, "gptq-gptq4", "gptq", false),
+        (&f.sym4, "gptq-v1-sym4", "gptq-v1", false),
+        (&f.act_order, "gptq-act-order", "gptq", false),
+        (&f.caldera, "gptq-caldera", "gptq", true),
+    ] {
+        let out = export(fixture, name, format, &[]);
+        let qc: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("quantize_config.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            qc["checkpoint_format"],
+            if format == "gptq" { "gptq_v2" } else { "gptq" },
+            "{name}: {qc}"
+        );
+        assert_eq!(qc["desc_act"], fixture == &f.act_order, "{name}: {qc}");
+        assert_eq!(qc["sym"], fixture == &f.sym4, "{name}: {qc}");
+        let adapter_dir = out.join("adapter");
+        assert_eq!(adapter_dir.exists(), adapter, "{name}");
+        let extra: Vec<&std::ffi::OsStr> = match adapter {
+            true => vec!["--adapter".as_ref(), adapter_dir.as_os_str()],
+            false => vec![],
+        };
+        let (logits, info) = hf_logits_info(&out, &extra, &seqs);
+        assert_eq!(info["gptq_modules"], 42, "{name}: {info}");
+        assert!(
+            info["gptq_kernel"]
+                .as_str()
+                .is_some_and(|k| k.starts_with("gptqmodel.")),
+            "{name}: {info}"
+        );
+        assert_eq!(info["gptq_f16_max_diff"], 0.0, "{name}: {info}");
+        let d = max_diff(&pumice_logits(fixture, &seqs), &logits);
+        assert!(d < 1e-4, "{name}: logits differ by {d}");
+    }
+    // `inspect`: 4-bit codes + an f16 scale and a 4-bit zero per 64 weights = 4.3125 bits.
+    let out = work().join("gptq-gptq4");
+    let o = pumice(&["inspect", out.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(s["format"], "GPTQ");
+    assert_eq!(s["linear_bits_per_parameter"], 4.3125, "{s}");
+    assert_eq!(s["schemes"][0]["targets"], 42, "{s}");
+    let source = pumice::model::ModelSummary::of(&Checkpoint::open(model()).unwrap());
+    assert_eq!(s["parameters"], source.parameters, "{s}");
+    assert_eq!(s["linear_parameters"], source.linear_parameters, "{s}");
+    // The adapter beside a CALDERA export, and the adapter directory on its own.
+    let out = work().join("gptq-caldera");
+    let o = pumice(&["inspect", out.join("adapter").to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let a: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (a["r"].as_u64(), a["tensors"].as_u64()),
+        (Some(8), Some(84)),
+        "{a}"
+    );
+}
+
 #[test]
 fn compress_writes_any_format_through_the_same_writer() {
     let f = fixtures();
@@ -466,6 +557,18 @@ fn compress_writes_any_format_through_the_same_writer() {
             == std::fs::read(exported.join("model.gguf")).unwrap(),
         "compress --format gguf and export wrote different files"
     );
+    // And GPTQ.
+    let mut args = GPTQ4.to_vec();
+    args.extend(["--format", "gptq"]);
+    let direct = compress("direct-gptq", &args);
+    let exported = export(&f.gptq4, "exported-gptq", "gptq", &[]);
+    for file in ["model.safetensors", "config.json", "quantize_config.json"] {
+        assert!(
+            std::fs::read(direct.join(file)).unwrap()
+                == std::fs::read(exported.join(file)).unwrap(),
+            "compress --format gptq and export wrote different {file}"
+        );
+    }
     // A recipe the format cannot hold is refused before any work, naming the tensor.
     let refused = work().join("direct-refused");
     let _ = std::fs::remove_dir_all(&refused);
@@ -563,13 +666,14 @@ fn gguf_holds_pumices_values_bit_for_bit_and_transformers_agrees() {
     // (checkpoint, output, the type every linear gets, whether the model file alone is the
     // whole model: CALDERA's L·R is in the adapter, which transformers does not load).
     for (dir, name, want_type, whole) in [
-        (&f.gptq4, "gguf-gptq4", "Q8_0", true),
+        // Asymmetric 4-bit levels q − z ∈ [−15, 15] fit Q5_0's [−16, 15].
+        (&f.gptq4, "gguf-gptq4", "Q5_0", true),
         // The symmetric 4-bit grid in groups of 32 is Q4_0's own.
         (&f.sym4, "gguf-sym4", "Q4_0", true),
         // The iq4nl grid in groups of 32 is IQ4_NL's.
         (&f.iq4, "gguf-iq4", "IQ4_NL", true),
         (&f.caldera, "gguf-caldera", "Q4_0", false),
-        (&f.pruned, "gguf-pruned", "Q8_0", true),
+        (&f.pruned, "gguf-pruned", "Q5_0", true),
     ] {
         let out = export(dir, name, "gguf", &[]);
         let (tensors, info) = gguf_py(&out.join("model.gguf"));
@@ -794,7 +898,7 @@ fn qwen2_shaped_exports_keep_biases_tied_head_and_row_order() {
 }
 
 /// ggml's k-quant grids on a Llama whose widths are whole super-blocks (hidden 256,
-/// intermediate 512): `--grid k --bits 4|2|3|6` exports as Q4_K, Q2_K, Q3_K, Q6_K; every linear
+/// intermediate 512): `--grid k --bits 4|2|3|5|6` exports as Q4_K, Q2_K, Q3_K, Q5_K, Q6_K; every linear
 /// tensor gguf-py dequantizes equals pumice's value bit for bit (llama's q/k row order
 /// applied), the reader's dequantization equals the host's, and transformers' GGUF loader
 /// computes pumice's logits. compressed-tensors refuses the grid by tensor.
@@ -820,7 +924,13 @@ fn k_grids_export_as_ggml_k_quants_bit_for_bit() {
     }
     let g = gpu();
     let seqs = ids(4096);
-    for (bits, ty) in [("4", "Q4_K"), ("2", "Q2_K"), ("3", "Q3_K"), ("6", "Q6_K")] {
+    for (bits, ty) in [
+        ("4", "Q4_K"),
+        ("2", "Q2_K"),
+        ("3", "Q3_K"),
+        ("5", "Q5_K"),
+        ("6", "Q6_K"),
+    ] {
         let name = format!("llama256-k{bits}");
         let q = write(
             "compress",
@@ -924,6 +1034,28 @@ fn k_grids_export_as_ggml_k_quants_bit_for_bit() {
             .matrices
             .iter()
             .find(|x| x.weight == format!("model.layers.1.{kind}.weight"))
+            .unwrap();
+        assert_eq!(bits_equal(&tensors[&gname].1, &mm.backbone().unwrap()), 0);
+    }
+    // Q5_K falls back to the symmetric 5-bit grid in groups of 32: Q5_0.
+    let q = compress(
+        "asset-k5",
+        &["--method", "gptq", "--grid", "k", "--bits", "5"],
+    );
+    let out = export(&q, "asset-k5-gguf", "gguf", &[]);
+    let (tensors, info) = gguf_py(&out.join("model.gguf"));
+    let ck = Checkpoint::open(&q).unwrap();
+    let layer = pumice::format::native::read_layer(&ck, 0).unwrap();
+    for (kind, gname, ty) in [
+        ("mlp.down_proj", "ffn_down", "Q5_K"),
+        ("mlp.up_proj", "ffn_up", "Q5_0"),
+    ] {
+        let gname = format!("blk.0.{gname}.weight");
+        assert_eq!(info["types"][&gname], ty);
+        let mm = layer
+            .matrices
+            .iter()
+            .find(|x| x.weight == format!("model.layers.0.{kind}.weight"))
             .unwrap();
         assert_eq!(bits_equal(&tensors[&gname].1, &mm.backbone().unwrap()), 0);
     }

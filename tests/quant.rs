@@ -81,6 +81,9 @@ fn rtn_matches_reference_and_round_trips() {
             (8, 32, S, false),
             (2, 64, S, true),
             (3, 0, S, false),
+            (5, 32, S, true),
+            (6, 64, A, false),
+            (7, 0, M, true),
         ] {
             let grid = Grid::new(bits, gs, kind).unwrap().with_clip(clip);
             let w = random(m * n, (m * n) as u64 + bits as u64, 0.05);
@@ -206,6 +209,17 @@ fn gptq_matches_f64_reference() {
             23,
             160,
             Grid::new(4, 32, GridKind::Symmetric)
+                .unwrap()
+                .with_clip(true),
+            GptqOptions {
+                block: 48,
+                ..Default::default()
+            },
+        ),
+        (
+            13,
+            96,
+            Grid::new(5, 32, GridKind::Symmetric)
                 .unwrap()
                 .with_clip(true),
             GptqOptions {
@@ -440,7 +454,7 @@ fn sparse_gptq_matches_reference() {
     }
 }
 
-/// ggml's k-quant grids (Q4_K, Q2_K with a minimum; Q3_K, Q6_K symmetric): RTN on the GPU chooses the reference's super-block
+/// ggml's k-quant grids (Q4_K, Q5_K, Q2_K with a minimum; Q3_K, Q6_K symmetric): RTN on the GPU chooses the reference's super-block
 /// parameters exactly (d, dmin, sub-block scales and minimums, the effective scales and zeros),
 /// GPTQ on them stays within 0.5 % of the f64 reference and beats RTN, and the GPU dequantizes
 /// them as the host does.
@@ -454,6 +468,7 @@ fn k_grids_match_reference() {
         (3, true),
         (6, true),
         (3, false),
+        (5, true),
     ] {
         let sub = pumice::quant::kquant::KType::of_bits(bits).unwrap().sub;
         let grid = Grid::new(bits, sub, GridKind::K).unwrap().with_clip(clip);

@@ -2,8 +2,9 @@
 //! `caldera-B` (CALDERA, Q 2-bit midrise g64, rank from a budget of B bits per weight),
 //! `gptq-BITS-gG` and `rtn-BITS-gG` (asymmetric grid, groups of G; `g0` per row), and pruned
 //! GPTQ `gptq-BITS-gG-s24` (2:4) or `gptq-BITS-gG-sP` (a fraction P of every row pruned), and
-//! GPTQ on a ggml type's own grid, `gptq-TYPE` with TYPE one of q2_k, q3_k, q4_k, q6_k (the k
-//! grid; its fallback on widths that are not whole super-blocks), iq4_nl, q4_0, q8_0 — so an
+//! GPTQ on a ggml type's own grid, `gptq-TYPE` with TYPE one of q2_k, q3_k, q4_k, q5_k, q6_k
+//! (the k grid; its fallback on widths that are not whole super-blocks), iq4_nl, q4_0, q5_0,
+//! q8_0 — so an
 //! allocation over them is a measured per-layer mix of llama.cpp types (what its _S/_M/_L
 //! presets choose by hand). Every grid uses the clip search; incoherence processing follows the
 //! run's `--rht`.
@@ -52,7 +53,7 @@ impl Candidate {
         let bad = || {
             Error::InvalidArgument(format!(
                 "option `{}`: expected caldera-BPW, gptq-BITS-gGROUP, rtn-BITS-gGROUP or \
-                 gptq-TYPE (q2_k, q3_k, q4_k, q6_k, iq4_nl, q4_0, q8_0)",
+                 gptq-TYPE (q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl, q4_0, q5_0, q8_0)",
                 self.name
             ))
         };
@@ -121,9 +122,11 @@ fn ggml_grid(ty: &str) -> Option<Result<Grid>> {
         "q2_k" => (2, 16, GridKind::K),
         "q3_k" => (3, 16, GridKind::K),
         "q4_k" => (4, 32, GridKind::K),
+        "q5_k" => (5, 32, GridKind::K),
         "q6_k" => (6, 16, GridKind::K),
         "iq4_nl" => (4, 32, GridKind::Iq4nl),
         "q4_0" => (4, 32, GridKind::Symmetric),
+        "q5_0" => (5, 32, GridKind::Symmetric),
         "q8_0" => (8, 32, GridKind::Symmetric),
         _ => return None,
     };

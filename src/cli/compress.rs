@@ -53,7 +53,7 @@ pub(crate) struct CompressArgs {
     /// Quantization method.
     #[arg(long, value_enum, default_value_t = MethodArg::Caldera)]
     pub(crate) method: MethodArg,
-    /// Bits per weight code of the quantized weight (CALDERA: of Q): 2, 3, 4 or 8. Default: 2
+    /// Bits per weight code of the quantized weight (CALDERA: of Q): 2 to 8. Default: 2
     /// for caldera, 4 for gptq and rtn.
     #[arg(long)]
     pub(crate) bits: Option<u32>,
@@ -64,11 +64,11 @@ pub(crate) struct CompressArgs {
     /// Quantization grid: `asymmetric` (f16 scale and integer zero point per group; the
     /// default for gptq and rtn), `midrise` (levels ±s/2, ±3s/2, …, only the scale stored; the
     /// default for caldera's Q), `symmetric` (integer zero 2^(bits−1), signed f16 scale: ggml's
-    /// Q4_0 at 4 bits and Q8_0 at 8 bits in groups of 32, compressed-tensors' and GPTQ's
+    /// Q4_0, Q5_0 and Q8_0 at 4, 5 and 8 bits in groups of 32, compressed-tensors' and GPTQ's
     /// symmetric grids), `iq4nl` (ggml's 4-bit IQ4_NL codebook, signed f16 scale: IQ4_NL in
-    /// groups of 32), `k` (ggml's k-quant super-blocks of 256: Q2_K, Q3_K, Q4_K, Q6_K at 2, 3,
-    /// 4, 6 bits; weights whose input width is not a multiple of 256 fall back to iq4nl, or
-    /// to Q8_0's grid for Q6_K).
+    /// groups of 32), `k` (ggml's k-quant super-blocks of 256: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K at
+    /// 2, 3, 4, 5, 6 bits; weights whose input width is not a multiple of 256 fall back to
+    /// iq4nl, or to Q5_0's grid for Q5_K and Q8_0's for Q6_K).
     #[arg(long, value_parser = super::args::parse_grid)]
     pub(crate) grid: Option<pumice::quant::GridKind>,
     /// Pick each group's range by min–max only, without the least-squares clip search.
@@ -116,8 +116,8 @@ pub(crate) struct CompressArgs {
     /// Replace the output directory if it exists (never the input).
     #[arg(long)]
     pub(crate) force: bool,
-    /// Output format: pumice (default), dense, compressed-tensors, peft (see `pumice export`).
-    /// What the format cannot hold exactly is refused before any work. pumice evaluates
+    /// Output format: pumice (default), dense, compressed-tensors, gptq, gptq-v1, peft, gguf
+    /// (see `pumice export`). What the format cannot hold exactly is refused before any work. pumice evaluates
     /// pumice and dense outputs afterwards; the others are not read back.
     #[arg(long, value_parser = super::args::parse_format, default_value = "pumice")]
     pub(crate) format: pumice::format::FormatKind,

@@ -18,12 +18,15 @@ pub(crate) struct ExportArgs {
     pub(crate) output: PathBuf,
     /// Target format: gguf (llama.cpp: OUT/model.gguf, CALDERA's factors in OUT/adapter.gguf),
     /// dense (plain weights, L·R merged), compressed-tensors (pack-quantized, for
-    /// transformers and vLLM; CALDERA's factors as a PEFT adapter in OUT/adapter), peft
+    /// transformers and vLLM; CALDERA's factors as a PEFT adapter in OUT/adapter), gptq
+    /// (GPTQModel, transformers, vLLM: the gptq_v2 checkpoint format; gptq-v1 the original,
+    /// zero points stored minus one; factors in OUT/adapter as for compressed-tensors), peft
     /// (CALDERA's factors alone, as a LoRA adapter). What a format cannot hold exactly is
     /// refused, naming the tensor and the reason.
     #[arg(long, value_parser = super::args::parse_format)]
     pub(crate) format: FormatKind,
-    /// GGUF: the ggml type of every linear weight (q4_0, q8_0, iq4_nl, q2_k, q3_k, q4_k, q6_k, f32;
+    /// GGUF: the ggml type of every linear weight (q4_0, q5_0, q8_0, iq4_nl, q2_k, q3_k, q4_k,
+    /// q5_k, q6_k, f32;
     /// default: the smallest that holds each weight exactly).
     #[arg(long)]
     pub(crate) gguf_type: Option<String>,

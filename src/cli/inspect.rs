@@ -12,7 +12,21 @@ pub(crate) fn run(model: &std::path::Path, json: bool, check_weights: bool) -> a
         return gguf_summary(model, json);
     }
     if pumice::format::compressed_tensors::is_output(model) {
-        return ct_summary(model, json);
+        return quant_summary(pumice::format::compressed_tensors::summary(model)?, json);
+    }
+    if pumice::format::gptq::is_output(model) {
+        return quant_summary(pumice::format::gptq::summary(model)?, json);
+    }
+    if pumice::format::peft::is_adapter(model) && !model.join("config.json").is_file() {
+        let s = pumice::format::peft::summary(model)?;
+        let mut out = std::io::stdout().lock();
+        if json {
+            writeln!(out, "{}", serde_json::to_string_pretty(&s)?)?;
+        } else {
+            writeln!(out, "{}  (PEFT LoRA adapter)", s.path)?;
+            adapter_lines(&mut out, &s)?;
+        }
+        return Ok(());
     }
     let ck = Checkpoint::open(model)?;
     if check_weights {
@@ -92,39 +106,66 @@ pub(crate) fn run(model: &std::path::Path, json: bool, check_weights: bool) -> a
     Ok(())
 }
 
-/// A GGUF output: its architecture, sizes and bits per weight by ggml type.
-fn ct_summary(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
-    let s = pumice::format::compressed_tensors::summary(path)?;
+/// A quantized Hugging Face output (compressed-tensors, GPTQ): schemes, sizes, bits per
+/// weight, the adapter beside it.
+fn quant_summary(s: pumice::format::hf::QuantSummary, json: bool) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     if json {
         writeln!(out, "{}", serde_json::to_string_pretty(&s)?)?;
         return Ok(());
     }
-    writeln!(out, "{}  (compressed-tensors pack-quantized)", s.path)?;
+    writeln!(out, "{}  ({})", s.path, s.format)?;
     writeln!(
         out,
         "  parameters      {} ({} in quantized linear layers)",
         s.parameters, s.linear_parameters
     )?;
-    for (bits, group, symmetric, targets) in &s.schemes {
+    for sc in &s.schemes {
         writeln!(
             out,
-            "  scheme          {bits}-bit {}, {}, {targets} targets",
-            if *symmetric {
+            "  scheme          {}-bit {}, {}, {} targets",
+            sc.bits,
+            if sc.symmetric {
                 "symmetric"
             } else {
                 "asymmetric"
             },
-            group.map_or("per channel".to_string(), |g| format!("groups of {g}"))
+            sc.group_size
+                .map_or("per channel".to_string(), |g| format!("groups of {g}")),
+            sc.targets
         )?;
     }
-    if let Some((bytes, r)) = &s.adapter {
-        writeln!(out, "  adapter/        {bytes} bytes, PEFT LoRA r {r}")?;
+    if let Some(a) = &s.adapter {
+        adapter_lines(&mut out, a)?;
     }
     writeln!(
         out,
         "  on disk         {} bytes; {:.3} bits/parameter overall, {:.3} in quantized linear layers",
         s.bytes, s.bits_per_parameter, s.linear_bits_per_parameter
+    )?;
+    Ok(())
+}
+
+fn adapter_lines(
+    out: &mut impl Write,
+    a: &pumice::format::hf::AdapterSummary,
+) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "  adapter         {}: {} bytes, LoRA r {} alpha {}{}, {} target modules, {} tensors, {} parameters ({})",
+        a.path,
+        a.bytes,
+        a.r,
+        a.alpha,
+        if a.rank_pattern > 0 {
+            format!(" ({} modules with their own rank)", a.rank_pattern)
+        } else {
+            String::new()
+        },
+        a.target_modules,
+        a.tensors,
+        a.parameters,
+        a.dtypes.join(", ")
     )?;
     Ok(())
 }

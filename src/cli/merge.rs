@@ -17,7 +17,8 @@ pub(crate) struct MergeArgs {
     /// The source model, when it is not where the job recorded it (checked by SHA-256).
     #[arg(long)]
     pub(crate) model: Option<PathBuf>,
-    /// Output format: pumice (default), dense, compressed-tensors, peft (see `pumice export`).
+    /// Output format: pumice (default), dense, compressed-tensors, gptq, gptq-v1, peft, gguf
+    /// (see `pumice export`).
     #[arg(long, value_parser = super::args::parse_format, default_value = "pumice")]
     pub(crate) format: pumice::format::FormatKind,
     /// Dtype of a dense output (f32, f16, bf16; default: the model's), or of a GGUF LoRA

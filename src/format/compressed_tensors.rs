@@ -361,102 +361,45 @@ impl FormatWriter for CtWriter {
     }
 }
 
-/// What `pumice inspect` says about a compressed-tensors output: its quantization schemes,
-/// sizes and bits per weight (the packed codes, scales and zero points of the quantized linear
-/// weights over their parameters), and the PEFT adapter beside it.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct CtSummary {
-    pub path: String,
-    /// Per config group: bits, group size (None: per channel), symmetric, number of targets
-    /// (module names, or the one class name `Linear`).
-    pub schemes: Vec<(u64, Option<u64>, bool, usize)>,
-    pub parameters: u64,
-    pub linear_parameters: u64,
-    /// model.safetensors plus the adapter's files.
-    pub bytes: u64,
-    pub bits_per_parameter: f64,
-    pub linear_bits_per_parameter: f64,
-    /// adapter/: bytes and rank r.
-    pub adapter: Option<(u64, u64)>,
-}
-
 /// Whether `dir` is a compressed-tensors output (its config names the method).
 pub fn is_output(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join("config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|c| c["quantization_config"]["quant_method"] == "compressed-tensors")
+    hf::quant_method(dir).as_deref() == Some("compressed-tensors")
 }
 
-/// Summarize the compressed-tensors output `dir`.
-pub fn summary(dir: &Path) -> Result<CtSummary> {
-    let cfg_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-    let cfg: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-        path: cfg_path.clone(),
-        source,
-    })?;
-    let groups = cfg["quantization_config"]["config_groups"]
-        .as_object()
-        .ok_or_else(|| Error::config(&cfg_path, "no quantization_config.config_groups"))?;
-    let schemes = groups
-        .values()
-        .map(|g| {
-            let w = &g["weights"];
-            (
-                w["num_bits"].as_u64().unwrap_or(0),
-                w["group_size"].as_u64(),
-                w["symmetric"].as_bool().unwrap_or(false),
-                g["targets"].as_array().map_or(0, |t| t.len()),
-            )
-        })
-        .collect();
-    let path = dir.join("model.safetensors");
-    let f = crate::model::safetensors::SafetensorsFile::open(&path)?;
-    let (mut params, mut linear_params, mut linear_bytes) = (0u64, 0u64, 0u64);
-    for t in f.tensors() {
-        let bytes = (t.end - t.start) as u64;
-        if t.name.ends_with(".weight_shape") {
-            let v: Vec<i64> = bytemuck::pod_collect_to_vec(f.bytes(t));
-            let n = v.iter().map(|&d| d.max(0) as u64).product::<u64>();
-            linear_params += n;
-            params += n;
-        } else if [".weight_packed", ".weight_scale", ".weight_zero_point"]
-            .iter()
-            .any(|s| t.name.ends_with(s))
-        {
-            linear_bytes += bytes;
-        } else {
-            params += t.numel() as u64;
-        }
-    }
-    let mut total = f.len_bytes();
-    let adapter = dir.join("adapter");
-    let adapter = if adapter.join("adapter_config.json").is_file() {
-        let mut b = 0;
-        for e in std::fs::read_dir(&adapter).map_err(|e| Error::io(&adapter, e))? {
-            let e = e.map_err(|e| Error::io(&adapter, e))?;
-            b += e.metadata().map_err(|err| Error::io(e.path(), err))?.len();
-        }
-        let c = adapter.join("adapter_config.json");
-        let r = std::fs::read_to_string(&c)
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v["r"].as_u64())
-            .unwrap_or(0);
-        total += b;
-        Some((b, r))
-    } else {
-        None
-    };
-    Ok(CtSummary {
-        path: dir.display().to_string(),
-        schemes,
-        parameters: params,
-        linear_parameters: linear_params,
-        bytes: total,
-        bits_per_parameter: total as f64 * 8.0 / params.max(1) as f64,
-        linear_bits_per_parameter: linear_bytes as f64 * 8.0 / linear_params.max(1) as f64,
-        adapter,
-    })
+/// Summarize the compressed-tensors output `dir` for `pumice inspect`.
+pub fn summary(dir: &Path) -> Result<hf::QuantSummary> {
+    hf::summary(
+        dir,
+        "compressed-tensors pack-quantized",
+        |qc, cfg_path| {
+            let groups = qc["config_groups"]
+                .as_object()
+                .ok_or_else(|| Error::config(cfg_path, "no quantization_config.config_groups"))?;
+            Ok(groups
+                .values()
+                .map(|g| {
+                    let w = &g["weights"];
+                    hf::SchemeSummary {
+                        bits: w["num_bits"].as_u64().unwrap_or(0),
+                        group_size: w["group_size"].as_u64(),
+                        symmetric: w["symmetric"].as_bool().unwrap_or(false),
+                        targets: g["targets"].as_array().map_or(0, |t| t.len()),
+                    }
+                })
+                .collect())
+        },
+        |name, shape, bytes| {
+            if name.ends_with(".weight_shape") {
+                let v: Vec<i64> = bytemuck::pod_collect_to_vec(bytes);
+                hf::Stored::LinearShape(v.iter().map(|&d| d.max(0) as u64).product())
+            } else if [".weight_packed", ".weight_scale", ".weight_zero_point"]
+                .iter()
+                .any(|s| name.ends_with(s))
+            {
+                hf::Stored::LinearPart
+            } else {
+                hf::Stored::Plain(shape.iter().product::<usize>() as u64)
+            }
+        },
+    )
 }

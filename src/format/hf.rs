@@ -186,3 +186,131 @@ pub(crate) fn copy_tail(
     }
     Ok(())
 }
+
+/// The `quantization_config.quant_method` of the model directory `dir`, if any.
+pub(crate) fn quant_method(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    let cfg: serde_json::Value = serde_json::from_str(&text).ok()?;
+    cfg["quantization_config"]["quant_method"]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// One quantization scheme of a quantized Hugging Face output.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SchemeSummary {
+    pub bits: u64,
+    /// None: per channel.
+    pub group_size: Option<u64>,
+    pub symmetric: bool,
+    /// Modules it targets (module names, or the one class name `Linear`; GPTQ: every module).
+    pub targets: usize,
+}
+
+/// What `pumice inspect` says about a quantized Hugging Face output (compressed-tensors,
+/// GPTQ): its schemes, sizes and bits per weight (what stores the quantized linear weights
+/// over their parameters), and the PEFT adapter beside it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct QuantSummary {
+    pub path: String,
+    pub format: &'static str,
+    pub schemes: Vec<SchemeSummary>,
+    pub parameters: u64,
+    pub linear_parameters: u64,
+    /// model.safetensors plus the adapter's files.
+    pub bytes: u64,
+    pub bits_per_parameter: f64,
+    pub linear_bits_per_parameter: f64,
+    /// adapter/, if there is one.
+    pub adapter: Option<AdapterSummary>,
+}
+
+/// What one stored tensor of a quantized output is.
+pub(crate) enum Stored {
+    /// Says a quantized linear weight has this many parameters (CT's weight_shape).
+    LinearShape(u64),
+    /// The codes of a quantized linear weight of this many parameters (GPTQ's qweight).
+    LinearCodes(u64),
+    /// Holds part of a quantized linear weight's storage (codes, scales, zero points).
+    LinearPart,
+    /// Bookkeeping that is neither parameters nor weight storage (GPTQ's g_idx).
+    Index,
+    /// A plain tensor of this many parameters.
+    Plain(u64),
+}
+
+/// Summarize the quantized output `dir` (`schemes` reads its quantization_config; `classify`
+/// says what each stored tensor of model.safetensors is, from its name, shape and bytes).
+pub(crate) fn summary(
+    dir: &Path,
+    format: &'static str,
+    schemes: impl FnOnce(&serde_json::Value, &Path) -> Result<Vec<SchemeSummary>>,
+    classify: impl Fn(&str, &[usize], &[u8]) -> Stored,
+) -> Result<QuantSummary> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let cfg: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: cfg_path.clone(),
+        source,
+    })?;
+    let schemes = schemes(&cfg["quantization_config"], &cfg_path)?;
+    let path = dir.join("model.safetensors");
+    let f = crate::model::safetensors::SafetensorsFile::open(&path)?;
+    let (mut params, mut linear_params, mut linear_bytes) = (0u64, 0u64, 0u64);
+    for t in f.tensors() {
+        let bytes = (t.end - t.start) as u64;
+        match classify(&t.name, &t.shape, f.bytes(t)) {
+            Stored::LinearShape(n) => {
+                linear_params += n;
+                params += n;
+            }
+            Stored::LinearCodes(n) => {
+                linear_params += n;
+                params += n;
+                linear_bytes += bytes;
+            }
+            Stored::LinearPart => linear_bytes += bytes,
+            Stored::Index => {}
+            Stored::Plain(n) => params += n,
+        }
+    }
+    let mut total = f.len_bytes();
+    let adapter = dir.join("adapter");
+    let adapter = if adapter.join(super::peft::ADAPTER_CONFIG).is_file() {
+        let a = super::peft::summary(&adapter)?;
+        total += a.bytes;
+        Some(a)
+    } else {
+        None
+    };
+    Ok(QuantSummary {
+        path: dir.display().to_string(),
+        format,
+        schemes,
+        parameters: params,
+        linear_parameters: linear_params,
+        bytes: total,
+        bits_per_parameter: total as f64 * 8.0 / params.max(1) as f64,
+        linear_bits_per_parameter: linear_bytes as f64 * 8.0 / linear_params.max(1) as f64,
+        adapter,
+    })
+}
+
+/// A PEFT LoRA adapter directory, as `pumice inspect` reports it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AdapterSummary {
+    pub path: String,
+    /// Every file of the directory.
+    pub bytes: u64,
+    /// The default rank r and lora_alpha.
+    pub r: u64,
+    pub alpha: f64,
+    /// Modules with their own rank (rank_pattern).
+    pub rank_pattern: usize,
+    /// Target modules (as listed, names or patterns).
+    pub target_modules: usize,
+    /// Tensors and parameters of the adapter's weights.
+    pub tensors: usize,
+    pub parameters: u64,
+    pub dtypes: Vec<String>,
+}

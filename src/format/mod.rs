@@ -7,7 +7,8 @@
 //! format to [`Format::check`] the planned entries, so a recipe a format cannot hold exactly is
 //! refused up front, naming the tensor and the reason.
 //!
-//! Formats: [`native`] (the pumice checkpoint, `model::compressed`).
+//! Formats: [`native`] (the pumice checkpoint, `model::compressed`), [`dense`],
+//! [`compressed_tensors`], [`gptq`], [`peft`], [`gguf`].
 //!
 //! Invariant: a format knows nothing of calibration, Hessians or GPUs; it receives finished
 //! layers and what the job was ([`JobInfo`]), and writes into a directory its caller moves into
@@ -16,7 +17,8 @@
 pub mod compressed_tensors;
 pub mod dense;
 pub mod gguf;
-mod hf;
+pub mod gptq;
+pub mod hf;
 pub mod native;
 pub mod peft;
 pub mod weights;
@@ -266,15 +268,21 @@ pub enum FormatKind {
     Peft,
     /// llama.cpp's GGUF (+ a GGUF LoRA adapter for CALDERA's factors).
     Gguf,
+    /// GPTQ, `gptq_v2` checkpoint format (+ a PEFT adapter for CALDERA's factors).
+    Gptq,
+    /// GPTQ in the original `gptq` checkpoint format (zero points stored minus one).
+    GptqV1,
 }
 
 impl FormatKind {
-    pub const ALL: [FormatKind; 5] = [
+    pub const ALL: [FormatKind; 7] = [
         FormatKind::Native,
         FormatKind::Dense,
         FormatKind::CompressedTensors,
         FormatKind::Peft,
         FormatKind::Gguf,
+        FormatKind::Gptq,
+        FormatKind::GptqV1,
     ];
 
     pub fn name(&self) -> &'static str {
@@ -284,6 +292,8 @@ impl FormatKind {
             FormatKind::CompressedTensors => "compressed-tensors",
             FormatKind::Peft => "peft",
             FormatKind::Gguf => "gguf",
+            FormatKind::Gptq => "gptq",
+            FormatKind::GptqV1 => "gptq-v1",
         }
     }
 
@@ -316,6 +326,8 @@ impl FormatKind {
                 linear: None,
                 lora: dtype.unwrap_or(crate::DType::F32),
             }),
+            FormatKind::Gptq => Box::new(gptq::Gptq { v1: false }),
+            FormatKind::GptqV1 => Box::new(gptq::Gptq { v1: true }),
         }
     }
 }

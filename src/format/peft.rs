@@ -197,3 +197,58 @@ impl LoraWriter {
 fn regex_escape(name: &str) -> String {
     name.replace('.', "\\.")
 }
+
+/// Whether `dir` is a PEFT adapter directory (it has adapter_config.json).
+pub fn is_adapter(dir: &Path) -> bool {
+    dir.join(ADAPTER_CONFIG).is_file()
+}
+
+/// Summarize the PEFT adapter directory `dir` (its configuration and tensors; any adapter,
+/// not only pumice's).
+pub fn summary(dir: &Path) -> Result<hf::AdapterSummary> {
+    let cfg_path = dir.join(ADAPTER_CONFIG);
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let cfg: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: cfg_path.clone(),
+        source,
+    })?;
+    if cfg["peft_type"] != "LORA" {
+        return Err(Error::config(
+            &cfg_path,
+            format!("peft_type {} is not LORA", cfg["peft_type"]),
+        ));
+    }
+    let mut bytes = 0;
+    for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let e = e.map_err(|e| Error::io(dir, e))?;
+        bytes += e.metadata().map_err(|err| Error::io(e.path(), err))?.len();
+    }
+    let weights = dir.join(ADAPTER_FILE);
+    let f = crate::model::safetensors::SafetensorsFile::open(&weights)?;
+    let mut dtypes: Vec<String> = Vec::new();
+    let (mut tensors, mut parameters) = (0, 0u64);
+    for t in f.tensors() {
+        tensors += 1;
+        parameters += t.numel() as u64;
+        if !dtypes.contains(&t.dtype_name) {
+            dtypes.push(t.dtype_name.clone());
+        }
+    }
+    let count = |k: &str| match &cfg[k] {
+        serde_json::Value::Array(a) => a.len(),
+        serde_json::Value::Object(o) => o.len(),
+        serde_json::Value::String(_) => 1,
+        _ => 0,
+    };
+    Ok(hf::AdapterSummary {
+        path: dir.display().to_string(),
+        bytes,
+        r: cfg["r"].as_u64().unwrap_or(0),
+        alpha: cfg["lora_alpha"].as_f64().unwrap_or(0.0),
+        rank_pattern: count("rank_pattern"),
+        target_modules: count("target_modules"),
+        tensors,
+        parameters,
+        dtypes,
+    })
+}

@@ -133,7 +133,7 @@ impl Grid {
         if kind == GridKind::K {
             let k = KType::of_bits(bits).ok_or_else(|| {
                 Error::InvalidArgument(format!(
-                    "--grid k: --bits 2 (Q2_K), 3 (Q3_K), 4 (Q4_K) or 6 (Q6_K), not {bits}"
+                    "--grid k: --bits 2 (Q2_K), 3 (Q3_K), 4 (Q4_K), 5 (Q5_K) or 6 (Q6_K), not {bits}"
                 ))
             })?;
             if group_size != k.sub {
@@ -149,9 +149,9 @@ impl Grid {
                 clip: false,
             });
         }
-        if !matches!(bits, 2 | 3 | 4 | 8) {
+        if !(2..=8).contains(&bits) {
             return Err(Error::InvalidArgument(format!(
-                "--bits {bits}: supported are 2, 3, 4 and 8"
+                "--bits {bits}: supported are 2 to 8"
             )));
         }
         if kind == GridKind::Iq4nl && bits != 4 {
@@ -207,16 +207,17 @@ impl Grid {
 
     /// The grid a matrix of `n` columns gets: a k grid falls back, on widths that are not
     /// whole super-blocks, to the iq4nl grid in groups of 32 (4.5 bits per weight, IQ4_NL in
-    /// GGUF — what llama.cpp falls back to for Q2_K and Q3_K), Q6_K to the symmetric 8-bit grid
-    /// in groups of 32 (Q8_0, as llama.cpp); any other grid is itself.
+    /// GGUF — what llama.cpp falls back to for Q2_K and Q3_K), Q5_K to the symmetric 5-bit grid
+    /// in groups of 32 (Q5_0, 5.5 bits; llama.cpp takes Q5_1, 6), Q6_K to the symmetric 8-bit
+    /// grid in groups of 32 (Q8_0, as llama.cpp); any other grid is itself.
     pub fn for_cols(&self, n: usize) -> Grid {
         if self.kind != GridKind::K || n.is_multiple_of(SUPER) {
             return *self;
         }
-        let (bits, kind) = if self.bits == 6 {
-            (8, GridKind::Symmetric)
-        } else {
-            (4, GridKind::Iq4nl)
+        let (bits, kind) = match self.bits {
+            6 => (8, GridKind::Symmetric),
+            5 => (5, GridKind::Symmetric),
+            _ => (4, GridKind::Iq4nl),
         };
         Grid {
             bits,

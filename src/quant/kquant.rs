@@ -1,8 +1,9 @@
 //! ggml's k-quant super-block grids as a pumice grid (`GridKind::K`, the type chosen by the
 //! code bits): rows are cut into super-blocks of [`SUPER`] = 256 columns with an f16 scale d,
-//! and into sub-blocks (16 columns; 32 for Q4_K) with integer scales sc of `sbits` bits.
+//! and into sub-blocks (16 columns; 32 for Q4_K and Q5_K) with integer scales sc of `sbits` bits.
 //!
-//! *With a minimum* (Q2_K: 2 bits, 4-bit sc and m; Q4_K: 4 bits, 6-bit): each super-block also
+//! *With a minimum* (Q2_K: 2 bits, 4-bit sc and m; Q4_K: 4 bits and Q5_K: 5 bits, 6-bit sc and
+//! m): each super-block also
 //! has an f16 minimum scale dmin and each sub-block an integer minimum m; a code q of sub-block
 //! j dequantizes to a·q − b with a = f32(d·sc_j), b = f32(dmin·m_j), in that order of f32
 //! operations — ggml's own (`dequantize_row_q4_K`) and gguf-py's.
@@ -88,12 +89,12 @@ impl SuperParams {
 }
 
 impl KType {
-    /// The k-quant type of `bits`-bit codes (2: Q2_K, 3: Q3_K, 4: Q4_K, 6: Q6_K).
+    /// The k-quant type of `bits`-bit codes (2: Q2_K, 3: Q3_K, 4: Q4_K, 5: Q5_K, 6: Q6_K).
     pub fn of_bits(bits: u32) -> Option<KType> {
         let (sub, sbits, min) = match bits {
             2 => (16, 4, true),
             3 => (16, 6, false),
-            4 => (32, 6, true),
+            4 | 5 => (32, 6, true),
             6 => (16, 8, false),
             _ => return None,
         };
@@ -162,7 +163,7 @@ impl KType {
     }
 
     /// Stored bits per super-block of one row: codes, the f16 super-scales, the sub-block
-    /// fields (Q4_K: 1024 + 32 + 96 = 1152, 4.5 bits per weight; Q3_K 880; Q6_K 1680; Q2_K
+    /// fields (Q4_K: 1024 + 32 + 96 = 1152, 4.5 bits per weight; Q5_K 1408; Q3_K 880; Q6_K 1680; Q2_K
     /// 672 — ggml's block sizes).
     pub fn bits_per_super(&self) -> u64 {
         SUPER as u64 * self.bits as u64

@@ -2,14 +2,15 @@
 //! grid parameters are written as stored, never re-rounded).
 //!
 //! A symmetric grid's value s·(q − 2^(b−1)) is ggml's own d·q' with d = s, q' = q − 2^(b−1) ∈ [−2^(b−1), 2^(b−1) − 1]
-//! (4 bits: Q4_0 exactly, 8 bits: Q8_0 exactly); an asymmetric grid's s·(q − z) is d·q' with
+//! (4 bits: Q4_0 exactly, 5 bits: Q5_0, 8 bits: Q8_0 exactly); an asymmetric grid's s·(q − z) is d·q' with
 //! d = s, q' = q − z ∈ [−maxq, maxq]; a midrise grid's s·(q − maxq/2) is d·q' with d = s/2,
 //! q' = 2q − maxq ∈ [−maxq, maxq]. Q4_0 stores q' + 8 ∈ [0, 15] and so holds symmetric grids of
-//! up to 4 bits and the others of up to 3; Q8_0 holds q' ∈ [−128, 127]. Groups of 32 or more
+//! up to 4 bits and the others of up to 3; Q5_0 stores q' + 16 ∈ [0, 31] (symmetric grids of up
+//! to 5 bits, the others of up to 4); Q8_0 holds q' ∈ [−128, 127]. Groups of 32 or more
 //! repeat their scale in every 32-block. A pruned weight is q' = 0.
 //! Not representable (refused by tensor): randomized-Hadamard rotations, act-order (GGUF has
 //! no column permutation). Widths that are not whole 32-blocks are stored as f32 (exact).
-//! k grids are ggml's own Q2_K/Q3_K/Q4_K/Q6_K: their stored d, dmin and sub-block scales and
+//! k grids are ggml's own Q2_K/Q3_K/Q4_K/Q5_K/Q6_K: their stored d, dmin and sub-block scales and
 //! minimums are laid out in ggml's blocks, the codes as they are; the iq4nl grid's codes are
 //! IQ4_NL's indices.
 
@@ -48,6 +49,7 @@ pub(crate) fn exact_types(e: &QuantEntry) -> std::result::Result<Vec<GgmlType>, 
                 2 => t.push(GgmlType::Q2K),
                 3 => t.push(GgmlType::Q3K),
                 4 => t.push(GgmlType::Q4K),
+                5 => t.push(GgmlType::Q5K),
                 6 => t.push(GgmlType::Q6K),
                 _ => {}
             }
@@ -59,11 +61,11 @@ pub(crate) fn exact_types(e: &QuantEntry) -> std::result::Result<Vec<GgmlType>, 
         }
     } else if e.cols.is_multiple_of(32) {
         let (lo, hi) = level_range(e.kind, e.bits);
-        for ty in [GgmlType::Q4_0, GgmlType::Q8_0] {
-            let (tlo, thi) = if ty == GgmlType::Q4_0 {
-                (-8, 7)
-            } else {
-                (-128, 127)
+        for ty in [GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0] {
+            let (tlo, thi) = match ty {
+                GgmlType::Q4_0 => (-8, 7),
+                GgmlType::Q5_0 => (-16, 15),
+                _ => (-128, 127),
             };
             if tlo <= lo && hi <= thi {
                 t.push(ty);
@@ -94,7 +96,7 @@ fn ggml_level(kind: GridKind, code: u32, s: f32, z: f32, maxq: i32) -> (i32, f32
     }
 }
 
-/// Encode a k grid's backbone as Q4_K or Q2_K (ggml's block layouts), rows in `order`: the
+/// Encode a k grid's backbone as its k-quant type (ggml's block layouts), rows in `order`: the
 /// stored d, dmin and sub-block scales and minimums, the codes as they are.
 fn encode_k(m: &CompressedMatrix, ty: GgmlType, order: &[usize]) -> Result<Vec<u8>> {
     use crate::quant::kquant::{unpack_stored, SUPER};
@@ -105,6 +107,7 @@ fn encode_k(m: &CompressedMatrix, ty: GgmlType, order: &[usize]) -> Result<Vec<u
     let k = grid.ktype().ok_or_else(|| bad("not a k grid"))?;
     let want = match ty {
         GgmlType::Q4K => 4,
+        GgmlType::Q5K => 5,
         GgmlType::Q2K => 2,
         GgmlType::Q3K => 3,
         GgmlType::Q6K => 6,
@@ -194,7 +197,7 @@ fn encode_k(m: &CompressedMatrix, ty: GgmlType, order: &[usize]) -> Result<Vec<u
                 out.extend(d);
                 continue;
             }
-            if ty == GgmlType::Q4K {
+            if matches!(ty, GgmlType::Q4K | GgmlType::Q5K) {
                 out.extend(d);
                 out.extend(dmin);
                 let (sc, mn) = (&p.sc, &p.m);
@@ -207,10 +210,22 @@ fn encode_k(m: &CompressedMatrix, ty: GgmlType, order: &[usize]) -> Result<Vec<u
                 for i in 0..4 {
                     out.push(((sc[4 + i] & 15) | ((mn[4 + i] & 15) << 4)) as u8);
                 }
+                if ty == GgmlType::Q5K {
+                    // qh: byte l, bits 2c and 2c + 1 hold the fifth bits of values c·64 + l
+                    // and c·64 + 32 + l.
+                    for l in 0..32 {
+                        let mut b = 0u8;
+                        for c in 0..4 {
+                            b |= ((q(c * 64 + l)? >> 4) & 1) << (2 * c);
+                            b |= ((q(c * 64 + 32 + l)? >> 4) & 1) << (2 * c + 1);
+                        }
+                        out.push(b);
+                    }
+                }
                 // Four chunks of 64 values: low nibbles the first 32, high nibbles the rest.
                 for c in 0..4 {
                     for l in 0..32 {
-                        out.push(q(c * 64 + l)? | (q(c * 64 + 32 + l)? << 4));
+                        out.push((q(c * 64 + l)? & 15) | ((q(c * 64 + 32 + l)? & 15) << 4));
                     }
                 }
             } else {
@@ -241,7 +256,7 @@ pub(super) fn encode(m: &CompressedMatrix, ty: GgmlType, order: &[usize]) -> Res
     let (rows, cols) = (e.rows, e.cols);
     if matches!(
         ty,
-        GgmlType::Q4K | GgmlType::Q2K | GgmlType::Q3K | GgmlType::Q6K
+        GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q2K | GgmlType::Q3K | GgmlType::Q6K
     ) {
         return encode_k(m, ty, order);
     }
@@ -285,6 +300,16 @@ pub(super) fn encode(m: &CompressedMatrix, ty: GgmlType, order: &[usize]) -> Res
                         return Err(bad(format!("value {x} does not fit Q4_0")));
                     }
                     out.extend((0..16).map(|j| ((q[j] + 8) | ((q[j + 16] + 8) << 4)) as u8));
+                }
+                // qh bit j: the fifth bit of value j; qs as Q4_0's nibbles of the low four.
+                GgmlType::Q5_0 => {
+                    if let Some(x) = q.iter().find(|&&x| !(-16..=15).contains(&x)) {
+                        return Err(bad(format!("value {x} does not fit Q5_0")));
+                    }
+                    let u: Vec<u32> = q.iter().map(|&x| (x + 16) as u32).collect();
+                    let qh = (0..32).fold(0u32, |h, j| h | ((u[j] >> 4) & 1) << j);
+                    out.extend(qh.to_le_bytes());
+                    out.extend((0..16).map(|j| ((u[j] & 15) | ((u[j + 16] & 15) << 4)) as u8));
                 }
                 // Codebook indices, packed as Q4_0's nibbles (a pruned weight has none: the
                 // grid never prunes).

@@ -17,38 +17,44 @@ pub enum GgmlType {
     F16,
     BF16,
     Q4_0,
+    Q5_0,
     Q8_0,
     Iq4Nl,
     Q2K,
     Q3K,
     Q4K,
+    Q5K,
     Q6K,
 }
 
 impl GgmlType {
     /// Every type pumice writes.
-    pub const ALL: [GgmlType; 10] = [
+    pub const ALL: [GgmlType; 12] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::BF16,
         GgmlType::Q4_0,
+        GgmlType::Q5_0,
         GgmlType::Q8_0,
         GgmlType::Iq4Nl,
         GgmlType::Q2K,
         GgmlType::Q3K,
         GgmlType::Q4K,
+        GgmlType::Q5K,
         GgmlType::Q6K,
     ];
 
     /// The types a linear weight may be written in (`--gguf-type`), in the order that breaks
     /// ties when choosing the file's main type.
-    pub const LINEAR: [GgmlType; 8] = [
+    pub const LINEAR: [GgmlType; 10] = [
         GgmlType::Q4_0,
+        GgmlType::Q5_0,
         GgmlType::Q8_0,
         GgmlType::Iq4Nl,
         GgmlType::Q2K,
         GgmlType::Q3K,
         GgmlType::Q4K,
+        GgmlType::Q5K,
         GgmlType::Q6K,
         GgmlType::F32,
     ];
@@ -58,11 +64,13 @@ impl GgmlType {
             GgmlType::F32 => 0,
             GgmlType::F16 => 1,
             GgmlType::Q4_0 => 2,
+            GgmlType::Q5_0 => 6,
             GgmlType::Q8_0 => 8,
             GgmlType::Iq4Nl => 20,
             GgmlType::Q2K => 10,
             GgmlType::Q3K => 11,
             GgmlType::Q4K => 12,
+            GgmlType::Q5K => 13,
             GgmlType::Q6K => 14,
             GgmlType::BF16 => 30,
         }
@@ -74,10 +82,14 @@ impl GgmlType {
             GgmlType::F32 => (1, 4),
             GgmlType::F16 | GgmlType::BF16 => (1, 2),
             GgmlType::Q4_0 | GgmlType::Iq4Nl => (32, 18),
+            // d, qh (the fifth bits, u32), qs[16].
+            GgmlType::Q5_0 => (32, 22),
             // scales[16], qs[64], d, dmin.
             GgmlType::Q2K => (256, 84),
             // d, dmin, scales[12], qs[128].
             GgmlType::Q4K => (256, 144),
+            // d, dmin, scales[12], qh[32], qs[128].
+            GgmlType::Q5K => (256, 176),
             // hmask[32], qs[64], scales[12], d.
             GgmlType::Q3K => (256, 110),
             // ql[128], qh[64], scales[16], d.
@@ -92,11 +104,13 @@ impl GgmlType {
             GgmlType::F16 => "f16",
             GgmlType::BF16 => "bf16",
             GgmlType::Q4_0 => "q4_0",
+            GgmlType::Q5_0 => "q5_0",
             GgmlType::Q8_0 => "q8_0",
             GgmlType::Iq4Nl => "iq4_nl",
             GgmlType::Q2K => "q2_k",
             GgmlType::Q3K => "q3_k",
             GgmlType::Q4K => "q4_k",
+            GgmlType::Q5K => "q5_k",
             GgmlType::Q6K => "q6_k",
         }
     }

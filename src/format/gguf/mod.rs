@@ -126,8 +126,10 @@ fn metadata(ck: &Checkpoint, types: &[GgmlType]) -> Result<Vec<(String, Value)>>
     let file_type = match types.first() {
         Some(GgmlType::Q8_0) => 7,
         Some(GgmlType::Q4_0) => 2,
+        Some(GgmlType::Q5_0) => 8,
         Some(GgmlType::Iq4Nl) => 25,
         Some(GgmlType::Q4K) => 14,
+        Some(GgmlType::Q5K) => 16,
         Some(GgmlType::Q2K) => 10,
         Some(GgmlType::Q3K) => 11,
         Some(GgmlType::Q6K) => 18,
