@@ -1060,3 +1060,106 @@ fn k_grids_export_as_ggml_k_quants_bit_for_bit() {
         assert_eq!(bits_equal(&tensors[&gname].1, &mm.backbone().unwrap()), 0);
     }
 }
+
+/// A SentencePiece-style tokenizer (BPE with byte fallback, "▁" for spaces: Llama 2, TinyLlama,
+/// Mistral) goes to GGUF as llama.cpp's "llama" vocabulary: gguf-py reads back every piece,
+/// score and type of the model's tokenizer.model (parsed by transformers' copy of
+/// SentencePiece's schema) — without tokenizer.model, tokenizer.json's tokens with scores in
+/// merge order — and, where llama-cpp-python is installed, llama.cpp tokenizes the messy texts
+/// exactly as transformers does from the source.
+#[test]
+fn sentencepiece_tokenizers_become_llama_vocabularies() {
+    let data = project_root().join("tests/data/tokenizers");
+    let texts: Vec<PathBuf> = std::fs::read_dir(data.join("texts"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    for (name, tok_dir, files, vocab, from) in [
+        (
+            "spm-model",
+            "spm_llama",
+            &["tokenizer.json", "tokenizer_config.json", "tokenizer.model"][..],
+            1000,
+            "tokenizer.model",
+        ),
+        (
+            "spm-merges",
+            "spm_llama",
+            &["tokenizer.json", "tokenizer_config.json"][..],
+            1000,
+            "tokenizer.json merges",
+        ),
+        (
+            "spm-hf-trained",
+            "sentencepiece",
+            &["tokenizer.json"][..],
+            1500,
+            "tokenizer.json merges",
+        ),
+    ] {
+        let src = work().join(format!("{name}-src"));
+        let mut m = pumice::model::synthetic::SyntheticLlama::tiny("LlamaForCausalLM");
+        (m.hidden, m.intermediate, m.vocab) = (64, 96, vocab);
+        m.extra.insert("bos_token_id".into(), serde_json::json!(1));
+        m.extra.insert("eos_token_id".into(), serde_json::json!(2));
+        let _ = std::fs::remove_dir_all(&src);
+        m.write(&src).unwrap();
+        for f in files {
+            std::fs::copy(data.join(tok_dir).join(f), src.join(f)).unwrap();
+        }
+        let q = write(
+            "compress",
+            &src,
+            &format!("{name}-gguf"),
+            &[
+                "--eval-samples",
+                "0",
+                "--calib-samples",
+                "4",
+                "--calib-len",
+                "64",
+                "--method",
+                "rtn",
+                "--bits",
+                "4",
+                "--group-size",
+                "32",
+                "--grid",
+                "symmetric",
+                "--format",
+                "gguf",
+            ],
+        );
+        let o = Command::new(python())
+            .arg(project_root().join("tools/interop/gguf_spm_check.py"))
+            .arg(q.join("model.gguf"))
+            .arg(&src)
+            .args(&texts)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "gguf_spm_check.py {name}: {stdout} {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let r: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        assert_eq!(r["model"], "llama", "{name}: {r}");
+        assert_eq!(r["source"], from, "{name}: {r}");
+        assert_eq!(r["pieces_equal"], true, "{name}: {r}");
+        assert_eq!(r["n"], vocab, "{name}: {r}");
+        assert_eq!(r["add_space_prefix"], true, "{name}: {r}");
+        assert_eq!((r["bos"].as_u64(), r["eos"].as_u64()), (Some(1), Some(2)));
+        assert_eq!(r["unk"], 0, "{name}: {r}");
+        if let Some(eq) = r["llama_cpp_tokens_equal"].as_object() {
+            assert_eq!(eq.len(), texts.len());
+            for (text, v) in eq {
+                assert_eq!(v[0], true, "{name}: llama.cpp tokenizes {text} differently");
+            }
+        } else {
+            println!(
+                "{name}: llama-cpp-python not installed; llama.cpp's tokenization not compared"
+            );
+        }
+    }
+}

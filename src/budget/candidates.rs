@@ -180,7 +180,7 @@ mod tests {
             "caldera-x",
             "caldera-1.5",
             "gptq-3",
-            "gptq-5-g128",
+            "gptq-9-g128",
             "gptq-3-128",
             "awq-4-g128",
             "",

@@ -112,21 +112,14 @@ impl CompressedMatrix {
         Ok(self.data.values(e.rows, e.cols, &e.grid()?))
     }
 
-    /// The weight this matrix stands for, rows × cols f32: Q + L·R (the product in f64), with
+    /// The weight this matrix stands for, rows × cols f32: Q + L·R (the product and the sum in
+    /// f64, rounded once), with
     /// any incoherence rotation undone (in f64).
     pub fn dense(&self) -> Result<Vec<f32>> {
         let e = &self.entry;
         let mut w = self.backbone()?;
         if let Some((lt, r)) = factors(e, &self.data)? {
-            let (m, n, k) = (e.rows, e.cols, e.rank);
-            for i in 0..m {
-                for j in 0..n {
-                    let lr: f64 = (0..k)
-                        .map(|t| lt[t * m + i] as f64 * r[t * n + j] as f64)
-                        .sum();
-                    w[i * n + j] = (w[i * n + j] as f64 + lr) as f32;
-                }
-            }
+            add_low_rank(&mut w, &lt, &r, e.rows, e.cols, e.rank);
         }
         if let Some(seeds) = e.rht {
             w = rht::unrotate_weight(
@@ -138,5 +131,58 @@ impl CompressedMatrix {
             );
         }
         Ok(w)
+    }
+}
+
+/// w += L·R for Lᵀ (k × m) and R (k × n), row-major: the product in f64 (faer's GEMM on all
+/// cores), each sum rounded once to f32.
+fn add_low_rank(w: &mut [f32], lt: &[f32], r: &[f32], m: usize, n: usize, k: usize) {
+    use faer::{Accum, MatRef, Par};
+    let l64: Vec<f64> = lt.iter().map(|&x| x as f64).collect();
+    let r64: Vec<f64> = r.iter().map(|&x| x as f64).collect();
+    // Lᵀ stored row-major (k × m) is L column-major (m × k).
+    let l = MatRef::from_column_major_slice(&l64, m, k);
+    let rm = MatRef::from_row_major_slice(&r64, k, n);
+    let mut c = faer::Mat::<f64>::zeros(m, n);
+    faer::linalg::matmul::matmul(c.as_mut(), Accum::Replace, l, rm, 1.0f64, Par::rayon(0));
+    for i in 0..m {
+        for (j, x) in w[i * n..(i + 1) * n].iter_mut().enumerate() {
+            *x = (*x as f64 + c[(i, j)]) as f32;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The faer product equals the plain f64 sum to f32 rounding, on awkward shapes.
+    #[test]
+    fn low_rank_sum_matches_the_plain_f64_loop() {
+        let mut s = 0x1234_5678_9abc_def0u64;
+        let mut rnd = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % 2001) as f32 / 1000.0 - 1.0
+        };
+        for (m, n, k) in [(1, 1, 1), (7, 13, 3), (64, 33, 8), (37, 300, 17)] {
+            let lt: Vec<f32> = (0..k * m).map(|_| rnd()).collect();
+            let r: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
+            let w0: Vec<f32> = (0..m * n).map(|_| rnd()).collect();
+            let mut w = w0.clone();
+            super::add_low_rank(&mut w, &lt, &r, m, n, k);
+            for i in 0..m {
+                for j in 0..n {
+                    let lr: f64 = (0..k)
+                        .map(|t| lt[t * m + i] as f64 * r[t * n + j] as f64)
+                        .sum();
+                    let want = w0[i * n + j] as f64 + lr;
+                    let got = w[i * n + j] as f64;
+                    assert!(
+                        (got - want).abs() <= want.abs() * 6e-8 + 1e-12,
+                        "{m}x{n}x{k} ({i},{j}): {got} vs {want}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -465,7 +465,9 @@ mod tests {
         assert!((gs.value(7, s, z) - 0.7).abs() < 1e-3);
         assert!((gs.value(0, s, z) + 0.7).abs() < 1e-3);
         assert!(s > 0.0);
-        assert!(Grid::new(5, 0, GridKind::Asymmetric).is_err());
+        assert!(Grid::new(9, 0, GridKind::Asymmetric).is_err());
+        assert!(Grid::new(1, 0, GridKind::Asymmetric).is_err());
+        assert!(Grid::new(5, 0, GridKind::Asymmetric).is_ok());
         assert!(Grid::new(4, 100, GridKind::Asymmetric).is_err());
     }
 
