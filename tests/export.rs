@@ -786,6 +786,50 @@ fn gguf_holds_pumices_values_bit_for_bit_and_transformers_agrees() {
         bits_equal(&lora16["blk.2.attn_q.weight.lora_a"].1, &rounded),
         0
     );
+    // `--dtype q8_0`: lora_a (rows of the input width) as ggml's Q8_0 — equal to gguf-py's own
+    // Q8_0 of R — and lora_b, whose rows are the rank 8, in f16.
+    let q8 = export(&f.caldera, "gguf-caldera-q8", "gguf", &["--dtype", "q8_0"]);
+    let (lora8, info8) = gguf_py(&q8.join("adapter.gguf"));
+    assert_eq!(info8["types"]["blk.2.attn_q.weight.lora_a"], "Q8_0");
+    assert_eq!(info8["types"]["blk.2.attn_q.weight.lora_b"], "F16");
+    let r_file = work().join("gguf-caldera-q8-r.safetensors");
+    let ref_file = work().join("gguf-caldera-q8-ref.safetensors");
+    let view = safetensors::tensor::TensorView::new(
+        safetensors::Dtype::F32,
+        vec![k, m.entry.cols],
+        bytemuck::cast_slice(&r),
+    )
+    .unwrap();
+    safetensors::serialize_to_file([("r", view)], None, &r_file).unwrap();
+    let o = Command::new(python())
+        .arg(project_root().join("tools/interop/gguf_q8_0.py"))
+        .arg(&r_file)
+        .arg(&ref_file)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rf = pumice::model::safetensors::SafetensorsFile::open(&ref_file).unwrap();
+    let want: Vec<f32> = bytemuck::pod_collect_to_vec(rf.bytes(rf.info("r").unwrap()));
+    assert_eq!(bits_equal(&lora8["blk.2.attn_q.weight.lora_a"].1, &want), 0);
+    assert!(
+        std::fs::metadata(q8.join("adapter.gguf")).unwrap().len()
+            < std::fs::metadata(half.join("adapter.gguf")).unwrap().len()
+    );
+    assert!(
+        pumice(&[
+            "export",
+            f.caldera.to_str().unwrap(),
+            "-o",
+            work().join("dense-q8-refused").to_str().unwrap(),
+            "--format",
+            "dense",
+            "--dtype",
+            "q8_0"
+        ])
+        .status
+        .code()
+            == Some(2)
+    );
     // `inspect` reports the GGUF output's sizes and bits per weight, adapter included.
     let o = pumice(&["inspect", out.to_str().unwrap(), "--json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -4,7 +4,7 @@
 //! GPTQ `gptq-BITS-gG-s24` (2:4) or `gptq-BITS-gG-sP` (a fraction P of every row pruned), and
 //! GPTQ on a ggml type's own grid, `gptq-TYPE` with TYPE one of q2_k, q3_k, q4_k, q5_k, q6_k
 //! (the k grid; its fallback on widths that are not whole super-blocks), iq4_nl, q4_0, q5_0,
-//! q8_0 — so an
+//! q8_0, and CALDERA with Q on such a grid and a fixed rank, `caldera-TYPE-rRANK` — so an
 //! allocation over them is a measured per-layer mix of llama.cpp types (what its _S/_M/_L
 //! presets choose by hand). Every grid uses the clip search; incoherence processing follows the
 //! run's `--rht`.
@@ -52,8 +52,9 @@ impl Candidate {
     pub fn recipe(&self, base: &CalderaSettings) -> Result<LayerRecipe> {
         let bad = || {
             Error::InvalidArgument(format!(
-                "option `{}`: expected caldera-BPW, gptq-BITS-gGROUP, rtn-BITS-gGROUP or \
-                 gptq-TYPE (q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl, q4_0, q5_0, q8_0)",
+                "option `{}`: expected caldera-BPW, gptq-BITS-gGROUP, rtn-BITS-gGROUP, \
+                 gptq-TYPE or caldera-TYPE-rRANK (TYPE: q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl, \
+                 q4_0, q5_0, q8_0)",
                 self.name
             ))
         };
@@ -70,6 +71,26 @@ impl Candidate {
                     caldera: CalderaSettings {
                         target_bpw: b,
                         rank: None,
+                        ..base.clone()
+                    },
+                    sparsity: Sparsity::Dense,
+                })
+            }
+            // CALDERA with Q on a ggml type's grid and a fixed rank (`caldera-q2_k-r8`).
+            ["caldera", ty, r] if ggml_grid(ty).is_some() => {
+                let rank: usize = r
+                    .strip_prefix('r')
+                    .ok_or_else(bad)?
+                    .parse()
+                    .map_err(|_| bad())?;
+                if rank == 0 {
+                    return Err(bad());
+                }
+                Ok(LayerRecipe {
+                    method: Method::Caldera,
+                    grid: ggml_grid(ty).ok_or_else(bad)??.with_clip(true),
+                    caldera: CalderaSettings {
+                        rank: Some(rank),
                         ..base.clone()
                     },
                     sparsity: Sparsity::Dense,
@@ -157,6 +178,14 @@ mod tests {
             (r.grid.kind, r.grid.bits, r.grid.group_size),
             (GridKind::K, 4, 32)
         );
+        let r = Candidate::parse("caldera-q2_k-r8")
+            .unwrap()
+            .recipe(&CalderaSettings::default())
+            .unwrap();
+        assert_eq!(
+            (r.method, r.grid.kind, r.grid.bits, r.caldera.rank),
+            (Method::Caldera, GridKind::K, 2, Some(8))
+        );
         let r = Candidate::parse("gptq-q8_0")
             .unwrap()
             .recipe(&CalderaSettings::default())
@@ -178,6 +207,9 @@ mod tests {
             "gptq-4-g128-s24-x",
             "caldera",
             "caldera-x",
+            "caldera-q2_k-r0",
+            "caldera-q2_k-8",
+            "caldera-q9_k-r8",
             "caldera-1.5",
             "gptq-3",
             "gptq-9-g128",

@@ -146,6 +146,17 @@ pub(crate) fn parse_dtype(s: &str) -> Result<pumice::DType, String> {
         .ok_or_else(|| format!("`{s}`: known dtypes are f32, f16, bf16"))
 }
 
+/// What an output stores floats in (`--dtype`): a storage dtype, or q8_0 (a GGUF adapter).
+pub(crate) fn parse_store_type(s: &str) -> Result<pumice::format::StoreType, String> {
+    use pumice::format::StoreType;
+    if s.eq_ignore_ascii_case("q8_0") {
+        return Ok(StoreType::Q8_0);
+    }
+    parse_dtype(s)
+        .map(StoreType::Float)
+        .map_err(|_| format!("`{s}`: known are f32, f16, bf16 and (a GGUF adapter) q8_0"))
+}
+
 /// An output format by name (`pumice::format::FormatKind`).
 pub(crate) fn parse_grid(s: &str) -> Result<pumice::quant::GridKind, String> {
     pumice::quant::GridKind::parse(s).map_err(|e| e.to_string())

@@ -30,10 +30,12 @@ pub(crate) struct ExportArgs {
     /// default: the smallest that holds each weight exactly).
     #[arg(long)]
     pub(crate) gguf_type: Option<String>,
-    /// Dtype of dense weights (f32, f16, bf16; default: the model's), or of a GGUF LoRA
-    /// adapter's factors (default f32, exact; f16 halves the adapter, rounding the factors).
-    #[arg(long, value_parser = super::args::parse_dtype)]
-    pub(crate) dtype: Option<DType>,
+    /// Dtype of a dense output (f32, f16, bf16; default: the model's), or of a GGUF LoRA
+    /// adapter's factors (default f32, exact; f16 halves the adapter and q8_0 stores 8.5 bits
+    /// per factor weight, both rounding the factors; a q8_0 lora_b whose rank is not a multiple
+    /// of 32 is f16).
+    #[arg(long, value_parser = super::args::parse_store_type)]
+    pub(crate) dtype: Option<pumice::format::StoreType>,
     /// Replace the output directory if it exists.
     #[arg(long)]
     pub(crate) force: bool,
@@ -45,7 +47,7 @@ pub(crate) struct ExportArgs {
 pub(crate) fn run(a: ExportArgs) -> anyhow::Result<()> {
     let ck = pumice::model::Checkpoint::open(&a.input)?;
     let format: Box<dyn pumice::format::Format> = match (&a.gguf_type, a.format) {
-        (None, f) => f.make(a.dtype, ck.dtype()),
+        (None, f) => f.make(a.dtype, ck.dtype())?,
         (Some(t), FormatKind::Gguf) => {
             use pumice::format::gguf::{file::GgmlType, Gguf};
             let linear = GgmlType::parse(t)
@@ -59,7 +61,9 @@ pub(crate) fn run(a: ExportArgs) -> anyhow::Result<()> {
                 })?;
             Box::new(Gguf {
                 linear: Some(linear),
-                lora: a.dtype.unwrap_or(DType::F32),
+                lora: a
+                    .dtype
+                    .unwrap_or(pumice::format::StoreType::Float(DType::F32)),
             })
         }
         (Some(_), f) => {

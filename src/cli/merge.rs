@@ -22,9 +22,11 @@ pub(crate) struct MergeArgs {
     #[arg(long, value_parser = super::args::parse_format, default_value = "pumice")]
     pub(crate) format: pumice::format::FormatKind,
     /// Dtype of a dense output (f32, f16, bf16; default: the model's), or of a GGUF LoRA
-    /// adapter's factors (default f32, exact; f16 halves the adapter, rounding the factors).
-    #[arg(long, value_parser = super::args::parse_dtype)]
-    pub(crate) dtype: Option<pumice::DType>,
+    /// adapter's factors (default f32, exact; f16 halves the adapter and q8_0 stores 8.5 bits
+    /// per factor weight, both rounding the factors; a q8_0 lora_b whose rank is not a multiple
+    /// of 32 is f16).
+    #[arg(long, value_parser = super::args::parse_store_type)]
+    pub(crate) dtype: Option<pumice::format::StoreType>,
     /// Replace the output directory if it exists.
     #[arg(long)]
     pub(crate) force: bool,

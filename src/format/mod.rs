@@ -255,6 +255,25 @@ pub trait FormatWriter {
     fn finish(self: Box<Self>, ck: &Checkpoint, job: JobInfo) -> Result<Written>;
 }
 
+/// What `--dtype` asks a format to store floats in: a float dtype, or ggml's Q8_0 (a GGUF LoRA
+/// adapter's factors only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreType {
+    Float(crate::DType),
+    Q8_0,
+}
+
+impl StoreType {
+    pub fn name(&self) -> &'static str {
+        match self {
+            StoreType::Float(crate::DType::F32) => "f32",
+            StoreType::Float(crate::DType::F16) => "f16",
+            StoreType::Float(crate::DType::BF16) => "bf16",
+            StoreType::Q8_0 => "q8_0",
+        }
+    }
+}
+
 /// The formats pumice writes, by name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FormatKind {
@@ -309,26 +328,33 @@ impl FormatKind {
             })
     }
 
-    /// The format, with `dtype` for the formats that store plain values (GGUF: the smallest
-    /// exact ggml type per weight; [`gguf::Gguf`] takes a fixed one).
     /// The format, with `dtype` (`--dtype`) for what it stores in floats: a dense output's
     /// weights (default `model`, the source's dtype), a GGUF LoRA adapter's factors (default
-    /// f32, exact).
-    pub fn make(&self, dtype: Option<crate::DType>, model: crate::DType) -> Box<dyn Format> {
-        match self {
+    /// f32, exact; f16, bf16 or q8_0 round them). Q8_0 is refused for anything but a GGUF
+    /// adapter.
+    pub fn make(&self, dtype: Option<StoreType>, model: crate::DType) -> Result<Box<dyn Format>> {
+        let float = |d: Option<StoreType>| match d {
+            None => Ok(None),
+            Some(StoreType::Float(d)) => Ok(Some(d)),
+            Some(StoreType::Q8_0) => Err(Error::InvalidArgument(format!(
+                "--dtype q8_0 is for a GGUF adapter's factors, not for --format {}",
+                self.name()
+            ))),
+        };
+        Ok(match self {
             FormatKind::Native => Box::new(native::Native),
             FormatKind::Dense => Box::new(dense::Dense {
-                dtype: dtype.unwrap_or(model),
+                dtype: float(dtype)?.unwrap_or(model),
             }),
             FormatKind::CompressedTensors => Box::new(compressed_tensors::CompressedTensors),
             FormatKind::Peft => Box::new(peft::Peft),
             FormatKind::Gguf => Box::new(gguf::Gguf {
                 linear: None,
-                lora: dtype.unwrap_or(crate::DType::F32),
+                lora: dtype.unwrap_or(StoreType::Float(crate::DType::F32)),
             }),
             FormatKind::Gptq => Box::new(gptq::Gptq { v1: false }),
             FormatKind::GptqV1 => Box::new(gptq::Gptq { v1: true }),
-        }
+        })
     }
 }
 

@@ -280,7 +280,7 @@ mod tests {
         o.resume = true;
         o.shard = Some((1, 4));
         o.format = crate::format::FormatKind::Dense;
-        o.dtype = Some(crate::DType::F32);
+        o.dtype = Some(crate::format::StoreType::Float(crate::DType::F32));
         assert_eq!(fp(&o), b);
         // And the adapter, model and Hessian identity are inputs too.
         let i = |a: &str, s: &str, h: Option<&str>| {

@@ -23,7 +23,7 @@ pub fn merge(
     output: &Path,
     force: bool,
     format: FormatKind,
-    dtype: Option<crate::DType>,
+    dtype: Option<crate::format::StoreType>,
     progress: &mut dyn FnMut(&Event),
 ) -> Result<CompressSummary> {
     let start = Instant::now();
@@ -81,7 +81,7 @@ pub fn merge(
         })
         .collect::<Result<Vec<_>>>()?;
     let planned: Vec<Vec<_>> = headers.iter().map(|s| s.entries.clone()).collect();
-    let format = format.make(dtype, ck.dtype());
+    let format = format.make(dtype, ck.dtype())?;
     format.check(&ck, &planned)?;
     let mut w = Output::begin(format.as_ref(), &ck, output, force, &planned)?;
     for (l, header) in headers.iter().enumerate() {

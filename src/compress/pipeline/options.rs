@@ -130,8 +130,8 @@ pub struct CompressOptions {
     pub shard: Option<(usize, usize)>,
     /// The output's format (checked against every planned weight before any GPU work).
     pub format: FormatKind,
-    /// Dtype of a dense output (default: the source's).
-    pub dtype: Option<crate::DType>,
+    /// Dtype of a dense output (default: the source's) or of a GGUF adapter's factors.
+    pub dtype: Option<crate::format::StoreType>,
 }
 
 impl CompressOptions {

@@ -49,7 +49,7 @@ pub fn compress(
         }
     }
     // What the output will hold, checked by the format before any GPU work.
-    let format = opts.format.make(opts.dtype, ck.dtype());
+    let format = opts.format.make(opts.dtype, ck.dtype())?;
     let format = format.as_ref();
     let planned = planned_entries(ck, opts)?;
     format.check(ck, &planned)?;

@@ -250,6 +250,20 @@ fn encode_k(m: &CompressedMatrix, ty: GgmlType, order: &[usize]) -> Result<Vec<u
     Ok(out)
 }
 
+/// f32 values (whole 32-blocks) as Q8_0 by ggml's own rounding (`quantize_row_q8_0_ref`:
+/// d = max|x|/127, q = round(x/d)) — an adapter's factors, not a grid's codes.
+pub(super) fn q8_0_of_f32(v: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(v.len() / 32 * 34);
+    for b in v.chunks_exact(32) {
+        let amax = b.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend(f16::from_f32(d).to_le_bytes());
+        out.extend(b.iter().map(|&x| (x * id).round() as i8 as u8));
+    }
+    out
+}
+
 /// Encode `m`'s backbone as `ty`, rows in `order`.
 pub(super) fn encode(m: &CompressedMatrix, ty: GgmlType, order: &[usize]) -> Result<Vec<u8>> {
     let e = &m.entry;

@@ -32,8 +32,8 @@ pub const ADAPTER_FILE: &str = "adapter.gguf";
 /// GGUF, with every linear weight in `linear` (None: the smallest exact type per weight).
 pub struct Gguf {
     pub linear: Option<GgmlType>,
-    /// The LoRA adapter's float dtype (f32: exact).
-    pub lora: crate::DType,
+    /// What the LoRA adapter's factors are stored in (f32: exact; f16, bf16, q8_0 round).
+    pub lora: super::StoreType,
 }
 
 fn arch_name(ck: &Checkpoint) -> &'static str {
@@ -106,6 +106,26 @@ fn float_type(d: crate::DType) -> GgmlType {
         crate::DType::F32 => GgmlType::F32,
         crate::DType::F16 => GgmlType::F16,
         crate::DType::BF16 => GgmlType::BF16,
+    }
+}
+
+/// The ggml type of an adapter tensor of rows of `ne0` values stored as `t`: Q8_0 needs whole
+/// 32-blocks along its rows (lora_b's rows are the rank), f16 stands in otherwise.
+fn adapter_type(t: super::StoreType, ne0: usize) -> GgmlType {
+    match t {
+        super::StoreType::Float(d) => float_type(d),
+        super::StoreType::Q8_0 if ne0.is_multiple_of(32) => GgmlType::Q8_0,
+        super::StoreType::Q8_0 => GgmlType::F16,
+    }
+}
+
+/// f32 values in `ty` (an adapter's tensor types: f32, f16, bf16, Q8_0 by ggml's rounding).
+fn encode_adapter(ty: GgmlType, v: &[f32]) -> Vec<u8> {
+    match ty {
+        GgmlType::F16 => crate::DType::F16.encode_f32(v),
+        GgmlType::BF16 => crate::DType::BF16.encode_f32(v),
+        GgmlType::Q8_0 => blocks::q8_0_of_f32(v),
+        _ => crate::DType::F32.encode_f32(v),
     }
 }
 
@@ -304,7 +324,7 @@ impl Format for Gguf {
         if let Some(f) = &freqs {
             writer.write("rope_freqs.weight", bytemuck::cast_slice(f))?;
         }
-        let lora = lora_plan(ck, planned, float_type(self.lora))?
+        let lora = lora_plan(ck, planned, self.lora)?
             .map(|(plan, rank)| {
                 let kv = vec![
                     ("general.type".to_string(), Value::Str("adapter".into())),
@@ -322,7 +342,7 @@ impl Format for Gguf {
             writer,
             types,
             lora,
-            lora_dtype: self.lora,
+            lora_type: self.lora,
             linear_params: 0,
             linear_bytes: 0,
         }))
@@ -333,7 +353,7 @@ impl Format for Gguf {
 fn lora_plan(
     ck: &Checkpoint,
     planned: &Planned,
-    ty: GgmlType,
+    ty: super::StoreType,
 ) -> Result<Option<(Vec<TensorInfo>, usize)>> {
     let rank = planned
         .iter()
@@ -353,12 +373,12 @@ fn lora_plan(
                 plan.push(TensorInfo {
                     name: format!("{n}.lora_a"),
                     ne: vec![lin.in_features, rank],
-                    ty,
+                    ty: adapter_type(ty, lin.in_features),
                 });
                 plan.push(TensorInfo {
                     name: format!("{n}.lora_b"),
                     ne: vec![rank, lin.out_features],
-                    ty,
+                    ty: adapter_type(ty, rank),
                 });
             }
         }
@@ -391,7 +411,7 @@ struct GgufOut {
     writer: GgufWriter,
     types: HashMap<String, GgmlType>,
     lora: Option<(GgufWriter, usize)>,
-    lora_dtype: crate::DType,
+    lora_type: super::StoreType,
     linear_params: usize,
     linear_bytes: u64,
 }
@@ -448,8 +468,10 @@ impl FormatWriter for GgufOut {
                         bm[i * *rank + t] = lt[t * rows + hr];
                     }
                 }
-                w.write(&format!("{n}.lora_a"), &self.lora_dtype.encode_f32(&a))?;
-                w.write(&format!("{n}.lora_b"), &self.lora_dtype.encode_f32(&bm))?;
+                let st = self.lora_type;
+                let (ta, tb) = (adapter_type(st, cols), adapter_type(st, *rank));
+                w.write(&format!("{n}.lora_a"), &encode_adapter(ta, &a))?;
+                w.write(&format!("{n}.lora_b"), &encode_adapter(tb, &bm))?;
             }
         }
         Ok(())
