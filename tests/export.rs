@@ -830,6 +830,91 @@ fn gguf_holds_pumices_values_bit_for_bit_and_transformers_agrees() {
         .code()
             == Some(2)
     );
+    // Ranks chosen by the budget differ between modules. llama.cpp scales each pair by
+    // alpha / (its rank), alpha being the largest rank r_max: in f16 every module keeps its own
+    // rank with lora_b times r / r_max; in f32 (exact) a module whose r_max / r is not a power
+    // of two is zero-padded to r_max.
+    let mixed = compress(
+        "caldera-mixed-ranks",
+        &[
+            "--method",
+            "caldera",
+            "--grid",
+            "asymmetric",
+            "--no-rht",
+            "--group-size",
+            "64",
+            "--target-bpw",
+            "2.6",
+        ],
+    );
+    let ck = Checkpoint::open(&mixed).unwrap();
+    let layer = pumice::format::native::read_layer(&ck, 1).unwrap();
+    let ranks: Vec<usize> = layer.matrices.iter().map(|m| m.entry.rank).collect();
+    let r_max = ck
+        .manifest()
+        .unwrap()
+        .tensors
+        .values()
+        .map(|e| e.rank)
+        .max()
+        .unwrap();
+    assert!(ranks.iter().any(|&r| r < r_max), "{ranks:?} (max {r_max})");
+    for dtype in ["f16", "f32"] {
+        let o = export(
+            &mixed,
+            &format!("gguf-mixed-{dtype}"),
+            "gguf",
+            &["--dtype", dtype],
+        );
+        let (lora, info) = gguf_py(&o.join("adapter.gguf"));
+        assert_eq!(info["metadata"]["adapter.lora.alpha"], r_max as f64);
+        for (m, kind) in layer
+            .matrices
+            .iter()
+            .zip(["attn_q", "attn_k", "attn_v", "attn_output"])
+        {
+            let r = m.entry.rank;
+            let padded = dtype == "f32" && !((r_max / r).is_power_of_two() && r_max % r == 0);
+            let sr = if padded { r_max } else { r };
+            let (shape, b) = &lora[&format!("blk.1.{kind}.weight.lora_b")];
+            assert_eq!(shape, &vec![m.entry.rows, sr], "{dtype} {kind}");
+            let (lt, _) = pumice::format::weights::factors(&m.entry, &m.data)
+                .unwrap()
+                .unwrap();
+            let heads = match kind {
+                "attn_q" => ck.config().num_heads,
+                "attn_k" => ck.config().num_kv_heads,
+                _ => 1,
+            };
+            let rows = m.entry.rows;
+            let order = if heads > 1 {
+                llama_rows(rows, heads)
+            } else {
+                (0..rows).collect()
+            };
+            let scale = sr as f32 / r_max as f32;
+            let want: Vec<f32> = order
+                .iter()
+                .flat_map(|&hr| (0..sr).map(move |t| (hr, t)))
+                .map(|(hr, t)| {
+                    if t < r {
+                        lt[t * rows + hr] * scale
+                    } else {
+                        0.0
+                    }
+                })
+                .map(|x| {
+                    if dtype == "f16" {
+                        half::f16::from_f32(x).to_f32()
+                    } else {
+                        x
+                    }
+                })
+                .collect();
+            assert_eq!(bits_equal(b, &want), 0, "{dtype} {kind}");
+        }
+    }
     // `inspect` reports the GGUF output's sizes and bits per weight, adapter included.
     let o = pumice(&["inspect", out.to_str().unwrap(), "--json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

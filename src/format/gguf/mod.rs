@@ -349,7 +349,21 @@ impl Format for Gguf {
     }
 }
 
-/// The adapter's tensors (weights with factors, all padded to the largest rank) and that rank.
+/// The rank a module of factor rank `r` is stored at in an adapter whose alpha is `r_max`:
+/// llama.cpp scales each pair by alpha / (its own rank), so a smaller rank keeps its size and
+/// lora_b is multiplied by r / r_max — exact in f32 when that is a power of two; otherwise an
+/// f32 adapter zero-pads the module to r_max (exact), a rounded one scales anyway.
+fn stored_rank(r: usize, r_max: usize, store: super::StoreType) -> usize {
+    let exact = (r_max / r).is_power_of_two() && r_max % r == 0;
+    if exact || store != super::StoreType::Float(crate::DType::F32) {
+        r
+    } else {
+        r_max
+    }
+}
+
+/// The adapter's tensors (weights with factors, each at its [`stored_rank`]) and alpha (the
+/// largest rank).
 fn lora_plan(
     ck: &Checkpoint,
     planned: &Planned,
@@ -368,17 +382,18 @@ fn lora_plan(
     for (l, spec) in ck.arch().layers.iter().enumerate() {
         for lin in &spec.linears {
             let e = planned[l].iter().find(|(n, _)| *n == lin.weight.name);
-            if e.is_some_and(|(_, e)| e.rank > 0) {
+            if let Some((_, e)) = e.filter(|(_, e)| e.rank > 0) {
                 let n = format!("blk.{l}.{}.weight", gguf_name(lin.kind));
+                let r = stored_rank(e.rank, rank, ty);
                 plan.push(TensorInfo {
                     name: format!("{n}.lora_a"),
-                    ne: vec![lin.in_features, rank],
+                    ne: vec![lin.in_features, r],
                     ty: adapter_type(ty, lin.in_features),
                 });
                 plan.push(TensorInfo {
                     name: format!("{n}.lora_b"),
-                    ne: vec![rank, lin.out_features],
-                    ty: adapter_type(ty, rank),
+                    ne: vec![r, lin.out_features],
+                    ty: adapter_type(ty, r),
                 });
             }
         }
@@ -458,18 +473,21 @@ impl FormatWriter for GgufOut {
             if let (Some((w, rank)), Some((lt, r))) = (&mut self.lora, factors(&m.entry, &m.data)?)
             {
                 let (rows, cols, k) = (m.entry.rows, m.entry.cols, m.entry.rank);
-                // lora_a = R zero-padded to `rank` rows; lora_b = L (rows in GGUF order),
-                // zero-padded to `rank` columns.
+                let st = self.lora_type;
+                // lora_a = R and lora_b = L (rows in GGUF order), zero-padded to the stored
+                // rank sr; at sr < alpha, lora_b times sr / alpha (llama.cpp's scale is
+                // alpha / sr).
+                let sr = stored_rank(k, *rank, st);
+                let scale = sr as f32 / *rank as f32;
                 let mut a = r.clone();
-                a.resize(*rank * cols, 0.0);
-                let mut bm = vec![0.0f32; rows * *rank];
+                a.resize(sr * cols, 0.0);
+                let mut bm = vec![0.0f32; rows * sr];
                 for (i, &hr) in order.iter().enumerate() {
                     for t in 0..k {
-                        bm[i * *rank + t] = lt[t * rows + hr];
+                        bm[i * sr + t] = lt[t * rows + hr] * scale;
                     }
                 }
-                let st = self.lora_type;
-                let (ta, tb) = (adapter_type(st, cols), adapter_type(st, *rank));
+                let (ta, tb) = (adapter_type(st, cols), adapter_type(st, sr));
                 w.write(&format!("{n}.lora_a"), &encode_adapter(ta, &a))?;
                 w.write(&format!("{n}.lora_b"), &encode_adapter(tb, &bm))?;
             }
