@@ -1024,6 +1024,12 @@ fn qwen2_shaped_exports_keep_biases_tied_head_and_row_order() {
     let ct = export(&q, "qwen2-ct", "compressed-tensors", &[]);
     let d = max_diff(&want, &transformers_logits(&ct, None, &seqs));
     assert!(d < 1e-4, "qwen2 compressed-tensors: logits differ by {d}");
+    // GPTQ keeps the biases beside the quantized modules; GPTQModel's dequantization agrees.
+    let gq = export(&q, "qwen2-gptq", "gptq", &[]);
+    let (logits, info) = hf_logits_info(&gq, &[], &seqs);
+    assert_eq!(info["gptq_f16_max_diff"], 0.0, "{info}");
+    let d = max_diff(&want, &logits);
+    assert!(d < 1e-4, "qwen2 GPTQ: logits differ by {d}");
 }
 
 /// ggml's k-quant grids on a Llama whose widths are whole super-blocks (hidden 256,
