@@ -354,7 +354,7 @@ impl Format for Gguf {
 /// lora_b is multiplied by r / r_max — exact in f32 when that is a power of two; otherwise an
 /// f32 adapter zero-pads the module to r_max (exact), a rounded one scales anyway.
 fn stored_rank(r: usize, r_max: usize, store: super::StoreType) -> usize {
-    let exact = (r_max / r).is_power_of_two() && r_max % r == 0;
+    let exact = r_max.is_multiple_of(r) && (r_max / r).is_power_of_two();
     if exact || store != super::StoreType::Float(crate::DType::F32) {
         r
     } else {
