@@ -13,15 +13,15 @@
 //! factors go to a PEFT adapter in `adapter/` beside the base.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::model::compressed::{Accounting, QuantEntry, StreamingWriter};
+use crate::model::compressed::QuantEntry;
 use crate::model::Checkpoint;
 use crate::quant::grid::{pack_row, packed_words};
 use crate::quant::GridKind;
 
-use super::peft::{self, LoraWriter};
+use super::peft;
 use super::{
     hf, CompressedLayer, CompressedMatrix, Format, FormatWriter, JobInfo, Planned, Written,
 };
@@ -136,7 +136,7 @@ impl Format for CompressedTensors {
             .flatten()
             .map(|(n, e)| (n.as_str(), e))
             .collect();
-        let plan = hf::plan_model(ck, |w, rows, cols| {
+        let model = hf::QuantModelWriter::begin(ck, dir, target, planned, |w, rows, cols| {
             let e = entries
                 .get(w)
                 .ok_or_else(|| Error::tensor(ck.dir(), w, "has no planned entry"))?;
@@ -169,36 +169,13 @@ impl Format for CompressedTensors {
                 .or_default()
                 .push(hf::module_of(w).to_string());
         }
-        let path = dir.join("model.safetensors");
-        let mut writer = StreamingWriter::create(&path, plan)?;
-        hf::copy_plain(&mut writer, ck, &ck.arch().embed_tokens.name)?;
-        let lora = planned
-            .iter()
-            .flatten()
-            .any(|(_, e)| e.rank > 0)
-            .then(|| LoraWriter::begin(&dir.join("adapter"), Some(target), planned))
-            .transpose()?;
-        Ok(Box::new(CtWriter {
-            dir: dir.to_path_buf(),
-            path,
-            writer,
-            schemes,
-            lora,
-            linear_params: 0,
-            linear_bits: 0,
-        }))
+        Ok(Box::new(CtWriter { model, schemes }))
     }
 }
 
 struct CtWriter {
-    dir: PathBuf,
-    path: PathBuf,
-    writer: StreamingWriter,
+    model: hf::QuantModelWriter,
     schemes: BTreeMap<Scheme, Vec<String>>,
-    /// The adapter of a CALDERA checkpoint's factors.
-    lora: Option<LoraWriter>,
-    linear_params: usize,
-    linear_bits: u64,
 }
 
 /// The tensors of one module, in the planned order.
@@ -261,46 +238,11 @@ fn module_tensors(m: &CompressedMatrix) -> Result<Vec<(String, Vec<u8>)>> {
 
 impl FormatWriter for CtWriter {
     fn layer(&mut self, ck: &Checkpoint, s: &CompressedLayer) -> Result<()> {
-        let spec = &ck.arch().layers[s.layer];
-        for t in spec.tensors() {
-            match s.matrices.iter().find(|m| m.weight == t.name) {
-                Some(m) => {
-                    let mut bits = 0u64;
-                    for (name, bytes) in module_tensors(m)? {
-                        bits += bytes.len() as u64 * 8;
-                        self.writer.write(&name, &bytes)?;
-                    }
-                    self.linear_params += m.entry.rows * m.entry.cols;
-                    self.linear_bits += bits;
-                }
-                None if spec.linears.iter().any(|l| l.weight.name == t.name) => {
-                    return Err(Error::InvalidArgument(format!(
-                        "{}: missing from compressed layer {}",
-                        t.name, s.layer
-                    )));
-                }
-                None => hf::copy_plain(&mut self.writer, ck, &t.name)?,
-            }
-        }
-        match &mut self.lora {
-            Some(l) => l.layer(s),
-            None => Ok(()),
-        }
+        self.model.layer(ck, s, module_tensors, |_| true)
     }
 
-    fn finish(mut self: Box<Self>, ck: &Checkpoint, job: JobInfo) -> Result<Written> {
-        hf::copy_tail(&mut self.writer, ck, None)?;
-        let CtWriter {
-            dir,
-            path,
-            writer,
-            schemes,
-            lora,
-            linear_params,
-            linear_bits,
-        } = *self;
-        writer.finish()?;
-        hf::copy_side_files(ck, &dir, false)?;
+    fn finish(self: Box<Self>, ck: &Checkpoint, job: JobInfo) -> Result<Written> {
+        let CtWriter { model, schemes } = *self;
         let one = schemes.len() == 1;
         let groups: serde_json::Map<String, serde_json::Value> = schemes
             .iter()
@@ -325,39 +267,18 @@ impl FormatWriter for CtWriter {
             .collect();
         // transformers' lm_head is a Linear even when tied to the embedding: never quantized.
         let ignore = ["lm_head"];
-        hf::write_config(ck, &dir, |c| {
-            c.insert(
-                "quantization_config".into(),
-                serde_json::json!({
-                    "quant_method": "compressed-tensors",
-                    "format": "pack-quantized",
-                    "quantization_status": "compressed",
-                    "config_groups": groups,
-                    "ignore": ignore,
-                    "kv_cache_scheme": null,
-                    "sparsity_config": {},
-                    "global_compression_ratio": null,
-                    "version": "0.20.1",
-                }),
-            );
-        })?;
-        let bytes = std::fs::metadata(&path)
-            .map_err(|e| Error::io(&path, e))?
-            .len();
-        let mut files = vec![("model.safetensors".to_string(), bytes)];
-        let mut total_bytes = bytes;
-        if let Some(lora) = lora {
-            let (adapter, _) = lora.finish()?;
-            for (f, b) in adapter {
-                total_bytes += b;
-                files.push((format!("adapter/{f}"), b));
-            }
-        }
-        Ok(Written {
-            files,
-            total: Accounting::new(job.source.parameters, total_bytes * 8),
-            linear: Accounting::new(linear_params, linear_bits),
-        })
+        let qc = serde_json::json!({
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "quantization_status": "compressed",
+            "config_groups": groups,
+            "ignore": ignore,
+            "kv_cache_scheme": null,
+            "sparsity_config": {},
+            "global_compression_ratio": null,
+            "version": "0.20.1",
+        });
+        model.finish(ck, &job, qc, &[])
     }
 }
 

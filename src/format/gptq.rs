@@ -14,15 +14,15 @@
 //! module, so a checkpoint mixing bits, group sizes or grids is refused (compressed-tensors and
 //! GGUF hold mixes). A CALDERA checkpoint's factors go to a PEFT adapter in `adapter/`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::model::compressed::{Accounting, QuantEntry, StreamingWriter};
+use crate::model::compressed::QuantEntry;
 use crate::model::Checkpoint;
 use crate::quant::grid::pack_row;
 use crate::quant::GridKind;
 
-use super::peft::{self, LoraWriter};
+use super::peft;
 use super::{
     hf, CompressedLayer, CompressedMatrix, Format, FormatWriter, JobInfo, Planned, Written,
 };
@@ -151,7 +151,7 @@ impl Format for Gptq {
     ) -> Result<Box<dyn FormatWriter>> {
         let scheme = scheme(ck.dir(), planned)?;
         let b = scheme.bits as usize;
-        let plan = hf::plan_model(ck, |w, rows, cols| {
+        let model = hf::QuantModelWriter::begin(ck, dir, target, planned, |w, rows, cols| {
             let m = hf::module_of(w);
             let groups = match scheme.group_size {
                 0 => 1,
@@ -164,25 +164,11 @@ impl Format for Gptq {
                 hf::tensor(format!("{m}.g_idx"), "I32", vec![cols]),
             ])
         })?;
-        let path = dir.join("model.safetensors");
-        let mut writer = StreamingWriter::create(&path, plan)?;
-        hf::copy_plain(&mut writer, ck, &ck.arch().embed_tokens.name)?;
-        let lora = planned
-            .iter()
-            .flatten()
-            .any(|(_, e)| e.rank > 0)
-            .then(|| LoraWriter::begin(&dir.join("adapter"), Some(target), planned))
-            .transpose()?;
         Ok(Box::new(GptqWriter {
             v1: self.v1,
             scheme,
             desc_act: planned.iter().flatten().any(|(_, e)| e.act_order),
-            dir: dir.to_path_buf(),
-            path,
-            writer,
-            lora,
-            linear_params: 0,
-            linear_bits: 0,
+            model,
         }))
     }
 }
@@ -191,12 +177,7 @@ struct GptqWriter {
     v1: bool,
     scheme: Scheme,
     desc_act: bool,
-    dir: PathBuf,
-    path: PathBuf,
-    writer: StreamingWriter,
-    lora: Option<LoraWriter>,
-    linear_params: usize,
-    linear_bits: u64,
+    model: hf::QuantModelWriter,
 }
 
 fn u16s(bytes: &[u8]) -> Vec<u16> {
@@ -293,51 +274,23 @@ fn module_tensors(m: &CompressedMatrix, v1: bool) -> Result<Vec<(String, Vec<u8>
 
 impl FormatWriter for GptqWriter {
     fn layer(&mut self, ck: &Checkpoint, s: &CompressedLayer) -> Result<()> {
-        let spec = &ck.arch().layers[s.layer];
-        for t in spec.tensors() {
-            match s.matrices.iter().find(|m| m.weight == t.name) {
-                Some(m) => {
-                    let mut bits = 0u64;
-                    for (name, bytes) in module_tensors(m, self.v1)? {
-                        // g_idx is the column order, not stored weight information.
-                        if !name.ends_with(".g_idx") {
-                            bits += bytes.len() as u64 * 8;
-                        }
-                        self.writer.write(&name, &bytes)?;
-                    }
-                    self.linear_params += m.entry.rows * m.entry.cols;
-                    self.linear_bits += bits;
-                }
-                None if spec.linears.iter().any(|l| l.weight.name == t.name) => {
-                    return Err(Error::InvalidArgument(format!(
-                        "{}: missing from compressed layer {}",
-                        t.name, s.layer
-                    )));
-                }
-                None => hf::copy_plain(&mut self.writer, ck, &t.name)?,
-            }
-        }
-        match &mut self.lora {
-            Some(l) => l.layer(s),
-            None => Ok(()),
-        }
+        let v1 = self.v1;
+        // g_idx is the column order, not stored weight information.
+        self.model.layer(
+            ck,
+            s,
+            |m| module_tensors(m, v1),
+            |name| !name.ends_with(".g_idx"),
+        )
     }
 
-    fn finish(mut self: Box<Self>, ck: &Checkpoint, job: JobInfo) -> Result<Written> {
-        hf::copy_tail(&mut self.writer, ck, None)?;
+    fn finish(self: Box<Self>, ck: &Checkpoint, job: JobInfo) -> Result<Written> {
         let GptqWriter {
             v1,
             scheme,
             desc_act,
-            dir,
-            path,
-            writer,
-            lora,
-            linear_params,
-            linear_bits,
+            model,
         } = *self;
-        writer.finish()?;
-        hf::copy_side_files(ck, &dir, false)?;
         let qc = serde_json::json!({
             "quant_method": "gptq",
             "bits": scheme.bits,
@@ -352,31 +305,7 @@ impl FormatWriter for GptqWriter {
             "damp_percent": 0.01,
             "pack_dtype": "int32",
         });
-        hf::write_config(ck, &dir, |c| {
-            c.insert("quantization_config".into(), qc.clone());
-        })?;
-        let text = serde_json::to_string_pretty(&qc).expect("config serializes");
-        crate::base::atomic::write_atomic(
-            &dir.join("quantize_config.json"),
-            &[text.as_bytes(), b"\n"],
-        )?;
-        let bytes = std::fs::metadata(&path)
-            .map_err(|e| Error::io(&path, e))?
-            .len();
-        let mut files = vec![("model.safetensors".to_string(), bytes)];
-        let mut total_bytes = bytes;
-        if let Some(lora) = lora {
-            let (adapter, _) = lora.finish()?;
-            for (f, b) in adapter {
-                total_bytes += b;
-                files.push((format!("adapter/{f}"), b));
-            }
-        }
-        Ok(Written {
-            files,
-            total: Accounting::new(job.source.parameters, total_bytes * 8),
-            linear: Accounting::new(linear_params, linear_bits),
-        })
+        model.finish(ck, &job, qc, &["quantize_config.json"])
     }
 }
 

@@ -7,7 +7,7 @@ use std::path::Path;
 use crate::base::atomic::write_atomic;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::model::compressed::{PlannedTensor, StreamingWriter};
+use crate::model::compressed::{Accounting, PlannedTensor, StreamingWriter};
 use crate::model::Checkpoint;
 
 /// Files copied from the source directory beside the weights.
@@ -185,6 +185,127 @@ pub(crate) fn copy_tail(
         }
     }
     Ok(())
+}
+
+/// A Hugging Face model directory whose linear weights are quantized modules (compressed-tensors,
+/// GPTQ): model.safetensors streamed layer by layer with every other tensor as the source stores
+/// it, CALDERA's factors as a PEFT adapter in `adapter/`, and the source's config.json with a
+/// `quantization_config`. The format supplies each module's planned tensors and their bytes.
+pub(crate) struct QuantModelWriter {
+    dir: std::path::PathBuf,
+    path: std::path::PathBuf,
+    writer: StreamingWriter,
+    lora: Option<super::peft::LoraWriter>,
+    linear_params: usize,
+    linear_bits: u64,
+}
+
+impl QuantModelWriter {
+    /// Plan model.safetensors in `dir` (linear weight `w`, rows × cols, as `linear` plans it)
+    /// and the adapter of any weight with factors; `target` is where the output will live.
+    pub(crate) fn begin(
+        ck: &Checkpoint,
+        dir: &Path,
+        target: &Path,
+        planned: &super::Planned,
+        linear: impl FnMut(&str, usize, usize) -> Result<Vec<PlannedTensor>>,
+    ) -> Result<QuantModelWriter> {
+        let plan = plan_model(ck, linear)?;
+        let path = dir.join("model.safetensors");
+        let mut writer = StreamingWriter::create(&path, plan)?;
+        copy_plain(&mut writer, ck, &ck.arch().embed_tokens.name)?;
+        let lora = planned
+            .iter()
+            .flatten()
+            .any(|(_, e)| e.rank > 0)
+            .then(|| super::peft::LoraWriter::begin(&dir.join("adapter"), Some(target), planned))
+            .transpose()?;
+        Ok(QuantModelWriter {
+            dir: dir.to_path_buf(),
+            path,
+            writer,
+            lora,
+            linear_params: 0,
+            linear_bits: 0,
+        })
+    }
+
+    /// One decoder layer: each linear weight as the tensors `module` gives (those `stored`
+    /// accepts by name count as the weight's storage), everything else copied, the factors to
+    /// the adapter.
+    pub(crate) fn layer(
+        &mut self,
+        ck: &Checkpoint,
+        s: &super::CompressedLayer,
+        module: impl Fn(&super::CompressedMatrix) -> Result<Vec<(String, Vec<u8>)>>,
+        stored: impl Fn(&str) -> bool,
+    ) -> Result<()> {
+        let spec = &ck.arch().layers[s.layer];
+        for t in spec.tensors() {
+            match s.matrices.iter().find(|m| m.weight == t.name) {
+                Some(m) => {
+                    for (name, bytes) in module(m)? {
+                        if stored(&name) {
+                            self.linear_bits += bytes.len() as u64 * 8;
+                        }
+                        self.writer.write(&name, &bytes)?;
+                    }
+                    self.linear_params += m.entry.rows * m.entry.cols;
+                }
+                None if spec.linears.iter().any(|l| l.weight.name == t.name) => {
+                    return Err(Error::InvalidArgument(format!(
+                        "{}: missing from compressed layer {}",
+                        t.name, s.layer
+                    )));
+                }
+                None => copy_plain(&mut self.writer, ck, &t.name)?,
+            }
+        }
+        match &mut self.lora {
+            Some(l) => l.layer(s),
+            None => Ok(()),
+        }
+    }
+
+    /// The tensors after the layers, the side files, config.json with `quantization_config`
+    /// (also written on its own as each of `config_files`), the adapter's configuration; what
+    /// was written (model.safetensors and the adapter's files).
+    pub(crate) fn finish(
+        mut self,
+        ck: &Checkpoint,
+        job: &super::JobInfo,
+        quantization_config: serde_json::Value,
+        config_files: &[&str],
+    ) -> Result<super::Written> {
+        copy_tail(&mut self.writer, ck, None)?;
+        self.writer.finish()?;
+        copy_side_files(ck, &self.dir, false)?;
+        let text = serde_json::to_string_pretty(&quantization_config).expect("config serializes");
+        for f in config_files {
+            write_atomic(&self.dir.join(f), &[text.as_bytes(), b"\n"])?;
+        }
+        write_config(ck, &self.dir, |c| {
+            c.insert("quantization_config".into(), quantization_config);
+        })?;
+        let bytes = std::fs::metadata(&self.path)
+            .map_err(|e| Error::io(&self.path, e))?
+            .len();
+        let mut files = vec![("model.safetensors".to_string(), bytes)];
+        if let Some(lora) = self.lora {
+            let (adapter, _) = lora.finish()?;
+            files.extend(
+                adapter
+                    .into_iter()
+                    .map(|(f, b)| (format!("adapter/{f}"), b)),
+            );
+        }
+        let total_bytes: u64 = files.iter().map(|(_, b)| b).sum();
+        Ok(super::Written {
+            files,
+            total: Accounting::new(job.source.parameters, total_bytes * 8),
+            linear: Accounting::new(self.linear_params, self.linear_bits),
+        })
+    }
 }
 
 /// The `quantization_config.quant_method` of the model directory `dir`, if any.
