@@ -593,6 +593,34 @@ fn compress_writes_any_format_through_the_same_writer() {
     assert!(!refused.exists());
 }
 
+/// A synthetic bf16 `arch` in work()/NAME whose widths are whole k-quant super-blocks (hidden
+/// 256, intermediate 512, 2 layers, 4/2 heads, vocabulary 4096; bos 0, eos 1, and `extra`
+/// config keys), with the asset model's tokenizer.
+fn synthetic_256(name: &str, arch: &str, extra: &[(&str, serde_json::Value)]) -> PathBuf {
+    let src = work().join(name);
+    let mut m = pumice::model::synthetic::SyntheticLlama::tiny(arch);
+    (
+        m.hidden,
+        m.intermediate,
+        m.layers,
+        m.heads,
+        m.kv_heads,
+        m.vocab,
+    ) = (256, 512, 2, 4, 2, 4096);
+    m.dtype = pumice::DType::BF16;
+    m.extra.insert("bos_token_id".into(), serde_json::json!(0));
+    m.extra.insert("eos_token_id".into(), serde_json::json!(1));
+    for (k, v) in extra {
+        m.extra.insert((*k).into(), v.clone());
+    }
+    let _ = std::fs::remove_dir_all(&src);
+    m.write(&src).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(model().join(f), src.join(f)).unwrap();
+    }
+    src
+}
+
 /// GGUF tensors by name: numpy shape and f32 values.
 type GgufTensors = std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>;
 
@@ -951,27 +979,14 @@ fn transformers_gguf_logits(dir: &Path, seqs: &[Vec<u32>]) -> Vec<f32> {
 /// keeps the biases; transformers computes pumice's logits from both.
 #[test]
 fn qwen2_shaped_exports_keep_biases_tied_head_and_row_order() {
-    let src = work().join("qwen2-src");
-    let mut m = pumice::model::synthetic::SyntheticLlama::tiny("Qwen2ForCausalLM");
-    (
-        m.hidden,
-        m.intermediate,
-        m.layers,
-        m.heads,
-        m.kv_heads,
-        m.vocab,
-    ) = (256, 512, 2, 4, 2, 4096);
-    m.dtype = pumice::DType::BF16;
-    m.extra
-        .insert("tie_word_embeddings".into(), serde_json::json!(true));
-    m.extra.insert("rope_theta".into(), serde_json::json!(1e6));
-    m.extra.insert("bos_token_id".into(), serde_json::json!(0));
-    m.extra.insert("eos_token_id".into(), serde_json::json!(1));
-    let _ = std::fs::remove_dir_all(&src);
-    m.write(&src).unwrap();
-    for f in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(model().join(f), src.join(f)).unwrap();
-    }
+    let src = synthetic_256(
+        "qwen2-src",
+        "Qwen2ForCausalLM",
+        &[
+            ("tie_word_embeddings", serde_json::json!(true)),
+            ("rope_theta", serde_json::json!(1e6)),
+        ],
+    );
     let q = write(
         "compress",
         &src,
@@ -1039,24 +1054,7 @@ fn qwen2_shaped_exports_keep_biases_tied_head_and_row_order() {
 /// computes pumice's logits. compressed-tensors refuses the grid by tensor.
 #[test]
 fn k_grids_export_as_ggml_k_quants_bit_for_bit() {
-    let src = work().join("llama256-src");
-    let mut m = pumice::model::synthetic::SyntheticLlama::tiny("LlamaForCausalLM");
-    (
-        m.hidden,
-        m.intermediate,
-        m.layers,
-        m.heads,
-        m.kv_heads,
-        m.vocab,
-    ) = (256, 512, 2, 4, 2, 4096);
-    m.dtype = pumice::DType::BF16;
-    m.extra.insert("bos_token_id".into(), serde_json::json!(0));
-    m.extra.insert("eos_token_id".into(), serde_json::json!(1));
-    let _ = std::fs::remove_dir_all(&src);
-    m.write(&src).unwrap();
-    for f in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(model().join(f), src.join(f)).unwrap();
-    }
+    let src = synthetic_256("llama256-src", "LlamaForCausalLM", &[]);
     let g = gpu();
     let seqs = ids(4096);
     for (bits, ty) in [
