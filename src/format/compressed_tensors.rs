@@ -84,23 +84,10 @@ pub(crate) fn refusal(e: &QuantEntry) -> Option<String> {
 /// compressed-tensors pack-quantized.
 pub struct CompressedTensors;
 
-/// The quantization scheme of one config group.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct Scheme {
-    bits: u32,
-    group_size: usize,
-    symmetric: bool,
-}
+use hf::Scheme;
 
 impl Scheme {
-    fn of(e: &QuantEntry) -> Scheme {
-        Scheme {
-            bits: e.bits,
-            group_size: e.group_size,
-            symmetric: e.kind == GridKind::Symmetric,
-        }
-    }
-
+    /// The `weights` of a config group with this scheme.
     fn weights(&self) -> serde_json::Value {
         serde_json::json!({
             "num_bits": self.bits,

@@ -76,23 +76,7 @@ pub(crate) fn refusal(e: &QuantEntry) -> Option<String> {
     peft::refusal(e)
 }
 
-/// The one quantization scheme of a GPTQ checkpoint.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Scheme {
-    bits: u32,
-    group_size: usize,
-    symmetric: bool,
-}
-
-impl Scheme {
-    fn of(e: &QuantEntry) -> Scheme {
-        Scheme {
-            bits: e.bits,
-            group_size: e.group_size,
-            symmetric: e.kind == GridKind::Symmetric,
-        }
-    }
-}
+use hf::Scheme;
 
 /// The scheme every planned entry of the model in `dir` shares, or an error naming the first
 /// that differs.

@@ -187,6 +187,25 @@ pub(crate) fn copy_tail(
     Ok(())
 }
 
+/// The integer quantization scheme of a module (compressed-tensors config groups, GPTQ's one
+/// quantization_config): bits, group size (0: per channel), symmetric or with zero points.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Scheme {
+    pub(crate) bits: u32,
+    pub(crate) group_size: usize,
+    pub(crate) symmetric: bool,
+}
+
+impl Scheme {
+    pub(crate) fn of(e: &crate::model::compressed::QuantEntry) -> Scheme {
+        Scheme {
+            bits: e.bits,
+            group_size: e.group_size,
+            symmetric: e.kind == crate::quant::GridKind::Symmetric,
+        }
+    }
+}
+
 /// A Hugging Face model directory whose linear weights are quantized modules (compressed-tensors,
 /// GPTQ): model.safetensors streamed layer by layer with every other tensor as the source stores
 /// it, CALDERA's factors as a PEFT adapter in `adapter/`, and the source's config.json with a
