@@ -89,6 +89,8 @@ struct Fixtures {
     act_order: PathBuf,
     /// gptq 4-bit pruned 2:4.
     pruned: PathBuf,
+    /// gptq 4-bit affine (f16 step and minimum), groups of 32: ggml's Q4_1 grid.
+    affine4: PathBuf,
 }
 
 fn fixtures() -> &'static Fixtures {
@@ -144,6 +146,19 @@ fn fixtures() -> &'static Fixtures {
             pruned: make(
                 "pruned",
                 &["--method", "gptq", "--bits", "4", "--sparsity", "2:4"],
+            ),
+            affine4: make(
+                "affine4",
+                &[
+                    "--method",
+                    "gptq",
+                    "--bits",
+                    "4",
+                    "--group-size",
+                    "32",
+                    "--grid",
+                    "affine",
+                ],
             ),
         }
     })
@@ -312,6 +327,8 @@ fn formats_refuse_what_they_cannot_hold_by_tensor() {
     );
     refused(&midrise, "compressed-tensors", &["midrise", "tensor"]);
     refused(&f.iq4, "compressed-tensors", &["IQ4_NL codebook", "tensor"]);
+    refused(&f.affine4, "compressed-tensors", &["f16 minimum", "tensor"]);
+    refused(&f.affine4, "gptq", &["f16 minimum", "tensor"]);
     refused(&midrise, "gptq", &["midrise", "tensor"]);
     refused(
         &f.caldera_rht,
@@ -693,17 +710,26 @@ fn gguf_holds_pumices_values_bit_for_bit_and_transformers_agrees() {
     let seqs = ids(4096);
     // (checkpoint, output, the type every linear gets, whether the model file alone is the
     // whole model: CALDERA's L·R is in the adapter, which transformers does not load).
-    for (dir, name, want_type, whole) in [
+    for (dir, name, want_type, whole, extra) in [
         // Asymmetric 4-bit levels q − z ∈ [−15, 15] fit Q5_0's [−16, 15].
-        (&f.gptq4, "gguf-gptq4", "Q5_0", true),
+        (&f.gptq4, "gguf-gptq4", "Q5_0", true, &[][..]),
         // The symmetric 4-bit grid in groups of 32 is Q4_0's own.
-        (&f.sym4, "gguf-sym4", "Q4_0", true),
+        (&f.sym4, "gguf-sym4", "Q4_0", true, &[]),
         // The iq4nl grid in groups of 32 is IQ4_NL's.
-        (&f.iq4, "gguf-iq4", "IQ4_NL", true),
-        (&f.caldera, "gguf-caldera", "Q4_0", false),
-        (&f.pruned, "gguf-pruned", "Q5_0", true),
+        (&f.iq4, "gguf-iq4", "IQ4_NL", true, &[]),
+        (&f.caldera, "gguf-caldera", "Q4_0", false, &[]),
+        (&f.pruned, "gguf-pruned", "Q5_0", true, &[]),
+        // The affine 4-bit grid in groups of 32 is Q4_1's (and Q5_1 holds it too).
+        (&f.affine4, "gguf-affine4", "Q4_1", true, &[]),
+        (
+            &f.affine4,
+            "gguf-affine4-q5_1",
+            "Q5_1",
+            true,
+            &["--gguf-type", "q5_1"],
+        ),
     ] {
-        let out = export(dir, name, "gguf", &[]);
+        let out = export(dir, name, "gguf", extra);
         let (tensors, info) = gguf_py(&out.join("model.gguf"));
         assert_eq!(info["metadata"]["general.architecture"], "llama");
         // llama.cpp knows GPT-2's pre-tokenizer as "gpt-2"; "gpt2" made it refuse the file

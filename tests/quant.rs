@@ -73,8 +73,13 @@ fn rtn_matches_reference_and_round_trips() {
         (gpu(), 64, 256),
         (gpu_limited(2048), 37, 100),
     ] {
-        use GridKind::{Asymmetric as A, Iq4nl as I, Midrise as M, Symmetric as S};
+        use GridKind::{Affine as F, Asymmetric as A, Iq4nl as I, Midrise as M, Symmetric as S};
         for (bits, gs, kind, clip) in [
+            (4, 32, F, false),
+            (4, 32, F, true),
+            (5, 32, F, true),
+            (2, 64, F, false),
+            (3, 0, F, true),
             (4, 32, I, false),
             (4, 32, I, true),
             (4, 0, I, true),
@@ -227,6 +232,25 @@ fn gptq_matches_f64_reference() {
             },
         ),
         (
+            19,
+            160,
+            Grid::new(4, 32, GridKind::Affine).unwrap().with_clip(true),
+            GptqOptions {
+                block: 64,
+                ..Default::default()
+            },
+        ),
+        (
+            5,
+            37,
+            Grid::new(5, 0, GridKind::Affine).unwrap(),
+            GptqOptions {
+                act_order: true,
+                block: 16,
+                ..Default::default()
+            },
+        ),
+        (
             17,
             128,
             Grid::new(4, 32, GridKind::Iq4nl).unwrap().with_clip(true),
@@ -326,8 +350,18 @@ fn clip_search_lowers_rtn_error() {
             .map(|(a, b)| ((a - b) as f64).powi(2))
             .sum()
     };
-    use GridKind::{Asymmetric as A, Iq4nl as I, Midrise as M, Symmetric as S};
-    for (bits, kind) in [(2, A), (2, M), (3, A), (4, M), (2, S), (4, S), (4, I)] {
+    use GridKind::{Affine as F, Asymmetric as A, Iq4nl as I, Midrise as M, Symmetric as S};
+    for (bits, kind) in [
+        (2, A),
+        (2, M),
+        (3, A),
+        (4, M),
+        (2, S),
+        (4, S),
+        (4, I),
+        (4, F),
+        (2, F),
+    ] {
         let plain = Grid::new(bits, 64, kind).unwrap();
         let minmax = reference::rtn(&w, m, n, plain);
         let clipped = reference::rtn(&w, m, n, plain.with_clip(true));

@@ -1017,3 +1017,86 @@ fn an_allocation_written_to_another_format_finishes() {
     assert!(out.join("model.gguf").exists());
     assert!(!out.join("report.svg").exists());
 }
+
+/// `compress --measurement … --format gguf` spent its budget in the pumice format's bits: a
+/// CALDERA option's factors counted at the 4-bit factor grid (≈ 0.75 bits per weight at rank
+/// 16 on the asset model) went into the GGUF adapter at f32 (≈ 5.3), so the written linear
+/// weights plus adapter overshot `--target-bpw` several times over. The allocation now counts
+/// what the target file stores.
+#[test]
+fn an_allocation_for_gguf_spends_the_bits_the_gguf_files_hold() {
+    use pumice::format::gguf::file::{read_info, GgufInfo};
+    let d = tempfile::tempdir().unwrap();
+    let model = common::project_root().join("assets/models/gutenberg-llama");
+    let m = d.path().join("measurement.json");
+    let out = d.path().join("out");
+    let q = ["--calib-samples", "4", "--calib-len", "64"];
+    let mut args = vec![
+        "importance",
+        model.to_str().unwrap(),
+        "-o",
+        m.to_str().unwrap(),
+        "--no-rht",
+        "--outer-iters",
+        "1",
+        "--inner-iters",
+        "1",
+        "--options",
+        "gptq-q4_0,caldera-q4_0-r16",
+    ];
+    args.extend(q);
+    let (code, err) = pumice(&args);
+    assert_eq!(code, Some(0), "{err}");
+    let budget = 5.5;
+    let b = budget.to_string();
+    let mut args = vec![
+        "compress",
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--measurement",
+        m.to_str().unwrap(),
+        "--target-bpw",
+        &b,
+        "--outer-iters",
+        "1",
+        "--inner-iters",
+        "1",
+        "--format",
+        "gguf",
+        "--eval-samples",
+        "0",
+    ];
+    args.extend(q);
+    let (code, err) = pumice(&args);
+    assert_eq!(code, Some(0), "{err}");
+    // Linear weights (blk.N.attn_*/ffn_* .weight) and every adapter tensor, as written.
+    let bytes = |info: &GgufInfo, keep: &dyn Fn(&str) -> bool| -> (u64, u64) {
+        info.tensors
+            .iter()
+            .filter(|(n, _, _)| keep(n))
+            .map(|(_, ne, ty)| {
+                let n: u64 = ne.iter().product();
+                (n, GgufInfo::tensor_bytes(*ty, n).unwrap())
+            })
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+    };
+    let main = read_info(&out.join("model.gguf")).unwrap();
+    let linear = |n: &str| {
+        n.starts_with("blk.")
+            && n.ends_with(".weight")
+            && (n.contains(".attn_") || n.contains(".ffn_"))
+            && !n.contains("_norm")
+    };
+    let (params, mut written) = bytes(&main, &linear);
+    let adapter = out.join("adapter.gguf");
+    if adapter.exists() {
+        written += bytes(&read_info(&adapter).unwrap(), &|_| true).1;
+    }
+    let bpw = written as f64 * 8.0 / params as f64;
+    assert!(
+        bpw <= budget,
+        "{bpw:.3} bits per linear weight written, over --target-bpw {budget}"
+    );
+    assert!(bpw >= 4.5, "{bpw}");
+}

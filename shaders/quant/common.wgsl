@@ -31,6 +31,7 @@ const GRID_SYMMETRIC: u32 = 2u;
 const GRID_IQ4NL: u32 = 3u;
 const GRID_K: u32 = 4u;   // k-quant with a minimum (Q2_K, Q4_K)
 const GRID_KS: u32 = 5u;  // symmetric k-quant (Q3_K, Q6_K)
+const GRID_AFFINE: u32 = 6u; // f16 step and f16 minimum (Q4_1, Q5_1)
 
 // Round to the nearest f16 value without clamping away 0 (a k grid's d, dmin).
 fn f16_round(v: f32) -> f32 {
@@ -47,6 +48,9 @@ fn level_value(q: f32, sz: vec2<f32>, kind: u32) -> f32 {
     }
     if (kind == GRID_IQ4NL) {
         return sz.x * IQ4NL_LEVELS[u32(q) & 15u];
+    }
+    if (kind == GRID_AFFINE) {
+        return sz.x * q + sz.y;
     }
     return sz.x * (q - sz.y);
 }
@@ -82,6 +86,9 @@ fn grid_params(lo_in: f32, hi_in: f32, maxq: f32, kind: u32) -> vec2<f32> {
         hi = 1.0;
     }
     let scale = to_f16((hi - lo) / maxq);
+    if (kind == GRID_AFFINE) {
+        return vec2<f32>(scale, f16_round(lo));
+    }
     var zero = maxq * 0.5; // midrise
     if (kind == GRID_ASYMMETRIC) {
         zero = clamp(round_away(-lo / scale), 0.0, maxq);
@@ -109,6 +116,9 @@ fn code_of(x: f32, sz: vec2<f32>, maxq: f32, kind: u32) -> f32 {
             }
         }
         return f32(best);
+    }
+    if (kind == GRID_AFFINE) {
+        return clamp(round_away((x - sz.y) / sz.x), 0.0, maxq);
     }
     return clamp(round_away(x / sz.x + sz.y), 0.0, maxq);
 }

@@ -57,6 +57,9 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         // k grids: scale a, zero b, value a·q − b (the reader computes these on the host, in
         // ggml's f32 operations, since a GPU may fuse this into one rounding).
         x = load_s1(gi) * q - load_z1(gi);
+    } else if (p.kind == 6u) {
+        // affine: f16 step and f16 minimum.
+        x = load_s1(gi) * q + load_z1(gi);
     } else {
         x = load_s1(gi) * (q - load_z1(gi));
     }

@@ -3,8 +3,8 @@
 //! `gptq-BITS-gG` and `rtn-BITS-gG` (asymmetric grid, groups of G; `g0` per row), and pruned
 //! GPTQ `gptq-BITS-gG-s24` (2:4) or `gptq-BITS-gG-sP` (a fraction P of every row pruned), and
 //! GPTQ on a ggml type's own grid, `gptq-TYPE` with TYPE one of q2_k, q3_k, q4_k, q5_k, q6_k
-//! (the k grid; its fallback on widths that are not whole super-blocks), iq4_nl, q4_0, q5_0,
-//! q8_0, and CALDERA with Q on such a grid and a fixed rank, `caldera-TYPE-rRANK` — so an
+//! (the k grid; its fallback on widths that are not whole super-blocks), iq4_nl, q4_0, q4_1,
+//! q5_0, q5_1, q8_0, and CALDERA with Q on such a grid and a fixed rank, `caldera-TYPE-rRANK` — so an
 //! allocation over them is a measured per-layer mix of llama.cpp types (what its _S/_M/_L
 //! presets choose by hand). Every grid uses the clip search; incoherence processing follows the
 //! run's `--rht`.
@@ -54,7 +54,7 @@ impl Candidate {
             Error::InvalidArgument(format!(
                 "option `{}`: expected caldera-BPW, gptq-BITS-gGROUP, rtn-BITS-gGROUP, \
                  gptq-TYPE or caldera-TYPE-rRANK (TYPE: q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl, \
-                 q4_0, q5_0, q8_0)",
+                 q4_0, q4_1, q5_0, q5_1, q8_0)",
                 self.name
             ))
         };
@@ -148,6 +148,8 @@ fn ggml_grid(ty: &str) -> Option<Result<Grid>> {
         "iq4_nl" => (4, 32, GridKind::Iq4nl),
         "q4_0" => (4, 32, GridKind::Symmetric),
         "q5_0" => (5, 32, GridKind::Symmetric),
+        "q4_1" => (4, 32, GridKind::Affine),
+        "q5_1" => (5, 32, GridKind::Affine),
         "q8_0" => (8, 32, GridKind::Symmetric),
         _ => return None,
     };

@@ -9,7 +9,7 @@ use crate::budget::allocate::{
 };
 use crate::budget::candidates::Candidate;
 use crate::budget::measurement::Measurement;
-use crate::compress::pipeline::{planned_linear_bits, CompressOptions, Method};
+use crate::compress::pipeline::{planned_entries, CompressOptions, Method};
 use crate::model::Checkpoint;
 use crate::quant::sparsity::Sparsity;
 use crate::{Error, Result};
@@ -23,6 +23,46 @@ pub struct AllocationRequest {
     pub budget: Budget,
     /// With `Rule::Luc`: the mean unstructured sparsity spread over the layers.
     pub sparsity: Option<Sparsity>,
+}
+
+/// The measurement with every option's bits counted as the output format stores them under
+/// this run's settings (a GGUF adapter's factors at f16/q8_0, GPTQ's packed zero points, the
+/// factor grid of `--lr-bits`): the allocation spends what the written file will hold. Options
+/// the format refuses are dropped; none left is an error.
+fn in_target_bits(
+    ck: &Checkpoint,
+    mut m: Measurement,
+    opts: &CompressOptions,
+) -> Result<Measurement> {
+    let format = opts.format.make(opts.dtype, ck.dtype())?;
+    let mut keep = Vec::new();
+    let mut refused = Vec::new();
+    for (o, name) in m.options.iter().enumerate() {
+        let mut one = opts.clone();
+        one.rht = m.rht;
+        one.layers = vec![Candidate { name: name.clone() }.recipe(&opts.caldera)?; m.layers.len()];
+        let planned = planned_entries(ck, &one)?;
+        if let Err(e) = format.check(ck, &planned) {
+            refused.push(format!("{name} ({e})"));
+            continue;
+        }
+        for (l, layer) in m.layers.iter_mut().enumerate() {
+            layer.sensitivity[o].bits = planned[l].iter().map(|(_, e)| format.stored_bits(e)).sum();
+        }
+        keep.push(o);
+    }
+    if keep.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "--format {} can hold none of the measured options: {}",
+            opts.format.name(),
+            refused.join("; ")
+        )));
+    }
+    m.options = keep.iter().map(|&o| m.options[o].clone()).collect();
+    for layer in &mut m.layers {
+        layer.sensitivity = keep.iter().map(|&o| layer.sensitivity[o].clone()).collect();
+    }
+    Ok(m)
 }
 
 /// Choose per-layer recipes from a measurement file within a budget, set them in `opts` with
@@ -51,6 +91,7 @@ pub fn allocate_layers(
             cfg.num_layers
         )));
     }
+    let m = in_target_bits(ck, m, opts)?;
     let (rule, budget) = (req.rule, req.budget);
     let budget_bits = linear_budget_bits(ck, budget, min_bits(&m))?;
     let alloc = allocate(&m, rule, budget_bits)?;
@@ -118,11 +159,21 @@ pub fn allocate_layers(
         })
         .collect();
     opts.rht = m.rht;
-    let planned = planned_linear_bits(ck, opts)?;
+    let format = opts.format.make(opts.dtype, ck.dtype())?;
+    let planned: u64 = planned_entries(ck, opts)?
+        .iter()
+        .flatten()
+        .map(|(_, e)| format.stored_bits(e))
+        .sum();
     if planned > budget_bits {
-        return Err(Error::InvalidArgument(format!(
-            "with LUC pruning the linear layers need {planned} bits, over the budget of {budget_bits} (each pruned weight's mask bit costs more than it saves below 1/bits sparsity); lower --sparsity or raise the budget"
-        )));
+        return Err(Error::InvalidArgument(
+            if sparsities.iter().any(Option::is_some) {
+                format!("with LUC pruning the linear layers need {planned} bits, over the budget of {budget_bits} (each pruned weight's mask bit costs more than it saves below 1/bits sparsity); lower --sparsity or raise the budget")
+            } else {
+                // An f32 GGUF adapter pads ranks to the largest where the scale is not exact.
+                format!("the allocation's linear layers need {planned} bits in {}, over the budget of {budget_bits}; raise the budget or choose a smaller --dtype for the adapter", opts.format.name())
+            },
+        ));
     }
     opts.allocation = Some(serde_json::json!({
         "rule": rule.name(),
@@ -132,6 +183,7 @@ pub fn allocate_layers(
             Budget::MaxSize(b) => serde_json::json!({"max_size": b}),
             Budget::Memory { bytes, context } => serde_json::json!({"memory_budget": bytes, "context": context}),
         },
+        "bits_of": opts.format.name(),
         "budget_bits": alloc.budget_bits,
         "allocated_bits": alloc.bits,
         "predicted_kl": alloc.predicted_kl,

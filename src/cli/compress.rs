@@ -68,7 +68,8 @@ pub(crate) struct CompressArgs {
     /// symmetric grids), `iq4nl` (ggml's 4-bit IQ4_NL codebook, signed f16 scale: IQ4_NL in
     /// groups of 32), `k` (ggml's k-quant super-blocks of 256: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K at
     /// 2, 3, 4, 5, 6 bits; weights whose input width is not a multiple of 256 fall back to
-    /// iq4nl, or to Q5_0's grid for Q5_K and Q8_0's for Q6_K).
+    /// iq4nl, or to Q5_0's grid for Q5_K and Q8_0's for Q6_K), `affine` (f16 step and f16
+    /// minimum per group, value d·q + m: ggml's Q4_1 and Q5_1 at 4 and 5 bits in groups of 32).
     #[arg(long, value_parser = super::args::parse_grid)]
     pub(crate) grid: Option<pumice::quant::GridKind>,
     /// Pick each group's range by min–max only, without the least-squares clip search.

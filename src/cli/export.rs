@@ -25,7 +25,7 @@ pub(crate) struct ExportArgs {
     /// refused, naming the tensor and the reason.
     #[arg(long, value_parser = super::args::parse_format)]
     pub(crate) format: FormatKind,
-    /// GGUF: the ggml type of every linear weight (q4_0, q5_0, q8_0, iq4_nl, q2_k, q3_k, q4_k,
+    /// GGUF: the ggml type of every linear weight (q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl, q2_k, q3_k, q4_k,
     /// q5_k, q6_k, f32;
     /// default: the smallest that holds each weight exactly).
     #[arg(long)]

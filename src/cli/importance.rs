@@ -39,7 +39,8 @@ pub(crate) struct ImportanceArgs {
     pub(crate) batch: usize,
     /// Options whose sensitivity is measured, comma-separated: caldera-BPW (Q 2-bit midrise
     /// g64, rank from the budget), gptq-BITS-gGROUP, rtn-BITS-gGROUP, gptq-TYPE for a ggml
-    /// type's grid (q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl, q4_0, q5_0, q8_0), caldera-TYPE-rRANK
+    /// type's grid (q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl, q4_0, q4_1, q5_0, q5_1, q8_0),
+    /// caldera-TYPE-rRANK
     /// for CALDERA with Q on such a grid and a fixed rank.
     #[arg(long, default_value = pumice::budget::candidates::DEFAULT_CANDIDATES)]
     pub(crate) options: String,

@@ -44,14 +44,15 @@ pub(crate) fn refusal(e: &QuantEntry) -> Option<String> {
             ((1u32 << e.bits) - 1) as f32 / 2.0
         ));
     }
-    if matches!(e.kind, GridKind::Iq4nl | GridKind::K) {
+    if matches!(e.kind, GridKind::Iq4nl | GridKind::K | GridKind::Affine) {
         return Some(format!(
             "its grid is ggml's {}, which compressed-tensors' integer grids cannot express \
              (compress with --grid symmetric or asymmetric, or export --format dense)",
-            if e.kind == GridKind::K {
-                "k-quant super-blocks"
-            } else {
-                "IQ4_NL codebook"
+            match e.kind {
+                GridKind::K => "k-quant super-blocks",
+                GridKind::Affine =>
+                    "affine Q4_1/Q5_1 grid (an f16 minimum, not an integer zero point)",
+                _ => "IQ4_NL codebook",
             }
         ));
     }
@@ -109,6 +110,22 @@ impl Format for CompressedTensors {
 
     fn check(&self, ck: &Checkpoint, planned: &Planned) -> Result<()> {
         super::check_each(ck, planned, "compressed-tensors", refusal)
+    }
+
+    /// weight_packed (whole words per row), f16 scales, zero points packed along the output
+    /// dimension (asymmetric grids), weight_shape, and the PEFT adapter's factors.
+    fn stored_bits(&self, e: &QuantEntry) -> u64 {
+        let Ok(grid) = e.grid() else {
+            return e.expected_bits();
+        };
+        let groups = grid.groups(e.cols);
+        let zeros = if grid.stores_zeros() {
+            packed_words(e.rows, e.bits) * groups * 32
+        } else {
+            0
+        };
+        (e.rows * packed_words(e.cols, e.bits) * 32 + groups * e.rows * 16 + zeros + 128) as u64
+            + peft::adapter_bits(e)
     }
 
     fn begin(

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::model::compressed::{Accounting, StreamingWriter};
+use crate::model::compressed::{Accounting, QuantEntry, StreamingWriter};
 use crate::model::Checkpoint;
 
 use super::{hf, CompressedLayer, Format, FormatWriter, JobInfo, Planned, Written};
@@ -26,6 +26,11 @@ impl Format for Dense {
     /// Every valid entry dequantizes.
     fn check(&self, ck: &Checkpoint, planned: &Planned) -> Result<()> {
         super::check_each(ck, planned, "dense weights", |_| None)
+    }
+
+    /// One value per weight in the output dtype (L·R merged).
+    fn stored_bits(&self, e: &QuantEntry) -> u64 {
+        (e.rows * e.cols * self.dtype.size() * 8) as u64
     }
 
     fn begin(

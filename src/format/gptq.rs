@@ -19,7 +19,7 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use crate::model::compressed::QuantEntry;
 use crate::model::Checkpoint;
-use crate::quant::grid::pack_row;
+use crate::quant::grid::{pack_row, packed_words};
 use crate::quant::GridKind;
 
 use super::peft;
@@ -52,10 +52,11 @@ pub(crate) fn refusal(e: &QuantEntry) -> Option<String> {
                 ((1u32 << e.bits) - 1) as f32 / 2.0
             ))
         }
-        GridKind::Iq4nl | GridKind::K => {
+        GridKind::Iq4nl | GridKind::K | GridKind::Affine => {
             return Some(
-                "its grid is one of ggml's (IQ4_NL or k-quant), which GPTQ's integer grids cannot \
-                 express (export --format gguf or dense)"
+                "its grid is one of ggml's (IQ4_NL, k-quant, or the affine Q4_1/Q5_1 grid with \
+                 an f16 minimum), which GPTQ's integer grids cannot express (export --format \
+                 gguf or dense)"
                     .into(),
             )
         }
@@ -119,6 +120,17 @@ impl Format for Gptq {
         } else {
             "gptq"
         }
+    }
+
+    /// qweight, qzeros (packed along the output dimension, symmetric grids too), f16 scales,
+    /// g_idx, and the PEFT adapter's factors.
+    fn stored_bits(&self, e: &QuantEntry) -> u64 {
+        let Ok(grid) = e.grid() else {
+            return e.expected_bits();
+        };
+        let groups = grid.groups(e.cols);
+        let words = e.rows * packed_words(e.cols, e.bits) + groups * packed_words(e.rows, e.bits);
+        (words * 32 + groups * e.rows * 16 + e.cols * 32) as u64 + peft::adapter_bits(e)
     }
 
     fn check(&self, ck: &Checkpoint, planned: &Planned) -> Result<()> {

@@ -234,6 +234,14 @@ pub trait Format {
     /// the reason).
     fn check(&self, ck: &Checkpoint, planned: &Planned) -> Result<()>;
 
+    /// Bits this format stores for one planned linear weight: its codes, scales, zero points
+    /// and CALDERA's factors wherever the format puts them (an adapter file included). What an
+    /// allocation (`compress --measurement --format F`) spends its budget in. Default: the
+    /// pumice format's own layout.
+    fn stored_bits(&self, e: &QuantEntry) -> u64 {
+        e.expected_bits()
+    }
+
     /// Start writing the output for `ck`'s compression as planned into `dir`, an empty
     /// directory the caller moves to `target` when [`FormatWriter::finish`] succeeds (layers
     /// arrive in order).

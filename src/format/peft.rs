@@ -45,6 +45,11 @@ impl Format for Peft {
         "peft"
     }
 
+    /// The factors alone (the base model is not written).
+    fn stored_bits(&self, e: &QuantEntry) -> u64 {
+        adapter_bits(e)
+    }
+
     fn check(&self, ck: &Checkpoint, planned: &Planned) -> Result<()> {
         super::check_each(ck, planned, "a PEFT adapter", refusal)?;
         if !planned.iter().flatten().any(|(_, e)| e.rank > 0) {
@@ -96,6 +101,12 @@ pub(crate) struct LoraWriter {
     /// Rank per module with factors, in model order.
     ranks: BTreeMap<String, usize>,
     params: usize,
+}
+
+/// Bits of one module's factors in the adapter: lora_A (rank × in) and lora_B (out × rank),
+/// f32.
+pub(crate) fn adapter_bits(e: &QuantEntry) -> u64 {
+    (e.rank * (e.rows + e.cols) * 32) as u64
 }
 
 impl LoraWriter {

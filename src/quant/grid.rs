@@ -53,6 +53,9 @@ pub enum GridKind {
     Iq4nl,
     /// ggml's k-quant super-blocks with a minimum (Q2_K, Q4_K).
     K,
+    /// Affine: value d·q + m with an f16 step d and an f16 minimum m per group, stored (ggml's
+    /// Q4_1 and Q5_1 in groups of 32).
+    Affine,
 }
 
 /// IQ4_NL's 16 levels (ggml's `kvalues_iq4nl`): code q dequantizes to scale·IQ4NL_LEVELS[q].
@@ -64,12 +67,13 @@ pub const IQ4NL_LEVELS: [i8; 16] = [
 pub const IQ4NL_SCALE: f32 = -1.0 / 127.0;
 
 impl GridKind {
-    pub const ALL: [GridKind; 5] = [
+    pub const ALL: [GridKind; 6] = [
         GridKind::Asymmetric,
         GridKind::Midrise,
         GridKind::Symmetric,
         GridKind::Iq4nl,
         GridKind::K,
+        GridKind::Affine,
     ];
 
     pub fn name(self) -> &'static str {
@@ -79,6 +83,7 @@ impl GridKind {
             GridKind::Symmetric => "symmetric",
             GridKind::Iq4nl => "iq4nl",
             GridKind::K => "k",
+            GridKind::Affine => "affine",
         }
     }
 
@@ -88,7 +93,7 @@ impl GridKind {
             .find(|k| k.name() == s)
             .ok_or_else(|| {
                 Error::InvalidArgument(format!(
-                    "--grid {s}: supported are asymmetric, midrise, symmetric, iq4nl and k"
+                    "--grid {s}: supported are asymmetric, midrise, symmetric, iq4nl, k and affine"
                 ))
             })
     }
@@ -101,6 +106,7 @@ impl GridKind {
             GridKind::Symmetric => 2,
             GridKind::Iq4nl => 3,
             GridKind::K => 4,
+            GridKind::Affine => 6,
         }
     }
 }
@@ -181,7 +187,7 @@ impl Grid {
     /// stores its own (asymmetric).
     pub fn implied_zero(&self) -> Option<f32> {
         match self.kind {
-            GridKind::Asymmetric => None,
+            GridKind::Asymmetric | GridKind::Affine => None,
             GridKind::Midrise => Some(self.maxq() as f32 / 2.0),
             GridKind::Symmetric => Some((1u32 << (self.bits - 1)) as f32),
             GridKind::Iq4nl => Some(0.0),
@@ -316,6 +322,10 @@ impl Grid {
             hi = 1.0;
         }
         let scale = round_f16((hi - lo) / maxq).max(f16_min_positive());
+        if self.kind == GridKind::Affine {
+            // The minimum itself, in f16 (ggml's Q4_1/Q5_1 m).
+            return (scale, round_f16(lo));
+        }
         let zero = if let Some(z) = self.implied_zero() {
             z
         } else {
@@ -340,6 +350,9 @@ impl Grid {
             }
             return best.1;
         }
+        if self.kind == GridKind::Affine {
+            return ((x - zero) / scale).round().clamp(0.0, self.maxq() as f32) as u32;
+        }
         ((x / scale) + zero).round().clamp(0.0, self.maxq() as f32) as u32
     }
 
@@ -351,6 +364,9 @@ impl Grid {
         }
         if self.kind == GridKind::Iq4nl {
             return scale * IQ4NL_LEVELS[q as usize & 15] as f32;
+        }
+        if self.kind == GridKind::Affine {
+            return scale * q as f32 + zero;
         }
         scale * (q as f32 - zero)
     }
@@ -517,5 +533,31 @@ mod tests {
         let mid = 0.5 * (g.value(8, s, z) + g.value(9, s, z));
         assert_eq!(g.code(mid * 0.99 + g.value(8, s, z) * 0.01, s, z), 8);
         assert!(!g.stores_zeros());
+    }
+
+    #[test]
+    fn affine_grid_is_q4_1s() {
+        let g = Grid::new(4, 32, GridKind::Affine).unwrap();
+        // Step (hi − lo)/15 and the minimum itself, both f16.
+        let vals = [-0.3f32, 0.1, 0.9, 0.25];
+        let (d, m) = g.params(&vals);
+        assert_eq!(d, round_f16(1.2 / 15.0));
+        assert_eq!(m, round_f16(-0.3));
+        assert_eq!(g.code(-0.3, d, m), 0);
+        assert_eq!(g.code(0.9, d, m), 15);
+        // value d·q + m, the code the nearest level.
+        for q in 0..16 {
+            assert_eq!(g.value(q, d, m), d * q as f32 + m);
+            assert_eq!(g.code(g.value(q, d, m), d, m), q);
+        }
+        for &v in &vals {
+            assert!((g.value(g.code(v, d, m), d, m) - v).abs() <= 0.5 * d + 1e-3);
+        }
+        // A minimum that no integer zero point reproduces: −0.3 is not a multiple of d.
+        assert!((m / d).fract().abs() > 1e-3);
+        // Stored: codes, an f16 step and an f16 minimum per group (Q4_1's 5 bits per weight).
+        assert!(g.stores_zeros());
+        assert_eq!(g.stored_bits(2, 64), 2 * (8 * 32 + 2 * 2 * 16));
+        assert_eq!(GridKind::parse("affine").unwrap(), GridKind::Affine);
     }
 }

@@ -10,6 +10,8 @@
 //! repeat their scale in every 32-block. A pruned weight is q' = 0.
 //! Not representable (refused by tensor): randomized-Hadamard rotations, act-order (GGUF has
 //! no column permutation). Widths that are not whole 32-blocks are stored as f32 (exact).
+//! The affine grid's d·q + m (f16 step and minimum) is ggml's Q4_1 (codes of up to 4 bits) and
+//! Q5_1 (up to 5) exactly, groups of 32 or more repeating (d, m) in every 32-block.
 //! k grids are ggml's own Q2_K/Q3_K/Q4_K/Q5_K/Q6_K: their stored d, dmin and sub-block scales and
 //! minimums are laid out in ggml's blocks, the codes as they are; the iq4nl grid's codes are
 //! IQ4_NL's indices.
@@ -59,6 +61,17 @@ pub(crate) fn exact_types(e: &QuantEntry) -> std::result::Result<Vec<GgmlType>, 
         if e.cols.is_multiple_of(32) && e.sparsity.is_none() {
             t.push(GgmlType::Iq4Nl);
         }
+    } else if e.kind == GridKind::Affine {
+        // d·q + m: Q4_1/Q5_1 store the step, the minimum and the codes as they are, one (d, m)
+        // per 32-block (a group of 64 or more repeats it); a pruned weight has no code for 0.
+        let whole = e.group_size == 0 || e.group_size.is_multiple_of(32);
+        if e.cols.is_multiple_of(32) && whole && e.sparsity.is_none() {
+            match e.bits {
+                ..=4 => t.extend([GgmlType::Q4_1, GgmlType::Q5_1]),
+                5 => t.push(GgmlType::Q5_1),
+                _ => {}
+            }
+        }
     } else if e.cols.is_multiple_of(32) {
         let (lo, hi) = level_range(e.kind, e.bits);
         for ty in [GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0] {
@@ -82,8 +95,9 @@ fn level_range(kind: GridKind, bits: u32) -> (i32, i32) {
     match kind {
         GridKind::Symmetric => (-(1 << (bits - 1)), (1 << (bits - 1)) - 1),
         GridKind::Asymmetric | GridKind::Midrise => (-maxq, maxq),
-        // The codebook's indices are stored as they are; k grids have their own blocks.
-        GridKind::Iq4nl | GridKind::K => (0, 15),
+        // The codebook's indices are stored as they are; k and affine grids have their own
+        // blocks.
+        GridKind::Iq4nl | GridKind::K | GridKind::Affine => (0, 15),
     }
 }
 
@@ -92,7 +106,7 @@ fn ggml_level(kind: GridKind, code: u32, s: f32, z: f32, maxq: i32) -> (i32, f32
     match kind {
         GridKind::Midrise => (2 * code as i32 - maxq, s / 2.0),
         GridKind::Asymmetric | GridKind::Symmetric => (code as i32 - z as i32, s),
-        GridKind::Iq4nl | GridKind::K => (code as i32, s),
+        GridKind::Iq4nl | GridKind::K | GridKind::Affine => (code as i32, s),
     }
 }
 
@@ -289,6 +303,33 @@ pub(super) fn encode(m: &CompressedMatrix, ty: GgmlType, order: &[usize]) -> Res
     let g = grid.group_len(cols);
     let maxq = grid.maxq() as i32;
     let bad = |msg: String| Error::Shape(format!("{}: {msg}", m.weight));
+    if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
+        if grid.kind != GridKind::Affine {
+            return Err(bad(format!("{} holds only affine grids", ty.name())));
+        }
+        let mut out = Vec::with_capacity(rows * ty.row_bytes(cols).unwrap_or(0));
+        for &r in order {
+            for b in 0..cols / 32 {
+                let gi = r * groups + (b * 32) / g;
+                let mut u = [0u32; 32];
+                for (k, x) in u.iter_mut().enumerate() {
+                    *x = codes[r * cols + b * 32 + k]
+                        .ok_or_else(|| bad("a pruned weight has no affine level".into()))?;
+                }
+                // The stored f16 step and minimum, bits unchanged.
+                out.extend(f16::from_f32(scales[gi]).to_le_bytes());
+                out.extend(f16::from_f32(zeros[gi]).to_le_bytes());
+                if ty == GgmlType::Q5_1 {
+                    let qh = (0..32).fold(0u32, |h, j| h | ((u[j] >> 4) & 1) << j);
+                    out.extend(qh.to_le_bytes());
+                } else if let Some(x) = u.iter().find(|&&x| x > 15) {
+                    return Err(bad(format!("code {x} does not fit Q4_1")));
+                }
+                out.extend((0..16).map(|j| ((u[j] & 15) | ((u[j + 16] & 15) << 4)) as u8));
+            }
+        }
+        return Ok(out);
+    }
     let mut out = Vec::with_capacity(rows * ty.row_bytes(cols).unwrap_or(0));
     let mut q = [0i32; 32];
     for &r in order {

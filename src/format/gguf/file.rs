@@ -17,7 +17,9 @@ pub enum GgmlType {
     F16,
     BF16,
     Q4_0,
+    Q4_1,
     Q5_0,
+    Q5_1,
     Q8_0,
     Iq4Nl,
     Q2K,
@@ -29,12 +31,14 @@ pub enum GgmlType {
 
 impl GgmlType {
     /// Every type pumice writes.
-    pub const ALL: [GgmlType; 12] = [
+    pub const ALL: [GgmlType; 14] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::BF16,
         GgmlType::Q4_0,
+        GgmlType::Q4_1,
         GgmlType::Q5_0,
+        GgmlType::Q5_1,
         GgmlType::Q8_0,
         GgmlType::Iq4Nl,
         GgmlType::Q2K,
@@ -46,9 +50,11 @@ impl GgmlType {
 
     /// The types a linear weight may be written in (`--gguf-type`), in the order that breaks
     /// ties when choosing the file's main type.
-    pub const LINEAR: [GgmlType; 10] = [
+    pub const LINEAR: [GgmlType; 12] = [
         GgmlType::Q4_0,
+        GgmlType::Q4_1,
         GgmlType::Q5_0,
+        GgmlType::Q5_1,
         GgmlType::Q8_0,
         GgmlType::Iq4Nl,
         GgmlType::Q2K,
@@ -64,7 +70,9 @@ impl GgmlType {
             GgmlType::F32 => 0,
             GgmlType::F16 => 1,
             GgmlType::Q4_0 => 2,
+            GgmlType::Q4_1 => 3,
             GgmlType::Q5_0 => 6,
+            GgmlType::Q5_1 => 7,
             GgmlType::Q8_0 => 8,
             GgmlType::Iq4Nl => 20,
             GgmlType::Q2K => 10,
@@ -84,6 +92,10 @@ impl GgmlType {
             GgmlType::Q4_0 | GgmlType::Iq4Nl => (32, 18),
             // d, qh (the fifth bits, u32), qs[16].
             GgmlType::Q5_0 => (32, 22),
+            // d, m, qs[16].
+            GgmlType::Q4_1 => (32, 20),
+            // d, m, qh (u32), qs[16].
+            GgmlType::Q5_1 => (32, 24),
             // scales[16], qs[64], d, dmin.
             GgmlType::Q2K => (256, 84),
             // d, dmin, scales[12], qs[128].
@@ -104,7 +116,9 @@ impl GgmlType {
             GgmlType::F16 => "f16",
             GgmlType::BF16 => "bf16",
             GgmlType::Q4_0 => "q4_0",
+            GgmlType::Q4_1 => "q4_1",
             GgmlType::Q5_0 => "q5_0",
+            GgmlType::Q5_1 => "q5_1",
             GgmlType::Q8_0 => "q8_0",
             GgmlType::Iq4Nl => "iq4_nl",
             GgmlType::Q2K => "q2_k",

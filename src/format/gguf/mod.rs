@@ -147,6 +147,8 @@ fn metadata(ck: &Checkpoint, types: &[GgmlType]) -> Result<Vec<(String, Value)>>
         Some(GgmlType::Q8_0) => 7,
         Some(GgmlType::Q4_0) => 2,
         Some(GgmlType::Q5_0) => 8,
+        Some(GgmlType::Q4_1) => 3,
+        Some(GgmlType::Q5_1) => 9,
         Some(GgmlType::Iq4Nl) => 25,
         Some(GgmlType::Q4K) => 14,
         Some(GgmlType::Q5K) => 16,
@@ -230,6 +232,24 @@ fn rope_freqs(ck: &Checkpoint) -> Option<Vec<f32>> {
 impl Format for Gguf {
     fn name(&self) -> &'static str {
         "gguf"
+    }
+
+    /// The weight in its ggml type and, with factors, the adapter's lora_a (Q8_0 where its
+    /// rows allow) and lora_b at the module's own rank (f32 adapters may pad a rank to the
+    /// largest one, which this does not count).
+    fn stored_bits(&self, e: &QuantEntry) -> u64 {
+        let Ok(ty) = self.linear_type(e) else {
+            return e.expected_bits();
+        };
+        let bytes = |ty: GgmlType, ne0: usize, rows: usize| {
+            ty.row_bytes(ne0).map_or(0, |b| (b * rows * 8) as u64)
+        };
+        let mut bits = bytes(ty, e.cols, e.rows);
+        if e.rank > 0 {
+            bits += bytes(adapter_type(self.lora, e.cols), e.cols, e.rank)
+                + bytes(adapter_type(self.lora, e.rank), e.rank, e.rows);
+        }
+        bits
     }
 
     fn check(&self, ck: &Checkpoint, planned: &Planned) -> Result<()> {
