@@ -462,6 +462,30 @@ fn peak_memory_stays_near_one_layer_as_the_model_grows() {
         ]);
         assert!(o.status.success(), "{}", stderr(&o));
         let s = json_summary(&o.stdout);
+        // Where the time went: every stage of a calibrated run took some, and together they
+        // account for the run (the rest is the summary's own bookkeeping).
+        let st = &s["stages"];
+        let parts: Vec<f64> = [
+            "calibration",
+            "hessians",
+            "quantization",
+            "propagation",
+            "writing",
+        ]
+        .iter()
+        .map(|k| {
+            st[k]
+                .as_f64()
+                .unwrap_or_else(|| panic!("stages.{k} in {st}"))
+        })
+        .collect();
+        assert!(parts.iter().all(|&t| t > 0.0), "{st}");
+        let total = s["seconds"].as_f64().unwrap();
+        let sum: f64 = parts.iter().sum();
+        assert!(
+            sum <= total * 1.001 && sum >= 0.9 * total,
+            "stages {st} sum to {sum}, the run took {total}"
+        );
         let rss = s["peak_rss_bytes"].as_u64();
         let gpu = s["peak_gpu_bytes"].as_u64().unwrap();
         eprintln!(

@@ -477,6 +477,12 @@ pub(crate) fn run(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> 
         summary.calibration.seed,
         summary.seconds
     )?;
+    let st = &summary.stages;
+    writeln!(
+        out,
+        "time by stage: calibration {:.1} s, Hessians {:.1} s, quantization {:.1} s, propagation {:.1} s, writing {:.1} s",
+        st.calibration, st.hessians, st.quantization, st.propagation, st.writing
+    )?;
     writeln!(
         out,
         "relative weighted error tr(dW H dW^T)/tr(W H W^T) per layer:"

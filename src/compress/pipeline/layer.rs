@@ -110,6 +110,11 @@ pub(crate) struct LayerResult {
     pub(crate) packed: Vec<(String, PackedMatrix)>,
     pub(crate) entries: Vec<(String, QuantEntry)>,
     pub(crate) reports: Vec<MatrixReport>,
+    /// Wall seconds accumulating the Hessians (the GPU drained before, so earlier
+    /// propagation is not counted here).
+    pub(crate) hessian_s: f64,
+    /// Wall seconds quantizing (GPTQ/RTN/CALDERA, packing, errors, the weights swapped in).
+    pub(crate) quantize_s: f64,
 }
 
 impl LayerResult {
@@ -249,6 +254,7 @@ pub(crate) fn compress_layer(
     let mut packed: Vec<(String, PackedMatrix)> = Vec::new();
     let mut reports = Vec::new();
     let mut entries = Vec::new();
+    let (mut hessian_s, mut quantize_s) = (0.0f64, 0.0f64);
 
     // `w`: the layer being propagated through, whose weights become the dequantized ones as
     // soon as they exist (absent with saved Hessians, where nothing propagates).
@@ -421,7 +427,9 @@ pub(crate) fn compress_layer(
                         lin.in_features, lin.in_features
                     ))
                 })?;
+                let t = std::time::Instant::now();
                 quantize_group(kinds, h, None)?;
+                quantize_s += t.elapsed().as_secs_f64();
             }
         }
         LayerInput::Activations(xs) => {
@@ -434,8 +442,15 @@ pub(crate) fn compress_layer(
                 sh.pos,
                 &mut |kinds, inputs, w| {
                     let n = spec.linear(kinds[0]).in_features;
+                    gpu.wait()?;
+                    let t = std::time::Instant::now();
                     let h = accumulate_hessian(gpu, n, inputs)?;
-                    quantize_group(kinds, h, Some(w))
+                    let t1 = std::time::Instant::now();
+                    hessian_s += (t1 - t).as_secs_f64();
+                    quantize_group(kinds, h, Some(w))?;
+                    gpu.wait()?;
+                    quantize_s += t1.elapsed().as_secs_f64();
+                    Ok(())
                 },
             )?;
         }
@@ -444,5 +459,7 @@ pub(crate) fn compress_layer(
         packed,
         entries,
         reports,
+        hessian_s,
+        quantize_s,
     })
 }

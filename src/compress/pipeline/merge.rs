@@ -113,6 +113,11 @@ pub fn merge(
         bits_per_parameter: written.total.bits_per_parameter,
         linear_bits_per_parameter: written.linear.bits_per_parameter,
         seconds: start.elapsed().as_secs_f64(),
+        // A merge only writes.
+        stages: StageTimes {
+            writing: start.elapsed().as_secs_f64(),
+            ..Default::default()
+        },
         calibration: job.calibration,
         layers: headers
             .into_iter()

@@ -32,6 +32,7 @@ pub use layout::planned_linear_bits;
 pub use merge::merge;
 pub use options::{
     CalderaSettings, CalibSource, CompressOptions, CompressSummary, Event, LayerRecipe, Method,
+    StageTimes,
 };
 pub use output::{peak_rss_bytes, source_info};
 pub use run::compress;

@@ -172,6 +172,23 @@ pub enum Event {
     Writing,
 }
 
+/// Where a compression's wall time went, seconds. Layers finished by an earlier run count in
+/// none of them.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StageTimes {
+    /// Up to the first layer: the checks, then sampling or reading the calibration text and
+    /// embedding it (or reading saved activations or Hessians).
+    pub calibration: f64,
+    /// Accumulating every linear input's Hessian XᵀX.
+    pub hessians: f64,
+    /// Quantizing (GPTQ/RTN/CALDERA), packing, and putting the compressed weights in place.
+    pub quantization: f64,
+    /// Running each layer forward (what the next stage and layer see), per layer the rest.
+    pub propagation: f64,
+    /// Writing the work directory and the output.
+    pub writing: f64,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct CompressSummary {
     pub output: String,
@@ -182,6 +199,8 @@ pub struct CompressSummary {
     pub bits_per_parameter: f64,
     pub linear_bits_per_parameter: f64,
     pub seconds: f64,
+    /// The wall time by stage.
+    pub stages: StageTimes,
     pub calibration: CalibInfo,
     pub layers: Vec<LayerReport>,
     /// Set for a shard: which one and its layers (the sizes then cover those layers only).

@@ -216,6 +216,11 @@ pub fn compress(
             c.info
         }
     };
+    gpu.wait()?;
+    let mut stages = StageTimes {
+        calibration: start.elapsed().as_secs_f64(),
+        ..Default::default()
+    };
     let base = JobInfo {
         source,
         method: manifest_method(opts),
@@ -320,6 +325,10 @@ pub fn compress(
         )
         .map_err(stopped)?;
         let seconds = t0.elapsed().as_secs_f64();
+        stages.hessians += result.hessian_s;
+        stages.quantization += result.quantize_s;
+        stages.propagation += (seconds - result.hessian_s - result.quantize_s).max(0.0);
+        let t_write = Instant::now();
         let layer = result.into_layer(l, seconds);
         ck.release_layer(l);
         shard_bits += layer
@@ -352,6 +361,7 @@ pub fn compress(
             (None, Some(w)) => w.layer(ck, &layer)?,
             (None, None) => unreachable!("direct output exists without a work dir"),
         }
+        stages.writing += t_write.elapsed().as_secs_f64();
         progress(&Event::Layer {
             layer: l,
             done: l + 1 - todo.start,
@@ -376,6 +386,7 @@ pub fn compress(
             bits_per_parameter: shard_bits as f64 / shard_params.max(1) as f64,
             linear_bits_per_parameter: shard_bits as f64 / shard_params.max(1) as f64,
             seconds: start.elapsed().as_secs_f64(),
+            stages,
             calibration: calib_info,
             layers,
             shard: Some(format!("{i}/{n}: layers {}..{}", todo.start, todo.end)),
@@ -383,6 +394,7 @@ pub fn compress(
             peak_gpu_bytes: gpu.memory().peak_bytes,
         });
     }
+    let t_write = Instant::now();
     let w = match (direct, &opts.work_dir) {
         (Some(w), _) => w,
         (None, Some(wd)) => {
@@ -396,6 +408,7 @@ pub fn compress(
     };
     progress(&Event::Writing);
     let written = w.finish(ck, base)?;
+    stages.writing += t_write.elapsed().as_secs_f64();
     Ok(CompressSummary {
         output: opts.output.display().to_string(),
         method: opts.method.name().into(),
@@ -405,6 +418,7 @@ pub fn compress(
         bits_per_parameter: written.total.bits_per_parameter,
         linear_bits_per_parameter: written.linear.bits_per_parameter,
         seconds: start.elapsed().as_secs_f64(),
+        stages,
         calibration: calib_info,
         layers,
         shard: None,
