@@ -197,3 +197,50 @@ fn gpu_matches_reference() {
         );
     }
 }
+
+/// `--patience P`: the outer loop stops once P iterations in a row lower the best weighted
+/// error by less than 0.1 % of it. Stopping changes nothing before the stop (the iterates are
+/// the full run's first ones) and keeps the best of what ran — on the f64 reference and on
+/// the GPU.
+#[test]
+fn patience_stops_on_a_prefix_of_the_same_iterates() {
+    let g = common::gpu();
+    let (m, n, rank, seed) = (96usize, 128usize, 8usize, 1u64);
+    let h = decaying_hessian(n, seed);
+    let w = random(m * n, seed + 10, 0.0);
+    let mut o = CalderaOptions::new(rank);
+    o.outer_iters = 12;
+    o.inner_iters = 3;
+    // Where the rule stops on a history (None: it runs to the end).
+    let stop_of = |hist: &[f64], p: usize| -> usize {
+        let (mut best, mut stale) = (f64::INFINITY, 0);
+        for (i, &e) in hist.iter().enumerate() {
+            stale = if !best.is_finite() || best - e >= caldera::PATIENCE_GAIN * best {
+                0
+            } else {
+                stale + 1
+            };
+            best = best.min(e);
+            if stale >= p {
+                return i + 1;
+            }
+        }
+        hist.len()
+    };
+    let on_cpu = |o: &CalderaOptions| caldera::reference(&w, m, n, &h, o).unwrap();
+    let on_gpu = |o: &CalderaOptions| caldera::decompose(&g, &w, m, n, &h, o).unwrap();
+    let runs: [&dyn Fn(&CalderaOptions) -> caldera::Decomposition; 2] = [&on_cpu, &on_gpu];
+    for run in runs {
+        let full = run(&o);
+        assert_eq!(full.history.len(), 12);
+        let want = stop_of(&full.history, 1);
+        assert!(want < 12, "no stall in {:?}", full.history);
+        let mut p = o.clone();
+        p.patience = 1;
+        let short = run(&p);
+        eprintln!("full {:?}\nstopped after {want}", full.history);
+        assert_eq!(short.history, full.history[..want]);
+        let best = short.history.iter().cloned().fold(f64::INFINITY, f64::min);
+        assert_eq!(short.relative_error, best);
+    }
+}

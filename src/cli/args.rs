@@ -15,9 +15,12 @@ pub(crate) struct CalibArgs {
     /// Calibration sequences.
     #[arg(long, default_value_t = 128)]
     pub(crate) calib_samples: usize,
-    /// Tokens per calibration sequence (capped at the model's context).
-    #[arg(long, default_value_t = 2048)]
-    pub(crate) calib_len: usize,
+    /// Tokens per calibration sequence (capped at the model's context). Default: sized to the
+    /// model — 64 tokens per feature of its widest linear input over --calib-samples
+    /// sequences, a power of two from 256 to 2048 (256 for the asset model, 2048 for models
+    /// with inputs of 4096 or more).
+    #[arg(long)]
+    pub(crate) calib_len: Option<usize>,
     /// Seed for drawing or sampling calibration sequences.
     #[arg(long, default_value_t = 0)]
     pub(crate) seed: u64,
@@ -37,7 +40,11 @@ impl CalibArgs {
         }
     }
 
-    pub(crate) fn options(&self) -> Result<pumice::compress::calib::CalibOptions, pumice::Error> {
+    /// The calibration options for `ck` (its sized length unless --calib-len was given).
+    pub(crate) fn options(
+        &self,
+        ck: &pumice::model::Checkpoint,
+    ) -> Result<pumice::compress::calib::CalibOptions, pumice::Error> {
         if self.calib_samples == 0 {
             return Err(pumice::Error::InvalidArgument(
                 "--calib-samples must be at least 1".into(),
@@ -45,7 +52,9 @@ impl CalibArgs {
         }
         Ok(pumice::compress::calib::CalibOptions {
             samples: self.calib_samples,
-            len: self.calib_len,
+            len: self
+                .calib_len
+                .unwrap_or_else(|| pumice::compress::calib::sized_len(ck, self.calib_samples)),
             seed: self.seed,
             newlines: newlines(self.raw_text),
         })

@@ -112,6 +112,10 @@ pub(crate) struct CompressArgs {
     /// CALDERA: L/R refinement rounds per outer iteration.
     #[arg(long, default_value_t = 10)]
     pub(crate) inner_iters: usize,
+    /// CALDERA: stop a matrix's outer iterations after this many in a row that lower its best
+    /// weighted error by less than 0.1 % (the best iterate is kept); 0 runs all --outer-iters.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) patience: usize,
     #[command(flatten)]
     pub(crate) cal: CalibArgs,
     /// Replace the output directory if it exists (never the input).
@@ -231,88 +235,89 @@ pub(crate) enum AllocateArg {
     Optimal,
 }
 
-/// The one place compress arguments become validated library options (shard resolution from
-/// Slurm/Kubernetes included). Allocation from a measurement file and `--eval-text` read files
-/// and happen in `run`, still before any GPU work.
-impl TryFrom<&CompressArgs> for pumice::compress::pipeline::CompressOptions {
-    type Error = pumice::Error;
-
-    fn try_from(a: &CompressArgs) -> Result<Self, pumice::Error> {
-        use pumice::compress::pipeline::{CalderaSettings, CompressOptions, Method};
-        use pumice::quant::{GptqOptions, Grid, GridKind};
-        let shard = match (&a.output, a.shard) {
-            (Some(_), _) => None,
-            (None, Some(s)) => Some(s),
-            (None, None) => Some(shard_from_env(a.shards)?),
-        };
-        if shard.is_some() && (a.hessians.is_none() || a.work_dir.is_none()) {
-            return Err(pumice::Error::InvalidArgument(
-                "a shard needs --hessians HDIR (from `pumice hessians`) and --work-dir DIR".into(),
-            ));
-        }
-        let bits = a
-            .bits
-            .unwrap_or(if a.method == MethodArg::Caldera { 2 } else { 4 });
-        let caldera = a.method == MethodArg::Caldera;
-        let kind = a.grid.unwrap_or(if caldera {
-            GridKind::Midrise
-        } else {
-            GridKind::Asymmetric
-        });
-        // A k grid's groups are its sub-blocks.
-        let k_sub = (kind == GridKind::K)
-            .then(|| pumice::quant::kquant::KType::of_bits(bits).map(|k| k.sub))
-            .flatten();
-        let group_size = a
-            .group_size
-            .unwrap_or(k_sub.unwrap_or(if caldera { 64 } else { 128 }));
-        let grid = Grid::new(bits, group_size, kind)?.with_clip(!a.no_clip);
-        Ok(CompressOptions {
-            layers: Vec::new(),
-            allocation: None,
-            sparsity: a.sparsity.unwrap_or_default(),
-            method: match a.method {
-                MethodArg::Rtn => Method::Rtn,
-                MethodArg::Gptq => Method::Gptq,
-                MethodArg::Caldera => Method::Caldera,
-            },
-            grid,
-            gptq: GptqOptions {
-                damp: a.damp,
-                act_order: a.act_order,
-                block: 128,
-            },
-            calib_source: a.cal.source(),
-            calib: a.cal.options()?,
-            caldera: CalderaSettings {
-                target_bpw: a.target_bpw,
-                rank: a.rank,
-                lr_bits: a.lr_bits,
-                lr_group_size: a.lr_group_size,
-                outer_iters: a.outer_iters.max(1),
-                inner_iters: a.inner_iters.max(1),
-                clip: !a.no_clip,
-            },
-            output: a.output.clone().unwrap_or_default(),
-            force: a.force,
-            rht: a.rht || (a.method == MethodArg::Caldera && !a.no_rht),
-            hessians: a.hessians.clone(),
-            work_dir: a.work_dir.clone(),
-            resume: a.resume,
-            shard,
-            format: a.format,
-            dtype: a.dtype,
-        })
+/// The one place compress arguments become validated library options for the opened model
+/// (shard resolution from Slurm/Kubernetes included; the calibration length sized to the
+/// model unless given). Allocation from a measurement file and `--eval-text` read files and
+/// happen in `run`, still before any GPU work.
+fn compress_options(
+    a: &CompressArgs,
+    ck: &Checkpoint,
+) -> Result<pumice::compress::pipeline::CompressOptions, pumice::Error> {
+    use pumice::compress::pipeline::{CalderaSettings, CompressOptions, Method};
+    use pumice::quant::{GptqOptions, Grid, GridKind};
+    let shard = match (&a.output, a.shard) {
+        (Some(_), _) => None,
+        (None, Some(s)) => Some(s),
+        (None, None) => Some(shard_from_env(a.shards)?),
+    };
+    if shard.is_some() && (a.hessians.is_none() || a.work_dir.is_none()) {
+        return Err(pumice::Error::InvalidArgument(
+            "a shard needs --hessians HDIR (from `pumice hessians`) and --work-dir DIR".into(),
+        ));
     }
+    let bits = a
+        .bits
+        .unwrap_or(if a.method == MethodArg::Caldera { 2 } else { 4 });
+    let caldera = a.method == MethodArg::Caldera;
+    let kind = a.grid.unwrap_or(if caldera {
+        GridKind::Midrise
+    } else {
+        GridKind::Asymmetric
+    });
+    // A k grid's groups are its sub-blocks.
+    let k_sub = (kind == GridKind::K)
+        .then(|| pumice::quant::kquant::KType::of_bits(bits).map(|k| k.sub))
+        .flatten();
+    let group_size = a
+        .group_size
+        .unwrap_or(k_sub.unwrap_or(if caldera { 64 } else { 128 }));
+    let grid = Grid::new(bits, group_size, kind)?.with_clip(!a.no_clip);
+    Ok(CompressOptions {
+        layers: Vec::new(),
+        allocation: None,
+        sparsity: a.sparsity.unwrap_or_default(),
+        method: match a.method {
+            MethodArg::Rtn => Method::Rtn,
+            MethodArg::Gptq => Method::Gptq,
+            MethodArg::Caldera => Method::Caldera,
+        },
+        grid,
+        gptq: GptqOptions {
+            damp: a.damp,
+            act_order: a.act_order,
+            block: 128,
+        },
+        calib_source: a.cal.source(),
+        calib: a.cal.options(ck)?,
+        caldera: CalderaSettings {
+            target_bpw: a.target_bpw,
+            rank: a.rank,
+            lr_bits: a.lr_bits,
+            lr_group_size: a.lr_group_size,
+            outer_iters: a.outer_iters.max(1),
+            inner_iters: a.inner_iters.max(1),
+            patience: a.patience,
+            clip: !a.no_clip,
+        },
+        output: a.output.clone().unwrap_or_default(),
+        force: a.force,
+        rht: a.rht || (a.method == MethodArg::Caldera && !a.no_rht),
+        hessians: a.hessians.clone(),
+        work_dir: a.work_dir.clone(),
+        resume: a.resume,
+        shard,
+        format: a.format,
+        dtype: a.dtype,
+    })
 }
 
 pub(crate) fn run(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
-    use pumice::compress::pipeline::{compress, CompressOptions, Event};
+    use pumice::compress::pipeline::{compress, Event};
 
     let mut rep = progress::Reporter::new(a.json);
-    let mut opts = CompressOptions::try_from(&a)?;
-    let shard = opts.shard;
     let ck = Checkpoint::open(&a.model)?;
+    let mut opts = compress_options(&a, &ck)?;
+    let shard = opts.shard;
     // --eval-text is read and tokenized before any GPU work: a bad file fails at once.
     let eval_tokens = match &a.eval_text {
         Some(text_path) => {

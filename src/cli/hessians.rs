@@ -30,8 +30,8 @@ pub(crate) struct HessiansArgs {
 pub(crate) fn run(gpu_opts: &GpuOptions, a: HessiansArgs) -> anyhow::Result<()> {
     use pumice::compress::pipeline::{collect_hessians, Event};
     let mut rep = progress::Reporter::new(a.json);
-    let (source, copts) = (a.cal.source(), a.cal.options()?);
     let ck = Checkpoint::open(&a.model)?;
+    let (source, copts) = (a.cal.source(), a.cal.options(&ck)?);
     let gpu = Gpu::new(gpu_opts)?;
     eprintln!(
         "collecting Hessians of {} on {}",

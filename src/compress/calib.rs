@@ -20,6 +20,32 @@ pub struct CalibOptions {
     pub newlines: crate::text::Newlines,
 }
 
+/// The calibration length for `samples` sequences when none is asked for, sized to the model:
+/// enough tokens for 64 per feature of the widest linear input (the largest Hessian to
+/// estimate), as a power of two from 256 to 2048, capped at the model's context. The asset
+/// model (widest input 512) gets 128 × 256; models with inputs of 4096 or more get GPTQ's
+/// usual 128 × 2048.
+pub fn sized_len(ck: &crate::model::Checkpoint, samples: usize) -> usize {
+    let widest = ck
+        .arch()
+        .layers
+        .iter()
+        .flat_map(|l| &l.linears)
+        .map(|l| l.in_features)
+        .max()
+        .unwrap_or(1);
+    len_for(widest, samples, ck.config().max_position_embeddings)
+}
+
+/// [`sized_len`] for a widest linear input, a sequence count and a context.
+fn len_for(widest: usize, samples: usize, context: usize) -> usize {
+    (64 * widest)
+        .div_ceil(samples.max(1))
+        .next_power_of_two()
+        .clamp(256, 2048)
+        .min(context.max(2))
+}
+
 /// Calibration sequences: `samples` rows of `len` tokens.
 #[derive(Clone, Debug)]
 pub struct Calibration {
@@ -165,4 +191,24 @@ pub fn self_generated(
         },
         tokens,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::len_for;
+
+    #[test]
+    fn calibration_is_sized_to_the_widest_input() {
+        // The asset model (192 wide, intermediate 512) at 128 sequences: 128 × 256 tokens.
+        assert_eq!(len_for(512, 128, 1024), 256);
+        // Fewer sequences, longer ones: the same token count.
+        assert_eq!(len_for(512, 32, 1024), 1024);
+        // Qwen2-0.5B (down_proj input 4864) and Llama-7B shapes: GPTQ's usual 2048.
+        assert_eq!(len_for(4864, 128, 32768), 2048);
+        assert_eq!(len_for(11008, 128, 4096), 2048);
+        // Never past the model's context, never below 256 otherwise.
+        assert_eq!(len_for(4864, 128, 512), 512);
+        assert_eq!(len_for(64, 128, 4096), 256);
+        assert_eq!(len_for(64, 128, 100), 100);
+    }
 }

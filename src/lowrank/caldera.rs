@@ -29,6 +29,10 @@ pub struct CalderaOptions {
     pub lr_grid: Grid,
     pub outer_iters: usize,
     pub inner_iters: usize,
+    /// Stop after this many outer iterations in a row that lower the best relative error by
+    /// less than [`PATIENCE_GAIN`] of it (0: run all `outer_iters`). The best iterate is kept
+    /// either way, so stopping can only skip later improvements.
+    pub patience: usize,
     pub gptq: GptqOptions,
     /// Randomized SVD oversampling and power iterations (GPU path).
     pub oversample: usize,
@@ -54,6 +58,7 @@ impl CalderaOptions {
             },
             outer_iters: 15,
             inner_iters: 10,
+            patience: 0,
             gptq: GptqOptions::default(),
             oversample: 10,
             power_iters: 2,
@@ -67,6 +72,36 @@ impl CalderaOptions {
         grid_bits(&self.q_grid, m, n)
             + grid_bits(&self.lr_grid, self.rank, m)
             + grid_bits(&self.lr_grid, self.rank, n)
+    }
+}
+
+/// The relative gain in the best error an outer iteration must bring to count as progress
+/// ([`CalderaOptions::patience`]).
+pub const PATIENCE_GAIN: f64 = 1e-3;
+
+/// Early stopping over outer iterations: counts iterations in a row that lower the best error
+/// by less than [`PATIENCE_GAIN`] of it.
+struct Patience {
+    limit: usize,
+    stale: usize,
+    best: f64,
+}
+
+impl Patience {
+    fn new(limit: usize) -> Patience {
+        Patience {
+            limit,
+            stale: 0,
+            best: f64::INFINITY,
+        }
+    }
+
+    /// Record an iteration's relative error; true when the run should stop after it.
+    fn record(&mut self, rel: f64) -> bool {
+        let progress = !self.best.is_finite() || (self.best - rel) >= PATIENCE_GAIN * self.best;
+        self.stale = if progress { 0 } else { self.stale + 1 };
+        self.best = self.best.min(rel);
+        self.limit > 0 && self.stale >= self.limit
     }
 }
 
@@ -225,6 +260,7 @@ pub fn reference(
     let mut qd = faer::Mat::<f64>::zeros(m, n);
     let mut best: Option<Decomposition> = None;
     let mut history = Vec::new();
+    let mut patience = Patience::new(opts.patience);
     for _ in 0..opts.outer_iters.max(1) {
         let a = &wm - &qd;
         // (a) Low-rank fit of A in the H-weighted norm.
@@ -301,6 +337,7 @@ pub fn reference(
             .collect();
         let rel = weighted_error(w, &approx, m, h) / norm;
         history.push(rel);
+        let stop = patience.record(rel);
         if best.as_ref().is_none_or(|b| rel < b.relative_error) {
             best = Some(Decomposition {
                 q: q.clone(),
@@ -310,6 +347,9 @@ pub fn reference(
                 history: Vec::new(),
                 damp: prep.damp,
             });
+        }
+        if stop {
+            break;
         }
         qd = faer::Mat::<f64>::from_fn(m, n, |i, j| qv[i * n + j] as f64);
     }
@@ -384,6 +424,7 @@ pub fn decompose(
     let mut qv = vec![0.0f32; m * n];
     let mut best: Option<Decomposition> = None;
     let mut history = Vec::new();
+    let mut patience = Patience::new(opts.patience);
     for outer in 0..opts.outer_iters.max(1) {
         let a: Vec<f32> = w.iter().zip(&qv).map(|(x, q)| x - q).collect();
         let (lt_q, r_q) = if k == 0 {
@@ -484,6 +525,7 @@ pub fn decompose(
         let delta: Vec<f32> = (0..m * n).map(|i| w[i] - qv[i] - lr[i]).collect();
         let rel = quad(&delta)? / norm;
         history.push(rel);
+        let stop = patience.record(rel);
         if best.as_ref().is_none_or(|b| rel < b.relative_error) {
             best = Some(Decomposition {
                 q,
@@ -493,6 +535,9 @@ pub fn decompose(
                 history: Vec::new(),
                 damp: prep.damp,
             });
+        }
+        if stop {
+            break;
         }
     }
     let mut b = best.expect("at least one outer iteration");

@@ -243,6 +243,7 @@ mod tests {
             ("calib.seed", |o| o.calib.seed += 1),
             ("caldera.rank", |o| o.caldera.rank = Some(7)),
             ("caldera.outer_iters", |o| o.caldera.outer_iters += 1),
+            ("caldera.patience", |o| o.caldera.patience += 1),
             ("rht", |o| o.rht = !o.rht),
         ];
         let b = fp(&base());

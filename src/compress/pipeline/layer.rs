@@ -321,6 +321,7 @@ pub(crate) fn compress_layer(
                     lr_grid: cs.lr_grid()?,
                     outer_iters: cs.outer_iters,
                     inner_iters: cs.inner_iters,
+                    patience: cs.patience,
                     gptq: sh.gptq,
                     oversample: 10,
                     power_iters: 2,

@@ -44,6 +44,8 @@ pub struct CalderaSettings {
     pub lr_group_size: usize,
     pub outer_iters: usize,
     pub inner_iters: usize,
+    /// Early stop after this many outer iterations without progress (0: never).
+    pub patience: usize,
     /// Least-squares clip search for the L and R grids.
     pub clip: bool,
 }
@@ -57,6 +59,7 @@ impl Default for CalderaSettings {
             lr_group_size: 64,
             outer_iters: 15,
             inner_iters: 10,
+            patience: 0,
             clip: true,
         }
     }

@@ -66,6 +66,7 @@ pub(crate) fn manifest_params(opts: &CompressOptions) -> serde_json::Value {
             "lr_group_size": opts.caldera.lr_group_size,
             "outer_iters": opts.caldera.outer_iters,
             "inner_iters": opts.caldera.inner_iters,
+            "patience": opts.caldera.patience,
             "lr_clip": opts.caldera.clip,
         })),
     })
