@@ -235,7 +235,7 @@ fn patience_stops_on_a_prefix_of_the_same_iterates() {
         assert_eq!(full.history.len(), 12);
         let want = stop_of(&full.history, 1);
         assert!(want < 12, "no stall in {:?}", full.history);
-        let mut p = o.clone();
+        let mut p = o;
         p.patience = 1;
         let short = run(&p);
         eprintln!("full {:?}\nstopped after {want}", full.history);
