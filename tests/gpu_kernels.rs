@@ -50,12 +50,22 @@ fn gemm_fixed_awkward_shapes() {
         (97, 101, 103),
         (4, 256, 4),
         (128, 3, 129),
+        // Fewer rows than the tile take the one- or few-rows-per-invocation configurations.
+        (2, 9, 70),
+        (1, 300, 517),
     ];
     for (i, &(m, k, n)) in shapes.iter().enumerate() {
         for op in [GemmOp::NN, GemmOp::NT] {
             check_gemm(&g, m, k, n, op, DType::F32, DType::F32, i as u64);
         }
     }
+    // Which configurations those were: one row per invocation for a single row, at most the
+    // rows there are for a few, the adapter's tile for many.
+    use pumice::gpu::GemmConfig;
+    let base = GemmConfig::for_gpu(&g);
+    assert_eq!(GemmConfig::for_product(&g, 1).tm, 1);
+    assert!(GemmConfig::for_product(&g, 2).tm <= 2);
+    assert_eq!(GemmConfig::for_product(&g, 4096), base);
 }
 
 #[test]
