@@ -97,10 +97,10 @@ fn fixtures() -> &'static Fixtures {
     static F: OnceLock<Fixtures> = OnceLock::new();
     F.get_or_init(|| {
         let make = compress;
-        Fixtures {
-            gptq4: make("gptq4", &GPTQ4),
-            sym4: make(
-                "sym4",
+        // gptq 4-bit in groups of 32 on `grid`: one ggml type's grid.
+        let g32 = |name: &str, grid: &str| {
+            make(
+                name,
                 &[
                     "--method",
                     "gptq",
@@ -109,9 +109,13 @@ fn fixtures() -> &'static Fixtures {
                     "--group-size",
                     "32",
                     "--grid",
-                    "symmetric",
+                    grid,
                 ],
-            ),
+            )
+        };
+        Fixtures {
+            gptq4: make("gptq4", &GPTQ4),
+            sym4: g32("sym4", "symmetric"),
             iq4: make(
                 "iq4",
                 &["--method", "gptq", "--group-size", "32", "--grid", "iq4nl"],
@@ -147,19 +151,7 @@ fn fixtures() -> &'static Fixtures {
                 "pruned",
                 &["--method", "gptq", "--bits", "4", "--sparsity", "2:4"],
             ),
-            affine4: make(
-                "affine4",
-                &[
-                    "--method",
-                    "gptq",
-                    "--bits",
-                    "4",
-                    "--group-size",
-                    "32",
-                    "--grid",
-                    "affine",
-                ],
-            ),
+            affine4: g32("affine4", "affine"),
         }
     })
 }

@@ -976,44 +976,42 @@ fn eval_text_is_read_before_any_work() {
     assert!(!w.exists() || entries_with(&w, "layer-").is_empty());
 }
 
+/// `pumice importance` of the asset model over `options` (CALDERA ones at one outer and inner
+/// iteration), then `compress --measurement … --target-bpw BPW --format gguf` into `dir/out`.
+fn allocate_to_gguf(dir: &std::path::Path, options: &str, bpw: &str) -> std::path::PathBuf {
+    let model = common::project_root().join("assets/models/gutenberg-llama");
+    let (model, m) = (model.to_str().unwrap(), dir.join("measurement.json"));
+    let out = dir.join("out");
+    let fast = [
+        "--calib-samples",
+        "4",
+        "--calib-len",
+        "64",
+        "--outer-iters",
+        "1",
+        "--inner-iters",
+        "1",
+    ];
+    let mut args = vec!["importance", model, "-o", m.to_str().unwrap(), "--no-rht"];
+    args.extend(["--options", options]);
+    args.extend(fast);
+    let (code, err) = pumice(&args);
+    assert_eq!(code, Some(0), "{err}");
+    let mut args = vec!["compress", model, "-o", out.to_str().unwrap()];
+    args.extend(["--measurement", m.to_str().unwrap(), "--target-bpw", bpw]);
+    args.extend(["--format", "gguf", "--eval-samples", "0"]);
+    args.extend(fast);
+    let (code, err) = pumice(&args);
+    assert_eq!(code, Some(0), "{err}");
+    out
+}
+
 /// `compress --measurement … --format gguf` wrote the GGUF and then failed (exit 1) reading
 /// `pumice.json` for report.svg, which only the pumice format has.
 #[test]
 fn an_allocation_written_to_another_format_finishes() {
     let d = tempfile::tempdir().unwrap();
-    let model = common::project_root().join("assets/models/gutenberg-llama");
-    let m = d.path().join("measurement.json");
-    let out = d.path().join("out");
-    let q = ["--calib-samples", "4", "--calib-len", "64"];
-    let mut args = vec![
-        "importance",
-        model.to_str().unwrap(),
-        "-o",
-        m.to_str().unwrap(),
-        "--no-rht",
-        "--options",
-        "gptq-q4_0,gptq-q8_0",
-    ];
-    args.extend(q);
-    let (code, err) = pumice(&args);
-    assert_eq!(code, Some(0), "{err}");
-    let mut args = vec![
-        "compress",
-        model.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--measurement",
-        m.to_str().unwrap(),
-        "--target-bpw",
-        "6",
-        "--format",
-        "gguf",
-        "--eval-samples",
-        "0",
-    ];
-    args.extend(q);
-    let (code, err) = pumice(&args);
-    assert_eq!(code, Some(0), "{err}");
+    let out = allocate_to_gguf(d.path(), "gptq-q4_0,gptq-q8_0", "6");
     assert!(out.join("model.gguf").exists());
     assert!(!out.join("report.svg").exists());
 }
@@ -1027,49 +1025,8 @@ fn an_allocation_written_to_another_format_finishes() {
 fn an_allocation_for_gguf_spends_the_bits_the_gguf_files_hold() {
     use pumice::format::gguf::file::{read_info, GgufInfo};
     let d = tempfile::tempdir().unwrap();
-    let model = common::project_root().join("assets/models/gutenberg-llama");
-    let m = d.path().join("measurement.json");
-    let out = d.path().join("out");
-    let q = ["--calib-samples", "4", "--calib-len", "64"];
-    let mut args = vec![
-        "importance",
-        model.to_str().unwrap(),
-        "-o",
-        m.to_str().unwrap(),
-        "--no-rht",
-        "--outer-iters",
-        "1",
-        "--inner-iters",
-        "1",
-        "--options",
-        "gptq-q4_0,caldera-q4_0-r16",
-    ];
-    args.extend(q);
-    let (code, err) = pumice(&args);
-    assert_eq!(code, Some(0), "{err}");
     let budget = 5.5;
-    let b = budget.to_string();
-    let mut args = vec![
-        "compress",
-        model.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--measurement",
-        m.to_str().unwrap(),
-        "--target-bpw",
-        &b,
-        "--outer-iters",
-        "1",
-        "--inner-iters",
-        "1",
-        "--format",
-        "gguf",
-        "--eval-samples",
-        "0",
-    ];
-    args.extend(q);
-    let (code, err) = pumice(&args);
-    assert_eq!(code, Some(0), "{err}");
+    let out = allocate_to_gguf(d.path(), "gptq-q4_0,caldera-q4_0-r16", &budget.to_string());
     // Linear weights (blk.N.attn_*/ffn_* .weight) and every adapter tensor, as written.
     let bytes = |info: &GgufInfo, keep: &dyn Fn(&str) -> bool| -> (u64, u64) {
         info.tensors

@@ -10,6 +10,7 @@ use crate::budget::allocate::{
 use crate::budget::candidates::Candidate;
 use crate::budget::measurement::Measurement;
 use crate::compress::pipeline::{planned_entries, CompressOptions, Method};
+use crate::format::{Format, Planned};
 use crate::model::Checkpoint;
 use crate::quant::sparsity::Sparsity;
 use crate::{Error, Result};
@@ -33,8 +34,8 @@ fn in_target_bits(
     ck: &Checkpoint,
     mut m: Measurement,
     opts: &CompressOptions,
+    format: &dyn Format,
 ) -> Result<Measurement> {
-    let format = opts.format.make(opts.dtype, ck.dtype())?;
     let mut keep = Vec::new();
     let mut refused = Vec::new();
     for (o, name) in m.options.iter().enumerate() {
@@ -46,8 +47,8 @@ fn in_target_bits(
             refused.push(format!("{name} ({e})"));
             continue;
         }
-        for (l, layer) in m.layers.iter_mut().enumerate() {
-            layer.sensitivity[o].bits = planned[l].iter().map(|(_, e)| format.stored_bits(e)).sum();
+        for (layer, bits) in m.layers.iter_mut().zip(layer_bits(format, &planned)) {
+            layer.sensitivity[o].bits = bits;
         }
         keep.push(o);
     }
@@ -63,6 +64,14 @@ fn in_target_bits(
         layer.sensitivity = keep.iter().map(|&o| layer.sensitivity[o].clone()).collect();
     }
     Ok(m)
+}
+
+/// The bits `format` stores for each layer of `planned`.
+fn layer_bits(format: &dyn Format, planned: &Planned) -> Vec<u64> {
+    planned
+        .iter()
+        .map(|layer| layer.iter().map(|(_, e)| format.stored_bits(e)).sum())
+        .collect()
 }
 
 /// Choose per-layer recipes from a measurement file within a budget, set them in `opts` with
@@ -91,7 +100,8 @@ pub fn allocate_layers(
             cfg.num_layers
         )));
     }
-    let m = in_target_bits(ck, m, opts)?;
+    let format = opts.format.make(opts.dtype, ck.dtype())?;
+    let m = in_target_bits(ck, m, opts, format.as_ref())?;
     let (rule, budget) = (req.rule, req.budget);
     let budget_bits = linear_budget_bits(ck, budget, min_bits(&m))?;
     let alloc = allocate(&m, rule, budget_bits)?;
@@ -159,11 +169,8 @@ pub fn allocate_layers(
         })
         .collect();
     opts.rht = m.rht;
-    let format = opts.format.make(opts.dtype, ck.dtype())?;
-    let planned: u64 = planned_entries(ck, opts)?
+    let planned: u64 = layer_bits(format.as_ref(), &planned_entries(ck, opts)?)
         .iter()
-        .flatten()
-        .map(|(_, e)| format.stored_bits(e))
         .sum();
     if planned > budget_bits {
         return Err(Error::InvalidArgument(

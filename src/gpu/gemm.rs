@@ -33,10 +33,7 @@ impl GemmConfig {
     /// Tile choice per adapter: 64×64 tiles (256 invocations) on GPUs; 32×32 on CPU adapters,
     /// whose SIMD lanes gain nothing from bigger groups and whose caches like smaller tiles.
     pub fn for_gpu(gpu: &Gpu) -> GemmConfig {
-        if let Some(c) = std::env::var("PUMICE_GEMM_TILE")
-            .ok()
-            .and_then(|v| Self::parse(&v))
-        {
+        if let Some(c) = Self::tile_override() {
             return c;
         }
         let caps = gpu.caps();
@@ -67,7 +64,7 @@ impl GemmConfig {
     /// 8×1×8 0.68 GFLOP/s, 64×1×1 2.05). `PUMICE_GEMM_TILE` is taken as it is.
     pub fn for_product(gpu: &Gpu, m: usize) -> GemmConfig {
         let base = Self::for_gpu(gpu);
-        if std::env::var_os("PUMICE_GEMM_TILE").is_some() || m >= base.tile_m() {
+        if Self::tile_override().is_some() || m >= base.tile_m() {
             return base;
         }
         let tm = (m.max(1).next_power_of_two() as u32).min(base.tm);
@@ -75,6 +72,16 @@ impl GemmConfig {
             .min(gpu.caps().max_invocations)
             .max(1);
         GemmConfig { wg_x, wg_y: 1, tm }
+    }
+
+    /// `PUMICE_GEMM_TILE` (used for tuning), read once per process: every product asks.
+    fn tile_override() -> Option<GemmConfig> {
+        static TILE: std::sync::OnceLock<Option<GemmConfig>> = std::sync::OnceLock::new();
+        *TILE.get_or_init(|| {
+            std::env::var("PUMICE_GEMM_TILE")
+                .ok()
+                .and_then(|v| Self::parse(&v))
+        })
     }
 
     /// `WGXxWGYxTM`, e.g. `8x1x8` (the `PUMICE_GEMM_TILE` override used for tuning).

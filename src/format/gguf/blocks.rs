@@ -278,6 +278,17 @@ pub(super) fn q8_0_of_f32(v: &[f32]) -> Vec<u8> {
     out
 }
 
+/// A 32-block's qs: byte j holds the low four bits of value j (low nibble) and of value j + 16
+/// (high nibble) — Q4_0, Q4_1, Q5_0, Q5_1 and IQ4_NL alike.
+fn nibbles(u: &[u32; 32]) -> impl Iterator<Item = u8> + '_ {
+    (0..16).map(|j| ((u[j] & 15) | ((u[j + 16] & 15) << 4)) as u8)
+}
+
+/// A 32-block's qh (Q5_0, Q5_1): bit j holds the fifth bit of value j.
+fn fifth_bits(u: &[u32; 32]) -> u32 {
+    (0..32).fold(0u32, |h, j| h | ((u[j] >> 4) & 1) << j)
+}
+
 /// Encode `m`'s backbone as `ty`, rows in `order`.
 pub(super) fn encode(m: &CompressedMatrix, ty: GgmlType, order: &[usize]) -> Result<Vec<u8>> {
     let e = &m.entry;
@@ -320,12 +331,11 @@ pub(super) fn encode(m: &CompressedMatrix, ty: GgmlType, order: &[usize]) -> Res
                 out.extend(f16::from_f32(scales[gi]).to_le_bytes());
                 out.extend(f16::from_f32(zeros[gi]).to_le_bytes());
                 if ty == GgmlType::Q5_1 {
-                    let qh = (0..32).fold(0u32, |h, j| h | ((u[j] >> 4) & 1) << j);
-                    out.extend(qh.to_le_bytes());
+                    out.extend(fifth_bits(&u).to_le_bytes());
                 } else if let Some(x) = u.iter().find(|&&x| x > 15) {
                     return Err(bad(format!("code {x} does not fit Q4_1")));
                 }
-                out.extend((0..16).map(|j| ((u[j] & 15) | ((u[j + 16] & 15) << 4)) as u8));
+                out.extend(nibbles(&u));
             }
         }
         return Ok(out);
@@ -354,17 +364,16 @@ pub(super) fn encode(m: &CompressedMatrix, ty: GgmlType, order: &[usize]) -> Res
                     if let Some(x) = q.iter().find(|&&x| !(-8..=7).contains(&x)) {
                         return Err(bad(format!("value {x} does not fit Q4_0")));
                     }
-                    out.extend((0..16).map(|j| ((q[j] + 8) | ((q[j + 16] + 8) << 4)) as u8));
+                    out.extend(nibbles(&q.map(|x| (x + 8) as u32)));
                 }
                 // qh bit j: the fifth bit of value j; qs as Q4_0's nibbles of the low four.
                 GgmlType::Q5_0 => {
                     if let Some(x) = q.iter().find(|&&x| !(-16..=15).contains(&x)) {
                         return Err(bad(format!("value {x} does not fit Q5_0")));
                     }
-                    let u: Vec<u32> = q.iter().map(|&x| (x + 16) as u32).collect();
-                    let qh = (0..32).fold(0u32, |h, j| h | ((u[j] >> 4) & 1) << j);
-                    out.extend(qh.to_le_bytes());
-                    out.extend((0..16).map(|j| ((u[j] & 15) | ((u[j + 16] & 15) << 4)) as u8));
+                    let u = q.map(|x| (x + 16) as u32);
+                    out.extend(fifth_bits(&u).to_le_bytes());
+                    out.extend(nibbles(&u));
                 }
                 // Codebook indices, packed as Q4_0's nibbles (a pruned weight has none: the
                 // grid never prunes).
@@ -374,7 +383,7 @@ pub(super) fn encode(m: &CompressedMatrix, ty: GgmlType, order: &[usize]) -> Res
                     {
                         return Err(bad("IQ4_NL holds only iq4nl codes".into()));
                     }
-                    out.extend((0..16).map(|j| (q[j] | (q[j + 16] << 4)) as u8));
+                    out.extend(nibbles(&q.map(|x| x as u32)));
                 }
                 _ => unreachable!("float types return above"),
             }
