@@ -70,6 +70,8 @@ pub struct BenchResult {
     pub relative_error: Option<f64>,
     /// Set when the operation failed on this target (the others still run).
     pub error: Option<String>,
+    /// The kernel configuration the GPU used (GEMM: `WGXxWGYxTMxTN`, tuned per adapter).
+    pub config: Option<String>,
 }
 
 /// Where an operation runs.
@@ -246,6 +248,8 @@ pub fn run(
     let (backend, adapter, device_type, driver, driver_info) = target.identity();
     let wanted =
         |op: &str| opts.only.is_empty() || opts.only.iter().any(|o| op.contains(o.as_str()));
+    // Set before a record() whose row should name its kernel configuration.
+    let config: std::cell::RefCell<Option<String>> = Default::default();
     let mut record = |op: &str,
                       shape: String,
                       times: Result<Vec<f64>>,
@@ -281,6 +285,7 @@ pub fn run(
             tokens_per_s: tokens.filter(|_| error.is_none()).map(|t| t / med),
             relative_error,
             error,
+            config: config.borrow_mut().take(),
         });
         Ok(())
     };
@@ -315,6 +320,9 @@ pub fn run(
                     Ok(())
                 }),
             };
+            if let Target::Gpu(g) = target {
+                *config.borrow_mut() = Some(crate::gpu::GemmConfig::for_product(g, m).to_string());
+            }
             record(
                 "gemm f32",
                 shape,

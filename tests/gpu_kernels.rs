@@ -68,6 +68,79 @@ fn gemm_fixed_awkward_shapes() {
     assert_eq!(GemmConfig::for_product(&g, 4096), base);
 }
 
+/// Every configuration tuning may choose, on any adapter class, against the f64 reference:
+/// awkward shapes, one row, 16-bit operands, and operands split into binding-sized chunks.
+#[test]
+fn every_tuning_candidate_matches_the_f64_reference() {
+    use pumice::gpu::{gemm_with_config, tune, Batch};
+    let g = gpu();
+    let small = gpu_limited(1024);
+    let max = g.caps().max_invocations;
+    let mut configs = Vec::new();
+    for cpu_class in [true, false] {
+        for c in tune::gemm_candidates(cpu_class, max)
+            .into_iter()
+            .chain(tune::gemv_candidates(cpu_class, max))
+        {
+            if !configs.contains(&c) {
+                configs.push(c);
+            }
+        }
+    }
+    let check = |g: &Gpu, cfg, m: usize, k: usize, n: usize, op, da, db, seed: u64| {
+        let a = rounded(&random(m * k, seed, 0.0), da);
+        let b = rounded(&random(k * n, seed + 1, 0.0), db);
+        let (br, bc) = match op {
+            GemmOp::NN => (k, n),
+            GemmOp::NT => (n, k),
+        };
+        let ga = GpuMatrix::from_f32(g, m, k, da, &a).unwrap();
+        let gb = GpuMatrix::from_f32(g, br, bc, db, &b).unwrap();
+        let gc = GpuMatrix::uninit(g, m, n).unwrap();
+        let mut batch = Batch::new(g);
+        gemm_with_config(&mut batch, &ga, 0..m, &gb, op, &gc, 0, 0, false, cfg).unwrap();
+        batch.submit().unwrap();
+        let c = gc.to_f32(g).unwrap();
+        let want = cpu::gemm_f64(&a, &b, m, k, n, op == GemmOp::NT);
+        let e = rel_err(&c, &want);
+        assert!(
+            e < tol(k),
+            "{cfg} {op:?} {m}x{k}x{n} {da}/{db}: rel err {e:.3e}"
+        );
+    };
+    for (ci, &cfg) in configs.iter().enumerate() {
+        for (i, &(m, k, n)) in [
+            (1, 1, 1),
+            (1, 300, 517),
+            (3, 5, 7),
+            (65, 33, 31),
+            (97, 101, 103),
+        ]
+        .iter()
+        .enumerate()
+        {
+            for op in [GemmOp::NN, GemmOp::NT] {
+                let seed = (ci * 100 + i) as u64;
+                check(&g, cfg, m, k, n, op, DType::F32, DType::F32, seed);
+            }
+        }
+        for op in [GemmOp::NN, GemmOp::NT] {
+            check(&g, cfg, 33, 70, 41, op, DType::BF16, DType::F16, ci as u64);
+            check(
+                &small,
+                cfg,
+                70,
+                64,
+                37,
+                op,
+                DType::F32,
+                DType::F32,
+                ci as u64,
+            );
+        }
+    }
+}
+
 #[test]
 fn gemm_16bit_inputs() {
     let g = gpu();

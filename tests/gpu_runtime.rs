@@ -205,3 +205,71 @@ fn operand_larger_than_real_binding_limit() {
     let e = rel_err(&c, &want);
     assert!(e < 1e-5, "rel err {e:.3e}");
 }
+
+/// Kernel tuning: measured once (every candidate checked and timed, the fastest kept), then read
+/// from the cache; `again` re-measures; a damaged cache file is replaced, never an error; `off`
+/// takes the adapter class's defaults; nothing is left under a temporary name.
+#[test]
+fn kernel_tuning_is_measured_once_then_cached() {
+    use pumice::gpu::tune::{self, gemm_candidates, gemv_candidates, Origin, TuneMode};
+    let g = gpu();
+    let dir = tempfile::tempdir().unwrap();
+    let caps = g.caps().clone();
+    let first = tune::tune(&g, TuneMode::Auto, Some(dir.path()));
+    let saved = match &first.origin {
+        Origin::Measured {
+            saved: Some(p),
+            seconds,
+        } => {
+            assert!(*seconds > 0.0);
+            p.clone()
+        }
+        o => panic!("first tuning should measure and save, got {o:?}"),
+    };
+    let n = gemm_candidates(caps.is_cpu, caps.max_invocations).len()
+        + gemv_candidates(caps.is_cpu, caps.max_invocations).len();
+    assert_eq!(first.trials.len(), n);
+    // The chosen configurations are the fastest of their kind.
+    for (kind, chosen) in [("gemm", first.gemm), ("gemv", first.gemv)] {
+        let best = first
+            .trials
+            .iter()
+            .filter(|t| t.kernel == kind && t.median_s.is_some())
+            .min_by(|a, b| a.median_s.unwrap().total_cmp(&b.median_s.unwrap()))
+            .unwrap();
+        assert_eq!(best.config, chosen.to_string());
+    }
+    let cached = tune::tune(&g, TuneMode::Auto, Some(dir.path()));
+    assert_eq!(cached.origin, Origin::Cached(saved.clone()));
+    assert_eq!((cached.gemm, cached.gemv), (first.gemm, first.gemv));
+    assert_eq!(cached.trials, first.trials);
+
+    let again = tune::tune(&g, TuneMode::Again, Some(dir.path()));
+    assert!(matches!(again.origin, Origin::Measured { .. }));
+
+    std::fs::write(&saved, "{ not json").unwrap();
+    let repaired = tune::tune(&g, TuneMode::Auto, Some(dir.path()));
+    assert!(matches!(
+        repaired.origin,
+        Origin::Measured { saved: Some(_), .. }
+    ));
+    let reread = tune::tune(&g, TuneMode::Auto, Some(dir.path()));
+    assert!(matches!(reread.origin, Origin::Cached(_)));
+
+    let off = tune::tune(&g, TuneMode::Off, Some(dir.path()));
+    assert_eq!(off.origin, Origin::Defaults);
+    assert_eq!(
+        off.gemm,
+        gemm_candidates(caps.is_cpu, caps.max_invocations)[0]
+    );
+    assert_eq!(
+        off.gemv,
+        gemv_candidates(caps.is_cpu, caps.max_invocations)[0]
+    );
+
+    let files: Vec<_> = std::fs::read_dir(saved.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+}

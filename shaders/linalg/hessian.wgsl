@@ -1,13 +1,13 @@
 // H += Xᵀ X over the rows of X (tokens × features), upper triangle only.
 //
-// Accuracy scheme: every invocation owns a 4×4 block of H. It sums BLOCK rows at a time in
+// Accuracy scheme: every invocation owns a (4·BI)×(4·BJ) block of H. It sums BLOCK rows at a time in
 // plain f32 registers, adds each block sum into a compensated (TwoSum) register pair, and at
 // the end merges that pair into the stored compensated pair (hi, lo). The error of a long sum
 // is then that of a BLOCK-term f32 sum, not of one with 10⁵ terms; the host reads hi + lo in
 // f64. Blocks entirely below the diagonal exit at once; the host mirrors the upper triangle.
 //
 // Specialized by the host (src/gpu/hessian.rs): OPERANDS (binding 1, X, with
-// load_x4/load_x1), WG_X, WG_Y, BLOCK.
+// load_x4/load_x1), WG_X, WG_Y, BLOCK, BI, BJ and the written-out register block.
 
 struct Params {
     f: u32,      // features (columns of X, size of H)
@@ -28,6 +28,9 @@ struct Params {
 const WG_X: u32 = {{WG_X}}u;
 const WG_Y: u32 = {{WG_Y}}u;
 const BLOCK: u32 = {{BLOCK}}u;
+// Row groups of four and column groups of four per invocation.
+const BI: u32 = {{BI}}u;
+const BJ: u32 = {{BJ}}u;
 
 // Four features j0..j0+3 of one row, clamped to f-1 (clamped results are never stored).
 fn load_feats(row_base: u32, j0: u32) -> vec4<f32> {
@@ -70,55 +73,32 @@ fn store(i: u32, j0: u32, s: vec4<f32>, e: vec4<f32>) {
 
 @compute @workgroup_size(WG_X, WG_Y, 1)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let ri = (wid.y * WG_Y + lid.y) * 4u;
+    // Rows i0..i0+4·BI of H (in BI groups of four); column group G at j0 + 4·G·WG_X (the
+    // groups of neighbouring invocations interleave).
+    let ri = (wid.y * WG_Y + lid.y) * 4u * BI;
     let i0 = p.h_row0 + ri;
-    let j0 = (wid.x * WG_X + lid.x) * 4u;
+    let j0 = wid.x * WG_X * 4u * BJ + lid.x * 4u;
     // Outside H, or a block strictly below the diagonal (every j < every i).
-    if (ri >= p.h_rows || i0 >= p.f || j0 >= p.f || j0 + 3u < i0) {
+    if (ri >= p.h_rows || i0 >= p.f || j0 >= p.f || j0 + 4u * (BJ - 1u) * WG_X + 3u < i0) {
         return;
     }
-    var s0 = vec4<f32>(0.0);
-    var s1 = vec4<f32>(0.0);
-    var s2 = vec4<f32>(0.0);
-    var s3 = vec4<f32>(0.0);
-    var e0 = vec4<f32>(0.0);
-    var e1 = vec4<f32>(0.0);
-    var e2 = vec4<f32>(0.0);
-    var e3 = vec4<f32>(0.0);
+    // The register block is written out by the host (src/gpu/hessian.rs), one variable per
+    // accumulator (an array indexed in a loop the compiler does not unroll lives in memory):
+    // for row R and column group G, bR_G is the current BLOCK's f32 sum, sR_G + eR_G the
+    // compensated total.
+{{SETUP}}
     var t = 0u;
     loop {
         if (t >= p.t) {
             break;
         }
         let t_end = min(t + BLOCK, p.t);
-        var b0 = vec4<f32>(0.0);
-        var b1 = vec4<f32>(0.0);
-        var b2 = vec4<f32>(0.0);
-        var b3 = vec4<f32>(0.0);
+{{ZERO}}
         for (; t < t_end; t = t + 1u) {
             let row = p.x_off + t * p.f;
-            let xi = load_feats(row, i0);
-            let xj = load_feats(row, j0);
-            b0 = b0 + xi.x * xj;
-            b1 = b1 + xi.y * xj;
-            b2 = b2 + xi.z * xj;
-            b3 = b3 + xi.w * xj;
+{{STEP}}
         }
-        var q = two_sum(s0, b0);
-        s0 = q.s;
-        e0 = e0 + q.e;
-        q = two_sum(s1, b1);
-        s1 = q.s;
-        e1 = e1 + q.e;
-        q = two_sum(s2, b2);
-        s2 = q.s;
-        e2 = e2 + q.e;
-        q = two_sum(s3, b3);
-        s3 = q.s;
-        e3 = e3 + q.e;
+{{MERGE}}
     }
-    store(i0, j0, s0, e0);
-    store(i0 + 1u, j0, s1, e1);
-    store(i0 + 2u, j0, s2, e2);
-    store(i0 + 3u, j0, s3, e3);
+{{STORES}}
 }

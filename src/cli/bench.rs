@@ -4,6 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Args;
+use pumice::gpu::tune::Origin;
 use pumice::gpu::{list_adapters, AdapterSelector, BackendChoice, Gpu, GpuOptions};
 
 use super::progress;
@@ -61,6 +62,7 @@ pub(crate) fn run(gpu_args: &GpuArgs, a: BenchArgs) -> anyhow::Result<()> {
         adapter: None,
         max_binding_bytes: None,
         max_loop_iterations: None,
+        tune: gpu_args.tune,
     };
     let mut adapters = list_adapters(&listing);
     if let Some(sel) = &gpu_args.adapter {
@@ -90,7 +92,15 @@ pub(crate) fn run(gpu_args: &GpuArgs, a: BenchArgs) -> anyhow::Result<()> {
             truncate(&r.shape, 48),
             match &r.error {
                 Some(e) => format!("error: {e}"),
-                None => format!("{:.4} s median of {}", r.median_s, r.runs),
+                None => format!(
+                    "{:.4} s median of {}{}",
+                    r.median_s,
+                    r.runs,
+                    r.config
+                        .as_ref()
+                        .map(|c| format!(" [{c}]"))
+                        .unwrap_or_default()
+                ),
             }
         );
         rep.emit("result", serde_json::to_value(&r).unwrap_or_default());
@@ -102,10 +112,35 @@ pub(crate) fn run(gpu_args: &GpuArgs, a: BenchArgs) -> anyhow::Result<()> {
             adapter: Some(AdapterSelector::Index(r.index)),
             max_binding_bytes: None,
             max_loop_iterations: None,
+            tune: gpu_args.tune,
         });
         match gpu {
             Ok(g) => {
                 eprintln!("benchmarking {}", g.describe());
+                let t = g.tuning();
+                let origin = match &t.origin {
+                    Origin::Defaults => "defaults, tuning off".to_string(),
+                    Origin::Cached(p) => format!("tuned earlier, cached in {}", p.display()),
+                    Origin::Measured { seconds, saved } => format!(
+                        "tuned now in {seconds:.1} s{}",
+                        saved
+                            .as_ref()
+                            .map(|p| format!(", cached in {}", p.display()))
+                            .unwrap_or_default()
+                    ),
+                };
+                eprintln!("kernels: gemm {}, gemv {} ({origin})", t.gemm, t.gemv);
+                rep.emit(
+                    "tuning",
+                    serde_json::json!({
+                        "adapter": g.report().name,
+                        "backend": g.report().backend,
+                        "gemm": t.gemm.to_string(),
+                        "gemv": t.gemv.to_string(),
+                        "origin": origin,
+                        "trials": t.trials,
+                    }),
+                );
                 bench_run(&Target::Gpu(&g), &opts, &mut on_result)?;
             }
             Err(e) => eprintln!("skipping {} ({}): {e}", r.name, r.backend),

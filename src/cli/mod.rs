@@ -30,7 +30,7 @@ use generate::GenerateArgs;
 use hessians::HessiansArgs;
 use importance::ImportanceArgs;
 use merge::MergeArgs;
-use pumice::gpu::{AdapterSelector, BackendChoice, GpuOptions};
+use pumice::gpu::{AdapterSelector, BackendChoice, GpuOptions, TuneMode};
 
 pub(crate) const EXIT_CODES: &str = "\
 Exit codes:
@@ -75,6 +75,12 @@ pub(crate) struct GpuArgs {
     /// Default: the best discrete GPU, else integrated, else a CPU adapter (lavapipe).
     #[arg(long, global = true, env = "PUMICE_ADAPTER", value_parser = parse_adapter)]
     pub(crate) adapter: Option<AdapterSelector>,
+
+    /// Kernel tuning: auto (time the kernel configurations the first time an adapter and
+    /// driver are used, cache the choice in the user's cache directory), off (the adapter
+    /// class's defaults), again (measure again and overwrite the cache).
+    #[arg(long, global = true, env = "PUMICE_TUNE", default_value = "auto", value_parser = parse_tune)]
+    pub(crate) tune: TuneMode,
 }
 
 impl GpuArgs {
@@ -84,11 +90,16 @@ impl GpuArgs {
             adapter: self.adapter.clone(),
             max_binding_bytes: None,
             max_loop_iterations: None,
+            tune: self.tune,
         }
     }
 }
 
 pub(crate) fn parse_backend(s: &str) -> Result<BackendChoice, String> {
+    s.parse().map_err(|e: pumice::Error| e.to_string())
+}
+
+pub(crate) fn parse_tune(s: &str) -> Result<TuneMode, String> {
     s.parse().map_err(|e: pumice::Error| e.to_string())
 }
 

@@ -78,10 +78,13 @@ pub struct GpuOptions {
     /// Pretend invocations may run at most this many loop iterations (as Mesa's CPU drivers
     /// allow 65,535), so tests exercise the split dispatches on small shapes.
     pub max_loop_iterations: Option<u64>,
+    /// Whether kernel configurations are tuned and cached (`PUMICE_TUNE`, `--tune`).
+    pub tune: super::tune::TuneMode,
 }
 
 impl GpuOptions {
-    /// Options from `PUMICE_BACKEND`, `PUMICE_ADAPTER` and `PUMICE_MAX_BINDING` (bytes).
+    /// Options from `PUMICE_BACKEND`, `PUMICE_ADAPTER`, `PUMICE_MAX_BINDING` (bytes),
+    /// `PUMICE_MAX_LOOP` and `PUMICE_TUNE`.
     pub fn from_env() -> Result<Self> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
         Ok(GpuOptions {
@@ -105,6 +108,10 @@ impl GpuOptions {
                     })
                 })
                 .transpose()?,
+            tune: var("PUMICE_TUNE")
+                .map(|v| v.parse())
+                .transpose()?
+                .unwrap_or_default(),
         })
     }
 }

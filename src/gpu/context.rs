@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use super::adapter::{self, AdapterReport, BackendChoice, GpuOptions};
 use super::buffer::{size_class, BufferPool, GpuBuffer, MemoryStats};
 use super::pipeline::{Kernel, PipelineCache, Spec};
+use super::tune::{self, TuneMode, Tuning};
 
 /// Limits and capabilities the kernels plan with (the device's real limits, possibly lowered by
 /// [`GpuOptions::max_binding_bytes`]).
@@ -55,6 +56,8 @@ pub struct Gpu {
     pub(crate) pool: Arc<BufferPool>,
     lost: Arc<Mutex<Option<String>>>,
     uncaptured: Arc<Mutex<Option<String>>>,
+    tune_mode: TuneMode,
+    tuning: std::sync::OnceLock<Tuning>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -135,6 +138,8 @@ impl Gpu {
             pool: Arc::new(BufferPool::default()),
             lost,
             uncaptured,
+            tune_mode: opts.tune,
+            tuning: std::sync::OnceLock::new(),
         };
         let measured = gpu.probe_loop_limit()?;
         gpu.caps.loop_limit = match (measured, opts.max_loop_iterations) {
@@ -173,6 +178,18 @@ impl Gpu {
 
     pub fn caps(&self) -> &Caps {
         &self.caps
+    }
+
+    /// The kernel configurations for this adapter: tuned (or read from the user's cache) at
+    /// the first call, under the options' [`TuneMode`]. See [`super::tune`].
+    pub fn tuning(&self) -> &Tuning {
+        if let Some(t) = self.tuning.get() {
+            return t;
+        }
+        // Two threads may both tune; the first to finish is kept.
+        let t = tune::for_process(self, self.tune_mode);
+        let _ = self.tuning.set(t);
+        self.tuning.get().expect("set above")
     }
 
     /// "name (backend, type)" for logs and test output.

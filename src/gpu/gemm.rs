@@ -15,63 +15,56 @@ use super::matrix::GpuMatrix;
 use super::operand::{aligned, operand_wgsl};
 use super::pipeline::{Kernel, Spec};
 
+/// The kernel's template (part of the tuning cache's key).
+pub(crate) const KERNEL_SOURCE: &str = include_str!("../../shaders/linalg/gemm.wgsl");
+
 const KERNEL: Kernel = Kernel {
     name: "gemm",
-    template: include_str!("../../shaders/linalg/gemm.wgsl"),
+    template: KERNEL_SOURCE,
 };
 
-/// Output tile per workgroup: each invocation computes `tm`×4 elements, a workgroup
-/// (`tm`·`wg_y`)×(4·`wg_x`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Output tile per workgroup: each invocation computes `tm`×`tn` elements (`tn` a multiple of
+/// 4), a workgroup (`tm`·`wg_y`)×(`tn`·`wg_x`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GemmConfig {
     pub wg_x: u32,
     pub wg_y: u32,
     pub tm: u32,
+    pub tn: u32,
 }
 
 impl GemmConfig {
-    /// Tile choice per adapter: 64×64 tiles (256 invocations) on GPUs; 32×32 on CPU adapters,
-    /// whose SIMD lanes gain nothing from bigger groups and whose caches like smaller tiles.
+    /// The adapter's configuration for products of many rows: `PUMICE_GEMM_TILE` when set,
+    /// else the tuned one (see [`super::tune`]).
     pub fn for_gpu(gpu: &Gpu) -> GemmConfig {
         if let Some(c) = Self::tile_override() {
             return c;
         }
-        let caps = gpu.caps();
-        if caps.is_cpu {
-            GemmConfig {
-                wg_x: 8,
-                wg_y: 1,
-                tm: 8,
-            }
-        } else if caps.max_invocations < 256 {
-            GemmConfig {
-                wg_x: 8,
-                wg_y: 8,
-                tm: 4,
-            }
-        } else {
-            GemmConfig {
-                wg_x: 16,
-                wg_y: 16,
-                tm: 4,
-            }
-        }
+        gpu.tuning().gemm
     }
-    /// The configuration for a product of `m` rows on `gpu`: [`GemmConfig::for_gpu`], and
-    /// for fewer rows than its tile (decode: one token per sequence) one row per invocation
-    /// or a few — a TM-row tile would compute TM − m clamped rows for nothing — in a wider
-    /// workgroup of the same size (the same kernel; measured on lavapipe at 1×4096·4096ᵀ:
-    /// 8×1×8 0.68 GFLOP/s, 64×1×1 2.05). `PUMICE_GEMM_TILE` is taken as it is.
+    /// The configuration for a product of `m` rows on `gpu`: [`GemmConfig::for_gpu`]; for one
+    /// row (decode) the tuned one-row configuration; for a few rows — fewer than the tile,
+    /// which would compute TM − m clamped rows for nothing — one or a few rows per
+    /// invocation in a wider workgroup of the same size. `PUMICE_GEMM_TILE` is taken as it
+    /// is.
     pub fn for_product(gpu: &Gpu, m: usize) -> GemmConfig {
         let base = Self::for_gpu(gpu);
         if Self::tile_override().is_some() || m >= base.tile_m() {
             return base;
         }
-        let tm = (m.max(1).next_power_of_two() as u32).min(base.tm);
+        if m <= 1 {
+            return gpu.tuning().gemv;
+        }
+        let tm = (m.next_power_of_two() as u32).min(base.tm);
         let wg_x = (base.wg_x * base.wg_y * base.tm / tm)
             .min(gpu.caps().max_invocations)
             .max(1);
-        GemmConfig { wg_x, wg_y: 1, tm }
+        GemmConfig {
+            wg_x,
+            wg_y: 1,
+            tm,
+            tn: base.tn,
+        }
     }
 
     /// `PUMICE_GEMM_TILE` (used for tuning), read once per process: every product asks.
@@ -84,24 +77,46 @@ impl GemmConfig {
         })
     }
 
-    /// `WGXxWGYxTM`, e.g. `8x1x8` (the `PUMICE_GEMM_TILE` override used for tuning).
+    /// `WGXxWGYxTM[xTN]`, e.g. `8x1x8` or `8x1x8x8` (the `PUMICE_GEMM_TILE` override used for
+    /// tuning; TN defaults to 4).
     pub fn parse(s: &str) -> Option<GemmConfig> {
         let v: Vec<u32> = s
             .split('x')
             .map(|p| p.trim().parse().ok())
             .collect::<Option<_>>()?;
         match v[..] {
-            [wg_x, wg_y, tm] if wg_x > 0 && wg_y > 0 && (1..=16).contains(&tm) => {
-                Some(GemmConfig { wg_x, wg_y, tm })
+            [wg_x, wg_y, tm] if wg_x > 0 && wg_y > 0 && (1..=32).contains(&tm) => {
+                Some(GemmConfig {
+                    wg_x,
+                    wg_y,
+                    tm,
+                    tn: 4,
+                })
+            }
+            [wg_x, wg_y, tm, tn]
+                if wg_x > 0
+                    && wg_y > 0
+                    && (1..=32).contains(&tm)
+                    && tn % 4 == 0
+                    && (4..=32).contains(&tn) =>
+            {
+                Some(GemmConfig { wg_x, wg_y, tm, tn })
             }
             _ => None,
         }
     }
-    fn tile_m(&self) -> usize {
+    pub fn tile_m(&self) -> usize {
         (self.tm * self.wg_y) as usize
     }
-    fn tile_n(&self) -> usize {
-        4 * self.wg_x as usize
+    pub fn tile_n(&self) -> usize {
+        (self.tn * self.wg_x) as usize
+    }
+}
+
+impl std::fmt::Display for GemmConfig {
+    /// `WGXxWGYxTMxTN`, as [`GemmConfig::parse`] reads it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}x{}x{}", self.wg_x, self.wg_y, self.tm, self.tn)
     }
 }
 
@@ -199,6 +214,26 @@ pub fn gemm_region(
     c_col0: usize,
     accumulate: bool,
 ) -> Result<()> {
+    // Checked again (and empty products skipped) in gemm_with_config.
+    let m = a_rows.len();
+    let cfg = GemmConfig::for_product(batch.gpu(), m);
+    gemm_with_config(batch, a, a_rows, b, op, c, c_row0, c_col0, accumulate, cfg)
+}
+
+/// [`gemm_region`] with the configuration given (tuning and the tests of every candidate).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_with_config(
+    batch: &mut Batch<'_>,
+    a: &GpuMatrix,
+    a_rows: Range<usize>,
+    b: &GpuMatrix,
+    op: GemmOp,
+    c: &GpuMatrix,
+    c_row0: usize,
+    c_col0: usize,
+    accumulate: bool,
+    cfg: GemmConfig,
+) -> Result<()> {
     let k = a.cols();
     let (kb, n) = match op {
         GemmOp::NN => (b.rows(), b.cols()),
@@ -228,16 +263,18 @@ pub fn gemm_region(
             "gemm with an empty contraction (k = 0)".into(),
         ));
     }
+    if !cfg.tn.is_multiple_of(4) || cfg.tn == 0 || cfg.tm == 0 || cfg.wg_x * cfg.wg_y == 0 {
+        return Err(Error::InvalidArgument(format!("gemm configuration {cfg}")));
+    }
     let gpu = batch.gpu();
-    let cfg = GemmConfig::for_product(gpu, m);
     let max_wg = gpu.caps().max_workgroups_per_dim as usize;
     let rows_per_dispatch = max_wg * cfg.tile_m();
     let cols_per_dispatch = max_wg * cfg.tile_n();
-    // Contraction per dispatch within the loop budget: k/4 steps of (1 + TM) iterations, a
-    // tail of < 4, and the TM-row set-up and store loops (5 each).
-    let tm = cfg.tm as u64;
-    let k_span =
-        ((gpu.caps().loop_budget().saturating_sub(16 * tm + 8) / (1 + tm)) * 4).max(4) as usize;
+    // Contraction per dispatch within the loop budget: the register block is written out,
+    // so a step of four is one loop iteration and a tail step one more; each of the TM·TN4
+    // stores loops over four columns.
+    let stores = cfg.tm as u64 * (cfg.tn / 4) as u64 * 5;
+    let k_span = (gpu.caps().loop_budget().saturating_sub(stores + 8) * 4).max(4) as usize;
     // Row i of A (in a_rows) goes to row i + shift of C.
     let shift = c_row0 as isize - a_rows.start as isize;
 
@@ -300,6 +337,8 @@ pub fn gemm_region(
                                 .set("WG_X", cfg.wg_x)
                                 .set("WG_Y", cfg.wg_y)
                                 .set("TM", cfg.tm)
+                                .set("TN4", cfg.tn / 4)
+                                .set_all(unrolled(cfg).iter().map(|(k, v)| (*k, v.as_str())))
                                 .set("B_T", op == GemmOp::NT);
                             let pipeline = gpu.pipeline(&KERNEL, &spec)?;
                             let wg = [
@@ -318,6 +357,112 @@ pub fn gemm_region(
         }
     }
     Ok(())
+}
+
+/// The kernel's register block written out for `cfg` (see shaders/linalg/gemm.wgsl): set-up,
+/// one contraction step of four and a tail step for each orientation, and the stores.
+/// The substitutions of one configuration, shared.
+type Unrolled = std::sync::Arc<Vec<(&'static str, String)>>;
+
+/// Generated once per configuration and process (products ask per dispatch).
+fn unrolled(cfg: GemmConfig) -> Unrolled {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+    static CACHE: OnceLock<Mutex<HashMap<GemmConfig, Unrolled>>> = OnceLock::new();
+    let mut cache = CACHE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    cache
+        .entry(cfg)
+        .or_insert_with(|| Arc::new(write_unrolled(cfg)))
+        .clone()
+}
+
+fn write_unrolled(cfg: GemmConfig) -> Vec<(&'static str, String)> {
+    use std::fmt::Write;
+    let (tm, tn4) = (cfg.tm, cfg.tn / 4);
+    let rows = || 0..tm;
+    let groups = || 0..tn4;
+    // Column j of group g (WGSL expression).
+    let col = |g: u32| format!("(j0 + {}u)", 4 * g * cfg.wg_x);
+    let mut setup = String::new();
+    for r in rows() {
+        let _ = writeln!(
+            setup,
+            "    let a_{r} = p.a_off + min(i0 + {r}u, last_i) * p.lda;"
+        );
+        for g in groups() {
+            let _ = writeln!(setup, "    var acc_{r}_{g} = vec4<f32>(0.0);");
+        }
+    }
+    let mut nt_setup = String::new();
+    let mut nt_step = String::new();
+    let mut nt_tail = String::new();
+    let mut nn_step = String::new();
+    let mut nn_tail = String::new();
+    for g in groups() {
+        let j = col(g);
+        let _ = writeln!(
+            nt_setup,
+            "        let b{g} = p.b_off + min(vec4<u32>({j}, {j} + 1u, {j} + 2u, {j} + 3u), vec4<u32>(last_j)) * p.ldb;"
+        );
+        let _ = writeln!(
+            nt_step,
+            "            let y{g} = mat4x4<f32>(load_b4(b{g}.x + kk), load_b4(b{g}.y + kk), load_b4(b{g}.z + kk), load_b4(b{g}.w + kk));"
+        );
+        let _ = writeln!(
+            nt_tail,
+            "            let y{g} = vec4<f32>(load_b1(b{g}.x + kk), load_b1(b{g}.y + kk), load_b1(b{g}.z + kk), load_b1(b{g}.w + kk));"
+        );
+        let _ = writeln!(
+            nn_step,
+            "            let y{g} = mat4x4<f32>(load_b4_clamped(rb, {j}, p.n), load_b4_clamped(rb + p.ldb, {j}, p.n), load_b4_clamped(rb + 2u * p.ldb, {j}, p.n), load_b4_clamped(rb + 3u * p.ldb, {j}, p.n));"
+        );
+        let _ = writeln!(
+            nn_tail,
+            "            let y{g} = load_b4_clamped(p.b_off + kk * p.ldb, {j}, p.n);"
+        );
+    }
+    for r in rows() {
+        let _ = writeln!(nt_step, "            let x{r} = load_a4(a_{r} + kk);");
+        let _ = writeln!(nn_step, "            let x{r} = load_a4(a_{r} + kk);");
+        let _ = writeln!(nt_tail, "            let x{r} = load_a1(a_{r} + kk);");
+        let _ = writeln!(nn_tail, "            let x{r} = load_a1(a_{r} + kk);");
+        for g in groups() {
+            let _ = writeln!(
+                nt_step,
+                "            acc_{r}_{g} = acc_{r}_{g} + x{r} * y{g};"
+            );
+            let _ = writeln!(
+                nn_step,
+                "            acc_{r}_{g} = acc_{r}_{g} + y{g} * x{r};"
+            );
+            let _ = writeln!(
+                nt_tail,
+                "            acc_{r}_{g} = acc_{r}_{g} + x{r} * y{g};"
+            );
+            let _ = writeln!(
+                nn_tail,
+                "            acc_{r}_{g} = acc_{r}_{g} + x{r} * y{g};"
+            );
+        }
+    }
+    let mut stores = String::new();
+    for r in rows() {
+        for g in groups() {
+            let _ = writeln!(stores, "    store(i0 + {r}u, {}, acc_{r}_{g});", col(g));
+        }
+    }
+    vec![
+        ("SETUP", setup),
+        ("NT_SETUP", nt_setup),
+        ("NT_STEP", nt_step),
+        ("NT_TAIL", nt_tail),
+        ("NN_STEP", nn_step),
+        ("NN_TAIL", nn_tail),
+        ("STORES", stores),
+    ]
 }
 
 /// `A · op(B)` into a new f32 matrix, submitted at once.

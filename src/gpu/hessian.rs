@@ -37,6 +37,130 @@ struct HessianParams {
     _pad: u32,
 }
 
+/// The register block and workgroup of the accumulation: each invocation owns a
+/// (4·`bi`)×(4·`bj`) block of H, a workgroup `wg_x`×`wg_y` invocations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct HessianConfig {
+    pub wg_x: u32,
+    pub wg_y: u32,
+    pub bi: u32,
+    pub bj: u32,
+}
+
+impl HessianConfig {
+    /// `PUMICE_HESSIAN_TILE` (`WGXxWGYxBIxBJ`, for tuning by hand), else per adapter class:
+    /// on CPU adapters 8×1 invocations of 8×8 blocks, on GPUs 16×16 invocations of 4×4.
+    /// Two loads of four features feed 16 FMAs per row of X in a 4×4 block, four loads 64 in
+    /// an 8×8 one. Measured on lavapipe at 1024 features (seconds per 1024 rows; seconds to
+    /// compile): 4×4 blocks in 8×8 workgroups 0.336 / 0.3, 8×8 in 8×1 0.174 / 1.1, 16×8
+    /// 0.139 / 3.5, 16×16 0.116 / 13 — compile time grows faster than the gain.
+    pub fn for_gpu(gpu: &Gpu) -> HessianConfig {
+        static OVERRIDE: std::sync::OnceLock<Option<HessianConfig>> = std::sync::OnceLock::new();
+        let o = OVERRIDE.get_or_init(|| {
+            let v: Vec<u32> = std::env::var("PUMICE_HESSIAN_TILE")
+                .ok()?
+                .split('x')
+                .map(|p| p.trim().parse().ok())
+                .collect::<Option<_>>()?;
+            match v[..] {
+                [wg_x, wg_y, bi, bj]
+                    if wg_x * wg_y > 0 && (1..=8).contains(&bi) && (1..=8).contains(&bj) =>
+                {
+                    Some(HessianConfig { wg_x, wg_y, bi, bj })
+                }
+                _ => None,
+            }
+        });
+        if let Some(c) = o {
+            return *c;
+        }
+        if gpu.caps().is_cpu {
+            HessianConfig {
+                wg_x: 8,
+                wg_y: 1,
+                bi: 2,
+                bj: 2,
+            }
+        } else {
+            HessianConfig {
+                wg_x: 16,
+                wg_y: 16,
+                bi: 1,
+                bj: 1,
+            }
+        }
+    }
+    fn tile_i(&self) -> usize {
+        (4 * self.bi * self.wg_y) as usize
+    }
+    fn tile_j(&self) -> usize {
+        (4 * self.bj * self.wg_x) as usize
+    }
+}
+
+/// The kernel's register block written out for `cfg` (see shaders/linalg/hessian.wgsl).
+fn unrolled(cfg: HessianConfig) -> Vec<(&'static str, String)> {
+    use std::fmt::Write;
+    let rows = 4 * cfg.bi;
+    let (mut setup, mut zero, mut step, mut merge, mut stores) = (
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+    );
+    for r in 0..rows {
+        for g in 0..cfg.bj {
+            let _ = writeln!(
+                setup,
+                "    var s{r}_{g} = vec4<f32>(0.0);\n    var e{r}_{g} = vec4<f32>(0.0);"
+            );
+            let _ = writeln!(zero, "        var b{r}_{g} = vec4<f32>(0.0);");
+            let _ = writeln!(
+                merge,
+                "        {{ let q = two_sum(s{r}_{g}, b{r}_{g}); s{r}_{g} = q.s; e{r}_{g} = e{r}_{g} + q.e; }}"
+            );
+            let _ = writeln!(
+                stores,
+                "    store(i0 + {r}u, j0 + {}u, s{r}_{g}, e{r}_{g});",
+                4 * g * cfg.wg_x
+            );
+        }
+    }
+    for a in 0..cfg.bi {
+        let _ = writeln!(
+            step,
+            "            let xi{a} = load_feats(row, i0 + {}u);",
+            4 * a
+        );
+    }
+    for g in 0..cfg.bj {
+        let _ = writeln!(
+            step,
+            "            let xj{g} = load_feats(row, j0 + {}u);",
+            4 * g * cfg.wg_x
+        );
+    }
+    const C: [&str; 4] = ["x", "y", "z", "w"];
+    for r in 0..rows {
+        for g in 0..cfg.bj {
+            let _ = writeln!(
+                step,
+                "            b{r}_{g} = b{r}_{g} + xi{}.{} * xj{g};",
+                r / 4,
+                C[(r % 4) as usize]
+            );
+        }
+    }
+    vec![
+        ("SETUP", setup),
+        ("ZERO", zero),
+        ("STEP", step),
+        ("MERGE", merge),
+        ("STORES", stores),
+    ]
+}
+
 /// Running XᵀX for one linear layer's input (features = the layer's input width).
 pub struct HessianAccumulator {
     features: usize,
@@ -77,12 +201,8 @@ impl HessianAccumulator {
             )));
         }
         let gpu = batch.gpu();
-        let (wg_x, wg_y) = if gpu.caps().is_cpu {
-            (8u32, 8u32)
-        } else {
-            (16, 16)
-        };
-        let tile = 4 * wg_x as usize;
+        let cfg = HessianConfig::for_gpu(gpu);
+        let code = unrolled(cfg);
         for xc in x.chunks() {
             let mut t0 = 0;
             while t0 < xc.rows {
@@ -93,9 +213,12 @@ impl HessianAccumulator {
                         "OPERANDS",
                         operand_wgsl("x", 1, x.dtype(), aligned(x_off, f)),
                     )
-                    .set("WG_X", wg_x)
-                    .set("WG_Y", wg_y)
-                    .set("BLOCK", BLOCK);
+                    .set("WG_X", cfg.wg_x)
+                    .set("WG_Y", cfg.wg_y)
+                    .set("BI", cfg.bi)
+                    .set("BJ", cfg.bj)
+                    .set("BLOCK", BLOCK)
+                    .set_all(code.iter().map(|(k, v)| (*k, v.as_str())));
                 let pipeline = gpu.pipeline(&KERNEL, &spec)?;
                 for (hc, lc) in self.hi.chunks().iter().zip(self.lo.chunks()) {
                     let params = HessianParams {
@@ -109,8 +232,8 @@ impl HessianAccumulator {
                         _pad: 0,
                     };
                     let wg = [
-                        f.div_ceil(tile) as u32,
-                        hc.rows.div_ceil(4 * wg_y as usize) as u32,
+                        f.div_ceil(cfg.tile_j()) as u32,
+                        hc.rows.div_ceil(cfg.tile_i()) as u32,
                         1,
                     ];
                     batch.dispatch(pipeline.clone(), &params, &[&xc.buf, &hc.buf, &lc.buf], wg)?;

@@ -7,6 +7,7 @@
 //! - [`pipeline`]: WGSL templates specialized by substitution, pipelines cached per variant.
 //! - [`Batch`]: many dispatches per submission.
 //! - [`GpuMatrix`]: row-major matrices split into binding-sized row chunks.
+//! - [`tune`]: kernel configurations per adapter, timed at first use and cached.
 //! - kernels: [`gemm`], [`hessian`], and the transformer ops in [`ops`].
 
 pub mod adapter;
@@ -21,11 +22,13 @@ pub mod ops;
 pub mod pipeline;
 pub mod quant;
 mod reduce;
+pub mod tune;
 
 pub use adapter::{list_adapters, AdapterReport, AdapterSelector, BackendChoice, GpuOptions};
 pub use batch::Batch;
 pub use buffer::{GpuBuffer, MemoryStats};
 pub use context::{Caps, Gpu};
-pub use gemm::{gemm, gemm_region, gemm_rows, matmul, GemmConfig, GemmOp};
+pub use gemm::{gemm, gemm_region, gemm_rows, gemm_with_config, matmul, GemmConfig, GemmOp};
 pub use hessian::HessianAccumulator;
 pub use matrix::{Chunk, GpuMatrix};
+pub use tune::{TuneMode, Tuning};

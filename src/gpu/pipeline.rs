@@ -37,6 +37,17 @@ impl Spec {
         self
     }
 
+    /// Set every `(key, value)` of `pairs`.
+    pub fn set_all<K: AsRef<str>, V: ToString>(
+        mut self,
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        for (k, v) in pairs {
+            self = self.set(k.as_ref(), v);
+        }
+        self
+    }
+
     /// Canonical, order-independent key. Long values (generated code) appear as a hash, so the
     /// key stays short enough for labels and logs.
     pub fn key(&self) -> String {
