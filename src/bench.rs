@@ -40,6 +40,14 @@ pub struct BenchOptions {
     pub warmup: usize,
     /// Outer iterations of each timed CALDERA run (a full run is 15; time scales with them).
     pub caldera_outer: usize,
+    /// L/R refinement rounds per outer iteration (a compression's default is 10).
+    pub caldera_inner: usize,
+    /// Warm-started outer iterations (compressions do not warm-start).
+    pub caldera_warm_start: bool,
+    /// Only this (rows, cols) for the GPTQ and CALDERA rows.
+    pub matrix: Option<(usize, usize)>,
+    /// Only this CALDERA rank.
+    pub rank: Option<usize>,
     /// The model for the forward and end-to-end rows (the asset model by default).
     pub model: PathBuf,
     /// Where end-to-end compressions write (removed after each run).
@@ -72,6 +80,9 @@ pub struct BenchResult {
     pub error: Option<String>,
     /// The kernel configuration the GPU used (GEMM: `WGXxWGYxTMxTN`, tuned per adapter).
     pub config: Option<String>,
+    /// With `--profile`: GPU time per kernel over this operation's runs, warm-up included.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub kernels: Vec<crate::gpu::profile::KernelTime>,
 }
 
 /// Where an operation runs.
@@ -246,6 +257,11 @@ pub fn run(
     emit: &mut dyn FnMut(BenchResult),
 ) -> Result<()> {
     let (backend, adapter, device_type, driver, driver_info) = target.identity();
+    if let Target::Gpu(g) = target {
+        // Tune first, so no operation's time (or profile) includes it.
+        g.tuning();
+        g.reset_profile();
+    }
     let wanted =
         |op: &str| opts.only.is_empty() || opts.only.iter().any(|o| op.contains(o.as_str()));
     // Set before a record() whose row should name its kernel configuration.
@@ -286,6 +302,14 @@ pub fn run(
             relative_error,
             error,
             config: config.borrow_mut().take(),
+            kernels: match target {
+                Target::Gpu(g) if g.profiling() => {
+                    let k = g.profile().gpu;
+                    g.reset_profile();
+                    k
+                }
+                _ => Vec::new(),
+            },
         });
         Ok(())
     };
@@ -321,7 +345,8 @@ pub fn run(
                 }),
             };
             if let Target::Gpu(g) = target {
-                *config.borrow_mut() = Some(crate::gpu::GemmConfig::for_product(g, m).to_string());
+                *config.borrow_mut() =
+                    Some(crate::gpu::GemmConfig::for_product(g, m, n).to_string());
             }
             record(
                 "gemm f32",
@@ -366,12 +391,16 @@ pub fn run(
     }
 
     // GPTQ and CALDERA of Llama-7B-shaped matrices (quick: a 1024² stand-in).
-    let shapes: Vec<(usize, usize)> = if opts.quick {
-        vec![(1024, 1024)]
-    } else {
-        vec![(4096, 4096), (11008, 4096)]
+    let shapes: Vec<(usize, usize)> = match opts.matrix {
+        Some(s) => vec![s],
+        None if opts.quick => vec![(1024, 1024)],
+        None => vec![(4096, 4096), (11008, 4096)],
     };
-    let ranks: Vec<usize> = if opts.quick { vec![64] } else { vec![64, 256] };
+    let ranks: Vec<usize> = match opts.rank {
+        Some(k) => vec![k],
+        None if opts.quick => vec![64],
+        None => vec![64, 256],
+    };
     let want_q = wanted("gptq") || wanted("caldera");
     let mut hessians: Vec<(usize, Vec<f64>)> = Vec::new();
     for &(m, n) in shapes.iter().filter(|_| want_q) {
@@ -433,6 +462,8 @@ pub fn run(
             for &k in &ranks {
                 let co = CalderaOptions {
                     outer_iters: opts.caldera_outer.max(1),
+                    inner_iters: opts.caldera_inner.max(1),
+                    warm_start: opts.caldera_warm_start,
                     ..CalderaOptions::new(k)
                 };
                 let mut err = None;

@@ -53,6 +53,9 @@ fn gemm_fixed_awkward_shapes() {
         // Fewer rows than the tile take the one- or few-rows-per-invocation configurations.
         (2, 9, 70),
         (1, 300, 517),
+        // Fewer columns than the tile take a narrower, taller workgroup.
+        (300, 70, 9),
+        (200, 64, 64),
     ];
     for (i, &(m, k, n)) in shapes.iter().enumerate() {
         for op in [GemmOp::NN, GemmOp::NT] {
@@ -63,9 +66,16 @@ fn gemm_fixed_awkward_shapes() {
     // rows there are for a few, the adapter's tile for many.
     use pumice::gpu::GemmConfig;
     let base = GemmConfig::for_gpu(&g);
-    assert_eq!(GemmConfig::for_product(&g, 1).tm, 1);
-    assert!(GemmConfig::for_product(&g, 2).tm <= 2);
-    assert_eq!(GemmConfig::for_product(&g, 4096), base);
+    assert_eq!(GemmConfig::for_product(&g, 1, 4096).tm, 1);
+    assert!(GemmConfig::for_product(&g, 2, 4096).tm <= 2);
+    assert_eq!(GemmConfig::for_product(&g, 4096, 4096), base);
+    // Fewer columns than the tile: a narrower workgroup of the same size.
+    let narrow = GemmConfig::for_product(&g, 4096, 5);
+    assert!(
+        narrow.tile_n() < base.tile_n() || base.wg_x == 1,
+        "{narrow} vs {base}"
+    );
+    assert_eq!(narrow.wg_x * narrow.wg_y, base.wg_x * base.wg_y);
 }
 
 /// Every configuration tuning may choose, on any adapter class, against the f64 reference:

@@ -535,3 +535,52 @@ fn k_grids_match_reference() {
     let err = gq::rtn(&g, &wm, grid).err().unwrap().to_string();
     assert!(err.contains("256-column super-blocks"), "{err}");
 }
+
+/// GPTQ's weighted error from its own column errors (‖E‖² = tr((W−Q)(H+λI)(W−Q)ᵀ), which
+/// CALDERA uses instead of an m·n² product) equals the trace formed in f64: awkward shapes,
+/// several blocks, act-order, 2 and 4 bits.
+#[test]
+fn gptq_error_from_its_column_errors_equals_the_trace() {
+    let g = gpu();
+    for (i, &(m, n, bits, act_order, block)) in [
+        (7usize, 37usize, 2u32, false, 16usize),
+        (33, 130, 4, true, 128),
+        (1, 64, 3, false, 8),
+        (50, 97, 2, true, 32),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let seed = 900 + i as u64;
+        let t = 3 * n + 11;
+        let x = activations(t, n, seed);
+        let h = cpu::hessian_f64(&x, t, n);
+        let w = random(m * n, seed + 10, 0.0);
+        let opts = GptqOptions {
+            act_order,
+            block,
+            ..GptqOptions::default()
+        };
+        let prep = reference::prepare_hessian(&h, n, &opts).unwrap();
+        let grid = Grid::new(bits, 32, GridKind::Asymmetric).unwrap();
+        let (q, got) = gq::gptq_with_error(&g, &w, m, n, &prep, grid, block).unwrap();
+        let deq = q.download(&g).unwrap().dequantize();
+        let lambda = prep.damp * (0..n).map(|j| h[j * n + j]).sum::<f64>() / n as f64;
+        let mut want = 0.0;
+        for r in 0..m {
+            let d: Vec<f64> = (0..n)
+                .map(|j| w[r * n + j] as f64 - deq[r * n + j] as f64)
+                .collect();
+            for a in 0..n {
+                for b in 0..n {
+                    let hd = h[a * n + b] + if a == b { lambda } else { 0.0 };
+                    want += d[a] * hd * d[b];
+                }
+            }
+        }
+        assert!(
+            (got - want).abs() <= 1e-4 * want,
+            "{m}x{n} {bits}-bit act-order {act_order}: from E {got:.9e}, trace {want:.9e}"
+        );
+    }
+}

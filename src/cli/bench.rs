@@ -26,6 +26,24 @@ pub(crate) struct BenchArgs {
     /// proportional).
     #[arg(long, default_value_t = 1)]
     pub(crate) caldera_outer: usize,
+
+    /// L/R refinement rounds per outer iteration of each timed CALDERA run (for error vs time
+    /// curves; a compression's default is 10).
+    #[arg(long, default_value_t = 10)]
+    pub(crate) caldera_inner: usize,
+
+    /// Start every CALDERA outer iteration after the first from the previous iteration's
+    /// factors instead of a new randomized SVD (for comparison; compressions do not).
+    #[arg(long)]
+    pub(crate) caldera_warm: bool,
+
+    /// Only this weight shape (ROWSxCOLS) for the GPTQ and CALDERA rows, e.g. 4096x4096.
+    #[arg(long, value_parser = parse_shape)]
+    pub(crate) matrix: Option<(usize, usize)>,
+
+    /// Only this CALDERA rank.
+    #[arg(long)]
+    pub(crate) rank: Option<usize>,
     /// Only operations whose name contains one of these: gemm, hessian, gptq, caldera,
     /// forward, compress.
     #[arg(long, num_args = 1..)]
@@ -51,6 +69,10 @@ pub(crate) fn run(gpu_args: &GpuArgs, a: BenchArgs) -> anyhow::Result<()> {
         runs: a.runs.unwrap_or(if a.quick { 3 } else { 5 }),
         warmup: a.warmup,
         caldera_outer: a.caldera_outer,
+        caldera_inner: a.caldera_inner,
+        caldera_warm_start: a.caldera_warm,
+        matrix: a.matrix,
+        rank: a.rank,
         model: a.model.clone(),
         scratch: scratch.clone(),
         only: a.only.clone(),
@@ -63,6 +85,7 @@ pub(crate) fn run(gpu_args: &GpuArgs, a: BenchArgs) -> anyhow::Result<()> {
         max_binding_bytes: None,
         max_loop_iterations: None,
         tune: gpu_args.tune,
+        profile: gpu_args.profile,
     };
     let mut adapters = list_adapters(&listing);
     if let Some(sel) = &gpu_args.adapter {
@@ -103,6 +126,12 @@ pub(crate) fn run(gpu_args: &GpuArgs, a: BenchArgs) -> anyhow::Result<()> {
                 ),
             }
         );
+        if !r.kernels.is_empty() {
+            eprintln!(
+                "        GPU time by kernel: {}",
+                pumice::gpu::profile::ProfileReport::line(&r.kernels, 6)
+            );
+        }
         rep.emit("result", serde_json::to_value(&r).unwrap_or_default());
         results.push(r);
     };
@@ -113,6 +142,7 @@ pub(crate) fn run(gpu_args: &GpuArgs, a: BenchArgs) -> anyhow::Result<()> {
             max_binding_bytes: None,
             max_loop_iterations: None,
             tune: gpu_args.tune,
+            profile: gpu_args.profile,
         });
         match gpu {
             Ok(g) => {
@@ -237,4 +267,14 @@ pub(crate) fn tempdir_for_bench() -> Result<PathBuf, pumice::Error> {
         source: e,
     })?;
     Ok(d)
+}
+
+fn parse_shape(s: &str) -> Result<(usize, usize), String> {
+    let (a, b) = s
+        .split_once(['x', 'X', '×'])
+        .ok_or_else(|| format!("`{s}`: expected ROWSxCOLS, e.g. 4096x4096"))?;
+    match (a.trim().parse::<usize>(), b.trim().parse::<usize>()) {
+        (Ok(m), Ok(n)) if m > 0 && n > 0 => Ok((m, n)),
+        _ => Err(format!("`{s}`: expected ROWSxCOLS with positive sizes")),
+    }
 }

@@ -4,6 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Args;
+use pumice::gpu::profile::ProfileReport;
 use pumice::gpu::{Gpu, GpuOptions};
 use pumice::model::{Checkpoint, Tokenizer};
 
@@ -488,6 +489,21 @@ pub(crate) fn run(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> 
         "time by stage: calibration {:.1} s, Hessians {:.1} s, quantization {:.1} s, propagation {:.1} s, writing {:.1} s",
         st.calibration, st.hessians, st.quantization, st.propagation, st.writing
     )?;
+    let k = &summary.kernels;
+    let built: f64 = k.builds.iter().map(|b| b.seconds).sum();
+    let n: u64 = k.builds.iter().map(|b| b.count).sum();
+    writeln!(
+        out,
+        "shader builds: {built:.1} s for {n} pipelines ({})",
+        ProfileReport::line(&k.builds, 4)
+    )?;
+    if !k.gpu.is_empty() {
+        writeln!(
+            out,
+            "GPU time by kernel (--profile): {}",
+            ProfileReport::line(&k.gpu, 8)
+        )?;
+    }
     writeln!(
         out,
         "relative weighted error tr(dW H dW^T)/tr(W H W^T) per layer:"

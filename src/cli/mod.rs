@@ -81,6 +81,11 @@ pub(crate) struct GpuArgs {
     /// class's defaults), again (measure again and overwrite the cache).
     #[arg(long, global = true, env = "PUMICE_TUNE", default_value = "auto", value_parser = parse_tune)]
     pub(crate) tune: TuneMode,
+
+    /// Time every GPU dispatch with timestamp queries and report the time per kernel (and
+    /// the shader build time per kernel). Slower: each dispatch waits for its timestamps.
+    #[arg(long, global = true, env = "PUMICE_PROFILE")]
+    pub(crate) profile: bool,
 }
 
 impl GpuArgs {
@@ -91,6 +96,7 @@ impl GpuArgs {
             max_binding_bytes: None,
             max_loop_iterations: None,
             tune: self.tune,
+            profile: self.profile,
         }
     }
 }

@@ -80,11 +80,13 @@ pub struct GpuOptions {
     pub max_loop_iterations: Option<u64>,
     /// Whether kernel configurations are tuned and cached (`PUMICE_TUNE`, `--tune`).
     pub tune: super::tune::TuneMode,
+    /// Time every dispatch with GPU timestamps (`PUMICE_PROFILE=1`); see [`super::profile`].
+    pub profile: bool,
 }
 
 impl GpuOptions {
     /// Options from `PUMICE_BACKEND`, `PUMICE_ADAPTER`, `PUMICE_MAX_BINDING` (bytes),
-    /// `PUMICE_MAX_LOOP` and `PUMICE_TUNE`.
+    /// `PUMICE_MAX_LOOP`, `PUMICE_TUNE` and `PUMICE_PROFILE`.
     pub fn from_env() -> Result<Self> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
         Ok(GpuOptions {
@@ -112,6 +114,7 @@ impl GpuOptions {
                 .map(|v| v.parse())
                 .transpose()?
                 .unwrap_or_default(),
+            profile: var("PUMICE_PROFILE").is_some_and(|v| v != "0"),
         })
     }
 }

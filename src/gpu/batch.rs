@@ -98,7 +98,7 @@ impl<'g> Batch<'g> {
             wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
         )?;
         gpu.queue.write_buffer(uniform.raw(), 0, &self.params);
-        gpu.scoped("kernel submission", || {
+        gpu.scoped("kernel submission", || -> Result<()> {
             let groups: Vec<wgpu::BindGroup> = self
                 .dispatches
                 .iter()
@@ -129,6 +129,9 @@ impl<'g> Batch<'g> {
                     })
                 })
                 .collect();
+            if gpu.profiling() {
+                return self.submit_timed(&groups);
+            }
             let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("batch"),
             });
@@ -144,6 +147,90 @@ impl<'g> Batch<'g> {
                 }
             }
             gpu.queue.submit([enc.finish()]);
-        })
+            Ok(())
+        })?
+    }
+
+    /// Profiling: each dispatch in its own pass between two timestamps, the batch waited for
+    /// and each dispatch's GPU time added to its kernel's total.
+    fn submit_timed(&self, groups: &[wgpu::BindGroup]) -> Result<()> {
+        let gpu = self.gpu;
+        let device = &gpu.device;
+        // Two queries per dispatch, at most QUERY_SET_MAX_QUERIES per set.
+        let per_set = (wgpu::QUERY_SET_MAX_QUERIES / 2) as usize;
+        let ns_per_tick = gpu.queue.get_timestamp_period() as f64;
+        for (start, chunk) in self
+            .dispatches
+            .chunks(per_set)
+            .enumerate()
+            .map(|(i, c)| (i * per_set, c))
+        {
+            let n = chunk.len() as u32;
+            let set = device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("profile"),
+                ty: wgpu::QueryType::Timestamp,
+                count: 2 * n,
+            });
+            let bytes = 16 * n as u64;
+            let resolve = device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("profile resolve"),
+                size: bytes,
+                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            let read = device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("profile read"),
+                size: bytes,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("batch (profiled)"),
+            });
+            for (i, d) in chunk.iter().enumerate() {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("dispatch"),
+                    timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                        query_set: &set,
+                        beginning_of_pass_write_index: Some(2 * i as u32),
+                        end_of_pass_write_index: Some(2 * i as u32 + 1),
+                    }),
+                });
+                pass.set_pipeline(&d.pipeline);
+                pass.set_bind_group(0, &groups[start + i], &[]);
+                pass.dispatch_workgroups(d.workgroups[0], d.workgroups[1], d.workgroups[2]);
+            }
+            enc.resolve_query_set(&set, 0..2 * n, &resolve, 0);
+            enc.copy_buffer_to_buffer(&resolve, 0, &read, 0, bytes);
+            gpu.queue.submit([enc.finish()]);
+            let (tx, rx) = std::sync::mpsc::channel();
+            read.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+                let _ = tx.send(r);
+            });
+            gpu.wait()?;
+            match rx.recv() {
+                Ok(Ok(())) => {}
+                _ => {
+                    return Err(Error::Gpu {
+                        op: "reading profile timestamps".into(),
+                        msg: "mapping failed".into(),
+                    })
+                }
+            }
+            {
+                let data = read.slice(..).get_mapped_range().map_err(|e| Error::Gpu {
+                    op: "reading profile timestamps".into(),
+                    msg: format!("{e:?}"),
+                })?;
+                let ticks: &[u64] = bytemuck::cast_slice(&data);
+                for (i, d) in chunk.iter().enumerate() {
+                    let dt = ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * ns_per_tick;
+                    gpu.profiler
+                        .add_gpu(gpu.kernel_name(&d.pipeline), dt * 1e-9);
+                }
+            }
+            read.unmap();
+        }
+        Ok(())
     }
 }

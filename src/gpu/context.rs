@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use super::adapter::{self, AdapterReport, BackendChoice, GpuOptions};
 use super::buffer::{size_class, BufferPool, GpuBuffer, MemoryStats};
 use super::pipeline::{Kernel, PipelineCache, Spec};
+use super::profile::{ProfileReport, Profiler};
 use super::tune::{self, TuneMode, Tuning};
 
 /// Limits and capabilities the kernels plan with (the device's real limits, possibly lowered by
@@ -58,6 +59,9 @@ pub struct Gpu {
     uncaptured: Arc<Mutex<Option<String>>>,
     tune_mode: TuneMode,
     tuning: std::sync::OnceLock<Tuning>,
+    pub(crate) profiler: Profiler,
+    /// GPU timestamps around every dispatch (profiling on and supported).
+    profiling: bool,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -140,7 +144,19 @@ impl Gpu {
             uncaptured,
             tune_mode: opts.tune,
             tuning: std::sync::OnceLock::new(),
+            profiler: Profiler::default(),
+            profiling: false,
         };
+        if opts.profile {
+            if gpu.caps.timestamps {
+                gpu.profiling = true;
+            } else {
+                tracing::warn!(
+                    "{} has no timestamp queries: the profile has build times only",
+                    gpu.report.name
+                );
+            }
+        }
         let measured = gpu.probe_loop_limit()?;
         gpu.caps.loop_limit = match (measured, opts.max_loop_iterations) {
             (Some(m), Some(o)) => Some(m.min(o.max(64))),
@@ -220,7 +236,27 @@ impl Gpu {
     /// The compute pipeline for a kernel variant, built on first use and cached.
     pub fn pipeline(&self, kernel: &Kernel, spec: &Spec) -> Result<Arc<wgpu::ComputePipeline>> {
         self.check_health()?;
-        self.pipelines.get_or_build(&self.device, kernel, spec)
+        self.pipelines
+            .get_or_build(&self.device, kernel, spec, &self.profiler)
+    }
+
+    /// Whether dispatches are timed on the GPU (see [`super::profile`]).
+    pub fn profiling(&self) -> bool {
+        self.profiling
+    }
+
+    /// GPU time per kernel (when profiling) and pipeline build time per kernel, since the
+    /// device opened or the last [`Gpu::reset_profile`].
+    pub fn profile(&self) -> ProfileReport {
+        self.profiler.report()
+    }
+
+    pub fn reset_profile(&self) {
+        self.profiler.reset()
+    }
+
+    pub(crate) fn kernel_name(&self, p: &Arc<wgpu::ComputePipeline>) -> &'static str {
+        self.pipelines.name_of(p)
     }
 
     /// Fail with a typed error if the device was lost or reported an uncaptured error.

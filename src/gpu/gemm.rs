@@ -42,29 +42,41 @@ impl GemmConfig {
         }
         gpu.tuning().gemm
     }
-    /// The configuration for a product of `m` rows on `gpu`: [`GemmConfig::for_gpu`]; for one
-    /// row (decode) the tuned one-row configuration; for a few rows — fewer than the tile,
-    /// which would compute TM − m clamped rows for nothing — one or a few rows per
-    /// invocation in a wider workgroup of the same size. `PUMICE_GEMM_TILE` is taken as it
-    /// is.
-    pub fn for_product(gpu: &Gpu, m: usize) -> GemmConfig {
+    /// The configuration for a product of `m` rows and `n` columns on `gpu`:
+    /// [`GemmConfig::for_gpu`]; for one row (decode) the tuned one-row configuration; for a
+    /// few rows — fewer than the tile, which would compute TM − m clamped rows for nothing —
+    /// one or a few rows per invocation in a wider workgroup of the same size; for fewer
+    /// columns than the tile (a low-rank factor's k) a narrower, taller workgroup of the same
+    /// size. `PUMICE_GEMM_TILE` is taken as it is.
+    pub fn for_product(gpu: &Gpu, m: usize, n: usize) -> GemmConfig {
         let base = Self::for_gpu(gpu);
-        if Self::tile_override().is_some() || m >= base.tile_m() {
+        if Self::tile_override().is_some() {
             return base;
         }
         if m <= 1 {
             return gpu.tuning().gemv;
         }
-        let tm = (m.next_power_of_two() as u32).min(base.tm);
-        let wg_x = (base.wg_x * base.wg_y * base.tm / tm)
-            .min(gpu.caps().max_invocations)
-            .max(1);
-        GemmConfig {
-            wg_x,
-            wg_y: 1,
-            tm,
-            tn: base.tn,
+        if m < base.tile_m() {
+            let tm = (m.next_power_of_two() as u32).min(base.tm);
+            let wg_x = (base.wg_x * base.wg_y * base.tm / tm)
+                .min(gpu.caps().max_invocations)
+                .max(1);
+            return GemmConfig {
+                wg_x,
+                wg_y: 1,
+                tm,
+                tn: base.tn,
+            };
         }
+        if n < base.tile_n() {
+            let wg_x = (n.div_ceil(base.tn as usize).next_power_of_two() as u32).min(base.wg_x);
+            return GemmConfig {
+                wg_x,
+                wg_y: base.wg_y * base.wg_x / wg_x,
+                ..base
+            };
+        }
+        base
     }
 
     /// `PUMICE_GEMM_TILE` (used for tuning), read once per process: every product asks.
@@ -216,7 +228,11 @@ pub fn gemm_region(
 ) -> Result<()> {
     // Checked again (and empty products skipped) in gemm_with_config.
     let m = a_rows.len();
-    let cfg = GemmConfig::for_product(batch.gpu(), m);
+    let n = match op {
+        GemmOp::NN => b.cols(),
+        GemmOp::NT => b.rows(),
+    };
+    let cfg = GemmConfig::for_product(batch.gpu(), m, n);
     gemm_with_config(batch, a, a_rows, b, op, c, c_row0, c_col0, accumulate, cfg)
 }
 

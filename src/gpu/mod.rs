@@ -8,6 +8,7 @@
 //! - [`Batch`]: many dispatches per submission.
 //! - [`GpuMatrix`]: row-major matrices split into binding-sized row chunks.
 //! - [`tune`]: kernel configurations per adapter, timed at first use and cached.
+//! - [`profile`]: GPU time per kernel (timestamps) and pipeline build time.
 //! - kernels: [`gemm`], [`hessian`], and the transformer ops in [`ops`].
 
 pub mod adapter;
@@ -20,6 +21,7 @@ mod matrix;
 mod operand;
 pub mod ops;
 pub mod pipeline;
+pub mod profile;
 pub mod quant;
 mod reduce;
 pub mod tune;

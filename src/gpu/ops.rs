@@ -335,54 +335,116 @@ struct AttnParams {
     k_begin: u32,
     k_end: u32,
     flags: u32,
+    blocks: u32,
+    _pad: [u32; 3],
 }
 
-/// Keys per block of the attention kernel's online softmax.
-const ATTN_KB: usize = 8;
-
-/// The attention kernel's specialization for a head dimension: vec4 arithmetic when it is a
-/// multiple of 4. Returns the spec and the vector width.
-fn attention_spec(head_dim: usize) -> (Spec, usize) {
+/// The attention kernel's specialization for a head dimension and `qr` query rows per
+/// invocation: vec4 arithmetic when the head dimension is a multiple of 4, and the per-row
+/// state written out as variables (see shaders/nn/attention.wgsl).
+fn attention_spec(head_dim: usize, qr: usize) -> Spec {
+    use std::fmt::Write;
     let vw = if head_dim.is_multiple_of(4) { 4 } else { 1 };
-    let load = |a: &str| {
-        if vw == 4 {
-            format!("vec4<f32>({a}[i], {a}[i + 1u], {a}[i + 2u], {a}[i + 3u])")
-        } else {
-            format!("{a}[i]")
-        }
-    };
-    let spec = Spec::new()
-        .set("HD", head_dim)
-        .set("KB", ATTN_KB)
-        .set("VW", vw)
-        .set("VT", if vw == 4 { "vec4<f32>" } else { "f32" })
-        .set("LOADV_Q", load("q"))
-        .set("LOADV_K", load("k"))
-        .set("LOADV_V", load("v"))
-        .set("LOADV_O", load("o"))
-        .set("DOTV", if vw == 4 { "dot(a, b)" } else { "a * b" })
-        .set(
-            "STOREV",
-            if vw == 4 {
-                "o[i] = x.x; o[i + 1u] = x.y; o[i + 2u] = x.z; o[i + 3u] = x.w;"
-            } else {
-                "o[i] = x;"
-            },
+    let hv = head_dim / vw;
+    let vt = if vw == 4 { "vec4<f32>" } else { "f32" };
+    let (mut setup, mut step, mut finish) = (String::new(), String::new(), String::new());
+    for r in 0..qr {
+        let _ = write!(
+            setup,
+            "    let qi{r} = min(i0 + {r}u, p.t - 1u);\n\
+             \x20   let row{r} = seq * p.t + qi{r};\n\
+             \x20   let pos{r} = p.q_pos0 + qi{r};\n\
+             \x20   let lo{r} = select(0u, pos{r} + 1u - p.window, p.window > 0u && pos{r} + 1u > p.window);\n\
+             \x20   let qb{r} = p.q_off + (row{r} * p.heads + head) * HV;\n\
+             \x20   let ob{r} = p.o_off + (row{r} * p.heads + head) * HV;\n\
+             \x20   let si{r} = (row{r} * p.heads + head) * 2u;\n\
+             \x20   var m{r} = -3.0e38;\n\
+             \x20   var l{r} = 0.0;\n"
         );
-    (spec, vw)
+        for d in 0..hv {
+            let _ = writeln!(setup, "    let q{r}_{d} = q[qb{r} + {d}u] * p.scale;");
+            let _ = writeln!(setup, "    var a{r}_{d} = {vt}(0.0);");
+        }
+        let _ = writeln!(setup, "    if (!first) {{");
+        for d in 0..hv {
+            let _ = writeln!(setup, "        a{r}_{d} = o[ob{r} + {d}u];");
+        }
+        let _ = writeln!(
+            setup,
+            "        m{r} = st[si{r}];\n        l{r} = st[si{r} + 1u];\n    }}"
+        );
+    }
+    let _ = writeln!(setup, "    let pos_last = pos{};", qr - 1);
+    for d in 0..hv {
+        let _ = writeln!(step, "        let k{d} = k[kb + {d}u];");
+    }
+    for d in 0..hv {
+        let _ = writeln!(step, "        let v{d} = v[kb + {d}u];");
+    }
+    for r in 0..qr {
+        let dots: Vec<String> = (0..hv).map(|d| format!("dotv(q{r}_{d}, k{d})")).collect();
+        let _ = write!(
+            step,
+            "        {{\n\
+             \x20           let vis = j <= pos{r} && j >= lo{r};\n\
+             \x20           let sc = {};\n\
+             \x20           let mn = select(m{r}, max(m{r}, sc), vis);\n\
+             \x20           let c = exp(m{r} - mn);\n\
+             \x20           let w = select(0.0, exp(sc - mn), vis);\n\
+             \x20           l{r} = l{r} * c + w;\n\
+             \x20           m{r} = mn;\n",
+            dots.join(" + ")
+        );
+        for d in 0..hv {
+            let _ = writeln!(step, "            a{r}_{d} = a{r}_{d} * c + w * v{d};");
+        }
+        let _ = writeln!(step, "        }}");
+        let _ = writeln!(finish, "    if (i0 + {r}u < p.t) {{\n        if (last) {{");
+        let _ = writeln!(
+            finish,
+            "            let inv = select(0.0, 1.0 / l{r}, l{r} > 0.0);"
+        );
+        for d in 0..hv {
+            let _ = writeln!(finish, "            o[ob{r} + {d}u] = a{r}_{d} * inv;");
+        }
+        let _ = writeln!(finish, "        }} else {{");
+        for d in 0..hv {
+            let _ = writeln!(finish, "            o[ob{r} + {d}u] = a{r}_{d};");
+        }
+        let _ = writeln!(
+            finish,
+            "            st[si{r}] = m{r};\n            st[si{r} + 1u] = l{r};\n        }}\n    }}"
+        );
+    }
+    Spec::new()
+        .set("HD", head_dim)
+        .set("VW", vw)
+        .set("VT", vt)
+        .set("QR", qr)
+        .set("DOTV", if vw == 4 { "dot(a, b)" } else { "a * b" })
+        .set("SETUP", setup)
+        .set("STEP", step)
+        .set("FINISH", finish)
+}
+
+/// Query rows per attention invocation for sequences of `t` queries: four for prefill (each
+/// key and value loaded serves four rows; measured on lavapipe, see ARCHITECTURE.md), one for
+/// decode. `PUMICE_ATTN_QR` overrides (tuning by hand).
+fn attention_rows(t: usize) -> usize {
+    static OVERRIDE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let o = *OVERRIDE.get_or_init(|| {
+        std::env::var("PUMICE_ATTN_QR")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&q| (1..=16).contains(&q))
+    });
+    o.unwrap_or(if t >= 4 { 4 } else { 1 }).min(t.max(1))
 }
 
 /// Keys one attention dispatch may cover so that no invocation runs more than `budget` loop
-/// iterations (every loop of the kernel counted, none assumed unrolled).
-pub fn attention_keys_per_dispatch(head_dim: usize, budget: u64) -> usize {
-    let vw = if head_dim.is_multiple_of(4) { 4 } else { 1 };
-    let hv = (head_dim / vw) as u64;
-    // init 2·hv, store hv, one partial block (1 + hv); per key 2·(1 + hv) plus its share of a
-    // block's (1 + hv) rescale.
-    let fixed = 3 * hv + (1 + hv);
-    let per_key_x8 = 16 * (1 + hv) + (1 + hv) * 8 / ATTN_KB as u64;
-    let keys = budget.saturating_sub(fixed) * 8 / per_key_x8.max(1);
-    (keys as usize).max(1)
+/// iterations: the per-row work is written out, so a key is one iteration.
+pub fn attention_keys_per_dispatch(_head_dim: usize, budget: u64) -> usize {
+    (budget.saturating_sub(8) as usize).max(1)
 }
 
 /// Causal GQA attention: `out = softmax(q kᵀ / √d + causal mask) v` per sequence and head.
@@ -427,8 +489,10 @@ pub fn attention(
         },
     )?;
     let gpu = batch.gpu();
-    let (spec, _) = attention_spec(sh.head_dim);
-    let pipeline = gpu.pipeline(&ATTENTION, &spec)?;
+    let qr = attention_rows(sh.t);
+    let vw = if sh.head_dim.is_multiple_of(4) { 4 } else { 1 };
+    let pipeline = gpu.pipeline(&ATTENTION, &attention_spec(sh.head_dim, qr))?;
+    let blocks = sh.t.div_ceil(qr);
     let span = attention_keys_per_dispatch(sh.head_dim, gpu.caps().loop_budget());
     // Keys the longest row can see: the split only needs to cover those.
     let k_first = if sh.window > 0 {
@@ -476,7 +540,7 @@ pub fn attention(
             }
             KvLayout::Interleaved => (&k.chunks()[0], &v.chunks()[0], seq0 * kd, 1, nseq),
         };
-        let wg = [qc.rows.div_ceil(64) as u32, sh.heads as u32, 1];
+        let wg = [(nseq_c * blocks).div_ceil(64) as u32, sh.heads as u32, 1];
         for (n, &(kb, ke)) in segments.iter().enumerate() {
             let flags = (n == 0) as u32 | (((n + 1 == segments.len()) as u32) << 1);
             let params = AttnParams {
@@ -489,13 +553,15 @@ pub fn attention(
                 window: sh.window as u32,
                 scale: 1.0 / (sh.head_dim as f32).sqrt(),
                 q_off: 0,
-                k_off: k_off as u32,
+                k_off: (k_off / vw) as u32,
                 o_off: 0,
                 kv_seq_stride: seq_stride as u32,
                 kv_pos_stride: pos_stride as u32,
                 k_begin: kb as u32,
                 k_end: ke as u32,
                 flags,
+                blocks: blocks as u32,
+                _pad: [0; 3],
             };
             batch.dispatch(
                 pipeline.clone(),

@@ -95,6 +95,8 @@ impl Spec {
 #[derive(Default)]
 pub(crate) struct PipelineCache {
     map: Mutex<HashMap<(String, String), Arc<wgpu::ComputePipeline>>>,
+    /// Kernel name by pipeline address (profiling).
+    names: Mutex<HashMap<usize, &'static str>>,
 }
 
 impl PipelineCache {
@@ -103,11 +105,13 @@ impl PipelineCache {
         device: &wgpu::Device,
         kernel: &Kernel,
         spec: &Spec,
+        profiler: &super::profile::Profiler,
     ) -> Result<Arc<wgpu::ComputePipeline>> {
         let key = (kernel.name.to_string(), spec.key());
         if let Some(p) = self.map.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
             return Ok(p.clone());
         }
+        let started = std::time::Instant::now();
         let source = spec.render(kernel)?;
         let label = format!("{}[{}]", kernel.name, key.1);
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
@@ -130,11 +134,26 @@ impl PipelineCache {
             });
         }
         let pipeline = Arc::new(pipeline);
+        profiler.add_build(kernel.name, started.elapsed().as_secs_f64());
+        self.names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(Arc::as_ptr(&pipeline) as usize, kernel.name);
         self.map
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(key, pipeline.clone());
         Ok(pipeline)
+    }
+
+    /// The kernel name of a pipeline this cache built ("?" for any other).
+    pub(crate) fn name_of(&self, p: &Arc<wgpu::ComputePipeline>) -> &'static str {
+        self.names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(Arc::as_ptr(p) as usize))
+            .copied()
+            .unwrap_or("?")
     }
 
     pub(crate) fn len(&self) -> usize {

@@ -281,6 +281,35 @@ pub fn gptq(
     sparse_gptq(gpu, w, rows, cols, prep, grid, block, Sparsity::Dense)
 }
 
+/// [`gptq`] and its weighted error under the damped Hessian the columns were processed with,
+/// tr((W − Q)(H + λI)(W − Q)ᵀ), without forming it: GPTQ's scaled column errors E satisfy
+/// W − Q = E·U with (H + λI)⁻¹ = UᵀU, so the trace is ‖E‖²_F (summed in f64 from the error
+/// blocks the lazy updates use). Inputs marked dead in `prep` count with the diagonal 1 they
+/// were given.
+pub fn gptq_with_error(
+    gpu: &Gpu,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    prep: &PreparedHessian,
+    grid: Grid,
+    block: usize,
+) -> Result<(GpuQuantized, f64)> {
+    let mut err = 0.0;
+    let q = gptq_impl(
+        gpu,
+        w,
+        rows,
+        cols,
+        prep,
+        grid,
+        block,
+        Sparsity::Dense,
+        Some(&mut err),
+    )?;
+    Ok((q, err))
+}
+
 /// GPTQ with SparseGPT pruning (see `quant::sparsity`); pruned weights get code `PRUNED`.
 /// Needs the natural column order and lazy blocks of at most 128 columns.
 #[allow(clippy::too_many_arguments)]
@@ -293,6 +322,21 @@ pub fn sparse_gptq(
     grid: Grid,
     block: usize,
     sparsity: Sparsity,
+) -> Result<GpuQuantized> {
+    gptq_impl(gpu, w, rows, cols, prep, grid, block, sparsity, None)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gptq_impl(
+    gpu: &Gpu,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    prep: &PreparedHessian,
+    grid: Grid,
+    block: usize,
+    sparsity: Sparsity,
+    error: Option<&mut f64>,
 ) -> Result<GpuQuantized> {
     let (m, n) = (rows, cols);
     if sparsity != Sparsity::Dense && (prep.perm.is_some() || block > 128) {
@@ -372,6 +416,8 @@ pub fn sparse_gptq(
     let mut b = Batch::new(gpu);
     // Per-block operands stay alive until the batch is submitted.
     let mut keep: Vec<GpuMatrix> = Vec::new();
+    // Each block's error columns (read back for the weighted error when asked).
+    let mut errors: Vec<GpuMatrix> = Vec::new();
     let mut i1 = 0;
     while i1 < n {
         let i2 = (i1 + block).min(n);
@@ -444,11 +490,22 @@ pub fn sparse_gptq(
             keep.push(ut);
         }
         keep.push(ud);
-        keep.push(e);
+        errors.push(e);
         i1 = i2;
     }
     b.submit()?;
     drop(keep);
+    if let Some(total) = error {
+        *total = 0.0;
+        for e in &errors {
+            *total += e
+                .to_f32(gpu)?
+                .iter()
+                .map(|&v| v as f64 * v as f64)
+                .sum::<f64>();
+        }
+    }
+    drop(errors);
     Ok(GpuQuantized {
         rows: m,
         cols: n,

@@ -33,6 +33,11 @@ pub struct CalderaOptions {
     /// less than [`PATIENCE_GAIN`] of it (0: run all `outer_iters`). The best iterate is kept
     /// either way, so stopping can only skip later improvements.
     pub patience: usize,
+    /// Start each outer iteration after the first from the previous one's R instead of a new
+    /// rank-k SVD of (W − Q)·S. Off by default: measured on the asset model it raises the
+    /// matrices' weighted errors by about 1.6 % (KL 0.0714 → 0.0752) for 7 % less
+    /// quantization time; on a 1024² Gaussian matrix it is both faster and slightly better.
+    pub warm_start: bool,
     pub gptq: GptqOptions,
     /// Randomized SVD oversampling and power iterations (GPU path).
     pub oversample: usize,
@@ -59,6 +64,7 @@ impl CalderaOptions {
             outer_iters: 15,
             inner_iters: 10,
             patience: 0,
+            warm_start: false,
             gptq: GptqOptions::default(),
             oversample: 10,
             power_iters: 2,
@@ -261,20 +267,30 @@ pub fn reference(
     let mut best: Option<Decomposition> = None;
     let mut history = Vec::new();
     let mut patience = Patience::new(opts.patience);
+    let mut prev_r: Option<Quantized> = None;
     for _ in 0..opts.outer_iters.max(1) {
         let a = &wm - &qd;
         // (a) Low-rank fit of A in the H-weighted norm.
         let (lt_q, r_q) = if k == 0 {
             (rtn(&[], 0, m, opts.lr_grid), rtn(&[], 0, n, opts.lr_grid))
         } else {
-            let svd = (&a * &s)
-                .thin_svd()
-                .map_err(|e| Error::InvalidArgument(format!("SVD failed: {e:?}")))?;
-            let sig = svd.S().column_vector();
             // L is re-solved from R at the start of every inner round.
             let mut l: faer::Mat<f64>;
-            let rv = faer::Mat::<f64>::from_fn(k, n, |t, j| svd.V()[(j, t)] * sig[t].sqrt());
-            let mut r = &rv * &sinv;
+            let mut r = match prev_r.as_ref().filter(|_| opts.warm_start) {
+                Some(rq) => {
+                    let rd = rq.dequantize();
+                    faer::Mat::<f64>::from_fn(k, n, |t, j| rd[t * n + j] as f64)
+                }
+                None => {
+                    let svd = (&a * &s)
+                        .thin_svd()
+                        .map_err(|e| Error::InvalidArgument(format!("SVD failed: {e:?}")))?;
+                    let sig = svd.S().column_vector();
+                    let rv =
+                        faer::Mat::<f64>::from_fn(k, n, |t, j| svd.V()[(j, t)] * sig[t].sqrt());
+                    &rv * &sinv
+                }
+            };
             let mut best_lr: Option<(f64, Quantized, Quantized)> = None;
             let ahat = (&a * &hm) * a.transpose();
             let c: f64 = (0..m).map(|i| ahat[(i, i)]).sum();
@@ -319,6 +335,7 @@ pub fn reference(
                 }
             }
             let (_, ltq, rq) = best_lr.expect("at least one inner iteration");
+            prev_r = Some(rq.clone());
             (ltq, rq)
         };
         // (b) Q ← LDLQ(W − L R, H).
@@ -413,6 +430,7 @@ pub fn decompose(
         |rows: usize, cols: usize, v: &[f32]| GpuMatrix::from_f32(gpu, rows, cols, DType::F32, v);
     let hm = up(n, n, &f32s(h))?;
     let sm = up(n, n, &f32s(&to_vec(s.as_ref())))?;
+    let stm = up(n, n, &f32s(&to_vec(s.transpose())))?;
     let sinvm = up(n, n, &f32s(&to_vec(sinv.as_ref())))?;
     // tr(X H Xᵀ) on the GPU.
     let quad = |x: &[f32]| -> Result<f64> {
@@ -425,6 +443,7 @@ pub fn decompose(
     let mut best: Option<Decomposition> = None;
     let mut history = Vec::new();
     let mut patience = Patience::new(opts.patience);
+    let mut prev_r: Option<Quantized> = None;
     for outer in 0..opts.outer_iters.max(1) {
         let a: Vec<f32> = w.iter().zip(&qv).map(|(x, q)| x - q).collect();
         let (lt_q, r_q) = if k == 0 {
@@ -432,24 +451,33 @@ pub fn decompose(
         } else {
             let am = up(m, n, &a)?;
             let at = ops::transpose(gpu, &am)?;
-            // SVD of A S: the best H-weighted rank-k fit is U Σ Vᵀ S⁻¹.
-            let ms = matmul(gpu, &am, &sm, GemmOp::NN)?;
-            let mst = ops::transpose(gpu, &ms)?;
-            let ro = crate::lowrank::RsvdOptions {
-                rank: k,
-                oversample: opts.oversample,
-                power_iters: opts.power_iters,
-                seed: opts.seed.wrapping_add(outer as u64),
-            };
-            let svd = crate::lowrank::rsvd(gpu, &ms, &mst, &ro)?;
-            drop((ms, mst));
-            let rv: Vec<f32> = (0..k * n)
-                .map(|idx| (svd.v[(idx % n) * k + idx / n] * svd.s[idx / n].sqrt()) as f32)
-                .collect();
-            let r0 = matmul(gpu, &up(k, n, &rv)?, &sinvm, GemmOp::NN)?.to_f32(gpu)?;
             // R is kept quantized from the start, so every evaluated pair is a storable one.
-            let mut r_q = rtn(&r0, k, n, opts.lr_grid);
-            let c = quad(&a)?;
+            let mut r_q = match prev_r.take().filter(|_| opts.warm_start) {
+                Some(rq) => rq,
+                None => {
+                    // SVD of A S: the best H-weighted rank-k fit is U Σ Vᵀ S⁻¹. A S is
+                    // applied as A (S X) and Sᵀ (Aᵀ Y), never formed (an m·n² product).
+                    let ro = crate::lowrank::RsvdOptions {
+                        rank: k,
+                        oversample: opts.oversample,
+                        power_iters: opts.power_iters,
+                        seed: opts.seed.wrapping_add(outer as u64),
+                    };
+                    let svd = crate::lowrank::rsvd::rsvd_op(
+                        gpu,
+                        m,
+                        n,
+                        &|x| matmul(gpu, &am, &matmul(gpu, &sm, x, GemmOp::NN)?, GemmOp::NN),
+                        &|y| matmul(gpu, &stm, &matmul(gpu, &at, y, GemmOp::NN)?, GemmOp::NN),
+                        &ro,
+                    )?;
+                    let rv: Vec<f32> = (0..k * n)
+                        .map(|idx| (svd.v[(idx % n) * k + idx / n] * svd.s[idx / n].sqrt()) as f32)
+                        .collect();
+                    let r0 = matmul(gpu, &up(k, n, &rv)?, &sinvm, GemmOp::NN)?.to_f32(gpu)?;
+                    rtn(&r0, k, n, opts.lr_grid)
+                }
+            };
             let mut l_prev: Option<(Vec<f64>, Quantized)> = None;
             let mut best_lr: Option<(f64, Quantized, Quantized)> = None;
             let rounds = opts.inner_iters.max(1);
@@ -468,11 +496,13 @@ pub fn decompose(
                     .into_iter()
                     .map(f64::from)
                     .collect();
-                // ‖(A − L R) S‖² = c − 2⟨L, A H Rᵀ⟩ + ⟨LᵀL, R H Rᵀ⟩.
+                // ‖(A − L R) S‖² = tr(A H Aᵀ) − 2⟨L, A H Rᵀ⟩ + ⟨LᵀL, R H Rᵀ⟩; the first term
+                // is the same for every candidate of this outer iteration, and only their order
+                // is used, so it is left out (it costs an m·n² product).
                 let err_of = |l: &[f64]| {
                     let lm = mat(m, k, l);
                     let ltl = lm.transpose() * &lm;
-                    c - 2.0 * dot(l, &ahrt) + dot(&to_vec(ltl.as_ref()), &rhrt_v)
+                    dot(&to_vec(ltl.as_ref()), &rhrt_v) - 2.0 * dot(l, &ahrt)
                 };
                 let mut consider = |e: f64, lt: &Quantized, rq: &Quantized| {
                     if best_lr.as_ref().is_none_or(|(b, _, _)| e < *b) {
@@ -508,6 +538,7 @@ pub fn decompose(
                 l_prev = Some((lv, lt_q));
             }
             let (_, ltq, rq) = best_lr.expect("at least one inner round");
+            prev_r = Some(rq.clone());
             (ltq, rq)
         };
         // (b) Q ← LDLQ(W − L R, H) on the GPU.
@@ -519,11 +550,27 @@ pub fn decompose(
             matmul(gpu, &lmat, &up(k, n, &r_q.dequantize())?, GemmOp::NN)?.to_f32(gpu)?
         };
         let resid: Vec<f32> = w.iter().zip(&lr).map(|(a, b)| a - b).collect();
-        let q = crate::gpu::quant::gptq(gpu, &resid, m, n, &prep, opts.q_grid, opts.gptq.block)?
-            .download(gpu)?;
+        let (gq, damped) = crate::gpu::quant::gptq_with_error(
+            gpu,
+            &resid,
+            m,
+            n,
+            &prep,
+            opts.q_grid,
+            opts.gptq.block,
+        )?;
+        let q = gq.download(gpu)?;
         qv = q.dequantize();
         let delta: Vec<f32> = (0..m * n).map(|i| w[i] - qv[i] - lr[i]).collect();
-        let rel = quad(&delta)? / norm;
+        // tr(Δ H Δᵀ) = tr(Δ (H + λI) Δᵀ) − λ‖Δ‖², the first from GPTQ's own errors (no
+        // m·n² product); with dead inputs (their diagonal was replaced) the product is formed.
+        let rel = if prep.dead.is_empty() {
+            let lambda = prep.damp * (0..n).map(|i| h[i * n + i]).sum::<f64>() / n as f64;
+            let d2: f64 = delta.iter().map(|&v| v as f64 * v as f64).sum();
+            (damped - lambda * d2).max(0.0) / norm
+        } else {
+            quad(&delta)? / norm
+        };
         history.push(rel);
         let stop = patience.record(rel);
         if best.as_ref().is_none_or(|b| rel < b.relative_error) {

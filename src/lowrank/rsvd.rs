@@ -142,19 +142,40 @@ pub fn rsvd(gpu: &Gpu, a: &GpuMatrix, at: &GpuMatrix, opts: &RsvdOptions) -> Res
             at.shape()
         )));
     }
+    rsvd_op(
+        gpu,
+        m,
+        n,
+        &|x| matmul(gpu, a, x, GemmOp::NN),
+        &|y| matmul(gpu, at, y, GemmOp::NN),
+        opts,
+    )
+}
+
+/// Rank-k randomized SVD of an m × n operator A known only by its products: `apply(X)` = A·X
+/// (X n × l) and `apply_t(Y)` = Aᵀ·Y (Y m × l). For A = B·S this costs two thin products per
+/// application instead of forming B·S (an m·n² product).
+pub fn rsvd_op(
+    gpu: &Gpu,
+    m: usize,
+    n: usize,
+    apply: &dyn Fn(&GpuMatrix) -> Result<GpuMatrix>,
+    apply_t: &dyn Fn(&GpuMatrix) -> Result<GpuMatrix>,
+    opts: &RsvdOptions,
+) -> Result<Svd> {
     let k = opts.rank.min(m).min(n);
     if k == 0 {
         return Err(Error::InvalidArgument("rsvd: rank 0".into()));
     }
     let l = (k + opts.oversample).min(m).min(n);
     let omega = GpuMatrix::from_f32(gpu, n, l, DType::F32, &gaussian(n * l, opts.seed))?;
-    let mut q = orthonormalize(gpu, &matmul(gpu, a, &omega, GemmOp::NN)?)?;
+    let mut q = orthonormalize(gpu, &apply(&omega)?)?;
     for _ in 0..opts.power_iters {
-        let z = orthonormalize(gpu, &matmul(gpu, at, &q, GemmOp::NN)?)?;
-        q = orthonormalize(gpu, &matmul(gpu, a, &z, GemmOp::NN)?)?;
+        let z = orthonormalize(gpu, &apply_t(&q)?)?;
+        q = orthonormalize(gpu, &apply(&z)?)?;
     }
     // B = Qᵀ A (l × n), formed as (Aᵀ Q)ᵀ.
-    let bt = matmul(gpu, at, &q, GemmOp::NN)?.to_f32(gpu)?;
+    let bt = apply_t(&q)?.to_f32(gpu)?;
     let b = faer::Mat::<f64>::from_fn(l, n, |i, j| bt[j * l + i] as f64);
     let svd = b
         .thin_svd()

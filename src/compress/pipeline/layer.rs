@@ -322,6 +322,7 @@ pub(crate) fn compress_layer(
                     outer_iters: cs.outer_iters,
                     inner_iters: cs.inner_iters,
                     patience: cs.patience,
+                    warm_start: false,
                     gptq: sh.gptq,
                     oversample: 10,
                     power_iters: 2,

@@ -130,5 +130,7 @@ pub fn merge(
         shard: None,
         peak_rss_bytes: peak_rss_bytes(),
         peak_gpu_bytes: 0,
+        // A merge opens no GPU.
+        kernels: Default::default(),
     })
 }

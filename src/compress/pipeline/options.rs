@@ -213,4 +213,6 @@ pub struct CompressSummary {
     pub peak_rss_bytes: Option<u64>,
     /// Peak GPU memory in pumice's buffers, bytes.
     pub peak_gpu_bytes: u64,
+    /// Shader build time per kernel, and GPU time per kernel with `--profile`.
+    pub kernels: crate::gpu::profile::ProfileReport,
 }

@@ -392,6 +392,7 @@ pub fn compress(
             shard: Some(format!("{i}/{n}: layers {}..{}", todo.start, todo.end)),
             peak_rss_bytes: peak_rss_bytes(),
             peak_gpu_bytes: gpu.memory().peak_bytes,
+            kernels: gpu.profile(),
         });
     }
     let t_write = Instant::now();
@@ -424,5 +425,6 @@ pub fn compress(
         shard: None,
         peak_rss_bytes: peak_rss_bytes(),
         peak_gpu_bytes: gpu.memory().peak_bytes,
+        kernels: gpu.profile(),
     })
 }
