@@ -288,6 +288,55 @@ fn hessian_small_awkward_shapes() {
     }
 }
 
+/// Every Hessian configuration tuning may choose, on any adapter class, against f64: awkward
+/// feature counts (1, primes, past a block), several batches, and chunked operands.
+#[test]
+fn every_hessian_candidate_matches_the_f64_reference() {
+    use pumice::gpu::{tune, Batch, HessianConfig};
+    let g = gpu();
+    let small = gpu_limited(2048);
+    let max = g.caps().max_invocations;
+    let mut configs: Vec<HessianConfig> = Vec::new();
+    for cpu_class in [true, false] {
+        for c in tune::hessian_candidates(cpu_class, max) {
+            if !configs.contains(&c) {
+                configs.push(c);
+            }
+        }
+    }
+    for (ci, &cfg) in configs.iter().enumerate() {
+        for (i, &(t, f, gg)) in [
+            (9usize, 1usize, &g),
+            (40, 37, &g),
+            (70, 131, &g),
+            (50, 37, &small),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let x = random(t * f, (ci * 10 + i) as u64, 0.1);
+            let mut acc = HessianAccumulator::new(gg, f).unwrap();
+            // Two batches, the second of one row.
+            for (r0, r1) in [(0, t - 1), (t - 1, t)] {
+                let xm =
+                    GpuMatrix::from_f32(gg, r1 - r0, f, DType::F32, &x[r0 * f..r1 * f]).unwrap();
+                let mut b = Batch::new(gg);
+                acc.accumulate_with(&mut b, &xm, cfg).unwrap();
+                b.submit().unwrap();
+            }
+            let h = acc.read(gg).unwrap();
+            let want = cpu::hessian_f64(&x, t, f);
+            let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            let err = h
+                .iter()
+                .zip(&want)
+                .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()))
+                / scale;
+            assert!(err < 1e-6, "{cfg} t={t} f={f}: rel err {err:.3e}");
+        }
+    }
+}
+
 #[test]
 fn hessian_chunked() {
     // 2 KiB bindings: H (37×37 f32 = 5.5 KiB) and X are split into row chunks.

@@ -211,7 +211,9 @@ fn operand_larger_than_real_binding_limit() {
 /// takes the adapter class's defaults; nothing is left under a temporary name.
 #[test]
 fn kernel_tuning_is_measured_once_then_cached() {
-    use pumice::gpu::tune::{self, gemm_candidates, gemv_candidates, Origin, TuneMode};
+    use pumice::gpu::tune::{
+        self, gemm_candidates, gemv_candidates, hessian_candidates, Origin, TuneMode,
+    };
     let g = gpu();
     let dir = tempfile::tempdir().unwrap();
     let caps = g.caps().clone();
@@ -227,21 +229,29 @@ fn kernel_tuning_is_measured_once_then_cached() {
         o => panic!("first tuning should measure and save, got {o:?}"),
     };
     let n = gemm_candidates(caps.is_cpu, caps.max_invocations).len()
-        + gemv_candidates(caps.is_cpu, caps.max_invocations).len();
+        + gemv_candidates(caps.is_cpu, caps.max_invocations).len()
+        + hessian_candidates(caps.is_cpu, caps.max_invocations).len();
     assert_eq!(first.trials.len(), n);
     // The chosen configurations are the fastest of their kind.
-    for (kind, chosen) in [("gemm", first.gemm), ("gemv", first.gemv)] {
+    for (kind, chosen) in [
+        ("gemm", first.gemm.to_string()),
+        ("gemv", first.gemv.to_string()),
+        ("hessian", first.hessian.to_string()),
+    ] {
         let best = first
             .trials
             .iter()
             .filter(|t| t.kernel == kind && t.median_s.is_some())
             .min_by(|a, b| a.median_s.unwrap().total_cmp(&b.median_s.unwrap()))
             .unwrap();
-        assert_eq!(best.config, chosen.to_string());
+        assert_eq!(best.config, chosen);
     }
     let cached = tune::tune(&g, TuneMode::Auto, Some(dir.path()));
     assert_eq!(cached.origin, Origin::Cached(saved.clone()));
-    assert_eq!((cached.gemm, cached.gemv), (first.gemm, first.gemv));
+    assert_eq!(
+        (cached.gemm, cached.gemv, cached.hessian),
+        (first.gemm, first.gemv, first.hessian)
+    );
     assert_eq!(cached.trials, first.trials);
 
     let again = tune::tune(&g, TuneMode::Again, Some(dir.path()));

@@ -159,7 +159,10 @@ pub(crate) fn run(gpu_args: &GpuArgs, a: BenchArgs) -> anyhow::Result<()> {
                             .unwrap_or_default()
                     ),
                 };
-                eprintln!("kernels: gemm {}, gemv {} ({origin})", t.gemm, t.gemv);
+                eprintln!(
+                    "kernels: gemm {}, gemv {}, hessian {} ({origin})",
+                    t.gemm, t.gemv, t.hessian
+                );
                 rep.emit(
                     "tuning",
                     serde_json::json!({
@@ -167,6 +170,7 @@ pub(crate) fn run(gpu_args: &GpuArgs, a: BenchArgs) -> anyhow::Result<()> {
                         "backend": g.report().backend,
                         "gemm": t.gemm.to_string(),
                         "gemv": t.gemv.to_string(),
+                        "hessian": t.hessian.to_string(),
                         "origin": origin,
                         "trials": t.trials,
                     }),

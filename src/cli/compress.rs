@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use pumice::gpu::profile::ProfileReport;
-use pumice::gpu::{Gpu, GpuOptions};
+use pumice::gpu::GpuOptions;
 use pumice::model::{Checkpoint, Tokenizer};
 
 use super::args::*;
@@ -367,7 +367,7 @@ pub(crate) fn run(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> 
         let line = pumice::budget::plan::allocate_layers(&ck, &request, &mut opts)?;
         eprintln!("{line}");
     }
-    let gpu = Gpu::new(gpu_opts)?;
+    let gpu = super::setup::open_gpu(gpu_opts)?;
     eprintln!(
         "compressing {} with {:?} on {}",
         a.model.display(),

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Args;
-use pumice::gpu::{Gpu, GpuOptions};
+use pumice::gpu::GpuOptions;
 use pumice::infer::eval::{evaluate, window_count, EvalOptions, EvalProgress};
 use pumice::infer::{Engine, EngineOptions};
 use pumice::model::{Checkpoint, Tokenizer};
@@ -103,7 +103,7 @@ pub(crate) fn run(gpu_opts: &GpuOptions, a: EvalArgs) -> anyhow::Result<()> {
         )
         .into());
     }
-    let gpu = Gpu::new(gpu_opts)?;
+    let gpu = super::setup::open_gpu(gpu_opts)?;
     tracing::info!("evaluating on {}", gpu.describe());
     let eopts = EngineOptions {
         resident_bytes: a.max_resident_mb << 20,

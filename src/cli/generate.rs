@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Args;
-use pumice::gpu::{Gpu, GpuOptions};
+use pumice::gpu::GpuOptions;
 use pumice::infer::generate::{generate, GenerateOptions};
 use pumice::infer::{Engine, EngineOptions};
 use pumice::model::{Checkpoint, Tokenizer};
@@ -62,7 +62,7 @@ pub(crate) fn run(gpu_opts: &GpuOptions, a: GenerateArgs) -> anyhow::Result<()> 
             .into())
         }
     };
-    let gpu = Gpu::new(gpu_opts)?;
+    let gpu = super::setup::open_gpu(gpu_opts)?;
     let mut engine = Engine::new(
         &gpu,
         &ck,

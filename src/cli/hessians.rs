@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Args;
-use pumice::gpu::{Gpu, GpuOptions};
+use pumice::gpu::GpuOptions;
 use pumice::model::Checkpoint;
 
 use super::args::*;
@@ -32,7 +32,7 @@ pub(crate) fn run(gpu_opts: &GpuOptions, a: HessiansArgs) -> anyhow::Result<()> 
     let mut rep = progress::Reporter::new(a.json);
     let ck = Checkpoint::open(&a.model)?;
     let (source, copts) = (a.cal.source(), a.cal.options(&ck)?);
-    let gpu = Gpu::new(gpu_opts)?;
+    let gpu = super::setup::open_gpu(gpu_opts)?;
     eprintln!(
         "collecting Hessians of {} on {}",
         a.model.display(),

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Args;
-use pumice::gpu::{Gpu, GpuOptions};
+use pumice::gpu::GpuOptions;
 use pumice::model::Checkpoint;
 
 use super::args::*;
@@ -90,7 +90,7 @@ pub(crate) fn run(gpu_opts: &GpuOptions, a: ImportanceArgs) -> anyhow::Result<()
         rht: !a.no_rht,
     };
     opts.check()?;
-    let gpu = Gpu::new(gpu_opts)?;
+    let gpu = super::setup::open_gpu(gpu_opts)?;
     eprintln!(
         "measuring layer importance of {} on {}",
         a.model.display(),

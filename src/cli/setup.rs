@@ -109,3 +109,17 @@ pub(crate) fn report_failure(e: &anyhow::Error) -> std::process::ExitCode {
     }
     std::process::ExitCode::from(code as u8)
 }
+
+/// Open the GPU the options select and settle its kernel tuning now, saying so on stderr when
+/// it is measured (the first run on an adapter and driver: seconds on a CPU adapter).
+pub(crate) fn open_gpu(opts: &pumice::gpu::GpuOptions) -> pumice::Result<pumice::gpu::Gpu> {
+    let gpu = pumice::gpu::Gpu::new(opts)?;
+    if gpu.tuning_pending() {
+        eprintln!(
+            "tuning GPU kernels for {} (once per adapter and driver; cached)",
+            gpu.report().name
+        );
+    }
+    gpu.tuning();
+    Ok(gpu)
+}

@@ -240,6 +240,11 @@ impl Gpu {
             .get_or_build(&self.device, kernel, spec, &self.profiler)
     }
 
+    /// Whether the first [`Gpu::tuning`] call will time kernels (rather than read the cache).
+    pub fn tuning_pending(&self) -> bool {
+        self.tuning.get().is_none() && tune::will_measure(self, self.tune_mode)
+    }
+
     /// Whether dispatches are timed on the GPU (see [`super::profile`]).
     pub fn profiling(&self) -> bool {
         self.profiling

@@ -14,9 +14,12 @@ use super::matrix::GpuMatrix;
 use super::operand::{aligned, operand_wgsl};
 use super::pipeline::{Kernel, Spec};
 
+/// The kernel's template (part of the tuning cache's key).
+pub(crate) const KERNEL_SOURCE: &str = include_str!("../../shaders/linalg/hessian.wgsl");
+
 const KERNEL: Kernel = Kernel {
     name: "hessian",
-    template: include_str!("../../shaders/linalg/hessian.wgsl"),
+    template: KERNEL_SOURCE,
 };
 
 /// Rows of X summed in plain f32 before a compensated merge.
@@ -48,8 +51,8 @@ pub struct HessianConfig {
 }
 
 impl HessianConfig {
-    /// `PUMICE_HESSIAN_TILE` (`WGXxWGYxBIxBJ`, for tuning by hand), else per adapter class:
-    /// on CPU adapters 8×1 invocations of 16×8 blocks, on GPUs 16×16 invocations of 4×4.
+    /// `PUMICE_HESSIAN_TILE` (`WGXxWGYxBIxBJ`, for tuning by hand), else the adapter's tuned
+    /// configuration (see [`super::tune`]; candidates per class there).
     /// Two loads of four features feed 16 FMAs per row of X in a 4×4 block, four loads 64 in
     /// an 8×8 one. Measured on lavapipe at 1024 features (seconds per 1024 rows; seconds to
     /// compile): 4×4 blocks in 8×8 workgroups 0.336 / 0.3, 8×8 in 8×1 0.174 / 1.1, 16×8
@@ -58,44 +61,43 @@ impl HessianConfig {
     pub fn for_gpu(gpu: &Gpu) -> HessianConfig {
         static OVERRIDE: std::sync::OnceLock<Option<HessianConfig>> = std::sync::OnceLock::new();
         let o = OVERRIDE.get_or_init(|| {
-            let v: Vec<u32> = std::env::var("PUMICE_HESSIAN_TILE")
-                .ok()?
-                .split('x')
-                .map(|p| p.trim().parse().ok())
-                .collect::<Option<_>>()?;
-            match v[..] {
-                [wg_x, wg_y, bi, bj]
-                    if wg_x * wg_y > 0 && (1..=8).contains(&bi) && (1..=8).contains(&bj) =>
-                {
-                    Some(HessianConfig { wg_x, wg_y, bi, bj })
-                }
-                _ => None,
-            }
+            std::env::var("PUMICE_HESSIAN_TILE")
+                .ok()
+                .and_then(|v| HessianConfig::parse(&v))
         });
-        if let Some(c) = o {
-            return *c;
-        }
-        if gpu.caps().is_cpu {
-            HessianConfig {
-                wg_x: 8,
-                wg_y: 1,
-                bi: 4,
-                bj: 2,
-            }
-        } else {
-            HessianConfig {
-                wg_x: 16,
-                wg_y: 16,
-                bi: 1,
-                bj: 1,
-            }
+        match o {
+            Some(c) => *c,
+            None => gpu.tuning().hessian,
         }
     }
+
+    /// `WGXxWGYxBIxBJ`, as Display writes it.
+    pub fn parse(s: &str) -> Option<HessianConfig> {
+        let v: Vec<u32> = s
+            .split('x')
+            .map(|p| p.trim().parse().ok())
+            .collect::<Option<_>>()?;
+        match v[..] {
+            [wg_x, wg_y, bi, bj]
+                if wg_x * wg_y > 0 && (1..=8).contains(&bi) && (1..=8).contains(&bj) =>
+            {
+                Some(HessianConfig { wg_x, wg_y, bi, bj })
+            }
+            _ => None,
+        }
+    }
+
     fn tile_i(&self) -> usize {
         (4 * self.bi * self.wg_y) as usize
     }
     fn tile_j(&self) -> usize {
         (4 * self.bj * self.wg_x) as usize
+    }
+}
+
+impl std::fmt::Display for HessianConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}x{}x{}", self.wg_x, self.wg_y, self.bi, self.bj)
     }
 }
 
@@ -194,6 +196,18 @@ impl HessianAccumulator {
 
     /// Record `H += XᵀX` for a batch X of shape [tokens, features] into `batch`.
     pub fn accumulate(&mut self, batch: &mut Batch<'_>, x: &GpuMatrix) -> Result<()> {
+        let cfg = HessianConfig::for_gpu(batch.gpu());
+        self.accumulate_with(batch, x, cfg)
+    }
+
+    /// [`HessianAccumulator::accumulate`] with the configuration given (tuning and the tests of
+    /// every candidate).
+    pub fn accumulate_with(
+        &mut self,
+        batch: &mut Batch<'_>,
+        x: &GpuMatrix,
+        cfg: HessianConfig,
+    ) -> Result<()> {
         let f = self.features;
         if x.cols() != f {
             return Err(Error::Shape(format!(
@@ -202,7 +216,6 @@ impl HessianAccumulator {
             )));
         }
         let gpu = batch.gpu();
-        let cfg = HessianConfig::for_gpu(gpu);
         let code = unrolled(cfg);
         for xc in x.chunks() {
             let mut t0 = 0;

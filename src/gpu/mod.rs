@@ -31,6 +31,6 @@ pub use batch::Batch;
 pub use buffer::{GpuBuffer, MemoryStats};
 pub use context::{Caps, Gpu};
 pub use gemm::{gemm, gemm_region, gemm_rows, gemm_with_config, matmul, GemmConfig, GemmOp};
-pub use hessian::HessianAccumulator;
+pub use hessian::{HessianAccumulator, HessianConfig};
 pub use matrix::{Chunk, GpuMatrix};
 pub use tune::{TuneMode, Tuning};

@@ -2,10 +2,11 @@
 //! is used, then cached per adapter and driver in the user's cache directory.
 //!
 //! What is tuned: the GEMM register block and workgroup shape for products of many rows
-//! ([`Tuning::gemm`]) and for one row (decode, [`Tuning::gemv`]). Every candidate is one
-//! specialization of the same kernel, and each is checked against an f64 product before it is
-//! timed (a candidate a driver miscompiles is dropped, with a warning); the test suite checks
-//! every candidate on awkward shapes on each backend it runs on.
+//! ([`Tuning::gemm`]) and for one row (decode, [`Tuning::gemv`]), and the Hessian
+//! accumulation's block ([`Tuning::hessian`]). Every candidate is one specialization of the
+//! same kernel, and each is checked against an f64 result before it is timed (a candidate a
+//! driver miscompiles is dropped, with a warning); the test suite checks every candidate on
+//! awkward shapes on each backend it runs on.
 //!
 //! Invariants: tuning never fails an operation — when timing or the cache fails, the adapter
 //! class's defaults are used and a warning is logged; a cache file is written under a
@@ -25,6 +26,7 @@ use crate::error::{Error, Result};
 use super::batch::Batch;
 use super::context::Gpu;
 use super::gemm::{gemm_with_config, GemmConfig, GemmOp};
+use super::hessian::{HessianAccumulator, HessianConfig};
 use super::matrix::GpuMatrix;
 
 /// Whether to tune (`--tune`, `PUMICE_TUNE`).
@@ -70,9 +72,9 @@ pub enum Origin {
 /// One timed candidate.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Trial {
-    /// `gemm` or `gemv`.
+    /// `gemm`, `gemv` or `hessian`.
     pub kernel: String,
-    /// `WGXxWGYxTMxTN`.
+    /// `WGXxWGYxTMxTN` (GEMM) or `WGXxWGYxBIxBJ` (Hessian).
     pub config: String,
     /// Median seconds of the timed product; `None` when the candidate was rejected.
     pub median_s: Option<f64>,
@@ -87,6 +89,8 @@ pub struct Tuning {
     pub gemm: GemmConfig,
     /// Products of one row (decode).
     pub gemv: GemmConfig,
+    /// H += XᵀX.
+    pub hessian: HessianConfig,
     pub origin: Origin,
     pub trials: Vec<Trial>,
 }
@@ -97,6 +101,8 @@ struct CacheFile {
     key: String,
     gemm: String,
     gemv: String,
+    #[serde(default)]
+    hessian: Option<String>,
     trials: Vec<Trial>,
 }
 
@@ -152,6 +158,28 @@ pub fn gemv_candidates(is_cpu: bool, max_invocations: u32) -> Vec<GemmConfig> {
         .collect()
 }
 
+/// Hessian-accumulation candidates for an adapter class; the first is the default.
+pub fn hessian_candidates(is_cpu: bool, max_invocations: u32) -> Vec<HessianConfig> {
+    let list: &[(u32, u32, u32, u32)] = if is_cpu {
+        // Measured on lavapipe at 1024 features (seconds per 1024 rows / to compile one
+        // variant): 16×8 blocks 0.139 / 3.5 s, 8×8 0.174 / 1.1 s, 4×4 in 8×8 workgroups (the
+        // former kernel) 0.336 / 0.3 s; 16×16 0.116 but 13 s to compile, not offered.
+        &[(8, 1, 4, 2), (8, 1, 2, 2), (8, 1, 2, 4), (8, 8, 1, 1)]
+    } else {
+        &[
+            (16, 16, 1, 1),
+            (8, 8, 2, 2),
+            (16, 8, 2, 1),
+            (8, 8, 1, 1),
+            (32, 8, 1, 1),
+        ]
+    };
+    list.iter()
+        .map(|&(wg_x, wg_y, bi, bj)| HessianConfig { wg_x, wg_y, bi, bj })
+        .filter(|c| c.wg_x * c.wg_y <= max_invocations)
+        .collect()
+}
+
 /// The user's cache directory for pumice: `PUMICE_CACHE_DIR`, else `$XDG_CACHE_HOME/pumice`,
 /// else the platform's (`~/.cache`, `~/Library/Caches`, `%LOCALAPPDATA%`) + `pumice`.
 pub fn cache_dir() -> Option<PathBuf> {
@@ -183,10 +211,12 @@ fn cache_key(gpu: &Gpu) -> String {
     let r = gpu.report();
     let c = gpu.caps();
     let kernels = format!(
-        "{}|{:?}|{:?}",
+        "{}|{}|{:?}|{:?}|{:?}",
         super::gemm::KERNEL_SOURCE,
+        super::hessian::KERNEL_SOURCE,
         gemm_candidates(c.is_cpu, c.max_invocations),
-        gemv_candidates(c.is_cpu, c.max_invocations)
+        gemv_candidates(c.is_cpu, c.max_invocations),
+        hessian_candidates(c.is_cpu, c.max_invocations)
     );
     format!(
         "{}|{}|{}|{}|{}|{:04x}:{:04x}|kernels {:016x}",
@@ -214,6 +244,7 @@ pub fn tune(gpu: &Gpu, mode: TuneMode, dir: Option<&Path>) -> Tuning {
     let defaults = Tuning {
         gemm: gemm_candidates(caps.is_cpu, caps.max_invocations)[0],
         gemv: gemv_candidates(caps.is_cpu, caps.max_invocations)[0],
+        hessian: hessian_candidates(caps.is_cpu, caps.max_invocations)[0],
         origin: Origin::Defaults,
         trials: Vec::new(),
     };
@@ -257,9 +288,20 @@ pub fn tune(gpu: &Gpu, mode: TuneMode, dir: Option<&Path>) -> Tuning {
             (1, 4096, 4096),
             &mut trials,
         )?;
+        let hessian = pick_hessian(
+            gpu,
+            &hessian_candidates(caps.is_cpu, caps.max_invocations),
+            if caps.is_cpu {
+                (2048, 512)
+            } else {
+                (16384, 2048)
+            },
+            &mut trials,
+        )?;
         Ok(Tuning {
             gemm,
             gemv,
+            hessian,
             origin: Origin::Defaults,
             trials,
         })
@@ -283,12 +325,32 @@ pub fn tune(gpu: &Gpu, mode: TuneMode, dir: Option<&Path>) -> Tuning {
         saved,
     };
     tracing::info!(
-        "tuned: gemm {}, gemv {} ({:.1} s)",
+        "tuned: gemm {}, gemv {}, hessian {} ({:.1} s)",
         t.gemm,
         t.gemv,
+        t.hessian,
         start.elapsed().as_secs_f64()
     );
     t
+}
+
+/// Whether `gpu`'s tuning would be measured now (no valid cache file, tuning not off): callers
+/// that want to say so before the wait ask first.
+pub fn will_measure(gpu: &Gpu, mode: TuneMode) -> bool {
+    match mode {
+        TuneMode::Off => false,
+        TuneMode::Again => true,
+        TuneMode::Auto => {
+            let key = cache_key(gpu);
+            match cache_dir() {
+                Some(d) => {
+                    let p = d.join("tuning").join(format!("{:016x}.json", fnv(&key)));
+                    !matches!(read_cache(&p, &key), Ok(Some(_)))
+                }
+                None => true,
+            }
+        }
+    }
 }
 
 /// The tuning of `gpu` for this process: tuned (or read from the cache) once per adapter key,
@@ -319,9 +381,14 @@ fn read_cache(path: &Path, key: &str) -> Result<Option<Tuning>> {
         return Ok(None);
     }
     let parse = |s: &str| GemmConfig::parse(s).ok_or_else(|| bad(format!("configuration `{s}`")));
+    let Some(hessian) = f.hessian else {
+        return Ok(None);
+    };
     Ok(Some(Tuning {
         gemm: parse(&f.gemm)?,
         gemv: parse(&f.gemv)?,
+        hessian: HessianConfig::parse(&hessian)
+            .ok_or_else(|| bad(format!("configuration `{hessian}`")))?,
         origin: Origin::Cached(path.to_path_buf()),
         trials: f.trials,
     }))
@@ -332,6 +399,7 @@ fn write_cache(path: &Path, key: &str, t: &Tuning) -> Result<()> {
         key: key.to_string(),
         gemm: t.gemm.to_string(),
         gemv: t.gemv.to_string(),
+        hessian: Some(t.hessian.to_string()),
         trials: t.trials.clone(),
     };
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -418,6 +486,95 @@ fn time(gpu: &Gpu, cfg: GemmConfig, a: &GpuMatrix, b: &GpuMatrix, c: &GpuMatrix)
     Ok(v[2])
 }
 
+/// Check each Hessian candidate on a 37 × 45 X against f64, time the survivors accumulating
+/// `rows` × `features` (median of 5 after one warm-up) and return the fastest.
+fn pick_hessian(
+    gpu: &Gpu,
+    candidates: &[HessianConfig],
+    (rows, features): (usize, usize),
+    trials: &mut Vec<Trial>,
+) -> Result<HessianConfig> {
+    let x = GpuMatrix::from_f32(
+        gpu,
+        rows,
+        features,
+        DType::F32,
+        &pattern(rows * features, 5),
+    )?;
+    let mut best: Option<(f64, HessianConfig)> = None;
+    for &cfg in candidates {
+        let mut trial = Trial {
+            kernel: "hessian".into(),
+            config: cfg.to_string(),
+            median_s: None,
+            rejected: None,
+        };
+        let timed = check_hessian(gpu, cfg).and_then(|()| {
+            let mut acc = HessianAccumulator::new(gpu, features)?;
+            let mut run = || -> Result<f64> {
+                let t = Instant::now();
+                let mut b = Batch::new(gpu);
+                acc.accumulate_with(&mut b, &x, cfg)?;
+                b.submit()?;
+                gpu.wait()?;
+                Ok(t.elapsed().as_secs_f64())
+            };
+            run()?;
+            let mut v = [run()?, run()?, run()?, run()?, run()?];
+            v.sort_by(f64::total_cmp);
+            Ok(v[2])
+        });
+        match timed {
+            Ok(s) => {
+                trial.median_s = Some(s);
+                if best.is_none_or(|(b, _)| s < b) {
+                    best = Some((s, cfg));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "hessian configuration {cfg} rejected on {}: {e}",
+                    gpu.describe()
+                );
+                trial.rejected = Some(e.to_string());
+            }
+        }
+        trials.push(trial);
+    }
+    best.map(|(_, c)| c).ok_or_else(|| Error::Gpu {
+        op: "hessian tuning".into(),
+        msg: "every configuration was rejected".into(),
+    })
+}
+
+fn check_hessian(gpu: &Gpu, cfg: HessianConfig) -> Result<()> {
+    let (t, f) = (37usize, 45usize);
+    let x = pattern(t * f, 6);
+    let mut acc = HessianAccumulator::new(gpu, f)?;
+    let xm = GpuMatrix::from_f32(gpu, t, f, DType::F32, &x)?;
+    let mut b = Batch::new(gpu);
+    acc.accumulate_with(&mut b, &xm, cfg)?;
+    b.submit()?;
+    let h = acc.read(gpu)?;
+    for i in 0..f {
+        for j in 0..f {
+            let want: f64 = (0..t)
+                .map(|r| x[r * f + i] as f64 * x[r * f + j] as f64)
+                .sum();
+            let scale: f64 = (0..t)
+                .map(|r| (x[r * f + i] as f64 * x[r * f + j] as f64).abs())
+                .sum();
+            if (h[i * f + j] - want).abs() > 1e-5 * scale.max(1.0) {
+                return Err(Error::Gpu {
+                    op: format!("hessian with {cfg}"),
+                    msg: format!("H[{i},{j}] = {} where f64 gives {want}", h[i * f + j]),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A 37×61·(29×61)ᵀ and a 37×61·(61×29) product against f64: the candidate computes
 /// what the kernel means on this driver.
 fn check(gpu: &Gpu, cfg: GemmConfig) -> Result<()> {
@@ -488,6 +645,10 @@ mod tests {
             {
                 assert!(c.wg_x * c.wg_y <= 128, "{c}");
                 assert_eq!(GemmConfig::parse(&c.to_string()), Some(c));
+            }
+            for c in hessian_candidates(cpu, 128) {
+                assert!(c.wg_x * c.wg_y <= 128, "{c}");
+                assert_eq!(HessianConfig::parse(&c.to_string()), Some(c));
             }
         }
         assert!(!gemm_candidates(false, 64).is_empty());
