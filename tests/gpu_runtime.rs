@@ -283,3 +283,51 @@ fn kernel_tuning_is_measured_once_then_cached() {
         .collect();
     assert_eq!(files.len(), 1, "{files:?}");
 }
+
+/// `--profile`: GPU time per kernel from timestamps (one entry per kernel, every dispatch
+/// counted) where the adapter has timestamp queries; build times always; results unchanged.
+#[test]
+fn profile_times_every_dispatch_by_kernel() {
+    use pumice::gpu::{matmul, Batch, GemmOp, GpuMatrix, HessianAccumulator};
+    let mut opts = GpuOptions::from_env().expect("valid PUMICE_* environment");
+    opts.profile = true;
+    let g = gpu_with(&opts);
+    let plain = gpu();
+    g.tuning();
+    g.reset_profile();
+    let a: Vec<f32> = (0..37 * 29).map(|i| (i % 7) as f32 - 3.0).collect();
+    let b: Vec<f32> = (0..29 * 11).map(|i| (i % 5) as f32 - 2.0).collect();
+    let product = |gpu: &pumice::gpu::Gpu| {
+        let am = GpuMatrix::from_f32(gpu, 37, 29, pumice::DType::F32, &a).unwrap();
+        let bm = GpuMatrix::from_f32(gpu, 29, 11, pumice::DType::F32, &b).unwrap();
+        matmul(gpu, &am, &bm, GemmOp::NN)
+            .unwrap()
+            .to_f32(gpu)
+            .unwrap()
+    };
+    assert_eq!(product(&g), product(&plain), "profiling changed a result");
+    let mut h = HessianAccumulator::new(&g, 29).unwrap();
+    let am = GpuMatrix::from_f32(&g, 37, 29, pumice::DType::F32, &a).unwrap();
+    for _ in 0..3 {
+        let mut batch = Batch::new(&g);
+        h.accumulate(&mut batch, &am).unwrap();
+        batch.submit().unwrap();
+    }
+    let p = g.profile();
+    if g.caps().timestamps {
+        assert!(g.profiling());
+        let count = |k: &str| p.gpu.iter().find(|t| t.kernel == k).map(|t| t.count);
+        assert_eq!(count("gemm"), Some(1), "{:?}", p.gpu);
+        assert_eq!(count("hessian"), Some(3), "{:?}", p.gpu);
+        assert!(p
+            .gpu
+            .iter()
+            .all(|t| t.seconds >= 0.0 && t.seconds.is_finite()));
+        // Largest first.
+        assert!(p.gpu.windows(2).all(|w| w[0].seconds >= w[1].seconds));
+    } else {
+        assert!(!g.profiling() && p.gpu.is_empty());
+    }
+    assert!(plain.profile().gpu.is_empty());
+    assert!(!plain.profile().builds.is_empty() || plain.pipelines_built() == 0);
+}
