@@ -24,6 +24,22 @@ fn rounded(v: &[f32], dt: DType) -> Vec<f32> {
 
 #[allow(clippy::too_many_arguments)]
 fn check_gemm(g: &Gpu, m: usize, k: usize, n: usize, op: GemmOp, da: DType, db: DType, seed: u64) {
+    check_gemm_with(g, None, m, k, n, op, da, db, seed)
+}
+
+/// `check_gemm` with a given configuration (None: the one the product would take).
+#[allow(clippy::too_many_arguments)]
+fn check_gemm_with(
+    g: &Gpu,
+    cfg: Option<pumice::gpu::GemmConfig>,
+    m: usize,
+    k: usize,
+    n: usize,
+    op: GemmOp,
+    da: DType,
+    db: DType,
+    seed: u64,
+) {
     let a = rounded(&random(m * k, seed, 0.0), da);
     let b = rounded(&random(k * n, seed + 1, 0.0), db);
     let (br, bc) = match op {
@@ -32,10 +48,25 @@ fn check_gemm(g: &Gpu, m: usize, k: usize, n: usize, op: GemmOp, da: DType, db: 
     };
     let ga = GpuMatrix::from_f32(g, m, k, da, &a).unwrap();
     let gb = GpuMatrix::from_f32(g, br, bc, db, &b).unwrap();
-    let c = matmul(g, &ga, &gb, op).unwrap().to_f32(g).unwrap();
+    let c = match cfg {
+        None => matmul(g, &ga, &gb, op).unwrap(),
+        Some(cfg) => {
+            let gc = GpuMatrix::uninit(g, m, n).unwrap();
+            let mut batch = pumice::gpu::Batch::new(g);
+            pumice::gpu::gemm_with_config(&mut batch, &ga, 0..m, &gb, op, &gc, 0, 0, false, cfg)
+                .unwrap();
+            batch.submit().unwrap();
+            gc
+        }
+    };
+    let c = c.to_f32(g).unwrap();
     let want = cpu::gemm_f64(&a, &b, m, k, n, op == GemmOp::NT);
     let e = rel_err(&c, &want);
-    assert!(e < tol(k), "{op:?} {m}x{k}x{n} {da}/{db}: rel err {e:.3e}");
+    let label = cfg.map(|c| c.to_string()).unwrap_or_default();
+    assert!(
+        e < tol(k),
+        "{label} {op:?} {m}x{k}x{n} {da}/{db}: rel err {e:.3e}"
+    );
 }
 
 #[test]
@@ -82,7 +113,7 @@ fn gemm_fixed_awkward_shapes() {
 /// awkward shapes, one row, 16-bit operands, and operands split into binding-sized chunks.
 #[test]
 fn every_tuning_candidate_matches_the_f64_reference() {
-    use pumice::gpu::{gemm_with_config, tune, Batch};
+    use pumice::gpu::tune;
     let g = gpu();
     let small = gpu_limited(1024);
     let max = g.caps().max_invocations;
@@ -97,27 +128,6 @@ fn every_tuning_candidate_matches_the_f64_reference() {
             }
         }
     }
-    let check = |g: &Gpu, cfg, m: usize, k: usize, n: usize, op, da, db, seed: u64| {
-        let a = rounded(&random(m * k, seed, 0.0), da);
-        let b = rounded(&random(k * n, seed + 1, 0.0), db);
-        let (br, bc) = match op {
-            GemmOp::NN => (k, n),
-            GemmOp::NT => (n, k),
-        };
-        let ga = GpuMatrix::from_f32(g, m, k, da, &a).unwrap();
-        let gb = GpuMatrix::from_f32(g, br, bc, db, &b).unwrap();
-        let gc = GpuMatrix::uninit(g, m, n).unwrap();
-        let mut batch = Batch::new(g);
-        gemm_with_config(&mut batch, &ga, 0..m, &gb, op, &gc, 0, 0, false, cfg).unwrap();
-        batch.submit().unwrap();
-        let c = gc.to_f32(g).unwrap();
-        let want = cpu::gemm_f64(&a, &b, m, k, n, op == GemmOp::NT);
-        let e = rel_err(&c, &want);
-        assert!(
-            e < tol(k),
-            "{cfg} {op:?} {m}x{k}x{n} {da}/{db}: rel err {e:.3e}"
-        );
-    };
     for (ci, &cfg) in configs.iter().enumerate() {
         for (i, &(m, k, n)) in [
             (1, 1, 1),
@@ -131,14 +141,24 @@ fn every_tuning_candidate_matches_the_f64_reference() {
         {
             for op in [GemmOp::NN, GemmOp::NT] {
                 let seed = (ci * 100 + i) as u64;
-                check(&g, cfg, m, k, n, op, DType::F32, DType::F32, seed);
+                check_gemm_with(&g, Some(cfg), m, k, n, op, DType::F32, DType::F32, seed);
             }
         }
         for op in [GemmOp::NN, GemmOp::NT] {
-            check(&g, cfg, 33, 70, 41, op, DType::BF16, DType::F16, ci as u64);
-            check(
+            check_gemm_with(
+                &g,
+                Some(cfg),
+                33,
+                70,
+                41,
+                op,
+                DType::BF16,
+                DType::F16,
+                ci as u64,
+            );
+            check_gemm_with(
                 &small,
-                cfg,
+                Some(cfg),
                 70,
                 64,
                 37,

@@ -100,6 +100,7 @@ fn pipelines_are_cached_per_variant() {
 fn broken_shader_is_a_typed_error() {
     let g = gpu();
     const BAD: Kernel = Kernel {
+        expand: None,
         name: "broken",
         template: "@compute @workgroup_size(1) fn main() { let x: u32 = {{V}}; }",
     };

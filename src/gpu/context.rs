@@ -171,6 +171,7 @@ impl Gpu {
         const PROBE: Kernel = Kernel {
             name: "loop_probe",
             template: include_str!("../../shaders/device/loop_probe.wgsl"),
+            expand: None,
         };
         const N: u32 = 1 << 20;
         let pipeline = self.pipeline(&PROBE, &Spec::new())?;

@@ -21,6 +21,7 @@ pub(crate) const KERNEL_SOURCE: &str = include_str!("../../shaders/linalg/gemm.w
 const KERNEL: Kernel = Kernel {
     name: "gemm",
     template: KERNEL_SOURCE,
+    expand: Some(expand),
 };
 
 /// Output tile per workgroup: each invocation computes `tm`×`tn` elements (`tn` a multiple of
@@ -92,11 +93,7 @@ impl GemmConfig {
     /// `WGXxWGYxTM[xTN]`, e.g. `8x1x8` or `8x1x8x8` (the `PUMICE_GEMM_TILE` override used for
     /// tuning; TN defaults to 4).
     pub fn parse(s: &str) -> Option<GemmConfig> {
-        let v: Vec<u32> = s
-            .split('x')
-            .map(|p| p.trim().parse().ok())
-            .collect::<Option<_>>()?;
-        match v[..] {
+        match super::tune::parse_dims(s)?[..] {
             [wg_x, wg_y, tm] if wg_x > 0 && wg_y > 0 && (1..=32).contains(&tm) => {
                 Some(GemmConfig {
                     wg_x,
@@ -109,7 +106,7 @@ impl GemmConfig {
                 if wg_x > 0
                     && wg_y > 0
                     && (1..=32).contains(&tm)
-                    && tn % 4 == 0
+                    && tn.is_multiple_of(4)
                     && (4..=32).contains(&tn) =>
             {
                 Some(GemmConfig { wg_x, wg_y, tm, tn })
@@ -354,7 +351,6 @@ pub fn gemm_with_config(
                                 .set("WG_Y", cfg.wg_y)
                                 .set("TM", cfg.tm)
                                 .set("TN4", cfg.tn / 4)
-                                .set_all(unrolled(cfg).iter().map(|(k, v)| (*k, v.as_str())))
                                 .set("B_T", op == GemmOp::NT);
                             let pipeline = gpu.pipeline(&KERNEL, &spec)?;
                             let wg = [
@@ -377,22 +373,15 @@ pub fn gemm_with_config(
 
 /// The kernel's register block written out for `cfg` (see shaders/linalg/gemm.wgsl): set-up,
 /// one contraction step of four and a tail step for each orientation, and the stores.
-/// The substitutions of one configuration, shared.
-type Unrolled = std::sync::Arc<Vec<(&'static str, String)>>;
-
-/// Generated once per configuration and process (products ask per dispatch).
-fn unrolled(cfg: GemmConfig) -> Unrolled {
-    use std::collections::HashMap;
-    use std::sync::{Arc, Mutex, OnceLock};
-    static CACHE: OnceLock<Mutex<HashMap<GemmConfig, Unrolled>>> = OnceLock::new();
-    let mut cache = CACHE
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    cache
-        .entry(cfg)
-        .or_insert_with(|| Arc::new(write_unrolled(cfg)))
-        .clone()
+/// The written-out register block, from the spec's WG_X, WG_Y, TM and TN4 (run when a
+/// variant's pipeline is built; see [`Kernel::expand`]).
+fn expand(spec: &Spec) -> Result<Vec<(&'static str, String)>> {
+    Ok(write_unrolled(GemmConfig {
+        wg_x: spec.number("WG_X")?,
+        wg_y: spec.number("WG_Y")?,
+        tm: spec.number("TM")?,
+        tn: 4 * spec.number("TN4")?,
+    }))
 }
 
 fn write_unrolled(cfg: GemmConfig) -> Vec<(&'static str, String)> {

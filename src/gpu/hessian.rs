@@ -20,6 +20,7 @@ pub(crate) const KERNEL_SOURCE: &str = include_str!("../../shaders/linalg/hessia
 const KERNEL: Kernel = Kernel {
     name: "hessian",
     template: KERNEL_SOURCE,
+    expand: Some(expand),
 };
 
 /// Rows of X summed in plain f32 before a compensated merge.
@@ -73,11 +74,7 @@ impl HessianConfig {
 
     /// `WGXxWGYxBIxBJ`, as Display writes it.
     pub fn parse(s: &str) -> Option<HessianConfig> {
-        let v: Vec<u32> = s
-            .split('x')
-            .map(|p| p.trim().parse().ok())
-            .collect::<Option<_>>()?;
-        match v[..] {
+        match super::tune::parse_dims(s)?[..] {
             [wg_x, wg_y, bi, bj]
                 if wg_x * wg_y > 0 && (1..=8).contains(&bi) && (1..=8).contains(&bj) =>
             {
@@ -99,6 +96,17 @@ impl std::fmt::Display for HessianConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}x{}x{}x{}", self.wg_x, self.wg_y, self.bi, self.bj)
     }
+}
+
+/// The written-out register block, from the spec's WG_X, WG_Y, BI and BJ (run when a
+/// variant's pipeline is built; see [`Kernel::expand`]).
+fn expand(spec: &Spec) -> Result<Vec<(&'static str, String)>> {
+    Ok(unrolled(HessianConfig {
+        wg_x: spec.number("WG_X")?,
+        wg_y: spec.number("WG_Y")?,
+        bi: spec.number("BI")?,
+        bj: spec.number("BJ")?,
+    }))
 }
 
 /// The kernel's register block written out for `cfg` (see shaders/linalg/hessian.wgsl).
@@ -216,7 +224,6 @@ impl HessianAccumulator {
             )));
         }
         let gpu = batch.gpu();
-        let code = unrolled(cfg);
         for xc in x.chunks() {
             let mut t0 = 0;
             while t0 < xc.rows {
@@ -231,8 +238,7 @@ impl HessianAccumulator {
                     .set("WG_Y", cfg.wg_y)
                     .set("BI", cfg.bi)
                     .set("BJ", cfg.bj)
-                    .set("BLOCK", BLOCK)
-                    .set_all(code.iter().map(|(k, v)| (*k, v.as_str())));
+                    .set("BLOCK", BLOCK);
                 let pipeline = gpu.pipeline(&KERNEL, &spec)?;
                 for (hc, lc) in self.hi.chunks().iter().zip(self.lo.chunks()) {
                     let params = HessianParams {

@@ -18,22 +18,27 @@ pub use super::reduce::{logit_stats, top_k, transpose, MAX_TOP_K};
 const EMBED: Kernel = Kernel {
     name: "embed",
     template: include_str!("../../shaders/nn/embed.wgsl"),
+    expand: None,
 };
 const RMSNORM: Kernel = Kernel {
     name: "rmsnorm",
     template: include_str!("../../shaders/nn/rmsnorm.wgsl"),
+    expand: None,
 };
 const ROPE: Kernel = Kernel {
     name: "rope",
     template: include_str!("../../shaders/nn/rope.wgsl"),
+    expand: None,
 };
 const ATTENTION: Kernel = Kernel {
     name: "attention",
     template: include_str!("../../shaders/nn/attention.wgsl"),
+    expand: Some(attention_blocks),
 };
 const ELEMENTWISE: Kernel = Kernel {
     name: "elementwise",
     template: include_str!("../../shaders/nn/elementwise.wgsl"),
+    expand: None,
 };
 
 /// Rows per dispatch dimension for kernels that index rows as gid.y + gid.z · 65535.
@@ -343,10 +348,28 @@ struct AttnParams {
 /// invocation: vec4 arithmetic when the head dimension is a multiple of 4, and the per-row
 /// state written out as variables (see shaders/nn/attention.wgsl).
 fn attention_spec(head_dim: usize, qr: usize) -> Spec {
-    use std::fmt::Write;
     let vw = if head_dim.is_multiple_of(4) { 4 } else { 1 };
-    let hv = head_dim / vw;
-    let vt = if vw == 4 { "vec4<f32>" } else { "f32" };
+    Spec::new()
+        .set("HD", head_dim)
+        .set("VW", vw)
+        .set("VT", if vw == 4 { "vec4<f32>" } else { "f32" })
+        .set("QR", qr)
+        .set("DOTV", if vw == 4 { "dot(a, b)" } else { "a * b" })
+}
+
+/// The per-row state written out for the spec's HD, VW and QR (run when a variant's pipeline
+/// is built; see [`Kernel::expand`]).
+fn attention_blocks(spec: &Spec) -> Result<Vec<(&'static str, String)>> {
+    use std::fmt::Write;
+    let (hv, qr) = (
+        (spec.number("HD")? / spec.number("VW")?) as usize,
+        spec.number("QR")? as usize,
+    );
+    let vt = if spec.number("VW")? == 4 {
+        "vec4<f32>"
+    } else {
+        "f32"
+    };
     let (mut setup, mut step, mut finish) = (String::new(), String::new(), String::new());
     for r in 0..qr {
         let _ = write!(
@@ -416,15 +439,7 @@ fn attention_spec(head_dim: usize, qr: usize) -> Spec {
             "            st[si{r}] = m{r};\n            st[si{r} + 1u] = l{r};\n        }}\n    }}"
         );
     }
-    Spec::new()
-        .set("HD", head_dim)
-        .set("VW", vw)
-        .set("VT", vt)
-        .set("QR", qr)
-        .set("DOTV", if vw == 4 { "dot(a, b)" } else { "a * b" })
-        .set("SETUP", setup)
-        .set("STEP", step)
-        .set("FINISH", finish)
+    Ok(vec![("SETUP", setup), ("STEP", step), ("FINISH", finish)])
 }
 
 /// Query rows per attention invocation for sequences of `t` queries: four for prefill (each

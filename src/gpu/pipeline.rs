@@ -14,7 +14,14 @@ use crate::error::{Error, Result};
 pub struct Kernel {
     pub name: &'static str,
     pub template: &'static str,
+    /// Substitutions generated from the spec's own values (e.g. a register block written out
+    /// for its sizes). Run only when the pipeline is built: being a function of the spec,
+    /// they need not be part of its key, so a cached variant costs nothing to look up.
+    pub expand: Option<Expand>,
 }
+
+/// A kernel's generated substitutions (see [`Kernel::expand`]).
+pub type Expand = fn(&Spec) -> Result<Vec<(&'static str, String)>>;
 
 /// Substitutions for one variant of a kernel.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
@@ -37,15 +44,16 @@ impl Spec {
         self
     }
 
-    /// Set every `(key, value)` of `pairs`.
-    pub fn set_all<K: AsRef<str>, V: ToString>(
-        mut self,
-        pairs: impl IntoIterator<Item = (K, V)>,
-    ) -> Self {
-        for (k, v) in pairs {
-            self = self.set(k.as_ref(), v);
-        }
-        self
+    /// The value of `{{key}}` as a number (for [`Kernel::expand`]).
+    pub fn number(&self, key: &str) -> Result<u32> {
+        self.pairs
+            .iter()
+            .find(|(k, _)| k == key)
+            .and_then(|(_, v)| v.parse().ok())
+            .ok_or_else(|| Error::Shader {
+                kernel: self.key(),
+                msg: format!("specialization {key} is missing or not a number"),
+            })
     }
 
     /// Canonical, order-independent key. Long values (generated code) appear as a hash, so the
@@ -77,6 +85,11 @@ impl Spec {
         let mut src = kernel.template.to_string();
         for (k, v) in &self.pairs {
             src = src.replace(&format!("{{{{{k}}}}}"), v);
+        }
+        if let Some(expand) = kernel.expand {
+            for (k, v) in expand(self)? {
+                src = src.replace(&format!("{{{{{k}}}}}"), &v);
+            }
         }
         if let Some(pos) = src.find("{{") {
             let end = src[pos..]
@@ -168,6 +181,7 @@ mod tests {
     const K: Kernel = Kernel {
         name: "t",
         template: "const A: u32 = {{A}}u; const B = {{B}};",
+        expand: None,
     };
 
     #[test]

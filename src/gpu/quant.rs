@@ -22,14 +22,17 @@ const COMMON: &str = include_str!("../../shaders/quant/common.wgsl");
 const RTN: Kernel = Kernel {
     name: "rtn",
     template: include_str!("../../shaders/quant/rtn.wgsl"),
+    expand: None,
 };
 const GPTQ_BLOCK: Kernel = Kernel {
     name: "gptq_block",
     template: include_str!("../../shaders/quant/gptq_block.wgsl"),
+    expand: None,
 };
 const DEQUANT: Kernel = Kernel {
     name: "dequant",
     template: include_str!("../../shaders/quant/dequant.wgsl"),
+    expand: None,
 };
 
 /// Unpacked quantization result on the GPU: codes as u32 per weight (rows × cols, stored column

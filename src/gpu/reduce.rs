@@ -15,14 +15,17 @@ use super::pipeline::{Kernel, Spec};
 const TRANSPOSE: Kernel = Kernel {
     name: "transpose",
     template: include_str!("../../shaders/reduce/transpose.wgsl"),
+    expand: None,
 };
 const TOPK: Kernel = Kernel {
     name: "topk",
     template: include_str!("../../shaders/reduce/topk.wgsl"),
+    expand: None,
 };
 const LOGITS: Kernel = Kernel {
     name: "logits",
     template: include_str!("../../shaders/reduce/logits.wgsl"),
+    expand: None,
 };
 
 #[repr(C)]

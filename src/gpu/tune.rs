@@ -106,6 +106,11 @@ struct CacheFile {
     trials: Vec<Trial>,
 }
 
+/// The numbers of a configuration written `AxBxC…` (as the configurations display).
+pub(crate) fn parse_dims(s: &str) -> Option<Vec<u32>> {
+    s.split('x').map(|p| p.trim().parse().ok()).collect()
+}
+
 /// GEMM candidates for an adapter class; the first is the default.
 pub fn gemm_candidates(is_cpu: bool, max_invocations: u32) -> Vec<GemmConfig> {
     let list: &[(u32, u32, u32, u32)] = if is_cpu {
@@ -415,21 +420,16 @@ fn write_cache(path: &Path, key: &str, t: &Tuning) -> Result<()> {
     })
 }
 
-/// Check each candidate on a small awkward product against f64, time the survivors on an
-/// `(m, k, n)` NT product (median of 5 after one warm-up) and return the fastest.
-fn pick(
+/// Check and time every candidate (`measure` returns its median seconds, or why it was
+/// rejected), record each as a trial, and return the fastest.
+fn choose<C: Copy + std::fmt::Display>(
     gpu: &Gpu,
     kernel: &str,
-    candidates: &[GemmConfig],
-    (m, k, n): (usize, usize, usize),
+    candidates: &[C],
     trials: &mut Vec<Trial>,
-) -> Result<GemmConfig> {
-    let x = pattern(m * k, 1);
-    let w = pattern(n * k, 2);
-    let a = GpuMatrix::from_f32(gpu, m, k, DType::F32, &x)?;
-    let b = GpuMatrix::from_f32(gpu, n, k, DType::F32, &w)?;
-    let c = GpuMatrix::uninit(gpu, m, n)?;
-    let mut best: Option<(f64, GemmConfig)> = None;
+    mut measure: impl FnMut(C) -> Result<f64>,
+) -> Result<C> {
+    let mut best: Option<(f64, C)> = None;
     for &cfg in candidates {
         let mut trial = Trial {
             kernel: kernel.into(),
@@ -437,16 +437,16 @@ fn pick(
             median_s: None,
             rejected: None,
         };
-        match check(gpu, cfg).and_then(|()| time(gpu, cfg, &a, &b, &c)) {
+        match measure(cfg) {
             Ok(s) => {
                 trial.median_s = Some(s);
-                if best.is_none_or(|(b, _)| s < b) {
+                if best.as_ref().is_none_or(|(b, _)| s < *b) {
                     best = Some((s, cfg));
                 }
             }
             Err(e) => {
                 tracing::warn!(
-                    "gemm configuration {cfg} rejected on {}: {e}",
+                    "{kernel} configuration {cfg} rejected on {}: {e}",
                     gpu.describe()
                 );
                 trial.rejected = Some(e.to_string());
@@ -460,23 +460,13 @@ fn pick(
     })
 }
 
-fn time(gpu: &Gpu, cfg: GemmConfig, a: &GpuMatrix, b: &GpuMatrix, c: &GpuMatrix) -> Result<f64> {
-    let run = || -> Result<f64> {
+/// Median wall seconds of five runs of `record` (one submission, waited for) after a warm-up.
+fn median_time(gpu: &Gpu, mut record: impl FnMut(&mut Batch<'_>) -> Result<()>) -> Result<f64> {
+    let mut run = || -> Result<f64> {
         let t = Instant::now();
-        let mut batch = Batch::new(gpu);
-        gemm_with_config(
-            &mut batch,
-            a,
-            0..a.rows(),
-            b,
-            GemmOp::NT,
-            c,
-            0,
-            0,
-            false,
-            cfg,
-        )?;
-        batch.submit()?;
+        let mut b = Batch::new(gpu);
+        record(&mut b)?;
+        b.submit()?;
         gpu.wait()?;
         Ok(t.elapsed().as_secs_f64())
     };
@@ -486,8 +476,28 @@ fn time(gpu: &Gpu, cfg: GemmConfig, a: &GpuMatrix, b: &GpuMatrix, c: &GpuMatrix)
     Ok(v[2])
 }
 
-/// Check each Hessian candidate on a 37 × 45 X against f64, time the survivors accumulating
-/// `rows` × `features` (median of 5 after one warm-up) and return the fastest.
+/// The fastest GEMM candidate that computes a small awkward product right, timed on an
+/// `(m, k, n)` NT product.
+fn pick(
+    gpu: &Gpu,
+    kernel: &str,
+    candidates: &[GemmConfig],
+    (m, k, n): (usize, usize, usize),
+    trials: &mut Vec<Trial>,
+) -> Result<GemmConfig> {
+    let a = GpuMatrix::from_f32(gpu, m, k, DType::F32, &pattern(m * k, 1))?;
+    let b = GpuMatrix::from_f32(gpu, n, k, DType::F32, &pattern(n * k, 2))?;
+    let c = GpuMatrix::uninit(gpu, m, n)?;
+    choose(gpu, kernel, candidates, trials, |cfg| {
+        check(gpu, cfg)?;
+        median_time(gpu, |batch| {
+            gemm_with_config(batch, &a, 0..m, &b, GemmOp::NT, &c, 0, 0, false, cfg)
+        })
+    })
+}
+
+/// The fastest Hessian candidate that accumulates a small X right, timed accumulating
+/// `rows` × `features`.
 fn pick_hessian(
     gpu: &Gpu,
     candidates: &[HessianConfig],
@@ -501,49 +511,10 @@ fn pick_hessian(
         DType::F32,
         &pattern(rows * features, 5),
     )?;
-    let mut best: Option<(f64, HessianConfig)> = None;
-    for &cfg in candidates {
-        let mut trial = Trial {
-            kernel: "hessian".into(),
-            config: cfg.to_string(),
-            median_s: None,
-            rejected: None,
-        };
-        let timed = check_hessian(gpu, cfg).and_then(|()| {
-            let mut acc = HessianAccumulator::new(gpu, features)?;
-            let mut run = || -> Result<f64> {
-                let t = Instant::now();
-                let mut b = Batch::new(gpu);
-                acc.accumulate_with(&mut b, &x, cfg)?;
-                b.submit()?;
-                gpu.wait()?;
-                Ok(t.elapsed().as_secs_f64())
-            };
-            run()?;
-            let mut v = [run()?, run()?, run()?, run()?, run()?];
-            v.sort_by(f64::total_cmp);
-            Ok(v[2])
-        });
-        match timed {
-            Ok(s) => {
-                trial.median_s = Some(s);
-                if best.is_none_or(|(b, _)| s < b) {
-                    best = Some((s, cfg));
-                }
-            }
-            Err(e) => {
-                tracing::warn!(
-                    "hessian configuration {cfg} rejected on {}: {e}",
-                    gpu.describe()
-                );
-                trial.rejected = Some(e.to_string());
-            }
-        }
-        trials.push(trial);
-    }
-    best.map(|(_, c)| c).ok_or_else(|| Error::Gpu {
-        op: "hessian tuning".into(),
-        msg: "every configuration was rejected".into(),
+    choose(gpu, "hessian", candidates, trials, |cfg| {
+        check_hessian(gpu, cfg)?;
+        let mut acc = HessianAccumulator::new(gpu, features)?;
+        median_time(gpu, |batch| acc.accumulate_with(batch, &x, cfg))
     })
 }
 
@@ -616,16 +587,11 @@ fn check(gpu: &Gpu, cfg: GemmConfig) -> Result<()> {
     Ok(())
 }
 
-/// Deterministic values in [-1, 1).
+/// Deterministic values in [-1, 1) from the crate's seeded generator.
 fn pattern(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut rng = crate::base::rng::Rng::new(seed);
     (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 23) as f32) - 1.0
-        })
+        .map(|_| (2.0 * rng.uniform() - 1.0) as f32)
         .collect()
 }
 
