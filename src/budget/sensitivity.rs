@@ -121,7 +121,6 @@ pub fn measure(
         rht: opts.rht,
         seed: opts.seed,
         len,
-        pos: &pos,
     };
     let layers = cfg.num_layers;
     let total = layers * recipes.len();
@@ -135,11 +134,14 @@ pub fn measure(
                 .collect::<Result<Vec<_>>>()?;
             let mut done = 0;
             let res = compress_layer(
-                engine,
                 &shared,
                 l,
                 recipe,
-                LayerInput::Activations(&copies),
+                LayerInput::Activations {
+                    engine,
+                    xs: &copies,
+                    pos: &pos,
+                },
                 &mut done,
                 7,
                 &mut |_: &Event| {},

@@ -51,6 +51,12 @@ pub(crate) struct CompressArgs {
     /// Number of shards when the index comes from the scheduler's environment.
     #[arg(long, conflicts_with = "shard")]
     pub(crate) shards: Option<usize>,
+    /// Several adapters at once (with --hessians, whose layers are independent): `all` (every
+    /// GPU once; CPU adapters only where there is no GPU) or adapters by index or name as
+    /// `pumice devices` lists them, e.g. `0,1`. Each adapter takes the next layer when it is
+    /// free; the output records which adapter computed each layer. Overrides --adapter.
+    #[arg(long, value_parser = parse_devices)]
+    pub(crate) devices: Option<pumice::gpu::DeviceSet>,
     /// Quantization method.
     #[arg(long, value_enum, default_value_t = MethodArg::Caldera)]
     pub(crate) method: MethodArg,
@@ -172,6 +178,10 @@ pub(crate) struct CompressArgs {
     /// terminal.
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+pub(crate) fn parse_devices(s: &str) -> Result<pumice::gpu::DeviceSet, String> {
+    s.parse().map_err(|e: pumice::Error| e.to_string())
 }
 
 pub(crate) fn parse_shard(s: &str) -> Result<(usize, usize), String> {
@@ -313,7 +323,7 @@ fn compress_options(
 }
 
 pub(crate) fn run(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> {
-    use pumice::compress::pipeline::{compress, Event};
+    use pumice::compress::pipeline::{compress_on, Event};
 
     let mut rep = progress::Reporter::new(a.json);
     let ck = Checkpoint::open(&a.model)?;
@@ -367,22 +377,41 @@ pub(crate) fn run(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> 
         let line = pumice::budget::plan::allocate_layers(&ck, &request, &mut opts)?;
         eprintln!("{line}");
     }
-    let gpu = super::setup::open_gpu(gpu_opts)?;
+    // Several adapters: each one's options, checked before any is opened.
+    let device_opts = match &a.devices {
+        Some(set) => pumice::gpu::device_options(gpu_opts, set)?,
+        None => vec![gpu_opts.clone()],
+    };
+    if device_opts.len() > 1 && opts.hessians.is_none() {
+        return Err(pumice::Error::InvalidArgument(format!(
+            "--devices chose {} adapters, but without saved Hessians each layer needs the one \
+             before it: save them first (`pumice hessians MODEL -o HDIR`) and pass --hessians HDIR",
+            device_opts.len()
+        ))
+        .into());
+    }
+    let gpus = device_opts
+        .iter()
+        .map(super::setup::open_gpu)
+        .collect::<Result<Vec<_>, _>>()?;
+    let gpu = &gpus[0];
+    let names: Vec<String> = gpus.iter().map(|g| g.describe()).collect();
     eprintln!(
         "compressing {} with {:?} on {}",
         a.model.display(),
         a.method,
-        gpu.describe()
+        names.join(" + ")
     );
     rep.emit(
         "start",
         serde_json::json!({
             "command": "compress", "model": a.model.display().to_string(),
-            "method": opts.method.name(), "adapter": gpu.describe(),
+            "method": opts.method.name(), "adapter": gpu.describe(), "adapters": names,
             "shard": shard.map(|(i, n)| format!("{i}/{n}")),
         }),
     );
-    let summary = compress(&gpu, &ck, &opts, &mut |e: &Event| rep.on(e))?;
+    let gpu_refs: Vec<&pumice::gpu::Gpu> = gpus.iter().collect();
+    let summary = compress_on(&gpu_refs, &ck, &opts, &mut |e: &Event| rep.on(e))?;
     rep.finish();
     if let Some((i, n)) = shard {
         let layers: Vec<String> = summary.layers.iter().map(|l| l.layer.to_string()).collect();
@@ -401,7 +430,7 @@ pub(crate) fn run(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> 
     use pumice::format::FormatKind;
     let review = if matches!(opts.format, FormatKind::Native | FormatKind::Dense) {
         pumice::compress::review::review(
-            &gpu,
+            gpu,
             &ck,
             &output,
             &pumice::compress::review::ReviewOptions {
@@ -489,6 +518,18 @@ pub(crate) fn run(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> 
         "time by stage: calibration {:.1} s, Hessians {:.1} s, quantization {:.1} s, propagation {:.1} s, writing {:.1} s",
         st.calibration, st.hessians, st.quantization, st.propagation, st.writing
     )?;
+    if summary.devices.len() > 1 {
+        for d in &summary.devices {
+            let ls: Vec<String> = d.layers.iter().map(|l| l.to_string()).collect();
+            writeln!(
+                out,
+                "adapter {}: layers {} ({:.1} s busy)",
+                d.adapter,
+                ls.join(", "),
+                d.seconds
+            )?;
+        }
+    }
     let k = &summary.kernels;
     let built: f64 = k.builds.iter().map(|b| b.seconds).sum();
     let n: u64 = k.builds.iter().map(|b| b.count).sum();

@@ -324,6 +324,8 @@ pub struct TensorMeta {
 pub struct StoredLayer {
     pub layer: usize,
     pub seconds: f64,
+    /// The adapter that computed it.
+    pub device: Option<String>,
     pub entries: Vec<(String, QuantEntry)>,
     pub reports: Vec<MatrixReport>,
     pub tensors: Vec<TensorMeta>,
@@ -334,6 +336,8 @@ struct LayerHeader {
     layer: usize,
     fingerprint: String,
     seconds: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    device: Option<String>,
     entries: Vec<(String, QuantEntry)>,
     reports: Vec<MatrixReport>,
     tensors: Vec<TensorMeta>,
@@ -366,6 +370,7 @@ impl StoredLayer {
             layer: layer.layer,
             fingerprint: fingerprint.into(),
             seconds: layer.seconds,
+            device: layer.device.clone(),
             entries: layer
                 .matrices
                 .iter()
@@ -407,6 +412,7 @@ impl StoredLayer {
         let stored = StoredLayer {
             layer,
             seconds: h.seconds,
+            device: h.device,
             entries: h.entries,
             reports: h.reports,
             tensors: h.tensors,
@@ -462,6 +468,7 @@ impl StoredLayer {
         let compressed = CompressedLayer {
             layer,
             seconds: stored.seconds,
+            device: stored.device.clone(),
             matrices,
             reports: stored.reports.clone(),
         };

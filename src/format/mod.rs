@@ -166,6 +166,8 @@ impl CompressedMatrix {
 pub struct CompressedLayer {
     pub layer: usize,
     pub seconds: f64,
+    /// The adapter that computed it ("name (backend)"), when known.
+    pub device: Option<String>,
     pub matrices: Vec<CompressedMatrix>,
     /// Per-matrix errors, in the order the layer computed them.
     pub reports: Vec<MatrixReport>,

@@ -131,6 +131,7 @@ impl FormatWriter for NativeWriter {
         self.layers.push(LayerReport {
             layer: s.layer,
             seconds: None,
+            device: s.device.clone(),
             matrices,
         });
         Ok(())
@@ -225,15 +226,12 @@ pub fn read_layer(ck: &Checkpoint, l: usize) -> Result<CompressedLayer> {
             entry: entry.clone(),
         });
     }
-    let reports = manifest
-        .layers
-        .iter()
-        .find(|r| r.layer == l)
-        .map(|r| r.matrices.clone())
-        .unwrap_or_default();
+    let report = manifest.layers.iter().find(|r| r.layer == l);
+    let reports = report.map(|r| r.matrices.clone()).unwrap_or_default();
     Ok(CompressedLayer {
         layer: l,
         seconds: 0.0,
+        device: report.and_then(|r| r.device.clone()),
         matrices,
         reports,
     })

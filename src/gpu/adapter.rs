@@ -67,6 +67,99 @@ impl FromStr for AdapterSelector {
     }
 }
 
+/// Which adapters `--devices` uses at once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceSet {
+    /// Every GPU once (a GPU seen on several backends is taken on its native API); CPU
+    /// adapters only where there is no GPU, each driver once (lavapipe and llvmpipe-GL).
+    All,
+    /// These adapters, by index or name as `--adapter` takes them.
+    List(Vec<AdapterSelector>),
+}
+
+impl FromStr for DeviceSet {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        if s.trim().eq_ignore_ascii_case("all") {
+            return Ok(DeviceSet::All);
+        }
+        let list = s
+            .split(',')
+            .map(|p| p.parse::<AdapterSelector>())
+            .collect::<Result<Vec<_>>>()
+            .map_err(|_| {
+                Error::InvalidArgument(format!(
+                    "--devices `{s}`: expected all, or adapters by index or name separated by commas"
+                ))
+            })?;
+        Ok(DeviceSet::List(list))
+    }
+}
+
+/// How to open each adapter of `set` (on `base`'s backend, as `pumice devices` numbers them),
+/// in order; an adapter named twice is refused.
+pub fn device_options(base: &GpuOptions, set: &DeviceSet) -> Result<Vec<GpuOptions>> {
+    let backend = base.backend.unwrap_or(BackendChoice::All);
+    let (_instance, adapters) = enumerate(backend);
+    if adapters.is_empty() {
+        return Err(no_adapter(backend));
+    }
+    let infos: Vec<wgpu::AdapterInfo> = adapters.iter().map(|a| a.get_info()).collect();
+    let indices = match set {
+        DeviceSet::All => {
+            let hardware: Vec<usize> = (0..infos.len())
+                .filter(|&i| !matches!(infos[i].device_type, wgpu::DeviceType::Cpu))
+                .collect();
+            let pool = if hardware.is_empty() {
+                (0..infos.len()).collect()
+            } else {
+                hardware
+            };
+            // One entry per physical GPU: the best-ranked backend of those that see it.
+            let mut chosen: Vec<usize> = Vec::new();
+            let mut by_rank = pool.clone();
+            by_rank.sort_by_key(|&i| (rank(&infos[i]), i));
+            for i in by_rank {
+                let same = |j: &usize| {
+                    let (a, b) = (&infos[i], &infos[*j]);
+                    a.device_type != wgpu::DeviceType::Cpu
+                        && a.vendor == b.vendor
+                        && a.device == b.device
+                        && a.name == b.name
+                };
+                if !chosen.iter().any(same) {
+                    chosen.push(i);
+                }
+            }
+            chosen.sort_unstable();
+            chosen
+        }
+        DeviceSet::List(list) => {
+            let mut chosen = Vec::new();
+            for sel in list {
+                let i = resolve(&infos, backend, Some(sel))?;
+                if chosen.contains(&i) {
+                    return Err(Error::InvalidArgument(format!(
+                        "--devices names adapter {i} ({}, {}) twice",
+                        infos[i].name,
+                        backend_name(infos[i].backend)
+                    )));
+                }
+                chosen.push(i);
+            }
+            chosen
+        }
+    };
+    Ok(indices
+        .into_iter()
+        .map(|i| GpuOptions {
+            backend: Some(backend),
+            adapter: Some(AdapterSelector::Index(i)),
+            ..base.clone()
+        })
+        .collect())
+}
+
 /// How to open the GPU. `Default` takes the best adapter on every backend with its real limits.
 #[derive(Clone, Debug, Default)]
 pub struct GpuOptions {
@@ -259,58 +352,66 @@ fn rank(info: &wgpu::AdapterInfo) -> (u8, u8) {
     (t, b)
 }
 
+fn no_adapter(backend: BackendChoice) -> Error {
+    Error::NoAdapter(format!(
+        "none found on backend {backend:?}; on Linux without a GPU install Mesa's lavapipe \
+         (Debian: mesa-vulkan-drivers libvulkan1)"
+    ))
+}
+
+/// The index the selector picks among `infos`, or the best adapter's.
+fn resolve(
+    infos: &[wgpu::AdapterInfo],
+    backend: BackendChoice,
+    selector: Option<&AdapterSelector>,
+) -> Result<usize> {
+    if infos.is_empty() {
+        return Err(no_adapter(backend));
+    }
+    let names = || {
+        infos
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{i}: {} ({})", a.name, backend_name(a.backend)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match selector {
+        Some(AdapterSelector::Index(i)) => {
+            if *i >= infos.len() {
+                return Err(Error::NoAdapter(format!(
+                    "adapter {i} is out of range; available: {}",
+                    names()
+                )));
+            }
+            Ok(*i)
+        }
+        Some(AdapterSelector::Name(sub)) => {
+            let needle = sub.to_lowercase();
+            infos
+                .iter()
+                .position(|a| a.name.to_lowercase().contains(&needle))
+                .ok_or_else(|| {
+                    Error::NoAdapter(format!(
+                        "no adapter name contains `{sub}`; available: {}",
+                        names()
+                    ))
+                })
+        }
+        None => Ok((0..infos.len())
+            .min_by_key(|&i| (rank(&infos[i]), i))
+            .expect("non-empty")),
+    }
+}
+
 /// Pick one adapter by the selector, or the best one.
 pub(crate) fn select(
     adapters: Vec<wgpu::Adapter>,
     backend: BackendChoice,
     selector: Option<&AdapterSelector>,
 ) -> Result<(usize, wgpu::Adapter)> {
-    if adapters.is_empty() {
-        return Err(Error::NoAdapter(format!(
-            "none found on backend {backend:?}; on Linux without a GPU install Mesa's lavapipe \
-             (Debian: mesa-vulkan-drivers libvulkan1)"
-        )));
-    }
-    let names = || {
-        adapters
-            .iter()
-            .enumerate()
-            .map(|(i, a)| {
-                format!(
-                    "{i}: {} ({})",
-                    a.get_info().name,
-                    backend_name(a.get_info().backend)
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let index = match selector {
-        Some(AdapterSelector::Index(i)) => {
-            if *i >= adapters.len() {
-                return Err(Error::NoAdapter(format!(
-                    "--adapter {i} is out of range; available: {}",
-                    names()
-                )));
-            }
-            *i
-        }
-        Some(AdapterSelector::Name(sub)) => {
-            let needle = sub.to_lowercase();
-            adapters
-                .iter()
-                .position(|a| a.get_info().name.to_lowercase().contains(&needle))
-                .ok_or_else(|| {
-                    Error::NoAdapter(format!(
-                        "no adapter name contains `{sub}`; available: {}",
-                        names()
-                    ))
-                })?
-        }
-        None => (0..adapters.len())
-            .min_by_key(|&i| (rank(&adapters[i].get_info()), i))
-            .expect("non-empty"),
-    };
+    let infos: Vec<wgpu::AdapterInfo> = adapters.iter().map(|a| a.get_info()).collect();
+    let index = resolve(&infos, backend, selector)?;
     let adapter = adapters
         .into_iter()
         .nth(index)
@@ -338,5 +439,14 @@ mod tests {
             "llvmpipe".parse::<AdapterSelector>().unwrap(),
             AdapterSelector::Name("llvmpipe".into())
         );
+        assert_eq!("ALL".parse::<DeviceSet>().unwrap(), DeviceSet::All);
+        assert_eq!(
+            "0,gl".parse::<DeviceSet>().unwrap(),
+            DeviceSet::List(vec![
+                AdapterSelector::Index(0),
+                AdapterSelector::Name("gl".into())
+            ])
+        );
+        assert!("0,,1".parse::<DeviceSet>().is_err());
     }
 }

@@ -217,6 +217,11 @@ impl Gpu {
         )
     }
 
+    /// "name (backend)": which adapter computed what, in summaries and manifests.
+    pub fn label(&self) -> String {
+        format!("{} ({})", self.report.name, self.report.backend)
+    }
+
     pub fn memory(&self) -> MemoryStats {
         self.pool.stats()
     }

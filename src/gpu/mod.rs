@@ -26,7 +26,10 @@ pub mod quant;
 mod reduce;
 pub mod tune;
 
-pub use adapter::{list_adapters, AdapterReport, AdapterSelector, BackendChoice, GpuOptions};
+pub use adapter::{
+    device_options, list_adapters, AdapterReport, AdapterSelector, BackendChoice, DeviceSet,
+    GpuOptions,
+};
 pub use batch::Batch;
 pub use buffer::{GpuBuffer, MemoryStats};
 pub use context::{Caps, Gpu};

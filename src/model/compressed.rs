@@ -411,6 +411,9 @@ pub struct LayerReport {
     /// not depend on timing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seconds: Option<f64>,
+    /// The adapter that computed the layer ("name (backend)"), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
     pub matrices: Vec<MatrixReport>,
 }
 

@@ -93,6 +93,7 @@ pub(crate) fn calibration_batches(
 }
 
 /// Settings every layer shares.
+#[derive(Clone, Copy)]
 pub(crate) struct LayerShared<'a> {
     pub gpu: &'a Gpu,
     pub ck: &'a Checkpoint,
@@ -101,8 +102,6 @@ pub(crate) struct LayerShared<'a> {
     pub seed: u64,
     /// Tokens per calibration sequence.
     pub len: usize,
-    /// Positions 0..len repeated over the largest sub-batch.
-    pub pos: &'a crate::gpu::GpuBuffer,
 }
 
 /// What one layer became.
@@ -124,7 +123,12 @@ impl LayerResult {
     }
 
     /// The format-neutral layer (what a work directory keeps and a format receives).
-    pub(crate) fn into_layer(self, layer: usize, seconds: f64) -> CompressedLayer {
+    pub(crate) fn into_layer(
+        self,
+        layer: usize,
+        seconds: f64,
+        device: Option<String>,
+    ) -> CompressedLayer {
         let mut entries = self.entries;
         let matrices = self
             .packed
@@ -145,6 +149,7 @@ impl LayerResult {
         CompressedLayer {
             layer,
             seconds,
+            device,
             matrices,
             reports: self.reports,
         }
@@ -161,9 +166,14 @@ pub(crate) const GROUPS: [&[LinearKind]; 4] = [
 
 /// Where a layer's Hessians come from.
 pub(crate) enum LayerInput<'a> {
-    /// Calibration activations entering the layer, in sub-batches; on return they hold what
-    /// leaves the *compressed* layer.
-    Activations(&'a [GpuMatrix]),
+    /// Calibration activations entering the layer, in sub-batches, and the engine that runs
+    /// the layer; on return they hold what leaves the *compressed* layer.
+    Activations {
+        engine: &'a Engine<'a>,
+        xs: &'a [GpuMatrix],
+        /// Positions 0..len repeated over the largest sub-batch.
+        pos: &'a crate::gpu::GpuBuffer,
+    },
     /// Hessians saved by `pumice hessians` (from the original model); nothing propagates.
     Hessians(LayerHessians),
 }
@@ -239,7 +249,6 @@ pub(crate) fn accumulate_hessian(gpu: &Gpu, n: usize, inputs: &[GpuMatrix]) -> R
 /// activations. Stops with [`Error::Interrupted`] between matrices once a stop is requested.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn compress_layer(
-    engine: &Engine<'_>,
     sh: &LayerShared<'_>,
     l: usize,
     recipe: &LayerRecipe,
@@ -434,14 +443,14 @@ pub(crate) fn compress_layer(
                 quantize_s += t.elapsed().as_secs_f64();
             }
         }
-        LayerInput::Activations(xs) => {
+        LayerInput::Activations { engine, xs, pos } => {
             let mut w = engine.read_layer(l)?;
             run_layer_stages(
                 engine,
                 &mut w,
                 xs,
                 sh.len,
-                sh.pos,
+                pos,
                 &mut |kinds, inputs, w| {
                     let n = spec.linear(kinds[0]).in_features;
                     gpu.wait()?;

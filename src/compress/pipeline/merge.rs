@@ -104,6 +104,24 @@ pub fn merge(
         allocation: job.allocation.clone(),
     };
     let written = w.finish(&ck, info)?;
+    // Which adapter computed which layers, as the shards recorded.
+    let mut devices: Vec<DeviceUse> = Vec::new();
+    for s in &headers {
+        let Some(name) = &s.device else { continue };
+        let at = match devices.iter().position(|d| &d.adapter == name) {
+            Some(i) => i,
+            None => {
+                devices.push(DeviceUse {
+                    adapter: name.clone(),
+                    layers: Vec::new(),
+                    seconds: 0.0,
+                });
+                devices.len() - 1
+            }
+        };
+        devices[at].layers.push(s.layer);
+        devices[at].seconds += s.seconds;
+    }
     Ok(CompressSummary {
         output: output.display().to_string(),
         method: job.method.clone(),
@@ -124,6 +142,7 @@ pub fn merge(
             .map(|s| LayerReport {
                 layer: s.layer,
                 seconds: Some(s.seconds),
+                device: s.device,
                 matrices: s.reports,
             })
             .collect(),
@@ -132,5 +151,6 @@ pub fn merge(
         peak_gpu_bytes: 0,
         // A merge opens no GPU.
         kernels: Default::default(),
+        devices,
     })
 }

@@ -21,6 +21,7 @@ mod merge;
 mod options;
 mod output;
 mod run;
+mod spread;
 
 pub use hessians::{collect_hessians, HessiansSummary};
 pub use job::shard_layers;
@@ -31,8 +32,8 @@ pub(crate) use layout::planned_entries;
 pub use layout::planned_linear_bits;
 pub use merge::merge;
 pub use options::{
-    CalderaSettings, CalibSource, CompressOptions, CompressSummary, Event, LayerRecipe, Method,
-    StageTimes,
+    CalderaSettings, CalibSource, CompressOptions, CompressSummary, DeviceUse, Event, LayerRecipe,
+    Method, StageTimes,
 };
 pub use output::{peak_rss_bytes, source_info};
-pub use run::compress;
+pub use run::{compress, compress_on};

@@ -213,6 +213,21 @@ pub struct CompressSummary {
     pub peak_rss_bytes: Option<u64>,
     /// Peak GPU memory in pumice's buffers, bytes.
     pub peak_gpu_bytes: u64,
-    /// Shader build time per kernel, and GPU time per kernel with `--profile`.
+    /// Shader build time per kernel, and GPU time per kernel with `--profile` (the first
+    /// adapter's).
     pub kernels: crate::gpu::profile::ProfileReport,
+    /// Each adapter's share: the layers it computed and its busy time. With several adapters
+    /// the stage times above sum every adapter's, so they can exceed the wall time.
+    pub devices: Vec<DeviceUse>,
+}
+
+/// What one adapter did in a run.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeviceUse {
+    /// "name (backend)".
+    pub adapter: String,
+    /// The layers it computed (in the order it finished them).
+    pub layers: Vec<usize>,
+    /// Wall seconds it spent on them.
+    pub seconds: f64,
 }

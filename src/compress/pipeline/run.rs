@@ -20,6 +20,7 @@ use crate::compress::workdir::{
 
 use crate::format::{JobInfo, Output};
 
+use super::spread::{spread_layers, Finished, SavedHessians};
 use super::{checks::*, job::*, layer::*, layout::*, options::*, output::*};
 
 /// Compress `ck` into `opts.output` — or, with `opts.shard`, compress that shard's layers into
@@ -30,7 +31,31 @@ pub fn compress(
     opts: &CompressOptions,
     progress: &mut dyn FnMut(&Event),
 ) -> Result<CompressSummary> {
+    compress_on(&[gpu], ck, opts, progress)
+}
+
+/// [`compress`] on several adapters at once: with saved Hessians (`opts.hessians`) the layers
+/// are independent and each adapter takes the next one as soon as it is free (see
+/// [`super::spread`]); each layer records the adapter that computed it. The first adapter
+/// does everything else. Without saved Hessians layers depend on each other (the quantized
+/// layer feeds the next), so several adapters are refused.
+pub fn compress_on(
+    gpus: &[&Gpu],
+    ck: &Checkpoint,
+    opts: &CompressOptions,
+    progress: &mut dyn FnMut(&Event),
+) -> Result<CompressSummary> {
     let start = Instant::now();
+    let Some(&gpu) = gpus.first() else {
+        return Err(Error::InvalidArgument("no adapter to compress on".into()));
+    };
+    if gpus.len() > 1 && opts.hessians.is_none() {
+        return Err(Error::InvalidArgument(format!(
+            "{} adapters were given, but without saved Hessians each layer needs the one before \
+             it; save them first (`pumice hessians MODEL -o HDIR`) and pass --hessians HDIR",
+            gpus.len()
+        )));
+    }
     if ck.manifest().is_some() {
         return Err(Error::InvalidArgument(format!(
             "{} is already a compressed checkpoint; compress the original model",
@@ -190,7 +215,11 @@ pub fn compress(
         }
     }
 
-    let mut engine = streaming_engine(gpu, ck, len)?;
+    // The forward pass (calibration, propagation); saved Hessians need none.
+    let mut engine = match &hessians {
+        None => Some(streaming_engine(gpu, ck, len)?),
+        Some(_) => None,
+    };
     // Starting point: saved Hessians, saved activations, or a fresh calibration.
     let mut xs: Vec<GpuMatrix> = Vec::new();
     let mut pos = None;
@@ -209,8 +238,9 @@ pub fn compress(
             j.calibration.clone()
         }
         _ => {
-            let c = calibrate(&mut engine, &opts.calib_source, &copts, progress)?;
-            let b = calibration_batches(&engine, &c.tokens, len)?;
+            let engine = engine.as_mut().expect("no saved Hessians: an engine");
+            let c = calibrate(engine, &opts.calib_source, &copts, progress)?;
+            let b = calibration_batches(engine, &c.tokens, len)?;
             xs = b.xs;
             pos = Some(b.pos);
             c.info
@@ -252,14 +282,6 @@ pub fn compress(
         )?),
         Some(_) => None,
     };
-    let empty_pos;
-    let pos_ref = match &pos {
-        Some(p) => p,
-        None => {
-            empty_pos = ops::upload_u32(gpu, &[0])?;
-            &empty_pos
-        }
-    };
     let shared = LayerShared {
         gpu,
         ck,
@@ -267,69 +289,56 @@ pub fn compress(
         rht: opts.rht,
         seed: opts.calib.seed,
         len,
-        pos: pos_ref,
     };
     let total_matrices = todo.len() * 7;
     let mut done = 0;
     let mut layers = Vec::new();
     let mut shard_bits = 0u64;
     let mut shard_params = 0usize;
+    let mut devices: Vec<DeviceUse> = gpus
+        .iter()
+        .map(|g| DeviceUse {
+            adapter: g.label(),
+            layers: Vec::new(),
+            seconds: 0.0,
+        })
+        .collect();
+    // Layers an earlier run finished count as they are; the rest are computed below.
+    let mut pending = Vec::new();
     for l in todo.clone() {
-        if let Some(s) = finished_layers.remove(&l) {
-            done += 7;
-            shard_bits += s.entries.iter().map(|(_, e)| e.stored_bits).sum::<u64>();
-            shard_params += s
-                .entries
-                .iter()
-                .map(|(_, e)| e.rows * e.cols)
-                .sum::<usize>();
-            layers.push(LayerReport {
-                layer: l,
-                seconds: Some(s.seconds),
-                matrices: s.reports,
-            });
+        let Some(s) = finished_layers.remove(&l) else {
+            pending.push(l);
             continue;
-        }
-        let stopped = |e: Error| {
-            match e {
-            Error::Interrupted(_) => Error::Interrupted(match &opts.work_dir {
-                Some(wd) => format!(
-                    "stopped during layer {l}; finished layers are kept in {} (continue with --resume)",
-                    wd.display()
-                ),
-                None => format!(
-                    "stopped during layer {l}; nothing was written (--work-dir DIR makes a run resumable)"
-                ),
-            }),
-            e => e,
-        }
         };
-        crate::interrupt::check("").map_err(stopped)?;
-        let t0 = Instant::now();
-        let recipe = opts.recipe(l);
-        let input = match &hessians {
-            Some((d, info, _)) => {
-                LayerInput::Hessians(LayerHessians::read(d, l, &info.source.sha256)?)
-            }
-            None => LayerInput::Activations(&xs),
-        };
-        let result = compress_layer(
-            &engine,
-            &shared,
-            l,
-            &recipe,
-            input,
-            &mut done,
-            total_matrices,
-            progress,
-        )
-        .map_err(stopped)?;
-        let seconds = t0.elapsed().as_secs_f64();
+        done += 7;
+        shard_bits += s.entries.iter().map(|(_, e)| e.stored_bits).sum::<u64>();
+        shard_params += s
+            .entries
+            .iter()
+            .map(|(_, e)| e.rows * e.cols)
+            .sum::<usize>();
+        layers.push(LayerReport {
+            layer: l,
+            seconds: Some(s.seconds),
+            device: s.device,
+            matrices: s.reports,
+        });
+    }
+    let mut layers_done = layers.len();
+    // A finished layer: counted, written (work directory or output), reported.
+    let mut consume = |l: usize,
+                       result: LayerResult,
+                       seconds: f64,
+                       device: usize,
+                       progress: &mut dyn FnMut(&Event)|
+     -> Result<()> {
         stages.hessians += result.hessian_s;
         stages.quantization += result.quantize_s;
         stages.propagation += (seconds - result.hessian_s - result.quantize_s).max(0.0);
         let t_write = Instant::now();
-        let layer = result.into_layer(l, seconds);
+        let layer = result.into_layer(l, seconds, Some(gpus[device].label()));
+        devices[device].layers.push(l);
+        devices[device].seconds += seconds;
         ck.release_layer(l);
         shard_bits += layer
             .matrices
@@ -362,18 +371,85 @@ pub fn compress(
             (None, None) => unreachable!("direct output exists without a work dir"),
         }
         stages.writing += t_write.elapsed().as_secs_f64();
+        layers_done += 1;
         progress(&Event::Layer {
             layer: l,
-            done: l + 1 - todo.start,
+            done: layers_done,
             total: todo.len(),
             seconds,
         });
         layers.push(LayerReport {
             layer: l,
             seconds: Some(seconds),
+            device: layer.device,
             matrices: layer.reports,
         });
+        Ok(())
+    };
+    // A stop request's error says what is kept (`at`: the layer being computed, if one).
+    let stopped = |e: Error, at: Option<usize>| {
+        let at = at.map(|l| format!(" during layer {l}")).unwrap_or_default();
+        match e {
+            Error::Interrupted(_) => Error::Interrupted(match &opts.work_dir {
+                Some(wd) => format!(
+                    "stopped{at}; finished layers are kept in {} (continue with --resume)",
+                    wd.display()
+                ),
+                None => format!(
+                    "stopped{at}; nothing was written (--work-dir DIR makes a run resumable)"
+                ),
+            }),
+            e => e,
+        }
+    };
+    match &hessians {
+        Some((d, info, _)) if gpus.len() > 1 => spread_layers(
+            gpus,
+            &shared,
+            opts,
+            &pending,
+            &SavedHessians {
+                dir: d,
+                source_sha256: &info.source.sha256,
+            },
+            done,
+            total_matrices,
+            progress,
+            &mut |f: Finished, progress: &mut dyn FnMut(&Event)| {
+                consume(f.layer, f.result, f.seconds, f.device, progress)
+            },
+        )
+        .map_err(|e| stopped(e, None))?,
+        _ => {
+            for &l in &pending {
+                crate::interrupt::check("").map_err(|e| stopped(e, Some(l)))?;
+                let t0 = Instant::now();
+                let recipe = opts.recipe(l);
+                let input = match &hessians {
+                    Some((d, info, _)) => {
+                        LayerInput::Hessians(LayerHessians::read(d, l, &info.source.sha256)?)
+                    }
+                    None => LayerInput::Activations {
+                        engine: engine.as_ref().expect("no saved Hessians: an engine"),
+                        xs: &xs,
+                        pos: pos.as_ref().expect("a calibration gives positions"),
+                    },
+                };
+                let result = compress_layer(
+                    &shared,
+                    l,
+                    &recipe,
+                    input,
+                    &mut done,
+                    total_matrices,
+                    progress,
+                )
+                .map_err(|e| stopped(e, Some(l)))?;
+                consume(l, result, t0.elapsed().as_secs_f64(), 0, progress)?;
+            }
+        }
     }
+    layers.sort_by_key(|r| r.layer);
     drop(xs);
 
     if let (Some((i, n)), Some(wd)) = (opts.shard, &opts.work_dir) {
@@ -393,6 +469,7 @@ pub fn compress(
             peak_rss_bytes: peak_rss_bytes(),
             peak_gpu_bytes: gpu.memory().peak_bytes,
             kernels: gpu.profile(),
+            devices,
         });
     }
     let t_write = Instant::now();
@@ -426,5 +503,6 @@ pub fn compress(
         peak_rss_bytes: peak_rss_bytes(),
         peak_gpu_bytes: gpu.memory().peak_bytes,
         kernels: gpu.profile(),
+        devices,
     })
 }

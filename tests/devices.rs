@@ -1,0 +1,287 @@
+//! Several adapters at once (`compress --devices`): layers from saved Hessians spread over
+//! lavapipe (Vulkan) and llvmpipe (GL) side by side, each layer equal byte for byte to the
+//! run of the adapter that computed it; a layer that fails on one adapter goes to another;
+//! refusals before any GPU work.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{json_summary, project_root};
+use pumice::compress::calib::CalibOptions;
+use pumice::compress::pipeline::{compress, compress_on, CalibSource, CompressOptions, Method};
+use pumice::gpu::{Gpu, GpuOptions};
+use pumice::quant::{GptqOptions, Grid, GridKind};
+
+fn asset() -> PathBuf {
+    project_root().join("assets/models/gutenberg-llama")
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pumice"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Saved Hessians of the asset model from a small calibration text.
+fn save_hessians(dir: &Path) -> PathBuf {
+    let calib = dir.join("calib.txt");
+    let text = "It was a bright cold day in April, and the clocks were striking thirteen. \
+                Call me Ishmael. Some years ago, never mind how long precisely, having little \
+                or no money in my purse, I thought I would sail about a little. ";
+    std::fs::write(&calib, text.repeat(60)).unwrap();
+    let h = dir.join("hessians");
+    let o = run(&[
+        "hessians",
+        asset().to_str().unwrap(),
+        "-o",
+        h.to_str().unwrap(),
+        "--calib",
+        calib.to_str().unwrap(),
+        "--calib-samples",
+        "16",
+        "--calib-len",
+        "128",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    h
+}
+
+/// Every tensor of a safetensors file, as (dtype, shape, bytes), by name.
+fn tensors(path: &Path) -> BTreeMap<String, (String, Vec<usize>, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            (
+                n,
+                (
+                    format!("{:?}", v.dtype()),
+                    v.shape().to_vec(),
+                    v.data().to_vec(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// The decoder layer a tensor belongs to (`model.layers.N.…`).
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[test]
+fn two_adapters_split_the_layers_and_each_equals_its_adapters_own_run() {
+    let d = tempfile::tempdir().unwrap();
+    let h = save_hessians(d.path());
+    let m = asset();
+    let m = m.to_str().unwrap();
+    // CALDERA: its result depends on the adapter (each tunes its own GEMM blocks, so sums run
+    // in another order), which makes "computed by which adapter" visible in the bytes.
+    let common = [
+        "--hessians",
+        h.to_str().unwrap(),
+        "--method",
+        "caldera",
+        "--outer-iters",
+        "2",
+        "--eval-samples",
+        "0",
+        "--backend",
+        "all",
+    ];
+    let out = |name: &str| d.path().join(name);
+    let both = out("both");
+    let o = run(&[
+        &["compress", m, "-o", both.to_str().unwrap(), "--devices", "all"][..],
+        &common,
+    ]
+    .concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary = json_summary(&o.stdout);
+    let devices = summary["devices"].as_array().unwrap();
+    assert_eq!(
+        devices.len(),
+        2,
+        "--devices all on a machine without a GPU takes lavapipe and llvmpipe-GL (install \
+         mesa-vulkan-drivers and libegl-mesa0): {summary}"
+    );
+    // Every layer once, by one adapter; the manifest records the same assignment.
+    let mut by_layer: BTreeMap<usize, String> = BTreeMap::new();
+    for dev in devices {
+        let name = dev["adapter"].as_str().unwrap().to_string();
+        for l in dev["layers"].as_array().unwrap() {
+            let prev = by_layer.insert(l.as_u64().unwrap() as usize, name.clone());
+            assert!(prev.is_none(), "layer {l} computed twice: {summary}");
+        }
+    }
+    assert_eq!(by_layer.keys().copied().collect::<Vec<_>>(), (0..6).collect::<Vec<_>>());
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(both.join("pumice.json")).unwrap()).unwrap();
+    for rep in manifest["layers"].as_array().unwrap() {
+        let l = rep["layer"].as_u64().unwrap() as usize;
+        assert_eq!(rep["device"].as_str(), Some(by_layer[&l].as_str()), "{rep}");
+    }
+
+    // One run per adapter, alone.
+    let mut alone = BTreeMap::new();
+    for (i, dev) in devices.iter().enumerate() {
+        let dir = out(&format!("alone{i}"));
+        let o = run(&[
+            &["compress", m, "-o", dir.to_str().unwrap(), "--adapter", &i.to_string()][..],
+            &common,
+        ]
+        .concat());
+        assert!(o.status.success(), "{}", stderr(&o));
+        let s = json_summary(&o.stdout);
+        assert_eq!(s["devices"][0]["adapter"], dev["adapter"], "{s}");
+        alone.insert(
+            dev["adapter"].as_str().unwrap().to_string(),
+            tensors(&dir.join("model.safetensors")),
+        );
+    }
+    let got = tensors(&both.join("model.safetensors"));
+    let first = alone.values().next().unwrap();
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        first.keys().collect::<Vec<_>>()
+    );
+    for (name, t) in &got {
+        let want = match layer_of(name) {
+            Some(l) => &alone[&by_layer[&l]][name],
+            None => &first[name],
+        };
+        assert!(
+            t == want,
+            "{name} differs from the run of {} alone",
+            layer_of(name).map_or("the first adapter", |l| by_layer[&l].as_str())
+        );
+    }
+}
+
+fn gptq_opts(out: &Path, hessians: &Path) -> CompressOptions {
+    CompressOptions {
+        layers: Vec::new(),
+        allocation: None,
+        sparsity: Default::default(),
+        method: Method::Gptq,
+        grid: Grid::new(4, 64, GridKind::Asymmetric).unwrap(),
+        gptq: GptqOptions::default(),
+        calib_source: CalibSource::SelfGenerated,
+        calib: CalibOptions {
+            samples: 16,
+            len: 128,
+            seed: 0,
+            newlines: Default::default(),
+        },
+        caldera: Default::default(),
+        output: out.to_path_buf(),
+        force: false,
+        rht: false,
+        hessians: Some(hessians.to_path_buf()),
+        work_dir: None,
+        resume: false,
+        shard: None,
+        format: pumice::format::FormatKind::Native,
+        dtype: None,
+    }
+}
+
+#[test]
+fn a_layer_that_fails_on_one_adapter_goes_to_another() {
+    let d = tempfile::tempdir().unwrap();
+    let h = save_hessians(d.path());
+    let ck = pumice::model::Checkpoint::open(asset()).unwrap();
+    let opts = GpuOptions::from_env().unwrap();
+    let good = common::gpu_with(&opts);
+    let lost = Gpu::new(&opts).unwrap();
+    lost.simulate_device_loss();
+
+    let single = d.path().join("single");
+    compress(&good, &ck, &gptq_opts(&single, &h), &mut |_| {}).unwrap();
+    let spread = d.path().join("spread");
+    let mut notes = Vec::new();
+    let s = compress_on(
+        &[&good, &lost],
+        &ck,
+        &gptq_opts(&spread, &h),
+        &mut |e| {
+            if let pumice::compress::pipeline::Event::Note(n) = e {
+                notes.push(n.clone());
+            }
+        },
+    )
+    .unwrap();
+    assert!(
+        notes.iter().any(|n| n.contains("goes to another adapter")),
+        "{notes:?}"
+    );
+    // The lost adapter took a layer (two are handed out at once), failed, and retired.
+    assert!(s.devices[1].layers.is_empty(), "{:?}", s.devices);
+    assert_eq!(s.devices[0].layers.len(), 6, "{:?}", s.devices);
+    assert_eq!(
+        std::fs::read(single.join("model.safetensors")).unwrap(),
+        std::fs::read(spread.join("model.safetensors")).unwrap()
+    );
+
+    // With no adapter left the run fails, naming the GPU error, and writes nothing.
+    let nothing = d.path().join("nothing");
+    let e = compress_on(&[&lost], &ck, &gptq_opts(&nothing, &h), &mut |_| {});
+    assert!(e.is_err());
+    assert!(!nothing.exists());
+}
+
+#[test]
+fn several_adapters_are_refused_before_gpu_work_where_layers_depend_on_each_other() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("out");
+    let m = asset();
+    let o = run(&[
+        "compress",
+        m.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--backend",
+        "all",
+        "--devices",
+        "0,1",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--hessians HDIR"), "{}", stderr(&o));
+    assert!(!out.exists());
+
+    let o = run(&[
+        "compress",
+        m.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--devices",
+        "0,0",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("twice"), "{}", stderr(&o));
+    assert_eq!(stderr(&o).trim().lines().count(), 1, "{}", stderr(&o));
+
+    let o = run(&[
+        "compress",
+        m.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--devices",
+        "0,,1",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(!out.exists());
+}
