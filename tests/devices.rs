@@ -1,7 +1,7 @@
 //! Several adapters at once (`compress --devices`): layers from saved Hessians spread over
 //! lavapipe (Vulkan) and llvmpipe (GL) side by side, each layer equal byte for byte to the
-//! run of the adapter that computed it; a layer that fails on one adapter goes to another;
-//! refusals before any GPU work.
+//! run of the adapter that computed it; without saved Hessians a group's matrices spread; a
+//! layer that fails on one adapter goes to another; refusals before any GPU work.
 
 mod common;
 
@@ -105,7 +105,14 @@ fn two_adapters_split_the_layers_and_each_equals_its_adapters_own_run() {
     let out = |name: &str| d.path().join(name);
     let both = out("both");
     let o = run(&[
-        &["compress", m, "-o", both.to_str().unwrap(), "--devices", "all"][..],
+        &[
+            "compress",
+            m,
+            "-o",
+            both.to_str().unwrap(),
+            "--devices",
+            "all",
+        ][..],
         &common,
     ]
     .concat());
@@ -127,7 +134,10 @@ fn two_adapters_split_the_layers_and_each_equals_its_adapters_own_run() {
             assert!(prev.is_none(), "layer {l} computed twice: {summary}");
         }
     }
-    assert_eq!(by_layer.keys().copied().collect::<Vec<_>>(), (0..6).collect::<Vec<_>>());
+    assert_eq!(
+        by_layer.keys().copied().collect::<Vec<_>>(),
+        (0..6).collect::<Vec<_>>()
+    );
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(both.join("pumice.json")).unwrap()).unwrap();
     for rep in manifest["layers"].as_array().unwrap() {
@@ -140,7 +150,14 @@ fn two_adapters_split_the_layers_and_each_equals_its_adapters_own_run() {
     for (i, dev) in devices.iter().enumerate() {
         let dir = out(&format!("alone{i}"));
         let o = run(&[
-            &["compress", m, "-o", dir.to_str().unwrap(), "--adapter", &i.to_string()][..],
+            &[
+                "compress",
+                m,
+                "-o",
+                dir.to_str().unwrap(),
+                "--adapter",
+                &i.to_string(),
+            ][..],
             &common,
         ]
         .concat());
@@ -213,16 +230,11 @@ fn a_layer_that_fails_on_one_adapter_goes_to_another() {
     compress(&good, &ck, &gptq_opts(&single, &h), &mut |_| {}).unwrap();
     let spread = d.path().join("spread");
     let mut notes = Vec::new();
-    let s = compress_on(
-        &[&good, &lost],
-        &ck,
-        &gptq_opts(&spread, &h),
-        &mut |e| {
-            if let pumice::compress::pipeline::Event::Note(n) = e {
-                notes.push(n.clone());
-            }
-        },
-    )
+    let s = compress_on(&[&good, &lost], &ck, &gptq_opts(&spread, &h), &mut |e| {
+        if let pumice::compress::pipeline::Event::Note(n) = e {
+            notes.push(n.clone());
+        }
+    })
     .unwrap();
     assert!(
         notes.iter().any(|n| n.contains("goes to another adapter")),
@@ -243,45 +255,138 @@ fn a_layer_that_fails_on_one_adapter_goes_to_another() {
     assert!(!nothing.exists());
 }
 
+/// Without saved Hessians the first adapter calibrates and propagates, and each input
+/// group's matrices are quantized on both adapters at once. GPTQ's results do not depend on
+/// which of the two CPU drivers computes them (the same Mesa and LLVM build both), so the
+/// spread run must give the single run's tensors exactly: anything lost or misplaced on the
+/// way between adapters shows.
 #[test]
-fn several_adapters_are_refused_before_gpu_work_where_layers_depend_on_each_other() {
+fn without_saved_hessians_a_groups_matrices_spread_and_the_result_is_unchanged() {
+    let d = tempfile::tempdir().unwrap();
+    let calib = d.path().join("calib.txt");
+    std::fs::write(
+        &calib,
+        "The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. "
+            .repeat(80),
+    )
+    .unwrap();
+    let m = asset();
+    let common = [
+        "--method",
+        "gptq",
+        "--bits",
+        "4",
+        "--group-size",
+        "64",
+        "--calib",
+        calib.to_str().unwrap(),
+        "--calib-samples",
+        "8",
+        "--calib-len",
+        "128",
+        "--eval-samples",
+        "0",
+        "--backend",
+        "all",
+    ];
+    let single = d.path().join("single");
+    let o = run(&[
+        &[
+            "compress",
+            m.to_str().unwrap(),
+            "-o",
+            single.to_str().unwrap(),
+            "--adapter",
+            "0",
+        ][..],
+        &common,
+    ]
+    .concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let both = d.path().join("both");
+    let o = run(&[
+        &[
+            "compress",
+            m.to_str().unwrap(),
+            "-o",
+            both.to_str().unwrap(),
+            "--devices",
+            "all",
+        ][..],
+        &common,
+    ]
+    .concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary = json_summary(&o.stdout);
+    let devices = summary["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 2, "{summary}");
+    // The first adapter ran every layer; of each layer's 7 matrices it quantized 4 (q, o,
+    // gate, down), the second 3 (k, v, up).
+    assert_eq!(
+        devices[0]["layers"].as_array().unwrap().len(),
+        6,
+        "{summary}"
+    );
+    assert_eq!(devices[0]["matrices"], 24, "{summary}");
+    assert_eq!(devices[1]["matrices"], 18, "{summary}");
+    // Every matrix names its adapter; both adapters computed some (q and gate on the first,
+    // k, v and up on the second).
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(both.join("pumice.json")).unwrap()).unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for rep in manifest["layers"].as_array().unwrap() {
+        for mat in rep["matrices"].as_array().unwrap() {
+            seen.insert(
+                mat["device"]
+                    .as_str()
+                    .expect("a matrix's adapter")
+                    .to_string(),
+            );
+        }
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let (a, b) = (
+        tensors(&single.join("model.safetensors")),
+        tensors(&both.join("model.safetensors")),
+    );
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (name, t) in &a {
+        assert!(t == &b[name], "{name} differs from the single run's");
+    }
+}
+
+#[test]
+fn bad_device_lists_are_refused_before_gpu_work() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("out");
     let m = asset();
-    let o = run(&[
-        "compress",
-        m.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--backend",
-        "all",
-        "--devices",
-        "0,1",
-    ]);
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("--hessians HDIR"), "{}", stderr(&o));
-    assert!(!out.exists());
-
-    let o = run(&[
-        "compress",
-        m.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--devices",
-        "0,0",
-    ]);
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("twice"), "{}", stderr(&o));
-    assert_eq!(stderr(&o).trim().lines().count(), 1, "{}", stderr(&o));
-
-    let o = run(&[
-        "compress",
-        m.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--devices",
-        "0,,1",
-    ]);
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(!out.exists());
+    // A missing adapter is the machine's matter (exit 1, as for --adapter); the rest are
+    // the arguments' (exit 2).
+    for (list, says, code) in [
+        ("0,0", "twice", 2),
+        ("0,,1", "--devices", 2),
+        ("0,99", "out of range", 1),
+    ] {
+        let o = run(&[
+            "compress",
+            m.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--backend",
+            "all",
+            "--devices",
+            list,
+        ]);
+        assert_eq!(o.status.code(), Some(code), "{list}: {}", stderr(&o));
+        assert!(stderr(&o).contains(says), "{list}: {}", stderr(&o));
+        // (clap's own parse errors add a "--help" hint line)
+        assert_eq!(
+            stderr(&o).lines().filter(|l| !l.trim().is_empty()).count()
+                - usize::from(stderr(&o).contains("--help")),
+            1,
+            "{}",
+            stderr(&o)
+        );
+        assert!(!out.exists());
+    }
 }

@@ -121,6 +121,7 @@ pub fn measure(
         rht: opts.rht,
         seed: opts.seed,
         len,
+        helpers: &[],
     };
     let layers = cfg.num_layers;
     let total = layers * recipes.len();

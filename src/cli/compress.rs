@@ -51,10 +51,12 @@ pub(crate) struct CompressArgs {
     /// Number of shards when the index comes from the scheduler's environment.
     #[arg(long, conflicts_with = "shard")]
     pub(crate) shards: Option<usize>,
-    /// Several adapters at once (with --hessians, whose layers are independent): `all` (every
-    /// GPU once; CPU adapters only where there is no GPU) or adapters by index or name as
-    /// `pumice devices` lists them, e.g. `0,1`. Each adapter takes the next layer when it is
-    /// free; the output records which adapter computed each layer. Overrides --adapter.
+    /// Several adapters at once: `all` (every GPU once; CPU adapters only where there is no
+    /// GPU) or adapters by index or name as `pumice devices` lists them, e.g. `0,1`. With
+    /// --hessians (independent layers) each adapter takes the next layer when it is free;
+    /// without, the first adapter calibrates and propagates and the matrices of each input
+    /// group (q/k/v, gate/up) are quantized on the adapters at once. The output records which
+    /// adapter computed each layer and matrix. Overrides --adapter.
     #[arg(long, value_parser = parse_devices)]
     pub(crate) devices: Option<pumice::gpu::DeviceSet>,
     /// Quantization method.
@@ -382,14 +384,6 @@ pub(crate) fn run(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> 
         Some(set) => pumice::gpu::device_options(gpu_opts, set)?,
         None => vec![gpu_opts.clone()],
     };
-    if device_opts.len() > 1 && opts.hessians.is_none() {
-        return Err(pumice::Error::InvalidArgument(format!(
-            "--devices chose {} adapters, but without saved Hessians each layer needs the one \
-             before it: save them first (`pumice hessians MODEL -o HDIR`) and pass --hessians HDIR",
-            device_opts.len()
-        ))
-        .into());
-    }
     let gpus = device_opts
         .iter()
         .map(super::setup::open_gpu)
@@ -521,12 +515,15 @@ pub(crate) fn run(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> 
     if summary.devices.len() > 1 {
         for d in &summary.devices {
             let ls: Vec<String> = d.layers.iter().map(|l| l.to_string()).collect();
+            let what = match (ls.is_empty(), d.matrices) {
+                (false, 0) => format!("layers {}", ls.join(", ")),
+                (false, n) => format!("layers {} ({n} matrices)", ls.join(", ")),
+                (true, n) => format!("{n} matrices"),
+            };
             writeln!(
                 out,
-                "adapter {}: layers {} ({:.1} s busy)",
-                d.adapter,
-                ls.join(", "),
-                d.seconds
+                "adapter {}: {what} ({:.1} s busy)",
+                d.adapter, d.seconds
             )?;
         }
     }

@@ -402,6 +402,9 @@ impl Accounting {
 pub struct MatrixReport {
     pub name: String,
     pub relative_error: Option<f64>,
+    /// The adapter that quantized it, where a layer's matrices were spread over several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -83,18 +83,25 @@ pub fn shard_layers(layers: usize, i: usize, n: usize) -> std::ops::Range<usize>
 /// (derived from `CompressOptions` by an exhaustive destructuring, so a new field does not
 /// compile until it is either fingerprinted or named here as run control), the source model,
 /// the calibration text's content, the saved Hessians' identity, and the adapter (backends
-/// round differently: layers of one job come from one adapter).
+/// round differently: layers of one job come from one adapter, or from the same set of
+/// adapters in the same order).
 pub(crate) fn job_inputs(
-    gpu: &Gpu,
+    gpus: &[&Gpu],
     opts: &CompressOptions,
     source_sha256: &str,
     hessians: Option<&str>,
 ) -> Result<std::collections::BTreeMap<String, String>> {
-    let r = gpu.report();
-    let adapter = format!(
-        "{} ({}, driver {} {})",
-        r.name, r.backend, r.driver, r.driver_info
-    );
+    let adapter = gpus
+        .iter()
+        .map(|g| {
+            let r = g.report();
+            format!(
+                "{} ({}, driver {} {})",
+                r.name, r.backend, r.driver, r.driver_info
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" + ");
     job_inputs_for(&adapter, opts, source_sha256, hessians)
 }
 

@@ -4,19 +4,19 @@
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gpu::ops;
-use crate::gpu::quant::{self as gq};
 use crate::gpu::{matmul, Batch, GemmOp, Gpu, GpuMatrix, HessianAccumulator};
 use crate::infer::engine::{unrotate_linear, LinearWeight};
 use crate::infer::Engine;
 use crate::model::compressed::{MatrixReport, QuantEntry, RhtSeeds};
 use crate::model::{Checkpoint, LinearKind, LinearSpec};
 use crate::quant::reference::prepare_hessian;
-use crate::quant::rht::{rotate_hessian, rotate_weight, Rht};
+use crate::quant::rht::{rotate_hessian, Rht};
 use crate::quant::GptqOptions;
 
 use crate::compress::workdir::LayerHessians;
 use crate::format::{CompressedLayer, CompressedMatrix, PackedMatrix};
 
+use super::matrix::{assign_devices, quantize_matrix, rht_seed, GroupInput, MatrixOut, Values};
 use super::{layout::*, options::*};
 
 /// Sequences per activation sub-batch: each sub-batch's widest activation (intermediate size)
@@ -102,6 +102,9 @@ pub(crate) struct LayerShared<'a> {
     pub seed: u64,
     /// Tokens per calibration sequence.
     pub len: usize,
+    /// The adapters a group's matrices are spread over (the first is `gpu`); one entry, or
+    /// none, quantizes everything on `gpu`.
+    pub helpers: &'a [&'a Gpu],
 }
 
 /// What one layer became.
@@ -114,6 +117,9 @@ pub(crate) struct LayerResult {
     pub(crate) hessian_s: f64,
     /// Wall seconds quantizing (GPTQ/RTN/CALDERA, packing, errors, the weights swapped in).
     pub(crate) quantize_s: f64,
+    /// Per adapter of `LayerShared::helpers` (when a group's matrices were spread): matrices
+    /// quantized and wall seconds spent on them.
+    pub(crate) helper_work: Vec<(usize, f64)>,
 }
 
 impl LayerResult {
@@ -244,6 +250,78 @@ pub(crate) fn accumulate_hessian(gpu: &Gpu, n: usize, inputs: &[GpuMatrix]) -> R
     acc.read(gpu)
 }
 
+/// Quantize a group's matrices (which share `g`), each on the adapter [`assign_devices`]
+/// gives it among `sh.helpers` — several adapters at once, one thread each — and return them
+/// in the group's order with the index of the adapter that computed each, and per adapter
+/// the matrices it quantized and its wall seconds.
+type GroupOut = (Vec<(MatrixOut, usize)>, Vec<(usize, f64)>);
+/// One adapter's part of a group: (index in the group, matrix) and its wall seconds.
+type DeviceOut = (Vec<(usize, MatrixOut)>, f64);
+fn quantize_on_devices(
+    sh: &LayerShared<'_>,
+    l: usize,
+    recipe: &LayerRecipe,
+    lins: &[&LinearSpec],
+    g: &GroupInput<'_>,
+) -> Result<GroupOut> {
+    let devices = sh.helpers.len().max(1);
+    let sizes: Vec<usize> = lins
+        .iter()
+        .map(|lin| lin.out_features * lin.in_features)
+        .collect();
+    let assign = assign_devices(&sizes, devices);
+    // H on an adapter, for the plain methods' weighted errors.
+    let h_on = |gpu: &Gpu| -> Result<Option<GpuMatrix>> {
+        if recipe.method == Method::Caldera {
+            return Ok(None);
+        }
+        let h32: Vec<f32> = g.h.iter().map(|&v| v as f32).collect();
+        GpuMatrix::from_f32(gpu, g.n, g.n, DType::F32, &h32).map(Some)
+    };
+    // The matrices of adapter `d`, in order, with a stop checked between them.
+    let run_on = |d: usize| -> Result<DeviceOut> {
+        let t0 = std::time::Instant::now();
+        let gpu = if devices > 1 { sh.helpers[d] } else { sh.gpu };
+        let hm = h_on(gpu)?;
+        let mut outs = Vec::new();
+        for (i, lin) in lins.iter().enumerate().filter(|(i, _)| assign[*i] == d) {
+            crate::interrupt::check(&format!("stopped during layer {l}"))?;
+            let out =
+                quantize_matrix(gpu, sh.ck, sh.gptq, sh.seed, l, lin, recipe, g, hm.as_ref())?;
+            outs.push((i, out));
+        }
+        Ok((outs, t0.elapsed().as_secs_f64()))
+    };
+    let used: Vec<usize> = (0..devices).filter(|d| assign.contains(d)).collect();
+    let per_device: Vec<Result<DeviceOut>> = if used.len() <= 1 {
+        used.iter().map(|&d| run_on(d)).collect()
+    } else {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = used.iter().map(|&d| s.spawn(move || run_on(d))).collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        })
+    };
+    let mut slots: Vec<Option<(MatrixOut, usize)>> = (0..lins.len()).map(|_| None).collect();
+    let mut work = vec![(0usize, 0.0f64); sh.helpers.len()];
+    for (&d, r) in used.iter().zip(per_device) {
+        let (outs, seconds) = r?;
+        if let Some(w) = work.get_mut(d) {
+            *w = (outs.len(), seconds);
+        }
+        for (i, out) in outs {
+            slots[i] = Some((out, d));
+        }
+    }
+    let outs = slots
+        .into_iter()
+        .map(|s| s.expect("every matrix has an adapter"))
+        .collect();
+    Ok((outs, work))
+}
+
 /// Compress decoder layer `l` with `recipe`, sequentially inside the layer (o_proj sees the
 /// output of the quantized q/k/v, down_proj that of the quantized gate/up) when `input` holds
 /// activations. Stops with [`Error::Interrupted`] between matrices once a stop is requested.
@@ -264,6 +342,7 @@ pub(crate) fn compress_layer(
     let mut reports = Vec::new();
     let mut entries = Vec::new();
     let (mut hessian_s, mut quantize_s) = (0.0f64, 0.0f64);
+    let mut helper_work = vec![(0usize, 0.0f64); sh.helpers.len()];
 
     // `w`: the layer being propagated through, whose weights become the dequantized ones as
     // soon as they exist (absent with saved Hessians, where nothing propagates).
@@ -275,20 +354,15 @@ pub(crate) fn compress_layer(
         let n = first.in_features;
         // One input transform per input group (its linears share H); one output transform
         // per matrix.
-        let seed_of = |what: &str| {
-            let tag = format!("{}:{l}:{what}", sh.seed);
-            tag.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-            })
-        };
-        let tn = sh
-            .rht
-            .then(|| Rht::new(n, seed_of(&format!("{:?}", first.kind.input()))));
+        let tn = sh.rht.then(|| {
+            Rht::new(
+                n,
+                rht_seed(sh.seed, l, &format!("{:?}", first.kind.input())),
+            )
+        });
         if let Some(t) = &tn {
             h = rotate_hessian(&h, n, t);
         }
-        let h32: Vec<f32> = h.iter().map(|&v| v as f32).collect();
-        let hm = GpuMatrix::from_f32(gpu, n, n, DType::F32, &h32)?;
         let prep = if recipe.method == Method::Gptq || recipe.method == Method::Caldera {
             let p = prepare_hessian(&h, n, &sh.gptq)?;
             if p.retries > 0 {
@@ -302,81 +376,48 @@ pub(crate) fn compress_layer(
         } else {
             None
         };
-        for &kind in kinds {
-            let lin: &LinearSpec = spec.linear(kind);
-            let mut wv = ck.tensor(&lin.weight.name)?.to_f32()?;
+        let g = GroupInput {
+            h: &h,
+            n,
+            prep: prep.as_ref(),
+            tn: tn.as_ref(),
+        };
+        let lins: Vec<&LinearSpec> = kinds.iter().map(|&k| spec.linear(k)).collect();
+        let (outs, work) = quantize_on_devices(sh, l, recipe, &lins, &g)?;
+        for (acc, (n, s)) in helper_work.iter_mut().zip(work) {
+            acc.0 += n;
+            acc.1 += s;
+        }
+        // In the layer's order, on the adapter that propagates: the weights swapped in,
+        // entries, reports.
+        for (lin, (out, device)) in lins.iter().zip(outs) {
             let (m, n) = (lin.out_features, lin.in_features);
-            let tm = tn.as_ref().map(|_| Rht::new(m, seed_of(&lin.weight.name)));
-            if let (Some(tm), Some(tn)) = (&tm, &tn) {
-                wv = rotate_weight(&wv, m, n, tm, tn);
-            }
-            // The propagated weight must be the unrotated one.
             let unrotate = |lw: LinearWeight| -> Result<LinearWeight> {
-                match (&tm, &tn) {
+                match (&out.tm, &tn) {
                     (Some(tm), Some(tn)) => unrotate_linear(gpu, lw, tm, tn),
                     _ => Ok(lw),
                 }
             };
-            let mut rank = 0;
-            // The grid this matrix gets (a k grid falls back on widths that are not whole
-            // super-blocks).
-            let grid = recipe.grid.for_cols(n);
-            let (p, rel) = if recipe.method == Method::Caldera {
-                let cs = &recipe.caldera;
-                rank = cs.rank_for(&grid, m, n)?;
-                let co = crate::lowrank::caldera::CalderaOptions {
-                    rank,
-                    q_grid: grid,
-                    lr_grid: cs.lr_grid()?,
-                    outer_iters: cs.outer_iters,
-                    inner_iters: cs.inner_iters,
-                    patience: cs.patience,
-                    warm_start: false,
-                    gptq: sh.gptq,
-                    oversample: 10,
-                    power_iters: 2,
-                    seed: sh.seed,
-                };
-                let d = crate::lowrank::caldera::decompose(gpu, &wv, m, n, &h, &co)?;
-                let mut p = pack(&d.q)?;
-                if rank > 0 {
-                    p.factors = Some(Box::new((pack(&d.lt)?, pack(&d.r)?)));
-                }
-                if let Some(w) = w.as_deref_mut() {
-                    let q = dequantize_in_memory(gpu, &p, &d.q)?;
-                    let lw = match &p.factors {
+            if let Some(w) = w.as_deref_mut() {
+                let p = &out.packed;
+                let lw = match (&out.values, out.dequantized) {
+                    (Values::Plain(_), Some(d)) if device == 0 => LinearWeight::Dense(d),
+                    (Values::Plain(q), _) => LinearWeight::Dense(dequantize_in_memory(gpu, p, q)?),
+                    (Values::LowRank(qlr), _) => match &p.factors {
                         Some(f) => LinearWeight::LowRank {
-                            q,
-                            lt: dequantize_in_memory(gpu, &f.0, &d.lt)?,
-                            r: dequantize_in_memory(gpu, &f.1, &d.r)?,
+                            q: dequantize_in_memory(gpu, p, &qlr[0])?,
+                            lt: dequantize_in_memory(gpu, &f.0, &qlr[1])?,
+                            r: dequantize_in_memory(gpu, &f.1, &qlr[2])?,
                         },
-                        None => LinearWeight::Dense(q),
-                    };
-                    w.set_weight(kind, unrotate(lw)?);
-                }
-                (p, Some(d.relative_error))
-            } else {
-                let q = match &prep {
-                    Some(p) => {
-                        gq::sparse_gptq(gpu, &wv, m, n, p, grid, sh.gptq.block, recipe.sparsity)?
-                            .download(gpu)?
-                    }
-                    None => {
-                        let wm = GpuMatrix::from_f32(gpu, m, n, DType::F32, &wv)?;
-                        gq::rtn(gpu, &wm, grid)?.download(gpu)?
-                    }
+                        None => LinearWeight::Dense(dequantize_in_memory(gpu, p, &qlr[0])?),
+                    },
                 };
-                let p = pack(&q)?;
-                let deq = dequantize_in_memory(gpu, &p, &q)?;
-                let (err, norm) = weighted_errors(gpu, &wv, &deq, &hm)?;
-                if let Some(w) = w.as_deref_mut() {
-                    w.set_weight(kind, unrotate(LinearWeight::Dense(deq))?);
-                }
-                (p, if norm > 0.0 { Some(err / norm) } else { None })
-            };
+                w.set_weight(lin.kind, unrotate(lw)?);
+            }
+            let (rank, grid, rel) = (out.rank, out.grid, out.relative_error);
             let entry = QuantEntry {
-                sparsity: p.mask.as_ref().and(recipe.sparsity.name()),
-                kept_per_row: p.kept,
+                sparsity: out.packed.mask.as_ref().and(recipe.sparsity.name()),
+                kept_per_row: out.packed.kept,
                 method: recipe.method.name().into(),
                 bits: grid.bits,
                 group_size: grid.group_size,
@@ -394,7 +435,7 @@ pub(crate) fn compress_layer(
                 } else {
                     0
                 },
-                rht: match (&tm, &tn) {
+                rht: match (&out.tm, &tn) {
                     (Some(tm), Some(tn)) => Some(RhtSeeds {
                         rows: tm.seed,
                         cols: tn.seed,
@@ -418,8 +459,9 @@ pub(crate) fn compress_layer(
             reports.push(MatrixReport {
                 name: lin.weight.name.clone(),
                 relative_error: rel,
+                device: (sh.helpers.len() > 1).then(|| sh.helpers[device].label()),
             });
-            packed.push((lin.weight.name.clone(), p));
+            packed.push((lin.weight.name.clone(), out.packed));
             // The finished matrix is kept only with the whole layer: a stop abandons the rest.
             crate::interrupt::check(&format!("stopped during layer {l}"))?;
         }
@@ -445,25 +487,18 @@ pub(crate) fn compress_layer(
         }
         LayerInput::Activations { engine, xs, pos } => {
             let mut w = engine.read_layer(l)?;
-            run_layer_stages(
-                engine,
-                &mut w,
-                xs,
-                sh.len,
-                pos,
-                &mut |kinds, inputs, w| {
-                    let n = spec.linear(kinds[0]).in_features;
-                    gpu.wait()?;
-                    let t = std::time::Instant::now();
-                    let h = accumulate_hessian(gpu, n, inputs)?;
-                    let t1 = std::time::Instant::now();
-                    hessian_s += (t1 - t).as_secs_f64();
-                    quantize_group(kinds, h, Some(w))?;
-                    gpu.wait()?;
-                    quantize_s += t1.elapsed().as_secs_f64();
-                    Ok(())
-                },
-            )?;
+            run_layer_stages(engine, &mut w, xs, sh.len, pos, &mut |kinds, inputs, w| {
+                let n = spec.linear(kinds[0]).in_features;
+                gpu.wait()?;
+                let t = std::time::Instant::now();
+                let h = accumulate_hessian(gpu, n, inputs)?;
+                let t1 = std::time::Instant::now();
+                hessian_s += (t1 - t).as_secs_f64();
+                quantize_group(kinds, h, Some(w))?;
+                gpu.wait()?;
+                quantize_s += t1.elapsed().as_secs_f64();
+                Ok(())
+            })?;
         }
     }
     Ok(LayerResult {
@@ -472,5 +507,6 @@ pub(crate) fn compress_layer(
         reports,
         hessian_s,
         quantize_s,
+        helper_work,
     })
 }

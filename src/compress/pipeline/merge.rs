@@ -114,6 +114,7 @@ pub fn merge(
                 devices.push(DeviceUse {
                     adapter: name.clone(),
                     layers: Vec::new(),
+                    matrices: 0,
                     seconds: 0.0,
                 });
                 devices.len() - 1

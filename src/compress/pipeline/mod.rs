@@ -17,6 +17,7 @@ mod hessians;
 mod job;
 mod layer;
 mod layout;
+mod matrix;
 mod merge;
 mod options;
 mod output;

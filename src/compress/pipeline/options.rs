@@ -228,6 +228,9 @@ pub struct DeviceUse {
     pub adapter: String,
     /// The layers it computed (in the order it finished them).
     pub layers: Vec<usize>,
-    /// Wall seconds it spent on them.
+    /// Matrices it quantized where each group's matrices were spread over the adapters
+    /// (without saved Hessians; 0 otherwise).
+    pub matrices: usize,
+    /// Wall seconds it spent on its layers and matrices.
     pub seconds: f64,
 }

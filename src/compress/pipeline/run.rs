@@ -34,11 +34,13 @@ pub fn compress(
     compress_on(&[gpu], ck, opts, progress)
 }
 
-/// [`compress`] on several adapters at once: with saved Hessians (`opts.hessians`) the layers
+/// [`compress`] on several adapters at once. With saved Hessians (`opts.hessians`) the layers
 /// are independent and each adapter takes the next one as soon as it is free (see
-/// [`super::spread`]); each layer records the adapter that computed it. The first adapter
-/// does everything else. Without saved Hessians layers depend on each other (the quantized
-/// layer feeds the next), so several adapters are refused.
+/// [`super::spread`]); each layer records the adapter that computed it. Without them each
+/// layer needs the one before it (the quantized layer feeds the next): the first adapter
+/// calibrates and propagates, and the matrices of each input group (q/k/v, gate/up) are
+/// quantized on the adapters at once, each matrix on a fixed one (by size), which its report
+/// records. The first adapter does everything else.
 pub fn compress_on(
     gpus: &[&Gpu],
     ck: &Checkpoint,
@@ -49,13 +51,6 @@ pub fn compress_on(
     let Some(&gpu) = gpus.first() else {
         return Err(Error::InvalidArgument("no adapter to compress on".into()));
     };
-    if gpus.len() > 1 && opts.hessians.is_none() {
-        return Err(Error::InvalidArgument(format!(
-            "{} adapters were given, but without saved Hessians each layer needs the one before \
-             it; save them first (`pumice hessians MODEL -o HDIR`) and pass --hessians HDIR",
-            gpus.len()
-        )));
-    }
     if ck.manifest().is_some() {
         return Err(Error::InvalidArgument(format!(
             "{} is already a compressed checkpoint; compress the original model",
@@ -134,7 +129,7 @@ pub fn compress_on(
     // text is not free).
     let inputs = match &opts.work_dir {
         Some(_) => job_inputs(
-            gpu,
+            gpus,
             opts,
             &source.sha256,
             hessians.as_ref().map(|h| h.2.as_str()),
@@ -289,6 +284,9 @@ pub fn compress_on(
         rht: opts.rht,
         seed: opts.calib.seed,
         len,
+        // Without saved Hessians the layers run in turn and a group's matrices spread over
+        // the adapters; with them whole layers do (each worker alone on its adapter).
+        helpers: if hessians.is_none() { gpus } else { &[] },
     };
     let total_matrices = todo.len() * 7;
     let mut done = 0;
@@ -300,6 +298,7 @@ pub fn compress_on(
         .map(|g| DeviceUse {
             adapter: g.label(),
             layers: Vec::new(),
+            matrices: 0,
             seconds: 0.0,
         })
         .collect();
@@ -335,6 +334,15 @@ pub fn compress_on(
         stages.hessians += result.hessian_s;
         stages.quantization += result.quantize_s;
         stages.propagation += (seconds - result.hessian_s - result.quantize_s).max(0.0);
+        // With a group's matrices spread, the first adapter ran the layer and every adapter
+        // some of its matrices.
+        for (d, &(n, s)) in result.helper_work.iter().enumerate().skip(1) {
+            devices[d].matrices += n;
+            devices[d].seconds += s;
+        }
+        if let Some(&(n, _)) = result.helper_work.first() {
+            devices[device].matrices += n;
+        }
         let t_write = Instant::now();
         let layer = result.into_layer(l, seconds, Some(gpus[device].label()));
         devices[device].layers.push(l);

@@ -95,8 +95,8 @@ pub(crate) fn spread_layers(
                 }
                 let t0 = Instant::now();
                 let mut local_done = 0;
-                let r = LayerHessians::read(hessians.dir, l, hessians.source_sha256).and_then(
-                    |lh| {
+                let r =
+                    LayerHessians::read(hessians.dir, l, hessians.source_sha256).and_then(|lh| {
                         compress_layer(
                             &sh,
                             l,
@@ -108,8 +108,7 @@ pub(crate) fn spread_layers(
                                 let _ = tx.send(Msg::Event(e.clone()));
                             },
                         )
-                    },
-                );
+                    });
                 let msg = match r {
                     Ok(result) => Msg::Done(Finished {
                         layer: l,
