@@ -7,28 +7,12 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-use common::{json_summary, project_root};
+use common::{asset, json_summary, run, stderr};
 use pumice::compress::calib::CalibOptions;
 use pumice::compress::pipeline::{compress, compress_on, CalibSource, CompressOptions, Method};
 use pumice::gpu::{Gpu, GpuOptions};
 use pumice::quant::{GptqOptions, Grid, GridKind};
-
-fn asset() -> PathBuf {
-    project_root().join("assets/models/gutenberg-llama")
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pumice"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 /// Saved Hessians of the asset model from a small calibration text.
 fn save_hessians(dir: &Path) -> PathBuf {
@@ -289,35 +273,19 @@ fn without_saved_hessians_a_groups_matrices_spread_and_the_result_is_unchanged()
         "--backend",
         "all",
     ];
-    let single = d.path().join("single");
-    let o = run(&[
-        &[
-            "compress",
-            m.to_str().unwrap(),
-            "-o",
-            single.to_str().unwrap(),
-            "--adapter",
-            "0",
-        ][..],
-        &common,
-    ]
-    .concat());
-    assert!(o.status.success(), "{}", stderr(&o));
-    let both = d.path().join("both");
-    let o = run(&[
-        &[
-            "compress",
-            m.to_str().unwrap(),
-            "-o",
-            both.to_str().unwrap(),
-            "--devices",
-            "all",
-        ][..],
-        &common,
-    ]
-    .concat());
-    assert!(o.status.success(), "{}", stderr(&o));
-    let summary = json_summary(&o.stdout);
+    let compress = |name: &str, which: &[&str]| {
+        let out = d.path().join(name);
+        let o = run(&[
+            &["compress", m.to_str().unwrap(), "-o", out.to_str().unwrap()][..],
+            which,
+            &common,
+        ]
+        .concat());
+        assert!(o.status.success(), "{}", stderr(&o));
+        (out, json_summary(&o.stdout))
+    };
+    let (single, _) = compress("single", &["--adapter", "0"]);
+    let (both, summary) = compress("both", &["--devices", "all"]);
     let devices = summary["devices"].as_array().unwrap();
     assert_eq!(devices.len(), 2, "{summary}");
     // The first adapter ran every layer; of each layer's 7 matrices it quantized 4 (q, o,

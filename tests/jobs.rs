@@ -6,26 +6,14 @@ mod common;
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use common::{json_lines, json_summary, project_root};
+use common::{asset, json_lines, json_summary, run, stderr};
 use rand::Rng;
-
-fn asset() -> PathBuf {
-    project_root().join("assets/models/gutenberg-llama")
-}
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_pumice"))
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// A calibration text (no ../shared needed).

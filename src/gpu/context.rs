@@ -203,8 +203,12 @@ impl Gpu {
         if let Some(t) = self.tuning.get() {
             return t;
         }
-        // Two threads may both tune; the first to finish is kept.
+        // Two threads may both tune; the first to finish is kept. The tuning's own dispatches
+        // and builds are not the run's: the profile forgets them (work another thread records
+        // on this adapter meanwhile would be forgotten too; the CLI tunes before any work).
+        let before = self.profiler.snapshot();
         let t = tune::for_process(self, self.tune_mode);
+        self.profiler.restore(before);
         let _ = self.tuning.set(t);
         self.tuning.get().expect("set above")
     }

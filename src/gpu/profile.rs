@@ -12,6 +12,12 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
+/// A copy of a profiler's records (see [`Profiler::snapshot`]).
+pub(crate) struct ProfileSnapshot {
+    gpu: HashMap<&'static str, (u64, f64)>,
+    builds: HashMap<&'static str, (u64, f64)>,
+}
+
 /// Totals per kernel name.
 #[derive(Default)]
 pub(crate) struct Profiler {
@@ -88,11 +94,46 @@ impl Profiler {
         }
     }
 
+    /// What has been recorded so far, for [`Profiler::restore`].
+    pub(crate) fn snapshot(&self) -> ProfileSnapshot {
+        let copy = |m: &Mutex<HashMap<&'static str, (u64, f64)>>| {
+            m.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        };
+        ProfileSnapshot {
+            gpu: copy(&self.gpu),
+            builds: copy(&self.builds),
+        }
+    }
+
+    /// Forget everything recorded since `s` was taken.
+    pub(crate) fn restore(&self, s: ProfileSnapshot) {
+        *self.gpu.lock().unwrap_or_else(|e| e.into_inner()) = s.gpu;
+        *self.builds.lock().unwrap_or_else(|e| e.into_inner()) = s.builds;
+    }
+
     pub(crate) fn reset(&self) {
         self.gpu.lock().unwrap_or_else(|e| e.into_inner()).clear();
         self.builds
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restored_snapshot_forgets_what_came_after() {
+        let p = Profiler::default();
+        p.add_build("gemm", 1.0);
+        let s = p.snapshot();
+        p.add_build("gemm", 2.0);
+        p.add_build("hessian", 3.0);
+        p.restore(s);
+        let r = p.report();
+        assert_eq!(r.builds.len(), 1);
+        assert_eq!((r.builds[0].count, r.builds[0].seconds), (1, 1.0));
     }
 }

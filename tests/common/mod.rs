@@ -62,6 +62,24 @@ pub fn gpu_loop_limited(iterations: u64) -> Gpu {
     gpu_with(&opts)
 }
 
+/// The asset model (always present).
+pub fn asset() -> PathBuf {
+    project_root().join("assets/models/gutenberg-llama")
+}
+
+/// Run the pumice binary of this build with `args`.
+pub fn run(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_pumice"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A finished command's stderr.
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
 pub fn project_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
