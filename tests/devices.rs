@@ -323,6 +323,15 @@ fn without_saved_hessians_a_groups_matrices_spread_and_the_result_is_unchanged()
     }
 }
 
+/// `pumice devices` says what `--devices all` takes: here both CPU drivers.
+#[test]
+fn the_device_listing_names_what_all_takes() {
+    let o = run(&["devices", "--backend", "all"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("(--devices all = 0,1)"), "{out}");
+}
+
 #[test]
 fn bad_device_lists_are_refused_before_gpu_work() {
     let d = tempfile::tempdir().unwrap();

@@ -24,6 +24,17 @@ pub(crate) fn run(opts: &GpuOptions, json: bool) -> anyhow::Result<()> {
         out,
         "(* = the adapter pumice uses with these options; choose with --backend / --adapter)"
     )?;
+    // What `compress --devices all` would take with these options.
+    if let Ok(all) = pumice::gpu::device_options(opts, &pumice::gpu::DeviceSet::All) {
+        let ids: Vec<String> = all
+            .iter()
+            .filter_map(|o| match &o.adapter {
+                Some(pumice::gpu::AdapterSelector::Index(i)) => Some(i.to_string()),
+                _ => None,
+            })
+            .collect();
+        writeln!(out, "(--devices all = {})", ids.join(","))?;
+    }
     Ok(())
 }
 
