@@ -323,6 +323,71 @@ fn without_saved_hessians_a_groups_matrices_spread_and_the_result_is_unchanged()
     }
 }
 
+/// `hessians --devices all`: the sequences split between the adapters, their Hessians summed;
+/// equal to one adapter's up to the order of the sums.
+#[test]
+fn hessians_from_two_adapters_are_the_sums_of_their_shares() {
+    use pumice::compress::workdir::{HessiansInfo, LayerHessians};
+    let d = tempfile::tempdir().unwrap();
+    let calib = d.path().join("calib.txt");
+    std::fs::write(
+        &calib,
+        "Sphinx of black quartz, judge my vow. How vexingly quick daft zebras jump! ".repeat(90),
+    )
+    .unwrap();
+    let collect = |name: &str, which: &[&str]| {
+        let h = d.path().join(name);
+        let o = run(&[
+            &[
+                "hessians",
+                asset().to_str().unwrap(),
+                "-o",
+                h.to_str().unwrap(),
+                "--calib",
+                calib.to_str().unwrap(),
+                "--calib-samples",
+                "7",
+                "--calib-len",
+                "64",
+                "--backend",
+                "all",
+            ][..],
+            which,
+        ]
+        .concat());
+        assert!(o.status.success(), "{}", stderr(&o));
+        (h, json_summary(&o.stdout))
+    };
+    let (one, _) = collect("one", &["--adapter", "0"]);
+    let (two, summary) = collect("two", &["--devices", "all"]);
+    let shares: Vec<u64> = summary["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["sequences"].as_u64().unwrap())
+        .collect();
+    assert_eq!(shares, vec![3, 4], "{summary}");
+    let (info, _) = HessiansInfo::read(&one).unwrap();
+    let sha = &info.source.sha256;
+    for l in 0..6 {
+        let a = LayerHessians::read(&one, l, sha).unwrap();
+        let b = LayerHessians::read(&two, l, sha).unwrap();
+        assert_eq!(a.groups.len(), b.groups.len());
+        for ((ga, na, ha), (gb, nb, hb)) in a.groups.iter().zip(&b.groups) {
+            assert_eq!((ga, na), (gb, nb));
+            let scale = ha.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            let diff = ha
+                .iter()
+                .zip(hb)
+                .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                diff <= 1e-5 * scale,
+                "layer {l} {ga:?}: max difference {diff:e} of {scale:e}"
+            );
+        }
+    }
+}
+
 /// `pumice devices` says what `--devices all` takes: here both CPU drivers.
 #[test]
 fn the_device_listing_names_what_all_takes() {

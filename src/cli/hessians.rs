@@ -25,25 +25,39 @@ pub(crate) struct HessiansArgs {
     /// JSON lines on stdout (implied when stdout is not a terminal).
     #[arg(long)]
     pub(crate) json: bool,
+    /// Several adapters at once (`all`, or indices/names as `pumice devices` lists them): the
+    /// calibration sequences are split among them and their Hessians summed. Overrides
+    /// --adapter.
+    #[arg(long, value_parser = super::compress::parse_devices)]
+    pub(crate) devices: Option<pumice::gpu::DeviceSet>,
 }
 
 pub(crate) fn run(gpu_opts: &GpuOptions, a: HessiansArgs) -> anyhow::Result<()> {
-    use pumice::compress::pipeline::{collect_hessians, Event};
+    use pumice::compress::pipeline::{collect_hessians_on, Event};
     let mut rep = progress::Reporter::new(a.json);
     let ck = Checkpoint::open(&a.model)?;
     let (source, copts) = (a.cal.source(), a.cal.options(&ck)?);
-    let gpu = super::setup::open_gpu(gpu_opts)?;
+    let device_opts = match &a.devices {
+        Some(set) => pumice::gpu::device_options(gpu_opts, set)?,
+        None => vec![gpu_opts.clone()],
+    };
+    let gpus = device_opts
+        .iter()
+        .map(super::setup::open_gpu)
+        .collect::<Result<Vec<_>, _>>()?;
+    let names: Vec<String> = gpus.iter().map(|g| g.describe()).collect();
     eprintln!(
         "collecting Hessians of {} on {}",
         a.model.display(),
-        gpu.describe()
+        names.join(" + ")
     );
     rep.emit(
         "start",
-        serde_json::json!({"command": "hessians", "model": a.model.display().to_string(), "adapter": gpu.describe()}),
+        serde_json::json!({"command": "hessians", "model": a.model.display().to_string(), "adapter": names[0], "adapters": names}),
     );
-    let s = collect_hessians(
-        &gpu,
+    let gpu_refs: Vec<&pumice::gpu::Gpu> = gpus.iter().collect();
+    let s = collect_hessians_on(
+        &gpu_refs,
         &ck,
         &source,
         &copts,

@@ -24,7 +24,7 @@ mod output;
 mod run;
 mod spread;
 
-pub use hessians::{collect_hessians, HessiansSummary};
+pub use hessians::{collect_hessians, collect_hessians_on, HessianDevice, HessiansSummary};
 pub use job::shard_layers;
 pub(crate) use layer::{
     calibration_batches, compress_layer, CalibBatches, LayerInput, LayerShared,
