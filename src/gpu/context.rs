@@ -147,6 +147,10 @@ impl Gpu {
             profiler: Profiler::default(),
             profiling: false,
         };
+        // Opening the device is not part of a run's profile (the probe's build time either).
+        let before = gpu.profiler.snapshot();
+        let measured = gpu.probe_loop_limit()?;
+        gpu.profiler.restore(before);
         if opts.profile {
             if gpu.caps.timestamps {
                 gpu.profiling = true;
@@ -157,7 +161,7 @@ impl Gpu {
                 );
             }
         }
-        let measured = gpu.probe_loop_limit()?;
+
         gpu.caps.loop_limit = match (measured, opts.max_loop_iterations) {
             (Some(m), Some(o)) => Some(m.min(o.max(64))),
             (m, o) => m.or(o.map(|o| o.max(64))),
