@@ -14,28 +14,40 @@ use pumice::compress::pipeline::{compress, compress_on, CalibSource, CompressOpt
 use pumice::gpu::{Gpu, GpuOptions};
 use pumice::quant::{GptqOptions, Grid, GridKind};
 
-/// Saved Hessians of the asset model from a small calibration text.
-fn save_hessians(dir: &Path) -> PathBuf {
+/// Saved Hessians of the asset model from a small calibration text (`shape`: samples and
+/// length), with `extra` arguments; `name` is the output's name in `dir`.
+fn save_hessians_with(
+    dir: &Path,
+    name: &str,
+    shape: [&str; 2],
+    extra: &[&str],
+) -> (PathBuf, serde_json::Value) {
     let calib = dir.join("calib.txt");
     let text = "It was a bright cold day in April, and the clocks were striking thirteen. \
                 Call me Ishmael. Some years ago, never mind how long precisely, having little \
                 or no money in my purse, I thought I would sail about a little. ";
     std::fs::write(&calib, text.repeat(60)).unwrap();
-    let h = dir.join("hessians");
+    let h = dir.join(name);
+    let shape = ["--calib-samples", shape[0], "--calib-len", shape[1]];
     let o = run(&[
-        "hessians",
-        asset().to_str().unwrap(),
-        "-o",
-        h.to_str().unwrap(),
-        "--calib",
-        calib.to_str().unwrap(),
-        "--calib-samples",
-        "16",
-        "--calib-len",
-        "128",
-    ]);
+        &[
+            "hessians",
+            asset().to_str().unwrap(),
+            "-o",
+            h.to_str().unwrap(),
+            "--calib",
+            calib.to_str().unwrap(),
+        ][..],
+        &shape,
+        extra,
+    ]
+    .concat());
     assert!(o.status.success(), "{}", stderr(&o));
-    h
+    (h, json_summary(&o.stdout))
+}
+
+fn save_hessians(dir: &Path) -> PathBuf {
+    save_hessians_with(dir, "hessians", ["16", "128"], &[]).0
 }
 
 /// Every tensor of a safetensors file, as (dtype, shape, bytes), by name.
@@ -329,37 +341,17 @@ fn without_saved_hessians_a_groups_matrices_spread_and_the_result_is_unchanged()
 fn hessians_from_two_adapters_are_the_sums_of_their_shares() {
     use pumice::compress::workdir::{HessiansInfo, LayerHessians};
     let d = tempfile::tempdir().unwrap();
-    let calib = d.path().join("calib.txt");
-    std::fs::write(
-        &calib,
-        "Sphinx of black quartz, judge my vow. How vexingly quick daft zebras jump! ".repeat(90),
-    )
-    .unwrap();
-    let collect = |name: &str, which: &[&str]| {
-        let h = d.path().join(name);
-        let o = run(&[
-            &[
-                "hessians",
-                asset().to_str().unwrap(),
-                "-o",
-                h.to_str().unwrap(),
-                "--calib",
-                calib.to_str().unwrap(),
-                "--calib-samples",
-                "7",
-                "--calib-len",
-                "64",
-                "--backend",
-                "all",
-            ][..],
-            which,
-        ]
-        .concat());
-        assert!(o.status.success(), "{}", stderr(&o));
-        (h, json_summary(&o.stdout))
+    // 7 sequences of 64 tokens, so the shares are uneven.
+    let collect = |name: &str, which: &str, value: &str| {
+        save_hessians_with(
+            d.path(),
+            name,
+            ["7", "64"],
+            &["--backend", "all", which, value],
+        )
     };
-    let (one, _) = collect("one", &["--adapter", "0"]);
-    let (two, summary) = collect("two", &["--devices", "all"]);
+    let (one, _) = collect("one", "--adapter", "0");
+    let (two, summary) = collect("two", "--devices", "all");
     let shares: Vec<u64> = summary["devices"]
         .as_array()
         .unwrap()

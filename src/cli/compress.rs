@@ -379,15 +379,7 @@ pub(crate) fn run(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> 
         let line = pumice::budget::plan::allocate_layers(&ck, &request, &mut opts)?;
         eprintln!("{line}");
     }
-    // Several adapters: each one's options, checked before any is opened.
-    let device_opts = match &a.devices {
-        Some(set) => pumice::gpu::device_options(gpu_opts, set)?,
-        None => vec![gpu_opts.clone()],
-    };
-    let gpus = device_opts
-        .iter()
-        .map(super::setup::open_gpu)
-        .collect::<Result<Vec<_>, _>>()?;
+    let gpus = super::setup::open_gpus(gpu_opts, a.devices.as_ref())?;
     let gpu = &gpus[0];
     let names: Vec<String> = gpus.iter().map(|g| g.describe()).collect();
     eprintln!(

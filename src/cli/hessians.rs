@@ -37,14 +37,7 @@ pub(crate) fn run(gpu_opts: &GpuOptions, a: HessiansArgs) -> anyhow::Result<()> 
     let mut rep = progress::Reporter::new(a.json);
     let ck = Checkpoint::open(&a.model)?;
     let (source, copts) = (a.cal.source(), a.cal.options(&ck)?);
-    let device_opts = match &a.devices {
-        Some(set) => pumice::gpu::device_options(gpu_opts, set)?,
-        None => vec![gpu_opts.clone()],
-    };
-    let gpus = device_opts
-        .iter()
-        .map(super::setup::open_gpu)
-        .collect::<Result<Vec<_>, _>>()?;
+    let gpus = super::setup::open_gpus(gpu_opts, a.devices.as_ref())?;
     let names: Vec<String> = gpus.iter().map(|g| g.describe()).collect();
     eprintln!(
         "collecting Hessians of {} on {}",

@@ -123,3 +123,16 @@ pub(crate) fn open_gpu(opts: &pumice::gpu::GpuOptions) -> pumice::Result<pumice:
     gpu.tuning();
     Ok(gpu)
 }
+
+/// The adapters of `--devices` (every one's options resolved before any is opened), or the
+/// one the options select; each opened as [`open_gpu`] does.
+pub(crate) fn open_gpus(
+    opts: &pumice::gpu::GpuOptions,
+    devices: Option<&pumice::gpu::DeviceSet>,
+) -> pumice::Result<Vec<pumice::gpu::Gpu>> {
+    let each = match devices {
+        Some(set) => pumice::gpu::device_options(opts, set)?,
+        None => vec![opts.clone()],
+    };
+    each.iter().map(open_gpu).collect()
+}
