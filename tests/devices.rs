@@ -339,7 +339,7 @@ fn without_saved_hessians_a_groups_matrices_spread_and_the_result_is_unchanged()
 /// equal to one adapter's up to the order of the sums.
 #[test]
 fn hessians_from_two_adapters_are_the_sums_of_their_shares() {
-    use pumice::compress::workdir::{HessiansInfo, LayerHessians};
+    use pumice::compress::hessdir::{HessiansInfo, LayerHessians};
     let d = tempfile::tempdir().unwrap();
     // 7 sequences of 64 tokens, so the shares are uneven.
     let collect = |name: &str, which: &str, value: &str| {

@@ -3,6 +3,7 @@
 //! (format: `model::compressed`).
 
 pub mod calib;
+pub mod hessdir;
 pub mod pipeline;
 pub mod review;
 pub mod workdir;

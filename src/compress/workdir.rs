@@ -1,6 +1,7 @@
 //! Files that outlive one process: work directories (`compress --work-dir`: one file per
 //! finished layer, so an interrupted run resumes and shards on several machines fill one
-//! directory that `merge` assembles) and Hessian directories (`pumice hessians`).
+//! directory that `merge` assembles). Hessian directories (`pumice hessians`) are in
+//! [`super::hessdir`], in the same container.
 //!
 //! Every file is written under a temporary name, synced and renamed, so a file that exists is
 //! complete: a process killed at any instant leaves either the old state or the new one.
@@ -23,22 +24,17 @@ pub use crate::base::atomic::write_atomic;
 use crate::base::hash::sha256_hex;
 use crate::format::{CompressedLayer, CompressedMatrix, PackedMatrix};
 use crate::model::compressed::{CalibInfo, MatrixReport, QuantEntry, SourceInfo};
-use crate::model::InputGroup;
 use crate::{Error, Result};
 
 /// The job description in a work directory.
 pub const JOB_FILE: &str = "job.json";
 /// Calibration activations after the last finished layer (sequential mode).
 pub const ACTIVATIONS_FILE: &str = "activations.bin";
-/// The description of a Hessian directory.
-pub const HESSIANS_FILE: &str = "hessians.json";
 
 const JOB_FORMAT: &str = "pumice-work";
-const HESSIANS_FORMAT: &str = "pumice-hessians";
-const VERSION: u32 = 1;
+pub(super) const VERSION: u32 = 1;
 const LAYER_MAGIC: &[u8; 8] = b"PMCLAYR2";
 const ACT_MAGIC: &[u8; 8] = b"PMCACTS2";
-const HESS_MAGIC: &[u8; 8] = b"PMCHESS2";
 /// Bytes of the trailing checksum.
 const DIGEST: u64 = 32;
 /// Largest container header accepted (a hostile length must not allocate gigabytes).
@@ -49,13 +45,13 @@ pub fn layer_file(dir: &Path, layer: usize) -> PathBuf {
     dir.join(format!("layer-{layer:05}.bin"))
 }
 
-/// A layer's Hessians in a Hessian directory.
-pub fn hessian_file(dir: &Path, layer: usize) -> PathBuf {
-    dir.join(format!("layer-{layer:05}.hessians"))
-}
-
 /// Write a container: `header` plus `blobs`, whose lengths the header must describe.
-fn write_container(path: &Path, magic: &[u8; 8], header: &Value, blobs: &[&[u8]]) -> Result<()> {
+pub(super) fn write_container(
+    path: &Path,
+    magic: &[u8; 8],
+    header: &Value,
+    blobs: &[&[u8]],
+) -> Result<()> {
     let mut h = serde_json::to_vec(header).expect("header serializes");
     while !h.len().is_multiple_of(8) {
         h.push(b' ');
@@ -80,14 +76,14 @@ fn write_container(path: &Path, magic: &[u8; 8], header: &Value, blobs: &[&[u8]]
 /// overflows). The whole file's checksum is verified either way.
 /// How much of a container to read.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Read {
+pub(super) enum Read {
     /// Everything, verified, the data dropped.
     Verify,
     /// Everything, verified, the data kept.
     Data,
 }
 
-fn read_container(
+pub(super) fn read_container(
     path: &Path,
     magic: &[u8; 8],
     mode: Read,
@@ -183,7 +179,7 @@ fn checksum_matches(path: &Path) -> Option<bool> {
     Some(d.finalize().as_slice() == stored.as_slice())
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+pub(super) fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::Json {
         path: path.to_path_buf(),
@@ -343,7 +339,11 @@ struct LayerHeader {
     tensors: Vec<TensorMeta>,
 }
 
-fn blob_total(h: &Value, key: &str, size: impl Fn(&Value) -> Option<u64>) -> Option<u64> {
+pub(super) fn blob_total(
+    h: &Value,
+    key: &str,
+    size: impl Fn(&Value) -> Option<u64>,
+) -> Option<u64> {
     h.get(key)?
         .as_array()?
         .iter()
@@ -558,149 +558,5 @@ impl Activations {
             cols,
             batches,
         }))
-    }
-}
-
-/// A Hessian directory's description.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct HessiansInfo {
-    pub format: String,
-    pub format_version: u32,
-    pub created_by: String,
-    pub source: SourceInfo,
-    pub calibration: CalibInfo,
-    pub layers: usize,
-}
-
-impl HessiansInfo {
-    pub fn new(source: SourceInfo, calibration: CalibInfo, layers: usize) -> HessiansInfo {
-        HessiansInfo {
-            format: HESSIANS_FORMAT.into(),
-            format_version: VERSION,
-            created_by: format!("pumice {}", env!("CARGO_PKG_VERSION")),
-            source,
-            calibration,
-            layers,
-        }
-    }
-
-    pub fn write(&self, dir: &Path) -> Result<()> {
-        let text = serde_json::to_string_pretty(self).expect("info serializes");
-        write_atomic(&dir.join(HESSIANS_FILE), &[text.as_bytes()])
-    }
-
-    /// The description and its identity (SHA-256 of the file).
-    pub fn read(dir: &Path) -> Result<(HessiansInfo, String)> {
-        let p = dir.join(HESSIANS_FILE);
-        let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
-        let info: HessiansInfo = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
-            path: p.clone(),
-            source: e,
-        })?;
-        if info.format != HESSIANS_FORMAT || info.format_version != VERSION {
-            return Err(Error::work_dir(
-                &p,
-                format!("not a {HESSIANS_FORMAT} version {VERSION} description"),
-            ));
-        }
-        Ok((info, sha256_hex(&bytes)))
-    }
-}
-
-/// One layer's Hessians H = Σ XᵀX, one per input group, full symmetric f64 in memory (the
-/// upper triangle on disk).
-#[derive(Clone, Debug, Default)]
-pub struct LayerHessians {
-    pub groups: Vec<(InputGroup, usize, Vec<f64>)>,
-}
-
-impl LayerHessians {
-    /// Move out the Hessian of input group `g` (each is used once; no copy of n² values).
-    pub fn take(&mut self, g: InputGroup) -> Option<Vec<f64>> {
-        let i = self.groups.iter().position(|(k, _, _)| *k == g)?;
-        Some(self.groups.swap_remove(i).2)
-    }
-
-    pub fn write(&self, dir: &Path, layer: usize, source_sha256: &str) -> Result<()> {
-        let mut tri: Vec<Vec<u8>> = Vec::new();
-        for (_, n, h) in &self.groups {
-            let mut b = Vec::with_capacity(n * (n + 1) / 2 * 8);
-            for i in 0..*n {
-                for v in &h[i * n + i..(i + 1) * n] {
-                    b.extend_from_slice(&v.to_le_bytes());
-                }
-            }
-            tri.push(b);
-        }
-        let header = serde_json::json!({
-            "layer": layer,
-            "source_sha256": source_sha256,
-            "groups": self.groups.iter().map(|(g, n, _)| serde_json::json!({"input": g, "features": n})).collect::<Vec<_>>(),
-        });
-        let blobs: Vec<&[u8]> = tri.iter().map(Vec::as_slice).collect();
-        write_container(&hessian_file(dir, layer), HESS_MAGIC, &header, &blobs)
-    }
-
-    /// Check that layer `layer`'s file is there, describes that layer and matches its
-    /// checksum, without keeping its data (a run verifies every file it will need up front).
-    pub fn verify(dir: &Path, layer: usize, source_sha256: &str) -> Result<()> {
-        Self::read_impl(dir, layer, source_sha256, Read::Verify).map(|_| ())
-    }
-
-    pub fn read(dir: &Path, layer: usize, source_sha256: &str) -> Result<LayerHessians> {
-        Self::read_impl(dir, layer, source_sha256, Read::Data)
-    }
-
-    fn read_impl(
-        dir: &Path,
-        layer: usize,
-        source_sha256: &str,
-        mode: Read,
-    ) -> Result<LayerHessians> {
-        let path = hessian_file(dir, layer);
-        if !path.exists() {
-            return Err(Error::work_dir(
-                &path,
-                format!("is missing: the Hessian directory lacks layer {layer}"),
-            ));
-        }
-        let feats = |g: &Value| g.get("features").and_then(Value::as_u64);
-        let (h, data) = read_container(&path, HESS_MAGIC, mode, |h| {
-            blob_total(h, "groups", |g| {
-                let n = feats(g)?;
-                n.checked_mul(n.checked_add(1)?)?
-                    .checked_div(2)?
-                    .checked_mul(8)
-            })
-        })?;
-        if h.get("layer").and_then(Value::as_u64) != Some(layer as u64)
-            || h.get("source_sha256").and_then(Value::as_str) != Some(source_sha256)
-        {
-            return Err(Error::work_dir(
-                &path,
-                format!("is not layer {layer} of this model's Hessians"),
-            ));
-        }
-        if mode != Read::Data {
-            return Ok(LayerHessians::default());
-        }
-        let mut groups = Vec::new();
-        let mut off = 0;
-        for g in h["groups"].as_array().into_iter().flatten() {
-            let input: InputGroup = serde_json::from_value(g["input"].clone())
-                .map_err(|e| Error::work_dir(&path, format!("bad input group: {e}")))?;
-            let n = feats(g).unwrap_or(0) as usize;
-            let mut m = vec![0.0f64; n * n];
-            for i in 0..n {
-                for j in i..n {
-                    let v = f64::from_le_bytes(data[off..off + 8].try_into().expect("8 bytes"));
-                    off += 8;
-                    m[i * n + j] = v;
-                    m[j * n + i] = v;
-                }
-            }
-            groups.push((input, n, m));
-        }
-        Ok(LayerHessians { groups })
     }
 }

@@ -13,7 +13,7 @@ use crate::model::compressed::CalibInfo;
 use crate::model::{Checkpoint, InputGroup};
 
 use crate::compress::calib::CalibOptions;
-use crate::compress::workdir::{hessian_file, HessiansInfo, LayerHessians};
+use crate::compress::hessdir::{hessian_file, HessiansInfo, LayerHessians};
 
 use super::{job::*, layer::*, options::*, output::*};
 

@@ -13,7 +13,7 @@ use crate::quant::reference::prepare_hessian;
 use crate::quant::rht::{rotate_hessian, Rht};
 use crate::quant::GptqOptions;
 
-use crate::compress::workdir::LayerHessians;
+use crate::compress::hessdir::LayerHessians;
 use crate::format::{CompressedLayer, CompressedMatrix, PackedMatrix};
 
 use super::matrix::{assign_devices, quantize_matrix, rht_seed, GroupInput, MatrixOut, Values};

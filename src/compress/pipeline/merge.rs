@@ -111,12 +111,7 @@ pub fn merge(
         let at = match devices.iter().position(|d| &d.adapter == name) {
             Some(i) => i,
             None => {
-                devices.push(DeviceUse {
-                    adapter: name.clone(),
-                    layers: Vec::new(),
-                    matrices: 0,
-                    seconds: 0.0,
-                });
+                devices.push(DeviceUse::new(name.clone()));
                 devices.len() - 1
             }
         };

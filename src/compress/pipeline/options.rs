@@ -234,3 +234,15 @@ pub struct DeviceUse {
     /// Wall seconds it spent on its layers and matrices.
     pub seconds: f64,
 }
+
+impl DeviceUse {
+    /// An adapter that has done nothing yet.
+    pub fn new(adapter: String) -> DeviceUse {
+        DeviceUse {
+            adapter,
+            layers: Vec::new(),
+            matrices: 0,
+            seconds: 0.0,
+        }
+    }
+}

@@ -13,9 +13,9 @@ use crate::model::Checkpoint;
 use crate::quant::sparsity::Sparsity;
 
 use crate::compress::calib::CalibOptions;
+use crate::compress::hessdir::{HessiansInfo, LayerHessians};
 use crate::compress::workdir::{
-    check_inputs, fingerprint, layer_file, Activations, HessiansInfo, Job, LayerHessians,
-    StoredLayer,
+    check_inputs, fingerprint, layer_file, Activations, Job, StoredLayer,
 };
 
 use crate::format::{JobInfo, Output};
@@ -293,15 +293,7 @@ pub fn compress_on(
     let mut layers = Vec::new();
     let mut shard_bits = 0u64;
     let mut shard_params = 0usize;
-    let mut devices: Vec<DeviceUse> = gpus
-        .iter()
-        .map(|g| DeviceUse {
-            adapter: g.label(),
-            layers: Vec::new(),
-            matrices: 0,
-            seconds: 0.0,
-        })
-        .collect();
+    let mut devices: Vec<DeviceUse> = gpus.iter().map(|g| DeviceUse::new(g.label())).collect();
     // Layers an earlier run finished count as they are; the rest are computed below.
     let mut pending = Vec::new();
     for l in todo.clone() {

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, Mutex};
 
-use crate::compress::workdir::LayerHessians;
+use crate::compress::hessdir::LayerHessians;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 
