@@ -44,6 +44,8 @@ pub struct BenchOptions {
     pub caldera_inner: usize,
     /// Warm-started outer iterations (compressions do not warm-start).
     pub caldera_warm_start: bool,
+    /// Where the CALDERA rows' low-rank products run.
+    pub caldera_placement: crate::lowrank::fit::Placement,
     /// Only this (rows, cols) for the GPTQ and CALDERA rows.
     pub matrix: Option<(usize, usize)>,
     /// Only this CALDERA rank.
@@ -464,6 +466,7 @@ pub fn run(
                     outer_iters: opts.caldera_outer.max(1),
                     inner_iters: opts.caldera_inner.max(1),
                     warm_start: opts.caldera_warm_start,
+                    placement: opts.caldera_placement,
                     ..CalderaOptions::new(k)
                 };
                 let mut err = None;

@@ -5,7 +5,7 @@ mod common;
 
 use common::random;
 use pumice::cpu;
-use pumice::lowrank::caldera::{self, rank_for_budget, CalderaOptions};
+use pumice::lowrank::caldera::{self, rank_for_budget, CalderaOptions, Placement};
 use pumice::quant::reference::{self, weighted_error, weighted_norm};
 use pumice::quant::rht::{self, Rht};
 use pumice::quant::{GptqOptions, Grid, GridKind};
@@ -154,14 +154,18 @@ fn decaying_hessian(n: usize, seed: u64) -> Vec<f64> {
     h
 }
 
-/// The GPU decomposition's relative weighted error is within 2 % of the f64 reference's.
+/// The GPU decomposition's relative weighted error is within 2 % of the f64 reference's, with
+/// the low-rank step's products on the GPU and on the host.
 #[test]
 fn gpu_matches_reference() {
     let g = common::gpu();
-    for (m, n, rank, seed) in [
-        (96usize, 128usize, 8usize, 1u64),
-        (130, 96, 12, 2),
-        (67, 61, 5, 3),
+    for (m, n, rank, seed, placement) in [
+        (96usize, 128usize, 8usize, 1u64, Placement::Gpu),
+        (130, 96, 12, 2, Placement::Gpu),
+        (67, 61, 5, 3, Placement::Gpu),
+        (96, 128, 8, 1, Placement::Host),
+        (130, 96, 12, 2, Placement::Host),
+        (67, 61, 5, 3, Placement::Host),
     ] {
         let h = decaying_hessian(n, seed);
         let w = random(m * n, seed + 10, 0.0);
@@ -171,6 +175,7 @@ fn gpu_matches_reference() {
         o.outer_iters = 8;
         o.inner_iters = 4;
         o.power_iters = 3;
+        o.placement = placement;
         let r = caldera::reference(&w, m, n, &h, &o).unwrap();
         let d = caldera::decompose(&g, &w, m, n, &h, &o).unwrap();
         let norm = weighted_norm(&w, m, &h);
@@ -182,7 +187,7 @@ fn gpu_matches_reference() {
         );
         let rel = (e_gpu - r.relative_error).abs() / r.relative_error;
         eprintln!(
-            "{m}x{n} rank {rank}: GPU {e_gpu:.5e}, reference {:.5e} ({:+.2} %)",
+            "{m}x{n} rank {rank} ({placement:?}): GPU {e_gpu:.5e}, reference {:.5e} ({:+.2} %)",
             r.relative_error,
             100.0 * (e_gpu - r.relative_error) / r.relative_error
         );
@@ -228,8 +233,22 @@ fn patience_stops_on_a_prefix_of_the_same_iterates() {
         hist.len()
     };
     let on_cpu = |o: &CalderaOptions| caldera::reference(&w, m, n, &h, o).unwrap();
-    let on_gpu = |o: &CalderaOptions| caldera::decompose(&g, &w, m, n, &h, o).unwrap();
-    let runs: [&dyn Fn(&CalderaOptions) -> caldera::Decomposition; 2] = [&on_cpu, &on_gpu];
+    let on_gpu = |o: &CalderaOptions| {
+        let o = CalderaOptions {
+            placement: Placement::Gpu,
+            ..*o
+        };
+        caldera::decompose(&g, &w, m, n, &h, &o).unwrap()
+    };
+    let on_host = |o: &CalderaOptions| {
+        let o = CalderaOptions {
+            placement: Placement::Host,
+            ..*o
+        };
+        caldera::decompose(&g, &w, m, n, &h, &o).unwrap()
+    };
+    let runs: [&dyn Fn(&CalderaOptions) -> caldera::Decomposition; 3] =
+        [&on_cpu, &on_gpu, &on_host];
     for run in runs {
         let full = run(&o);
         assert_eq!(full.history.len(), 12);

@@ -84,13 +84,17 @@ fn two_adapters_split_the_layers_and_each_equals_its_adapters_own_run() {
     let h = save_hessians(d.path());
     let m = asset();
     let m = m.to_str().unwrap();
-    // CALDERA: its result depends on the adapter (each tunes its own GEMM blocks, so sums run
-    // in another order), which makes "computed by which adapter" visible in the bytes.
+    // CALDERA with its low-rank products on the GPU: the result depends on the adapter (each
+    // tunes its own GEMM blocks, so sums run in another order), which makes "computed by which
+    // adapter" visible in the bytes. (On CPU adapters `auto` computes them on the host, the
+    // same on both.)
     let common = [
         "--hessians",
         h.to_str().unwrap(),
         "--method",
         "caldera",
+        "--lowrank-on",
+        "gpu",
         "--outer-iters",
         "2",
         "--eval-samples",

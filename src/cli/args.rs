@@ -174,3 +174,8 @@ pub(crate) fn parse_grid(s: &str) -> Result<pumice::quant::GridKind, String> {
 pub(crate) fn parse_format(s: &str) -> Result<pumice::format::FormatKind, String> {
     pumice::format::FormatKind::parse(s).map_err(|e| e.to_string())
 }
+
+/// `--lowrank-on` / `--caldera-lowrank-on`.
+pub(crate) fn parse_placement(s: &str) -> Result<pumice::lowrank::fit::Placement, String> {
+    pumice::lowrank::fit::Placement::parse(s).map_err(|e| e.to_string())
+}

@@ -37,6 +37,11 @@ pub(crate) struct BenchArgs {
     #[arg(long)]
     pub(crate) caldera_warm: bool,
 
+    /// Where each timed CALDERA run's low-rank products run: auto, gpu or host (as compress's
+    /// --lowrank-on).
+    #[arg(long, default_value = "auto", value_parser = super::args::parse_placement)]
+    pub(crate) caldera_lowrank_on: pumice::lowrank::fit::Placement,
+
     /// Only this weight shape (ROWSxCOLS) for the GPTQ and CALDERA rows, e.g. 4096x4096.
     #[arg(long, value_parser = parse_shape)]
     pub(crate) matrix: Option<(usize, usize)>,
@@ -71,6 +76,7 @@ pub(crate) fn run(gpu_args: &GpuArgs, a: BenchArgs) -> anyhow::Result<()> {
         caldera_outer: a.caldera_outer,
         caldera_inner: a.caldera_inner,
         caldera_warm_start: a.caldera_warm,
+        caldera_placement: a.caldera_lowrank_on,
         matrix: a.matrix,
         rank: a.rank,
         model: a.model.clone(),

@@ -121,6 +121,11 @@ pub(crate) struct CompressArgs {
     /// CALDERA: L/R refinement rounds per outer iteration.
     #[arg(long, default_value_t = 10)]
     pub(crate) inner_iters: usize,
+    /// CALDERA: where the low-rank step's products run: `auto` (the host for a CPU adapter such
+    /// as lavapipe, or for small matrices, where a GPU round trip costs more than the
+    /// arithmetic; else the GPU), `gpu` or `host`.
+    #[arg(long, default_value = "auto", value_parser = parse_placement)]
+    pub(crate) lowrank_on: pumice::lowrank::fit::Placement,
     /// CALDERA: stop a matrix's outer iterations after this many in a row that lower its best
     /// weighted error by less than 0.1 % (the best iterate is kept); 0 runs all --outer-iters.
     #[arg(long, default_value_t = 0)]
@@ -311,6 +316,7 @@ fn compress_options(
             inner_iters: a.inner_iters.max(1),
             patience: a.patience,
             clip: !a.no_clip,
+            placement: a.lowrank_on,
         },
         output: a.output.clone().unwrap_or_default(),
         force: a.force,

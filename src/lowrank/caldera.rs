@@ -13,6 +13,7 @@
 //! This module holds the shared math and the f64 CPU reference ([`reference`]); the GPU
 //! decomposition is [`decompose`].
 
+pub use super::fit::Placement;
 use crate::error::{Error, Result};
 use crate::quant::reference::{
     gptq, prepare_hessian, rtn, weighted_error, weighted_norm, PreparedHessian,
@@ -43,6 +44,8 @@ pub struct CalderaOptions {
     pub oversample: usize,
     pub power_iters: usize,
     pub seed: u64,
+    /// Where the low-rank step's products run (GPU path only; [`super::fit`]).
+    pub placement: Placement,
 }
 
 impl CalderaOptions {
@@ -69,6 +72,7 @@ impl CalderaOptions {
             oversample: 10,
             power_iters: 2,
             seed: 0,
+            placement: Placement::Auto,
         }
     }
 
@@ -398,13 +402,9 @@ pub fn low_rank_product(lt: &Quantized, r: &Quantized, m: usize, n: usize) -> Ve
     out
 }
 
-/// ⟨X, Y⟩ of two equally long slices, f64.
-fn dot(x: &[f64], y: &[f64]) -> f64 {
-    x.iter().zip(y).map(|(a, b)| a * b).sum()
-}
-
-/// The decomposition with every large product on the GPU (randomized SVD, GEMMs, GPU GPTQ);
-/// k × k solves and the factor quantization (O(k·(m+n)) work) stay on the host.
+/// The decomposition with the GPU's GPTQ and the low-rank step's products where
+/// `opts.placement` puts them ([`super::fit`]: the GPU, or the host for small products and CPU
+/// adapters); k × k solves and the factor quantization (O(k·(m+n)) work) stay on the host.
 pub fn decompose(
     gpu: &crate::gpu::Gpu,
     w: &[f32],
@@ -413,8 +413,7 @@ pub fn decompose(
     h: &[f64],
     opts: &CalderaOptions,
 ) -> Result<Decomposition> {
-    use crate::dtype::DType;
-    use crate::gpu::{matmul, ops, GemmOp, GpuMatrix};
+    use super::fit::{fit, GpuSpace, HostSpace, Space};
 
     let k = opts.rank.min(m).min(n);
     if w.len() != m * n || h.len() != n * n {
@@ -426,128 +425,34 @@ pub fn decompose(
     }
     let (s, sinv) = weighting(h, n, opts.gptq.damp)?;
     let prep = prepare_hessian(h, n, &opts.gptq)?;
-    let up =
-        |rows: usize, cols: usize, v: &[f32]| GpuMatrix::from_f32(gpu, rows, cols, DType::F32, v);
-    let hm = up(n, n, &f32s(h))?;
-    let sm = up(n, n, &f32s(&to_vec(s.as_ref())))?;
-    let stm = up(n, n, &f32s(&to_vec(s.transpose())))?;
-    let sinvm = up(n, n, &f32s(&to_vec(sinv.as_ref())))?;
-    // tr(X H Xᵀ) on the GPU.
-    let quad = |x: &[f32]| -> Result<f64> {
-        let xm = up(m, n, x)?;
-        let xh = matmul(gpu, &xm, &hm, GemmOp::NN)?.to_f32(gpu)?;
-        Ok(xh.iter().zip(x).map(|(a, b)| *a as f64 * *b as f64).sum())
+    let l = (k + opts.oversample).min(m).min(n);
+    let space: Box<dyn Space + '_> = if opts.placement.on_host(gpu.caps().is_cpu, m, n, l) {
+        Box::new(HostSpace::new(h, &s, &sinv))
+    } else {
+        Box::new(GpuSpace::new(gpu, h, &s, &sinv)?)
     };
-    let norm = quad(w)?;
+    let norm = space.quad(w, m)?;
     let mut qv = vec![0.0f32; m * n];
     let mut best: Option<Decomposition> = None;
     let mut history = Vec::new();
     let mut patience = Patience::new(opts.patience);
     let mut prev_r: Option<Quantized> = None;
     for outer in 0..opts.outer_iters.max(1) {
-        let a: Vec<f32> = w.iter().zip(&qv).map(|(x, q)| x - q).collect();
         let (lt_q, r_q) = if k == 0 {
             (rtn(&[], 0, m, opts.lr_grid), rtn(&[], 0, n, opts.lr_grid))
         } else {
-            let am = up(m, n, &a)?;
-            let at = ops::transpose(gpu, &am)?;
-            // R is kept quantized from the start, so every evaluated pair is a storable one.
-            let mut r_q = match prev_r.take().filter(|_| opts.warm_start) {
-                Some(rq) => rq,
-                None => {
-                    // SVD of A S: the best H-weighted rank-k fit is U Σ Vᵀ S⁻¹. A S is
-                    // applied as A (S X) and Sᵀ (Aᵀ Y), never formed (an m·n² product).
-                    let ro = crate::lowrank::RsvdOptions {
-                        rank: k,
-                        oversample: opts.oversample,
-                        power_iters: opts.power_iters,
-                        seed: opts.seed.wrapping_add(outer as u64),
-                    };
-                    let svd = crate::lowrank::rsvd::rsvd_op(
-                        gpu,
-                        m,
-                        n,
-                        &|x| matmul(gpu, &am, &matmul(gpu, &sm, x, GemmOp::NN)?, GemmOp::NN),
-                        &|y| matmul(gpu, &stm, &matmul(gpu, &at, y, GemmOp::NN)?, GemmOp::NN),
-                        &ro,
-                    )?;
-                    let rv: Vec<f32> = (0..k * n)
-                        .map(|idx| (svd.v[(idx % n) * k + idx / n] * svd.s[idx / n].sqrt()) as f32)
-                        .collect();
-                    let r0 = matmul(gpu, &up(k, n, &rv)?, &sinvm, GemmOp::NN)?.to_f32(gpu)?;
-                    rtn(&r0, k, n, opts.lr_grid)
-                }
-            };
-            let mut l_prev: Option<(Vec<f64>, Quantized)> = None;
-            let mut best_lr: Option<(f64, Quantized, Quantized)> = None;
-            let rounds = opts.inner_iters.max(1);
-            for round in 0..=rounds {
-                let r = r_q.dequantize();
-                // A H Rᵀ (m × k) and R H Rᵀ (k × k) for the current R.
-                let rm = up(k, n, &r)?;
-                let hrt = matmul(gpu, &hm, &rm, GemmOp::NT)?;
-                let ahrt: Vec<f64> = matmul(gpu, &am, &hrt, GemmOp::NN)?
-                    .to_f32(gpu)?
-                    .into_iter()
-                    .map(f64::from)
-                    .collect();
-                let rhrt_v: Vec<f64> = matmul(gpu, &rm, &hrt, GemmOp::NN)?
-                    .to_f32(gpu)?
-                    .into_iter()
-                    .map(f64::from)
-                    .collect();
-                // ‖(A − L R) S‖² = tr(A H Aᵀ) − 2⟨L, A H Rᵀ⟩ + ⟨LᵀL, R H Rᵀ⟩; the first term
-                // is the same for every candidate of this outer iteration, and only their order
-                // is used, so it is left out (it costs an m·n² product).
-                let err_of = |l: &[f64]| {
-                    let lm = mat(m, k, l);
-                    let ltl = lm.transpose() * &lm;
-                    dot(&to_vec(ltl.as_ref()), &rhrt_v) - 2.0 * dot(l, &ahrt)
-                };
-                let mut consider = |e: f64, lt: &Quantized, rq: &Quantized| {
-                    if best_lr.as_ref().is_none_or(|(b, _, _)| e < *b) {
-                        best_lr = Some((e, lt.clone(), rq.clone()));
-                    }
-                };
-                // (L from the previous round, this R).
-                if let Some((lp, lpq)) = &l_prev {
-                    consider(err_of(lp), lpq, &r_q);
-                }
-                if round == rounds {
-                    break;
-                }
-                // L ← (A H Rᵀ)(R H Rᵀ)⁻¹, quantized (as Lᵀ, groups along m).
-                let l = &mat(m, k, &ahrt) * spd_inverse(&mat(k, k, &rhrt_v));
-                let lt_q = rtn(&f32s(&to_vec(l.transpose())), k, m, opts.lr_grid);
-                let ltd = lt_q.dequantize();
-                let lv: Vec<f64> = (0..m * k)
-                    .map(|idx| ltd[(idx % k) * m + idx / k] as f64)
-                    .collect();
-                consider(err_of(&lv), &lt_q, &r_q);
-                // R ← (LᵀL)⁻¹ Lᵀ A, quantized; Lᵀ A = (Aᵀ L)ᵀ.
-                let lm = mat(m, k, &lv);
-                let ltl = lm.transpose() * &lm;
-                let atl = matmul(gpu, &at, &up(m, k, &f32s(&lv))?, GemmOp::NN)?.to_f32(gpu)?;
-                let lta = faer::Mat::<f64>::from_fn(k, n, |t, j| atl[j * k + t] as f64);
-                r_q = rtn(
-                    &f32s(&to_vec((spd_inverse(&ltl) * lta).as_ref())),
-                    k,
-                    n,
-                    opts.lr_grid,
-                );
-                l_prev = Some((lv, lt_q));
-            }
-            let (_, ltq, rq) = best_lr.expect("at least one inner round");
-            prev_r = Some(rq.clone());
-            (ltq, rq)
+            let a: Vec<f32> = w.iter().zip(&qv).map(|(x, q)| x - q).collect();
+            let res = space.residual(&a, m)?;
+            let warm = prev_r.take().filter(|_| opts.warm_start);
+            let (lt_q, r_q) = fit(&*res, m, n, k, opts, outer, warm)?;
+            prev_r = Some(r_q.clone());
+            (lt_q, r_q)
         };
         // (b) Q ← LDLQ(W − L R, H) on the GPU.
         let lr: Vec<f32> = if k == 0 {
             vec![0.0; m * n]
         } else {
-            let ltd = lt_q.dequantize();
-            let lmat = ops::transpose(gpu, &up(k, m, &ltd)?)?;
-            matmul(gpu, &lmat, &up(k, n, &r_q.dequantize())?, GemmOp::NN)?.to_f32(gpu)?
+            space.low_rank(&lt_q.dequantize(), &r_q.dequantize(), k, m)?
         };
         let resid: Vec<f32> = w.iter().zip(&lr).map(|(a, b)| a - b).collect();
         let (gq, damped) = crate::gpu::quant::gptq_with_error(
@@ -569,7 +474,7 @@ pub fn decompose(
             let d2: f64 = delta.iter().map(|&v| v as f64 * v as f64).sum();
             (damped - lambda * d2).max(0.0) / norm
         } else {
-            quad(&delta)? / norm
+            space.quad(&delta, m)? / norm
         };
         history.push(rel);
         let stop = patience.record(rel);

@@ -117,20 +117,22 @@ def gptq(w, h, bits, group, damp, clip, block=128):
     return q_all
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_common_args(ap):
+    """The model, output and calibration arguments both peers take."""
     ap.add_argument("model")
     ap.add_argument("-o", "--out", required=True)
     ap.add_argument("--calib", required=True, nargs="+")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--len", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--damp", type=float, default=0.01)
-    ap.add_argument("--no-clip", action="store_true")
     ap.add_argument("--threads", type=int, default=0)
-    a = ap.parse_args()
+
+
+def run(a, peer, quantize):
+    """Calibrate, then layer by layer and stage by stage: H = XᵀX of the stage's input (f64),
+    `quantize(layer, name, weight, h)` → the dequantized weight (f32), the next stage's inputs
+    through the quantized weights; write the checkpoint and print the JSON line."""
     if a.threads:
         torch.set_num_threads(a.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -163,10 +165,10 @@ def main():
         mask = torch.full((a.len, a.len), float("-inf")).triu(1)[None, None]
     stages["calibration"] = time.perf_counter() - t
     # Forward passes through each stage's layer (with the Hessian hooks) and through the
-    # quantized layer; GPTQ itself.
+    # quantized layer; the quantizer itself.
     stages["forwards_and_hessians"] = 0.0
     stages["quantization"] = 0.0
-    for layer in inner.layers:
+    for li, layer in enumerate(inner.layers):
         groups = [
             ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
             ["self_attn.o_proj"],
@@ -179,7 +181,7 @@ def main():
             tp = time.perf_counter()
 
             def hook(mod, inp, _out):
-                x = inp[0].reshape(-1, inp[0].shape[-1])
+                x = inp[0].reshape(-1, inp[0].shape[-1]).double()
                 hs[id(mod)] = hs.get(id(mod), 0) + x.T @ x
 
             handles = [m.register_forward_hook(hook) for m in mods[:1]]
@@ -190,9 +192,9 @@ def main():
             h = hs[id(mods[0])]
             stages["forwards_and_hessians"] += time.perf_counter() - tp
             tq = time.perf_counter()
-            for m in mods:
+            for name, m in zip(names, mods):
                 with torch.no_grad():
-                    m.weight.copy_(gptq(m.weight.data, h, a.bits, a.group_size, a.damp, not a.no_clip))
+                    m.weight.copy_(quantize(li, name, m.weight.data.float(), h))
             stages["quantization"] += time.perf_counter() - tq
         tp = time.perf_counter()
         with torch.no_grad():
@@ -209,12 +211,23 @@ def main():
     os.rename(tmp, a.out)
     stages["writing"] = time.perf_counter() - t
     print(json.dumps({
-        "peer": "torch-cpu gptq",
+        "peer": peer,
         "threads": torch.get_num_threads(),
         "seconds": time.perf_counter() - t0,
         "stages": stages,
         "calibration_tokens": int(ids.numel()),
     }))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(ap)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--no-clip", action="store_true")
+    a = ap.parse_args()
+    run(a, "torch-cpu gptq",
+        lambda _l, _n, w, h: gptq(w, h.float(), a.bits, a.group_size, a.damp, not a.no_clip))
 
 
 if __name__ == "__main__":

@@ -251,6 +251,9 @@ mod tests {
             ("caldera.rank", |o| o.caldera.rank = Some(7)),
             ("caldera.outer_iters", |o| o.caldera.outer_iters += 1),
             ("caldera.patience", |o| o.caldera.patience += 1),
+            ("caldera.placement", |o| {
+                o.caldera.placement = crate::lowrank::fit::Placement::Gpu
+            }),
             ("rht", |o| o.rht = !o.rht),
         ];
         let b = fp(&base());

@@ -95,6 +95,7 @@ pub(crate) fn quantize_matrix(
             oversample: 10,
             power_iters: 2,
             seed,
+            placement: cs.placement,
         };
         let d = decompose(gpu, &wv, m, n, g.h, &co)?;
         let mut packed = pack(&d.q)?;

@@ -48,6 +48,8 @@ pub struct CalderaSettings {
     pub patience: usize,
     /// Least-squares clip search for the L and R grids.
     pub clip: bool,
+    /// Where the low-rank step's products run (`--lowrank-on`).
+    pub placement: crate::lowrank::fit::Placement,
 }
 
 impl Default for CalderaSettings {
@@ -61,6 +63,7 @@ impl Default for CalderaSettings {
             inner_iters: 10,
             patience: 0,
             clip: true,
+            placement: crate::lowrank::fit::Placement::Auto,
         }
     }
 }
