@@ -4,6 +4,9 @@
 //   x[i + d/2] ← x[i + d/2] cos θ + x[i] sin θ
 // θ = position · inv_freq[i]; cos/sin come from a host-computed table [positions, d/2] (f64 on
 // the host, so default, linear and llama3 scaling all reduce to the table).
+//
+// Specialized by the host: SIGN, 1.0 for the rotation, −1.0 for its inverse (= its transpose:
+// the gradient of the rotation, rotating dy back).
 
 struct Params {
     rows: u32,      // rows of x in this dispatch
@@ -22,6 +25,8 @@ struct Params {
 @group(0) @binding(3) var<storage, read> sin_t: array<f32>;
 @group(0) @binding(4) var<storage, read_write> x: array<f32>;
 
+const SIGN: f32 = {{SIGN}};
+
 @compute @workgroup_size(64, 1, 1)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let i = gid.x % p.half;
@@ -32,7 +37,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let pos = min(positions[p.row_off + r], p.max_pos - 1u);
     let c = cos_t[pos * p.half + i];
-    let s = sin_t[pos * p.half + i];
+    let s = SIGN * sin_t[pos * p.half + i];
     let base = p.x_off + r * p.heads * 2u * p.half + head * 2u * p.half;
     let x1 = x[base + i];
     let x2 = x[base + i + p.half];

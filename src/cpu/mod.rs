@@ -116,6 +116,7 @@ mod tests {
 }
 
 pub mod forward;
+pub mod grad;
 
 /// Reference transformer pieces in f64, matching the kernels in `gpu::ops`.
 pub mod ops {

@@ -9,13 +9,15 @@
 //! - [`GpuMatrix`]: row-major matrices split into binding-sized row chunks.
 //! - [`tune`]: kernel configurations per adapter, timed at first use and cached.
 //! - [`profile`]: GPU time per kernel (timestamps) and pipeline build time.
-//! - kernels: [`gemm`], [`hessian`], and the transformer ops in [`ops`].
+//! - kernels: [`gemm`], [`hessian`], the transformer ops in [`ops`], their gradients and the
+//!   optimizer in [`grad`].
 
 pub mod adapter;
 mod batch;
 pub mod buffer;
 mod context;
 pub mod gemm;
+pub mod grad;
 pub mod hessian;
 mod matrix;
 mod operand;

@@ -252,6 +252,30 @@ pub fn rope(
     positions: &GpuBuffer,
     table: &RopeTable,
 ) -> Result<()> {
+    rope_signed(batch, x, rows, heads, positions, table, false)
+}
+
+/// The gradient of [`rope`]: dy rotated back in place (the inverse rotation, its transpose).
+pub fn rope_backward(
+    batch: &mut Batch<'_>,
+    dy: &GpuMatrix,
+    rows: Range<usize>,
+    heads: usize,
+    positions: &GpuBuffer,
+    table: &RopeTable,
+) -> Result<()> {
+    rope_signed(batch, dy, rows, heads, positions, table, true)
+}
+
+fn rope_signed(
+    batch: &mut Batch<'_>,
+    x: &GpuMatrix,
+    rows: Range<usize>,
+    heads: usize,
+    positions: &GpuBuffer,
+    table: &RopeTable,
+    inverse: bool,
+) -> Result<()> {
     let half = table.half;
     check(
         x.cols() == heads * 2 * half
@@ -266,7 +290,8 @@ pub fn rope(
         },
     )?;
     let gpu = batch.gpu();
-    let pipeline = gpu.pipeline(&ROPE, &Spec::new())?;
+    let sign = if inverse { "-1.0" } else { "1.0" };
+    let pipeline = gpu.pipeline(&ROPE, &Spec::new().set("SIGN", sign))?;
     for (c, local0, n, global0) in x.segments(rows) {
         let mut r = 0;
         while r < n {

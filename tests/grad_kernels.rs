@@ -1,0 +1,273 @@
+//! Backward kernels and the optimizer against their f64 references: each reference checked by
+//! central finite differences of the f64 forward, each GPU kernel against finite differences
+//! directly (relative error ≤ 1e-3, the must-show of on-device adaptation) and against the
+//! analytic reference on awkward shapes (one row, one column, primes, operands split into many
+//! binding-sized chunks).
+
+mod common;
+
+use common::random;
+use pumice::cpu::grad as reference;
+use pumice::dtype::DType;
+use pumice::gpu::grad::{adamw_step, rms_norm_backward, sum_squares, swiglu_backward, AdamW};
+use pumice::gpu::ops::{self, RopeTable};
+use pumice::gpu::{Batch, Gpu, GpuMatrix};
+
+fn wide(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+fn up(gpu: &Gpu, rows: usize, cols: usize, v: &[f32]) -> GpuMatrix {
+    GpuMatrix::from_f32(gpu, rows, cols, DType::F32, v).unwrap()
+}
+
+fn down(gpu: &Gpu, m: &GpuMatrix) -> Vec<f64> {
+    wide(&m.to_f32(gpu).unwrap())
+}
+
+/// ‖got − want‖ / ‖want‖.
+fn rel(got: &[f64], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let num: f64 = got.iter().zip(want).map(|(a, b)| (a - b).powi(2)).sum();
+    let den: f64 = want.iter().map(|b| b * b).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Finite differences of L(x) = ⟨dy, f(x)⟩.
+fn fd(x: &[f64], dy: &[f64], f: &dyn Fn(&[f64]) -> Vec<f64>) -> Vec<f64> {
+    reference::finite_differences(x, 1e-6, &|x| dot(dy, &f(x)))
+}
+
+const EPS: f32 = 1e-5;
+
+#[test]
+fn rms_norm_backward_matches_finite_differences() {
+    let gpu = common::gpu();
+    for (rows, h, seed) in [(1usize, 1usize, 1u64), (1, 7, 2), (3, 64, 3), (5, 257, 4)] {
+        let x = random(rows * h, seed, 0.1);
+        let w = random(h, seed + 1, 1.0);
+        let dy = random(rows * h, seed + 2, 0.0);
+        let (xd, wd, dyd) = (wide(&x), wide(&w), wide(&dy));
+        let eps = EPS as f64;
+        let fd_x = fd(&xd, &dyd, &|x| reference::rms_norm(x, &wd, h, eps));
+        let fd_w = fd(&wd, &dyd, &|w| reference::rms_norm(&xd, w, h, eps));
+        let (rx, rw) = reference::rms_norm_backward(&xd, &wd, &dyd, h, eps);
+        // Relative to the whole gradient (x's and w's): with h = 1 the output is ±w and dx is
+        // nearly 0, so its own relative error would measure rounding, not the formula.
+        let whole = [fd_x.clone(), fd_w.clone()].concat();
+        let norm: f64 = dot(&whole, &whole).sqrt();
+        let err = |got: &[f64], want: &[f64]| rel(got, want) * dot(want, want).sqrt() / norm;
+        assert!(err(&rx, &fd_x) <= 1e-6, "{rows}x{h}: reference dx");
+        assert!(err(&rw, &fd_w) <= 1e-6, "{rows}x{h}: reference dw");
+
+        let dx = GpuMatrix::zeros(&gpu, rows, h).unwrap();
+        let dw = GpuMatrix::zeros(&gpu, 1, h).unwrap();
+        let mut b = Batch::new(&gpu);
+        let (xm, wm, dym) = (
+            up(&gpu, rows, h, &x),
+            up(&gpu, 1, h, &w),
+            up(&gpu, rows, h, &dy),
+        );
+        rms_norm_backward(&mut b, &xm, &wm, &dym, EPS, &dx, false, &dw).unwrap();
+        b.submit().unwrap();
+        let (ex, ew) = (err(&down(&gpu, &dx), &fd_x), err(&down(&gpu, &dw), &fd_w));
+        eprintln!("rmsnorm {rows}x{h}: dx {ex:.2e}, dw {ew:.2e} vs finite differences");
+        assert!(ex <= 1e-3 && ew <= 1e-3, "{rows}x{h}: dx {ex:e}, dw {ew:e}");
+    }
+}
+
+#[test]
+fn rms_norm_backward_on_awkward_and_chunked_shapes() {
+    // 1 KiB bindings: 37 f32 columns give 4 rows per chunk, so x, dy and dx (and the r
+    // buffer's rows) are split many times; bf16 weights as checkpoints store them.
+    for (gpu, rows, h, chunked) in [
+        (common::gpu(), 1usize, 3000usize, false),
+        (common::gpu(), 131, 97, false),
+        (common::gpu_limited(1024), 61, 37, true),
+    ] {
+        let x = random(rows * h, 7, 0.0);
+        let w: Vec<f32> = random(h, 8, 1.0)
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_f32())
+            .collect();
+        let dy = random(rows * h, 9, 0.0);
+        let (rx, rw) =
+            reference::rms_norm_backward(&wide(&x), &wide(&w), &wide(&dy), h, EPS as f64);
+        let wm = GpuMatrix::from_f32(&gpu, 1, h, DType::BF16, &w).unwrap();
+        let prior = random(rows * h, 10, 0.0);
+        let dx = up(&gpu, rows, h, &prior);
+        let dw = up(&gpu, 1, h, &vec![0.5; h]);
+        let mut b = Batch::new(&gpu);
+        let (xm, dym) = (up(&gpu, rows, h, &x), up(&gpu, rows, h, &dy));
+        // Accumulating: dx += gradient, dw += gradient.
+        rms_norm_backward(&mut b, &xm, &wm, &dym, EPS, &dx, true, &dw).unwrap();
+        b.submit().unwrap();
+        let want_x: Vec<f64> = rx.iter().zip(&prior).map(|(g, p)| g + *p as f64).collect();
+        let want_w: Vec<f64> = rw.iter().map(|g| g + 0.5).collect();
+        let (ex, ew) = (
+            rel(&down(&gpu, &dx), &want_x),
+            rel(&down(&gpu, &dw), &want_w),
+        );
+        assert!(ex <= 1e-5 && ew <= 1e-5, "{rows}x{h}: dx {ex:e}, dw {ew:e}");
+        assert_eq!(dx.chunks().len() > 1, chunked);
+    }
+}
+
+#[test]
+fn swiglu_backward_matches_finite_differences() {
+    for (gpu, rows, cols) in [
+        (common::gpu(), 1usize, 1usize),
+        (common::gpu(), 7, 13),
+        (common::gpu(), 33, 517),
+        (common::gpu_limited(1024), 29, 61),
+    ] {
+        let g: Vec<f32> = random(rows * cols, 11, 0.0)
+            .iter()
+            .map(|v| 4.0 * v)
+            .collect();
+        let u = random(rows * cols, 12, 0.0);
+        let dy = random(rows * cols, 13, 0.0);
+        let (gd, ud, dyd) = (wide(&g), wide(&u), wide(&dy));
+        let (rg, ru) = reference::swiglu_backward(&gd, &ud, &dyd);
+        if rows * cols <= 1000 {
+            let fd_g = fd(&gd, &dyd, &|g| reference::swiglu(g, &ud));
+            let fd_u = fd(&ud, &dyd, &|u| reference::swiglu(&gd, u));
+            assert!(rel(&rg, &fd_g) <= 1e-6 && rel(&ru, &fd_u) <= 1e-6);
+        }
+        let (dg, du) = (
+            GpuMatrix::zeros(&gpu, rows, cols).unwrap(),
+            GpuMatrix::zeros(&gpu, rows, cols).unwrap(),
+        );
+        let mut b = Batch::new(&gpu);
+        let (gm, um, dym) = (
+            up(&gpu, rows, cols, &g),
+            up(&gpu, rows, cols, &u),
+            up(&gpu, rows, cols, &dy),
+        );
+        swiglu_backward(&mut b, &gm, &um, &dym, &dg, &du).unwrap();
+        b.submit().unwrap();
+        let (eg, eu) = (rel(&down(&gpu, &dg), &rg), rel(&down(&gpu, &du), &ru));
+        eprintln!("swiglu {rows}x{cols}: dg {eg:.2e}, du {eu:.2e}");
+        assert!(
+            eg <= 1e-5 && eu <= 1e-5,
+            "{rows}x{cols}: dg {eg:e}, du {eu:e}"
+        );
+    }
+}
+
+#[test]
+fn rope_backward_is_the_gradient_of_rope() {
+    let gpu = common::gpu();
+    for (rows, heads, half, seed) in [
+        (1usize, 1usize, 1usize, 1u64),
+        (5, 3, 16, 2),
+        (17, 2, 32, 3),
+    ] {
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / (2 * half) as f32))
+            .collect();
+        let positions: Vec<u32> = (0..rows).map(|r| ((r as u32) * 389 + 7) % 2048).collect();
+        let cols = heads * 2 * half;
+        let x = wide(&random(rows * cols, seed, 0.0));
+        let dy = random(rows * cols, seed + 1, 0.0);
+        let dyd = wide(&dy);
+        let fd_x = fd(&x, &dyd, &|x| {
+            reference::rope(x, heads, &inv_freq, &positions, false)
+        });
+        let rx = reference::rope_backward(&dyd, heads, &inv_freq, &positions);
+        assert!(rel(&rx, &fd_x) <= 1e-6, "reference");
+        let table = RopeTable::new(&gpu, &inv_freq, 2048).unwrap();
+        let pos = ops::upload_u32(&gpu, &positions).unwrap();
+        let m = up(&gpu, rows, cols, &dy);
+        let mut b = Batch::new(&gpu);
+        ops::rope_backward(&mut b, &m, 0..rows, heads, &pos, &table).unwrap();
+        b.submit().unwrap();
+        let e = rel(&down(&gpu, &m), &fd_x);
+        eprintln!("rope {rows}x{heads}x{half}: {e:.2e} vs finite differences");
+        assert!(
+            e <= 1e-3,
+            "{rows} rows, {heads} heads of {}: {e:e}",
+            2 * half
+        );
+    }
+}
+
+#[test]
+fn adamw_steps_match_the_f64_reference() {
+    for (gpu, rows, cols) in [
+        (common::gpu(), 1usize, 1usize),
+        (common::gpu(), 5, 311),
+        (common::gpu_limited(1024), 23, 45),
+    ] {
+        let n = rows * cols;
+        let opt = AdamW {
+            lr: 3e-3,
+            weight_decay: 0.1,
+            ..AdamW::default()
+        };
+        let hyper = (
+            opt.lr as f64,
+            opt.beta1 as f64,
+            opt.beta2 as f64,
+            opt.eps as f64,
+            opt.weight_decay as f64,
+        );
+        let theta0 = random(n, 21, 0.0);
+        let (theta, m, v) = (
+            up(&gpu, rows, cols, &theta0),
+            GpuMatrix::zeros(&gpu, rows, cols).unwrap(),
+            GpuMatrix::zeros(&gpu, rows, cols).unwrap(),
+        );
+        let mut want = (wide(&theta0), vec![0.0; n], vec![0.0; n]);
+        for t in 1..=4u32 {
+            let grad = random(n, 30 + t as u64, 0.0);
+            // Gradients are representable in f32, so the f64 reference sees the same ones.
+            let scale = if t == 3 { 0.25f32 } else { 1.0 };
+            want = reference::adamw(
+                &want.0,
+                &want.1,
+                &want.2,
+                &wide(&grad),
+                t,
+                scale as f64,
+                hyper,
+            );
+            let mut b = Batch::new(&gpu);
+            let gm = up(&gpu, rows, cols, &grad);
+            adamw_step(&mut b, &opt, t, scale, &gm, &theta, &m, &v).unwrap();
+            b.submit().unwrap();
+        }
+        let e = rel(&down(&gpu, &theta), &want.0);
+        let em = rel(&down(&gpu, &m), &want.1);
+        let ev = rel(&down(&gpu, &v), &want.2);
+        assert!(
+            e <= 1e-6 && em <= 1e-6 && ev <= 1e-6,
+            "{rows}x{cols}: θ {e:e}, m {em:e}, v {ev:e}"
+        );
+    }
+}
+
+#[test]
+fn sum_squares_of_several_chunked_matrices() {
+    let gpu = common::gpu_limited(1024);
+    let a = random(1, 41, 0.0);
+    let b = random(97 * 33, 42, 0.3);
+    let c = random(300 * 7, 43, -0.2);
+    let want: f64 = [&a, &b, &c]
+        .iter()
+        .flat_map(|v| v.iter())
+        .map(|&x| x as f64 * x as f64)
+        .sum();
+    let (am, bm, cm) = (
+        up(&gpu, 1, 1, &a),
+        up(&gpu, 97, 33, &b),
+        up(&gpu, 300, 7, &c),
+    );
+    assert!(bm.chunks().len() > 1);
+    let got = sum_squares(&gpu, &[&am, &bm, &cm]).unwrap();
+    assert!((got - want).abs() <= 1e-6 * want, "{got} vs {want}");
+}
