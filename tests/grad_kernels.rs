@@ -271,3 +271,86 @@ fn sum_squares_of_several_chunked_matrices() {
     let got = sum_squares(&gpu, &[&am, &bm, &cm]).unwrap();
     assert!((got - want).abs() <= 1e-6 * want, "{got} vs {want}");
 }
+
+/// The LM head's loss and dh over blocks of positions: cross-entropy (with ignored positions)
+/// and KL against a teacher, against the f64 reference (itself checked by finite differences),
+/// with block sizes that split the positions unevenly, bf16 heads and heads larger than a
+/// binding.
+#[test]
+fn lm_head_loss_and_gradient_in_blocks_of_positions() {
+    use pumice::cpu::grad::{lm_head_loss, Scored};
+    use pumice::gpu::xent::{lm_head_loss_backward, Objective, IGNORE};
+    for (gpu, t, d, v, block, seed) in [
+        (common::gpu(), 1usize, 1usize, 1usize, None, 1u64),
+        (common::gpu(), 5, 3, 7, Some(2), 2),
+        (common::gpu(), 37, 64, 1000, Some(8), 3),
+        (common::gpu(), 19, 32, 4099, None, 4),
+        // 64 KiB bindings: the head is split into chunks, 16 positions per logit block.
+        (common::gpu_limited(64 << 10), 41, 48, 1000, None, 5),
+    ] {
+        let h = random(t * d, seed, 0.0);
+        let head: Vec<f32> = random(v * d, seed + 1, 0.0)
+            .iter()
+            .map(|&x| half::bf16::from_f32(2.0 * x).to_f32())
+            .collect();
+        let targets: Vec<u32> = (0..t)
+            .map(|r| {
+                if r % 5 == 3 {
+                    IGNORE
+                } else {
+                    ((r * 7919 + 13) % v) as u32
+                }
+            })
+            .collect();
+        let dt = d + 3;
+        let th = random(t * dt, seed + 2, 0.0);
+        let thead = random(v * dt, seed + 3, 0.0);
+        let (hd, wd) = (wide(&h), wide(&head));
+        let (thd, twd) = (wide(&th), wide(&thead));
+        let hm = up(&gpu, t, d, &h);
+        let wm = GpuMatrix::from_f32(&gpu, v, d, DType::BF16, &head).unwrap();
+        let (thm, twm) = (up(&gpu, t, dt, &th), up(&gpu, v, dt, &thead));
+        let cases: [(&str, Scored, Objective); 2] = [
+            (
+                "ce",
+                Scored::Targets(&targets),
+                Objective::Targets(&targets),
+            ),
+            (
+                "kl",
+                Scored::Teacher {
+                    hidden: &thd,
+                    head: &twd,
+                    d: dt,
+                },
+                Objective::Teacher {
+                    hidden: &thm,
+                    head: &twm,
+                },
+            ),
+        ];
+        for (name, scored, objective) in cases {
+            let (want_loss, want_dh) = lm_head_loss(&hd, &wd, t, d, v, &scored);
+            if t * d <= 200 {
+                let fd_h = reference::finite_differences(&hd, 1e-6, &|x| {
+                    lm_head_loss(x, &wd, t, d, v, &scored).0
+                });
+                assert!(rel(&want_dh, &fd_h) <= 1e-6, "{name} reference {t}x{d}x{v}");
+            }
+            let dh = up(&gpu, t, d, &vec![7.0; t * d]);
+            let loss = lm_head_loss_backward(&gpu, &hm, &wm, &objective, &dh, block).unwrap();
+            let e = rel(&down(&gpu, &dh), &want_dh);
+            eprintln!(
+                "{name} t {t} d {d} v {v} block {block:?}: loss {loss:.6} vs {want_loss:.6}, dh {e:.2e}"
+            );
+            assert!(
+                (loss - want_loss).abs() <= 1e-5 * want_loss.abs().max(1e-3),
+                "{name}: loss {loss} vs {want_loss}"
+            );
+            assert!(
+                e <= 1e-4 || (want_dh.iter().all(|&x| x == 0.0) && e.is_finite()),
+                "{name}: dh {e:e}"
+            );
+        }
+    }
+}

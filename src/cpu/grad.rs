@@ -129,3 +129,80 @@ pub fn finite_differences(x: &[f64], eps: f64, f: &dyn Fn(&[f64]) -> f64) -> Vec
         })
         .collect()
 }
+
+/// What [`lm_head_loss`] scores the logits against (as `gpu::xent::Objective`).
+pub enum Scored<'a> {
+    /// Target ids per position (`u32::MAX`: ignored).
+    Targets(&'a [u32]),
+    /// The teacher's final hidden states (t × d) and head (v × d).
+    Teacher {
+        hidden: &'a [f64],
+        head: &'a [f64],
+        d: usize,
+    },
+}
+
+/// Row r of x · wᵀ (x: rows × d, w: v × d).
+fn logits_row(x: &[f64], w: &[f64], r: usize, d: usize, v: usize) -> Vec<f64> {
+    (0..v)
+        .map(|j| (0..d).map(|c| x[r * d + c] * w[j * d + c]).sum())
+        .collect()
+}
+
+fn log_softmax(z: &[f64]) -> Vec<f64> {
+    let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let lse = m + z.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+    z.iter().map(|x| x - lse).collect()
+}
+
+/// The mean loss of logits h·wᵀ (h: t × d, w: v × d) and its gradient with respect to h.
+pub fn lm_head_loss(
+    h: &[f64],
+    w: &[f64],
+    t: usize,
+    d: usize,
+    v: usize,
+    obj: &Scored<'_>,
+) -> (f64, Vec<f64>) {
+    let mut dh = vec![0.0; t * d];
+    let counted: Vec<bool> = (0..t)
+        .map(|r| match obj {
+            Scored::Targets(ids) => ids[r] != u32::MAX,
+            Scored::Teacher { .. } => true,
+        })
+        .collect();
+    let count = counted.iter().filter(|&&c| c).count();
+    if count == 0 {
+        return (0.0, dh);
+    }
+    let mut total = 0.0;
+    for r in (0..t).filter(|&r| counted[r]) {
+        let lp = log_softmax(&logits_row(h, w, r, d, v));
+        let mut dz: Vec<f64> = lp.iter().map(|l| l.exp()).collect();
+        match obj {
+            Scored::Targets(ids) => {
+                let y = ids[r] as usize;
+                total -= lp[y];
+                dz[y] -= 1.0;
+            }
+            Scored::Teacher {
+                hidden,
+                head,
+                d: dt,
+            } => {
+                let lt = log_softmax(&logits_row(hidden, head, r, *dt, v));
+                for j in 0..v {
+                    let pt = lt[j].exp();
+                    total += pt * (lt[j] - lp[j]);
+                    dz[j] -= pt;
+                }
+            }
+        }
+        for j in 0..v {
+            for c in 0..d {
+                dh[r * d + c] += dz[j] * w[j * d + c] / count as f64;
+            }
+        }
+    }
+    (total / count as f64, dh)
+}

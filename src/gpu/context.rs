@@ -331,11 +331,16 @@ impl Gpu {
         }
         let buf = self.buffer(len, usage)?;
         if zeroed {
-            let mut enc = self.device.create_command_encoder(&Default::default());
-            enc.clear_buffer(buf.raw(), 0, Some(len));
-            self.queue.submit([enc.finish()]);
+            self.clear(&buf);
         }
         Ok(buf)
+    }
+
+    /// Queue zeroing a whole buffer (after all work submitted so far).
+    pub fn clear(&self, buf: &GpuBuffer) {
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        enc.clear_buffer(buf.raw(), 0, Some(buf.len()));
+        self.queue.submit([enc.finish()]);
     }
 
     pub(crate) fn buffer(&self, len: u64, usage: wgpu::BufferUsages) -> Result<GpuBuffer> {

@@ -10,7 +10,7 @@
 //! - [`tune`]: kernel configurations per adapter, timed at first use and cached.
 //! - [`profile`]: GPU time per kernel (timestamps) and pipeline build time.
 //! - kernels: [`gemm`], [`hessian`], the transformer ops in [`ops`], their gradients and the
-//!   optimizer in [`grad`].
+//!   optimizer in [`grad`], the LM head's loss and gradient in blocks of positions in [`xent`].
 
 pub mod adapter;
 mod batch;
@@ -27,6 +27,7 @@ pub mod profile;
 pub mod quant;
 mod reduce;
 pub mod tune;
+pub mod xent;
 
 pub use adapter::{
     device_options, list_adapters, AdapterReport, AdapterSelector, BackendChoice, DeviceSet,
