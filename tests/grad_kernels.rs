@@ -354,3 +354,70 @@ fn lm_head_loss_and_gradient_in_blocks_of_positions() {
         }
     }
 }
+
+/// Attention backward: the f64 reference against finite differences of the f64 attention,
+/// the GPU against finite differences (small shapes) and the reference (GQA, windows, head
+/// dimensions that are and are not multiples of 4, one position, sequences in separate chunks).
+#[test]
+fn attention_backward_matches_finite_differences() {
+    use pumice::gpu::attn_grad::{attention_backward, AttnGradShape};
+    for (gpu, nseq, t, heads, kv, d, window, seed, chunked) in [
+        (common::gpu(), 1usize, 1usize, 1usize, 1usize, 4usize, 0usize, 1u64, false),
+        (common::gpu(), 2, 5, 2, 1, 3, 0, 2, false),
+        (common::gpu(), 1, 7, 4, 2, 8, 3, 3, false),
+        (common::gpu(), 3, 37, 6, 2, 16, 0, 4, false),
+        (common::gpu(), 2, 64, 2, 2, 64, 0, 5, false),
+        // A real family's attention at a real context: Qwen2.5-0.5B (14 heads, 2 kv heads of
+        // 64) over 1024 positions.
+        (common::gpu(), 1, 1024, 14, 2, 64, 0, 7, false),
+        // 3 KiB bindings: one sequence of 13 rows per chunk of q, o, dout, dq; two per
+        // chunk of k, v, dk, dv — so the segments follow both.
+        (common::gpu_limited(3072), 4, 13, 4, 2, 12, 5, 6, true),
+    ] {
+        let (qw, kw) = (heads * d, kv * d);
+        let rows = nseq * t;
+        let q = random(rows * qw, seed, 0.0);
+        let k = random(rows * kw, seed + 1, 0.0);
+        let v = random(rows * kw, seed + 2, 0.0);
+        let dout = random(rows * qw, seed + 3, 0.0);
+        let (qd, kd, vd, gd) = (wide(&q), wide(&k), wide(&v), wide(&dout));
+        let (rq, rk, rv) = reference::attention_backward(&qd, &kd, &vd, &gd, nseq, t, heads, kv, d, window);
+        let small = rows * qw <= 300;
+        let fwd = |q: &[f64], k: &[f64], v: &[f64]| reference::attention(q, k, v, nseq, t, heads, kv, d, window);
+        if small {
+            let fq = fd(&qd, &gd, &|x| fwd(x, &kd, &vd));
+            let fk = fd(&kd, &gd, &|x| fwd(&qd, x, &vd));
+            let fv = fd(&vd, &gd, &|x| fwd(&qd, &kd, x));
+            assert!(rel(&rq, &fq) <= 1e-6 && rel(&rk, &fk) <= 1e-6 && rel(&rv, &fv) <= 1e-6, "reference");
+        }
+        let o: Vec<f32> = fwd(&qd, &kd, &vd).iter().map(|&x| x as f32).collect();
+        let grouped = |w: usize, vals: &[f32]| {
+            let m = GpuMatrix::from_f32_grouped(&gpu, rows, w, t, vals).unwrap();
+            assert_eq!(m.chunks().len() > 1, chunked);
+            m
+        };
+        let (qm, km, vm, om, gm) = (
+            grouped(qw, &q),
+            grouped(kw, &k),
+            grouped(kw, &v),
+            grouped(qw, &o),
+            grouped(qw, &dout),
+        );
+        let (dq, dk, dv) = (
+            grouped(qw, &vec![0.0; rows * qw]),
+            grouped(kw, &vec![0.0; rows * kw]),
+            grouped(kw, &vec![0.0; rows * kw]),
+        );
+        let shape = AttnGradShape { nseq, t, heads, kv_heads: kv, head_dim: d, window };
+        let mut b = Batch::new(&gpu);
+        attention_backward(&mut b, shape, &qm, &km, &vm, &om, &gm, &dq, &dk, &dv).unwrap();
+        b.submit().unwrap();
+        let (eq, ek, ev) = (
+            rel(&down(&gpu, &dq), &rq),
+            rel(&down(&gpu, &dk), &rk),
+            rel(&down(&gpu, &dv), &rv),
+        );
+        eprintln!("attention {shape:?}: dq {eq:.2e}, dk {ek:.2e}, dv {ev:.2e}");
+        assert!(eq <= 1e-4 && ek <= 1e-4 && ev <= 1e-4, "{shape:?}: {eq:e} {ek:e} {ev:e}");
+    }
+}

@@ -206,3 +206,117 @@ pub fn lm_head_loss(
     }
     (total / count as f64, dh)
 }
+
+/// Causal GQA attention of a prefill batch in f64: q [nseq·t, heads·d], k/v [nseq·t, kv·d];
+/// query i attends to keys j ≤ i (and j > i − window when window > 0). Returns (o, P) with the
+/// probabilities P per (sequence, head, i, j) for the backward.
+#[allow(clippy::too_many_arguments)]
+fn attention_probs(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    nseq: usize,
+    t: usize,
+    heads: usize,
+    kv: usize,
+    d: usize,
+    window: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let mut o = vec![0.0; nseq * t * heads * d];
+    let mut probs = vec![0.0; nseq * heads * t * t];
+    let scale = 1.0 / (d as f64).sqrt();
+    for b in 0..nseq {
+        for h in 0..heads {
+            let kh = h / (heads / kv);
+            for i in 0..t {
+                let lo = if window > 0 && i + 1 > window { i + 1 - window } else { 0 };
+                let qi = &q[((b * t + i) * heads + h) * d..][..d];
+                let s: Vec<f64> = (lo..=i)
+                    .map(|j| {
+                        let kj = &k[((b * t + j) * kv + kh) * d..][..d];
+                        qi.iter().zip(kj).map(|(x, y)| x * y).sum::<f64>() * scale
+                    })
+                    .collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                for (jj, sj) in s.iter().enumerate() {
+                    let j = lo + jj;
+                    let pr = (sj - m).exp() / z;
+                    probs[((b * heads + h) * t + i) * t + j] = pr;
+                    let vj = &v[((b * t + j) * kv + kh) * d..][..d];
+                    for c in 0..d {
+                        o[((b * t + i) * heads + h) * d + c] += pr * vj[c];
+                    }
+                }
+            }
+        }
+    }
+    (o, probs)
+}
+
+/// [`attention_probs`]'s output alone.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    nseq: usize,
+    t: usize,
+    heads: usize,
+    kv: usize,
+    d: usize,
+    window: usize,
+) -> Vec<f64> {
+    attention_probs(q, k, v, nseq, t, heads, kv, d, window).0
+}
+
+/// (dq, dk, dv) of [`attention`] for the output gradient `dout`: dV = Pᵀ dO, dP = dO Vᵀ,
+/// dS = P ⊙ (dP − rowsum(P ⊙ dP)), dQ = scale·dS K, dK = scale·dSᵀ Q (summed over the heads
+/// sharing a kv head).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    dout: &[f64],
+    nseq: usize,
+    t: usize,
+    heads: usize,
+    kv: usize,
+    d: usize,
+    window: usize,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (_, probs) = attention_probs(q, k, v, nseq, t, heads, kv, d, window);
+    let scale = 1.0 / (d as f64).sqrt();
+    let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+    for b in 0..nseq {
+        for h in 0..heads {
+            let kh = h / (heads / kv);
+            for i in 0..t {
+                let qi = ((b * t + i) * heads + h) * d;
+                let pr = |j: usize| probs[((b * heads + h) * t + i) * t + j];
+                let dp: Vec<f64> = (0..t)
+                    .map(|j| {
+                        let vj = ((b * t + j) * kv + kh) * d;
+                        (0..d).map(|c| dout[qi + c] * v[vj + c]).sum()
+                    })
+                    .collect();
+                let rowsum: f64 = (0..t).map(|j| pr(j) * dp[j]).sum();
+                for j in 0..t {
+                    let p = pr(j);
+                    if p == 0.0 {
+                        continue;
+                    }
+                    let kj = ((b * t + j) * kv + kh) * d;
+                    let ds = p * (dp[j] - rowsum);
+                    for c in 0..d {
+                        dq[qi + c] += scale * ds * k[kj + c];
+                        dk[kj + c] += scale * ds * q[qi + c];
+                        dv[kj + c] += p * dout[qi + c];
+                    }
+                }
+            }
+        }
+    }
+    (dq, dk, dv)
+}

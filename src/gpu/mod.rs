@@ -13,6 +13,7 @@
 //!   optimizer in [`grad`], the LM head's loss and gradient in blocks of positions in [`xent`].
 
 pub mod adapter;
+pub mod attn_grad;
 mod batch;
 pub mod buffer;
 mod context;
