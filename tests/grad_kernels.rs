@@ -362,7 +362,17 @@ fn lm_head_loss_and_gradient_in_blocks_of_positions() {
 fn attention_backward_matches_finite_differences() {
     use pumice::gpu::attn_grad::{attention_backward, AttnGradShape};
     for (gpu, nseq, t, heads, kv, d, window, seed, chunked) in [
-        (common::gpu(), 1usize, 1usize, 1usize, 1usize, 4usize, 0usize, 1u64, false),
+        (
+            common::gpu(),
+            1usize,
+            1usize,
+            1usize,
+            1usize,
+            4usize,
+            0usize,
+            1u64,
+            false,
+        ),
         (common::gpu(), 2, 5, 2, 1, 3, 0, 2, false),
         (common::gpu(), 1, 7, 4, 2, 8, 3, 3, false),
         (common::gpu(), 3, 37, 6, 2, 16, 0, 4, false),
@@ -381,14 +391,20 @@ fn attention_backward_matches_finite_differences() {
         let v = random(rows * kw, seed + 2, 0.0);
         let dout = random(rows * qw, seed + 3, 0.0);
         let (qd, kd, vd, gd) = (wide(&q), wide(&k), wide(&v), wide(&dout));
-        let (rq, rk, rv) = reference::attention_backward(&qd, &kd, &vd, &gd, nseq, t, heads, kv, d, window);
+        let (rq, rk, rv) =
+            reference::attention_backward(&qd, &kd, &vd, &gd, nseq, t, heads, kv, d, window);
         let small = rows * qw <= 300;
-        let fwd = |q: &[f64], k: &[f64], v: &[f64]| reference::attention(q, k, v, nseq, t, heads, kv, d, window);
+        let fwd = |q: &[f64], k: &[f64], v: &[f64]| {
+            reference::attention(q, k, v, nseq, t, heads, kv, d, window)
+        };
         if small {
             let fq = fd(&qd, &gd, &|x| fwd(x, &kd, &vd));
             let fk = fd(&kd, &gd, &|x| fwd(&qd, x, &vd));
             let fv = fd(&vd, &gd, &|x| fwd(&qd, &kd, x));
-            assert!(rel(&rq, &fq) <= 1e-6 && rel(&rk, &fk) <= 1e-6 && rel(&rv, &fv) <= 1e-6, "reference");
+            assert!(
+                rel(&rq, &fq) <= 1e-6 && rel(&rk, &fk) <= 1e-6 && rel(&rv, &fv) <= 1e-6,
+                "reference"
+            );
         }
         let o: Vec<f32> = fwd(&qd, &kd, &vd).iter().map(|&x| x as f32).collect();
         let grouped = |w: usize, vals: &[f32]| {
@@ -408,7 +424,14 @@ fn attention_backward_matches_finite_differences() {
             grouped(kw, &vec![0.0; rows * kw]),
             grouped(kw, &vec![0.0; rows * kw]),
         );
-        let shape = AttnGradShape { nseq, t, heads, kv_heads: kv, head_dim: d, window };
+        let shape = AttnGradShape {
+            nseq,
+            t,
+            heads,
+            kv_heads: kv,
+            head_dim: d,
+            window,
+        };
         let mut b = Batch::new(&gpu);
         attention_backward(&mut b, shape, &qm, &km, &vm, &om, &gm, &dq, &dk, &dv).unwrap();
         b.submit().unwrap();
@@ -418,6 +441,132 @@ fn attention_backward_matches_finite_differences() {
             rel(&down(&gpu, &dv), &rv),
         );
         eprintln!("attention {shape:?}: dq {eq:.2e}, dk {ek:.2e}, dv {ev:.2e}");
-        assert!(eq <= 1e-4 && ek <= 1e-4 && ev <= 1e-4, "{shape:?}: {eq:e} {ek:e} {ev:e}");
+        assert!(
+            eq <= 1e-4 && ek <= 1e-4 && ev <= 1e-4,
+            "{shape:?}: {eq:e} {ek:e} {ev:e}"
+        );
+    }
+}
+
+/// y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ (W bf16 and frozen, LoRA's A and B): dx, dA, dB (and a dense dW)
+/// against the f64 gradients, themselves checked by finite differences of ⟨dy, y⟩ on the
+/// small shapes; awkward and chunked shapes.
+#[test]
+fn linear_and_low_rank_gradients_match_finite_differences() {
+    use pumice::gpu::linear_grad::{
+        linear_backward_input, linear_backward_weight, low_rank_backward, low_rank_forward,
+    };
+    // y (t × m) of row-major x (t × n), w (m × n), a (r × n), b (m × r), in f64.
+    let forward = |x: &[f64],
+                   w: &[f64],
+                   a: &[f64],
+                   b: &[f64],
+                   s: f64,
+                   t: usize,
+                   n: usize,
+                   m: usize,
+                   r: usize| {
+        let mut y = vec![0.0; t * m];
+        for i in 0..t {
+            let u: Vec<f64> = (0..r)
+                .map(|q| (0..n).map(|c| x[i * n + c] * a[q * n + c]).sum())
+                .collect();
+            for o in 0..m {
+                let dense: f64 = (0..n).map(|c| x[i * n + c] * w[o * n + c]).sum();
+                let low: f64 = (0..r).map(|q| u[q] * b[o * r + q]).sum();
+                y[i * m + o] = dense + s * low;
+            }
+        }
+        y
+    };
+    for (gpu, t, n, m, r, seed) in [
+        (common::gpu(), 1usize, 1usize, 1usize, 1usize, 1u64),
+        (common::gpu(), 7, 13, 11, 3, 2),
+        (common::gpu(), 37, 192, 64, 8, 3),
+        (common::gpu_limited(2048), 29, 67, 41, 5, 4),
+    ] {
+        let s = 16.0 / r as f32;
+        let x = random(t * n, seed, 0.0);
+        let w: Vec<f32> = random(m * n, seed + 1, 0.0)
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_f32())
+            .collect();
+        let a = random(r * n, seed + 2, 0.0);
+        let bm = random(m * r, seed + 3, 0.0);
+        let dy = random(t * m, seed + 4, 0.0);
+        let (xd, wd, ad, bd, dyd) = (wide(&x), wide(&w), wide(&a), wide(&bm), wide(&dy));
+        let sd = s as f64;
+        // The analytic gradients in f64, checked by finite differences where that is cheap:
+        // du = s·dy·B, dx = dy·W + du·A, dA = duᵀ·x, dB = s·dyᵀ·(x·Aᵀ), dW = dyᵀ·x.
+        let mul =
+            |p: &[f64], q: &[f64], rows: usize, inner: usize, cols: usize, pt: bool, qt: bool| {
+                let at = |v: &[f64], i: usize, j: usize, ld: usize, tr: bool| {
+                    if tr {
+                        v[j * ld + i]
+                    } else {
+                        v[i * ld + j]
+                    }
+                };
+                let (lp, lq) = (if pt { rows } else { inner }, if qt { inner } else { cols });
+                (0..rows * cols)
+                    .map(|idx| {
+                        (0..inner)
+                            .map(|k| at(p, idx / cols, k, lp, pt) * at(q, k, idx % cols, lq, qt))
+                            .sum()
+                    })
+                    .collect::<Vec<f64>>()
+            };
+        let du: Vec<f64> = mul(&dyd, &bd, t, m, r, false, false)
+            .iter()
+            .map(|v| sd * v)
+            .collect();
+        let fx: Vec<f64> = mul(&dyd, &wd, t, m, n, false, false)
+            .iter()
+            .zip(mul(&du, &ad, t, r, n, false, false))
+            .map(|(p, q)| p + q)
+            .collect();
+        let fa = mul(&du, &xd, r, t, n, true, false);
+        let ud = mul(&xd, &ad, t, n, r, false, true);
+        let fb: Vec<f64> = mul(&dyd, &ud, m, t, r, true, false)
+            .iter()
+            .map(|v| sd * v)
+            .collect();
+        let fw = mul(&dyd, &xd, m, t, n, true, false);
+        if t * n <= 100 {
+            let f =
+                |x: &[f64], w: &[f64], a: &[f64], b: &[f64]| forward(x, w, a, b, sd, t, n, m, r);
+            assert!(rel(&fx, &fd(&xd, &dyd, &|x| f(x, &wd, &ad, &bd))) <= 1e-6);
+            assert!(rel(&fa, &fd(&ad, &dyd, &|a| f(&xd, &wd, a, &bd))) <= 1e-6);
+            assert!(rel(&fb, &fd(&bd, &dyd, &|b| f(&xd, &wd, &ad, b))) <= 1e-6);
+            assert!(rel(&fw, &fd(&wd, &dyd, &|w| f(&xd, w, &ad, &bd))) <= 1e-6);
+        }
+
+        let xm = up(&gpu, t, n, &x);
+        let wm = GpuMatrix::from_f32(&gpu, m, n, DType::BF16, &w).unwrap();
+        let (am, bmm) = (up(&gpu, r, n, &a), up(&gpu, m, r, &bm));
+        let y = GpuMatrix::zeros(&gpu, t, m).unwrap();
+        let u = low_rank_forward(&gpu, &xm, &am, &bmm, s, &y).unwrap();
+        let want_low: Vec<f64> = forward(&xd, &vec![0.0; m * n], &ad, &bd, sd, t, n, m, r);
+        assert!(rel(&down(&gpu, &y), &want_low) <= 1e-5, "low-rank forward");
+        let dym = up(&gpu, t, m, &dy);
+        let dx = GpuMatrix::zeros(&gpu, t, n).unwrap();
+        let (da, db) = (
+            GpuMatrix::zeros(&gpu, r, n).unwrap(),
+            GpuMatrix::zeros(&gpu, m, r).unwrap(),
+        );
+        let dw = GpuMatrix::zeros(&gpu, m, n).unwrap();
+        linear_backward_input(&gpu, &dym, &wm, &dx, false).unwrap();
+        low_rank_backward(&gpu, &xm, &am, &bmm, s, &u, &dym, &da, &db, Some(&dx)).unwrap();
+        linear_backward_weight(&gpu, &xm, &dym, &dw, true).unwrap();
+        let errs = [
+            ("dx", rel(&down(&gpu, &dx), &fx)),
+            ("dA", rel(&down(&gpu, &da), &fa)),
+            ("dB", rel(&down(&gpu, &db), &fb)),
+            ("dW", rel(&down(&gpu, &dw), &fw)),
+        ];
+        eprintln!("linear t {t} n {n} m {m} r {r}: {errs:?}");
+        for (name, e) in errs {
+            assert!(e <= 1e-3, "{t}x{n}x{m} r {r}: {name} {e:e}");
+        }
     }
 }

@@ -1,4 +1,4 @@
-// C (+)= A · op(B), f32 accumulation, register-tiled.
+// C (+)= alpha · A · op(B), f32 accumulation, register-tiled.
 //
 // Each invocation computes a TM×(4·TN4) block of C held in TM·TN4 vec4 registers; a workgroup
 // of WG_X × WG_Y invocations covers a (TM·WG_Y) × (4·TN4·WG_X) tile. Operands are read straight from
@@ -26,8 +26,8 @@ struct Params {
     a_off: u32,      // element offset of A[0, 0] of this dispatch
     b_off: u32,      // element offset of op(B)[0, 0]
     c_off: u32,      // element offset of C[0, 0]
-    accumulate: u32, // 1: C += A·op(B); 0: C = A·op(B)
-    _pad0: u32,
+    accumulate: u32, // 1: C += alpha·A·op(B); 0: C = alpha·A·op(B)
+    alpha: f32,
     _pad1: u32,
 };
 
@@ -49,7 +49,7 @@ fn store(i: u32, j0: u32, v: vec4<f32>) {
     let base = p.c_off + i * p.ldc + j0;
     for (var c = 0u; c < 4u; c = c + 1u) {
         if (j0 + c < p.n) {
-            var x = v[c];
+            var x = p.alpha * v[c];
             if (p.accumulate != 0u) {
                 x = x + c_data[base + c];
             }

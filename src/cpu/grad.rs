@@ -229,7 +229,11 @@ fn attention_probs(
         for h in 0..heads {
             let kh = h / (heads / kv);
             for i in 0..t {
-                let lo = if window > 0 && i + 1 > window { i + 1 - window } else { 0 };
+                let lo = if window > 0 && i + 1 > window {
+                    i + 1 - window
+                } else {
+                    0
+                };
                 let qi = &q[((b * t + i) * heads + h) * d..][..d];
                 let s: Vec<f64> = (lo..=i)
                     .map(|j| {

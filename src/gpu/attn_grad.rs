@@ -89,7 +89,9 @@ fn expand_kv(spec: &Spec) -> Result<Vec<(&'static str, String)>> {
         load += &format!(
             "    let k{d} = k[kb + {d}u];\n    let v{d} = v[vb + {d}u];\n    var ak{d} = {vt}(0.0);\n    var av{d} = {vt}(0.0);\n"
         );
-        step += &format!("            let x{d} = q[qb + {d}u];\n            let y{d} = dout[gb + {d}u];\n");
+        step += &format!(
+            "            let x{d} = q[qb + {d}u];\n            let y{d} = dout[gb + {d}u];\n"
+        );
         store += &format!("    dk[ko + {d}u] = ak{d} * p.scale;\n    dv[vo + {d}u] = av{d};\n");
     }
     step += &format!(
@@ -160,8 +162,12 @@ pub fn attention_backward(
     check(
         kv_heads > 0
             && heads.is_multiple_of(kv_heads)
-            && [q, o, dout, dq].iter().all(|m| m.shape() == [rows, heads * hd])
-            && [k, v, dk, dv].iter().all(|m| m.shape() == [rows, kv_heads * hd])
+            && [q, o, dout, dq]
+                .iter()
+                .all(|m| m.shape() == [rows, heads * hd])
+            && [k, v, dk, dv]
+                .iter()
+                .all(|m| m.shape() == [rows, kv_heads * hd])
             && all.iter().all(|m| m.dtype() == DType::F32),
         || {
             format!(

@@ -142,7 +142,7 @@ struct GemmParams {
     b_off: u32,
     c_off: u32,
     accumulate: u32,
-    _pad0: u32,
+    alpha: f32,
     _pad1: u32,
 }
 
@@ -233,6 +233,32 @@ pub fn gemm_region(
     gemm_with_config(batch, a, a_rows, b, op, c, c_row0, c_col0, accumulate, cfg)
 }
 
+/// `C (+)= alpha · A · op(B)` over all rows (the gradients' scaled products: LoRA's α/r).
+pub fn gemm_scaled(
+    batch: &mut Batch<'_>,
+    a: &GpuMatrix,
+    b: &GpuMatrix,
+    op: GemmOp,
+    c: &GpuMatrix,
+    accumulate: bool,
+    alpha: f32,
+) -> Result<()> {
+    let cfg = GemmConfig::for_product(batch.gpu(), a.rows(), op.out_cols(b));
+    gemm_impl(
+        batch,
+        a,
+        0..a.rows(),
+        b,
+        op,
+        c,
+        0,
+        0,
+        accumulate,
+        cfg,
+        alpha,
+    )
+}
+
 /// [`gemm_region`] with the configuration given (tuning and the tests of every candidate).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_with_config(
@@ -246,6 +272,25 @@ pub fn gemm_with_config(
     c_col0: usize,
     accumulate: bool,
     cfg: GemmConfig,
+) -> Result<()> {
+    gemm_impl(
+        batch, a, a_rows, b, op, c, c_row0, c_col0, accumulate, cfg, 1.0,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_impl(
+    batch: &mut Batch<'_>,
+    a: &GpuMatrix,
+    a_rows: Range<usize>,
+    b: &GpuMatrix,
+    op: GemmOp,
+    c: &GpuMatrix,
+    c_row0: usize,
+    c_col0: usize,
+    accumulate: bool,
+    cfg: GemmConfig,
+    alpha: f32,
 ) -> Result<()> {
     let k = a.cols();
     let (kb, n) = match op {
@@ -333,7 +378,7 @@ pub fn gemm_with_config(
                                 b_off: b_off as u32,
                                 c_off: (c_local * ldc + c_col0 + col0 + cs) as u32,
                                 accumulate: (acc || ks > 0) as u32,
-                                _pad0: 0,
+                                alpha,
                                 _pad1: 0,
                             };
                             let a_al = aligned(a_off, k);

@@ -10,7 +10,8 @@
 //! - [`tune`]: kernel configurations per adapter, timed at first use and cached.
 //! - [`profile`]: GPU time per kernel (timestamps) and pipeline build time.
 //! - kernels: [`gemm`], [`hessian`], the transformer ops in [`ops`], their gradients and the
-//!   optimizer in [`grad`], the LM head's loss and gradient in blocks of positions in [`xent`].
+//!   optimizer in [`grad`], linear and low-rank (LoRA, CALDERA factor) gradients in
+//!   [`linear_grad`], attention's in [`attn_grad`], the LM head's loss and gradient in blocks of positions in [`xent`].
 
 pub mod adapter;
 pub mod attn_grad;
@@ -20,6 +21,7 @@ mod context;
 pub mod gemm;
 pub mod grad;
 pub mod hessian;
+pub mod linear_grad;
 mod matrix;
 mod operand;
 pub mod ops;
@@ -37,7 +39,9 @@ pub use adapter::{
 pub use batch::Batch;
 pub use buffer::{GpuBuffer, MemoryStats};
 pub use context::{Caps, Gpu};
-pub use gemm::{gemm, gemm_region, gemm_rows, gemm_with_config, matmul, GemmConfig, GemmOp};
+pub use gemm::{
+    gemm, gemm_region, gemm_rows, gemm_scaled, gemm_with_config, matmul, GemmConfig, GemmOp,
+};
 pub use hessian::{HessianAccumulator, HessianConfig};
 pub use matrix::{Chunk, GpuMatrix};
 pub use tune::{TuneMode, Tuning};
