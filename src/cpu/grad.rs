@@ -306,13 +306,13 @@ pub fn attention_backward(
                     })
                     .collect();
                 let rowsum: f64 = (0..t).map(|j| pr(j) * dp[j]).sum();
-                for j in 0..t {
+                for (j, &dpj) in dp.iter().enumerate() {
                     let p = pr(j);
                     if p == 0.0 {
                         continue;
                     }
                     let kj = ((b * t + j) * kv + kh) * d;
-                    let ds = p * (dp[j] - rowsum);
+                    let ds = p * (dpj - rowsum);
                     for c in 0..d {
                         dq[qi + c] += scale * ds * k[kj + c];
                         dk[kj + c] += scale * ds * q[qi + c];
