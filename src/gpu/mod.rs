@@ -29,6 +29,7 @@ pub mod pipeline;
 pub mod profile;
 pub mod quant;
 mod reduce;
+mod rope;
 pub mod tune;
 pub mod xent;
 
