@@ -57,16 +57,7 @@ pub fn reference_head(ck: &Checkpoint, hidden: &[f64]) -> Result<Vec<f64>> {
 }
 
 fn rms_norm(x: &[f64], w: &[f64], eps: f64) -> Vec<f64> {
-    let h = w.len();
-    x.chunks(h)
-        .flat_map(|row| {
-            let inv = 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / h as f64 + eps).sqrt();
-            row.iter()
-                .zip(w)
-                .map(move |(v, g)| g * v * inv)
-                .collect::<Vec<_>>()
-        })
-        .collect()
+    super::grad::rms_norm(x, w, w.len(), eps)
 }
 
 fn rope(x: &mut [f64], heads: usize, inv_freq: &[f32], seq_len: usize) {

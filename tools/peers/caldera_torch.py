@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from gptq_torch import add_common_args, f16, group_params, run
+from gptq_torch import add_common_args, f16, group_params, ldlq, run
 
 
 def midrise_params(w, bits, clip):
@@ -59,34 +59,6 @@ def rtn(x, bits, group, clip):
         s, z = group_params(g, bits, clip)
         out[:, g0:g0 + group] = s[:, None] * (torch.clamp(torch.round(g / s[:, None] + z[:, None]), 0, maxq) - z[:, None])
     return out
-
-
-def ldlq(w, hinv_u, bits, group, clip, block=128):
-    """GPTQ/LDLQ of w (m × n, f32) with the upper Cholesky factor of (H + λI)⁻¹, midrise grid."""
-    w = w.clone()
-    n = w.shape[1]
-    maxq = float(2 ** bits - 1)
-    q_all = torch.zeros_like(w)
-    s = z = None
-    for b0 in range(0, n, block):
-        b1 = min(b0 + block, n)
-        wb = w[:, b0:b1].clone()
-        err = torch.zeros_like(wb)
-        hb = hinv_u[b0:b1, b0:b1]
-        for i in range(b1 - b0):
-            col = b0 + i
-            if col % group == 0:
-                g1 = min(col + group, n)
-                cur = torch.cat([wb[:, i:], w[:, b1:g1]], dim=1)[:, : g1 - col]
-                s, z = midrise_params(cur, bits, clip)
-            x = wb[:, i]
-            q = s * (torch.clamp(torch.round(x / s + z), 0, maxq) - z)
-            q_all[:, col] = q
-            e = (x - q) / hb[i, i]
-            wb[:, i:] -= e[:, None] * hb[i, i:][None, :]
-            err[:, i] = e
-        w[:, b1:] -= err @ hinv_u[b0:b1, b1:]
-    return q_all
 
 
 def hadamard(n):
@@ -169,7 +141,7 @@ def caldera(w, h, a, gen, errors):
                 if e < best_lr[0]:
                     best_lr = (e, l @ r)
             lr = best_lr[1]
-        q = ldlq((wr - lr).float(), hinv_u, a.bits, a.group_size, True).double()
+        q = ldlq((wr - lr).float(), hinv_u, a.bits, a.group_size, True, midrise_params).double()
         d = wr - q - lr
         rel = float(((d @ hr) * d).sum()) / norm
         if rel < best[0]:

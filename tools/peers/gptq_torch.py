@@ -83,17 +83,24 @@ def group_params(w, bits, clip):
     return best_s, best_z
 
 
-def gptq(w, h, bits, group, damp, clip, block=128):
-    w = w.clone().float()
+def prepare(h, damp):
+    """Dead inputs (zero diagonal) and the upper Cholesky factor of (H + λI)⁻¹, λ = damp × mean
+    diagonal, in f32."""
     h = h.clone()
-    n = w.shape[1]
-    maxq = float(2 ** bits - 1)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h += torch.eye(n, dtype=h.dtype) * (damp * torch.mean(torch.diag(h)))
+    h += torch.eye(h.shape[0], dtype=h.dtype) * (damp * torch.mean(torch.diag(h)))
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    hinv = hinv.float()
+    return dead, hinv.float()
+
+
+def ldlq(w, hinv, bits, group, clip, params=group_params, block=128):
+    """GPTQ/LDLQ of w (rows × n, f32) with the upper Cholesky factor of (H + λI)⁻¹: columns in
+    order, lazy blocks, each group's grid from `params` (rows × g → scale, zero) fixed at its
+    first column from the error-updated weights. Returns the dequantized weights."""
+    w = w.clone()
+    n = w.shape[1]
+    maxq = float(2 ** bits - 1)
     q_all = torch.zeros_like(w)
     s = z = None
     for b0 in range(0, n, block):
@@ -106,7 +113,7 @@ def gptq(w, h, bits, group, damp, clip, block=128):
             if col % group == 0:
                 g1 = min(col + group, n)
                 cur = torch.cat([wb[:, i:], w[:, b1:g1]], dim=1)[:, : g1 - col]
-                s, z = group_params(cur, bits, clip)
+                s, z = params(cur, bits, clip)
             x = wb[:, i]
             q = s * (torch.clamp(torch.round(x / s + z), 0, maxq) - z)
             q_all[:, col] = q
@@ -115,6 +122,13 @@ def gptq(w, h, bits, group, damp, clip, block=128):
             err[:, i] = e
         w[:, b1:] -= err @ hinv[b0:b1, b1:]
     return q_all
+
+
+def gptq(w, h, bits, group, damp, clip, block=128):
+    dead, hinv = prepare(h, damp)
+    w = w.clone().float()
+    w[:, dead] = 0.0
+    return ldlq(w, hinv, bits, group, clip, group_params, block)
 
 
 def add_common_args(ap):
