@@ -10,7 +10,7 @@ use crate::error::Result;
 
 use super::batch::Batch;
 use super::matrix::GpuMatrix;
-use super::ops::check;
+use super::ops::{check, head_vector};
 use super::pipeline::{Kernel, Spec};
 
 const ATTN_GRAD_Q: Kernel = Kernel {
@@ -24,17 +24,8 @@ const ATTN_GRAD_KV: Kernel = Kernel {
     expand: Some(expand_kv),
 };
 
-/// (elements per variable, its WGSL type, its dot product) for a head dimension.
-fn vector(head_dim: usize) -> (usize, &'static str, &'static str) {
-    if head_dim.is_multiple_of(4) {
-        (4, "vec4<f32>", "dot(a, b)")
-    } else {
-        (1, "f32", "a * b")
-    }
-}
-
 fn spec(head_dim: usize) -> Spec {
-    let (vw, vt, dotv) = vector(head_dim);
+    let (vw, vt, dotv) = head_vector(head_dim);
     Spec::new()
         .set("HD", head_dim)
         .set("HV", head_dim / vw)
@@ -44,7 +35,7 @@ fn spec(head_dim: usize) -> Spec {
 
 fn lanes(spec: &Spec) -> Result<(usize, &'static str)> {
     let hd = spec.number("HD")? as usize;
-    let (vw, vt, _) = vector(hd);
+    let (vw, vt, _) = head_vector(hd);
     Ok((hd / vw, vt))
 }
 
@@ -195,7 +186,7 @@ pub fn attention_backward(
             gpu.caps().loop_budget()
         )
     })?;
-    let (vw, _, _) = vector(hd);
+    let (vw, _, _) = head_vector(hd);
     let stats = gpu.storage(8 * (rows * heads) as u64, false)?;
     let sp = spec(hd);
     let (pq, pkv) = (

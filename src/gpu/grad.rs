@@ -11,7 +11,7 @@ use super::buffer::GpuBuffer;
 use super::context::Gpu;
 use super::matrix::GpuMatrix;
 use super::operand::operand_wgsl;
-use super::ops::{check, reduce_wg, ROWS_Y};
+use super::ops::{check, flat_grid, reduce_wg, ROWS_Y};
 use super::pipeline::{Kernel, Spec};
 
 const RMSNORM_GRAD: Kernel = Kernel {
@@ -39,13 +39,6 @@ const SUMSQ: Kernel = Kernel {
     template: include_str!("../../shaders/grad/sumsq.wgsl"),
     expand: None,
 };
-
-/// Workgroups for `n` elements in 256-wide workgroups, folded into y at the device limit.
-fn flat_grid(gpu: &Gpu, n: usize) -> [u32; 3] {
-    let groups = n.div_ceil(256).max(1);
-    let gx = groups.min(gpu.caps().max_workgroups_per_dim as usize);
-    [gx as u32, groups.div_ceil(gx) as u32, 1]
-}
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]

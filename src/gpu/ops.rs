@@ -244,28 +244,40 @@ struct AttnParams {
 /// invocation: vec4 arithmetic when the head dimension is a multiple of 4, and the per-row
 /// state written out as variables (see shaders/nn/attention.wgsl).
 fn attention_spec(head_dim: usize, qr: usize) -> Spec {
-    let vw = if head_dim.is_multiple_of(4) { 4 } else { 1 };
+    let (vw, vt, dotv) = head_vector(head_dim);
     Spec::new()
         .set("HD", head_dim)
         .set("VW", vw)
-        .set("VT", if vw == 4 { "vec4<f32>" } else { "f32" })
+        .set("VT", vt)
         .set("QR", qr)
-        .set("DOTV", if vw == 4 { "dot(a, b)" } else { "a * b" })
+        .set("DOTV", dotv)
+}
+
+/// How the attention kernels (forward and backward) hold a head of `head_dim` values in
+/// registers: (elements per variable, its WGSL type, its dot product) — vec4 when the head
+/// dimension is a multiple of 4.
+pub(super) fn head_vector(head_dim: usize) -> (usize, &'static str, &'static str) {
+    if head_dim.is_multiple_of(4) {
+        (4, "vec4<f32>", "dot(a, b)")
+    } else {
+        (1, "f32", "a * b")
+    }
+}
+
+/// Workgroups for `n` elements in 256-wide workgroups, folded into y at the device limit.
+pub(super) fn flat_grid(gpu: &Gpu, n: usize) -> [u32; 3] {
+    let groups = n.div_ceil(256).max(1);
+    let gx = groups.min(gpu.caps().max_workgroups_per_dim as usize);
+    [gx as u32, groups.div_ceil(gx) as u32, 1]
 }
 
 /// The per-row state written out for the spec's HD, VW and QR (run when a variant's pipeline
 /// is built; see [`Kernel::expand`]).
 fn attention_blocks(spec: &Spec) -> Result<Vec<(&'static str, String)>> {
     use std::fmt::Write;
-    let (hv, qr) = (
-        (spec.number("HD")? / spec.number("VW")?) as usize,
-        spec.number("QR")? as usize,
-    );
-    let vt = if spec.number("VW")? == 4 {
-        "vec4<f32>"
-    } else {
-        "f32"
-    };
+    let (hd, qr) = (spec.number("HD")? as usize, spec.number("QR")? as usize);
+    let (vw, vt, _) = head_vector(hd);
+    let hv = hd / vw;
     let (mut setup, mut step, mut finish) = (String::new(), String::new(), String::new());
     for r in 0..qr {
         let _ = write!(
@@ -507,7 +519,6 @@ fn elementwise(
         .set("OPERANDS", operand_wgsl("x", 1, x.dtype(), false))
         .set("OP", op);
     let pipeline = gpu.pipeline(&ELEMENTWISE, &spec)?;
-    let max = gpu.caps().max_workgroups_per_dim as usize;
     let cols = y.cols();
     for (yc, local0, n, global0) in y.segments(rows) {
         let xbuf = if x_is_bias {
@@ -527,8 +538,6 @@ fn elementwise(
             &xc.buf
         };
         let total = n * cols;
-        let groups = total.div_ceil(256);
-        let gx = groups.min(max);
         let params = EltParams {
             n: total as u32,
             cols: cols as u32,
@@ -539,7 +548,7 @@ fn elementwise(
             pipeline.clone(),
             &params,
             &[xbuf, &yc.buf],
-            [gx as u32, groups.div_ceil(gx) as u32, 1],
+            flat_grid(gpu, total),
         )?;
     }
     Ok(())
