@@ -13,6 +13,7 @@
 //! This module holds the shared math and the f64 CPU reference ([`reference`]); the GPU
 //! decomposition is [`decompose`].
 
+use super::fit::rows_of;
 pub use super::fit::Placement;
 use crate::error::{Error, Result};
 use crate::quant::reference::{
@@ -228,16 +229,12 @@ pub fn spd_inverse(x: &faer::Mat<f64>) -> faer::Mat<f64> {
     }
 }
 
-fn mat(rows: usize, cols: usize, v: &[f64]) -> faer::Mat<f64> {
+/// A row-major rows × cols matrix in faer.
+pub(super) fn mat(rows: usize, cols: usize, v: &[f64]) -> faer::Mat<f64> {
     faer::Mat::<f64>::from_fn(rows, cols, |i, j| v[i * cols + j])
 }
 
-fn to_vec(m: faer::MatRef<'_, f64>) -> Vec<f64> {
-    let (r, c) = (m.nrows(), m.ncols());
-    (0..r * c).map(|idx| m[(idx / c, idx % c)]).collect()
-}
-
-fn f32s(v: &[f64]) -> Vec<f32> {
+pub(super) fn f32s(v: &[f64]) -> Vec<f32> {
     v.iter().map(|&x| x as f32).collect()
 }
 
@@ -305,8 +302,8 @@ pub fn reference(
                 let inv = spd_inverse(&rhrt);
                 l = &ahrt * &inv;
                 let (lq, _) = quantize_factors(
-                    &to_vec(l.transpose()),
-                    &to_vec(r.as_ref()),
+                    &rows_of(l.transpose()),
+                    &rows_of(r.as_ref()),
                     k,
                     m,
                     n,
@@ -319,8 +316,8 @@ pub fn reference(
                 let inv = spd_inverse(&ltl);
                 r = &inv * (l.transpose() * &a);
                 let (ltq, rq) = quantize_factors(
-                    &to_vec(l.transpose()),
-                    &to_vec(r.as_ref()),
+                    &rows_of(l.transpose()),
+                    &rows_of(r.as_ref()),
                     k,
                     m,
                     n,

@@ -18,7 +18,7 @@
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gpu::{matmul, ops, GemmOp, Gpu, GpuMatrix};
-use crate::lowrank::caldera::{spd_inverse, CalderaOptions};
+use crate::lowrank::caldera::{f32s, mat, spd_inverse, CalderaOptions};
 use crate::lowrank::RsvdOptions;
 use crate::quant::reference::rtn;
 use crate::quant::Quantized;
@@ -79,21 +79,14 @@ pub(crate) trait Residual {
     fn atl(&self, l: &[f32], k: usize) -> Result<Vec<f64>>;
 }
 
-fn f32s(v: &[f64]) -> Vec<f32> {
-    v.iter().map(|&x| x as f32).collect()
-}
-
-fn rows_of<T: Copy>(m: faer::MatRef<'_, T>) -> Vec<T> {
+/// A matrix's entries in row-major order.
+pub(super) fn rows_of<T: Copy>(m: faer::MatRef<'_, T>) -> Vec<T> {
     let (r, c) = (m.nrows(), m.ncols());
     (0..r * c).map(|i| m[(i / c, i % c)]).collect()
 }
 
 fn mat32(rows: usize, cols: usize, v: &[f32]) -> Mat<f32> {
     Mat::<f32>::from_fn(rows, cols, |i, j| v[i * cols + j])
-}
-
-fn mat64(rows: usize, cols: usize, v: &[f64]) -> Mat<f64> {
-    Mat::<f64>::from_fn(rows, cols, |i, j| v[i * cols + j])
 }
 
 /// R₀ = √σ_t V[:, t]ᵀ for t < k (k × n) from the SVD of the small B = Qᵀ (A S) (l × n, given as
@@ -172,34 +165,29 @@ struct GpuResidual<'s, 'g> {
 impl Residual for GpuResidual<'_, '_> {
     fn start(&self, ro: &RsvdOptions) -> Result<Vec<f32>> {
         let (sp, gpu, n) = (self.space, self.space.gpu, self.space.n);
-        // A S is applied as A (S X) and Sᵀ (Aᵀ Y), never formed (an m·n² product).
-        let svd = crate::lowrank::rsvd::rsvd_op(
-            gpu,
-            self.m,
-            n,
-            &|x| {
-                matmul(
-                    gpu,
-                    &self.a,
-                    &matmul(gpu, &sp.s, x, GemmOp::NN)?,
-                    GemmOp::NN,
-                )
-            },
-            &|y| {
-                matmul(
-                    gpu,
-                    &sp.st,
-                    &matmul(gpu, &self.at, y, GemmOp::NN)?,
-                    GemmOp::NN,
-                )
-            },
-            ro,
-        )?;
-        let k = svd.k;
-        let rv: Vec<f32> = (0..k * n)
-            .map(|idx| (svd.v[(idx % n) * k + idx / n] * svd.s[idx / n].sqrt()) as f32)
-            .collect();
-        matmul(gpu, &sp.up(k, n, &rv)?, &sp.sinv, GemmOp::NN)?.to_f32(gpu)
+        // A S is applied as A (S X) and Sᵀ (Aᵀ Y), never formed (an m·n² product); only V
+        // and Σ are needed, so U is not formed either.
+        let apply = |x: &GpuMatrix| {
+            matmul(
+                gpu,
+                &self.a,
+                &matmul(gpu, &sp.s, x, GemmOp::NN)?,
+                GemmOp::NN,
+            )
+        };
+        let apply_t = |y: &GpuMatrix| {
+            matmul(
+                gpu,
+                &sp.st,
+                &matmul(gpu, &self.at, y, GemmOp::NN)?,
+                GemmOp::NN,
+            )
+        };
+        let (q, bt) = crate::lowrank::rsvd::sketch_op(gpu, self.m, n, &apply, &apply_t, ro)?;
+        let k = ro.rank.min(self.m).min(n);
+        let bt: Vec<f64> = bt.into_iter().map(f64::from).collect();
+        let rv = start_from_sketch(&bt, n, q.cols(), k)?;
+        matmul(gpu, &sp.up(k, n, &f32s(&rv))?, &sp.sinv, GemmOp::NN)?.to_f32(gpu)
     }
 
     fn ahrt_rhrt(&self, r: &[f32], k: usize) -> Result<(Vec<f64>, Vec<f64>)> {
@@ -348,7 +336,7 @@ pub(crate) fn fit(
         // same for every candidate of this step, and only their order is used, so it is left
         // out (it costs an m·n² product).
         let err_of = |l: &[f64]| {
-            let lm = mat64(m, k, l);
+            let lm = mat(m, k, l);
             let ltl = lm.transpose() * &lm;
             dot(&rows_of(ltl.as_ref()), &rhrt) - 2.0 * dot(l, &ahrt)
         };
@@ -365,7 +353,7 @@ pub(crate) fn fit(
             break;
         }
         // L ← (A H Rᵀ)(R H Rᵀ)⁻¹, quantized (as Lᵀ, groups along m).
-        let l = &mat64(m, k, &ahrt) * spd_inverse(&mat64(k, k, &rhrt));
+        let l = &mat(m, k, &ahrt) * spd_inverse(&mat(k, k, &rhrt));
         let lt_q = rtn(&f32s(&rows_of(l.transpose())), k, m, opts.lr_grid);
         let ltd = lt_q.dequantize();
         let lv: Vec<f64> = (0..m * k)
@@ -373,7 +361,7 @@ pub(crate) fn fit(
             .collect();
         consider(err_of(&lv), &lt_q, &r_q);
         // R ← (LᵀL)⁻¹ Lᵀ A, quantized; Lᵀ A = (Aᵀ L)ᵀ.
-        let lm = mat64(m, k, &lv);
+        let lm = mat(m, k, &lv);
         let ltl = lm.transpose() * &lm;
         let atl = res.atl(&f32s(&lv), k)?;
         let lta = Mat::<f64>::from_fn(k, n, |t, j| atl[j * k + t]);

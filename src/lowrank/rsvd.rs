@@ -152,17 +152,17 @@ pub fn rsvd(gpu: &Gpu, a: &GpuMatrix, at: &GpuMatrix, opts: &RsvdOptions) -> Res
     )
 }
 
-/// Rank-k randomized SVD of an m × n operator A known only by its products: `apply(X)` = A·X
-/// (X n × l) and `apply_t(Y)` = Aᵀ·Y (Y m × l). For A = B·S this costs two thin products per
-/// application instead of forming B·S (an m·n² product).
-pub fn rsvd_op(
+/// The range finder of [`rsvd_op`]: Q (m × l, orthonormal columns spanning A's dominant range
+/// after the power iterations) and Bᵀ = Aᵀ Q read back (n × l, row-major), l = k + oversample
+/// (at most min(m, n)).
+pub fn sketch_op(
     gpu: &Gpu,
     m: usize,
     n: usize,
     apply: &dyn Fn(&GpuMatrix) -> Result<GpuMatrix>,
     apply_t: &dyn Fn(&GpuMatrix) -> Result<GpuMatrix>,
     opts: &RsvdOptions,
-) -> Result<Svd> {
+) -> Result<(GpuMatrix, Vec<f32>)> {
     let k = opts.rank.min(m).min(n);
     if k == 0 {
         return Err(Error::InvalidArgument("rsvd: rank 0".into()));
@@ -176,6 +176,22 @@ pub fn rsvd_op(
     }
     // B = Qᵀ A (l × n), formed as (Aᵀ Q)ᵀ.
     let bt = apply_t(&q)?.to_f32(gpu)?;
+    Ok((q, bt))
+}
+
+/// Rank-k randomized SVD of an m × n operator A known only by its products: `apply(X)` = A·X
+/// (X n × l) and `apply_t(Y)` = Aᵀ·Y (Y m × l). For A = B·S this costs two thin products per
+/// application instead of forming B·S (an m·n² product).
+pub fn rsvd_op(
+    gpu: &Gpu,
+    m: usize,
+    n: usize,
+    apply: &dyn Fn(&GpuMatrix) -> Result<GpuMatrix>,
+    apply_t: &dyn Fn(&GpuMatrix) -> Result<GpuMatrix>,
+    opts: &RsvdOptions,
+) -> Result<Svd> {
+    let (q, bt) = sketch_op(gpu, m, n, apply, apply_t, opts)?;
+    let (k, l) = (opts.rank.min(m).min(n), q.cols());
     let b = faer::Mat::<f64>::from_fn(l, n, |i, j| bt[j * l + i] as f64);
     let svd = b
         .thin_svd()
