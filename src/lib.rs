@@ -18,6 +18,7 @@ pub mod lowrank;
 pub mod model;
 pub mod quant;
 pub mod text;
+pub mod train;
 
 pub use dtype::DType;
 pub use error::{Error, Result};

@@ -117,6 +117,7 @@ mod tests {
 
 pub mod forward;
 pub mod grad;
+pub mod train;
 
 /// Reference transformer pieces in f64, matching the kernels in `gpu::ops`.
 pub mod ops {

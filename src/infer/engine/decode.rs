@@ -21,7 +21,7 @@ impl<'a> Engine<'a> {
         let v = self.ck.config().vocab_size;
         let z = GpuMatrix::uninit(self.gpu, rows.len(), v)?;
         let mut b = Batch::new(self.gpu);
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let head = self.head();
         gemm_rows(&mut b, hidden, rows, head, GemmOp::NT, &z, 0, false)?;
         b.submit()?;
         Ok(z)

@@ -42,8 +42,11 @@ impl Default for EngineOptions {
 pub struct LayerWeights {
     input_norm: GpuMatrix,
     post_norm: GpuMatrix,
-    linears: Vec<(LinearKind, LinearWeight, Option<GpuMatrix>)>,
+    linears: Vec<Linear>,
 }
+
+/// A linear layer: its kind, weight and bias.
+pub(crate) type Linear = (LinearKind, LinearWeight, Option<GpuMatrix>);
 
 /// A linear layer's weight on the GPU: dense, or CALDERA's Q + L·R kept factored
 /// (y = x Qᵀ + (x Rᵀ) Lᵀ; L·R is never densified).
@@ -67,6 +70,12 @@ impl LayerWeights {
             .find(|(k, _, _)| *k == kind)
             .expect("all seven linears are loaded");
         (w, b.as_ref())
+    }
+
+    /// The input norm, the post-attention norm and every linear (kind, weight, bias), moved
+    /// out (fine-tuning builds its own layer from them).
+    pub(crate) fn into_parts(self) -> (GpuMatrix, GpuMatrix, Vec<Linear>) {
+        (self.input_norm, self.post_norm, self.linears)
     }
 
     /// Replace a linear layer's weight (e.g. by its quantized version during compression).
@@ -197,6 +206,18 @@ impl<'a> Engine<'a> {
             q,
             crate::model::compressed::Factor::Backbone,
         )
+    }
+
+    /// The LM head (the embedding when tied), the final norm's weight, the embedding and the
+    /// RoPE table, as the forward pass uses them (fine-tuning shares them).
+    pub(crate) fn head(&self) -> &GpuMatrix {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+    pub(crate) fn final_norm_weight(&self) -> &GpuMatrix {
+        &self.final_norm
+    }
+    pub(crate) fn rope_table(&self) -> &RopeTable {
+        &self.rope
     }
 
     /// Whether decoder layers stay on the GPU between batches.
@@ -575,7 +596,7 @@ impl<'a> Engine<'a> {
 
 /// `out[out_row0..] (+)= inp[rows] · Wᵀ (+ bias)`; for a CALDERA weight
 /// `inp · Qᵀ + (inp · Rᵀ) · Lᵀ`.
-fn linear(
+pub(crate) fn linear(
     b: &mut Batch<'_>,
     inp: &GpuMatrix,
     rows: Range<usize>,

@@ -1,0 +1,13 @@
+//! On-device adaptation: fine-tuning a (compressed) model on the GPU.
+//!
+//! `model` holds the frozen weights and runs the forward and backward passes (layer-wise
+//! recomputation); `params` the trainable adapters (CALDERA's factors, LoRA) and AdamW.
+//! Invariant: every gradient is composed of `gpu`'s backward kernels, each checked against
+//! its f64 reference; the whole composition is checked against finite differences of
+//! `cpu::train`'s f64 loss (tests/train.rs).
+
+pub mod model;
+pub mod params;
+
+pub use model::{AdapterPlan, TrainModel};
+pub use params::{Adapter, Param, StepInfo, Trainable};

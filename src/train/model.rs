@@ -1,0 +1,496 @@
+//! A model being fine-tuned on the GPU: the frozen weights (as the forward pass uses them:
+//! dense, dequantized, or Q + L·R), trainable low-rank adapters on chosen linears, and the
+//! forward and backward passes.
+//!
+//! Memory: the forward keeps only the residual stream entering each decoder layer (layers ×
+//! rows × hidden f32); the backward recomputes one layer's forward from its saved input,
+//! keeping that layer's intermediates, and propagates the residual gradient through it in
+//! place, so activation memory is one layer's plus the saved streams. The LM head's loss is
+//! formed over blocks of positions (`gpu::xent`), never T × V logits.
+
+use crate::error::{Error, Result};
+use crate::gpu::attn_grad::{attention_backward, AttnGradShape};
+use crate::gpu::gemm::{gemm, gemm_scaled, GemmOp};
+use crate::gpu::grad::{rms_norm_backward, swiglu_backward};
+use crate::gpu::linear_grad::low_rank_backward;
+use crate::gpu::ops::{self, AttentionShape, KvLayout};
+use crate::gpu::ops::transpose;
+use crate::gpu::xent::{lm_head_loss_backward, Objective};
+use crate::gpu::{Batch, Gpu, GpuBuffer, GpuMatrix};
+use crate::infer::engine::{linear, LinearWeight};
+use crate::infer::Engine;
+use crate::model::{ModelConfig, LinearKind};
+
+use super::params::{Adapter, Param, Trainable};
+
+/// One decoder layer's frozen weights.
+struct Layer {
+    input_norm: GpuMatrix,
+    post_norm: GpuMatrix,
+    linears: Vec<(LinearKind, LinearWeight, Option<GpuMatrix>)>,
+}
+
+impl Layer {
+    fn linear(&self, kind: LinearKind) -> (&LinearWeight, Option<&GpuMatrix>) {
+        let (_, w, b) = self
+            .linears
+            .iter()
+            .find(|(k, _, _)| *k == kind)
+            .expect("all seven linears are loaded");
+        (w, b.as_ref())
+    }
+}
+
+/// Which linears get trainable adapters, and how they start.
+#[derive(Clone, Debug)]
+pub enum AdapterPlan {
+    /// CALDERA's factors: every Q + L·R weight's L and R become trainable (A = R, B = L,
+    /// scale 1), starting from their stored (dequantized) values; Q stays frozen.
+    Factors,
+    /// LoRA (PEFT's semantics): A uniform in ±1/√in (seeded), B = 0, scale α/r, on the
+    /// linears of `targets` in every layer.
+    Lora {
+        rank: usize,
+        alpha: f32,
+        targets: Vec<LinearKind>,
+        seed: u64,
+    },
+}
+
+/// The model being trained.
+pub struct TrainModel<'a> {
+    engine: Engine<'a>,
+    layers: Vec<Layer>,
+    pub trainable: Trainable,
+}
+
+/// What a decoder layer's forward keeps for its backward.
+struct Acts {
+    h1: GpuMatrix,
+    q: GpuMatrix,
+    k: GpuMatrix,
+    v: GpuMatrix,
+    a: GpuMatrix,
+    x1: GpuMatrix,
+    h2: GpuMatrix,
+    g: GpuMatrix,
+    u: GpuMatrix,
+    act: GpuMatrix,
+    /// x·Aᵀ of each adapter, by linear.
+    lowrank: Vec<(LinearKind, GpuMatrix)>,
+}
+
+impl Acts {
+    fn lowrank(&self, kind: LinearKind) -> Option<&GpuMatrix> {
+        self.lowrank.iter().find(|(k, _)| *k == kind).map(|(_, u)| u)
+    }
+}
+
+/// The loss of one batch and, for a backward pass, nothing else to report.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchLoss {
+    /// Mean loss over the counted positions.
+    pub loss: f64,
+}
+
+impl<'a> TrainModel<'a> {
+    /// Load every layer of `engine`'s checkpoint (kept on the GPU) and attach adapters.
+    pub fn new(engine: Engine<'a>, plan: &AdapterPlan, trainable: Trainable) -> Result<Self> {
+        let gpu = engine.gpu();
+        let n = engine.checkpoint().config().num_layers;
+        let mut layers = Vec::with_capacity(n);
+        let mut adapters = Vec::new();
+        for l in 0..n {
+            let (input_norm, post_norm, mut linears) = engine.read_layer(l)?.into_parts();
+            engine.checkpoint().release_layer(l);
+            for (kind, w, _) in linears.iter_mut() {
+                match plan {
+                    AdapterPlan::Factors => {
+                        if let LinearWeight::LowRank { .. } = w {
+                            let LinearWeight::LowRank { q, lt, r } =
+                                std::mem::replace(w, LinearWeight::Dense(empty(gpu)?))
+                            else {
+                                unreachable!("matched just above")
+                            };
+                            *w = LinearWeight::Dense(q);
+                            adapters.push(Adapter {
+                                layer: l,
+                                kind: *kind,
+                                b: Param::new(gpu, transpose(gpu, &lt)?)?,
+                                a: Param::new(gpu, r)?,
+                                scale: 1.0,
+                            });
+                        }
+                    }
+                    AdapterPlan::Lora {
+                        rank,
+                        alpha,
+                        targets,
+                        seed,
+                    } if targets.contains(kind) => {
+                        let (out, inp) = match w {
+                            LinearWeight::Dense(m) => (m.rows(), m.cols()),
+                            LinearWeight::LowRank { q, .. } => (q.rows(), q.cols()),
+                        };
+                        let r = (*rank).max(1);
+                        let bound = 1.0 / (inp as f32).sqrt();
+                        let mut rng = crate::base::rng::Rng::new(
+                            seed ^ ((l as u64) << 8 | *kind as u64).wrapping_mul(0x9E37_79B9),
+                        );
+                        let a: Vec<f32> = (0..r * inp)
+                            .map(|_| (rng.uniform() as f32 * 2.0 - 1.0) * bound)
+                            .collect();
+                        adapters.push(Adapter {
+                            layer: l,
+                            kind: *kind,
+                            a: Param::new(
+                                gpu,
+                                GpuMatrix::from_f32(gpu, r, inp, crate::DType::F32, &a)?,
+                            )?,
+                            b: Param::new(gpu, GpuMatrix::zeros(gpu, out, r)?)?,
+                            scale: alpha / r as f32,
+                        });
+                    }
+                    AdapterPlan::Lora { .. } => {}
+                }
+            }
+            layers.push(Layer {
+                input_norm,
+                post_norm,
+                linears,
+            });
+        }
+        if adapters.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "{}: nothing to train ({})",
+                engine.checkpoint().dir().display(),
+                match plan {
+                    AdapterPlan::Factors =>
+                        "no weight has CALDERA factors; use LoRA adapters for this model",
+                    AdapterPlan::Lora { .. } => "no linear matches the LoRA targets",
+                }
+            )));
+        }
+        let mut trainable = trainable;
+        trainable.adapters = adapters;
+        Ok(TrainModel {
+            engine,
+            layers,
+            trainable,
+        })
+    }
+
+    pub fn gpu(&self) -> &'a Gpu {
+        self.engine.gpu()
+    }
+
+    pub fn engine(&self) -> &Engine<'a> {
+        &self.engine
+    }
+
+    fn config(&self) -> &ModelConfig {
+        self.engine.checkpoint().config()
+    }
+
+    /// The loss of `tokens` (whole sequences of `t`) against `objective` without a backward
+    /// pass (evaluation).
+    pub fn loss(&self, tokens: &[u32], t: usize, objective: &Objective<'_>) -> Result<f64> {
+        self.run(tokens, t, objective, false).map(|l| l.loss)
+    }
+
+    /// The loss and, added to every adapter's gradient, its gradient.
+    pub fn loss_and_backward(
+        &self,
+        tokens: &[u32],
+        t: usize,
+        objective: &Objective<'_>,
+    ) -> Result<BatchLoss> {
+        self.run(tokens, t, objective, true)
+    }
+
+    fn run(
+        &self,
+        tokens: &[u32],
+        t: usize,
+        objective: &Objective<'_>,
+        backward: bool,
+    ) -> Result<BatchLoss> {
+        let c = self.config().clone();
+        let gpu = self.gpu();
+        if t == 0 || tokens.is_empty() || !tokens.len().is_multiple_of(t) {
+            return Err(Error::Shape(format!(
+                "{} tokens are not whole sequences of {t}",
+                tokens.len()
+            )));
+        }
+        if t > self.engine.max_positions() {
+            return Err(Error::InvalidArgument(format!(
+                "sequences of {t} tokens exceed the {} positions the model was loaded for",
+                self.engine.max_positions()
+            )));
+        }
+        let rows = tokens.len();
+        let positions: Vec<u32> = (0..rows).map(|r| (r % t) as u32).collect();
+        let pos = ops::upload_u32(gpu, &positions)?;
+        let mut x = self.engine.embed_tokens(tokens, t)?;
+        let mut saved = Vec::with_capacity(self.layers.len());
+        for l in 0..self.layers.len() {
+            let (out, _) = self.layer_forward(l, &x, &pos, t)?;
+            if backward {
+                saved.push(std::mem::replace(&mut x, out));
+            } else {
+                x = out;
+            }
+        }
+        let eps = c.rms_norm_eps as f32;
+        let norm_w = self.engine.final_norm_weight();
+        let hf = self.engine.final_normed(&x, t)?;
+        let dh = GpuMatrix::uninit(gpu, rows, c.hidden_size)?;
+        let loss = lm_head_loss_backward(gpu, &hf, self.engine.head(), objective, &dh, None)?;
+        if !backward {
+            return Ok(BatchLoss { loss });
+        }
+        let dres = GpuMatrix::uninit_grouped(gpu, rows, c.hidden_size, t)?;
+        let dw = GpuMatrix::zeros(gpu, 1, c.hidden_size)?;
+        let mut b = Batch::new(gpu);
+        rms_norm_backward(&mut b, &x, norm_w, &dh, eps, &dres, false, &dw)?;
+        b.submit()?;
+        drop((hf, dh, x));
+        for l in (0..self.layers.len()).rev() {
+            let xl = saved.pop().expect("one saved stream per layer");
+            let (_, acts) = self.layer_forward(l, &xl, &pos, t)?;
+            self.layer_backward(l, &xl, &acts, &pos, t, &dres, &dw)?;
+        }
+        Ok(BatchLoss { loss })
+    }
+
+    /// Decoder layer `l` on the residual stream `x` (rows grouped by `t`): the stream it
+    /// leaves and its intermediates.
+    fn layer_forward(
+        &self,
+        l: usize,
+        x: &GpuMatrix,
+        pos: &GpuBuffer,
+        t: usize,
+    ) -> Result<(GpuMatrix, Acts)> {
+        let c = self.config();
+        let gpu = self.gpu();
+        let w = &self.layers[l];
+        let rows = x.rows();
+        let eps = c.rms_norm_eps as f32;
+        let (qd, kd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let grouped = |cols: usize| GpuMatrix::uninit_grouped(gpu, rows, cols, t);
+        let mut lowrank = Vec::new();
+        let mut b = Batch::new(gpu);
+        let h1 = grouped(c.hidden_size)?;
+        ops::rms_norm(&mut b, x, &w.input_norm, eps, &h1)?;
+        let (q, k, v) = (grouped(qd)?, grouped(kd)?, grouped(kd)?);
+        for (kind, out) in [
+            (LinearKind::QProj, &q),
+            (LinearKind::KProj, &k),
+            (LinearKind::VProj, &v),
+        ] {
+            self.apply(&mut b, l, kind, &h1, out, false, &mut lowrank)?;
+        }
+        let rope = self.engine.rope_table();
+        ops::rope(&mut b, &q, 0..rows, c.num_heads, pos, rope)?;
+        ops::rope(&mut b, &k, 0..rows, c.num_kv_heads, pos, rope)?;
+        let a = grouped(qd)?;
+        let shape = AttentionShape {
+            t,
+            s: t,
+            heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            q_pos0: 0,
+            window: c.sliding_window.unwrap_or(0),
+            kv_layout: KvLayout::Contiguous,
+        };
+        ops::attention(&mut b, &q, &k, &v, &a, shape)?;
+        b.submit()?;
+        let x1 = x.duplicate(gpu)?;
+        let mut b = Batch::new(gpu);
+        self.apply(&mut b, l, LinearKind::OProj, &a, &x1, true, &mut lowrank)?;
+        let h2 = grouped(c.hidden_size)?;
+        ops::rms_norm(&mut b, &x1, &w.post_norm, eps, &h2)?;
+        let (g, u) = (grouped(c.intermediate_size)?, grouped(c.intermediate_size)?);
+        self.apply(&mut b, l, LinearKind::GateProj, &h2, &g, false, &mut lowrank)?;
+        self.apply(&mut b, l, LinearKind::UpProj, &h2, &u, false, &mut lowrank)?;
+        b.submit()?;
+        let act = g.duplicate(gpu)?;
+        let x2 = x1.duplicate(gpu)?;
+        let mut b = Batch::new(gpu);
+        ops::swiglu(&mut b, &act, &u)?;
+        self.apply(&mut b, l, LinearKind::DownProj, &act, &x2, true, &mut lowrank)?;
+        b.submit()?;
+        Ok((
+            x2,
+            Acts {
+                h1,
+                q,
+                k,
+                v,
+                a,
+                x1,
+                h2,
+                g,
+                u,
+                act,
+                lowrank,
+            },
+        ))
+    }
+
+    /// out (+)= inp·Wᵀ (+ bias) (+ s·(inp·Aᵀ)·Bᵀ with the adapter's inp·Aᵀ kept).
+    #[allow(clippy::too_many_arguments)]
+    fn apply(
+        &self,
+        b: &mut Batch<'_>,
+        l: usize,
+        kind: LinearKind,
+        inp: &GpuMatrix,
+        out: &GpuMatrix,
+        accumulate: bool,
+        lowrank: &mut Vec<(LinearKind, GpuMatrix)>,
+    ) -> Result<()> {
+        let rows = inp.rows();
+        linear(
+            b,
+            inp,
+            0..rows,
+            self.layers[l].linear(kind),
+            out,
+            0,
+            accumulate,
+        )?;
+        if let Some(ad) = self.trainable.get(l, kind) {
+            let u = GpuMatrix::uninit(self.gpu(), rows, ad.rank())?;
+            gemm(b, inp, &ad.a.theta, GemmOp::NT, &u, false)?;
+            gemm_scaled(b, &u, &ad.b.theta, GemmOp::NT, out, true, ad.scale)?;
+            lowrank.push((kind, u));
+        }
+        Ok(())
+    }
+
+    /// dx (+)= dy·W through linear `kind` of layer `l` (frozen weight and adapter), and the
+    /// adapter's gradients from its input `inp`. Submits its work.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(
+        &self,
+        l: usize,
+        kind: LinearKind,
+        inp: &GpuMatrix,
+        u: Option<&GpuMatrix>,
+        dy: &GpuMatrix,
+        dx: &GpuMatrix,
+        accumulate: bool,
+    ) -> Result<()> {
+        let gpu = self.gpu();
+        let mut b = Batch::new(gpu);
+        match self.layers[l].linear(kind).0 {
+            LinearWeight::Dense(w) => gemm(&mut b, dy, w, GemmOp::NN, dx, accumulate)?,
+            LinearWeight::LowRank { q, lt, r } => {
+                gemm(&mut b, dy, q, GemmOp::NN, dx, accumulate)?;
+                let dl = GpuMatrix::uninit(gpu, dy.rows(), lt.rows())?;
+                gemm(&mut b, dy, lt, GemmOp::NT, &dl, false)?;
+                gemm(&mut b, &dl, r, GemmOp::NN, dx, true)?;
+            }
+        }
+        b.submit()?;
+        if let Some(ad) = self.trainable.get(l, kind) {
+            let u = u.expect("the forward kept x·Aᵀ of every adapter");
+            low_rank_backward(
+                gpu,
+                inp,
+                &ad.a.theta,
+                &ad.b.theta,
+                ad.scale,
+                u,
+                dy,
+                &ad.a.grad,
+                &ad.b.grad,
+                Some(dx),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Propagate the residual gradient `dres` (of the stream leaving layer `l`) back through
+    /// the layer in place, adding the adapters' gradients. `dw` is scratch for the norms'
+    /// weight gradients (they are frozen).
+    #[allow(clippy::too_many_arguments)]
+    fn layer_backward(
+        &self,
+        l: usize,
+        x: &GpuMatrix,
+        acts: &Acts,
+        pos: &GpuBuffer,
+        t: usize,
+        dres: &GpuMatrix,
+        dw: &GpuMatrix,
+    ) -> Result<()> {
+        let c = self.config();
+        let gpu = self.gpu();
+        let w = &self.layers[l];
+        let rows = x.rows();
+        let eps = c.rms_norm_eps as f32;
+        let (qd, kd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let grouped = |cols: usize| GpuMatrix::uninit_grouped(gpu, rows, cols, t);
+        // MLP: x2 = x1 + act·Wdᵀ, act = silu(g) ⊙ u.
+        let d_act = grouped(c.intermediate_size)?;
+        let down = LinearKind::DownProj;
+        self.linear_backward(l, down, &acts.act, acts.lowrank(down), dres, &d_act, false)?;
+        let (dg, du) = (grouped(c.intermediate_size)?, grouped(c.intermediate_size)?);
+        let mut b = Batch::new(gpu);
+        swiglu_backward(&mut b, &acts.g, &acts.u, &d_act, &dg, &du)?;
+        b.submit()?;
+        drop(d_act);
+        let dh2 = grouped(c.hidden_size)?;
+        let (gate, up) = (LinearKind::GateProj, LinearKind::UpProj);
+        self.linear_backward(l, gate, &acts.h2, acts.lowrank(gate), &dg, &dh2, false)?;
+        self.linear_backward(l, up, &acts.h2, acts.lowrank(up), &du, &dh2, true)?;
+        let mut b = Batch::new(gpu);
+        rms_norm_backward(&mut b, &acts.x1, &w.post_norm, &dh2, eps, dres, true, dw)?;
+        b.submit()?;
+        // Attention: x1 = x + a·Woᵀ.
+        let da = grouped(qd)?;
+        let o = LinearKind::OProj;
+        self.linear_backward(l, o, &acts.a, acts.lowrank(o), dres, &da, false)?;
+        let (dq, dk, dv) = (grouped(qd)?, grouped(kd)?, grouped(kd)?);
+        let shape = AttnGradShape {
+            nseq: rows / t,
+            t,
+            heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            window: c.sliding_window.unwrap_or(0),
+        };
+        let mut b = Batch::new(gpu);
+        attention_backward(
+            &mut b, shape, &acts.q, &acts.k, &acts.v, &acts.a, &da, &dq, &dk, &dv,
+        )?;
+        let rope = self.engine.rope_table();
+        ops::rope_backward(&mut b, &dq, 0..rows, c.num_heads, pos, rope)?;
+        ops::rope_backward(&mut b, &dk, 0..rows, c.num_kv_heads, pos, rope)?;
+        b.submit()?;
+        let dh1 = grouped(c.hidden_size)?;
+        for (i, (kind, dy)) in [
+            (LinearKind::QProj, &dq),
+            (LinearKind::KProj, &dk),
+            (LinearKind::VProj, &dv),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            self.linear_backward(l, kind, &acts.h1, acts.lowrank(kind), dy, &dh1, i > 0)?;
+        }
+        let mut b = Batch::new(gpu);
+        rms_norm_backward(&mut b, x, &w.input_norm, &dh1, eps, dres, true, dw)?;
+        b.submit()
+    }
+}
+
+/// A 1 × 1 placeholder (a moved-out weight's slot is refilled at once).
+fn empty(gpu: &Gpu) -> Result<GpuMatrix> {
+    GpuMatrix::zeros(gpu, 1, 1)
+}

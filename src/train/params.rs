@@ -1,0 +1,154 @@
+//! Trainable parameters on the GPU and their optimizer: each an f32 master copy with its
+//! gradient and AdamW moments, grouped into low-rank adapters y += s·(x·Aᵀ)·Bᵀ on linear
+//! layers (CALDERA's factors A = R, B = L, s = 1; LoRA's A, B, s = α/r).
+
+use crate::error::{Error, Result};
+use crate::gpu::grad::{adamw_step, sum_squares, AdamW};
+use crate::gpu::{Batch, Gpu, GpuMatrix};
+use crate::model::LinearKind;
+
+/// One trainable matrix: value, gradient, AdamW's first and second moments (all f32, one
+/// shape).
+pub struct Param {
+    pub theta: GpuMatrix,
+    pub grad: GpuMatrix,
+    m: GpuMatrix,
+    v: GpuMatrix,
+}
+
+impl Param {
+    /// A parameter starting from `theta` (gradient and moments zero).
+    pub fn new(gpu: &Gpu, theta: GpuMatrix) -> Result<Param> {
+        let [r, c] = theta.shape();
+        Ok(Param {
+            grad: GpuMatrix::zeros(gpu, r, c)?,
+            m: GpuMatrix::zeros(gpu, r, c)?,
+            v: GpuMatrix::zeros(gpu, r, c)?,
+            theta,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.theta.rows() * self.theta.cols()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Values of the value, the gradient and the two moments, for a checkpoint of the
+    /// optimizer's state (in that order).
+    pub fn state(&self, gpu: &Gpu) -> Result<[Vec<f32>; 4]> {
+        Ok([
+            self.theta.to_f32(gpu)?,
+            self.grad.to_f32(gpu)?,
+            self.m.to_f32(gpu)?,
+            self.v.to_f32(gpu)?,
+        ])
+    }
+
+    /// Restore what [`state`](Self::state) returned.
+    pub fn restore(&mut self, gpu: &Gpu, state: &[Vec<f32>; 4]) -> Result<()> {
+        let [r, c] = self.theta.shape();
+        let up = |v: &[f32]| GpuMatrix::from_f32(gpu, r, c, crate::DType::F32, v);
+        self.theta = up(&state[0])?;
+        self.grad = up(&state[1])?;
+        self.m = up(&state[2])?;
+        self.v = up(&state[3])?;
+        Ok(())
+    }
+}
+
+/// A trainable low-rank term on one linear layer: y += scale·(x·Aᵀ)·Bᵀ, A: r × in, B: out × r.
+pub struct Adapter {
+    pub layer: usize,
+    pub kind: LinearKind,
+    pub a: Param,
+    pub b: Param,
+    pub scale: f32,
+}
+
+impl Adapter {
+    pub fn rank(&self) -> usize {
+        self.a.theta.rows()
+    }
+}
+
+/// Every trainable parameter and the optimizer over them.
+pub struct Trainable {
+    pub adapters: Vec<Adapter>,
+    pub opt: AdamW,
+    /// Clip the global gradient norm to this (0: no clipping).
+    pub max_grad_norm: f32,
+    /// Optimizer steps taken.
+    pub step: u32,
+}
+
+/// What one optimizer step saw.
+#[derive(Clone, Copy, Debug)]
+pub struct StepInfo {
+    /// The global gradient norm before clipping (of the accumulated, averaged gradient).
+    pub grad_norm: f64,
+}
+
+impl Trainable {
+    pub fn params(&self) -> impl Iterator<Item = &Param> {
+        self.adapters.iter().flat_map(|a| [&a.a, &a.b])
+    }
+
+    /// Number of trainable values.
+    pub fn count(&self) -> usize {
+        self.params().map(Param::len).sum()
+    }
+
+    /// The adapter of (layer, kind), if that linear has one.
+    pub fn get(&self, layer: usize, kind: LinearKind) -> Option<&Adapter> {
+        self.adapters
+            .iter()
+            .find(|a| a.layer == layer && a.kind == kind)
+    }
+
+    /// Zero every gradient (queued after all work submitted so far).
+    pub fn zero_grad(&self, gpu: &Gpu) {
+        for p in self.params() {
+            for c in p.grad.chunks() {
+                gpu.clear(&c.buf);
+            }
+        }
+    }
+
+    /// One AdamW step on gradients accumulated over `micro` micro-batches (averaged), clipped
+    /// to `max_grad_norm`. A non-finite gradient is refused before anything changes.
+    pub fn step(&mut self, gpu: &Gpu, micro: usize) -> Result<StepInfo> {
+        let grads: Vec<&GpuMatrix> = self.params().map(|p| &p.grad).collect();
+        let avg = 1.0 / micro.max(1) as f64;
+        let norm = sum_squares(gpu, &grads)?.sqrt() * avg;
+        if !norm.is_finite() {
+            return Err(Error::Gpu {
+                op: format!("optimizer step {}", self.step + 1),
+                msg: format!("the gradient norm is {norm}: training diverged (lower --lr)"),
+            });
+        }
+        let clip = if self.max_grad_norm > 0.0 && norm > self.max_grad_norm as f64 {
+            self.max_grad_norm as f64 / norm
+        } else {
+            1.0
+        };
+        self.step += 1;
+        let mut batch = Batch::new(gpu);
+        for p in self.adapters.iter().flat_map(|a| [&a.a, &a.b]) {
+            adamw_step(
+                &mut batch,
+                &self.opt,
+                self.step,
+                (avg * clip) as f32,
+                &p.grad,
+                &p.theta,
+                &p.m,
+                &p.v,
+            )?;
+        }
+        batch.submit()?;
+        Ok(StepInfo { grad_norm: norm })
+    }
+}
