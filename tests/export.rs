@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use common::{gpu, project_root, reader_weight};
+use common::{gpu, hf_logits_info, project_root, python, reader_weight};
 use pumice::model::Checkpoint;
 use pumice::quant::GridKind;
 
@@ -333,73 +333,10 @@ fn formats_refuse_what_they_cannot_hold_by_tensor() {
     refused(&model(), "dense", &["not a pumice-compressed checkpoint"]);
 }
 
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("PUMICE_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var_os("HOME").expect("HOME is set");
-    PathBuf::from(home).join(".cache/pumice-venv/bin/python")
-}
-
 /// transformers' logits of `dir` on `seqs`; `extra` adds hf_logits.py options (`--adapter
 /// DIR`, `--gguf FILE`).
 fn hf_logits(dir: &Path, extra: &[&std::ffi::OsStr], seqs: &[Vec<u32>]) -> Vec<f32> {
     hf_logits_info(dir, extra, seqs).0
-}
-
-/// [`hf_logits`] and the JSON line hf_logits.py prints (what was loaded and how).
-fn hf_logits_info(
-    dir: &Path,
-    extra: &[&std::ffi::OsStr],
-    seqs: &[Vec<u32>],
-) -> (Vec<f32>, serde_json::Value) {
-    let py = python();
-    assert!(
-        py.exists(),
-        "{} not found: the interop tests need Python with torch, transformers, \
-         compressed-tensors and peft (.ci/run makes ~/.cache/pumice-venv; or set PUMICE_PYTHON)",
-        py.display()
-    );
-    let out = dir.with_extension(format!("logits{}.safetensors", extra.len()));
-    let ids: Vec<String> = seqs
-        .iter()
-        .map(|s| {
-            s.iter()
-                .map(|t| t.to_string())
-                .collect::<Vec<_>>()
-                .join(",")
-        })
-        .collect();
-    let o = Command::new(&py)
-        .arg(project_root().join("tools/interop/hf_logits.py"))
-        .arg(dir)
-        .arg(&out)
-        .arg("--ids")
-        .arg(ids.join(";"))
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "hf_logits.py {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    let info = stdout
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .unwrap_or_else(|| panic!("hf_logits.py printed no JSON line: {stdout}"));
-    let f = pumice::model::safetensors::SafetensorsFile::open(&out).unwrap();
-    let li = f.info("logits").unwrap();
-    assert_eq!(li.dtype_name, "F32");
-    let logits = f
-        .bytes(li)
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    (logits, info)
 }
 
 fn transformers_logits(dir: &Path, adapter: Option<&Path>, seqs: &[Vec<u32>]) -> Vec<f32> {

@@ -24,6 +24,7 @@ fn trainable() -> Trainable {
         opt: AdamW::default(),
         max_grad_norm: 0.0,
         step: 0,
+        qat: false,
     }
 }
 
@@ -36,7 +37,13 @@ fn ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
 /// Next-token targets of whole sequences of `t` (the last position of each ignored).
 fn next_tokens(tokens: &[u32], t: usize) -> Vec<u32> {
     (0..tokens.len())
-        .map(|r| if r % t == t - 1 { IGNORE } else { tokens[r + 1] })
+        .map(|r| {
+            if r % t == t - 1 {
+                IGNORE
+            } else {
+                tokens[r + 1]
+            }
+        })
         .collect()
 }
 
@@ -81,7 +88,14 @@ fn check(name: &str, spec: SyntheticLlama, t: usize, nseq: usize, teacher: bool)
         refs.push(RefAdapter {
             layer: ad.layer,
             kind: ad.kind,
-            a: ad.a.theta.to_f32(&g).unwrap().iter().map(|&x| x as f64).collect(),
+            a: ad
+                .a
+                .theta
+                .to_f32(&g)
+                .unwrap()
+                .iter()
+                .map(|&x| x as f64)
+                .collect(),
             b: b.iter().map(|&x| x as f64).collect(),
             rank: r,
             scale: ad.scale as f64,
@@ -157,7 +171,10 @@ fn check(name: &str, spec: SyntheticLlama, t: usize, nseq: usize, teacher: bool)
         all_fd.len()
     );
     assert!(err < 1e-3, "{name}: gradient relative error {err:.3e}");
-    assert!(all_fd.iter().any(|v| v.abs() > 1e-6), "{name}: a zero gradient checks nothing");
+    assert!(
+        all_fd.iter().any(|v| v.abs() > 1e-6),
+        "{name}: a zero gradient checks nothing"
+    );
 }
 
 #[test]
@@ -190,6 +207,7 @@ fn mistral_sliding_window_one_head_gradient_matches_finite_differences() {
     s.kv_heads = 1;
     s.layers = 3;
     s.vocab = 23;
-    s.extra.insert("sliding_window".into(), serde_json::json!(3));
+    s.extra
+        .insert("sliding_window".into(), serde_json::json!(3));
     check("mistral window 3, one head, ce", s, 6, 1, false);
 }

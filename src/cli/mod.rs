@@ -11,6 +11,7 @@ pub(crate) mod compress;
 pub(crate) mod devices;
 pub(crate) mod eval;
 pub(crate) mod export;
+pub(crate) mod finetune;
 pub(crate) mod generate;
 pub(crate) mod hessians;
 pub(crate) mod importance;
@@ -160,6 +161,11 @@ pub(crate) enum Command {
     /// the LM head) and, per option, the measured sensitivity (KL vs the original when only that
     /// layer is compressed with it) and stored size. `compress --measurement` reuses the file.
     Importance(ImportanceArgs),
+    /// Tune a CALDERA checkpoint's low-rank factors on the GPU (Q frozen): distillation
+    /// against the original model on sequences sampled from it (no dataset needed) or on
+    /// text, or cross-entropy on text; writes the checkpoint with the tuned factors quantized
+    /// again on the stored factor grid (same size) or a finer one (--factor-bits).
+    Finetune(Box<finetune::FinetuneArgs>),
 }
 
 /// Run the parsed command.
@@ -180,5 +186,6 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Merge(args) => merge::run(args),
         Command::Export(args) => export::run(args),
         Command::Bench(args) => bench::run(&cli.gpu, args),
+        Command::Finetune(args) => finetune::run(&gpu, *args),
     }
 }

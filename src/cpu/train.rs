@@ -35,7 +35,11 @@ fn matmul_t(x: &[f64], w: &[f64], inp: usize, out: usize) -> Vec<f64> {
     for r in 0..rows {
         let xr = &x[r * inp..(r + 1) * inp];
         for o in 0..out {
-            y[r * out + o] = xr.iter().zip(&w[o * inp..(o + 1) * inp]).map(|(a, b)| a * b).sum();
+            y[r * out + o] = xr
+                .iter()
+                .zip(&w[o * inp..(o + 1) * inp])
+                .map(|(a, b)| a * b)
+                .sum();
         }
     }
     y

@@ -6,8 +6,12 @@
 //! its f64 reference; the whole composition is checked against finite differences of
 //! `cpu::train`'s f64 loss (tests/train.rs).
 
+pub mod finetune;
 pub mod model;
+mod output;
 pub mod params;
+pub mod store;
 
+pub use finetune::{finetune, Data, Event, FinetuneOptions, FinetuneReport, Loss};
 pub use model::{AdapterPlan, TrainModel};
 pub use params::{Adapter, Param, StepInfo, Trainable};

@@ -13,15 +13,17 @@ use crate::gpu::attn_grad::{attention_backward, AttnGradShape};
 use crate::gpu::gemm::{gemm, gemm_scaled, GemmOp};
 use crate::gpu::grad::{rms_norm_backward, swiglu_backward};
 use crate::gpu::linear_grad::low_rank_backward;
-use crate::gpu::ops::{self, AttentionShape, KvLayout};
 use crate::gpu::ops::transpose;
+use crate::gpu::ops::{self, AttentionShape, KvLayout};
 use crate::gpu::xent::{lm_head_loss_backward, Objective};
 use crate::gpu::{Batch, Gpu, GpuBuffer, GpuMatrix};
 use crate::infer::engine::{linear, LinearWeight};
 use crate::infer::Engine;
-use crate::model::{ModelConfig, LinearKind};
+use crate::model::{LinearKind, ModelConfig};
 
 use super::params::{Adapter, Param, Trainable};
+use super::store::FactorStore;
+use crate::quant::{Grid, GridKind};
 
 /// One decoder layer's frozen weights.
 struct Layer {
@@ -45,8 +47,10 @@ impl Layer {
 #[derive(Clone, Debug)]
 pub enum AdapterPlan {
     /// CALDERA's factors: every Q + L·R weight's L and R become trainable (A = R, B = L,
-    /// scale 1), starting from their stored (dequantized) values; Q stays frozen.
-    Factors,
+    /// scale 1), starting from their stored (dequantized) values; Q stays frozen. They are
+    /// stored on a grid of `factor_bits` (None: the checkpoint's); with `qat` the passes see
+    /// them rounded to it (straight-through to the f32 masters).
+    Factors { factor_bits: Option<u32>, qat: bool },
     /// LoRA (PEFT's semantics): A uniform in ±1/√in (seeded), B = 0, scale α/r, on the
     /// linears of `targets` in every layer.
     Lora {
@@ -82,7 +86,10 @@ struct Acts {
 
 impl Acts {
     fn lowrank(&self, kind: LinearKind) -> Option<&GpuMatrix> {
-        self.lowrank.iter().find(|(k, _)| *k == kind).map(|(_, u)| u)
+        self.lowrank
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, u)| u)
     }
 }
 
@@ -105,21 +112,41 @@ impl<'a> TrainModel<'a> {
             engine.checkpoint().release_layer(l);
             for (kind, w, _) in linears.iter_mut() {
                 match plan {
-                    AdapterPlan::Factors => {
+                    AdapterPlan::Factors { factor_bits, .. } => {
                         if let LinearWeight::LowRank { .. } = w {
+                            let name = &engine.checkpoint().arch().layers[l]
+                                .linear(*kind)
+                                .weight
+                                .name;
+                            let store = match engine.checkpoint().quantized(name) {
+                                Some(e) => Some(FactorStore {
+                                    grid: Grid::new(
+                                        factor_bits.unwrap_or(e.lr_bits),
+                                        e.lr_group_size,
+                                        GridKind::Asymmetric,
+                                    )?
+                                    .with_clip(true),
+                                    rht: e.rht,
+                                    rows: e.rows,
+                                    cols: e.cols,
+                                }),
+                                None => None,
+                            };
                             let LinearWeight::LowRank { q, lt, r } =
                                 std::mem::replace(w, LinearWeight::Dense(empty(gpu)?))
                             else {
                                 unreachable!("matched just above")
                             };
                             *w = LinearWeight::Dense(q);
-                            adapters.push(Adapter {
-                                layer: l,
-                                kind: *kind,
-                                b: Param::new(gpu, transpose(gpu, &lt)?)?,
-                                a: Param::new(gpu, r)?,
-                                scale: 1.0,
-                            });
+                            let b = Param::new(gpu, transpose(gpu, &lt)?)?;
+                            adapters.push(Adapter::new(
+                                l,
+                                *kind,
+                                Param::new(gpu, r)?,
+                                b,
+                                1.0,
+                                store,
+                            ));
                         }
                     }
                     AdapterPlan::Lora {
@@ -140,16 +167,17 @@ impl<'a> TrainModel<'a> {
                         let a: Vec<f32> = (0..r * inp)
                             .map(|_| (rng.uniform() as f32 * 2.0 - 1.0) * bound)
                             .collect();
-                        adapters.push(Adapter {
-                            layer: l,
-                            kind: *kind,
-                            a: Param::new(
+                        adapters.push(Adapter::new(
+                            l,
+                            *kind,
+                            Param::new(
                                 gpu,
                                 GpuMatrix::from_f32(gpu, r, inp, crate::DType::F32, &a)?,
                             )?,
-                            b: Param::new(gpu, GpuMatrix::zeros(gpu, out, r)?)?,
-                            scale: alpha / r as f32,
-                        });
+                            Param::new(gpu, GpuMatrix::zeros(gpu, out, r)?)?,
+                            alpha / r as f32,
+                            None,
+                        ));
                     }
                     AdapterPlan::Lora { .. } => {}
                 }
@@ -165,7 +193,7 @@ impl<'a> TrainModel<'a> {
                 "{}: nothing to train ({})",
                 engine.checkpoint().dir().display(),
                 match plan {
-                    AdapterPlan::Factors =>
+                    AdapterPlan::Factors { .. } =>
                         "no weight has CALDERA factors; use LoRA adapters for this model",
                     AdapterPlan::Lora { .. } => "no linear matches the LoRA targets",
                 }
@@ -173,6 +201,8 @@ impl<'a> TrainModel<'a> {
         }
         let mut trainable = trainable;
         trainable.adapters = adapters;
+        // The stored factors are used as they are until the first step moves them.
+        trainable.qat = matches!(plan, AdapterPlan::Factors { qat: true, .. });
         Ok(TrainModel {
             engine,
             layers,
@@ -314,14 +344,30 @@ impl<'a> TrainModel<'a> {
         let h2 = grouped(c.hidden_size)?;
         ops::rms_norm(&mut b, &x1, &w.post_norm, eps, &h2)?;
         let (g, u) = (grouped(c.intermediate_size)?, grouped(c.intermediate_size)?);
-        self.apply(&mut b, l, LinearKind::GateProj, &h2, &g, false, &mut lowrank)?;
+        self.apply(
+            &mut b,
+            l,
+            LinearKind::GateProj,
+            &h2,
+            &g,
+            false,
+            &mut lowrank,
+        )?;
         self.apply(&mut b, l, LinearKind::UpProj, &h2, &u, false, &mut lowrank)?;
         b.submit()?;
         let act = g.duplicate(gpu)?;
         let x2 = x1.duplicate(gpu)?;
         let mut b = Batch::new(gpu);
         ops::swiglu(&mut b, &act, &u)?;
-        self.apply(&mut b, l, LinearKind::DownProj, &act, &x2, true, &mut lowrank)?;
+        self.apply(
+            &mut b,
+            l,
+            LinearKind::DownProj,
+            &act,
+            &x2,
+            true,
+            &mut lowrank,
+        )?;
         b.submit()?;
         Ok((
             x2,
@@ -365,8 +411,8 @@ impl<'a> TrainModel<'a> {
         )?;
         if let Some(ad) = self.trainable.get(l, kind) {
             let u = GpuMatrix::uninit(self.gpu(), rows, ad.rank())?;
-            gemm(b, inp, &ad.a.theta, GemmOp::NT, &u, false)?;
-            gemm_scaled(b, &u, &ad.b.theta, GemmOp::NT, out, true, ad.scale)?;
+            gemm(b, inp, ad.a_value(), GemmOp::NT, &u, false)?;
+            gemm_scaled(b, &u, ad.b_value(), GemmOp::NT, out, true, ad.scale)?;
             lowrank.push((kind, u));
         }
         Ok(())
@@ -402,8 +448,8 @@ impl<'a> TrainModel<'a> {
             low_rank_backward(
                 gpu,
                 inp,
-                &ad.a.theta,
-                &ad.b.theta,
+                ad.a_value(),
+                ad.b_value(),
                 ad.scale,
                 u,
                 dy,

@@ -7,6 +7,8 @@ use crate::gpu::grad::{adamw_step, sum_squares, AdamW};
 use crate::gpu::{Batch, Gpu, GpuMatrix};
 use crate::model::LinearKind;
 
+use super::store::FactorStore;
+
 /// One trainable matrix: value, gradient, AdamW's first and second moments (all f32, one
 /// shape).
 pub struct Param {
@@ -66,11 +68,58 @@ pub struct Adapter {
     pub a: Param,
     pub b: Param,
     pub scale: f32,
+    /// CALDERA's factors: how they are stored.
+    pub store: Option<FactorStore>,
+    /// Quantization-aware training: the stored (rounded) A and B the passes use, refreshed
+    /// from the f32 masters after every step; the masters take their gradients unchanged
+    /// (straight-through).
+    rounded: Option<(GpuMatrix, GpuMatrix)>,
 }
 
 impl Adapter {
+    pub fn new(
+        layer: usize,
+        kind: LinearKind,
+        a: Param,
+        b: Param,
+        scale: f32,
+        store: Option<FactorStore>,
+    ) -> Adapter {
+        Adapter {
+            layer,
+            kind,
+            a,
+            b,
+            scale,
+            store,
+            rounded: None,
+        }
+    }
+
     pub fn rank(&self) -> usize {
         self.a.theta.rows()
+    }
+
+    /// A as the passes use it (rounded under quantization-aware training).
+    pub fn a_value(&self) -> &GpuMatrix {
+        self.rounded.as_ref().map_or(&self.a.theta, |r| &r.0)
+    }
+
+    /// B as the passes use it.
+    pub fn b_value(&self) -> &GpuMatrix {
+        self.rounded.as_ref().map_or(&self.b.theta, |r| &r.1)
+    }
+
+    /// Round the masters through the stored grid (host RTN), for the passes.
+    pub fn round(&mut self, gpu: &Gpu) -> Result<()> {
+        let Some(store) = self.store else {
+            return Ok(());
+        };
+        let k = self.rank();
+        let (l, r) = store.round_trip(&self.b.theta.to_f32(gpu)?, &self.a.theta.to_f32(gpu)?, k);
+        let up = |rows, cols, v: &[f32]| GpuMatrix::from_f32(gpu, rows, cols, crate::DType::F32, v);
+        self.rounded = Some((up(k, store.cols, &r)?, up(store.rows, k, &l)?));
+        Ok(())
     }
 }
 
@@ -82,6 +131,8 @@ pub struct Trainable {
     pub max_grad_norm: f32,
     /// Optimizer steps taken.
     pub step: u32,
+    /// Quantization-aware training of adapters with a stored grid.
+    pub qat: bool,
 }
 
 /// What one optimizer step saw.
@@ -149,6 +200,17 @@ impl Trainable {
             )?;
         }
         batch.submit()?;
+        self.round(gpu)?;
         Ok(StepInfo { grad_norm: norm })
+    }
+
+    /// Under quantization-aware training, round every stored adapter (after each step).
+    pub fn round(&mut self, gpu: &Gpu) -> Result<()> {
+        if self.qat {
+            for a in self.adapters.iter_mut() {
+                a.round(gpu)?;
+            }
+        }
+        Ok(())
     }
 }

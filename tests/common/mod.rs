@@ -296,3 +296,69 @@ pub fn engine_logits(g: &Gpu, ck: &pumice::model::Checkpoint, ids: &[u32], t: us
         .to_f32(g)
         .unwrap()
 }
+
+/// The Python of the interop checks: `PUMICE_PYTHON`, else `~/.cache/pumice-venv/bin/python`.
+pub fn python() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("PUMICE_PYTHON") {
+        return std::path::PathBuf::from(p);
+    }
+    let home = std::env::var_os("HOME").expect("HOME is set");
+    std::path::PathBuf::from(home).join(".cache/pumice-venv/bin/python")
+}
+
+/// transformers' logits of `dir` on `seqs` (tools/interop/hf_logits.py; `extra` adds its
+/// options: `--adapter DIR`, `--gguf FILE`) and the JSON line it prints (what was loaded and
+/// how).
+pub fn hf_logits_info(
+    dir: &std::path::Path,
+    extra: &[&std::ffi::OsStr],
+    seqs: &[Vec<u32>],
+) -> (Vec<f32>, serde_json::Value) {
+    let py = python();
+    assert!(
+        py.exists(),
+        "{} not found: the interop tests need Python with torch, transformers, \
+         compressed-tensors and peft (.ci/run makes ~/.cache/pumice-venv; or set PUMICE_PYTHON)",
+        py.display()
+    );
+    let out = dir.with_extension(format!("logits{}.safetensors", extra.len()));
+    let ids: Vec<String> = seqs
+        .iter()
+        .map(|s| {
+            s.iter()
+                .map(|t| t.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .collect();
+    let o = std::process::Command::new(&py)
+        .arg(project_root().join("tools/interop/hf_logits.py"))
+        .arg(dir)
+        .arg(&out)
+        .arg("--ids")
+        .arg(ids.join(";"))
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "hf_logits.py {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let info = stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .unwrap_or_else(|| panic!("hf_logits.py printed no JSON line: {stdout}"));
+    let f = pumice::model::safetensors::SafetensorsFile::open(&out).unwrap();
+    let li = f.info("logits").unwrap();
+    assert_eq!(li.dtype_name, "F32");
+    let logits = f
+        .bytes(li)
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (logits, info)
+}

@@ -29,6 +29,7 @@ pub use job::shard_layers;
 pub(crate) use layer::{
     calibration_batches, compress_layer, CalibBatches, LayerInput, LayerShared,
 };
+pub(crate) use layout::pack;
 pub(crate) use layout::planned_entries;
 pub use layout::planned_linear_bits;
 pub use merge::merge;

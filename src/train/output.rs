@@ -1,0 +1,212 @@
+//! The fine-tune's output: the input checkpoint rewritten with its CALDERA factors replaced by
+//! the tuned ones — rotated back into the stored (randomized-Hadamard) space when the weight
+//! was rotated, quantized by RTN with the clip search on the stored factor grid (or one of
+//! `--factor-bits`), the entries' stored bits recomputed — through the native format's writer
+//! (a temporary sibling moved into place whole).
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::format::{native, Format, JobInfo, Output};
+
+use super::finetune::{Event, FinetuneOptions};
+use super::model::{AdapterPlan, TrainModel};
+
+/// Write `model`'s tuned factors over `student` into `out`; returns the bytes written and the
+/// factor grid's bits.
+pub(crate) fn write(
+    model: &TrainModel<'_>,
+    student: &crate::model::Checkpoint,
+    out: &Path,
+    force: bool,
+    opts: &FinetuneOptions,
+    on: &mut dyn FnMut(&Event),
+) -> Result<(u64, u32)> {
+    let gpu = model.gpu();
+    let manifest = student
+        .manifest()
+        .ok_or_else(|| Error::InvalidArgument("not a compressed checkpoint".into()))?;
+    let mut planned = native::entries(student)?;
+    let mut bits_used = 0;
+    for (_, e) in planned.iter_mut().flatten() {
+        if e.rank > 0 {
+            if let AdapterPlan::Factors {
+                factor_bits: Some(b),
+                ..
+            } = opts.plan
+            {
+                e.lr_bits = b;
+            }
+            bits_used = e.lr_bits;
+            e.relative_error = None;
+            e.stored_bits = e.expected_bits();
+        }
+    }
+    native::Native.check(student, &planned)?;
+    let mut output = Output::begin(&native::Native, student, out, force, &planned)?;
+    let n = planned.len();
+    for (l, entries) in planned.iter().enumerate() {
+        let mut layer = native::read_layer(student, l)?;
+        let spec = &student.arch().layers[l];
+        for m in layer.matrices.iter_mut() {
+            let Some((_, e)) = entries.iter().find(|(w, _)| *w == m.weight) else {
+                continue;
+            };
+            if e.rank == 0 {
+                continue;
+            }
+            let kind = spec
+                .linears
+                .iter()
+                .find(|s| s.weight.name == m.weight)
+                .map(|s| s.kind)
+                .expect("every compressed matrix is one of the layer's linears");
+            let ad = model
+                .trainable
+                .get(l, kind)
+                .ok_or_else(|| Error::InvalidArgument(format!("{}: no tuned factors", m.weight)))?;
+            let store = ad.store.as_ref().ok_or_else(|| {
+                Error::InvalidArgument(format!("{}: tuned factors without a stored grid", m.weight))
+            })?;
+            let (ltq, rq) =
+                store.quantize(&ad.b.theta.to_f32(gpu)?, &ad.a.theta.to_f32(gpu)?, e.rank);
+            let factors = (
+                crate::compress::pipeline::pack(&ltq)?,
+                crate::compress::pipeline::pack(&rq)?,
+            );
+            m.data.factors = Some(Box::new(factors));
+            m.entry = e.clone();
+        }
+        for rep in layer.reports.iter_mut() {
+            if entries.iter().any(|(w, e)| *w == rep.name && e.rank > 0) {
+                rep.relative_error = None;
+            }
+        }
+        output.layer(student, &layer)?;
+        on(&Event::Writing {
+            done: l + 1,
+            total: n,
+        });
+        crate::interrupt::check("stopped while writing; nothing was written")?;
+    }
+    let mut params = manifest.params.clone();
+    if let Some(obj) = params.as_object_mut() {
+        obj.insert(
+            "finetune".into(),
+            serde_json::json!({
+                "loss": format!("{:?}", opts.loss),
+                "steps": opts.steps,
+                "samples": opts.samples,
+                "len": opts.len,
+                "batch": opts.batch,
+                "accum": opts.accum,
+                "lr": opts.lr,
+                "seed": opts.seed,
+                "factor_bits": bits_used,
+                "qat": matches!(opts.plan, AdapterPlan::Factors { qat: true, .. }),
+            }),
+        );
+    }
+    let written = output.finish(
+        student,
+        JobInfo {
+            source: manifest.source.clone(),
+            method: manifest.method.clone(),
+            params,
+            calibration: manifest.calibration.clone(),
+            allocation: manifest.allocation.clone(),
+        },
+    )?;
+    Ok((written.bytes(), bits_used))
+}
+
+/// Write `model`'s LoRA adapters as a PEFT adapter directory (`adapter_config.json`,
+/// `adapter_model.safetensors`: lora_A r × in, lora_B out × r, f32; lora_alpha = α, so PEFT's
+/// scale α/r is the trainer's) for the model in `base`. Returns the bytes written.
+pub(crate) fn write_lora(
+    model: &TrainModel<'_>,
+    base: &crate::model::Checkpoint,
+    out: &Path,
+    force: bool,
+    rank: usize,
+    alpha: f32,
+) -> Result<u64> {
+    use crate::format::hf;
+    use crate::model::compressed::StreamingWriter;
+    let gpu = model.gpu();
+    let tmp = crate::base::outdir::begin(out)?;
+    let named: Vec<(String, &super::params::Adapter)> = model
+        .trainable
+        .adapters
+        .iter()
+        .map(|a| {
+            let w = &base.arch().layers[a.layer].linear(a.kind).weight.name;
+            (hf::module_of(w).to_string(), a)
+        })
+        .collect();
+    let mut plan = Vec::new();
+    for (module, a) in &named {
+        let [r, inp] = a.a.theta.shape();
+        let [o, _] = a.b.theta.shape();
+        plan.push(hf::tensor(
+            format!("base_model.model.{module}.lora_A.weight"),
+            "F32",
+            vec![r, inp],
+        ));
+        plan.push(hf::tensor(
+            format!("base_model.model.{module}.lora_B.weight"),
+            "F32",
+            vec![o, r],
+        ));
+    }
+    let mut writer =
+        StreamingWriter::create(&tmp.path.join(crate::format::peft::ADAPTER_FILE), plan)?;
+    for (module, a) in &named {
+        let av = a.a.theta.to_f32(gpu)?;
+        let bv = a.b.theta.to_f32(gpu)?;
+        writer.write(
+            &format!("base_model.model.{module}.lora_A.weight"),
+            bytemuck::cast_slice(&av),
+        )?;
+        writer.write(
+            &format!("base_model.model.{module}.lora_B.weight"),
+            bytemuck::cast_slice(&bv),
+        )?;
+    }
+    writer.finish()?;
+    let mut kinds: Vec<&str> = named
+        .iter()
+        .map(|(m, _)| m.rsplit('.').next().unwrap_or(m))
+        .collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base.dir().display().to_string(),
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": kinds,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "use_rslora": false,
+        "use_dora": false,
+        "inference_mode": true,
+    });
+    let text = serde_json::to_string_pretty(&config).expect("config serializes");
+    crate::base::atomic::write_atomic(
+        &tmp.path.join(crate::format::peft::ADAPTER_CONFIG),
+        &[text.as_bytes(), b"\n"],
+    )?;
+    let mut bytes = 0;
+    for f in [
+        crate::format::peft::ADAPTER_FILE,
+        crate::format::peft::ADAPTER_CONFIG,
+    ] {
+        let p = tmp.path.join(f);
+        bytes += std::fs::metadata(&p).map_err(|e| Error::io(&p, e))?.len();
+    }
+    crate::base::outdir::commit(tmp, out, force)?;
+    Ok(bytes)
+}

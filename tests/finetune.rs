@@ -1,0 +1,247 @@
+//! `pumice finetune`: what is written is what was trained (CALDERA's factors rounded through
+//! the stored grid and rotation: the reader's perplexity equals the trainer's), a LoRA adapter
+//! that PEFT + transformers (not ours) load computes the trained model, and bad input is
+//! refused before any work with nothing written.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{asset, hf_logits_info, json_summary, run, stderr};
+
+/// Plain English prose written for these tests (no corpus needed).
+const TEXT: &str = "The harbour was quiet in the early morning, and the boats lay still on \
+the grey water while the gulls argued over the nets. An old man walked along the wall with a \
+basket of bread, stopping now and then to look at the sky, which had the pale colour of milk. \
+He had lived in the town for sixty years and had seen the river flood twice, once when he was \
+a boy and once when his daughter was born. Nobody remembered the first flood but him.\n\n\
+At the end of the wall there was a small house with a green door. The woman who lived there \
+kept bees, and in summer the garden was loud with them. She sold honey at the market on \
+Saturdays and gave the broken combs to the children, who followed her home like a procession. \
+In the winter she mended sails for the fishermen and told stories about the islands to the \
+north, where, she said, the sun did not set for a whole month and the birds never slept.\n\n\
+One evening a stranger came to the town on the last coach. He carried a leather case and asked \
+at the inn for a room facing the sea. The innkeeper, who was curious about everyone, asked him \
+what his business was, and the stranger answered that he had come to count the stars, because \
+somebody had to, and the sky over the harbour was the clearest he had ever found.\n";
+
+fn work(name: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("finetune");
+    std::fs::create_dir_all(&d).unwrap();
+    let p = d.join(name);
+    let _ = std::fs::remove_dir_all(&p);
+    p
+}
+
+fn text_file() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("finetune-text.txt");
+    std::fs::write(&p, TEXT.repeat(3)).unwrap();
+    p
+}
+
+fn ok(args: &[&str]) -> serde_json::Value {
+    let o = run(args);
+    assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    json_summary(&o.stdout)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn caldera_factors_written_are_the_factors_trained() {
+    let text = text_file();
+    let cal = work("caldera");
+    ok(&[
+        "compress",
+        s(&asset()),
+        "-o",
+        s(&cal),
+        "--json",
+        "--calib",
+        s(&text),
+        "--calib-samples",
+        "8",
+        "--calib-len",
+        "64",
+        "--eval-samples",
+        "0",
+        "--outer-iters",
+        "2",
+    ]);
+    let out = work("caldera-tuned");
+    let sum = ok(&[
+        "finetune",
+        s(&cal),
+        "-o",
+        s(&out),
+        "--json",
+        "--data",
+        s(&text),
+        "--samples",
+        "6",
+        "--len",
+        "32",
+        "--batch",
+        "2",
+        "--steps",
+        "3",
+        "--lr",
+        "2e-3",
+        "--eval-text",
+        s(&text),
+        "--eval-windows",
+        "3",
+    ]);
+    let (before, after) = (&sum["before"], &sum["after"]);
+    assert!(after["kl"].as_f64().unwrap().is_finite(), "{sum}");
+    assert_eq!(sum["factor_bits"], 4, "{sum}");
+    // The reader's perplexity of the written checkpoint on the same windows equals the
+    // trainer's (quantization-aware: the passes used the factors as stored, rotation undone).
+    let eval = |dir: &Path| {
+        let o = run(&[
+            "eval",
+            s(dir),
+            "--text",
+            s(&text),
+            "--ctx",
+            "32",
+            "--max-windows",
+            "3",
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["perplexity"].as_f64().unwrap()
+    };
+    let (p_in, p_out) = (eval(&cal), eval(&out));
+    let want_before = before["perplexity"].as_f64().unwrap();
+    let want_after = after["perplexity"].as_f64().unwrap();
+    assert!(
+        (p_in - want_before).abs() < 1e-4 * want_before,
+        "before: eval {p_in} vs trainer {want_before}"
+    );
+    assert!(
+        (p_out - want_after).abs() < 1e-4 * want_after,
+        "after: eval {p_out} vs trainer {want_after}"
+    );
+    assert!(
+        (p_out - p_in).abs() > 1e-6 * p_in,
+        "training changed nothing: {p_in} → {p_out}"
+    );
+    // Same stored layout and size; the manifest records the fine-tune.
+    let size = |d: &Path| {
+        std::fs::metadata(d.join("model.safetensors"))
+            .unwrap()
+            .len()
+    };
+    assert_eq!(size(&cal), size(&out));
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("pumice.json")).unwrap()).unwrap();
+    assert_eq!(m["params"]["finetune"]["steps"], 3, "{}", m["params"]);
+    let inspect = run(&["inspect", s(&out), "--check-weights"]);
+    assert!(inspect.status.success(), "{}", stderr(&inspect));
+}
+
+#[test]
+fn lora_adapter_loads_in_peft_and_computes_the_trained_model() {
+    let text = text_file();
+    let out = work("lora");
+    let sum = ok(&[
+        "finetune",
+        s(&asset()),
+        "-o",
+        s(&out),
+        "--json",
+        "--lora-rank",
+        "4",
+        "--loss",
+        "ce",
+        "--data",
+        s(&text),
+        "--samples",
+        "6",
+        "--len",
+        "32",
+        "--batch",
+        "2",
+        "--steps",
+        "3",
+        "--lr",
+        "1e-2",
+        "--eval-text",
+        s(&text),
+        "--eval-windows",
+        "2",
+    ]);
+    let want = sum["after"]["perplexity"].as_f64().unwrap();
+    assert!(
+        (want - sum["before"]["perplexity"].as_f64().unwrap()).abs() > 1e-6,
+        "{sum}"
+    );
+    // The same windows through transformers + PEFT.
+    let tok = pumice::model::Tokenizer::from_model_dir(&asset())
+        .unwrap()
+        .unwrap();
+    let ids = tok
+        .encode(&pumice::text::read_text(&text, pumice::text::Newlines::Universal).unwrap())
+        .unwrap();
+    let seqs: Vec<Vec<u32>> = ids.chunks(32).take(2).map(|c| c.to_vec()).collect();
+    let (logits, info) = hf_logits_info(&asset(), &["--adapter".as_ref(), out.as_os_str()], &seqs);
+    let v = logits.len() / 64;
+    let mut nll = 0.0;
+    for (b, seq) in seqs.iter().enumerate() {
+        for i in 0..31 {
+            let z = &logits[(b * 32 + i) * v..(b * 32 + i + 1) * v];
+            let m = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = m + z.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+            nll += lse - z[seq[i + 1] as usize] as f64;
+        }
+    }
+    let got = (nll / 62.0).exp();
+    assert!(
+        (got - want).abs() < 1e-4 * want,
+        "transformers + peft perplexity {got} vs the trainer's {want} ({info})"
+    );
+}
+
+#[test]
+fn bad_finetune_input_is_refused_before_any_work() {
+    let text = text_file();
+    let out = work("refused");
+    let model = asset();
+    let cases: [(&[&str], &str); 4] = [
+        // A plain model has no factors to tune.
+        (&["--data", s(&text)], "not a pumice-compressed checkpoint"),
+        (
+            &[
+                "--lora-rank",
+                "2",
+                "--lora-targets",
+                "qkv",
+                "--teacher",
+                s(&model),
+            ],
+            "unknown linear",
+        ),
+        (
+            &["--lora-rank", "2", "--loss", "ce"],
+            "--loss ce needs --data",
+        ),
+        (
+            &["--lora-rank", "2", "--teacher", s(&model), "--len", "1"],
+            "--len must be at least 2",
+        ),
+    ];
+    for (extra, want) in cases {
+        let mut args = vec!["finetune", s(&model), "-o", s(&out)];
+        args.extend_from_slice(extra);
+        let o = run(&args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {err}");
+        assert!(err.contains(want), "{extra:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{extra:?}: {err}");
+        assert!(!out.exists(), "{extra:?} wrote {}", out.display());
+    }
+}
