@@ -49,36 +49,49 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-#[test]
-fn caldera_factors_written_are_the_factors_trained() {
-    let text = text_file();
-    let cal = work("caldera");
-    ok(&[
-        "compress",
-        s(&asset()),
-        "-o",
-        s(&cal),
-        "--json",
-        "--calib",
-        s(&text),
-        "--calib-samples",
-        "8",
-        "--calib-len",
-        "64",
-        "--eval-samples",
-        "0",
-        "--outer-iters",
-        "2",
-    ]);
-    let out = work("caldera-tuned");
-    let sum = ok(&[
+/// A small CALDERA compression of the asset model (made once per test binary).
+fn caldera() -> &'static PathBuf {
+    static C: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    C.get_or_init(|| {
+        let text = text_file();
+        let cal = work("caldera");
+        ok(&[
+            "compress",
+            s(&asset()),
+            "-o",
+            s(&cal),
+            "--json",
+            "--calib",
+            s(&text),
+            "--calib-samples",
+            "8",
+            "--calib-len",
+            "64",
+            "--eval-samples",
+            "0",
+            "--outer-iters",
+            "2",
+        ]);
+        cal
+    })
+}
+
+/// finetune's arguments for a short job on `caldera()` with the test text.
+fn tune_args<'a>(
+    cal: &'a Path,
+    out: &'a Path,
+    text: &'a Path,
+    steps: &'a str,
+    lr: &'a str,
+) -> Vec<&'a str> {
+    vec![
         "finetune",
-        s(&cal),
+        s(cal),
         "-o",
-        s(&out),
+        s(out),
         "--json",
         "--data",
-        s(&text),
+        s(text),
         "--samples",
         "6",
         "--len",
@@ -86,14 +99,22 @@ fn caldera_factors_written_are_the_factors_trained() {
         "--batch",
         "2",
         "--steps",
-        "3",
+        steps,
         "--lr",
-        "2e-3",
+        lr,
         "--eval-text",
-        s(&text),
+        s(text),
         "--eval-windows",
         "3",
-    ]);
+    ]
+}
+
+#[test]
+fn caldera_factors_written_are_the_factors_trained() {
+    let text = text_file();
+    let cal = caldera().clone();
+    let out = work("caldera-tuned");
+    let sum = ok(&tune_args(&cal, &out, &text, "3", "2e-3"));
     let (before, after) = (&sum["before"], &sum["after"]);
     assert!(after["kl"].as_f64().unwrap().is_finite(), "{sum}");
     assert_eq!(sum["factor_bits"], 4, "{sum}");
@@ -244,4 +265,70 @@ fn bad_finetune_input_is_refused_before_any_work() {
         assert_eq!(err.trim().lines().count(), 1, "{extra:?}: {err}");
         assert!(!out.exists(), "{extra:?} wrote {}", out.display());
     }
+}
+
+#[test]
+fn sigkill_then_resume_is_byte_identical() {
+    let text = text_file();
+    let cal = caldera().clone();
+    let whole = work("resume-whole");
+    ok(&tune_args(&cal, &whole, &text, "6", "2e-3"));
+    let out = work("resume-out");
+    let wd = work("resume-wd");
+    let mut args = tune_args(&cal, &out, &text, "6", "2e-3");
+    args.extend_from_slice(&["--work-dir", s(&wd), "--save-every", "1"]);
+    // Kill at spread-out moments; every later run resumes.
+    let mut kills = 0;
+    let mut finished = false;
+    for (i, delay_ms) in [700u64, 1300, 1900, 2600, 3400].into_iter().enumerate() {
+        let mut a = args.clone();
+        if i > 0 {
+            a.push("--resume");
+        }
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pumice"))
+            .args(&a)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            kills += 1;
+        } else {
+            let o = child.wait_with_output().unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            finished = true;
+            break;
+        }
+    }
+    if !finished {
+        let mut a = args.clone();
+        a.push("--resume");
+        ok(&a);
+    }
+    assert!(kills > 0, "every run finished before its kill");
+    for f in ["model.safetensors", "pumice.json"] {
+        assert_eq!(
+            std::fs::read(whole.join(f)).unwrap(),
+            std::fs::read(out.join(f)).unwrap(),
+            "{f} differs after {kills} kills"
+        );
+    }
+    // A work directory is never reused silently.
+    let mut again = args.clone();
+    again.push("--force");
+    let o = run(&again);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--resume"), "{}", stderr(&o));
+    let mut other = tune_args(&cal, &out, &text, "6", "1e-3");
+    other.extend_from_slice(&["--work-dir", s(&wd), "--resume", "--force"]);
+    let o = run(&other);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("other inputs or options"),
+        "{}",
+        stderr(&o)
+    );
 }

@@ -99,6 +99,15 @@ pub(crate) struct FinetuneArgs {
     pub(crate) lora_targets: Vec<String>,
     #[arg(long, default_value_t = 0)]
     pub(crate) seed: u64,
+    /// Save the training state here (every --save-every steps and when stopped by SIGINT or
+    /// SIGTERM) so that --resume continues where it stopped, also after SIGKILL; the result
+    /// equals an uninterrupted run's byte for byte.
+    #[arg(long)]
+    pub(crate) work_dir: Option<PathBuf>,
+    #[arg(long, requires = "work_dir")]
+    pub(crate) resume: bool,
+    #[arg(long, default_value_t = 10)]
+    pub(crate) save_every: usize,
     /// JSON lines on stdout (implied when stdout is not a terminal).
     #[arg(long)]
     pub(crate) json: bool,
@@ -209,6 +218,9 @@ pub(crate) fn run(gpu_opts: &GpuOptions, a: FinetuneArgs) -> anyhow::Result<()> 
         weight_decay: a.weight_decay,
         max_grad_norm: a.max_grad_norm,
         eval_tokens,
+        work_dir: a.work_dir.clone(),
+        resume: a.resume,
+        save_every: a.save_every,
     };
     let mut rep = Reporter::new(a.json);
     let gpu = super::setup::open_gpu(gpu_opts)?;

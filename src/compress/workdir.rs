@@ -46,7 +46,7 @@ pub fn layer_file(dir: &Path, layer: usize) -> PathBuf {
 }
 
 /// Write a container: `header` plus `blobs`, whose lengths the header must describe.
-pub(super) fn write_container(
+pub(crate) fn write_container(
     path: &Path,
     magic: &[u8; 8],
     header: &Value,
@@ -76,14 +76,14 @@ pub(super) fn write_container(
 /// overflows). The whole file's checksum is verified either way.
 /// How much of a container to read.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum Read {
+pub(crate) enum Read {
     /// Everything, verified, the data dropped.
     Verify,
     /// Everything, verified, the data kept.
     Data,
 }
 
-pub(super) fn read_container(
+pub(crate) fn read_container(
     path: &Path,
     magic: &[u8; 8],
     mode: Read,

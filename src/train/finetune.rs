@@ -56,6 +56,11 @@ pub struct FinetuneOptions {
     pub max_grad_norm: f32,
     /// Held-out token windows (eval_windows × len) scored before and after, when given.
     pub eval_tokens: Option<Vec<u32>>,
+    /// Save the state here every `save_every` steps (and when stopped); `resume` continues
+    /// from it.
+    pub work_dir: Option<PathBuf>,
+    pub resume: bool,
+    pub save_every: usize,
 }
 
 /// Progress of a fine-tune.
@@ -89,7 +94,7 @@ pub struct StepReport {
 }
 
 /// The held-out score of the model being trained.
-#[derive(Clone, Copy, Debug, serde::Serialize)]
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
 pub struct HeldOut {
     /// Mean KL(teacher ‖ model) over every position of the windows.
     pub kl: f64,
@@ -180,12 +185,59 @@ fn validate(
     if !(opts.lr > 0.0 && opts.lr.is_finite()) {
         return bad("--lr must be a positive number");
     }
+    if let Some(d) = &opts.work_dir {
+        if !opts.resume && super::workdir::path(d).exists() {
+            return Err(Error::work_dir(
+                d,
+                "holds a fine-tune in progress: pass --resume to continue it, or remove it",
+            ));
+        }
+    }
     if let Data::Text(paths) = &opts.data {
         for p in calib::expand_paths(paths)? {
             std::fs::metadata(&p).map_err(|e| Error::io(&p, e))?;
         }
     }
     Ok(())
+}
+
+/// What makes a work directory's state this job's: the inputs and every option that changes
+/// what is trained (not the held-out text, the work directory or how often it is saved).
+fn fingerprint(student: &Checkpoint, teacher: &Checkpoint, opts: &FinetuneOptions) -> String {
+    let dir = |c: &Checkpoint| {
+        std::fs::canonicalize(c.dir())
+            .unwrap_or_else(|_| c.dir().to_path_buf())
+            .display()
+            .to_string()
+    };
+    let inputs: std::collections::BTreeMap<String, String> = [
+        ("student", dir(student)),
+        ("teacher", dir(teacher)),
+        (
+            "options",
+            format!(
+                "{:?} {:?} {:?} {} {} {} {:?} {} {} {} {} {} {} {}",
+                opts.plan,
+                opts.loss,
+                opts.data,
+                opts.samples,
+                opts.len,
+                opts.seed,
+                opts.newlines,
+                opts.steps,
+                opts.batch,
+                opts.accum,
+                opts.lr,
+                opts.warmup,
+                opts.weight_decay,
+                opts.max_grad_norm
+            ),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    crate::compress::workdir::fingerprint(&inputs)
 }
 
 /// The learning rate at step `s` (1-based): linear warm-up over `warmup` steps, then cosine
@@ -236,19 +288,32 @@ pub fn finetune(
         seed: opts.seed,
         newlines: opts.newlines,
     };
-    let data = match &opts.data {
-        Data::Text(paths) => {
-            let tok = Tokenizer::from_model_dir(student.dir())?.ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "{} has no tokenizer.json to read --data with",
-                    student.dir().display()
-                ))
-            })?;
-            calib::from_text(&tok, &calib::expand_paths(paths)?, &copts)?
+    let fp = fingerprint(student, teacher, opts);
+    let saved = match &opts.work_dir {
+        Some(d) if opts.resume => super::workdir::State::read(d, &fp)?,
+        _ => None,
+    };
+    let tokens = match &saved {
+        Some(s) => s.tokens.clone(),
+        None => {
+            match &opts.data {
+                Data::Text(paths) => {
+                    let tok = Tokenizer::from_model_dir(student.dir())?.ok_or_else(|| {
+                        Error::InvalidArgument(format!(
+                            "{} has no tokenizer.json to read --data with",
+                            student.dir().display()
+                        ))
+                    })?;
+                    calib::from_text(&tok, &calib::expand_paths(paths)?, &copts)?
+                }
+                Data::SelfGenerated => {
+                    calib::self_generated(&mut teacher_engine, &copts, &mut |d, t| {
+                        on(&Event::Sampling { done: d, total: t })
+                    })?
+                }
+            }
+            .tokens
         }
-        Data::SelfGenerated => calib::self_generated(&mut teacher_engine, &copts, &mut |d, t| {
-            on(&Event::Sampling { done: d, total: t })
-        })?,
     };
     let student_engine = Engine::new(gpu, student, &eopts)?;
     let trainable = Trainable {
@@ -263,6 +328,32 @@ pub fn finetune(
         qat: false,
     };
     let mut model = TrainModel::new(student_engine, &opts.plan, trainable)?;
+    let mut losses = Vec::with_capacity(opts.steps);
+    if let Some(s) = &saved {
+        let n = model.trainable.params().count();
+        if s.params.len() != n || s.step > opts.steps {
+            return Err(Error::work_dir(
+                super::workdir::path(opts.work_dir.as_deref().expect("read from it")),
+                format!(
+                    "holds {} parameters at step {}; this job has {n} and {} steps",
+                    s.params.len(),
+                    s.step,
+                    opts.steps
+                ),
+            ));
+        }
+        let mut it = s.params.iter();
+        for ad in model.trainable.adapters.iter_mut() {
+            for p in [&mut ad.a, &mut ad.b] {
+                p.restore(gpu, it.next().expect("counted above"))?;
+            }
+        }
+        model.trainable.step = s.step as u32;
+        if s.step > 0 {
+            model.trainable.round(gpu)?;
+        }
+        losses = s.losses.clone();
+    }
     let held_out = |model: &TrainModel<'_>, teacher: &mut Engine<'_>| -> Result<HeldOut> {
         let tokens = opts.eval_tokens.as_deref().unwrap_or_default();
         let mut kl = 0.0;
@@ -291,15 +382,38 @@ pub fn finetune(
         })
     };
     let evaluate = opts.eval_tokens.as_ref().is_some_and(|t| t.len() >= len);
-    let before = if evaluate {
-        on(&Event::Evaluating { phase: "before" });
-        Some(held_out(&model, &mut teacher_engine)?)
-    } else {
-        None
+    let before = match &saved {
+        Some(s) => s.before,
+        None if evaluate => {
+            on(&Event::Evaluating { phase: "before" });
+            Some(held_out(&model, &mut teacher_engine)?)
+        }
+        None => None,
     };
+    let save = |model: &TrainModel<'_>, losses: &[f64]| -> Result<()> {
+        let Some(d) = &opts.work_dir else {
+            return Ok(());
+        };
+        super::workdir::State {
+            fingerprint: fp.clone(),
+            step: losses.len(),
+            losses: losses.to_vec(),
+            before,
+            tokens: tokens.clone(),
+            params: model
+                .trainable
+                .params()
+                .map(|p| p.state(gpu))
+                .collect::<Result<_>>()?,
+        }
+        .write(d)
+    };
+    if saved.is_none() {
+        save(&model, &losses)?;
+    }
 
     // Training: sequences in a seeded random order, reshuffled every pass over the data.
-    let nseq = data.tokens.len() / len;
+    let nseq = tokens.len() / len;
     let mut rng = Rng::new(opts.seed ^ 0x5EED_F17E);
     let mut order: Vec<usize> = Vec::new();
     let mut next = || -> usize {
@@ -313,9 +427,13 @@ pub fn finetune(
     };
     let per_micro = opts.batch.min(nseq).max(1);
     let tokens_per_step = per_micro * opts.accum * len;
-    let mut losses = Vec::with_capacity(opts.steps);
+    let done = losses.len();
+    // The sequences the steps already done took, so the order continues where it stopped.
+    for _ in 0..done * opts.accum * per_micro {
+        next();
+    }
     let started = Instant::now();
-    for step in 1..=opts.steps {
+    for step in done + 1..=opts.steps {
         let t0 = Instant::now();
         model.trainable.zero_grad(gpu);
         let mut loss = 0.0;
@@ -323,7 +441,7 @@ pub fn finetune(
             let tokens: Vec<u32> = (0..per_micro)
                 .flat_map(|_| {
                     let s = next();
-                    data.tokens[s * len..(s + 1) * len].to_vec()
+                    tokens[s * len..(s + 1) * len].to_vec()
                 })
                 .collect();
             loss += match opts.loss {
@@ -356,12 +474,26 @@ pub fn finetune(
             lr,
             tokens_per_second: tokens_per_step as f64 / t0.elapsed().as_secs_f64(),
         }));
-        crate::interrupt::check(&format!(
-            "stopped after step {step} of {}; nothing was written",
-            opts.steps
-        ))?;
+        if crate::interrupt::requested() || (opts.save_every > 0 && step % opts.save_every == 0) {
+            save(&model, &losses)?;
+        }
+        crate::interrupt::check(&match &opts.work_dir {
+            Some(d) => format!(
+                "stopped after step {step} of {}; continue with --work-dir {} --resume",
+                opts.steps,
+                d.display()
+            ),
+            None => format!(
+                "stopped after step {step} of {}; nothing was written",
+                opts.steps
+            ),
+        })?;
+    }
+    if losses.len() > done {
+        save(&model, &losses)?;
     }
     let train_seconds = started.elapsed().as_secs_f64();
+    let steps_here = losses.len() - done;
     let after = if evaluate {
         on(&Event::Evaluating { phase: "after" });
         Some(held_out(&model, &mut teacher_engine)?)
@@ -388,7 +520,7 @@ pub fn finetune(
         first_loss: mean(&losses[..k]),
         last_loss: mean(&losses[losses.len() - k..]),
         train_seconds,
-        tokens_per_second: (tokens_per_step * opts.steps) as f64 / train_seconds,
+        tokens_per_second: (tokens_per_step * steps_here) as f64 / train_seconds.max(1e-9),
         peak_gpu_bytes,
         before,
         after,

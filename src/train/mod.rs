@@ -11,6 +11,7 @@ pub mod model;
 mod output;
 pub mod params;
 pub mod store;
+pub mod workdir;
 
 pub use finetune::{finetune, Data, Event, FinetuneOptions, FinetuneReport, Loss};
 pub use model::{AdapterPlan, TrainModel};
