@@ -11,12 +11,15 @@ use crate::base::rng::Rng;
 use crate::compress::calib::{self, CalibOptions};
 use crate::error::{Error, Result};
 use crate::gpu::xent::{Objective, IGNORE};
-use crate::gpu::Gpu;
+use crate::gpu::{Gpu, GpuMatrix};
 use crate::infer::{Engine, EngineOptions};
 use crate::model::{Checkpoint, Tokenizer};
 
 use super::model::{AdapterPlan, TrainModel};
 use super::params::Trainable;
+
+/// Host memory the teacher's hidden states of the training data may take to be formed once.
+pub const TEACHER_CACHE_BYTES: u64 = 1 << 30;
 
 /// What the model is trained against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,6 +122,8 @@ pub struct FinetuneReport {
     pub output_bytes: u64,
     /// The stored factor grid's bits (CALDERA's factors).
     pub factor_bits: Option<u32>,
+    /// GPU time per kernel (with --profile / PUMICE_PROFILE) and shader build times.
+    pub kernels: crate::gpu::profile::ProfileReport,
 }
 
 /// Check what can be checked before any GPU work: the output target, the student's factors,
@@ -432,21 +437,44 @@ pub fn finetune(
     for _ in 0..done * opts.accum * per_micro {
         next();
     }
+    // The teacher's final hidden states of every training sequence, formed once when they
+    // fit TEACHER_CACHE_BYTES of host memory (each sequence is revisited every pass over the
+    // data); otherwise formed again for every micro-batch.
+    let d = teacher.config().hidden_size;
+    let cache = if opts.loss == Loss::Distill
+        && (tokens.len() * d * 4) as u64 <= TEACHER_CACHE_BYTES
+    {
+        let mut c = Vec::with_capacity(tokens.len() * d);
+        for part in tokens.chunks(per_micro * len) {
+            c.extend(teacher_engine.hidden_states(part, len)?.to_f32(gpu)?);
+        }
+        Some(c)
+    } else {
+        None
+    };
     let started = Instant::now();
     for step in done + 1..=opts.steps {
         let t0 = Instant::now();
         model.trainable.zero_grad(gpu);
         let mut loss = 0.0;
         for _ in 0..opts.accum {
-            let tokens: Vec<u32> = (0..per_micro)
-                .flat_map(|_| {
-                    let s = next();
-                    tokens[s * len..(s + 1) * len].to_vec()
-                })
+            let seqs: Vec<usize> = (0..per_micro).map(|_| next()).collect();
+            let tokens: Vec<u32> = seqs
+                .iter()
+                .flat_map(|&s| tokens[s * len..(s + 1) * len].to_vec())
                 .collect();
             loss += match opts.loss {
                 Loss::Distill => {
-                    let th = teacher_engine.hidden_states(&tokens, len)?;
+                    let th = match &cache {
+                        Some(c) => {
+                            let vals: Vec<f32> = seqs
+                                .iter()
+                                .flat_map(|&s| c[s * len * d..(s + 1) * len * d].to_vec())
+                                .collect();
+                            GpuMatrix::from_f32_grouped(gpu, tokens.len(), d, len, &vals)?
+                        }
+                        None => teacher_engine.hidden_states(&tokens, len)?,
+                    };
                     let obj = Objective::Teacher {
                         hidden: &th,
                         head: teacher_engine.head(),
@@ -526,5 +554,6 @@ pub fn finetune(
         after,
         output_bytes,
         factor_bits,
+        kernels: gpu.profile(),
     })
 }
