@@ -278,8 +278,10 @@ fn sum_squares_of_several_chunked_matrices() {
 /// binding.
 #[test]
 fn lm_head_loss_and_gradient_in_blocks_of_positions() {
-    use pumice::cpu::grad::{lm_head_loss, Scored};
-    use pumice::gpu::xent::{lm_head_loss_backward, Objective, IGNORE};
+    use pumice::cpu::grad::{lm_head_loss, lm_head_loss_grads, Scored};
+    use pumice::gpu::xent::{
+        lm_head_loss_backward, lm_head_loss_backward_trainable, Objective, IGNORE,
+    };
     for (gpu, t, d, v, block, seed) in [
         (common::gpu(), 1usize, 1usize, 1usize, None, 1u64),
         (common::gpu(), 5, 3, 7, Some(2), 2),
@@ -350,6 +352,33 @@ fn lm_head_loss_and_gradient_in_blocks_of_positions() {
             assert!(
                 e <= 1e-4 || (want_dh.iter().all(|&x| x == 0.0) && e.is_finite()),
                 "{name}: dh {e:e}"
+            );
+            // A trainable head: dW (added to what the buffer holds) against the f64 gradient,
+            // itself checked by finite differences on small shapes.
+            let (_, _, want_dw) = lm_head_loss_grads(&hd, &wd, t, d, v, &scored);
+            if v * d <= 200 {
+                let fd_w = reference::finite_differences(&wd, 1e-6, &|w| {
+                    lm_head_loss(&hd, w, t, d, v, &scored).0
+                });
+                assert!(
+                    rel(&want_dw, &fd_w) <= 1e-6,
+                    "{name} reference dW {t}x{d}x{v}"
+                );
+            }
+            let dw = up(&gpu, v, d, &vec![0.5; v * d]);
+            let loss2 =
+                lm_head_loss_backward_trainable(&gpu, &hm, &wm, &objective, &dh, Some(&dw), block)
+                    .unwrap();
+            assert_eq!(
+                loss2, loss,
+                "{name}: the loss does not depend on the head's gradient"
+            );
+            let got_dw: Vec<f64> = down(&gpu, &dw).iter().map(|x| x - 0.5).collect();
+            let ew = rel(&got_dw, &want_dw);
+            eprintln!("{name} t {t} d {d} v {v} block {block:?}: dW {ew:.2e}");
+            assert!(
+                ew <= 1e-4 || (want_dw.iter().all(|&x| x == 0.0) && ew < 1e-6),
+                "{name}: dW {ew:e}"
             );
         }
     }

@@ -164,7 +164,21 @@ pub fn lm_head_loss(
     v: usize,
     obj: &Scored<'_>,
 ) -> (f64, Vec<f64>) {
+    let (loss, dh, _) = lm_head_loss_grads(h, w, t, d, v, obj);
+    (loss, dh)
+}
+
+/// [`lm_head_loss`] with the gradient with respect to the head w as well: (loss, dh, dw).
+pub fn lm_head_loss_grads(
+    h: &[f64],
+    w: &[f64],
+    t: usize,
+    d: usize,
+    v: usize,
+    obj: &Scored<'_>,
+) -> (f64, Vec<f64>, Vec<f64>) {
     let mut dh = vec![0.0; t * d];
+    let mut dw = vec![0.0; v * d];
     let counted: Vec<bool> = (0..t)
         .map(|r| match obj {
             Scored::Targets(ids) => ids[r] != u32::MAX,
@@ -173,7 +187,7 @@ pub fn lm_head_loss(
         .collect();
     let count = counted.iter().filter(|&&c| c).count();
     if count == 0 {
-        return (0.0, dh);
+        return (0.0, dh, dw);
     }
     let mut total = 0.0;
     for r in (0..t).filter(|&r| counted[r]) {
@@ -201,10 +215,11 @@ pub fn lm_head_loss(
         for j in 0..v {
             for c in 0..d {
                 dh[r * d + c] += dz[j] * w[j * d + c] / count as f64;
+                dw[j * d + c] += dz[j] * h[r * d + c] / count as f64;
             }
         }
     }
-    (total / count as f64, dh)
+    (total / count as f64, dh, dw)
 }
 
 /// Causal GQA attention of a prefill batch in f64: q [nseq·t, heads·d], k/v [nseq·t, kv·d];

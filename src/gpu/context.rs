@@ -404,6 +404,32 @@ impl Gpu {
         Ok(())
     }
 
+    /// Queue a GPU-side copy of `len` bytes from `src` at `src_off` into `dst` at `dst_off`
+    /// (offsets and length multiples of 4).
+    pub fn copy_region(
+        &self,
+        src: &GpuBuffer,
+        src_off: u64,
+        dst: &GpuBuffer,
+        dst_off: u64,
+        len: u64,
+    ) -> Result<()> {
+        if !(src_off | dst_off | len).is_multiple_of(4)
+            || src_off + len > src.len()
+            || dst_off + len > dst.len()
+        {
+            return Err(Error::Shape(format!(
+                "copy of {len} bytes from offset {src_off} of {} to offset {dst_off} of {} bytes",
+                src.len(),
+                dst.len()
+            )));
+        }
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(src.raw(), src_off, dst.raw(), dst_off, Some(len));
+        self.scoped("buffer copy", || self.queue.submit([enc.finish()]))?;
+        Ok(())
+    }
+
     /// Copy `len` bytes at `offset` of a buffer back to the host, waiting for queued work.
     pub fn read_bytes(&self, buf: &GpuBuffer, offset: u64, len: u64) -> Result<Vec<u8>> {
         if len == 0 {

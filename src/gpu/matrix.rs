@@ -239,6 +239,36 @@ impl GpuMatrix {
         }
     }
 
+    /// Rows `rows` of an f32 matrix as a new one-chunk f32 matrix (copied on the GPU, after
+    /// all work submitted so far).
+    pub fn copy_rows(&self, gpu: &Gpu, rows: std::ops::Range<usize>) -> Result<GpuMatrix> {
+        let n = rows.len();
+        let row_bytes = (self.cols * 4) as u64;
+        if self.dtype != DType::F32
+            || rows.end > self.rows
+            || n as u64 * row_bytes > gpu.caps().max_binding
+        {
+            return Err(Error::Shape(format!(
+                "copy_rows {rows:?} of a {}×{} {} matrix",
+                self.rows, self.cols, self.dtype
+            )));
+        }
+        let out = Self::alloc_grouped(gpu, n, self.cols, DType::F32, false, n.max(1))?;
+        let Some(dst) = out.chunks.first().map(|c| &c.buf) else {
+            return Ok(out);
+        };
+        for (c, first, count, global) in self.segments(rows.clone()) {
+            gpu.copy_region(
+                &c.buf,
+                first as u64 * row_bytes,
+                dst,
+                (global - rows.start) as u64 * row_bytes,
+                count as u64 * row_bytes,
+            )?;
+        }
+        Ok(out)
+    }
+
     /// The pieces of `rows` (global row indices) as (chunk, first row within the chunk, row
     /// count, first global row).
     pub fn segments(

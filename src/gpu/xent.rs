@@ -15,10 +15,11 @@ use crate::error::Result;
 
 use super::batch::Batch;
 use super::context::Gpu;
-use super::gemm::{gemm_rows, GemmOp};
+use super::gemm::{gemm, gemm_rows, GemmOp};
 use super::matrix::{rows_per_chunk, GpuMatrix};
 use super::ops::{check, reduce_wg, upload_u32};
 use super::pipeline::{Kernel, Spec};
+use super::reduce::transpose;
 
 const XENT: Kernel = Kernel {
     name: "xent",
@@ -73,9 +74,26 @@ pub fn lm_head_loss_backward(
     dh: &GpuMatrix,
     rows: Option<usize>,
 ) -> Result<f64> {
+    lm_head_loss_backward_trainable(gpu, h, head, objective, dh, None, rows)
+}
+
+/// [`lm_head_loss_backward`] for a trainable head: `dhead` (V × d, f32) also gains the loss's
+/// gradient with respect to the head, dzᵀ·h summed block by block.
+pub fn lm_head_loss_backward_trainable(
+    gpu: &Gpu,
+    h: &GpuMatrix,
+    head: &GpuMatrix,
+    objective: &Objective<'_>,
+    dh: &GpuMatrix,
+    dhead: Option<&GpuMatrix>,
+    rows: Option<usize>,
+) -> Result<f64> {
     let (t, d, v) = (h.rows(), h.cols(), head.rows());
     check(
-        head.cols() == d && dh.shape() == [t, d] && h.dtype() == DType::F32,
+        head.cols() == d
+            && dh.shape() == [t, d]
+            && h.dtype() == DType::F32
+            && dhead.is_none_or(|g| g.shape() == [v, d] && g.dtype() == DType::F32),
         || {
             format!(
                 "lm_head_loss_backward: h {:?}, head {:?}, dh {:?}",
@@ -138,8 +156,16 @@ pub fn lm_head_loss_backward(
     let mut r0 = 0;
     while r0 < t {
         let n = p.min(t - r0);
+        // The head's gradient takes dzᵀ of exactly the block's rows.
+        let short;
+        let z = if n < p && dhead.is_some() {
+            short = GpuMatrix::uninit(gpu, n, v)?;
+            &short
+        } else {
+            &z
+        };
         let mut b = Batch::new(gpu);
-        gemm_rows(&mut b, h, r0..r0 + n, head, GemmOp::NT, &z, 0, false)?;
+        gemm_rows(&mut b, h, r0..r0 + n, head, GemmOp::NT, z, 0, false)?;
         if let (Objective::Teacher { hidden, head: th }, Some(zt)) = (objective, &zt) {
             gemm_rows(&mut b, hidden, r0..r0 + n, th, GemmOp::NT, zt, 0, false)?;
         }
@@ -168,8 +194,16 @@ pub fn lm_head_loss_backward(
             )?;
             w += k;
         }
+        if let Some(dw) = dhead {
+            // dW += dzᵀ · h[r0..r0+n].
+            b.submit()?;
+            let hb = h.copy_rows(gpu, r0..r0 + n)?;
+            let zt = transpose(gpu, z)?;
+            b = Batch::new(gpu);
+            gemm(&mut b, &zt, &hb, GemmOp::NN, dw, true)?;
+        }
         // dh[r0..r0+n] = dz · W.
-        gemm_rows(&mut b, &z, 0..n, head, GemmOp::NN, dh, r0, false)?;
+        gemm_rows(&mut b, z, 0..n, head, GemmOp::NN, dh, r0, false)?;
         b.submit()?;
         r0 += n;
     }

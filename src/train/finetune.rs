@@ -441,17 +441,16 @@ pub fn finetune(
     // fit TEACHER_CACHE_BYTES of host memory (each sequence is revisited every pass over the
     // data); otherwise formed again for every micro-batch.
     let d = teacher.config().hidden_size;
-    let cache = if opts.loss == Loss::Distill
-        && (tokens.len() * d * 4) as u64 <= TEACHER_CACHE_BYTES
-    {
-        let mut c = Vec::with_capacity(tokens.len() * d);
-        for part in tokens.chunks(per_micro * len) {
-            c.extend(teacher_engine.hidden_states(part, len)?.to_f32(gpu)?);
-        }
-        Some(c)
-    } else {
-        None
-    };
+    let cache =
+        if opts.loss == Loss::Distill && (tokens.len() * d * 4) as u64 <= TEACHER_CACHE_BYTES {
+            let mut c = Vec::with_capacity(tokens.len() * d);
+            for part in tokens.chunks(per_micro * len) {
+                c.extend(teacher_engine.hidden_states(part, len)?.to_f32(gpu)?);
+            }
+            Some(c)
+        } else {
+            None
+        };
     let started = Instant::now();
     for step in done + 1..=opts.steps {
         let t0 = Instant::now();
