@@ -21,6 +21,7 @@ use pumice::DType;
 fn trainable() -> Trainable {
     Trainable {
         adapters: Vec::new(),
+        exits: Vec::new(),
         opt: AdamW::default(),
         max_grad_norm: 0.0,
         step: 0,
@@ -210,4 +211,154 @@ fn mistral_sliding_window_one_head_gradient_matches_finite_differences() {
     s.extra
         .insert("sliding_window".into(), serde_json::json!(3));
     check("mistral window 3, one head, ce", s, 6, 1, false);
+}
+
+/// Edge-LLM's adaptive layer tuning: with exits every layer and a window of one layer below
+/// exit 1 (depth 2 of 3), the gradient reaches exactly the window's adapters and the exit's
+/// norm and head, and matches finite differences of the f64 loss at that exit; everything
+/// below the window gets nothing. The exits start as copies of the model's norm and head.
+#[test]
+fn window_below_an_exit_gradient_matches_finite_differences() {
+    use pumice::cpu::train::{model_loss_at, RefExit};
+    use pumice::train::params::Window;
+    let g: Gpu = gpu();
+    let mut spec = SyntheticLlama::tiny("LlamaForCausalLM");
+    spec.hidden = 8;
+    spec.intermediate = 12;
+    spec.layers = 3;
+    spec.vocab = 19;
+    let dir = tempfile::tempdir().unwrap();
+    spec.write(dir.path()).unwrap();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let c = ck.config().clone();
+    let t = 5;
+    let engine = Engine::new(
+        &g,
+        &ck,
+        &EngineOptions {
+            resident_bytes: u64::MAX,
+            max_positions: t,
+        },
+    )
+    .unwrap();
+    let plan = AdapterPlan::Lora {
+        rank: 2,
+        alpha: 2.0,
+        targets: vec![LinearKind::QProj, LinearKind::DownProj],
+        seed: 9,
+    };
+    let mut model = TrainModel::new(engine, &plan, trainable()).unwrap();
+    model.add_exits(1).unwrap();
+    assert_eq!(
+        model
+            .trainable
+            .exits
+            .iter()
+            .map(|e| e.depth)
+            .collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    let wide = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+    let mut refs = Vec::new();
+    for (i, ad) in model.trainable.adapters.iter_mut().enumerate() {
+        let [m, r] = ad.b.theta.shape();
+        let b = random(m * r, 200 + i as u64, 0.0);
+        ad.b.theta = GpuMatrix::from_f32(&g, m, r, DType::F32, &b).unwrap();
+        refs.push(RefAdapter {
+            layer: ad.layer,
+            kind: ad.kind,
+            a: wide(&ad.a.theta.to_f32(&g).unwrap()),
+            b: wide(&b),
+            rank: r,
+            scale: ad.scale as f64,
+        });
+    }
+    // Move exit 1's norm and head away from the model's so the test sees them used.
+    let e = &mut model.trainable.exits[1];
+    let norm: Vec<f32> = random(c.hidden_size, 31, 1.0);
+    let head: Vec<f32> = random(c.vocab_size * c.hidden_size, 32, 0.0);
+    e.norm.theta = GpuMatrix::from_f32(&g, 1, c.hidden_size, DType::F32, &norm).unwrap();
+    e.head.theta = GpuMatrix::from_f32(&g, c.vocab_size, c.hidden_size, DType::F32, &head).unwrap();
+    let exit = RefExit {
+        depth: 2,
+        norm: wide(&norm),
+        head: wide(&head),
+    };
+    let tokens = ids(t * 2, c.vocab_size, 4);
+    let targets = next_tokens(&tokens, t);
+    let window = Window {
+        layers: 1..2,
+        exit: Some(1),
+    };
+    let got = model
+        .loss_and_backward_window(&tokens, t, &Objective::Targets(&targets), &window)
+        .unwrap();
+    let scored = Scored::Targets(&targets);
+    let want = model_loss_at(&ck, &refs, Some(&exit), &tokens, t, &scored).unwrap();
+    assert!(
+        (got.loss - want).abs() < 1e-5 * want,
+        "loss {} vs {want}",
+        got.loss
+    );
+    let at = model
+        .loss_at(&tokens, t, &Objective::Targets(&targets), Some(1))
+        .unwrap();
+    assert!((at - got.loss).abs() < 1e-6 * want);
+    let loss_with = |r: &[RefAdapter], e: &RefExit| {
+        model_loss_at(&ck, r, Some(e), &tokens, t, &scored).unwrap()
+    };
+    let (mut got_all, mut fd_all) = (Vec::new(), Vec::new());
+    for (i, ad) in model.trainable.adapters.iter().enumerate() {
+        for which in 0..2 {
+            let grad = if which == 0 { &ad.a.grad } else { &ad.b.grad };
+            let got = wide(&grad.to_f32(&g).unwrap());
+            if ad.layer != 1 {
+                assert!(
+                    got.iter().all(|&v| v == 0.0),
+                    "layer {} is outside the window but got a gradient",
+                    ad.layer
+                );
+                continue;
+            }
+            let start = if which == 0 { &refs[i].a } else { &refs[i].b };
+            let fd = finite_differences(start, 1e-5, &|v| {
+                let mut r = refs.clone();
+                if which == 0 {
+                    r[i].a = v.to_vec();
+                } else {
+                    r[i].b = v.to_vec();
+                }
+                loss_with(&r, &exit)
+            });
+            got_all.extend(got);
+            fd_all.extend(fd);
+        }
+    }
+    let e = &model.trainable.exits[1];
+    got_all.extend(wide(&e.norm.grad.to_f32(&g).unwrap()));
+    fd_all.extend(finite_differences(&exit.norm, 1e-5, &|v| {
+        let mut x = exit.clone();
+        x.norm = v.to_vec();
+        loss_with(&refs, &x)
+    }));
+    got_all.extend(wide(&e.head.grad.to_f32(&g).unwrap()));
+    fd_all.extend(finite_differences(&exit.head, 1e-5, &|v| {
+        let mut x = exit.clone();
+        x.head = v.to_vec();
+        loss_with(&refs, &x)
+    }));
+    let other = &model.trainable.exits[0];
+    assert!(other
+        .head
+        .grad
+        .to_f32(&g)
+        .unwrap()
+        .iter()
+        .all(|&v| v == 0.0));
+    let err = rel(&got_all, &fd_all);
+    eprintln!(
+        "window 1..2 at exit depth 2: {} values, relative error {err:.2e}",
+        fd_all.len()
+    );
+    assert!(err < 1e-3, "relative error {err:.3e}");
 }

@@ -45,11 +45,31 @@ fn matmul_t(x: &[f64], w: &[f64], inp: usize, out: usize) -> Vec<f64> {
     y
 }
 
+/// An early exit of the reference: after `depth` layers, its own final norm and head.
+#[derive(Clone, Debug)]
+pub struct RefExit {
+    pub depth: usize,
+    pub norm: Vec<f64>,
+    pub head: Vec<f64>,
+}
+
 /// The mean loss of sequences of `t` tokens against `objective` (targets per position, or a
 /// teacher's final hidden states and head), with `adapters` added to their linears.
 pub fn model_loss(
     ck: &Checkpoint,
     adapters: &[RefAdapter],
+    ids: &[u32],
+    t: usize,
+    objective: &Scored<'_>,
+) -> Result<f64> {
+    model_loss_at(ck, adapters, None, ids, t, objective)
+}
+
+/// [`model_loss`] at an early exit (None: the model's own final norm and head).
+pub fn model_loss_at(
+    ck: &Checkpoint,
+    adapters: &[RefAdapter],
+    exit: Option<&RefExit>,
     ids: &[u32],
     t: usize,
     objective: &Scored<'_>,
@@ -67,7 +87,8 @@ pub fn model_loss(
     let inv = c.rope_inv_freq();
     let positions: Vec<u32> = (0..rows).map(|r| (r % t) as u32).collect();
     let window = c.sliding_window.unwrap_or(0);
-    for (l, spec) in ck.arch().layers.iter().enumerate() {
+    let depth = exit.map_or(ck.arch().layers.len(), |e| e.depth);
+    for (l, spec) in ck.arch().layers.iter().enumerate().take(depth) {
         let lin = |kind: LinearKind, inp: &[f64]| -> Result<Vec<f64>> {
             let ls = spec.linear(kind);
             let (n, m) = (ls.in_features, ls.out_features);
@@ -99,10 +120,16 @@ pub fn model_loss(
         let d = lin(LinearKind::DownProj, &act)?;
         x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
     }
-    let hf = grad::rms_norm(&x, &tensor(ck, &ck.arch().final_norm.name)?, h, eps);
-    let head = match &ck.arch().lm_head {
-        Some(hs) => tensor(ck, &hs.name)?,
-        None => tensor(ck, &ck.arch().embed_tokens.name)?,
+    let (norm, head) = match exit {
+        Some(e) => (e.norm.clone(), e.head.clone()),
+        None => (
+            tensor(ck, &ck.arch().final_norm.name)?,
+            match &ck.arch().lm_head {
+                Some(hs) => tensor(ck, &hs.name)?,
+                None => tensor(ck, &ck.arch().embed_tokens.name)?,
+            },
+        ),
     };
+    let hf = grad::rms_norm(&x, &norm, h, eps);
     Ok(grad::lm_head_loss(&hf, &head, rows, h, c.vocab_size, objective).0)
 }

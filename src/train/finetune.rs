@@ -323,6 +323,7 @@ pub fn finetune(
     let student_engine = Engine::new(gpu, student, &eopts)?;
     let trainable = Trainable {
         adapters: Vec::new(),
+        exits: Vec::new(),
         opt: crate::gpu::grad::AdamW {
             lr: opts.lr,
             weight_decay: opts.weight_decay,
@@ -347,11 +348,14 @@ pub fn finetune(
                 ),
             ));
         }
-        let mut it = s.params.iter();
-        for ad in model.trainable.adapters.iter_mut() {
-            for p in [&mut ad.a, &mut ad.b] {
-                p.restore(gpu, it.next().expect("counted above"))?;
-            }
+        for ((p, state), &t) in model
+            .trainable
+            .params_mut()
+            .zip(&s.params)
+            .zip(&s.param_steps)
+        {
+            p.restore(gpu, state)?;
+            p.t = t;
         }
         model.trainable.step = s.step as u32;
         if s.step > 0 {
@@ -410,6 +414,7 @@ pub fn finetune(
                 .params()
                 .map(|p| p.state(gpu))
                 .collect::<Result<_>>()?,
+            param_steps: model.trainable.params().map(|p| p.t).collect(),
         }
         .write(d)
     };

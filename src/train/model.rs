@@ -15,13 +15,13 @@ use crate::gpu::grad::{rms_norm_backward, swiglu_backward};
 use crate::gpu::linear_grad::low_rank_backward;
 use crate::gpu::ops::transpose;
 use crate::gpu::ops::{self, AttentionShape, KvLayout};
-use crate::gpu::xent::{lm_head_loss_backward, Objective};
+use crate::gpu::xent::{lm_head_loss_backward_trainable, Objective};
 use crate::gpu::{Batch, Gpu, GpuBuffer, GpuMatrix};
 use crate::infer::engine::{linear, LinearWeight};
 use crate::infer::Engine;
 use crate::model::{LinearKind, ModelConfig};
 
-use super::params::{Adapter, Param, Trainable};
+use super::params::{Adapter, ExitHead, Param, Trainable, Window};
 use super::store::FactorStore;
 use crate::quant::{Grid, GridKind};
 
@@ -222,10 +222,46 @@ impl<'a> TrainModel<'a> {
         self.engine.checkpoint().config()
     }
 
+    /// Add an exit after every `every` decoder layers below the last (Edge-LLM's adaptive
+    /// layer tuning), each with a trainable final norm and LM head starting from the model's
+    /// (f32 copies).
+    pub fn add_exits(&mut self, every: usize) -> Result<()> {
+        let gpu = self.gpu();
+        let n = self.layers.len();
+        let norm = self.engine.final_norm_weight().to_f32(gpu)?;
+        let head = self.engine.head();
+        let (v, d) = (head.rows(), head.cols());
+        let head = head.to_f32(gpu)?;
+        let up = |r, c, x: &[f32]| GpuMatrix::from_f32(gpu, r, c, crate::DType::F32, x);
+        let mut depth = every.max(1);
+        while depth < n {
+            self.trainable.exits.push(ExitHead {
+                depth,
+                norm: Param::new(gpu, up(1, d, &norm)?)?,
+                head: Param::new(gpu, up(v, d, &head)?)?,
+            });
+            depth += every.max(1);
+        }
+        Ok(())
+    }
+
     /// The loss of `tokens` (whole sequences of `t`) against `objective` without a backward
-    /// pass (evaluation).
+    /// pass (evaluation), at the model's head or at intermediate exit `exit`.
     pub fn loss(&self, tokens: &[u32], t: usize, objective: &Objective<'_>) -> Result<f64> {
-        self.run(tokens, t, objective, false).map(|l| l.loss)
+        self.run(tokens, t, objective, false, None).map(|l| l.loss)
+    }
+
+    /// [`loss`](Self::loss) at exit `exit` (None: the model's own head).
+    pub fn loss_at(
+        &self,
+        tokens: &[u32],
+        t: usize,
+        objective: &Objective<'_>,
+        exit: Option<usize>,
+    ) -> Result<f64> {
+        let w = Window { layers: 0..0, exit };
+        self.run(tokens, t, objective, false, Some(&w))
+            .map(|l| l.loss)
     }
 
     /// The loss and, added to every adapter's gradient, its gradient.
@@ -235,7 +271,21 @@ impl<'a> TrainModel<'a> {
         t: usize,
         objective: &Objective<'_>,
     ) -> Result<BatchLoss> {
-        self.run(tokens, t, objective, true)
+        self.run(tokens, t, objective, true, None)
+    }
+
+    /// The loss at `window`'s exit (None: the model's head), the gradient added to the
+    /// adapters of the window's layers and to the exit's norm and head; backpropagation stops
+    /// at the window's lowest layer, and only the streams entering the window's layers are
+    /// kept.
+    pub fn loss_and_backward_window(
+        &self,
+        tokens: &[u32],
+        t: usize,
+        objective: &Objective<'_>,
+        window: &Window,
+    ) -> Result<BatchLoss> {
+        self.run(tokens, t, objective, true, Some(window))
     }
 
     fn run(
@@ -244,7 +294,20 @@ impl<'a> TrainModel<'a> {
         t: usize,
         objective: &Objective<'_>,
         backward: bool,
+        window: Option<&Window>,
     ) -> Result<BatchLoss> {
+        let n_layers = self.layers.len();
+        let exit = match window.and_then(|w| w.exit) {
+            Some(e) => Some(
+                self.trainable
+                    .exits
+                    .get(e)
+                    .ok_or_else(|| Error::InvalidArgument(format!("exit {e} does not exist")))?,
+            ),
+            None => None,
+        };
+        let depth = exit.map_or(n_layers, |e| e.depth);
+        let lo = window.map_or(0, |w| w.layers.start.min(depth));
         let c = self.config().clone();
         let gpu = self.gpu();
         if t == 0 || tokens.is_empty() || !tokens.len().is_multiple_of(t) {
@@ -263,30 +326,38 @@ impl<'a> TrainModel<'a> {
         let positions: Vec<u32> = (0..rows).map(|r| (r % t) as u32).collect();
         let pos = ops::upload_u32(gpu, &positions)?;
         let mut x = self.engine.embed_tokens(tokens, t)?;
-        let mut saved = Vec::with_capacity(self.layers.len());
-        for l in 0..self.layers.len() {
+        let mut saved = Vec::with_capacity(depth - lo);
+        for l in 0..depth {
             let (out, _) = self.layer_forward(l, &x, &pos, t)?;
-            if backward {
+            if backward && l >= lo {
                 saved.push(std::mem::replace(&mut x, out));
             } else {
                 x = out;
             }
         }
         let eps = c.rms_norm_eps as f32;
-        let norm_w = self.engine.final_norm_weight();
-        let hf = self.engine.final_normed(&x, t)?;
+        let (norm_w, head) = match exit {
+            Some(e) => (&e.norm.theta, &e.head.theta),
+            None => (self.engine.final_norm_weight(), self.engine.head()),
+        };
+        let hf = GpuMatrix::uninit_grouped(gpu, rows, c.hidden_size, t)?;
+        let mut b = Batch::new(gpu);
+        ops::rms_norm(&mut b, &x, norm_w, eps, &hf)?;
+        b.submit()?;
         let dh = GpuMatrix::uninit(gpu, rows, c.hidden_size)?;
-        let loss = lm_head_loss_backward(gpu, &hf, self.engine.head(), objective, &dh, None)?;
+        let dhead = exit.filter(|_| backward).map(|e| &e.head.grad);
+        let loss = lm_head_loss_backward_trainable(gpu, &hf, head, objective, &dh, dhead, None)?;
         if !backward {
             return Ok(BatchLoss { loss });
         }
         let dres = GpuMatrix::uninit_grouped(gpu, rows, c.hidden_size, t)?;
         let dw = GpuMatrix::zeros(gpu, 1, c.hidden_size)?;
+        let dnorm = exit.map_or(&dw, |e| &e.norm.grad);
         let mut b = Batch::new(gpu);
-        rms_norm_backward(&mut b, &x, norm_w, &dh, eps, &dres, false, &dw)?;
+        rms_norm_backward(&mut b, &x, norm_w, &dh, eps, &dres, false, dnorm)?;
         b.submit()?;
         drop((hf, dh, x));
-        for l in (0..self.layers.len()).rev() {
+        for l in (lo..depth).rev() {
             let xl = saved.pop().expect("one saved stream per layer");
             let (_, acts) = self.layer_forward(l, &xl, &pos, t)?;
             self.layer_backward(l, &xl, &acts, &pos, t, &dres, &dw)?;

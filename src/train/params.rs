@@ -16,6 +16,9 @@ pub struct Param {
     pub grad: GpuMatrix,
     m: GpuMatrix,
     v: GpuMatrix,
+    /// AdamW steps this parameter has taken (its bias correction: with layer windows not
+    /// every parameter moves at every step).
+    pub t: u32,
 }
 
 impl Param {
@@ -27,6 +30,7 @@ impl Param {
             m: GpuMatrix::zeros(gpu, r, c)?,
             v: GpuMatrix::zeros(gpu, r, c)?,
             theta,
+            t: 0,
         })
     }
 
@@ -123,9 +127,27 @@ impl Adapter {
     }
 }
 
+/// An early exit (Edge-LLM's adaptive layer tuning): after `depth` decoder layers, its own
+/// final norm and LM head (initialized from the model's), trained with the layers below it.
+pub struct ExitHead {
+    pub depth: usize,
+    pub norm: Param,
+    pub head: Param,
+}
+
+/// Which parameters a step trains: the adapters of layers `layers` and, when given, an exit's
+/// head (None: every parameter).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub layers: std::ops::Range<usize>,
+    pub exit: Option<usize>,
+}
+
 /// Every trainable parameter and the optimizer over them.
 pub struct Trainable {
     pub adapters: Vec<Adapter>,
+    /// Intermediate exits, shallowest first (the model's own head is the last exit).
+    pub exits: Vec<ExitHead>,
     pub opt: AdamW,
     /// Clip the global gradient norm to this (0: no clipping).
     pub max_grad_norm: f32,
@@ -143,8 +165,36 @@ pub struct StepInfo {
 }
 
 impl Trainable {
+    /// Every parameter: the adapters' A and B, then each exit's norm and head.
     pub fn params(&self) -> impl Iterator<Item = &Param> {
-        self.adapters.iter().flat_map(|a| [&a.a, &a.b])
+        self.adapters
+            .iter()
+            .flat_map(|a| [&a.a, &a.b])
+            .chain(self.exits.iter().flat_map(|e| [&e.norm, &e.head]))
+    }
+
+    /// [`params`](Self::params), mutably, in the same order.
+    pub fn params_mut(&mut self) -> impl Iterator<Item = &mut Param> {
+        self.adapters
+            .iter_mut()
+            .flat_map(|a| [&mut a.a, &mut a.b])
+            .chain(
+                self.exits
+                    .iter_mut()
+                    .flat_map(|e| [&mut e.norm, &mut e.head]),
+            )
+    }
+
+    /// The parameters `window` trains (all of them for None), as flags in `params` order.
+    fn active(&self, window: Option<&Window>) -> Vec<bool> {
+        let Some(w) = window else {
+            return vec![true; self.params().count()];
+        };
+        self.adapters
+            .iter()
+            .flat_map(|a| [w.layers.contains(&a.layer); 2])
+            .chain((0..self.exits.len()).flat_map(|i| [w.exit == Some(i); 2]))
+            .collect()
     }
 
     /// Number of trainable values.
@@ -171,7 +221,24 @@ impl Trainable {
     /// One AdamW step on gradients accumulated over `micro` micro-batches (averaged), clipped
     /// to `max_grad_norm`. A non-finite gradient is refused before anything changes.
     pub fn step(&mut self, gpu: &Gpu, micro: usize) -> Result<StepInfo> {
-        let grads: Vec<&GpuMatrix> = self.params().map(|p| &p.grad).collect();
+        self.step_window(gpu, micro, None)
+    }
+
+    /// [`step`](Self::step) of the parameters `window` trains (the others keep their values
+    /// and moments).
+    pub fn step_window(
+        &mut self,
+        gpu: &Gpu,
+        micro: usize,
+        window: Option<&Window>,
+    ) -> Result<StepInfo> {
+        let active = self.active(window);
+        let grads: Vec<&GpuMatrix> = self
+            .params()
+            .zip(&active)
+            .filter(|(_, &a)| a)
+            .map(|(p, _)| &p.grad)
+            .collect();
         let avg = 1.0 / micro.max(1) as f64;
         let norm = sum_squares(gpu, &grads)?.sqrt() * avg;
         if !norm.is_finite() {
@@ -187,11 +254,13 @@ impl Trainable {
         };
         self.step += 1;
         let mut batch = Batch::new(gpu);
-        for p in self.adapters.iter().flat_map(|a| [&a.a, &a.b]) {
+        let opt = self.opt;
+        for (p, _) in self.params_mut().zip(active).filter(|(_, a)| *a) {
+            p.t += 1;
             adamw_step(
                 &mut batch,
-                &self.opt,
-                self.step,
+                &opt,
+                p.t,
                 (avg * clip) as f32,
                 &p.grad,
                 &p.theta,

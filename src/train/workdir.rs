@@ -26,6 +26,8 @@ pub struct State {
     pub tokens: Vec<u32>,
     /// Per parameter (in `Trainable::params` order): value, gradient, first and second moment.
     pub params: Vec<[Vec<f32>; 4]>,
+    /// Per parameter: AdamW steps taken.
+    pub param_steps: Vec<u32>,
 }
 
 pub fn path(dir: &Path) -> PathBuf {
@@ -42,6 +44,7 @@ impl State {
             "before": self.before,
             "tokens": self.tokens.len(),
             "params": self.params.iter().map(|p| p[0].len()).collect::<Vec<_>>(),
+            "param_steps": self.param_steps,
         });
         let mut blobs: Vec<&[u8]> = vec![bytemuck::cast_slice(&self.tokens)];
         for p in &self.params {
@@ -114,6 +117,22 @@ impl State {
             }
             params.push(four);
         }
+        let param_steps: Vec<u32> = h
+            .get("param_steps")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_u64)
+                    .map(|v| v as u32)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if param_steps.len() != params.len() {
+            return Err(Error::work_dir(
+                &p,
+                "its parameter steps do not match its parameters",
+            ));
+        }
         let before = h
             .get("before")
             .and_then(|b| serde_json::from_value(b.clone()).ok());
@@ -124,6 +143,7 @@ impl State {
             before,
             tokens,
             params,
+            param_steps,
         }))
     }
 }
