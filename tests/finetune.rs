@@ -332,3 +332,36 @@ fn sigkill_then_resume_is_byte_identical() {
         stderr(&o)
     );
 }
+
+#[test]
+fn adaptive_layer_tuning_writes_what_it_trained() {
+    let text = text_file();
+    let cal = caldera().clone();
+    let out = work("windows");
+    let mut args = tune_args(&cal, &out, &text, "3", "2e-3");
+    args.extend_from_slice(&["--exit-every", "2", "--window", "2"]);
+    let sum = ok(&args);
+    let after = sum["after"]["perplexity"].as_f64().unwrap();
+    let o = run(&[
+        "eval",
+        s(&out),
+        "--text",
+        s(&text),
+        "--ctx",
+        "32",
+        "--max-windows",
+        "3",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let got = v["perplexity"].as_f64().unwrap();
+    assert!(
+        (got - after).abs() < 1e-4 * after,
+        "eval {got} vs trainer {after}"
+    );
+    assert!(
+        (after - sum["before"]["perplexity"].as_f64().unwrap()).abs() > 1e-6,
+        "{sum}"
+    );
+}

@@ -99,6 +99,16 @@ pub(crate) struct FinetuneArgs {
     pub(crate) lora_targets: Vec<String>,
     #[arg(long, default_value_t = 0)]
     pub(crate) seed: u64,
+    /// Edge-LLM's adaptive layer tuning: an exit (its own final norm and LM head, starting
+    /// from the model's) after every E decoder layers; steps take the exits in turn, the
+    /// model's head last. The exits' heads steer training only: they are not stored yet, so
+    /// the output is the model with its tuned adapters.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) exit_every: usize,
+    /// Train only the adapters of the K layers below the step's exit (backpropagation depth
+    /// and saved activations bounded by K; 0: every layer below it).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) window: usize,
     /// Save the training state here (every --save-every steps and when stopped by SIGINT or
     /// SIGTERM) so that --resume continues where it stopped, also after SIGKILL; the result
     /// equals an uninterrupted run's byte for byte.
@@ -218,6 +228,8 @@ pub(crate) fn run(gpu_opts: &GpuOptions, a: FinetuneArgs) -> anyhow::Result<()> 
         weight_decay: a.weight_decay,
         max_grad_norm: a.max_grad_norm,
         eval_tokens,
+        exit_every: a.exit_every,
+        window: a.window,
         work_dir: a.work_dir.clone(),
         resume: a.resume,
         save_every: a.save_every,

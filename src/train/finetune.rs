@@ -16,7 +16,7 @@ use crate::infer::{Engine, EngineOptions};
 use crate::model::{Checkpoint, Tokenizer};
 
 use super::model::{AdapterPlan, TrainModel};
-use super::params::Trainable;
+use super::params::{Trainable, Window};
 
 /// Host memory the teacher's hidden states of the training data may take to be formed once.
 pub const TEACHER_CACHE_BYTES: u64 = 1 << 30;
@@ -59,6 +59,11 @@ pub struct FinetuneOptions {
     pub max_grad_norm: f32,
     /// Held-out token windows (eval_windows × len) scored before and after, when given.
     pub eval_tokens: Option<Vec<u32>>,
+    /// Edge-LLM's adaptive layer tuning: exits after every `exit_every` layers (0: none), and
+    /// each step trains the adapters of the `window` layers below one exit (the exits taken in
+    /// turn, the model's own head last; 0: every layer below it).
+    pub exit_every: usize,
+    pub window: usize,
     /// Save the state here every `save_every` steps (and when stopped); `resume` continues
     /// from it.
     pub work_dir: Option<PathBuf>,
@@ -221,7 +226,7 @@ fn fingerprint(student: &Checkpoint, teacher: &Checkpoint, opts: &FinetuneOption
         (
             "options",
             format!(
-                "{:?} {:?} {:?} {} {} {} {:?} {} {} {} {} {} {} {}",
+                "{:?} {:?} {:?} {} {} {} {:?} {} {} {} {} {} {} {} {} {}",
                 opts.plan,
                 opts.loss,
                 opts.data,
@@ -235,7 +240,9 @@ fn fingerprint(student: &Checkpoint, teacher: &Checkpoint, opts: &FinetuneOption
                 opts.lr,
                 opts.warmup,
                 opts.weight_decay,
-                opts.max_grad_norm
+                opts.max_grad_norm,
+                opts.exit_every,
+                opts.window
             ),
         ),
     ]
@@ -334,6 +341,33 @@ pub fn finetune(
         qat: false,
     };
     let mut model = TrainModel::new(student_engine, &opts.plan, trainable)?;
+    if opts.exit_every > 0 {
+        model.add_exits(opts.exit_every)?;
+    }
+    let n_layers = student.config().num_layers;
+    // Step s trains below route (s − 1) mod (exits + 1): the exits in turn, then the model's
+    // head.
+    let route = |step: usize, model: &TrainModel<'_>| -> Option<Window> {
+        if opts.exit_every == 0 && opts.window == 0 {
+            return None;
+        }
+        let n_exits = model.trainable.exits.len();
+        let r = (step - 1) % (n_exits + 1);
+        let (exit, depth) = if r < n_exits {
+            (Some(r), model.trainable.exits[r].depth)
+        } else {
+            (None, n_layers)
+        };
+        let lo = if opts.window == 0 {
+            0
+        } else {
+            depth.saturating_sub(opts.window)
+        };
+        Some(Window {
+            layers: lo..depth,
+            exit,
+        })
+    };
     let mut losses = Vec::with_capacity(opts.steps);
     if let Some(s) = &saved {
         let n = model.trainable.params().count();
@@ -460,6 +494,7 @@ pub fn finetune(
     for step in done + 1..=opts.steps {
         let t0 = Instant::now();
         model.trainable.zero_grad(gpu);
+        let window = route(step, &model);
         let mut loss = 0.0;
         for _ in 0..opts.accum {
             let seqs: Vec<usize> = (0..per_micro).map(|_| next()).collect();
@@ -483,19 +518,26 @@ pub fn finetune(
                         hidden: &th,
                         head: teacher_engine.head(),
                     };
-                    model.loss_and_backward(&tokens, len, &obj)?.loss
+                    match &window {
+                        Some(w) => model.loss_and_backward_window(&tokens, len, &obj, w)?.loss,
+                        None => model.loss_and_backward(&tokens, len, &obj)?.loss,
+                    }
                 }
                 Loss::CrossEntropy => {
                     let targets = next_tokens(&tokens, len);
-                    model
-                        .loss_and_backward(&tokens, len, &Objective::Targets(&targets))?
-                        .loss
+                    let obj = Objective::Targets(&targets);
+                    match &window {
+                        Some(w) => model.loss_and_backward_window(&tokens, len, &obj, w)?.loss,
+                        None => model.loss_and_backward(&tokens, len, &obj)?.loss,
+                    }
                 }
             };
         }
         let lr = schedule(opts.lr, step, opts.warmup, opts.steps);
         model.trainable.opt.lr = lr;
-        let info = model.trainable.step(gpu, opts.accum)?;
+        let info = model
+            .trainable
+            .step_window(gpu, opts.accum, window.as_ref())?;
         let loss = loss / opts.accum as f64;
         losses.push(loss);
         on(&Event::Step(StepReport {
