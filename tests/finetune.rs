@@ -49,6 +49,25 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `pumice eval`'s perplexity of `dir` on the first 3 windows of 32 tokens of `text` (the
+/// windows the fine-tunes below score).
+fn eval_ppl(dir: &Path, text: &Path) -> f64 {
+    let o = run(&[
+        "eval",
+        s(dir),
+        "--text",
+        s(text),
+        "--ctx",
+        "32",
+        "--max-windows",
+        "3",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["perplexity"].as_f64().unwrap()
+}
+
 /// A small CALDERA compression of the asset model (made once per test binary).
 fn caldera() -> &'static PathBuf {
     static C: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
@@ -120,23 +139,7 @@ fn caldera_factors_written_are_the_factors_trained() {
     assert_eq!(sum["factor_bits"], 4, "{sum}");
     // The reader's perplexity of the written checkpoint on the same windows equals the
     // trainer's (quantization-aware: the passes used the factors as stored, rotation undone).
-    let eval = |dir: &Path| {
-        let o = run(&[
-            "eval",
-            s(dir),
-            "--text",
-            s(&text),
-            "--ctx",
-            "32",
-            "--max-windows",
-            "3",
-            "--json",
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        v["perplexity"].as_f64().unwrap()
-    };
-    let (p_in, p_out) = (eval(&cal), eval(&out));
+    let (p_in, p_out) = (eval_ppl(&cal, &text), eval_ppl(&out, &text));
     let want_before = before["perplexity"].as_f64().unwrap();
     let want_after = after["perplexity"].as_f64().unwrap();
     assert!(
@@ -342,20 +345,7 @@ fn adaptive_layer_tuning_writes_what_it_trained() {
     args.extend_from_slice(&["--exit-every", "2", "--window", "2"]);
     let sum = ok(&args);
     let after = sum["after"]["perplexity"].as_f64().unwrap();
-    let o = run(&[
-        "eval",
-        s(&out),
-        "--text",
-        s(&text),
-        "--ctx",
-        "32",
-        "--max-windows",
-        "3",
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let got = v["perplexity"].as_f64().unwrap();
+    let got = eval_ppl(&out, &text);
     assert!(
         (got - after).abs() < 1e-4 * after,
         "eval {got} vs trainer {after}"

@@ -10,11 +10,12 @@ use common::{gpu, random};
 use pumice::cpu::grad::{finite_differences, Scored};
 use pumice::cpu::train::{model_loss, RefAdapter};
 use pumice::gpu::grad::AdamW;
-use pumice::gpu::xent::{Objective, IGNORE};
+use pumice::gpu::xent::Objective;
 use pumice::gpu::{Gpu, GpuMatrix};
 use pumice::infer::{Engine, EngineOptions};
 use pumice::model::synthetic::SyntheticLlama;
 use pumice::model::{Checkpoint, LinearKind};
+use pumice::train::finetune::next_tokens;
 use pumice::train::{AdapterPlan, TrainModel, Trainable};
 use pumice::DType;
 
@@ -35,17 +36,21 @@ fn ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-/// Next-token targets of whole sequences of `t` (the last position of each ignored).
-fn next_tokens(tokens: &[u32], t: usize) -> Vec<u32> {
-    (0..tokens.len())
-        .map(|r| {
-            if r % t == t - 1 {
-                IGNORE
-            } else {
-                tokens[r + 1]
-            }
-        })
-        .collect()
+/// Write `spec` into a temporary directory and open it.
+fn checkpoint(spec: &SyntheticLlama) -> (tempfile::TempDir, Checkpoint) {
+    let dir = tempfile::tempdir().unwrap();
+    spec.write(dir.path()).unwrap();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    (dir, ck)
+}
+
+/// `ck` with LoRA adapters of `plan`, layers resident, for sequences of up to `t`.
+fn model<'a>(g: &'a Gpu, ck: &'a Checkpoint, t: usize, plan: &AdapterPlan) -> TrainModel<'a> {
+    let opts = EngineOptions {
+        resident_bytes: u64::MAX,
+        max_positions: t,
+    };
+    TrainModel::new(Engine::new(g, ck, &opts).unwrap(), plan, trainable()).unwrap()
 }
 
 fn rel(got: &[f64], want: &[f64]) -> f64 {
@@ -59,26 +64,15 @@ fn rel(got: &[f64], want: &[f64]) -> f64 {
 /// differences.
 fn check(name: &str, spec: SyntheticLlama, t: usize, nseq: usize, teacher: bool) {
     let g: Gpu = gpu();
-    let dir = tempfile::tempdir().unwrap();
-    spec.write(dir.path()).unwrap();
-    let ck = Checkpoint::open(dir.path()).unwrap();
+    let (_dir, ck) = checkpoint(&spec);
     let c = ck.config().clone();
-    let engine = Engine::new(
-        &g,
-        &ck,
-        &EngineOptions {
-            resident_bytes: u64::MAX,
-            max_positions: t,
-        },
-    )
-    .unwrap();
     let plan = AdapterPlan::Lora {
         rank: 2,
         alpha: 3.0,
         targets: LinearKind::ALL.to_vec(),
         seed: 5,
     };
-    let mut model = TrainModel::new(engine, &plan, trainable()).unwrap();
+    let mut model = model(&g, &ck, t, &plan);
     assert_eq!(model.trainable.adapters.len(), 7 * c.num_layers);
     let mut refs = Vec::new();
     for (i, ad) in model.trainable.adapters.iter_mut().enumerate() {
@@ -227,27 +221,16 @@ fn window_below_an_exit_gradient_matches_finite_differences() {
     spec.intermediate = 12;
     spec.layers = 3;
     spec.vocab = 19;
-    let dir = tempfile::tempdir().unwrap();
-    spec.write(dir.path()).unwrap();
-    let ck = Checkpoint::open(dir.path()).unwrap();
+    let (_dir, ck) = checkpoint(&spec);
     let c = ck.config().clone();
     let t = 5;
-    let engine = Engine::new(
-        &g,
-        &ck,
-        &EngineOptions {
-            resident_bytes: u64::MAX,
-            max_positions: t,
-        },
-    )
-    .unwrap();
     let plan = AdapterPlan::Lora {
         rank: 2,
         alpha: 2.0,
         targets: vec![LinearKind::QProj, LinearKind::DownProj],
         seed: 9,
     };
-    let mut model = TrainModel::new(engine, &plan, trainable()).unwrap();
+    let mut model = model(&g, &ck, t, &plan);
     model.add_exits(1).unwrap();
     assert_eq!(
         model

@@ -5,7 +5,8 @@
 use crate::error::Result;
 use crate::model::{Checkpoint, LinearKind};
 
-fn tensor(ck: &Checkpoint, name: &str) -> Result<Vec<f64>> {
+/// A checkpoint tensor's values in f64.
+pub(crate) fn tensor(ck: &Checkpoint, name: &str) -> Result<Vec<f64>> {
     Ok(ck
         .tensor(name)?
         .to_f32()?

@@ -6,6 +6,7 @@
 use crate::error::Result;
 use crate::model::{Checkpoint, LinearKind};
 
+use super::forward::tensor;
 use super::grad::{self, Scored};
 
 /// A low-rank adapter of the reference: A (rank × in), B (out × rank), scale.
@@ -17,15 +18,6 @@ pub struct RefAdapter {
     pub b: Vec<f64>,
     pub rank: usize,
     pub scale: f64,
-}
-
-fn tensor(ck: &Checkpoint, name: &str) -> Result<Vec<f64>> {
-    Ok(ck
-        .tensor(name)?
-        .to_f32()?
-        .into_iter()
-        .map(f64::from)
-        .collect())
 }
 
 /// y = x·Wᵀ (+ b), x: rows × inp, W: out × inp.

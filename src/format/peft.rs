@@ -173,34 +173,61 @@ impl LoraWriter {
             .filter(|(_, &k)| k != r)
             .map(|(m, &k)| (regex_escape(m), k.into()))
             .collect();
-        let config = serde_json::json!({
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": self.base.as_ref().map(|p| p.display().to_string()),
-            "r": r,
-            "lora_alpha": r,
-            "rank_pattern": pattern,
-            "alpha_pattern": pattern,
-            "target_modules": self.ranks.keys().collect::<Vec<_>>(),
-            "lora_dropout": 0.0,
-            "bias": "none",
-            "fan_in_fan_out": false,
-            "use_rslora": false,
-            "use_dora": false,
-            "inference_mode": true,
-        });
-        let text = serde_json::to_string_pretty(&config).expect("config serializes");
-        write_atomic(&self.dir.join(ADAPTER_CONFIG), &[text.as_bytes(), b"\n"])?;
-        let mut files = Vec::new();
-        for f in [ADAPTER_FILE, ADAPTER_CONFIG] {
-            let p = self.dir.join(f);
-            files.push((
-                f.to_string(),
-                std::fs::metadata(&p).map_err(|e| Error::io(&p, e))?.len(),
-            ));
-        }
+        write_config(
+            &self.dir,
+            self.base.as_deref(),
+            r,
+            serde_json::json!(r),
+            self.ranks.keys().cloned().collect(),
+            pattern,
+        )?;
+        let files = files_of(&self.dir)?;
         Ok((files, self.params))
     }
+}
+
+/// Write `adapter_config.json` of a LoRA adapter (rank `r` and `alpha` by default, other
+/// modules' ranks and alphas in `patterns`) into `dir`, atomically.
+pub(crate) fn write_config(
+    dir: &Path,
+    base: Option<&Path>,
+    r: usize,
+    alpha: serde_json::Value,
+    target_modules: Vec<String>,
+    patterns: serde_json::Map<String, serde_json::Value>,
+) -> Result<()> {
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base.map(|p| p.display().to_string()),
+        "r": r,
+        "lora_alpha": alpha,
+        "rank_pattern": patterns,
+        "alpha_pattern": patterns,
+        "target_modules": target_modules,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "use_rslora": false,
+        "use_dora": false,
+        "inference_mode": true,
+    });
+    let text = serde_json::to_string_pretty(&config).expect("config serializes");
+    write_atomic(&dir.join(ADAPTER_CONFIG), &[text.as_bytes(), b"\n"])
+}
+
+/// The adapter's two files in `dir` with their sizes.
+pub(crate) fn files_of(dir: &Path) -> Result<Vec<(String, u64)>> {
+    [ADAPTER_FILE, ADAPTER_CONFIG]
+        .iter()
+        .map(|f| {
+            let p = dir.join(f);
+            Ok((
+                f.to_string(),
+                std::fs::metadata(&p).map_err(|e| Error::io(&p, e))?.len(),
+            ))
+        })
+        .collect()
 }
 
 /// `name` as a regular expression matching itself (module names hold dots; PEFT matches a

@@ -310,18 +310,7 @@ impl<'a> TrainModel<'a> {
         let lo = window.map_or(0, |w| w.layers.start.min(depth));
         let c = self.config().clone();
         let gpu = self.gpu();
-        if t == 0 || tokens.is_empty() || !tokens.len().is_multiple_of(t) {
-            return Err(Error::Shape(format!(
-                "{} tokens are not whole sequences of {t}",
-                tokens.len()
-            )));
-        }
-        if t > self.engine.max_positions() {
-            return Err(Error::InvalidArgument(format!(
-                "sequences of {t} tokens exceed the {} positions the model was loaded for",
-                self.engine.max_positions()
-            )));
-        }
+        self.engine.check_sequences(tokens, t)?;
         let rows = tokens.len();
         let positions: Vec<u32> = (0..rows).map(|r| (r % t) as u32).collect();
         let pos = ops::upload_u32(gpu, &positions)?;

@@ -180,33 +180,19 @@ pub(crate) fn write_lora(
         .collect();
     kinds.sort_unstable();
     kinds.dedup();
-    let config = serde_json::json!({
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base.dir().display().to_string(),
-        "r": rank,
-        "lora_alpha": alpha,
-        "target_modules": kinds,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": false,
-        "use_rslora": false,
-        "use_dora": false,
-        "inference_mode": true,
-    });
-    let text = serde_json::to_string_pretty(&config).expect("config serializes");
-    crate::base::atomic::write_atomic(
-        &tmp.path.join(crate::format::peft::ADAPTER_CONFIG),
-        &[text.as_bytes(), b"\n"],
+    let kinds = kinds.into_iter().map(String::from).collect();
+    crate::format::peft::write_config(
+        &tmp.path,
+        Some(base.dir()),
+        rank,
+        serde_json::json!(alpha),
+        kinds,
+        Default::default(),
     )?;
-    let mut bytes = 0;
-    for f in [
-        crate::format::peft::ADAPTER_FILE,
-        crate::format::peft::ADAPTER_CONFIG,
-    ] {
-        let p = tmp.path.join(f);
-        bytes += std::fs::metadata(&p).map_err(|e| Error::io(&p, e))?.len();
-    }
+    let bytes = crate::format::peft::files_of(&tmp.path)?
+        .iter()
+        .map(|(_, b)| b)
+        .sum();
     crate::base::outdir::commit(tmp, out, force)?;
     Ok(bytes)
 }

@@ -288,6 +288,24 @@ impl<'a> Engine<'a> {
         std::hint::black_box(sum);
     }
 
+    /// `tokens` are whole sequences of `seq_len` ids of the vocabulary, within the positions
+    /// this engine was built for.
+    pub(crate) fn check_sequences(&self, tokens: &[u32], seq_len: usize) -> Result<()> {
+        if seq_len == 0 || tokens.is_empty() || !tokens.len().is_multiple_of(seq_len) {
+            return Err(Error::Shape(format!(
+                "{} tokens are not whole sequences of {seq_len}",
+                tokens.len()
+            )));
+        }
+        if seq_len > self.rope.positions() {
+            return Err(Error::InvalidArgument(format!(
+                "sequence length {seq_len} exceeds the {} positions this engine was built for",
+                self.rope.positions()
+            )));
+        }
+        self.validate_ids(tokens)
+    }
+
     fn validate_ids(&self, ids: &[u32]) -> Result<()> {
         let v = self.ck.config().vocab_size;
         match ids.iter().find(|&&t| t as usize >= v) {
@@ -316,19 +334,7 @@ impl<'a> Engine<'a> {
         observe: &mut dyn FnMut(&Self, usize, &GpuMatrix) -> Result<()>,
     ) -> Result<GpuMatrix> {
         let c = self.ck.config().clone();
-        if seq_len == 0 || tokens.is_empty() || !tokens.len().is_multiple_of(seq_len) {
-            return Err(Error::Shape(format!(
-                "{} tokens are not whole sequences of {seq_len}",
-                tokens.len()
-            )));
-        }
-        if seq_len > self.rope.positions() {
-            return Err(Error::InvalidArgument(format!(
-                "sequence length {seq_len} exceeds the {} positions this engine was built for",
-                self.rope.positions()
-            )));
-        }
-        self.validate_ids(tokens)?;
+        self.check_sequences(tokens, seq_len)?;
         let gpu = self.gpu;
         let rows = tokens.len();
         let ids = ops::upload_u32(gpu, tokens)?;
