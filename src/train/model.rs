@@ -17,31 +17,13 @@ use crate::gpu::ops::transpose;
 use crate::gpu::ops::{self, AttentionShape, KvLayout};
 use crate::gpu::xent::{lm_head_loss_backward_trainable, Objective};
 use crate::gpu::{Batch, Gpu, GpuBuffer, GpuMatrix};
-use crate::infer::engine::{linear, LinearWeight};
+use crate::infer::engine::{linear, LayerWeights, LinearWeight};
 use crate::infer::Engine;
 use crate::model::{LinearKind, ModelConfig};
 
 use super::params::{Adapter, ExitHead, Param, Trainable, Window};
 use super::store::FactorStore;
 use crate::quant::{Grid, GridKind};
-
-/// One decoder layer's frozen weights.
-struct Layer {
-    input_norm: GpuMatrix,
-    post_norm: GpuMatrix,
-    linears: Vec<(LinearKind, LinearWeight, Option<GpuMatrix>)>,
-}
-
-impl Layer {
-    fn linear(&self, kind: LinearKind) -> (&LinearWeight, Option<&GpuMatrix>) {
-        let (_, w, b) = self
-            .linears
-            .iter()
-            .find(|(k, _, _)| *k == kind)
-            .expect("all seven linears are loaded");
-        (w, b.as_ref())
-    }
-}
 
 /// Which linears get trainable adapters, and how they start.
 #[derive(Clone, Debug)]
@@ -64,7 +46,7 @@ pub enum AdapterPlan {
 /// The model being trained.
 pub struct TrainModel<'a> {
     engine: Engine<'a>,
-    layers: Vec<Layer>,
+    layers: Vec<LayerWeights>,
     pub trainable: Trainable,
 }
 
@@ -108,9 +90,9 @@ impl<'a> TrainModel<'a> {
         let mut layers = Vec::with_capacity(n);
         let mut adapters = Vec::new();
         for l in 0..n {
-            let (input_norm, post_norm, mut linears) = engine.read_layer(l)?.into_parts();
+            let mut layer = engine.read_layer(l)?;
             engine.checkpoint().release_layer(l);
-            for (kind, w, _) in linears.iter_mut() {
+            for (kind, w, _) in layer.linears.iter_mut() {
                 match plan {
                     AdapterPlan::Factors { factor_bits, .. } => {
                         if let LinearWeight::LowRank { .. } = w {
@@ -182,11 +164,7 @@ impl<'a> TrainModel<'a> {
                     AdapterPlan::Lora { .. } => {}
                 }
             }
-            layers.push(Layer {
-                input_norm,
-                post_norm,
-                linears,
-            });
+            layers.push(layer);
         }
         if adapters.is_empty() {
             return Err(Error::InvalidArgument(format!(

@@ -40,9 +40,9 @@ impl Default for EngineOptions {
 /// One decoder layer's weights on the GPU, in their stored dtype (compressed weights are
 /// dequantized to f32 on upload).
 pub struct LayerWeights {
-    input_norm: GpuMatrix,
-    post_norm: GpuMatrix,
-    linears: Vec<Linear>,
+    pub(crate) input_norm: GpuMatrix,
+    pub(crate) post_norm: GpuMatrix,
+    pub(crate) linears: Vec<Linear>,
 }
 
 /// A linear layer: its kind, weight and bias.
@@ -63,19 +63,13 @@ pub enum LinearWeight {
 }
 
 impl LayerWeights {
-    fn linear(&self, kind: LinearKind) -> (&LinearWeight, Option<&GpuMatrix>) {
+    pub(crate) fn linear(&self, kind: LinearKind) -> (&LinearWeight, Option<&GpuMatrix>) {
         let (_, w, b) = self
             .linears
             .iter()
             .find(|(k, _, _)| *k == kind)
             .expect("all seven linears are loaded");
         (w, b.as_ref())
-    }
-
-    /// The input norm, the post-attention norm and every linear (kind, weight, bias), moved
-    /// out (fine-tuning builds its own layer from them).
-    pub(crate) fn into_parts(self) -> (GpuMatrix, GpuMatrix, Vec<Linear>) {
-        (self.input_norm, self.post_norm, self.linears)
     }
 
     /// Replace a linear layer's weight (e.g. by its quantized version during compression).
