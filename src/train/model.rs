@@ -92,66 +92,59 @@ impl<'a> TrainModel<'a> {
         for l in 0..n {
             let mut layer = engine.read_layer(l)?;
             engine.checkpoint().release_layer(l);
-            for (kind, w, _) in layer.linears.iter_mut() {
-                match plan {
-                    AdapterPlan::Factors { factor_bits, .. } => {
-                        if let LinearWeight::LowRank { .. } = w {
-                            let name = &engine.checkpoint().arch().layers[l]
-                                .linear(*kind)
-                                .weight
-                                .name;
-                            let store = match engine.checkpoint().quantized(name) {
-                                Some(e) => Some(FactorStore {
-                                    grid: Grid::new(
-                                        factor_bits.unwrap_or(e.lr_bits),
-                                        e.lr_group_size,
-                                        GridKind::Asymmetric,
-                                    )?
-                                    .with_clip(true),
-                                    rht: e.rht,
-                                    rows: e.rows,
-                                    cols: e.cols,
-                                }),
-                                None => None,
-                            };
-                            let LinearWeight::LowRank { q, lt, r } =
-                                std::mem::replace(w, LinearWeight::Dense(empty(gpu)?))
-                            else {
-                                unreachable!("matched just above")
-                            };
-                            *w = LinearWeight::Dense(q);
-                            let b = Param::new(gpu, transpose(gpu, &lt)?)?;
-                            adapters.push(Adapter::new(
-                                l,
-                                *kind,
-                                Param::new(gpu, r)?,
-                                b,
-                                1.0,
-                                store,
-                            ));
-                        }
+            let mut linears = Vec::with_capacity(layer.linears.len());
+            for (kind, w, bias) in std::mem::take(&mut layer.linears) {
+                let w = match (plan, w) {
+                    (
+                        AdapterPlan::Factors { factor_bits, .. },
+                        LinearWeight::LowRank { q, lt, r },
+                    ) => {
+                        let name = &engine.checkpoint().arch().layers[l]
+                            .linear(kind)
+                            .weight
+                            .name;
+                        let store = match engine.checkpoint().quantized(name) {
+                            Some(e) => Some(FactorStore {
+                                grid: Grid::new(
+                                    factor_bits.unwrap_or(e.lr_bits),
+                                    e.lr_group_size,
+                                    GridKind::Asymmetric,
+                                )?
+                                .with_clip(true),
+                                rht: e.rht,
+                                rows: e.rows,
+                                cols: e.cols,
+                            }),
+                            None => None,
+                        };
+                        let b = Param::new(gpu, transpose(gpu, &lt)?)?;
+                        adapters.push(Adapter::new(l, kind, Param::new(gpu, r)?, b, 1.0, store));
+                        LinearWeight::Dense(q)
                     }
-                    AdapterPlan::Lora {
-                        rank,
-                        alpha,
-                        targets,
-                        seed,
-                    } if targets.contains(kind) => {
-                        let (out, inp) = match w {
+                    (
+                        AdapterPlan::Lora {
+                            rank,
+                            alpha,
+                            targets,
+                            seed,
+                        },
+                        w,
+                    ) if targets.contains(&kind) => {
+                        let (out, inp) = match &w {
                             LinearWeight::Dense(m) => (m.rows(), m.cols()),
                             LinearWeight::LowRank { q, .. } => (q.rows(), q.cols()),
                         };
                         let r = (*rank).max(1);
                         let bound = 1.0 / (inp as f32).sqrt();
                         let mut rng = crate::base::rng::Rng::new(
-                            seed ^ ((l as u64) << 8 | *kind as u64).wrapping_mul(0x9E37_79B9),
+                            seed ^ ((l as u64) << 8 | kind as u64).wrapping_mul(0x9E37_79B9),
                         );
                         let a: Vec<f32> = (0..r * inp)
                             .map(|_| (rng.uniform() as f32 * 2.0 - 1.0) * bound)
                             .collect();
                         adapters.push(Adapter::new(
                             l,
-                            *kind,
+                            kind,
                             Param::new(
                                 gpu,
                                 GpuMatrix::from_f32(gpu, r, inp, crate::DType::F32, &a)?,
@@ -160,10 +153,13 @@ impl<'a> TrainModel<'a> {
                             alpha / r as f32,
                             None,
                         ));
+                        w
                     }
-                    AdapterPlan::Lora { .. } => {}
-                }
+                    (_, w) => w,
+                };
+                linears.push((kind, w, bias));
             }
+            layer.linears = linears;
             layers.push(layer);
         }
         if adapters.is_empty() {
@@ -572,9 +568,4 @@ impl<'a> TrainModel<'a> {
         rms_norm_backward(&mut b, x, &w.input_norm, &dh1, eps, dres, true, dw)?;
         b.submit()
     }
-}
-
-/// A 1 × 1 placeholder (a moved-out weight's slot is refilled at once).
-fn empty(gpu: &Gpu) -> Result<GpuMatrix> {
-    GpuMatrix::zeros(gpu, 1, 1)
 }
