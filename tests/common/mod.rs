@@ -321,7 +321,14 @@ pub fn hf_logits_info(
          compressed-tensors and peft (.ci/run makes ~/.cache/pumice-venv; or set PUMICE_PYTHON)",
         py.display()
     );
-    let out = dir.with_extension(format!("logits{}.safetensors", extra.len()));
+    // Written under the target directory, never beside `dir` (which may be in the repository).
+    let scratch = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("hf-logits");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let out = scratch.join(format!(
+        "{}.logits{}.safetensors",
+        dir.to_string_lossy().replace(['/', '\\'], "_"),
+        extra.len()
+    ));
     let ids: Vec<String> = seqs
         .iter()
         .map(|s| {
