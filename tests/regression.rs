@@ -1057,3 +1057,66 @@ fn an_allocation_for_gguf_spends_the_bits_the_gguf_files_hold() {
     );
     assert!(bpw >= 4.5, "{bpw}");
 }
+
+/// A job killed after its output was moved into place but before the process ended (CI's
+/// `finetune` resume test hit this window) could not be resumed: `--resume` refused the
+/// output it had itself written ("already exists"). The job now records in its work directory
+/// what it is about to commit, and a resumed job replaces an output that is exactly that
+/// (identically); anything else there is still refused. (A finished job resumed is the same
+/// state as one killed in that window.)
+#[test]
+fn a_resumed_job_replaces_the_output_it_wrote_itself_and_nothing_else() {
+    let d = tempfile::tempdir().unwrap();
+    let text = d.path().join("data.txt");
+    std::fs::write(
+        &text,
+        "The lamp burned low while the rain kept on at the windows of the old house. ".repeat(40),
+    )
+    .unwrap();
+    let (out, w) = (d.path().join("out"), d.path().join("work"));
+    let mut compress = quick(&out, &["--work-dir", w.to_str().unwrap()]);
+    let tuned = d.path().join("tuned");
+    let tw = d.path().join("tune-work");
+    let mut finetune: Vec<String> = [
+        "finetune",
+        MODEL,
+        "-o",
+        tuned.to_str().unwrap(),
+        "--lora-rank",
+        "2",
+        "--loss",
+        "ce",
+        "--data",
+        text.to_str().unwrap(),
+        "--samples",
+        "4",
+        "--len",
+        "32",
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+        "--work-dir",
+        tw.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    for (job, out, file) in [
+        (&mut compress, &out, "model.safetensors"),
+        (&mut finetune, &tuned, "adapter_model.safetensors"),
+    ] {
+        run_ok(job);
+        let first = std::fs::read(out.join(file)).unwrap();
+        job.push("--resume".into());
+        run_ok(job);
+        assert_eq!(std::fs::read(out.join(file)).unwrap(), first, "{job:?}");
+        // An output that is not what the job wrote is never replaced.
+        std::fs::write(out.join("notes.txt"), "mine").unwrap();
+        let (code, err) = run_args(job);
+        refused(code, &err, &[out.to_str().unwrap(), "--force"]);
+        assert_eq!(
+            std::fs::read_to_string(out.join("notes.txt")).unwrap(),
+            "mine"
+        );
+    }
+}

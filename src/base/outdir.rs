@@ -290,6 +290,55 @@ pub(crate) fn check_output(input_dir: &Path, out: &Path, force: bool) -> Result<
     Ok(())
 }
 
+/// The name, in a job's work directory, of the record of the output the job is committing.
+pub(crate) const OUTPUT_RECORD: &str = "output.json";
+
+/// SHA-256 over the regular files directly in `dir` (names and contents, in name order): what
+/// an output directory holds.
+pub(crate) fn digest(dir: &Path) -> Result<String> {
+    let mut files: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+        .collect();
+    files.sort();
+    let mut parts = Vec::with_capacity(files.len());
+    for (name, path) in &files {
+        parts.push(format!(
+            "{name}\t{}",
+            crate::base::hash::sha256_files(&[path.as_path()])?
+        ));
+    }
+    Ok(crate::base::hash::sha256_hex(parts.join("\n").as_bytes()))
+}
+
+/// Record in `work_dir`, before the finished temporary directory `tmp` is moved into place,
+/// that the job `fingerprint` is writing exactly these files: a run resumed after a kill that
+/// fell between the move and the process's end recognizes the output as its own
+/// ([`written_by`]) instead of refusing to replace it.
+pub(crate) fn record_output(work_dir: &Path, fingerprint: &str, tmp: &Path) -> Result<()> {
+    let rec = serde_json::json!({ "fingerprint": fingerprint, "digest": digest(tmp)? });
+    crate::base::atomic::write_atomic(
+        &work_dir.join(OUTPUT_RECORD),
+        &[rec.to_string().as_bytes(), b"\n"],
+    )
+}
+
+/// Whether `out` holds exactly what the job `fingerprint` of `work_dir` recorded it was
+/// committing (so replacing it with the resumed job's identical output loses nothing).
+pub(crate) fn written_by(work_dir: &Path, fingerprint: &str, out: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(work_dir.join(OUTPUT_RECORD)) else {
+        return false;
+    };
+    let Ok(rec) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return false;
+    };
+    rec["fingerprint"].as_str() == Some(fingerprint)
+        && out.is_dir()
+        && digest(out).is_ok_and(|d| rec["digest"].as_str() == Some(d.as_str()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -400,7 +400,19 @@ impl Output {
     }
 
     pub fn finish(self, ck: &Checkpoint, job: JobInfo) -> Result<Written> {
+        self.finish_then(ck, job, &mut |_| Ok(()))
+    }
+
+    /// [`Output::finish`], calling `before_commit` with the finished temporary directory just
+    /// before it is moved into place (a job records what it is about to commit).
+    pub(crate) fn finish_then(
+        self,
+        ck: &Checkpoint,
+        job: JobInfo,
+        before_commit: &mut dyn FnMut(&Path) -> Result<()>,
+    ) -> Result<Written> {
         let written = self.writer.finish(ck, job)?;
+        before_commit(&self.tmp.path)?;
         crate::base::outdir::commit(self.tmp, &self.out, self.force)?;
         Ok(written)
     }

@@ -286,6 +286,15 @@ pub fn finetune(
     opts: &FinetuneOptions,
     on: &mut dyn FnMut(&Event),
 ) -> Result<FinetuneReport> {
+    let fp = fingerprint(student, teacher, opts);
+    // A resumed job may find its own output, committed just before a kill ended the process:
+    // replacing it with the identical one loses nothing.
+    let force = force
+        || (opts.resume
+            && opts
+                .work_dir
+                .as_deref()
+                .is_some_and(|d| crate::base::outdir::written_by(d, &fp, out)));
     validate(student, teacher, out, force, opts)?;
     let len = opts.len;
     let positions = len.max(1);
@@ -300,7 +309,6 @@ pub fn finetune(
         seed: opts.seed,
         newlines: opts.newlines,
     };
-    let fp = fingerprint(student, teacher, opts);
     let saved = match &opts.work_dir {
         Some(d) if opts.resume => super::workdir::State::read(d, &fp)?,
         _ => None,
@@ -575,13 +583,18 @@ pub fn finetune(
         None
     };
     let peak_gpu_bytes = gpu.memory().peak_bytes;
+    let mut record = |tmp: &Path| match &opts.work_dir {
+        Some(d) => crate::base::outdir::record_output(d, &fp, tmp),
+        None => Ok(()),
+    };
     let (output_bytes, factor_bits) = match &opts.plan {
         AdapterPlan::Factors { .. } => {
-            let (b, bits) = super::output::write(&model, student, out, force, opts, on)?;
+            let (b, bits) =
+                super::output::write(&model, student, out, force, opts, on, &mut record)?;
             (b, Some(bits))
         }
         AdapterPlan::Lora { rank, alpha, .. } => (
-            super::output::write_lora(&model, student, out, force, *rank, *alpha)?,
+            super::output::write_lora(&model, student, out, force, *rank, *alpha, &mut record)?,
             None,
         ),
     };

@@ -21,6 +21,7 @@ pub(crate) fn write(
     force: bool,
     opts: &FinetuneOptions,
     on: &mut dyn FnMut(&Event),
+    before_commit: &mut dyn FnMut(&Path) -> Result<()>,
 ) -> Result<(u64, u32)> {
     let gpu = model.gpu();
     let manifest = student
@@ -107,7 +108,7 @@ pub(crate) fn write(
             }),
         );
     }
-    let written = output.finish(
+    let written = output.finish_then(
         student,
         JobInfo {
             source: manifest.source.clone(),
@@ -116,6 +117,7 @@ pub(crate) fn write(
             calibration: manifest.calibration.clone(),
             allocation: manifest.allocation.clone(),
         },
+        before_commit,
     )?;
     Ok((written.bytes(), bits_used))
 }
@@ -130,6 +132,7 @@ pub(crate) fn write_lora(
     force: bool,
     rank: usize,
     alpha: f32,
+    before_commit: &mut dyn FnMut(&Path) -> Result<()>,
 ) -> Result<u64> {
     use crate::format::hf;
     use crate::model::compressed::StreamingWriter;
@@ -193,6 +196,7 @@ pub(crate) fn write_lora(
         .iter()
         .map(|(_, b)| b)
         .sum();
+    before_commit(&tmp.path)?;
     crate::base::outdir::commit(tmp, out, force)?;
     Ok(bytes)
 }

@@ -96,7 +96,9 @@ pub fn compress_on(
                 inputs.push(("Hessian directory", h));
             }
             outdir::check_output_apart(&opts.output, &inputs)?;
-            outdir::check_output(ck.dir(), &opts.output, opts.force)?;
+            if opts.work_dir.is_none() {
+                outdir::check_output(ck.dir(), &opts.output, opts.force)?;
+            }
             0..nlayers
         }
     };
@@ -137,6 +139,18 @@ pub fn compress_on(
         None => Default::default(),
     };
     let fp = fingerprint(&inputs);
+    // A resumed job may find its own output, committed just before a kill ended the process:
+    // replacing it with the identical one loses nothing. (Checked here, once the job's
+    // fingerprint is known.)
+    let force = opts.force
+        || (opts.resume
+            && opts
+                .work_dir
+                .as_deref()
+                .is_some_and(|d| outdir::written_by(d, &fp, &opts.output)));
+    if opts.shard.is_none() && opts.work_dir.is_some() {
+        outdir::check_output(ck.dir(), &opts.output, force)?;
+    }
     let mut job = None;
     if let Some(wd) = &opts.work_dir {
         if wd.exists() && !wd.is_dir() {
@@ -476,7 +490,7 @@ pub fn compress_on(
     let w = match (direct, &opts.work_dir) {
         (Some(w), _) => w,
         (None, Some(wd)) => {
-            let mut w = Output::begin(format, ck, &opts.output, opts.force, &planned)?;
+            let mut w = Output::begin(format, ck, &opts.output, force, &planned)?;
             for l in 0..nlayers {
                 w.layer(ck, &StoredLayer::read(wd, l, &fp)?.1)?;
             }
@@ -485,7 +499,10 @@ pub fn compress_on(
         (None, None) => unreachable!("one of the two outputs exists"),
     };
     progress(&Event::Writing);
-    let written = w.finish(ck, base)?;
+    let written = w.finish_then(ck, base, &mut |tmp| match &opts.work_dir {
+        Some(wd) => outdir::record_output(wd, &fp, tmp),
+        None => Ok(()),
+    })?;
     stages.writing += t_write.elapsed().as_secs_f64();
     Ok(CompressSummary {
         output: opts.output.display().to_string(),
