@@ -52,7 +52,12 @@ fn s(p: &Path) -> &str {
 /// `pumice eval`'s perplexity of `dir` on the first 3 windows of 32 tokens of `text` (the
 /// windows the fine-tunes below score).
 fn eval_ppl(dir: &Path, text: &Path) -> f64 {
-    let o = run(&[
+    eval_ppl_with(dir, text, "3", &[])
+}
+
+/// `pumice eval` on the first `windows` windows of 32 tokens, its perplexity.
+fn eval_ppl_with(dir: &Path, text: &Path, windows: &str, extra: &[&str]) -> f64 {
+    let mut args = vec![
         "eval",
         s(dir),
         "--text",
@@ -60,9 +65,11 @@ fn eval_ppl(dir: &Path, text: &Path) -> f64 {
         "--ctx",
         "32",
         "--max-windows",
-        "3",
+        windows,
         "--json",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let o = run(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     v["perplexity"].as_f64().unwrap()
@@ -228,6 +235,56 @@ fn lora_adapter_loads_in_peft_and_computes_the_trained_model() {
         (got - want).abs() < 1e-4 * want,
         "transformers + peft perplexity {got} vs the trainer's {want} ({info})"
     );
+    // pumice's own forward with the adapter applied (`eval --lora`) agrees.
+    let mine = eval_ppl_with(&asset(), &text, "2", &["--lora", s(&out)]);
+    assert!(
+        (mine - want).abs() < 1e-4 * want,
+        "eval --lora {mine} vs {want}"
+    );
+}
+
+/// A LoRA adapter trained on a CALDERA checkpoint: `eval --lora` stacks its factors with
+/// the weight's own (Q + L·R + s·B·A) and scores what the trainer scored.
+#[test]
+fn lora_on_a_caldera_checkpoint_evaluates_as_trained() {
+    let text = text_file();
+    let cal = caldera().clone();
+    let out = work("caldera-lora");
+    let mut args = tune_args(&cal, &out, &text, "3", "1e-2");
+    args.extend_from_slice(&["--lora-rank", "2"]);
+    let sum = ok(&args);
+    let want = sum["after"]["perplexity"].as_f64().unwrap();
+    let before = sum["before"]["perplexity"].as_f64().unwrap();
+    assert!((want - before).abs() > 1e-6, "{sum}");
+    let got = eval_ppl_with(&cal, &text, "3", &["--lora", s(&out)]);
+    assert!(
+        (got - want).abs() < 1e-4 * want,
+        "eval --lora {got} vs trainer {want}"
+    );
+    // A damaged adapter is refused before any work, naming the file and tensor.
+    let bad = work("caldera-lora-bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(out.join(f), bad.join(f)).unwrap();
+    }
+    let cfg = std::fs::read_to_string(bad.join("adapter_config.json")).unwrap();
+    std::fs::write(
+        bad.join("adapter_config.json"),
+        cfg.replace("\"use_dora\": false", "\"use_dora\": true"),
+    )
+    .unwrap();
+    let o = run(&[
+        "eval",
+        s(&cal),
+        "--text",
+        s(&text),
+        "--ctx",
+        "32",
+        "--lora",
+        s(&bad),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("use_dora"), "{}", stderr(&o));
 }
 
 #[test]
@@ -353,5 +410,37 @@ fn adaptive_layer_tuning_writes_what_it_trained() {
     assert!(
         (after - sum["before"]["perplexity"].as_f64().unwrap()).abs() > 1e-6,
         "{sum}"
+    );
+    // The exits are stored (after layers 2 and 4 of 6), checksummed and counted in the size.
+    let exits = out.join("exits.safetensors");
+    let bytes = std::fs::metadata(&exits).unwrap().len();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("pumice.json")).unwrap()).unwrap();
+    assert_eq!(manifest["files"]["exits.safetensors"]["bytes"], bytes);
+    let model_bytes = std::fs::metadata(out.join("model.safetensors"))
+        .unwrap()
+        .len();
+    assert_eq!(manifest["total"]["bits"], (model_bytes + bytes) * 8);
+    assert_eq!(sum["output_bytes"], model_bytes + bytes, "{sum}");
+    // Voting reads them: a different perplexity from the model's head alone.
+    let o = run(&[
+        "eval",
+        s(&out),
+        "--text",
+        s(&text),
+        "--ctx",
+        "32",
+        "--max-windows",
+        "3",
+        "--json",
+        "--vote",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["vote_exits"], serde_json::json!([2, 4]), "{v}");
+    let voted = v["perplexity"].as_f64().unwrap();
+    assert!(
+        voted.is_finite() && (voted - got).abs() > 1e-6,
+        "{voted} vs {got}"
     );
 }

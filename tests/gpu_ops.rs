@@ -346,6 +346,71 @@ fn elementwise_ops_match_reference() {
     }
 }
 
+/// Edge-LLM's vote: log max_e softmax(z_e), accumulated exit by exit, equals the f64
+/// reference; read back through logit_stats it is the renormalized vote's NLL. Awkward
+/// shapes: one row and one token, primes, rows over several bindings (chunked), logits far
+/// apart in scale so different exits win different tokens.
+#[test]
+fn vote_matches_reference() {
+    for (g, rows, v, exits) in [
+        (gpu(), 1, 1, 1),
+        (gpu(), 1, 7, 3),
+        (gpu(), 5, 4096, 2),
+        (gpu(), 3, 1009, 4),
+        (gpu_limited(4096), 9, 301, 3),
+    ] {
+        let zs: Vec<Vec<f32>> = (0..exits)
+            .map(|e| {
+                random(rows * v, 40 + e as u64, 0.0)
+                    .iter()
+                    .map(|x| x * (2.0 + 4.0 * e as f32))
+                    .collect()
+            })
+            .collect();
+        let out = GpuMatrix::uninit(&g, rows, v).unwrap();
+        let mats: Vec<GpuMatrix> = zs.iter().map(|z| mat(&g, rows, v, z)).collect();
+        if g.caps().max_binding < (rows * v * 4) as u64 {
+            assert!(out.chunks().len() > 1, "not chunked");
+        }
+        let mut b = Batch::new(&g);
+        for (e, m) in mats.iter().enumerate() {
+            ops::vote(&mut b, m, &out, e == 0).unwrap();
+        }
+        b.submit().unwrap();
+        let refs: Vec<&[f32]> = zs.iter().map(|z| &z[..]).collect();
+        let want = cpu::ops::vote(&refs, v);
+        assert!(
+            max_abs_diff(&out.to_f32(&g).unwrap(), &want) < 2e-5,
+            "rows {rows} v {v} exits {exits}"
+        );
+        // Read as logits, the vote is renormalized: NLL = log Σ_c max_e p_e − log max_e p_e[t].
+        let targets: Vec<u32> = (0..rows as u32).map(|r| (r * 31) % v as u32).collect();
+        let tb = ops::upload_u32(&g, &targets).unwrap();
+        let st = g.storage((rows * 16) as u64, true).unwrap();
+        let mut b = Batch::new(&g);
+        ops::logit_stats(&mut b, &out, None, &tb, &st, 0).unwrap();
+        b.submit().unwrap();
+        let got: Vec<f32> =
+            bytemuck::cast_slice(&g.read_bytes(&st, 0, (rows * 16) as u64).unwrap()).to_vec();
+        for r in 0..rows {
+            let row = &want[r * v..(r + 1) * v];
+            let total: f64 = row.iter().map(|x| x.exp()).sum();
+            let nll = total.ln() - row[targets[r] as usize];
+            assert!(
+                (got[4 * r] as f64 - nll).abs() < 3e-5 * nll.abs().max(1.0),
+                "row {r}: {} vs {nll}",
+                got[4 * r]
+            );
+        }
+    }
+    // Shapes or dtypes that differ are refused.
+    let g = gpu();
+    let a = GpuMatrix::uninit(&g, 2, 5).unwrap();
+    let b2 = GpuMatrix::uninit(&g, 2, 6).unwrap();
+    let mut b = Batch::new(&g);
+    assert!(ops::vote(&mut b, &a, &b2, true).is_err());
+}
+
 #[test]
 fn logit_stats_match_reference() {
     for (g, rows, v) in [

@@ -179,3 +179,35 @@ pub(crate) fn parse_format(s: &str) -> Result<pumice::format::FormatKind, String
 pub(crate) fn parse_placement(s: &str) -> Result<pumice::lowrank::fit::Placement, String> {
     pumice::lowrank::fit::Placement::parse(s).map_err(|e| e.to_string())
 }
+
+/// The LoRA adapter of `--lora DIR` for `ck`, read and checked (before any GPU work).
+pub(crate) fn read_adapter(
+    dir: Option<&std::path::Path>,
+    ck: &pumice::model::Checkpoint,
+) -> Result<Option<pumice::format::lora::LoraAdapter>, pumice::Error> {
+    dir.map(|d| pumice::format::lora::read(d, ck)).transpose()
+}
+
+/// With `--vote`, the exits to vote with: the adapter's when it has some, else the model's
+/// (refused, naming the directories, when neither has any); without `--vote`, none.
+pub(crate) fn exits_for_vote<'a>(
+    vote: bool,
+    ck: &'a pumice::model::Checkpoint,
+    adapter: Option<&'a pumice::format::lora::LoraAdapter>,
+    adapter_dir: Option<&std::path::Path>,
+) -> Result<Option<&'a pumice::model::exits::Exits>, pumice::Error> {
+    if !vote {
+        return Ok(None);
+    }
+    if let Some(x) = adapter.and_then(|a| a.exits.as_ref()) {
+        return Ok(Some(x));
+    }
+    ck.exits().map(Some).ok_or_else(|| {
+        let with = adapter_dir.map_or(String::new(), |d| format!(" nor does {}", d.display()));
+        pumice::Error::InvalidArgument(format!(
+            "--vote: {} has no exits ({}){with}; train them with `finetune --exit-every`",
+            ck.dir().display(),
+            pumice::model::exits::EXITS_FILE
+        ))
+    })
+}

@@ -56,6 +56,15 @@ pub(crate) struct EvalArgs {
     /// streamed layer by layer for every batch.
     #[arg(long, default_value_t = 2048)]
     pub(crate) max_resident_mb: u64,
+    /// Score the vote of the model's head and its exits (Edge-LLM; `exits.safetensors`, from
+    /// `finetune --exit-every`): per token the element-wise maximum of their softmax,
+    /// renormalized.
+    #[arg(long)]
+    pub(crate) vote: bool,
+    /// A PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) to apply
+    /// to the model, e.g. one `finetune --lora-rank` wrote.
+    #[arg(long)]
+    pub(crate) lora: Option<PathBuf>,
     /// Print JSON instead of text.
     #[arg(long)]
     pub(crate) json: bool,
@@ -103,6 +112,8 @@ pub(crate) fn run(gpu_opts: &GpuOptions, a: EvalArgs) -> anyhow::Result<()> {
         )
         .into());
     }
+    let adapter = super::args::read_adapter(a.lora.as_deref(), &ck)?;
+    let exits = super::args::exits_for_vote(a.vote, &ck, adapter.as_ref(), a.lora.as_deref())?;
     let gpu = super::setup::open_gpu(gpu_opts)?;
     tracing::info!("evaluating on {}", gpu.describe());
     let eopts = EngineOptions {
@@ -110,6 +121,12 @@ pub(crate) fn run(gpu_opts: &GpuOptions, a: EvalArgs) -> anyhow::Result<()> {
         max_positions: a.ctx,
     };
     let mut engine = Engine::new(&gpu, &ck, &eopts)?;
+    if let Some(ad) = &adapter {
+        engine.apply_lora(ad)?;
+    }
+    if let Some(x) = exits {
+        engine.load_exits(x)?;
+    }
     let mut ref_engine = match &reference {
         Some(r) => Some(Engine::new(&gpu, r, &eopts)?),
         None => None,
@@ -140,6 +157,9 @@ pub(crate) fn run(gpu_opts: &GpuOptions, a: EvalArgs) -> anyhow::Result<()> {
             o.insert("reference".into(), r.display().to_string().into());
         }
         o.insert("adapter".into(), gpu.describe().into());
+        if let Some(d) = &a.lora {
+            o.insert("lora".into(), d.display().to_string().into());
+        }
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(());
     }

@@ -40,6 +40,12 @@ pub(crate) struct GenerateArgs {
     /// See `eval --max-resident-mb`.
     #[arg(long, default_value_t = 2048)]
     pub(crate) max_resident_mb: u64,
+    /// Predict from the vote of the model's head and its exits (see `eval --vote`).
+    #[arg(long)]
+    pub(crate) vote: bool,
+    /// A PEFT LoRA adapter directory to apply to the model (see `eval --lora`).
+    #[arg(long)]
+    pub(crate) lora: Option<PathBuf>,
 }
 
 pub(crate) fn run(gpu_opts: &GpuOptions, a: GenerateArgs) -> anyhow::Result<()> {
@@ -62,6 +68,8 @@ pub(crate) fn run(gpu_opts: &GpuOptions, a: GenerateArgs) -> anyhow::Result<()> 
             .into())
         }
     };
+    let adapter = super::args::read_adapter(a.lora.as_deref(), &ck)?;
+    let exits = super::args::exits_for_vote(a.vote, &ck, adapter.as_ref(), a.lora.as_deref())?;
     let gpu = super::setup::open_gpu(gpu_opts)?;
     let mut engine = Engine::new(
         &gpu,
@@ -71,6 +79,12 @@ pub(crate) fn run(gpu_opts: &GpuOptions, a: GenerateArgs) -> anyhow::Result<()> 
             max_positions: positions,
         },
     )?;
+    if let Some(ad) = &adapter {
+        engine.apply_lora(ad)?;
+    }
+    if let Some(x) = exits {
+        engine.load_exits(x)?;
+    }
     let opts = GenerateOptions {
         max_tokens: a.max_tokens,
         temperature: a.temperature,

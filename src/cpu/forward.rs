@@ -217,3 +217,47 @@ fn forward_layers(
     observe(ck.arch().layers.len(), &x);
     Ok(x)
 }
+
+/// Edge-LLM's vote in f64, [ids.len(), vocab]: log max_e softmax(z_e) over the model's head and
+/// every exit of `exits` (each exit: its RMSNorm and head on the stream after its depth).
+/// Softmax of a row is the renormalized vote.
+pub fn reference_vote(
+    ck: &Checkpoint,
+    exits: &crate::model::exits::Exits,
+    ids: &[u32],
+    seq_len: usize,
+) -> Result<Vec<f64>> {
+    let c = ck.config();
+    let mut streams = Vec::new();
+    let last = reference_logits_observed(ck, ids, seq_len, &mut |l, x| {
+        if exits.depths().contains(&l) {
+            streams.push(x.to_vec());
+        }
+    })?;
+    let f64s = |t: crate::model::TensorRef<'_>| -> Result<Vec<f64>> {
+        Ok(t.to_f32()?.into_iter().map(f64::from).collect())
+    };
+    let mut heads = vec![last];
+    for (x, &d) in streams.iter().zip(exits.depths()) {
+        let xn = rms_norm(x, &f64s(exits.norm(d))?, c.rms_norm_eps);
+        heads.push(linear(
+            &xn,
+            &f64s(exits.head(d))?,
+            None,
+            c.hidden_size,
+            c.vocab_size,
+        ));
+    }
+    let v = c.vocab_size;
+    let mut out = vec![f64::NEG_INFINITY; ids.len() * v];
+    for z in &heads {
+        for (row, o) in z.chunks(v).zip(out.chunks_mut(v)) {
+            let m = row.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+            let lse = m + row.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+            for (oi, x) in o.iter_mut().zip(row) {
+                *oi = oi.max(x - lse);
+            }
+        }
+    }
+    Ok(out)
+}

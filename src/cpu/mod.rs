@@ -222,6 +222,23 @@ pub mod ops {
             .collect()
     }
 
+    /// Edge-LLM's vote of exits' logits (each rows × v): per row, log max_e softmax(z_e).
+    pub fn vote(exits: &[&[f32]], v: usize) -> Vec<f64> {
+        let rows = exits.first().map_or(0, |z| z.len() / v.max(1));
+        let mut out = vec![f64::NEG_INFINITY; rows * v];
+        for z in exits {
+            for (r, row) in z.chunks(v).enumerate() {
+                let m = row.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
+                let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+                for (c, &x) in row.iter().enumerate() {
+                    let o = &mut out[r * v + c];
+                    *o = o.max(x as f64 - lse);
+                }
+            }
+        }
+        out
+    }
+
     /// Per-row (NLL of target, KL(ref ‖ z), argmax z, argmax ref) of logits rows of length v.
     pub fn logit_stats(
         z: &[f32],

@@ -19,6 +19,7 @@ pub mod dense;
 pub mod gguf;
 pub mod gptq;
 pub mod hf;
+pub mod lora;
 pub mod native;
 pub mod peft;
 pub mod weights;
@@ -397,6 +398,11 @@ impl Output {
 
     pub fn layer(&mut self, ck: &Checkpoint, layer: &CompressedLayer) -> Result<()> {
         self.writer.layer(ck, layer)
+    }
+
+    /// The temporary directory being filled (for files written beside the format's own).
+    pub(crate) fn dir(&self) -> &Path {
+        &self.tmp.path
     }
 
     pub fn finish(self, ck: &Checkpoint, job: JobInfo) -> Result<Written> {

@@ -152,6 +152,12 @@ impl FormatWriter for NativeWriter {
         let out_bytes = std::fs::metadata(&st_path)
             .map_err(|e| Error::io(&st_path, e))?
             .len();
+        // Exits a fine-tune wrote into the directory count in the size and are checksummed.
+        let exits_path = dir.join(crate::model::exits::EXITS_FILE);
+        let exits = match std::fs::metadata(&exits_path) {
+            Ok(m) => Some((m.len(), sha256_files(&[exits_path.as_path()])?)),
+            Err(_) => None,
+        };
         let linear_params: usize = entries.values().map(|e| e.rows * e.cols).sum();
         let linear_bits: u64 = entries.values().map(|e| e.stored_bits).sum();
         let parameters = job.source.parameters;
@@ -165,7 +171,10 @@ impl FormatWriter for NativeWriter {
             calibration: job.calibration,
             tensors: entries,
             linear: Accounting::new(linear_params, linear_bits),
-            total: Accounting::new(parameters, out_bytes * 8),
+            total: Accounting::new(
+                parameters,
+                (out_bytes + exits.as_ref().map_or(0, |e| e.0)) * 8,
+            ),
             layers,
             files: [(
                 "model.safetensors".to_string(),
@@ -175,6 +184,12 @@ impl FormatWriter for NativeWriter {
                 },
             )]
             .into_iter()
+            .chain(exits.map(|(bytes, sha256)| {
+                (
+                    crate::model::exits::EXITS_FILE.to_string(),
+                    FileInfo { bytes, sha256 },
+                )
+            }))
             .collect(),
             allocation: job.allocation,
         };

@@ -13,7 +13,7 @@ use super::matrix::GpuMatrix;
 use super::operand::operand_wgsl;
 use super::pipeline::{Kernel, Spec};
 
-pub use super::reduce::{logit_stats, top_k, transpose, MAX_TOP_K};
+pub use super::reduce::{logit_stats, top_k, transpose, vote, MAX_TOP_K};
 pub use super::rope::{rope, rope_backward, RopeTable};
 
 const EMBED: Kernel = Kernel {

@@ -22,6 +22,11 @@ const TOPK: Kernel = Kernel {
     template: include_str!("../../shaders/reduce/topk.wgsl"),
     expand: None,
 };
+const VOTE: Kernel = Kernel {
+    name: "vote",
+    template: include_str!("../../shaders/reduce/vote.wgsl"),
+    expand: None,
+};
 const LOGITS: Kernel = Kernel {
     name: "logits",
     template: include_str!("../../shaders/reduce/logits.wgsl"),
@@ -94,6 +99,71 @@ pub fn logit_stats(
                 pipeline.clone(),
                 &params,
                 &[&zc.buf, rc, targets, out],
+                [n as u32, 1, 1],
+            )?;
+            r += n;
+        }
+    }
+    Ok(())
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct VoteParams {
+    rows: u32,
+    v: u32,
+    wg_base: u32,
+    _pad: u32,
+}
+
+/// One exit's vote (Edge-LLM): `out = max(out, log_softmax(z))` per element, or
+/// `out = log_softmax(z)` when `first`. After every exit, `out` holds log max_e softmax(z_e):
+/// logits whose softmax is the renormalized vote ([`logit_stats`] and sampling read it as
+/// they read a model's logits). `z` and `out` have the same shape and chunk layout.
+pub fn vote(batch: &mut Batch<'_>, z: &GpuMatrix, out: &GpuMatrix, first: bool) -> Result<()> {
+    check(
+        z.shape() == out.shape()
+            && z.same_layout(out)
+            && z.dtype() == crate::dtype::DType::F32
+            && out.dtype() == crate::dtype::DType::F32,
+        || {
+            format!(
+                "vote: {:?} {} vs {:?} {} (same shape and layout, f32)",
+                z.shape(),
+                z.dtype(),
+                out.shape(),
+                out.dtype()
+            )
+        },
+    )?;
+    let gpu = batch.gpu();
+    let wg = reduce_wg(gpu) as u64;
+    let iterations = 2 * (z.cols() as u64).div_ceil(wg) + 32;
+    check(iterations <= gpu.caps().loop_budget(), || {
+        format!(
+            "vote: a vocabulary of {} needs {iterations} loop iterations per invocation, more \
+             than this adapter runs ({})",
+            z.cols(),
+            gpu.caps().loop_budget()
+        )
+    })?;
+    let spec = Spec::new().set("WG", reduce_wg(gpu)).set("FIRST", first);
+    let pipeline = gpu.pipeline(&VOTE, &spec)?;
+    let max = gpu.caps().max_workgroups_per_dim as usize;
+    for (zc, oc) in z.chunks().iter().zip(out.chunks()) {
+        let mut r = 0;
+        while r < zc.rows {
+            let n = (zc.rows - r).min(max);
+            let params = VoteParams {
+                rows: zc.rows as u32,
+                v: z.cols() as u32,
+                wg_base: r as u32,
+                _pad: 0,
+            };
+            batch.dispatch(
+                pipeline.clone(),
+                &params,
+                &[&zc.buf, &oc.buf],
                 [n as u32, 1, 1],
             )?;
             r += n;

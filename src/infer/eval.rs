@@ -68,6 +68,16 @@ pub struct EvalReport {
     pub peak_gpu_bytes: u64,
     /// Whether decoder layers stayed on the GPU (false: streamed from disk every batch).
     pub resident_layers: bool,
+    /// With exits loaded: their depths; the scores are of the vote of the model's head and
+    /// those exits (per token the element-wise max of their softmax, renormalized).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub vote_exits: Vec<usize>,
+}
+
+/// A batch's normed hidden states: at the model's head, or at the head and every exit.
+enum States {
+    Plain(crate::gpu::GpuMatrix),
+    Voting(super::engine::ExitStates),
 }
 
 /// Number of windows the protocol takes from `tokens`.
@@ -108,6 +118,8 @@ pub fn evaluate(
         )));
     }
     let gpu = engine.gpu();
+    let exits = engine.exit_depths();
+    let voting = !exits.is_empty();
     gpu.reset_peak_memory();
     let start = Instant::now();
     let batch = opts.batch.max(1);
@@ -120,7 +132,12 @@ pub fn evaluate(
         let nw = batch.min(windows - w0);
         let toks = &tokens[w0 * ctx..(w0 + nw) * ctx];
         let rows = toks.len();
-        let hidden = engine.hidden_states(toks, ctx)?;
+        // An engine with exits loaded votes (Edge-LLM): the model's head and every exit.
+        let hidden = if voting {
+            States::Voting(engine.exit_hidden_states(toks, ctx)?)
+        } else {
+            States::Plain(engine.hidden_states(toks, ctx)?)
+        };
         let ref_hidden = match reference.as_deref_mut() {
             Some(r) => Some(r.hidden_states(toks, ctx)?),
             None => None,
@@ -134,7 +151,10 @@ pub fn evaluate(
         let mut r0 = 0;
         while r0 < rows {
             let r1 = (r0 + block).min(rows);
-            let z = engine.logits(&hidden, r0..r1)?;
+            let z = match &hidden {
+                States::Plain(h) => engine.logits(h, r0..r1)?,
+                States::Voting(states) => engine.voted_logits(states, r0..r1)?,
+            };
             let zr = match (reference.as_deref(), ref_hidden.as_ref()) {
                 (Some(r), Some(h)) => Some(r.logits(h, r0..r1)?),
                 _ => None,
@@ -204,5 +224,6 @@ pub fn evaluate(
         top1_agreement: top1,
         peak_gpu_bytes: gpu.memory().peak_bytes,
         resident_layers: engine.resident(),
+        vote_exits: exits,
     })
 }

@@ -98,15 +98,23 @@ pub fn generate(
     }
     let gpu = engine.gpu();
     let mut cache = engine.new_cache(capacity)?;
+    let voting = !engine.exit_depths().is_empty();
     let mut rng = Rng::new(opts.seed);
     let zero = ops::upload_u32(gpu, &[0])?;
     let stats = gpu.storage(16, true)?;
     let mut out = Vec::new();
     let mut next_input = prompt;
     for _ in 0..opts.max_tokens {
-        let hidden = engine.extend(&mut cache, &next_input)?;
-        let last = hidden.rows() - 1;
-        let z = engine.logits(&hidden, last..last + 1)?;
+        // An engine with exits loaded votes (Edge-LLM): the model's head and every exit.
+        let z = if voting {
+            let states = engine.extend_exits(&mut cache, &next_input)?;
+            let last = states.last.rows() - 1;
+            engine.voted_logits(&states, last..last + 1)?
+        } else {
+            let hidden = engine.extend(&mut cache, &next_input)?;
+            let last = hidden.rows() - 1;
+            engine.logits(&hidden, last..last + 1)?
+        };
         let id = if opts.temperature <= 0.0 {
             let mut b = Batch::new(gpu);
             ops::logit_stats(&mut b, &z, None, &zero, &stats, 0)?;

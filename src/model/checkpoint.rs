@@ -75,6 +75,8 @@ pub struct Checkpoint {
     dtype: DType,
     /// Present for a pumice-compressed directory.
     manifest: Option<Manifest>,
+    /// Edge-LLM's exits, when the directory has them.
+    exits: Option<super::exits::Exits>,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -119,6 +121,7 @@ impl Checkpoint {
             None
         };
         let (files, location) = open_weights(&dir)?;
+        let exits = super::exits::Exits::open(&dir, &config)?;
         let mut ck = Checkpoint {
             dir,
             config,
@@ -127,6 +130,7 @@ impl Checkpoint {
             location,
             dtype: DType::F32,
             manifest,
+            exits,
         };
         ck.dtype = ck.validate()?;
         Ok(ck)
@@ -234,6 +238,11 @@ impl Checkpoint {
         &self.dir
     }
 
+    /// Edge-LLM's exits stored with the model (`exits.safetensors`), if any.
+    pub fn exits(&self) -> Option<&super::exits::Exits> {
+        self.exits.as_ref()
+    }
+
     /// The manifest, for a pumice-compressed checkpoint.
     pub fn manifest(&self) -> Option<&Manifest> {
         self.manifest.as_ref()
@@ -266,9 +275,10 @@ impl Checkpoint {
         &self.files
     }
 
-    /// Bytes of all safetensors files.
+    /// Bytes of all safetensors files (the exits' included).
     pub fn bytes_on_disk(&self) -> u64 {
-        self.files.iter().map(|f| f.len_bytes()).sum()
+        self.files.iter().map(|f| f.len_bytes()).sum::<u64>()
+            + self.exits.as_ref().map_or(0, |e| e.bytes())
     }
 
     pub fn parameter_count(&self) -> usize {

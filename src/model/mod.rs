@@ -5,6 +5,7 @@ pub mod arch;
 pub mod checkpoint;
 pub mod compressed;
 pub mod config;
+pub mod exits;
 pub mod safetensors;
 pub mod summary;
 pub mod synthetic;

@@ -12,6 +12,32 @@ use crate::format::{native, Format, JobInfo, Output};
 use super::finetune::{Event, FinetuneOptions};
 use super::model::{AdapterPlan, TrainModel};
 
+/// Write the model's trained exits (if any) into `dir` (`exits.safetensors`, in the dtype of
+/// `base`'s LM head); returns the file's bytes (0 without exits).
+fn write_exits(model: &TrainModel<'_>, base: &crate::model::Checkpoint, dir: &Path) -> Result<u64> {
+    let exits = &model.trainable.exits;
+    if exits.is_empty() {
+        return Ok(0);
+    }
+    let gpu = model.gpu();
+    let values = exits
+        .iter()
+        .map(|e| {
+            Ok(crate::model::exits::ExitValues {
+                depth: e.depth,
+                norm: e.norm.theta.to_f32(gpu)?,
+                head: e.head.theta.to_f32(gpu)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    crate::model::exits::write(
+        dir,
+        &values,
+        base.config().hidden_size,
+        base.lm_head()?.dtype,
+    )
+}
+
 /// Write `model`'s tuned factors over `student` into `out`; returns the bytes written and the
 /// factor grid's bits.
 pub(crate) fn write(
@@ -108,6 +134,7 @@ pub(crate) fn write(
             }),
         );
     }
+    write_exits(model, student, output.dir())?;
     let written = output.finish_then(
         student,
         JobInfo {
@@ -124,7 +151,8 @@ pub(crate) fn write(
 
 /// Write `model`'s LoRA adapters as a PEFT adapter directory (`adapter_config.json`,
 /// `adapter_model.safetensors`: lora_A r × in, lora_B out × r, f32; lora_alpha = α, so PEFT's
-/// scale α/r is the trainer's) for the model in `base`. Returns the bytes written.
+/// scale α/r is the trainer's) for the model in `base`, and its exits (`exits.safetensors`)
+/// when it has any. Returns the bytes written.
 pub(crate) fn write_lora(
     model: &TrainModel<'_>,
     base: &crate::model::Checkpoint,
@@ -195,7 +223,8 @@ pub(crate) fn write_lora(
     let bytes = crate::format::peft::files_of(&tmp.path)?
         .iter()
         .map(|(_, b)| b)
-        .sum();
+        .sum::<u64>()
+        + write_exits(model, base, &tmp.path)?;
     before_commit(&tmp.path)?;
     crate::base::outdir::commit(tmp, out, force)?;
     Ok(bytes)

@@ -88,6 +88,18 @@ impl<'a> Engine<'a> {
     }
 
     fn extend_impl(&mut self, cache: &mut KvCache, tokens: &[u32]) -> Result<GpuMatrix> {
+        self.extend_observed(cache, tokens, &mut |_, _, _| Ok(()))
+    }
+
+    /// [`extend`](Self::extend) or [`extend_batch`](Self::extend_batch), calling
+    /// `observe(engine, l, x)` with the new rows' stream entering decoder layer l (and
+    /// `num_layers` with the stream leaving the last).
+    pub(crate) fn extend_observed(
+        &mut self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        observe: &mut dyn FnMut(&Self, usize, &GpuMatrix) -> Result<()>,
+    ) -> Result<GpuMatrix> {
         let c = self.ck.config().clone();
         let n = tokens.len();
         let steps = n / cache.nseq;
@@ -114,6 +126,7 @@ impl<'a> Engine<'a> {
         ops::embed(&mut b, &ids, &self.embed, &x)?;
         b.submit()?;
         for l in 0..c.num_layers {
+            observe(self, l, &x)?;
             self.load_layer(l)?;
             let w = self.layers[l].as_ref().expect("just loaded");
             let (k, v) = &cache.layers[l];
@@ -131,6 +144,7 @@ impl<'a> Engine<'a> {
             }
         }
         cache.len += steps;
+        observe(self, c.num_layers, &x)?;
         let y = GpuMatrix::uninit_grouped(gpu, n, c.hidden_size, n)?;
         let mut b = Batch::new(gpu);
         ops::rms_norm(&mut b, &x, &self.final_norm, c.rms_norm_eps as f32, &y)?;

@@ -14,6 +14,10 @@ use crate::gpu::{gemm_rows, Batch, GemmOp, Gpu, GpuBuffer, GpuMatrix};
 use crate::model::{Checkpoint, LayerSpec, LinearKind};
 
 mod decode;
+mod exits;
+mod lora;
+
+pub use exits::ExitStates;
 
 pub(crate) use super::weights::unrotate_linear;
 use super::weights::{check_finite, dequantize_stored, dequantize_weight, upload};
@@ -128,6 +132,10 @@ pub struct Engine<'a> {
     verified: Vec<bool>,
     resident: bool,
     rope: RopeTable,
+    /// Edge-LLM's exits loaded for voting ([`load_exits`](Self::load_exits)), shallowest first.
+    exits: Vec<exits::ExitWeights>,
+    /// A LoRA adapter's modules ([`apply_lora`](Self::apply_lora)).
+    lora: Vec<lora::LoraWeights>,
 }
 
 impl<'a> Engine<'a> {
@@ -174,6 +182,8 @@ impl<'a> Engine<'a> {
             verified: vec![false; c.num_layers],
             resident: layer_bytes <= opts.resident_bytes,
             rope,
+            exits: Vec::new(),
+            lora: Vec::new(),
         })
     }
 
@@ -259,11 +269,14 @@ impl<'a> Engine<'a> {
             };
             linears.push((lin.kind, w, b));
         }
-        Ok(LayerWeights {
-            input_norm: get(&spec.input_norm.name, 1, h)?,
-            post_norm: get(&spec.post_attention_norm.name, 1, h)?,
-            linears,
-        })
+        self.with_lora(
+            l,
+            LayerWeights {
+                input_norm: get(&spec.input_norm.name, 1, h)?,
+                post_norm: get(&spec.post_attention_norm.name, 1, h)?,
+                linears,
+            },
+        )
     }
 
     /// Touch every page of a layer's tensors so a later upload reads from memory, not disk.
