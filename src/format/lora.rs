@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::model::exits::Exits;
 use crate::model::{Checkpoint, LinearKind};
 
-use super::peft::{ADAPTER_CONFIG, ADAPTER_FILE};
+use super::peft::ADAPTER_FILE;
 
 /// One linear layer's LoRA: y += scale · (x Aᵀ) Bᵀ.
 pub struct LoraModule {
@@ -67,18 +67,7 @@ fn pattern_value(
 
 /// Read the adapter in `dir` for `ck`.
 pub fn read(dir: &Path, ck: &Checkpoint) -> Result<LoraAdapter> {
-    let cfg_path = dir.join(ADAPTER_CONFIG);
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-    let cfg: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-        path: cfg_path.clone(),
-        source,
-    })?;
-    if cfg["peft_type"] != "LORA" {
-        return Err(Error::config(
-            &cfg_path,
-            format!("peft_type {} is not LORA", cfg["peft_type"]),
-        ));
-    }
+    let (cfg_path, cfg) = super::peft::read_config(dir)?;
     for (flag, why) in [
         ("use_dora", "DoRA adapters are not supported"),
         (

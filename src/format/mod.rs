@@ -440,6 +440,14 @@ pub fn export(
         ))
     })?;
     crate::base::outdir::check_output(ck.dir(), out, force)?;
+    if ck.exits().is_some() {
+        tracing::warn!(
+            "{}: its exits ({}) are not exported (no other format holds them); vote with the \
+             native checkpoint",
+            ck.dir().display(),
+            crate::model::exits::EXITS_FILE
+        );
+    }
     let planned = native::entries(ck)?;
     format.check(ck, &planned)?;
     let mut output = Output::begin(format, ck, out, force, &planned)?;

@@ -241,9 +241,9 @@ pub fn is_adapter(dir: &Path) -> bool {
     dir.join(ADAPTER_CONFIG).is_file()
 }
 
-/// Summarize the PEFT adapter directory `dir` (its configuration and tensors; any adapter,
-/// not only pumice's).
-pub fn summary(dir: &Path) -> Result<hf::AdapterSummary> {
+/// The adapter_config.json of the LoRA adapter in `dir` (its path, its JSON); any other PEFT
+/// type is refused.
+pub(crate) fn read_config(dir: &Path) -> Result<(std::path::PathBuf, serde_json::Value)> {
     let cfg_path = dir.join(ADAPTER_CONFIG);
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
     let cfg: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
@@ -256,6 +256,13 @@ pub fn summary(dir: &Path) -> Result<hf::AdapterSummary> {
             format!("peft_type {} is not LORA", cfg["peft_type"]),
         ));
     }
+    Ok((cfg_path, cfg))
+}
+
+/// Summarize the PEFT adapter directory `dir` (its configuration and tensors; any adapter,
+/// not only pumice's).
+pub fn summary(dir: &Path) -> Result<hf::AdapterSummary> {
+    let (_, cfg) = read_config(dir)?;
     let mut bytes = 0;
     for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let e = e.map_err(|e| Error::io(dir, e))?;
