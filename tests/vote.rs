@@ -53,7 +53,7 @@ fn check(name: &str, spec: SyntheticLlama, depths: &[usize], seq_len: usize, nse
     let ex = ck.exits().expect("exits found");
     assert_eq!(ex.depths(), depths);
     let toks = ids(seq_len * nseq, spec.vocab, 3);
-    let want = reference_vote(&ck, ex, &toks, seq_len).unwrap();
+    let want = reference_vote(&ck, ex, None, &toks, seq_len).unwrap();
     let opts = EngineOptions {
         resident_bytes: u64::MAX,
         max_positions: seq_len,
@@ -113,6 +113,24 @@ fn check(name: &str, spec: SyntheticLlama, depths: &[usize], seq_len: usize, nse
         rep.mean_nll
     );
 
+    // One exit alone: its own log-softmax, the model's head left out.
+    let d0 = depths[0];
+    let mut alone = Engine::new(&g, &ck, &opts).unwrap();
+    alone.load_exit_alone(ex, d0).unwrap();
+    assert!(alone.load_exit_alone(ex, spec.layers).is_err());
+    let st = alone.exit_hidden_states(&toks, seq_len).unwrap();
+    let got1 = alone
+        .voted_logits(&st, 0..toks.len())
+        .unwrap()
+        .to_f32(&g)
+        .unwrap();
+    let want1 = reference_vote(&ck, ex, Some(d0), &toks, seq_len).unwrap();
+    let err = got1
+        .iter()
+        .zip(&want1)
+        .fold(0.0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
+    assert!(err < 2e-4, "{name}: exit {d0} alone: max |Δ| {err:.3e}");
+
     // Cached decoding votes too: every greedy token is the reference vote's argmax.
     let prompt = &toks[..5];
     let new = generate(
@@ -129,7 +147,7 @@ fn check(name: &str, spec: SyntheticLlama, depths: &[usize], seq_len: usize, nse
     .unwrap();
     let mut seq = prompt.to_vec();
     seq.extend(&new[..3]);
-    let r = reference_vote(&ck, ex, &seq, seq.len()).unwrap();
+    let r = reference_vote(&ck, ex, None, &seq, seq.len()).unwrap();
     for (i, &t) in new.iter().enumerate() {
         let row = &r[(prompt.len() - 1 + i) * v..(prompt.len() + i) * v];
         let best = (0..v).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap();

@@ -205,7 +205,7 @@ pub(crate) fn exits_for_vote<'a>(
     ck.exits().map(Some).ok_or_else(|| {
         let with = adapter_dir.map_or(String::new(), |d| format!(" nor does {}", d.display()));
         pumice::Error::InvalidArgument(format!(
-            "--vote: {} has no exits ({}){with}; train them with `finetune --exit-every`",
+            "--vote/--exit: {} has no exits ({}){with}; train them with `finetune --exit-every`",
             ck.dir().display(),
             pumice::model::exits::EXITS_FILE
         ))

@@ -59,8 +59,12 @@ pub(crate) struct EvalArgs {
     /// Score the vote of the model's head and its exits (Edge-LLM; `exits.safetensors`, from
     /// `finetune --exit-every`): per token the element-wise maximum of their softmax,
     /// renormalized.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "exit")]
     pub(crate) vote: bool,
+    /// Score one exit alone: its norm and head on the stream after D layers, the model's own
+    /// head left out (how good each exit is by itself).
+    #[arg(long, value_name = "D")]
+    pub(crate) exit: Option<usize>,
     /// A PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) to apply
     /// to the model, e.g. one `finetune --lora-rank` wrote.
     #[arg(long)]
@@ -113,7 +117,21 @@ pub(crate) fn run(gpu_opts: &GpuOptions, a: EvalArgs) -> anyhow::Result<()> {
         .into());
     }
     let adapter = super::args::read_adapter(a.lora.as_deref(), &ck)?;
-    let exits = super::args::exits_for_vote(a.vote, &ck, adapter.as_ref(), a.lora.as_deref())?;
+    let exits = super::args::exits_for_vote(
+        a.vote || a.exit.is_some(),
+        &ck,
+        adapter.as_ref(),
+        a.lora.as_deref(),
+    )?;
+    if let (Some(d), Some(x)) = (a.exit, exits) {
+        if !x.depths().contains(&d) {
+            return Err(pumice::Error::InvalidArgument(format!(
+                "--exit {d}: the exits are after layers {:?}",
+                x.depths()
+            ))
+            .into());
+        }
+    }
     let gpu = super::setup::open_gpu(gpu_opts)?;
     tracing::info!("evaluating on {}", gpu.describe());
     let eopts = EngineOptions {
@@ -124,8 +142,10 @@ pub(crate) fn run(gpu_opts: &GpuOptions, a: EvalArgs) -> anyhow::Result<()> {
     if let Some(ad) = &adapter {
         engine.apply_lora(ad)?;
     }
-    if let Some(x) = exits {
-        engine.load_exits(x)?;
+    match (exits, a.exit) {
+        (Some(x), Some(d)) => engine.load_exit_alone(x, d)?,
+        (Some(x), None) => engine.load_exits(x)?,
+        _ => {}
     }
     let mut ref_engine = match &reference {
         Some(r) => Some(Engine::new(&gpu, r, &eopts)?),
@@ -157,6 +177,9 @@ pub(crate) fn run(gpu_opts: &GpuOptions, a: EvalArgs) -> anyhow::Result<()> {
             o.insert("reference".into(), r.display().to_string().into());
         }
         o.insert("adapter".into(), gpu.describe().into());
+        if let Some(d) = a.exit {
+            o.insert("exit".into(), d.into());
+        }
         if let Some(d) = &a.lora {
             o.insert("lora".into(), d.display().to_string().into());
         }

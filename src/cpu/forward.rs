@@ -218,12 +218,14 @@ fn forward_layers(
     Ok(x)
 }
 
-/// Edge-LLM's vote in f64, [ids.len(), vocab]: log max_e softmax(z_e) over the model's head and
-/// every exit of `exits` (each exit: its RMSNorm and head on the stream after its depth).
-/// Softmax of a row is the renormalized vote.
+/// Edge-LLM's vote in f64, [ids.len(), vocab]: log max_e softmax(z_e) over the model's head
+/// (unless `alone` names one exit, which then votes by itself) and every exit of `exits`
+/// (each exit: its RMSNorm and head on the stream after its depth). Softmax of a row is the
+/// renormalized vote.
 pub fn reference_vote(
     ck: &Checkpoint,
     exits: &crate::model::exits::Exits,
+    alone: Option<usize>,
     ids: &[u32],
     seq_len: usize,
 ) -> Result<Vec<f64>> {
@@ -237,8 +239,11 @@ pub fn reference_vote(
     let f64s = |t: crate::model::TensorRef<'_>| -> Result<Vec<f64>> {
         Ok(t.to_f32()?.into_iter().map(f64::from).collect())
     };
-    let mut heads = vec![last];
+    let mut heads = if alone.is_some() { vec![] } else { vec![last] };
     for (x, &d) in streams.iter().zip(exits.depths()) {
+        if alone.is_some_and(|a| a != d) {
+            continue;
+        }
         let xn = rms_norm(x, &f64s(exits.norm(d))?, c.rms_norm_eps);
         heads.push(linear(
             &xn,

@@ -44,6 +44,22 @@ impl<'a> Engine<'a> {
             });
         }
         self.exits = loaded;
+        self.exit_alone = false;
+        Ok(())
+    }
+
+    /// Upload the one exit of `exits` after `depth` layers and predict from it alone (the
+    /// model's own head left out): what that exit scores by itself.
+    pub fn load_exit_alone(&mut self, exits: &Exits, depth: usize) -> Result<()> {
+        if !exits.depths().contains(&depth) {
+            return Err(Error::InvalidArgument(format!(
+                "--exit {depth}: the exits are after layers {:?}",
+                exits.depths()
+            )));
+        }
+        self.load_exits(exits)?;
+        self.exits.retain(|e| e.depth == depth);
+        self.exit_alone = true;
         Ok(())
     }
 
@@ -112,13 +128,15 @@ impl<'a> Engine<'a> {
     }
 
     /// The vote of the model's head and every loaded exit for a block of rows, as logits
-    /// [rows.len(), vocab]: log max_e softmax(z_e) (softmax of it is the renormalized vote).
+    /// [rows.len(), vocab]: log max_e softmax(z_e) (softmax of it is the renormalized vote);
+    /// after [`load_exit_alone`](Self::load_exit_alone), that exit's log-softmax.
     pub fn voted_logits(&self, states: &ExitStates, rows: Range<usize>) -> Result<GpuMatrix> {
         let v = self.ck.config().vocab_size;
         let out = GpuMatrix::uninit(self.gpu, rows.len(), v)?;
         // Each head's logits are formed in turn into one scratch block.
         let z = GpuMatrix::uninit(self.gpu, rows.len(), v)?;
-        let heads = std::iter::once((&states.last, self.head())).chain(
+        let own = (!self.exit_alone).then_some((&states.last, self.head()));
+        let heads = own.into_iter().chain(
             states
                 .exits
                 .iter()

@@ -134,6 +134,8 @@ pub struct Engine<'a> {
     rope: RopeTable,
     /// Edge-LLM's exits loaded for voting ([`load_exits`](Self::load_exits)), shallowest first.
     exits: Vec<exits::ExitWeights>,
+    /// Predict from the one loaded exit, without the model's head.
+    exit_alone: bool,
     /// A LoRA adapter's modules ([`apply_lora`](Self::apply_lora)).
     lora: Vec<lora::LoraWeights>,
 }
@@ -183,6 +185,7 @@ impl<'a> Engine<'a> {
             resident: layer_bytes <= opts.resident_bytes,
             rope,
             exits: Vec::new(),
+            exit_alone: false,
             lora: Vec::new(),
         })
     }
