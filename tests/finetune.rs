@@ -422,6 +422,10 @@ fn adaptive_layer_tuning_writes_what_it_trained() {
         .len();
     assert_eq!(manifest["total"]["bits"], (model_bytes + bytes) * 8);
     assert_eq!(sum["output_bytes"], model_bytes + bytes, "{sum}");
+    let o = run(&["inspect", s(&out), "--json"]);
+    let info: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(info["exits"], serde_json::json!([2, 4]), "{info}");
+    assert_eq!(info["bytes_on_disk"], model_bytes + bytes, "{info}");
     // Voting reads them: a different perplexity from the model's head alone.
     let o = run(&[
         "eval",

@@ -90,6 +90,13 @@ pub(crate) fn run(model: &std::path::Path, json: bool, check_weights: bool) -> a
         "  bits/parameter  {:.3} overall, {:.3} in decoder linear layers",
         s.bits_per_parameter, s.linear_bits_per_parameter
     )?;
+    if !s.exits.is_empty() {
+        writeln!(
+            out,
+            "  exits           after layers {:?} (norm + LM head each; eval --vote)",
+            s.exits
+        )?;
+    }
     if let Some(m) = ck.manifest() {
         writeln!(
             out,

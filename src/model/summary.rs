@@ -46,6 +46,9 @@ pub struct ModelSummary {
     /// For a pumice-compressed checkpoint: method, parameters, source and calibration.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub compression: Option<serde_json::Value>,
+    /// Depths of Edge-LLM's exits stored with the model (their bytes are in bytes_on_disk).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub exits: Vec<usize>,
 }
 
 impl ModelSummary {
@@ -95,6 +98,7 @@ impl ModelSummary {
                         .map(|n| n.to_string_lossy().into_owned())
                         .unwrap_or_default()
                 })
+                .chain(ck.exits().map(|_| super::exits::EXITS_FILE.to_string()))
                 .collect(),
             tokenizer: ck.dir().join(super::tokenizer::TOKENIZER_FILE).is_file(),
             linear_groups,
@@ -115,6 +119,7 @@ impl ModelSummary {
                     "total": m.total,
                 })
             }),
+            exits: ck.exits().map(|e| e.depths().to_vec()).unwrap_or_default(),
         }
     }
 }
