@@ -96,7 +96,7 @@ impl<'a> TrainModel<'a> {
             for (kind, w, bias) in std::mem::take(&mut layer.linears) {
                 let w = match (plan, w) {
                     (
-                        AdapterPlan::Factors { factor_bits, .. },
+                        AdapterPlan::Factors { factor_bits, qat },
                         LinearWeight::LowRank { q, lt, r },
                     ) => {
                         let name = &engine.checkpoint().arch().layers[l]
@@ -114,6 +114,11 @@ impl<'a> TrainModel<'a> {
                                 rht: e.rht,
                                 rows: e.rows,
                                 cols: e.cols,
+                                // The refit is not differentiated through: under QAT the
+                                // straight-through step would train L for a rounding it
+                                // does not get (measured worse); rounding once at the end,
+                                // it only helps.
+                                refit: !*qat,
                             }),
                             None => None,
                         };

@@ -16,6 +16,8 @@ pub struct FactorStore {
     /// The weight's rows (L's) and columns (R's).
     pub rows: usize,
     pub cols: usize,
+    /// Re-solve L against the rounded R before rounding it (least squares).
+    pub refit: bool,
 }
 
 impl FactorStore {
@@ -35,12 +37,16 @@ impl FactorStore {
             rht::rows(&mut lt, &Rht::new(m, s.rows), false);
             rht::rows(&mut rr, &Rht::new(n, s.cols), false);
         }
-        // R first; then Lᵀ re-solved against the rounded R (least squares: the L minimizing
-        // ‖L R − L R̂‖_F, so L absorbs what rounding R lost), then rounded.
+        // R first; then (with `refit`) Lᵀ re-solved against the rounded R (least squares: the
+        // L minimizing ‖L R − L' R̂‖_F, so L absorbs what rounding R lost), then rounded.
         let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
         let rq = rtn(&f32s(&rr), k, n, self.grid);
         let rhat: Vec<f64> = rq.dequantize().iter().map(|&v| v as f64).collect();
-        let lt = refit_left(&lt, &rr, &rhat, k, m, n);
+        let lt = if self.refit {
+            refit_left(&lt, &rr, &rhat, k, m, n)
+        } else {
+            lt
+        };
         let ltq = rtn(&f32s(&lt), k, m, self.grid);
         (ltq, rq)
     }
@@ -136,6 +142,7 @@ mod tests {
                 rht,
                 rows: m,
                 cols: n,
+                refit: true,
             };
             let (lq, rq) = store.round_trip(&l, &r, k);
             // Independent rounding, for comparison (no rotation).
