@@ -227,3 +227,11 @@ fn vote_without_exits_is_refused_before_any_work() {
         assert_eq!(err.trim().lines().count(), 1, "{err}");
     }
 }
+
+/// Qwen2.5-0.5B's shape (896 wide, q/k/v biases, 151,936 tokens, bf16, tied): an exit head
+/// larger than a 128 MiB binding (chunked), the vote over vocabulary-wide rows.
+#[test]
+fn qwen25_shape_exit_matches_reference() {
+    let s = SyntheticLlama::family("qwen2.5-0.5b", 2).unwrap();
+    check("qwen2.5-0.5b", s, &[1], 16, 1);
+}
