@@ -124,13 +124,7 @@ pub(crate) fn run(gpu_opts: &GpuOptions, a: EvalArgs) -> anyhow::Result<()> {
         a.lora.as_deref(),
     )?;
     if let (Some(d), Some(x)) = (a.exit, exits) {
-        if !x.depths().contains(&d) {
-            return Err(pumice::Error::InvalidArgument(format!(
-                "--exit {d}: the exits are after layers {:?}",
-                x.depths()
-            ))
-            .into());
-        }
+        x.check_depth(d)?;
     }
     let gpu = super::setup::open_gpu(gpu_opts)?;
     tracing::info!("evaluating on {}", gpu.describe());

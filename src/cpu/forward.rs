@@ -253,16 +253,6 @@ pub fn reference_vote(
             c.vocab_size,
         ));
     }
-    let v = c.vocab_size;
-    let mut out = vec![f64::NEG_INFINITY; ids.len() * v];
-    for z in &heads {
-        for (row, o) in z.chunks(v).zip(out.chunks_mut(v)) {
-            let m = row.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
-            let lse = m + row.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
-            for (oi, x) in o.iter_mut().zip(row) {
-                *oi = oi.max(x - lse);
-            }
-        }
-    }
-    Ok(out)
+    let heads: Vec<&[f64]> = heads.iter().map(Vec::as_slice).collect();
+    Ok(super::ops::vote(&heads, c.vocab_size))
 }

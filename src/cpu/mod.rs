@@ -222,17 +222,17 @@ pub mod ops {
             .collect()
     }
 
-    /// Edge-LLM's vote of exits' logits (each rows × v): per row, log max_e softmax(z_e).
-    pub fn vote(exits: &[&[f32]], v: usize) -> Vec<f64> {
+    /// Edge-LLM's vote of exits' logits (each rows × v, f32 or f64): per row, in f64,
+    /// log max_e softmax(z_e).
+    pub fn vote<T: Copy + Into<f64>>(exits: &[&[T]], v: usize) -> Vec<f64> {
         let rows = exits.first().map_or(0, |z| z.len() / v.max(1));
         let mut out = vec![f64::NEG_INFINITY; rows * v];
         for z in exits {
-            for (r, row) in z.chunks(v).enumerate() {
-                let m = row.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
-                let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
-                for (c, &x) in row.iter().enumerate() {
-                    let o = &mut out[r * v + c];
-                    *o = o.max(x as f64 - lse);
+            for (row, o) in z.chunks(v).zip(out.chunks_mut(v)) {
+                let m = row.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b.into()));
+                let lse = m + row.iter().map(|&x| (x.into() - m).exp()).sum::<f64>().ln();
+                for (oi, &x) in o.iter_mut().zip(row) {
+                    *oi = oi.max(x.into() - lse);
                 }
             }
         }

@@ -118,6 +118,18 @@ impl Exits {
         &self.depths
     }
 
+    /// `depth` is one of the exits' depths (else an error saying which there are).
+    pub fn check_depth(&self, depth: usize) -> Result<()> {
+        if self.depths.contains(&depth) {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument(format!(
+                "--exit {depth}: the exits are after layers {:?}",
+                self.depths
+            )))
+        }
+    }
+
     pub fn bytes(&self) -> u64 {
         self.file.len_bytes()
     }

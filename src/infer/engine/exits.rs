@@ -31,19 +31,11 @@ pub struct ExitStates {
 impl<'a> Engine<'a> {
     /// Upload `exits` (stored with the model or an adapter) for voting.
     pub fn load_exits(&mut self, exits: &Exits) -> Result<()> {
-        let c = self.ck.config();
-        let mut loaded = Vec::with_capacity(exits.depths().len());
-        for &depth in exits.depths() {
-            let (n, h) = (exits.norm(depth), exits.head(depth));
-            check_finite(&n)?;
-            check_finite(&h)?;
-            loaded.push(ExitWeights {
-                depth,
-                norm: upload(self.gpu, &n, 1, c.hidden_size)?,
-                head: upload(self.gpu, &h, c.vocab_size, c.hidden_size)?,
-            });
-        }
-        self.exits = loaded;
+        self.exits = exits
+            .depths()
+            .iter()
+            .map(|&d| self.upload_exit(exits, d))
+            .collect::<Result<_>>()?;
         self.exit_alone = false;
         Ok(())
     }
@@ -51,16 +43,22 @@ impl<'a> Engine<'a> {
     /// Upload the one exit of `exits` after `depth` layers and predict from it alone (the
     /// model's own head left out): what that exit scores by itself.
     pub fn load_exit_alone(&mut self, exits: &Exits, depth: usize) -> Result<()> {
-        if !exits.depths().contains(&depth) {
-            return Err(Error::InvalidArgument(format!(
-                "--exit {depth}: the exits are after layers {:?}",
-                exits.depths()
-            )));
-        }
-        self.load_exits(exits)?;
-        self.exits.retain(|e| e.depth == depth);
+        exits.check_depth(depth)?;
+        self.exits = vec![self.upload_exit(exits, depth)?];
         self.exit_alone = true;
         Ok(())
+    }
+
+    fn upload_exit(&self, exits: &Exits, depth: usize) -> Result<ExitWeights> {
+        let c = self.ck.config();
+        let (n, h) = (exits.norm(depth), exits.head(depth));
+        check_finite(&n)?;
+        check_finite(&h)?;
+        Ok(ExitWeights {
+            depth,
+            norm: upload(self.gpu, &n, 1, c.hidden_size)?,
+            head: upload(self.gpu, &h, c.vocab_size, c.hidden_size)?,
+        })
     }
 
     /// Depths of the exits loaded for voting.
