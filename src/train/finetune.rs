@@ -510,9 +510,10 @@ pub fn finetune(
                 .iter()
                 .flat_map(|&s| tokens[s * len..(s + 1) * len].to_vec())
                 .collect();
-            loss += match opts.loss {
+            let (th, targets);
+            let obj = match opts.loss {
                 Loss::Distill => {
-                    let th = match &cache {
+                    th = match &cache {
                         Some(c) => {
                             let vals: Vec<f32> = seqs
                                 .iter()
@@ -522,23 +523,19 @@ pub fn finetune(
                         }
                         None => teacher_engine.hidden_states(&tokens, len)?,
                     };
-                    let obj = Objective::Teacher {
+                    Objective::Teacher {
                         hidden: &th,
                         head: teacher_engine.head(),
-                    };
-                    match &window {
-                        Some(w) => model.loss_and_backward_window(&tokens, len, &obj, w)?.loss,
-                        None => model.loss_and_backward(&tokens, len, &obj)?.loss,
                     }
                 }
                 Loss::CrossEntropy => {
-                    let targets = next_tokens(&tokens, len);
-                    let obj = Objective::Targets(&targets);
-                    match &window {
-                        Some(w) => model.loss_and_backward_window(&tokens, len, &obj, w)?.loss,
-                        None => model.loss_and_backward(&tokens, len, &obj)?.loss,
-                    }
+                    targets = next_tokens(&tokens, len);
+                    Objective::Targets(&targets)
                 }
+            };
+            loss += match &window {
+                Some(w) => model.loss_and_backward_window(&tokens, len, &obj, w)?.loss,
+                None => model.loss_and_backward(&tokens, len, &obj)?.loss,
             };
         }
         let lr = schedule(opts.lr, step, opts.warmup, opts.steps);
