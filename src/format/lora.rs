@@ -134,25 +134,7 @@ pub fn read(dir: &Path, ck: &Checkpoint) -> Result<LoraAdapter> {
                 ),
             ));
         }
-        let values = |t: &crate::model::safetensors::TensorInfo| -> Result<Vec<f32>> {
-            let dt = t.dtype.ok_or_else(|| {
-                Error::tensor(
-                    &wpath,
-                    &t.name,
-                    format!("dtype {} is not a float", t.dtype_name),
-                )
-            })?;
-            let mut v = Vec::new();
-            dt.decode_f32(file.bytes(t), &mut v);
-            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-                return Err(Error::tensor(
-                    &wpath,
-                    &t.name,
-                    format!("value {i} is not finite"),
-                ));
-            }
-            Ok(v)
-        };
+        let values = |t| crate::model::TensorRef::in_file(&file, t)?.to_f32();
         let alpha = pattern_value(&cfg_path, &cfg["alpha_pattern"], &module, "alpha_pattern")?
             .unwrap_or(alpha_default);
         let r = rank as f64;

@@ -30,9 +30,27 @@ pub struct TensorRef<'a> {
     pub file: &'a Path,
 }
 
-impl TensorRef<'_> {
+impl<'a> TensorRef<'a> {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
+    }
+
+    /// The tensor `info` of `file` (refused, naming both, when it is not a float type).
+    pub fn in_file(file: &'a SafetensorsFile, info: &'a TensorInfo) -> Result<TensorRef<'a>> {
+        let dtype = info.dtype.ok_or_else(|| {
+            Error::tensor(
+                file.path(),
+                &info.name,
+                format!("dtype {} is not a float type", info.dtype_name),
+            )
+        })?;
+        Ok(TensorRef {
+            name: &info.name,
+            dtype,
+            shape: &info.shape,
+            bytes: file.bytes(info),
+            file: file.path(),
+        })
     }
 
     /// Decode to f32, refusing NaN or infinite weights.
@@ -312,20 +330,7 @@ impl Checkpoint {
         let (file, info) = self
             .info(name)
             .ok_or_else(|| Error::tensor(&self.dir, name, "not in this checkpoint"))?;
-        let dtype = info.dtype.ok_or_else(|| {
-            Error::tensor(
-                file.path(),
-                name,
-                format!("dtype {} is not a float type", info.dtype_name),
-            )
-        })?;
-        Ok(TensorRef {
-            name: &info.name,
-            dtype,
-            shape: &info.shape,
-            bytes: file.bytes(info),
-            file: file.path(),
-        })
+        TensorRef::in_file(file, info)
     }
 
     /// The LM head weight (the embedding when tied).

@@ -136,13 +136,7 @@ impl Exits {
 
     fn get(&self, name: &str) -> TensorRef<'_> {
         let info = self.file.info(name).expect("validated at open");
-        TensorRef {
-            name: &info.name,
-            dtype: info.dtype.expect("validated at open"),
-            shape: &info.shape,
-            bytes: self.file.bytes(info),
-            file: self.file.path(),
-        }
+        TensorRef::in_file(&self.file, info).expect("a float type, validated at open")
     }
 
     /// The norm weight of the exit after `depth` layers.
