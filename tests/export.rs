@@ -925,6 +925,242 @@ fn gguf_holds_pumices_values_bit_for_bit_and_transformers_agrees() {
     assert!(err.contains("q4_0 cannot hold its 4-bit"), "{err}");
 }
 
+/// A PEFT LoRA adapter for `ck` in `dir` (rank 4, α 8, v_proj α 16 by alpha_pattern) on the
+/// linears whose weights `pick` chooses, random A and B.
+fn write_peft_adapter(dir: &Path, ck: &Checkpoint, pick: impl Fn(usize, &str) -> bool) -> usize {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut targets = Vec::new();
+    for (l, spec) in ck.arch().layers.iter().enumerate() {
+        for lin in &spec.linears {
+            let w = &lin.weight.name;
+            if !pick(l, w) {
+                continue;
+            }
+            let m = w.trim_end_matches(".weight");
+            targets.push(m.to_string());
+            let seed = tensors.len() as u64;
+            let (o, i) = (lin.out_features, lin.in_features);
+            tensors.push((
+                format!("base_model.model.{m}.lora_A.weight"),
+                vec![4, i],
+                common::random(4 * i, 100 + seed, 0.0),
+            ));
+            tensors.push((
+                format!("base_model.model.{m}.lora_B.weight"),
+                vec![o, 4],
+                common::random(o * 4, 200 + seed, 0.0),
+            ));
+        }
+    }
+    let views: Vec<_> = tensors
+        .iter()
+        .map(|(n, shape, v)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    shape.clone(),
+                    bytemuck::cast_slice(v),
+                )
+                .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("adapter_model.safetensors")).unwrap();
+    let cfg = serde_json::json!({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "alpha_pattern": {"v_proj": 16},
+        "target_modules": targets,
+        "task_type": "CAUSAL_LM", "bias": "none", "use_rslora": false, "use_dora": false,
+    });
+    std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
+    tensors.len() / 2
+}
+
+/// PEFT's own delta (s·B·A, its scale) for every module of `adapter`, by weight name.
+fn peft_deltas(adapter: &Path) -> std::collections::HashMap<String, Vec<f32>> {
+    let out = adapter.join("peft-delta.safetensors");
+    let o = Command::new(python())
+        .arg(project_root().join("tools/interop/peft_delta.py"))
+        .arg(model())
+        .arg(adapter)
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "peft_delta.py: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let f = pumice::model::safetensors::SafetensorsFile::open(&out).unwrap();
+    let names: Vec<String> = f.tensors().map(|t| t.name.clone()).collect();
+    names
+        .into_iter()
+        .map(|n| {
+            let v = bytemuck::pod_collect_to_vec(f.bytes(f.info(&n).unwrap()));
+            (n, v)
+        })
+        .collect()
+}
+
+/// `export --format gguf --lora ADAPTER`: adapter.gguf computes, the way llama.cpp applies it
+/// (alpha / the pair's rank · B·A, q/k rows in GGUF order), CALDERA's L·R (where the weight has
+/// factors) plus what PEFT itself computes for the tuned adapter — on a CALDERA checkpoint
+/// (ranks 8 + 4 padded to the largest, 12) and on a GPTQ one (the adapter alone); the model
+/// file is the one written without it; `--lora` elsewhere is refused.
+#[test]
+fn gguf_lora_carries_a_peft_adapter_stacked_on_calderas_factors() {
+    let f = fixtures();
+    for (input, name) in [(&f.caldera, "caldera"), (&f.gptq4, "gptq4")] {
+        let ck = Checkpoint::open(input).unwrap();
+        let adapter = work().join(format!("peft-{name}"));
+        let _ = std::fs::remove_dir_all(&adapter);
+        let n = write_peft_adapter(&adapter, &ck, |l, w| {
+            (l == 0 && w.contains("self_attn")) || (l == 3 && w.contains("mlp"))
+        });
+        assert_eq!(n, 7);
+        let peft = peft_deltas(&adapter);
+        assert_eq!(peft.len(), 7, "{:?}", peft.keys());
+        let out = export(
+            input,
+            &format!("gguf-lora-{name}"),
+            "gguf",
+            &["--lora", adapter.to_str().unwrap()],
+        );
+        let plain = export(input, &format!("gguf-plain-{name}"), "gguf", &[]);
+        assert_eq!(
+            std::fs::read(out.join("model.gguf")).unwrap(),
+            std::fs::read(plain.join("model.gguf")).unwrap(),
+            "{name}: the model file changed"
+        );
+        let (lora, info) = gguf_py(&out.join("adapter.gguf"));
+        let alpha = info["metadata"]["adapter.lora.alpha"].as_f64().unwrap();
+        let caldera = name == "caldera";
+        assert_eq!(alpha, if caldera { 12.0 } else { 4.0 }, "{name}");
+        let cfg = ck.config();
+        let mut checked = 0;
+        for (l, spec) in ck.arch().layers.iter().enumerate() {
+            let layer = pumice::format::native::read_layer(&ck, l).unwrap();
+            for lin in &spec.linears {
+                let w = &lin.weight.name;
+                let kind = w.split('.').nth(4).unwrap();
+                let gname = match kind {
+                    "q_proj" => "attn_q",
+                    "k_proj" => "attn_k",
+                    "v_proj" => "attn_v",
+                    "o_proj" => "attn_output",
+                    "gate_proj" => "ffn_gate",
+                    "up_proj" => "ffn_up",
+                    _ => "ffn_down",
+                };
+                let key = format!("blk.{l}.{gname}.weight");
+                let (rows, cols) = (lin.out_features, lin.in_features);
+                // The delta pumice should carry, in HF row order, f64.
+                let mut want = vec![0.0f64; rows * cols];
+                let m = layer.matrices.iter().find(|m| &m.weight == w).unwrap();
+                if let Some((lt, r)) = pumice::format::weights::factors(&m.entry, &m.data).unwrap()
+                {
+                    let k = m.entry.rank;
+                    for i in 0..rows {
+                        for j in 0..cols {
+                            want[i * cols + j] += (0..k)
+                                .map(|t| lt[t * rows + i] as f64 * r[t * cols + j] as f64)
+                                .sum::<f64>();
+                        }
+                    }
+                }
+                let tuned = peft.get(w.as_str());
+                if let Some(d) = tuned {
+                    for (x, &y) in want.iter_mut().zip(d) {
+                        *x += y as f64;
+                    }
+                }
+                let Some((ashape, a)) = lora.get(&format!("{key}.lora_a")) else {
+                    assert!(tuned.is_none() && !caldera, "{name}: {key} missing");
+                    continue;
+                };
+                let (bshape, b) = &lora[&format!("{key}.lora_b")];
+                let sr = ashape[0];
+                assert_eq!(ashape, &vec![sr, cols]);
+                assert_eq!(bshape, &vec![rows, sr]);
+                let order = match kind {
+                    "q_proj" => llama_rows(rows, cfg.num_heads),
+                    "k_proj" => llama_rows(rows, cfg.num_kv_heads),
+                    _ => (0..rows).collect(),
+                };
+                let scale = alpha / sr as f64;
+                let mut worst = 0.0f64;
+                let norm = want.iter().map(|x| x * x).sum::<f64>().sqrt() / (rows * cols) as f64;
+                for (gi, &hr) in order.iter().enumerate() {
+                    for j in 0..cols {
+                        let got = scale
+                            * (0..sr)
+                                .map(|t| b[gi * sr + t] as f64 * a[t * cols + j] as f64)
+                                .sum::<f64>();
+                        worst = worst.max((got - want[hr * cols + j]).abs());
+                    }
+                }
+                let top = want.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+                assert!(
+                    worst <= 1e-5 * top.max(1e-30),
+                    "{name} {key}: llama.cpp's delta differs by {worst} (largest {top}, {norm})"
+                );
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, if caldera { 42 } else { 7 }, "{name}");
+    }
+    // Other formats load the PEFT directory as it is: --lora is refused there, before work.
+    let adapter = work().join("peft-gptq4");
+    let out = work().join("dense-lora-refused");
+    let o = pumice(&[
+        "export",
+        f.gptq4.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--format",
+        "dense",
+        "--lora",
+        adapter.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("--lora is for --format gguf"), "{err}");
+    assert!(!out.exists());
+    // An adapter that does not fit the model is refused by file and tensor.
+    let bad = work().join("peft-bad");
+    let _ = std::fs::remove_dir_all(&bad);
+    let ck = Checkpoint::open(&f.gptq4).unwrap();
+    write_peft_adapter(&bad, &ck, |l, w| l == 1 && w.contains("o_proj"));
+    let st = bad.join("adapter_model.safetensors");
+    let mut bytes = std::fs::read(&st).unwrap();
+    let n = bytes.len();
+    for i in 0..n - 9 {
+        if &bytes[i..i + 9] == b"layers.1." {
+            bytes[i + 7] = b'9';
+        }
+    }
+    std::fs::write(&st, bytes).unwrap();
+    let out = work().join("gguf-lora-refused");
+    let o = pumice(&[
+        "export",
+        f.gptq4.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--format",
+        "gguf",
+        "--lora",
+        bad.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("adapter_model.safetensors") && err.contains("layers.9"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
+
 fn transformers_gguf_logits(dir: &Path, seqs: &[Vec<u32>]) -> Vec<f32> {
     hf_logits(dir, &["--gguf".as_ref(), "model.gguf".as_ref()], seqs)
 }

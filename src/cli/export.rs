@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use pumice::format::FormatKind;
+
 use pumice::DType;
 
 use super::progress;
@@ -36,6 +37,13 @@ pub(crate) struct ExportArgs {
     /// of 32 is f16).
     #[arg(long, value_parser = super::args::parse_store_type)]
     pub(crate) dtype: Option<pumice::format::StoreType>,
+    /// A PEFT LoRA adapter directory for INPUT (`finetune --lora-rank`'s output, or any PEFT
+    /// LoRA whose modules are INPUT's linears) written into the GGUF LoRA adapter
+    /// (OUT/adapter.gguf), each pair's scale folded into lora_b and stacked after CALDERA's
+    /// factors of the same weight (`--format gguf` only: the other formats load the PEFT
+    /// directory as it is).
+    #[arg(long, value_name = "ADAPTER")]
+    pub(crate) lora: Option<PathBuf>,
     /// Replace the output directory if it exists.
     #[arg(long)]
     pub(crate) force: bool,
@@ -46,33 +54,58 @@ pub(crate) struct ExportArgs {
 
 pub(crate) fn run(a: ExportArgs) -> anyhow::Result<()> {
     let ck = pumice::model::Checkpoint::open(&a.input)?;
-    let format: Box<dyn pumice::format::Format> = match (&a.gguf_type, a.format) {
-        (None, f) => f.make(a.dtype, ck.dtype())?,
-        (Some(t), FormatKind::Gguf) => {
-            use pumice::format::gguf::{file::GgmlType, Gguf};
-            let linear = GgmlType::parse(t)
-                .filter(|t| GgmlType::LINEAR.contains(t))
-                .ok_or_else(|| {
-                    let known: Vec<&str> = GgmlType::LINEAR.iter().map(|t| t.name()).collect();
-                    pumice::Error::InvalidArgument(format!(
-                        "--gguf-type {t}: known types are {}",
-                        known.join(", ")
-                    ))
-                })?;
-            Box::new(Gguf {
-                linear: Some(linear),
-                lora: a
-                    .dtype
-                    .unwrap_or(pumice::format::StoreType::Float(DType::F32)),
-            })
+    let format: Box<dyn pumice::format::Format> = if a.format == FormatKind::Gguf {
+        use pumice::format::gguf::{file::GgmlType, Gguf};
+        let linear = match &a.gguf_type {
+            None => None,
+            Some(t) => Some(
+                GgmlType::parse(t)
+                    .filter(|t| GgmlType::LINEAR.contains(t))
+                    .ok_or_else(|| {
+                        let known: Vec<&str> = GgmlType::LINEAR.iter().map(|t| t.name()).collect();
+                        pumice::Error::InvalidArgument(format!(
+                            "--gguf-type {t}: known types are {}",
+                            known.join(", ")
+                        ))
+                    })?,
+            ),
+        };
+        let tuned = match &a.lora {
+            None => None,
+            Some(dir) => {
+                let t = pumice::format::lora::read(dir, &ck)?;
+                if t.exits.is_some() {
+                    tracing::warn!(
+                        "{}: its exits are not exported (no other format holds them); vote with \
+                         `pumice eval --lora`",
+                        dir.display()
+                    );
+                }
+                Some(std::sync::Arc::new(t))
+            }
+        };
+        Box::new(Gguf {
+            linear,
+            lora: a
+                .dtype
+                .unwrap_or(pumice::format::StoreType::Float(DType::F32)),
+            tuned,
+        })
+    } else {
+        for (given, flag) in [
+            (a.gguf_type.is_some(), "--gguf-type"),
+            (a.lora.is_some(), "--lora"),
+        ] {
+            if given {
+                return Err(pumice::Error::InvalidArgument(format!(
+                    "{flag} is for --format gguf, not {} (a PEFT adapter loads as it is beside \
+                     the other formats)",
+                    a.format.name()
+                ))
+                .into());
+            }
         }
-        (Some(_), f) => {
-            return Err(pumice::Error::InvalidArgument(format!(
-                "--gguf-type is for --format gguf, not {}",
-                f.name()
-            ))
-            .into())
-        }
+        a.format.make(a.dtype, ck.dtype())?
     };
     let mut rep = progress::Reporter::new(a.json);
     rep.emit(

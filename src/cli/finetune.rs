@@ -22,7 +22,8 @@ pub(crate) enum LossArg {
 
 #[derive(Args, Debug)]
 pub(crate) struct FinetuneArgs {
-    /// A CALDERA checkpoint written by `pumice compress --method caldera`.
+    /// A CALDERA checkpoint written by `pumice compress --method caldera`; with --lora-rank any
+    /// checkpoint (a GPTQ/RTN one, or an HF model).
     pub(crate) model: PathBuf,
     /// Output directory (a checkpoint of the same layout with the tuned factors).
     #[arg(short, long)]
@@ -101,8 +102,8 @@ pub(crate) struct FinetuneArgs {
     pub(crate) seed: u64,
     /// Edge-LLM's adaptive layer tuning: an exit (its own final norm and LM head, starting
     /// from the model's) after every E decoder layers; steps take the exits in turn, the
-    /// model's head last. The exits' heads steer training only: they are not stored yet, so
-    /// the output is the model with its tuned adapters.
+    /// model's head last. The trained exits are written beside the output (exits.safetensors,
+    /// counted in its size) for `eval`/`generate --vote`.
     #[arg(long, default_value_t = 0)]
     pub(crate) exit_every: usize,
     /// Train only the adapters of the K layers below the step's exit (backpropagation depth

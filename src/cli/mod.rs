@@ -164,7 +164,9 @@ pub(crate) enum Command {
     /// Tune a CALDERA checkpoint's low-rank factors on the GPU (Q frozen): distillation
     /// against the original model on sequences sampled from it (no dataset needed) or on
     /// text, or cross-entropy on text; writes the checkpoint with the tuned factors quantized
-    /// again on the stored factor grid (same size) or a finer one (--factor-bits).
+    /// again on the stored factor grid (same size) or a finer one (--factor-bits); or LoRA
+    /// adapters on any checkpoint (--lora-rank: a PEFT adapter directory), with Edge-LLM's
+    /// exits and windows (--exit-every, --window).
     Finetune(Box<finetune::FinetuneArgs>),
 }
 

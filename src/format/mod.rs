@@ -362,6 +362,7 @@ impl FormatKind {
             FormatKind::Gguf => Box::new(gguf::Gguf {
                 linear: None,
                 lora: dtype.unwrap_or(StoreType::Float(crate::DType::F32)),
+                tuned: None,
             }),
             FormatKind::Gptq => Box::new(gptq::Gptq { v1: false }),
             FormatKind::GptqV1 => Box::new(gptq::Gptq { v1: true }),

@@ -2,7 +2,8 @@
 //! file `model.gguf` — architecture metadata (llama or qwen2; RoPE and its scaling), the
 //! tokenizer, every linear weight in a ggml block type that holds pumice's values exactly, the
 //! embeddings and LM head in their source dtype, norms and biases in f32 — and CALDERA's L·R in
-//! a GGUF LoRA adapter `adapter.gguf` (`llama-cli --lora`).
+//! a GGUF LoRA adapter `adapter.gguf` (`llama-cli --lora`), which also carries a tuned PEFT LoRA
+//! (`export --lora`, e.g. `finetune --lora-rank`'s output), stacked onto the factors.
 //!
 //! Which ggml block type holds which grid exactly, and the encoders: [`blocks`].
 //! llama.cpp's q/k row order for the llama architecture is applied (rows and adapter B alike).
@@ -26,7 +27,7 @@ use file::{GgmlType, GgufWriter, TensorInfo, Value};
 
 /// The model file inside the output directory.
 pub const MODEL_FILE: &str = "model.gguf";
-/// The LoRA adapter holding CALDERA's factors.
+/// The LoRA adapter holding CALDERA's factors (and a tuned adapter's pairs).
 pub const ADAPTER_FILE: &str = "adapter.gguf";
 
 /// GGUF, with every linear weight in `linear` (None: the smallest exact type per weight).
@@ -34,6 +35,21 @@ pub struct Gguf {
     pub linear: Option<GgmlType>,
     /// What the LoRA adapter's factors are stored in (f32: exact; f16, bf16, q8_0 round).
     pub lora: super::StoreType,
+    /// A PEFT LoRA adapter read for the checkpoint ([`super::lora::read`]), written into
+    /// adapter.gguf: a module's pair (its scale folded into B) stacked after CALDERA's factors
+    /// of the same weight, [R; A] and [L | s·B].
+    pub tuned: Option<std::sync::Arc<super::lora::LoraAdapter>>,
+}
+
+impl Gguf {
+    /// The tuned adapter's pair for layer `l`'s `kind`, if any.
+    fn tuned(&self, l: usize, kind: LinearKind) -> Option<&super::lora::LoraModule> {
+        self.tuned
+            .as_ref()?
+            .modules
+            .iter()
+            .find(|m| m.layer == l && m.kind == kind)
+    }
 }
 
 fn arch_name(ck: &Checkpoint) -> &'static str {
@@ -344,7 +360,7 @@ impl Format for Gguf {
         if let Some(f) = &freqs {
             writer.write("rope_freqs.weight", bytemuck::cast_slice(f))?;
         }
-        let lora = lora_plan(ck, planned, self.lora)?
+        let lora = lora_plan(self, ck, planned)?
             .map(|(plan, rank)| {
                 let kv = vec![
                     ("general.type".to_string(), Value::Str("adapter".into())),
@@ -363,6 +379,7 @@ impl Format for Gguf {
             types,
             lora,
             lora_type: self.lora,
+            tuned: self.tuned.clone(),
             linear_params: 0,
             linear_bytes: 0,
         }))
@@ -382,41 +399,44 @@ fn stored_rank(r: usize, r_max: usize, store: super::StoreType) -> usize {
     }
 }
 
-/// The adapter's tensors (weights with factors, each at its [`stored_rank`]) and alpha (the
-/// largest rank).
+/// The adapter's tensors (weights with factors or a tuned pair, each at its [`stored_rank`])
+/// and alpha (the largest rank). A module's rank is its factors' plus its tuned pair's.
 fn lora_plan(
+    g: &Gguf,
     ck: &Checkpoint,
     planned: &Planned,
-    ty: super::StoreType,
 ) -> Result<Option<(Vec<TensorInfo>, usize)>> {
-    let rank = planned
-        .iter()
-        .flatten()
-        .map(|(_, e)| e.rank)
-        .max()
-        .unwrap_or(0);
-    if rank == 0 {
-        return Ok(None);
-    }
-    let mut plan = Vec::new();
+    let ty = g.lora;
+    let mut ranks = Vec::new();
     for (l, spec) in ck.arch().layers.iter().enumerate() {
         for lin in &spec.linears {
-            let e = planned[l].iter().find(|(n, _)| *n == lin.weight.name);
-            if let Some((_, e)) = e.filter(|(_, e)| e.rank > 0) {
-                let n = format!("blk.{l}.{}.weight", gguf_name(lin.kind));
-                let r = stored_rank(e.rank, rank, ty);
-                plan.push(TensorInfo {
-                    name: format!("{n}.lora_a"),
-                    ne: vec![lin.in_features, r],
-                    ty: adapter_type(ty, lin.in_features),
-                });
-                plan.push(TensorInfo {
-                    name: format!("{n}.lora_b"),
-                    ne: vec![r, lin.out_features],
-                    ty: adapter_type(ty, r),
-                });
+            let k = planned[l]
+                .iter()
+                .find(|(n, _)| *n == lin.weight.name)
+                .map_or(0, |(_, e)| e.rank);
+            let r = k + g.tuned(l, lin.kind).map_or(0, |m| m.rank);
+            if r > 0 {
+                ranks.push((l, lin, r));
             }
         }
+    }
+    let Some(rank) = ranks.iter().map(|x| x.2).max() else {
+        return Ok(None);
+    };
+    let mut plan = Vec::new();
+    for (l, lin, r) in ranks {
+        let n = format!("blk.{l}.{}.weight", gguf_name(lin.kind));
+        let r = stored_rank(r, rank, ty);
+        plan.push(TensorInfo {
+            name: format!("{n}.lora_a"),
+            ne: vec![lin.in_features, r],
+            ty: adapter_type(ty, lin.in_features),
+        });
+        plan.push(TensorInfo {
+            name: format!("{n}.lora_b"),
+            ne: vec![r, lin.out_features],
+            ty: adapter_type(ty, r),
+        });
     }
     Ok(Some((plan, rank)))
 }
@@ -447,6 +467,7 @@ struct GgufOut {
     types: HashMap<String, GgmlType>,
     lora: Option<(GgufWriter, usize)>,
     lora_type: super::StoreType,
+    tuned: Option<std::sync::Arc<super::lora::LoraAdapter>>,
     linear_params: usize,
     linear_bytes: u64,
 }
@@ -490,23 +511,41 @@ impl FormatWriter for GgufOut {
                 let v: Vec<f32> = order.iter().map(|&r| v[r]).collect();
                 self.writer.write(&gb, bytemuck::cast_slice(&v))?;
             }
-            if let (Some((w, rank)), Some((lt, r))) = (&mut self.lora, factors(&m.entry, &m.data)?)
-            {
+            let tuned = self.tuned.as_ref().and_then(|t| {
+                t.modules
+                    .iter()
+                    .find(|t| t.layer == l && t.kind == lin.kind)
+            });
+            let fac = factors(&m.entry, &m.data)?;
+            if let (Some((w, rank)), true) = (&mut self.lora, fac.is_some() || tuned.is_some()) {
                 let (rows, cols, k) = (m.entry.rows, m.entry.cols, m.entry.rank);
+                let kt = tuned.map_or(0, |t| t.rank);
                 let st = self.lora_type;
-                // lora_a = R and lora_b = L (rows in GGUF order), zero-padded to the stored
-                // rank sr; at sr < alpha, lora_b times sr / alpha (llama.cpp's scale is
-                // alpha / sr).
-                let sr = stored_rank(k, *rank, st);
+                // lora_a = [R; A] and lora_b = [L | s·B] (rows in GGUF order), zero-padded to
+                // the stored rank sr; at sr < alpha, lora_b times sr / alpha (llama.cpp's
+                // scale is alpha / sr).
+                let sr = stored_rank(k + kt, *rank, st);
                 let scale = sr as f32 / *rank as f32;
-                let mut a = r.clone();
-                a.resize(sr * cols, 0.0);
+                let mut a = Vec::with_capacity(sr * cols);
                 let mut bm = vec![0.0f32; rows * sr];
-                for (i, &hr) in order.iter().enumerate() {
-                    for t in 0..k {
-                        bm[i * sr + t] = lt[t * rows + hr] * scale;
+                if let Some((lt, r)) = &fac {
+                    a.extend_from_slice(r);
+                    for (i, &hr) in order.iter().enumerate() {
+                        for t in 0..k {
+                            bm[i * sr + t] = lt[t * rows + hr] * scale;
+                        }
                     }
                 }
+                if let Some(t) = tuned {
+                    a.extend_from_slice(&t.a);
+                    let s = t.scale * scale;
+                    for (i, &hr) in order.iter().enumerate() {
+                        for j in 0..kt {
+                            bm[i * sr + k + j] = t.b[hr * kt + j] * s;
+                        }
+                    }
+                }
+                a.resize(sr * cols, 0.0);
                 let (ta, tb) = (adapter_type(st, cols), adapter_type(st, sr));
                 w.write(&format!("{n}.lora_a"), &encode_adapter(ta, &a))?;
                 w.write(&format!("{n}.lora_b"), &encode_adapter(tb, &bm))?;
