@@ -563,6 +563,7 @@ pub fn run(
                         samples,
                         len,
                         seed: 0,
+                        hessians_on: crate::lowrank::fit::Placement::Auto,
                         newlines: Default::default(),
                     },
                     caldera: Default::default(),

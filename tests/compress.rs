@@ -35,6 +35,7 @@ fn opts(method: Method, bits: u32, group: usize, out: &Path) -> CompressOptions 
             len: 64,
             seed: 1,
             newlines: Default::default(),
+            hessians_on: Default::default(),
         },
         caldera: Default::default(),
         output: out.to_path_buf(),

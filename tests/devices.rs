@@ -202,6 +202,7 @@ fn gptq_opts(out: &Path, hessians: &Path) -> CompressOptions {
             len: 128,
             seed: 0,
             newlines: Default::default(),
+            hessians_on: Default::default(),
         },
         caldera: Default::default(),
         output: out.to_path_buf(),
@@ -381,6 +382,67 @@ fn hessians_from_two_adapters_are_the_sums_of_their_shares() {
                 "layer {l} {ga:?}: max difference {diff:e} of {scale:e}"
             );
         }
+    }
+}
+
+/// `--hessians-on host` (faer in f64; the default on a CPU adapter) and `gpu` (the
+/// compensated f32 kernel) accumulate the same Hessians up to rounding, 7 sequences of 300
+/// tokens (rows over one host block and one GPU dispatch); `compress` says where its Hessians
+/// were computed.
+#[test]
+fn hessians_on_the_host_equal_the_gpus_up_to_rounding() {
+    use pumice::compress::hessdir::{HessiansInfo, LayerHessians};
+    let d = tempfile::tempdir().unwrap();
+    let shape = ["7", "300"];
+    let (host, _) = save_hessians_with(d.path(), "host", shape, &["--hessians-on", "host"]);
+    let (gpu, _) = save_hessians_with(d.path(), "gpu", shape, &["--hessians-on", "gpu"]);
+    let (info, _) = HessiansInfo::read(&host).unwrap();
+    let sha = &info.source.sha256;
+    for l in 0..6 {
+        let a = LayerHessians::read(&host, l, sha).unwrap();
+        let b = LayerHessians::read(&gpu, l, sha).unwrap();
+        assert_eq!(a.groups.len(), 4);
+        for ((ga, na, ha), (gb, nb, hb)) in a.groups.iter().zip(&b.groups) {
+            assert_eq!((ga, na), (gb, nb));
+            let scale = ha.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            let diff = ha
+                .iter()
+                .zip(hb)
+                .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                diff <= 1e-6 * scale && diff > 0.0,
+                "layer {l} {ga:?}: max difference {diff:e} of {scale:e}"
+            );
+        }
+    }
+    let out = d.path().join("q");
+    let auto = if common::gpu().caps().is_cpu {
+        "host"
+    } else {
+        "gpu"
+    };
+    for (on, want) in [("auto", auto), ("gpu", "gpu"), ("host", "host")] {
+        let o = run(&[
+            "compress",
+            asset().to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--force",
+            "--json",
+            "--method",
+            "gptq",
+            "--calib-samples",
+            "2",
+            "--calib-len",
+            "32",
+            "--eval-samples",
+            "0",
+            "--hessians-on",
+            on,
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let s = json_summary(&o.stdout);
+        assert_eq!(s["stages"]["hessians_on"], want, "{s}");
     }
 }
 

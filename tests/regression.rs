@@ -69,6 +69,7 @@ fn compress_and_reader_agree_on_symmetric_zero_points() {
         len: 32,
         seed: 3,
         newlines: Default::default(),
+        hessians_on: Default::default(),
     };
     let out = d.path().join("sym");
     let grid = Grid::new(4, 64, GridKind::Midrise).unwrap();

@@ -121,6 +121,7 @@ pub fn measure(
         rht: opts.rht,
         seed: opts.seed,
         len,
+        hessians_on: crate::lowrank::fit::Placement::Auto,
         helpers: &[],
     };
     let layers = cfg.num_layers;

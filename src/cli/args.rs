@@ -28,6 +28,11 @@ pub(crate) struct CalibArgs {
     /// default text is read as Python's text mode reads it: CRLF and lone CR become LF.
     #[arg(long)]
     pub(crate) raw_text: bool,
+    /// Where the Hessians H = Σ XᵀX are accumulated: `auto` (the host's BLAS, in f64, for a CPU
+    /// adapter such as lavapipe, where it is several times faster than the emulated GPU; else
+    /// the GPU), `gpu` or `host`.
+    #[arg(long, default_value = "auto", value_parser = parse_placement)]
+    pub(crate) hessians_on: pumice::lowrank::fit::Placement,
 }
 
 impl CalibArgs {
@@ -57,6 +62,7 @@ impl CalibArgs {
                 .unwrap_or_else(|| pumice::compress::calib::sized_len(ck, self.calib_samples)),
             seed: self.seed,
             newlines: newlines(self.raw_text),
+            hessians_on: self.hessians_on,
         })
     }
 }

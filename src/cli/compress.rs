@@ -507,8 +507,13 @@ pub(crate) fn run(gpu_opts: &GpuOptions, a: CompressArgs) -> anyhow::Result<()> 
     let st = &summary.stages;
     writeln!(
         out,
-        "time by stage: calibration {:.1} s, Hessians {:.1} s, quantization {:.1} s, propagation {:.1} s, writing {:.1} s",
-        st.calibration, st.hessians, st.quantization, st.propagation, st.writing
+        "time by stage: calibration {:.1} s, Hessians {:.1} s{}, quantization {:.1} s, propagation {:.1} s, writing {:.1} s",
+        st.calibration,
+        st.hessians,
+        st.hessians_on.map(|o| format!(" (on the {o})")).unwrap_or_default(),
+        st.quantization,
+        st.propagation,
+        st.writing
     )?;
     if summary.devices.len() > 1 {
         for d in &summary.devices {

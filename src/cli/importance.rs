@@ -76,6 +76,7 @@ pub(crate) fn run(gpu_opts: &GpuOptions, a: ImportanceArgs) -> anyhow::Result<()
             samples: a.calib_samples,
             len: a.calib_len,
             seed: a.seed,
+            hessians_on: pumice::lowrank::fit::Placement::Auto,
             newlines: newlines(a.raw_text),
         },
         top_k: a.top_k,

@@ -18,6 +18,10 @@ pub struct CalibOptions {
     pub seed: u64,
     /// How line endings of the calibration files are read.
     pub newlines: crate::text::Newlines,
+    /// Where H = Σ XᵀX is accumulated (`--hessians-on`): `Auto` is the host's BLAS for a
+    /// CPU adapter (lavapipe: the same cores behind an emulation layer, several times slower
+    /// than faer at this product) and the GPU otherwise.
+    pub hessians_on: crate::lowrank::fit::Placement,
 }
 
 /// The calibration length for `samples` sequences when none is asked for, sized to the model:

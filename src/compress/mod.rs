@@ -7,3 +7,4 @@ pub mod hessdir;
 pub mod pipeline;
 pub mod review;
 pub mod workdir;
+pub mod xtx;

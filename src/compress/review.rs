@@ -67,6 +67,7 @@ pub fn review(gpu: &Gpu, ck: &Checkpoint, output: &Path, opts: &ReviewOptions) -
             len,
             seed: opts.seed.wrapping_add(1),
             newlines: opts.newlines,
+            hessians_on: crate::lowrank::fit::Placement::Auto,
         };
         let seqs = calib::self_generated(&mut orig, &copts, &mut |_, _| {})?;
         let out_ck = Checkpoint::open(output)?;

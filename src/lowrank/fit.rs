@@ -25,9 +25,10 @@ use crate::quant::Quantized;
 use faer::Mat;
 
 /// Where the low-rank step's products run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Placement {
     /// The host for a CPU adapter or small products, else the GPU (module docs).
+    #[default]
     Auto,
     Gpu,
     Host,
@@ -44,8 +45,18 @@ impl Placement {
             "gpu" => Ok(Placement::Gpu),
             "host" => Ok(Placement::Host),
             _ => Err(Error::InvalidArgument(format!(
-                "--lowrank-on {s}: expected auto, gpu or host"
+                "{s}: expected auto, gpu or host"
             ))),
+        }
+    }
+
+    /// True when work that suits the host's BLAS better than an emulated GPU runs on the host
+    /// (`Auto`: on a CPU adapter).
+    pub fn host_for(self, cpu_adapter: bool) -> bool {
+        match self {
+            Placement::Gpu => false,
+            Placement::Host => true,
+            Placement::Auto => cpu_adapter,
         }
     }
 

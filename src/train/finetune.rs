@@ -307,6 +307,7 @@ pub fn finetune(
         samples: opts.samples,
         len,
         seed: opts.seed,
+        hessians_on: crate::lowrank::fit::Placement::Auto,
         newlines: opts.newlines,
     };
     let saved = match &opts.work_dir {

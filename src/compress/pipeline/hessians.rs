@@ -127,7 +127,11 @@ pub fn collect_hessians_on(
                     run_layer_stages(&engine, &mut w, &xs, len, &pos, &mut |kinds, inputs, _| {
                         let lin = spec.linear(kinds[0]);
                         let n = lin.in_features;
-                        groups.push((lin.kind.input(), n, accumulate_hessian(g, n, inputs)?));
+                        groups.push((
+                            lin.kind.input(),
+                            n,
+                            accumulate_hessian(g, n, inputs, calib_opts.hessians_on)?,
+                        ));
                         Ok(())
                     })?;
                     if tx.send(Ok(groups)).is_err() {

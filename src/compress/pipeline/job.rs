@@ -139,6 +139,7 @@ pub(crate) fn job_inputs_for(
         len,
         seed,
         newlines,
+        hessians_on,
     } = calib;
     let mut m = std::collections::BTreeMap::new();
     let mut put = |k: &str, v: String| {
@@ -180,6 +181,8 @@ pub(crate) fn job_inputs_for(
                 "calibration",
                 format!("{what}, {samples} sequences of {len} tokens"),
             );
+            // Host (f64) and GPU (compensated f32) sums differ in their last bits.
+            put("hessians_on", format!("{hessians_on:?}"));
         }
     }
     Ok(m)
@@ -205,6 +208,7 @@ mod tests {
                 samples: 8,
                 len: 64,
                 seed: 0,
+                hessians_on: crate::lowrank::fit::Placement::Auto,
                 newlines: crate::text::Newlines::Universal,
             },
             caldera: CalderaSettings::default(),
@@ -248,6 +252,9 @@ mod tests {
             ("calib.samples", |o| o.calib.samples += 1),
             ("calib.len", |o| o.calib.len += 1),
             ("calib.seed", |o| o.calib.seed += 1),
+            ("calib.hessians_on", |o| {
+                o.calib.hessians_on = crate::lowrank::fit::Placement::Gpu
+            }),
             ("caldera.rank", |o| o.caldera.rank = Some(7)),
             ("caldera.outer_iters", |o| o.caldera.outer_iters += 1),
             ("caldera.patience", |o| o.caldera.patience += 1),

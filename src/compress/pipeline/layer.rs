@@ -102,6 +102,8 @@ pub(crate) struct LayerShared<'a> {
     pub seed: u64,
     /// Tokens per calibration sequence.
     pub len: usize,
+    /// Where the Hessians are accumulated.
+    pub hessians_on: crate::lowrank::fit::Placement,
     /// The adapters a group's matrices are spread over (the first is `gpu`); one entry, or
     /// none, quantizes everything on `gpu`.
     pub helpers: &'a [&'a Gpu],
@@ -239,8 +241,22 @@ fn per_batch<T>(
         .collect()
 }
 
-/// H = Σ XᵀX over `inputs` (f64, full symmetric).
-pub(crate) fn accumulate_hessian(gpu: &Gpu, n: usize, inputs: &[GpuMatrix]) -> Result<Vec<f64>> {
+/// H = Σ XᵀX over `inputs` (f64, full symmetric), on the GPU or, where `on` says so, on the
+/// host (the inputs read back, the products in f64 faer: [`crate::compress::xtx`]).
+pub(crate) fn accumulate_hessian(
+    gpu: &Gpu,
+    n: usize,
+    inputs: &[GpuMatrix],
+    on: crate::lowrank::fit::Placement,
+) -> Result<Vec<f64>> {
+    if on.host_for(gpu.caps().is_cpu) {
+        let mut h = vec![0.0f64; n * n];
+        for x in inputs {
+            crate::compress::xtx::xtx_accumulate(&mut h, &x.to_f32(gpu)?, x.rows(), n);
+        }
+        crate::compress::xtx::mirror_upper(&mut h, n);
+        return Ok(h);
+    }
     let mut acc = HessianAccumulator::new(gpu, n)?;
     let mut b = Batch::new(gpu);
     for x in inputs {
@@ -491,7 +507,7 @@ pub(crate) fn compress_layer(
                 let n = spec.linear(kinds[0]).in_features;
                 gpu.wait()?;
                 let t = std::time::Instant::now();
-                let h = accumulate_hessian(gpu, n, inputs)?;
+                let h = accumulate_hessian(gpu, n, inputs, sh.hessians_on)?;
                 let t1 = std::time::Instant::now();
                 hessian_s += (t1 - t).as_secs_f64();
                 quantize_group(kinds, h, Some(w))?;

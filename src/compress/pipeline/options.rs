@@ -193,6 +193,9 @@ pub struct StageTimes {
     pub propagation: f64,
     /// Writing the work directory and the output.
     pub writing: f64,
+    /// Where the Hessians were accumulated ("host" or "gpu"; absent when they were read).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hessians_on: Option<&'static str>,
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -258,6 +258,13 @@ pub fn compress_on(
     gpu.wait()?;
     let mut stages = StageTimes {
         calibration: start.elapsed().as_secs_f64(),
+        hessians_on: opts.hessians.is_none().then(|| {
+            if opts.calib.hessians_on.host_for(gpu.caps().is_cpu) {
+                "host"
+            } else {
+                "gpu"
+            }
+        }),
         ..Default::default()
     };
     let base = JobInfo {
@@ -298,6 +305,7 @@ pub fn compress_on(
         rht: opts.rht,
         seed: opts.calib.seed,
         len,
+        hessians_on: opts.calib.hessians_on,
         // Without saved Hessians the layers run in turn and a group's matrices spread over
         // the adapters; with them whole layers do (each worker alone on its adapter).
         helpers: if hessians.is_none() { gpus } else { &[] },
