@@ -41,15 +41,17 @@ pub struct Gguf {
     pub tuned: Option<std::sync::Arc<super::lora::LoraAdapter>>,
 }
 
-impl Gguf {
-    /// The tuned adapter's pair for layer `l`'s `kind`, if any.
-    fn tuned(&self, l: usize, kind: LinearKind) -> Option<&super::lora::LoraModule> {
-        self.tuned
-            .as_ref()?
-            .modules
-            .iter()
-            .find(|m| m.layer == l && m.kind == kind)
-    }
+/// A tuned adapter's pair for layer `l`'s `kind`, if any.
+fn tuned_pair(
+    tuned: &Option<std::sync::Arc<super::lora::LoraAdapter>>,
+    l: usize,
+    kind: LinearKind,
+) -> Option<&super::lora::LoraModule> {
+    tuned
+        .as_ref()?
+        .modules
+        .iter()
+        .find(|m| m.layer == l && m.kind == kind)
 }
 
 fn arch_name(ck: &Checkpoint) -> &'static str {
@@ -414,7 +416,7 @@ fn lora_plan(
                 .iter()
                 .find(|(n, _)| *n == lin.weight.name)
                 .map_or(0, |(_, e)| e.rank);
-            let r = k + g.tuned(l, lin.kind).map_or(0, |m| m.rank);
+            let r = k + tuned_pair(&g.tuned, l, lin.kind).map_or(0, |m| m.rank);
             if r > 0 {
                 ranks.push((l, lin, r));
             }
@@ -511,11 +513,7 @@ impl FormatWriter for GgufOut {
                 let v: Vec<f32> = order.iter().map(|&r| v[r]).collect();
                 self.writer.write(&gb, bytemuck::cast_slice(&v))?;
             }
-            let tuned = self.tuned.as_ref().and_then(|t| {
-                t.modules
-                    .iter()
-                    .find(|t| t.layer == l && t.kind == lin.kind)
-            });
+            let tuned = tuned_pair(&self.tuned, l, lin.kind);
             let fac = factors(&m.entry, &m.data)?;
             if let (Some((w, rank)), true) = (&mut self.lora, fac.is_some() || tuned.is_some()) {
                 let (rows, cols, k) = (m.entry.rows, m.entry.cols, m.entry.rank);
