@@ -287,6 +287,46 @@ fn lora_on_a_caldera_checkpoint_evaluates_as_trained() {
     assert!(stderr(&o).contains("use_dora"), "{}", stderr(&o));
 }
 
+/// `--max-resident-mb 0`: no frozen layer stays on the GPU — each pass reads and dequantizes
+/// the layer again — and the result is the same bytes, for CALDERA's factors (the frozen
+/// weight is Q alone) and for a LoRA on the same checkpoint (Q + L·R frozen), with less GPU
+/// memory at the peak.
+#[test]
+fn streamed_layers_train_the_same_bytes_as_resident_ones() {
+    let text = text_file();
+    let cal = caldera().clone();
+    for (name, extra, file) in [
+        ("factors", &[][..], "model.safetensors"),
+        (
+            "lora",
+            &["--lora-rank", "2"][..],
+            "adapter_model.safetensors",
+        ),
+    ] {
+        let mut runs = Vec::new();
+        for mb in ["2048", "0"] {
+            let out = work(&format!("streamed-{name}-{mb}"));
+            let mut args = tune_args(&cal, &out, &text, "2", "1e-2");
+            args.extend_from_slice(extra);
+            args.extend_from_slice(&["--max-resident-mb", mb]);
+            let sum = ok(&args);
+            runs.push((sum, std::fs::read(out.join(file)).unwrap()));
+        }
+        let ((held, a), (streamed, b)) = (&runs[0], &runs[1]);
+        assert_eq!(held["resident_layers"], 6, "{name}: {held}");
+        assert_eq!(streamed["resident_layers"], 0, "{name}: {streamed}");
+        assert!(a == b, "{name}: the streamed run wrote other bytes");
+        assert_eq!(held["after"]["kl"], streamed["after"]["kl"], "{name}");
+        let peak = |v: &serde_json::Value| v["peak_gpu_bytes"].as_u64().unwrap();
+        assert!(
+            peak(streamed) < peak(held),
+            "{name}: peak {} streamed vs {} resident",
+            peak(streamed),
+            peak(held)
+        );
+    }
+}
+
 #[test]
 fn bad_finetune_input_is_refused_before_any_work() {
     let text = text_file();

@@ -50,7 +50,13 @@ fn model<'a>(g: &'a Gpu, ck: &'a Checkpoint, t: usize, plan: &AdapterPlan) -> Tr
         resident_bytes: u64::MAX,
         max_positions: t,
     };
-    TrainModel::new(Engine::new(g, ck, &opts).unwrap(), plan, trainable()).unwrap()
+    TrainModel::new(
+        Engine::new(g, ck, &opts).unwrap(),
+        plan,
+        trainable(),
+        u64::MAX,
+    )
+    .unwrap()
 }
 
 fn rel(got: &[f64], want: &[f64]) -> f64 {

@@ -100,6 +100,11 @@ pub(crate) struct FinetuneArgs {
     pub(crate) lora_targets: Vec<String>,
     #[arg(long, default_value_t = 0)]
     pub(crate) seed: u64,
+    /// Keep the model's frozen layers (dequantized) on the GPU while they fit in this many
+    /// MiB; the layers past it are read and dequantized again at every forward and backward
+    /// pass (slower, bounded memory; the result is the same bytes).
+    #[arg(long, default_value_t = 2048)]
+    pub(crate) max_resident_mb: u64,
     /// Edge-LLM's adaptive layer tuning: an exit (its own final norm and LM head, starting
     /// from the model's) after every E decoder layers; steps take the exits in turn, the
     /// model's head last. The trained exits are written beside the output (exits.safetensors,
@@ -228,6 +233,7 @@ pub(crate) fn run(gpu_opts: &GpuOptions, a: FinetuneArgs) -> anyhow::Result<()> 
         warmup: a.warmup.unwrap_or(a.steps / 10),
         weight_decay: a.weight_decay,
         max_grad_norm: a.max_grad_norm,
+        resident_bytes: a.max_resident_mb << 20,
         eval_tokens,
         exit_every: a.exit_every,
         window: a.window,

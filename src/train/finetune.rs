@@ -69,6 +69,10 @@ pub struct FinetuneOptions {
     pub work_dir: Option<PathBuf>,
     pub resume: bool,
     pub save_every: usize,
+    /// Keep the student's frozen layers on the GPU while they fit in this many bytes; the
+    /// rest are read again (dequantized on the GPU) at each pass. Run control: the result is
+    /// the same bytes whatever it is.
+    pub resident_bytes: u64,
 }
 
 /// Progress of a fine-tune.
@@ -121,6 +125,9 @@ pub struct FinetuneReport {
     pub train_seconds: f64,
     pub tokens_per_second: f64,
     pub peak_gpu_bytes: u64,
+    /// Decoder layers whose frozen weights stayed on the GPU (the rest were read again at
+    /// each pass: `--max-resident-mb`).
+    pub resident_layers: usize,
     pub before: Option<HeldOut>,
     /// With the tuned factors in f32 (before they are quantized for storage).
     pub after: Option<HeldOut>,
@@ -349,7 +356,7 @@ pub fn finetune(
         step: 0,
         qat: false,
     };
-    let mut model = TrainModel::new(student_engine, &opts.plan, trainable)?;
+    let mut model = TrainModel::new(student_engine, &opts.plan, trainable, opts.resident_bytes)?;
     if opts.exit_every > 0 {
         model.add_exits(opts.exit_every)?;
     }
@@ -607,6 +614,7 @@ pub fn finetune(
         train_seconds,
         tokens_per_second: (tokens_per_step * steps_here) as f64 / train_seconds.max(1e-9),
         peak_gpu_bytes,
+        resident_layers: model.resident_layers(),
         before,
         after,
         output_bytes,

@@ -46,8 +46,26 @@ pub enum AdapterPlan {
 /// The model being trained.
 pub struct TrainModel<'a> {
     engine: Engine<'a>,
-    layers: Vec<LayerWeights>,
+    /// Each layer's frozen weights, kept on the GPU while they fit the resident budget; a
+    /// layer past it (None) is read again — dequantized on the GPU — at each pass that needs
+    /// it ([`TrainModel::frozen`]).
+    layers: Vec<Option<LayerWeights>>,
+    /// Whether CALDERA's factors are the trainable adapters (the frozen weight is Q alone).
+    strip_factors: bool,
     pub trainable: Trainable,
+}
+
+/// GPU bytes of a layer's frozen weights.
+fn frozen_bytes(w: &LayerWeights) -> u64 {
+    let m = |x: &GpuMatrix| (x.rows() * x.cols() * x.dtype().size()) as u64;
+    let mut n = m(&w.input_norm) + m(&w.post_norm);
+    for (_, lw, bias) in &w.linears {
+        n += match lw {
+            LinearWeight::Dense(q) => m(q),
+            LinearWeight::LowRank { q, lt, r } => m(q) + m(lt) + m(r),
+        } + bias.as_ref().map_or(0, m);
+    }
+    n
 }
 
 /// What a decoder layer's forward keeps for its backward.
@@ -83,12 +101,20 @@ pub struct BatchLoss {
 }
 
 impl<'a> TrainModel<'a> {
-    /// Load every layer of `engine`'s checkpoint (kept on the GPU) and attach adapters.
-    pub fn new(engine: Engine<'a>, plan: &AdapterPlan, trainable: Trainable) -> Result<Self> {
+    /// Load every layer of `engine`'s checkpoint and attach adapters. Layers' frozen weights
+    /// stay on the GPU while their total is at most `resident_bytes`; the rest are read again
+    /// when a pass needs them.
+    pub fn new(
+        engine: Engine<'a>,
+        plan: &AdapterPlan,
+        trainable: Trainable,
+        resident_bytes: u64,
+    ) -> Result<Self> {
         let gpu = engine.gpu();
         let n = engine.checkpoint().config().num_layers;
         let mut layers = Vec::with_capacity(n);
         let mut adapters = Vec::new();
+        let mut held = 0u64;
         for l in 0..n {
             let mut layer = engine.read_layer(l)?;
             engine.checkpoint().release_layer(l);
@@ -165,7 +191,8 @@ impl<'a> TrainModel<'a> {
                 linears.push((kind, w, bias));
             }
             layer.linears = linears;
-            layers.push(layer);
+            held += frozen_bytes(&layer);
+            layers.push((held <= resident_bytes).then_some(layer));
         }
         if adapters.is_empty() {
             return Err(Error::InvalidArgument(format!(
@@ -185,8 +212,38 @@ impl<'a> TrainModel<'a> {
         Ok(TrainModel {
             engine,
             layers,
+            strip_factors: matches!(plan, AdapterPlan::Factors { .. }),
             trainable,
         })
+    }
+
+    /// Layers whose frozen weights are kept on the GPU.
+    pub fn resident_layers(&self) -> usize {
+        self.layers.iter().filter(|l| l.is_some()).count()
+    }
+
+    /// Layer `l`'s frozen weights: the resident copy, or read again into `held` (as `new`
+    /// read them: with CALDERA's factors trainable, the weight is Q alone).
+    fn frozen<'s>(
+        &'s self,
+        l: usize,
+        held: &'s mut Option<LayerWeights>,
+    ) -> Result<&'s LayerWeights> {
+        if let Some(w) = &self.layers[l] {
+            return Ok(w);
+        }
+        let mut w = self.engine.read_layer(l)?;
+        self.engine.checkpoint().release_layer(l);
+        if self.strip_factors {
+            w.linears = std::mem::take(&mut w.linears)
+                .into_iter()
+                .map(|(kind, lw, bias)| match lw {
+                    LinearWeight::LowRank { q, .. } => (kind, LinearWeight::Dense(q), bias),
+                    dense => (kind, dense, bias),
+                })
+                .collect();
+        }
+        Ok(held.insert(w))
     }
 
     pub fn gpu(&self) -> &'a Gpu {
@@ -344,7 +401,8 @@ impl<'a> TrainModel<'a> {
     ) -> Result<(GpuMatrix, Acts)> {
         let c = self.config();
         let gpu = self.gpu();
-        let w = &self.layers[l];
+        let mut held = None;
+        let w = self.frozen(l, &mut held)?;
         let rows = x.rows();
         let eps = c.rms_norm_eps as f32;
         let (qd, kd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
@@ -359,7 +417,7 @@ impl<'a> TrainModel<'a> {
             (LinearKind::KProj, &k),
             (LinearKind::VProj, &v),
         ] {
-            self.apply(&mut b, l, kind, &h1, out, false, &mut lowrank)?;
+            self.apply(&mut b, w, l, kind, &h1, out, false, &mut lowrank)?;
         }
         let rope = self.engine.rope_table();
         ops::rope(&mut b, &q, 0..rows, c.num_heads, pos, rope)?;
@@ -379,12 +437,13 @@ impl<'a> TrainModel<'a> {
         b.submit()?;
         let x1 = x.duplicate(gpu)?;
         let mut b = Batch::new(gpu);
-        self.apply(&mut b, l, LinearKind::OProj, &a, &x1, true, &mut lowrank)?;
+        self.apply(&mut b, w, l, LinearKind::OProj, &a, &x1, true, &mut lowrank)?;
         let h2 = grouped(c.hidden_size)?;
         ops::rms_norm(&mut b, &x1, &w.post_norm, eps, &h2)?;
         let (g, u) = (grouped(c.intermediate_size)?, grouped(c.intermediate_size)?);
         self.apply(
             &mut b,
+            w,
             l,
             LinearKind::GateProj,
             &h2,
@@ -392,7 +451,16 @@ impl<'a> TrainModel<'a> {
             false,
             &mut lowrank,
         )?;
-        self.apply(&mut b, l, LinearKind::UpProj, &h2, &u, false, &mut lowrank)?;
+        self.apply(
+            &mut b,
+            w,
+            l,
+            LinearKind::UpProj,
+            &h2,
+            &u,
+            false,
+            &mut lowrank,
+        )?;
         b.submit()?;
         let act = g.duplicate(gpu)?;
         let x2 = x1.duplicate(gpu)?;
@@ -400,6 +468,7 @@ impl<'a> TrainModel<'a> {
         ops::swiglu(&mut b, &act, &u)?;
         self.apply(
             &mut b,
+            w,
             l,
             LinearKind::DownProj,
             &act,
@@ -431,6 +500,7 @@ impl<'a> TrainModel<'a> {
     fn apply(
         &self,
         b: &mut Batch<'_>,
+        w: &LayerWeights,
         l: usize,
         kind: LinearKind,
         inp: &GpuMatrix,
@@ -439,15 +509,7 @@ impl<'a> TrainModel<'a> {
         lowrank: &mut Vec<(LinearKind, GpuMatrix)>,
     ) -> Result<()> {
         let rows = inp.rows();
-        linear(
-            b,
-            inp,
-            0..rows,
-            self.layers[l].linear(kind),
-            out,
-            0,
-            accumulate,
-        )?;
+        linear(b, inp, 0..rows, w.linear(kind), out, 0, accumulate)?;
         if let Some(ad) = self.trainable.get(l, kind) {
             let u = GpuMatrix::uninit(self.gpu(), rows, ad.rank())?;
             gemm(b, inp, ad.a_value(), GemmOp::NT, &u, false)?;
@@ -462,6 +524,7 @@ impl<'a> TrainModel<'a> {
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         &self,
+        w: &LayerWeights,
         l: usize,
         kind: LinearKind,
         inp: &GpuMatrix,
@@ -472,7 +535,7 @@ impl<'a> TrainModel<'a> {
     ) -> Result<()> {
         let gpu = self.gpu();
         let mut b = Batch::new(gpu);
-        match self.layers[l].linear(kind).0 {
+        match w.linear(kind).0 {
             LinearWeight::Dense(w) => gemm(&mut b, dy, w, GemmOp::NN, dx, accumulate)?,
             LinearWeight::LowRank { q, lt, r } => {
                 gemm(&mut b, dy, q, GemmOp::NN, dx, accumulate)?;
@@ -516,7 +579,8 @@ impl<'a> TrainModel<'a> {
     ) -> Result<()> {
         let c = self.config();
         let gpu = self.gpu();
-        let w = &self.layers[l];
+        let mut held = None;
+        let w = self.frozen(l, &mut held)?;
         let rows = x.rows();
         let eps = c.rms_norm_eps as f32;
         let (qd, kd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
@@ -524,7 +588,16 @@ impl<'a> TrainModel<'a> {
         // MLP: x2 = x1 + act·Wdᵀ, act = silu(g) ⊙ u.
         let d_act = grouped(c.intermediate_size)?;
         let down = LinearKind::DownProj;
-        self.linear_backward(l, down, &acts.act, acts.lowrank(down), dres, &d_act, false)?;
+        self.linear_backward(
+            w,
+            l,
+            down,
+            &acts.act,
+            acts.lowrank(down),
+            dres,
+            &d_act,
+            false,
+        )?;
         let (dg, du) = (grouped(c.intermediate_size)?, grouped(c.intermediate_size)?);
         let mut b = Batch::new(gpu);
         swiglu_backward(&mut b, &acts.g, &acts.u, &d_act, &dg, &du)?;
@@ -532,15 +605,15 @@ impl<'a> TrainModel<'a> {
         drop(d_act);
         let dh2 = grouped(c.hidden_size)?;
         let (gate, up) = (LinearKind::GateProj, LinearKind::UpProj);
-        self.linear_backward(l, gate, &acts.h2, acts.lowrank(gate), &dg, &dh2, false)?;
-        self.linear_backward(l, up, &acts.h2, acts.lowrank(up), &du, &dh2, true)?;
+        self.linear_backward(w, l, gate, &acts.h2, acts.lowrank(gate), &dg, &dh2, false)?;
+        self.linear_backward(w, l, up, &acts.h2, acts.lowrank(up), &du, &dh2, true)?;
         let mut b = Batch::new(gpu);
         rms_norm_backward(&mut b, &acts.x1, &w.post_norm, &dh2, eps, dres, true, dw)?;
         b.submit()?;
         // Attention: x1 = x + a·Woᵀ.
         let da = grouped(qd)?;
         let o = LinearKind::OProj;
-        self.linear_backward(l, o, &acts.a, acts.lowrank(o), dres, &da, false)?;
+        self.linear_backward(w, l, o, &acts.a, acts.lowrank(o), dres, &da, false)?;
         let (dq, dk, dv) = (grouped(qd)?, grouped(kd)?, grouped(kd)?);
         let shape = AttnGradShape {
             nseq: rows / t,
@@ -567,7 +640,7 @@ impl<'a> TrainModel<'a> {
         .into_iter()
         .enumerate()
         {
-            self.linear_backward(l, kind, &acts.h1, acts.lowrank(kind), dy, &dh1, i > 0)?;
+            self.linear_backward(w, l, kind, &acts.h1, acts.lowrank(kind), dy, &dh1, i > 0)?;
         }
         let mut b = Batch::new(gpu);
         rms_norm_backward(&mut b, x, &w.input_norm, &dh1, eps, dres, true, dw)?;

@@ -46,7 +46,14 @@ impl FactorStore {
         let rq = rtn(&f32s(&rr), k, n, self.grid);
         let ltq = if self.refit {
             let rhat: Vec<f64> = rq.dequantize().iter().map(|&v| v as f64).collect();
-            round_left(&refit_left(&lt, &rr, &rhat, k, m, n), &rhat, k, m, n, self.grid)
+            round_left(
+                &refit_left(&lt, &rr, &rhat, k, m, n),
+                &rhat,
+                k,
+                m,
+                n,
+                self.grid,
+            )
         } else {
             rtn(&f32s(&lt), k, m, self.grid)
         };
@@ -117,7 +124,11 @@ fn round_left(lt: &[f64], rhat: &[f64], k: usize, m: usize, n: usize, grid: Grid
         for j in t + 1..k {
             let c = p.u[t * k + j] / d;
             if c != 0.0 {
-                for ((o, &x), &y) in rest[(j - t - 1) * m..(j - t) * m].iter_mut().zip(row).zip(&q) {
+                for ((o, &x), &y) in rest[(j - t - 1) * m..(j - t) * m]
+                    .iter_mut()
+                    .zip(row)
+                    .zip(&q)
+                {
                     *o -= (x - y as f64) * c;
                 }
             }
@@ -213,8 +224,8 @@ mod tests {
                 let lt64: Vec<f64> = lt.iter().map(|&v| v as f64).collect();
                 let r64: Vec<f64> = r.iter().map(|&v| v as f64).collect();
                 let rh: Vec<f64> = rplain.iter().map(|&v| v as f64).collect();
-                let lr = rtn(&f32s(&refit_left(&lt64, &r64, &rh, k, m, n)), k, m, grid)
-                    .dequantize();
+                let lr =
+                    rtn(&f32s(&refit_left(&lt64, &r64, &rh, k, m, n)), k, m, grid).dequantize();
                 let lo2: Vec<f32> = (0..m * k).map(|i| lr[(i % k) * m + i / k]).collect();
                 let ls_only = err(&product(&lo2, &rplain));
                 assert!(
