@@ -305,9 +305,10 @@ pub fn finetune(
     validate(student, teacher, out, force, opts)?;
     let len = opts.len;
     let positions = len.max(1);
+    // The teacher follows the same budget (resident whole, or streamed layer by layer).
     let eopts = EngineOptions {
         max_positions: positions,
-        ..Default::default()
+        resident_bytes: opts.resident_bytes,
     };
     let mut teacher_engine = Engine::new(gpu, teacher, &eopts)?;
     let copts = CalibOptions {
