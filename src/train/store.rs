@@ -5,7 +5,7 @@
 
 use crate::lowrank::caldera::spd_inverse;
 use crate::model::compressed::RhtSeeds;
-use crate::quant::reference::{prepare_hessian, rtn};
+use crate::quant::reference::rtn;
 use crate::quant::rht::{self, Rht};
 use crate::quant::{Grid, Quantized};
 
@@ -16,8 +16,7 @@ pub struct FactorStore {
     /// The weight's rows (L's) and columns (R's).
     pub rows: usize,
     pub cols: usize,
-    /// Re-solve L against the rounded R (least squares), then round it with error feedback
-    /// (GPTQ's order over Lᵀ's rows with H = R̂ R̂ᵀ), instead of rounding both independently.
+    /// Re-solve L against the rounded R before rounding it (least squares).
     pub refit: bool,
 }
 
@@ -39,24 +38,16 @@ impl FactorStore {
             rht::rows(&mut rr, &Rht::new(n, s.cols), false);
         }
         // R first; then (with `refit`) Lᵀ re-solved against the rounded R (least squares: the
-        // L' minimizing ‖L R − L' R̂‖_F, so L absorbs what rounding R lost) and rounded with
-        // error feedback. The residual of the least squares is orthogonal to R̂'s rows, so
-        // ‖L R − L̂ R̂‖² = ‖L R − L' R̂‖² + ‖(L' − L̂) R̂‖²: the feedback rounding minimizes the
-        // second term in GPTQ's way instead of ‖L' − L̂‖.
+        // L minimizing ‖L R − L' R̂‖_F, so L absorbs what rounding R lost), then rounded.
+        let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
         let rq = rtn(&f32s(&rr), k, n, self.grid);
-        let ltq = if self.refit {
-            let rhat: Vec<f64> = rq.dequantize().iter().map(|&v| v as f64).collect();
-            round_left(
-                &refit_left(&lt, &rr, &rhat, k, m, n),
-                &rhat,
-                k,
-                m,
-                n,
-                self.grid,
-            )
+        let rhat: Vec<f64> = rq.dequantize().iter().map(|&v| v as f64).collect();
+        let lt = if self.refit {
+            refit_left(&lt, &rr, &rhat, k, m, n)
         } else {
-            rtn(&f32s(&lt), k, m, self.grid)
+            lt
         };
+        let ltq = rtn(&f32s(&lt), k, m, self.grid);
         (ltq, rq)
     }
 
@@ -79,62 +70,6 @@ impl FactorStore {
         }
         (lo, rr.into_iter().map(|v| v as f32).collect())
     }
-}
-
-fn f32s(v: &[f64]) -> Vec<f32> {
-    v.iter().map(|&x| x as f32).collect()
-}
-
-/// R̂ R̂ᵀ (k × k) of R̂ (k × n).
-fn gram(rhat: &[f64], k: usize, n: usize) -> Vec<f64> {
-    let mut g = vec![0.0f64; k * k];
-    for i in 0..k {
-        for j in 0..k {
-            g[i * k + j] = rhat[i * n..(i + 1) * n]
-                .iter()
-                .zip(&rhat[j * n..(j + 1) * n])
-                .map(|(x, y)| x * y)
-                .sum();
-        }
-    }
-    g
-}
-
-/// Round Lᵀ (k × m) on `grid` row by row with error feedback: row t is rounded (its own
-/// scales per group along m), and its error, weighted by H = R̂ R̂ᵀ through the Cholesky factor
-/// U of (H + λI)⁻¹ (GPTQ's LDLQ, λ 1 % of the mean diagonal), is carried into rows t+1.. — the
-/// rounding that keeps ‖(L − L̂) R̂‖_F small rather than ‖L − L̂‖_F. Each row's rounding depends
-/// on that row alone, so rounding the carried matrix at once gives the same codes. Falls back
-/// to plain rounding when H cannot be factored.
-fn round_left(lt: &[f64], rhat: &[f64], k: usize, m: usize, n: usize, grid: Grid) -> Quantized {
-    let opts = crate::quant::GptqOptions {
-        damp: 0.01,
-        act_order: false,
-        block: 128,
-    };
-    let Ok(p) = prepare_hessian(&gram(rhat, k, n), k, &opts) else {
-        return rtn(&f32s(lt), k, m, grid);
-    };
-    let mut w = lt.to_vec();
-    for t in 0..k {
-        let q = rtn(&f32s(&w[t * m..(t + 1) * m]), 1, m, grid).dequantize();
-        let d = p.u[t * k + t];
-        let (done, rest) = w.split_at_mut((t + 1) * m);
-        let row = &done[t * m..];
-        for j in t + 1..k {
-            let c = p.u[t * k + j] / d;
-            if c != 0.0 {
-                for ((o, &x), &y) in rest[(j - t - 1) * m..(j - t) * m]
-                    .iter_mut()
-                    .zip(row)
-                    .zip(&q)
-                {
-                    *o -= (x - y as f64) * c;
-                }
-            }
-        }
-    }
-    rtn(&f32s(&w), k, m, grid)
 }
 
 /// Lᵀ' (k × m) = (R̂ R̂ᵀ)⁻¹ R̂ Rᵀ Lᵀ: the left factor that, with R̂ (k × n) in place of R, comes
@@ -176,8 +111,7 @@ mod tests {
     use crate::quant::GridKind;
 
     /// Re-solving L against the rounded R brings the stored product closer to the trained
-    /// one than rounding both factors independently, and rounding the re-solved L with error
-    /// feedback closer still; with and without a rotation.
+    /// one than rounding both factors independently; with and without a rotation.
     #[test]
     fn refitting_l_after_rounding_r_reduces_the_product_error() {
         let (m, n, k) = (48, 40, 6);
@@ -215,24 +149,9 @@ mod tests {
             let lt: Vec<f32> = (0..k * m).map(|i| l[(i % m) * k + i / m]).collect();
             let ltq = rtn(&lt, k, m, grid).dequantize();
             let lo: Vec<f32> = (0..m * k).map(|i| ltq[(i % k) * m + i / k]).collect();
-            let rplain = rtn(&r, k, n, grid).dequantize();
-            let plain = err(&product(&lo, &rplain));
+            let plain = err(&product(&lo, &rtn(&r, k, n, grid).dequantize()));
             let refit = err(&product(&lq, &rq));
             assert!(refit < plain, "{rht:?}: refit {refit} vs plain {plain}");
-            if rht.is_none() {
-                // The re-solved L rounded without feedback lies between the two.
-                let lt64: Vec<f64> = lt.iter().map(|&v| v as f64).collect();
-                let r64: Vec<f64> = r.iter().map(|&v| v as f64).collect();
-                let rh: Vec<f64> = rplain.iter().map(|&v| v as f64).collect();
-                let lr =
-                    rtn(&f32s(&refit_left(&lt64, &r64, &rh, k, m, n)), k, m, grid).dequantize();
-                let lo2: Vec<f32> = (0..m * k).map(|i| lr[(i % k) * m + i / k]).collect();
-                let ls_only = err(&product(&lo2, &rplain));
-                assert!(
-                    refit < ls_only && ls_only < plain,
-                    "feedback {refit} vs least squares alone {ls_only} vs plain {plain}"
-                );
-            }
         }
     }
 }
