@@ -220,6 +220,9 @@ fn validate(
 
 /// What makes a work directory's state this job's: the inputs and every option that changes
 /// what is trained (not the held-out text, the work directory or how often it is saved).
+/// Training sequences whose activations weigh the refit of the written factors.
+const HESSIAN_SEQUENCES: usize = 16;
+
 fn fingerprint(student: &Checkpoint, teacher: &Checkpoint, opts: &FinetuneOptions) -> String {
     let dir = |c: &Checkpoint| {
         std::fs::canonicalize(c.dir())
@@ -595,8 +598,16 @@ pub fn finetune(
     };
     let (output_bytes, factor_bits) = match &opts.plan {
         AdapterPlan::Factors { .. } => {
-            let (b, bits) =
-                super::output::write(&model, student, out, force, opts, on, &mut record)?;
+            let (b, bits) = super::output::write(
+                &model,
+                student,
+                out,
+                force,
+                opts,
+                on,
+                &mut record,
+                Some((&tokens[..tokens.len().min(HESSIAN_SEQUENCES * len)], len)),
+            )?;
             (b, Some(bits))
         }
         AdapterPlan::Lora { rank, alpha, .. } => (

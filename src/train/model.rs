@@ -390,6 +390,54 @@ impl<'a> TrainModel<'a> {
         Ok(BatchLoss { loss })
     }
 
+    /// The residual stream entering each decoder layer for `tokens` (sequences of `t`), and
+    /// their positions: what [`layer_input_hessians`](Self::layer_input_hessians) reads.
+    pub fn layer_inputs(&self, tokens: &[u32], t: usize) -> Result<(Vec<GpuMatrix>, GpuBuffer)> {
+        self.engine.check_sequences(tokens, t)?;
+        let rows = tokens.len();
+        let positions: Vec<u32> = (0..rows).map(|r| (r % t) as u32).collect();
+        let pos = ops::upload_u32(self.gpu(), &positions)?;
+        let mut x = self.engine.embed_tokens(tokens, t)?;
+        let mut xs = Vec::with_capacity(self.layers.len());
+        for l in 0..self.layers.len() {
+            let (out, _) = self.layer_forward(l, &x, &pos, t)?;
+            xs.push(std::mem::replace(&mut x, out));
+        }
+        Ok((xs, pos))
+    }
+
+    /// H = XᵀX of every linear's input in layer `l` of the model as tuned, from the stream
+    /// `x` entering it (sequences of `t`), by linear (the kinds that share an input share H).
+    pub fn layer_input_hessians(
+        &self,
+        l: usize,
+        x: &GpuMatrix,
+        pos: &GpuBuffer,
+        t: usize,
+    ) -> Result<Vec<(LinearKind, std::rc::Rc<Vec<f64>>)>> {
+        let gpu = self.gpu();
+        let (_, acts) = self.layer_forward(l, x, pos, t)?;
+        let h = |m: &GpuMatrix| -> Result<std::rc::Rc<Vec<f64>>> {
+            crate::compress::pipeline::accumulate_hessian(
+                gpu,
+                m.cols(),
+                std::slice::from_ref(m),
+                crate::lowrank::fit::Placement::Auto,
+            )
+            .map(std::rc::Rc::new)
+        };
+        let (h1, a, h2, act) = (h(&acts.h1)?, h(&acts.a)?, h(&acts.h2)?, h(&acts.act)?);
+        Ok(vec![
+            (LinearKind::QProj, h1.clone()),
+            (LinearKind::KProj, h1.clone()),
+            (LinearKind::VProj, h1),
+            (LinearKind::OProj, a),
+            (LinearKind::GateProj, h2.clone()),
+            (LinearKind::UpProj, h2),
+            (LinearKind::DownProj, act),
+        ])
+    }
+
     /// Decoder layer `l` on the residual stream `x` (rows grouped by `t`): the stream it
     /// leaves and its intermediates.
     fn layer_forward(

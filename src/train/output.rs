@@ -1,8 +1,9 @@
 //! The fine-tune's output: the input checkpoint rewritten with its CALDERA factors replaced by
 //! the tuned ones — rotated back into the stored (randomized-Hadamard) space when the weight
-//! was rotated, quantized by RTN with the clip search on the stored factor grid (or one of
-//! `--factor-bits`), the entries' stored bits recomputed — through the native format's writer
-//! (a temporary sibling moved into place whole).
+//! was rotated, quantized with the clip search on the stored factor grid (or one of
+//! `--factor-bits`; by RTN under QAT, else weighted by the tuned model's input Hessians, see
+//! `store`), the entries' stored bits recomputed — through the native format's writer (a
+//! temporary sibling moved into place whole).
 
 use std::path::Path;
 
@@ -39,7 +40,9 @@ fn write_exits(model: &TrainModel<'_>, base: &crate::model::Checkpoint, dir: &Pa
 }
 
 /// Write `model`'s tuned factors over `student` into `out`; returns the bytes written and the
-/// factor grid's bits.
+/// factor grid's bits. `calib` (token sequences and their length) gives the input Hessians
+/// that weigh the rounding of factors not trained quantization-aware.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn write(
     model: &TrainModel<'_>,
     student: &crate::model::Checkpoint,
@@ -48,6 +51,7 @@ pub(crate) fn write(
     opts: &FinetuneOptions,
     on: &mut dyn FnMut(&Event),
     before_commit: &mut dyn FnMut(&Path) -> Result<()>,
+    calib: Option<(&[u32], usize)>,
 ) -> Result<(u64, u32)> {
     let gpu = model.gpu();
     let manifest = student
@@ -72,7 +76,21 @@ pub(crate) fn write(
     native::Native.check(student, &planned)?;
     let mut output = Output::begin(&native::Native, student, out, force, &planned)?;
     let n = planned.len();
+    // With a refit, the tuned model's own input Hessians weigh it (calibration sequences).
+    let refit = model
+        .trainable
+        .adapters
+        .iter()
+        .any(|a| a.store.as_ref().is_some_and(|s| s.refit));
+    let streams = match calib {
+        Some((tokens, t)) if refit => Some((model.layer_inputs(tokens, t)?, t)),
+        _ => None,
+    };
     for (l, entries) in planned.iter().enumerate() {
+        let hessians = match &streams {
+            Some(((xs, pos), t)) => model.layer_input_hessians(l, &xs[l], pos, *t)?,
+            None => Vec::new(),
+        };
         let mut layer = native::read_layer(student, l)?;
         let spec = &student.arch().layers[l];
         for m in layer.matrices.iter_mut() {
@@ -95,8 +113,16 @@ pub(crate) fn write(
             let store = ad.store.as_ref().ok_or_else(|| {
                 Error::InvalidArgument(format!("{}: tuned factors without a stored grid", m.weight))
             })?;
-            let (ltq, rq) =
-                store.quantize(&ad.b.theta.to_f32(gpu)?, &ad.a.theta.to_f32(gpu)?, e.rank);
+            let h = hessians
+                .iter()
+                .find(|(k, _)| *k == kind)
+                .map(|(_, h)| h.as_slice());
+            let (ltq, rq) = store.quantize(
+                &ad.b.theta.to_f32(gpu)?,
+                &ad.a.theta.to_f32(gpu)?,
+                e.rank,
+                h,
+            );
             let factors = (
                 crate::compress::pipeline::pack(&ltq)?,
                 crate::compress::pipeline::pack(&rq)?,

@@ -120,7 +120,12 @@ impl Adapter {
             return Ok(());
         };
         let k = self.rank();
-        let (l, r) = store.round_trip(&self.b.theta.to_f32(gpu)?, &self.a.theta.to_f32(gpu)?, k);
+        let (l, r) = store.round_trip(
+            &self.b.theta.to_f32(gpu)?,
+            &self.a.theta.to_f32(gpu)?,
+            k,
+            None,
+        );
         let up = |rows, cols, v: &[f32]| GpuMatrix::from_f32(gpu, rows, cols, crate::DType::F32, v);
         self.rounded = Some((up(k, store.cols, &r)?, up(store.rows, k, &l)?));
         Ok(())

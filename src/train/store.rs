@@ -5,7 +5,7 @@
 
 use crate::lowrank::caldera::spd_inverse;
 use crate::model::compressed::RhtSeeds;
-use crate::quant::reference::rtn;
+use crate::quant::reference::{gptq, prepare_hessian, rtn};
 use crate::quant::rht::{self, Rht};
 use crate::quant::{Grid, Quantized};
 
@@ -23,7 +23,15 @@ pub struct FactorStore {
 impl FactorStore {
     /// Lᵀ (k × rows) and R (k × cols) as stored: rotated into the stored space, then
     /// quantized (`l`: rows × k, `r`: k × cols, as trained).
-    pub fn quantize(&self, l: &[f32], r: &[f32], k: usize) -> (Quantized, Quantized) {
+    /// With `h` (the weight's input Hessian XᵀX, cols × cols, unrotated), the refit weighs the
+    /// product's error by the inputs: L' minimizes ‖(L R − L' R̂) Xᵀ‖_F.
+    pub fn quantize(
+        &self,
+        l: &[f32],
+        r: &[f32],
+        k: usize,
+        h: Option<&[f64]>,
+    ) -> (Quantized, Quantized) {
         let (m, n) = (self.rows, self.cols);
         let mut lt = vec![0.0f64; k * m];
         for i in 0..m {
@@ -40,10 +48,22 @@ impl FactorStore {
         // R first; then (with `refit`) Lᵀ re-solved against the rounded R (least squares: the
         // L minimizing ‖L R − L' R̂‖_F, so L absorbs what rounding R lost), then rounded.
         let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
-        let rq = rtn(&f32s(&rr), k, n, self.grid);
+        let hr = h.filter(|_| self.refit).map(|h| match self.rht {
+            Some(s) => rht::rotate_hessian(h, n, &Rht::new(n, s.cols)),
+            None => h.to_vec(),
+        });
+        let opts = crate::quant::GptqOptions {
+            damp: 0.01,
+            act_order: false,
+            block: 128,
+        };
+        let rq = match hr.as_deref().map(|h| prepare_hessian(h, n, &opts)) {
+            Some(Ok(p)) => gptq(&f32s(&rr), k, n, &p, self.grid, opts.block),
+            _ => rtn(&f32s(&rr), k, n, self.grid),
+        };
         let rhat: Vec<f64> = rq.dequantize().iter().map(|&v| v as f64).collect();
         let lt = if self.refit {
-            refit_left(&lt, &rr, &rhat, k, m, n)
+            refit_left(&lt, &rr, &rhat, k, m, n, hr.as_deref())
         } else {
             lt
         };
@@ -53,9 +73,15 @@ impl FactorStore {
 
     /// The factors a reader gets back from [`quantize`](Self::quantize), in the trained
     /// layout (L: rows × k, R: k × cols).
-    pub fn round_trip(&self, l: &[f32], r: &[f32], k: usize) -> (Vec<f32>, Vec<f32>) {
+    pub fn round_trip(
+        &self,
+        l: &[f32],
+        r: &[f32],
+        k: usize,
+        h: Option<&[f64]>,
+    ) -> (Vec<f32>, Vec<f32>) {
         let (m, n) = (self.rows, self.cols);
-        let (ltq, rq) = self.quantize(l, r, k);
+        let (ltq, rq) = self.quantize(l, r, k, h);
         let mut lt: Vec<f64> = ltq.dequantize().iter().map(|&v| v as f64).collect();
         let mut rr: Vec<f64> = rq.dequantize().iter().map(|&v| v as f64).collect();
         if let Some(s) = self.rht {
@@ -72,37 +98,33 @@ impl FactorStore {
     }
 }
 
-/// Lᵀ' (k × m) = (R̂ R̂ᵀ)⁻¹ R̂ Rᵀ Lᵀ: the left factor that, with R̂ (k × n) in place of R, comes
-/// closest to L·R in the Frobenius norm.
-fn refit_left(lt: &[f64], r: &[f64], rhat: &[f64], k: usize, m: usize, n: usize) -> Vec<f64> {
+/// Lᵀ' (k × m) = (R̂ H R̂ᵀ)⁻¹ R̂ H Rᵀ Lᵀ (H = I without `h`): the left factor that, with R̂
+/// (k × n) in place of R, comes closest to L·R in the H-weighted norm ‖(L R − L' R̂) Xᵀ‖_F.
+fn refit_left(
+    lt: &[f64],
+    r: &[f64],
+    rhat: &[f64],
+    k: usize,
+    m: usize,
+    n: usize,
+    h: Option<&[f64]>,
+) -> Vec<f64> {
+    use faer::Mat;
     if k == 0 {
         return Vec::new();
     }
-    let dot = |a: &[f64], i: usize, b: &[f64], j: usize| {
-        a[i * n..(i + 1) * n]
-            .iter()
-            .zip(&b[j * n..(j + 1) * n])
-            .map(|(x, y)| x * y)
-            .sum::<f64>()
+    let rh = Mat::<f64>::from_fn(k, n, |i, j| rhat[i * n + j]);
+    let rm = Mat::<f64>::from_fn(k, n, |i, j| r[i * n + j]);
+    let weighted = match h {
+        Some(h) => &rh * Mat::<f64>::from_fn(n, n, |i, j| h[i * n + j]),
+        None => rh.clone(),
     };
-    let g = faer::Mat::<f64>::from_fn(k, k, |i, j| dot(rhat, i, rhat, j));
-    let c = faer::Mat::<f64>::from_fn(k, k, |i, j| dot(rhat, i, r, j));
+    let g = &weighted * rh.transpose();
+    let c = &weighted * rm.transpose();
     let t = spd_inverse(&g) * c;
-    let mut out = vec![0.0f64; k * m];
-    for i in 0..k {
-        for j in 0..k {
-            let w = t[(i, j)];
-            if w != 0.0 {
-                for (o, &x) in out[i * m..(i + 1) * m]
-                    .iter_mut()
-                    .zip(&lt[j * m..(j + 1) * m])
-                {
-                    *o += w * x;
-                }
-            }
-        }
-    }
-    out
+    let ltm = Mat::<f64>::from_fn(k, m, |i, j| lt[i * m + j]);
+    let out = t * ltm;
+    (0..k * m).map(|x| out[(x / m, x % m)]).collect()
 }
 
 #[cfg(test)]
@@ -144,7 +166,7 @@ mod tests {
                 cols: n,
                 refit: true,
             };
-            let (lq, rq) = store.round_trip(&l, &r, k);
+            let (lq, rq) = store.round_trip(&l, &r, k, None);
             // Independent rounding, for comparison (no rotation).
             let lt: Vec<f32> = (0..k * m).map(|i| l[(i % m) * k + i / m]).collect();
             let ltq = rtn(&lt, k, m, grid).dequantize();
@@ -152,6 +174,65 @@ mod tests {
             let plain = err(&product(&lo, &rtn(&r, k, n, grid).dequantize()));
             let refit = err(&product(&lq, &rq));
             assert!(refit < plain, "{rht:?}: refit {refit} vs plain {plain}");
+        }
+    }
+
+    /// With the inputs' Hessian, R is rounded by LDLQ and L re-solved in the H-weighted norm:
+    /// the product's error on the inputs, ‖(L R − L̂ R̂) Xᵀ‖_F, is smaller than without it
+    /// (inputs with a few dominant, correlated directions, as activations have); with and
+    /// without a rotation.
+    #[test]
+    fn input_hessians_weigh_the_rounding() {
+        let (m, n, k, rows) = (48, 64, 6, 400);
+        let l = crate::base::rng::gaussian(m * k, 3);
+        let r = crate::base::rng::gaussian(k * n, 4);
+        let z = crate::base::rng::gaussian(rows * n, 5);
+        // X = Z·D with a decaying spectrum per feature plus a shared direction.
+        let x: Vec<f32> = (0..rows * n)
+            .map(|i| {
+                let (row, j) = (i / n, i % n);
+                z[i] * (1.0 + 8.0 / (1.0 + j as f32)) + 3.0 * z[row * n]
+            })
+            .collect();
+        let h = crate::quant::reference::hessian_f64(&x, rows, n);
+        let grid = Grid::new(4, 32, GridKind::Asymmetric)
+            .unwrap()
+            .with_clip(true);
+        // ‖(L R − A B) Xᵀ‖² = tr(Δ H Δᵀ).
+        let weighted = |a: &[f32], b: &[f32]| -> f64 {
+            let mut d = vec![0.0f64; m * n];
+            for i in 0..m {
+                for t in 0..k {
+                    for j in 0..n {
+                        d[i * n + j] += l[i * k + t] as f64 * r[t * n + j] as f64
+                            - a[i * k + t] as f64 * b[t * n + j] as f64;
+                    }
+                }
+            }
+            (0..m)
+                .map(|i| {
+                    let di = &d[i * n..(i + 1) * n];
+                    (0..n)
+                        .map(|p| di[p] * (0..n).map(|q| h[p * n + q] * di[q]).sum::<f64>())
+                        .sum::<f64>()
+                })
+                .sum()
+        };
+        for rht in [None, Some(RhtSeeds { rows: 3, cols: 4 })] {
+            let store = FactorStore {
+                grid,
+                rht,
+                rows: m,
+                cols: n,
+                refit: true,
+            };
+            let (la, ra) = store.round_trip(&l, &r, k, None);
+            let (lb, rb) = store.round_trip(&l, &r, k, Some(&h));
+            let (plain, with_h) = (weighted(&la, &ra), weighted(&lb, &rb));
+            assert!(
+                with_h < 0.97 * plain,
+                "{rht:?}: with H {with_h} vs without {plain}"
+            );
         }
     }
 }

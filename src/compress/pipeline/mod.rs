@@ -27,7 +27,7 @@ mod spread;
 pub use hessians::{collect_hessians, collect_hessians_on, HessianDevice, HessiansSummary};
 pub use job::shard_layers;
 pub(crate) use layer::{
-    calibration_batches, compress_layer, CalibBatches, LayerInput, LayerShared,
+    accumulate_hessian, calibration_batches, compress_layer, CalibBatches, LayerInput, LayerShared,
 };
 pub(crate) use layout::pack;
 pub(crate) use layout::planned_entries;
