@@ -287,6 +287,35 @@ fn lora_on_a_caldera_checkpoint_evaluates_as_trained() {
     assert!(stderr(&o).contains("use_dora"), "{}", stderr(&o));
 }
 
+/// `--no-qat`: f32 factors rounded once when written, against the tuned model's own input
+/// Hessians (R by LDLQ, L re-solved in the weighted norm): the same stored size, a checkpoint
+/// the reader accepts, and the written model scores close to the f32 factors the trainer
+/// scored (held-out perplexity within 2 %).
+#[test]
+fn factors_trained_in_f32_are_rounded_against_their_inputs() {
+    let text = text_file();
+    let cal = caldera().clone();
+    let out = work("no-qat");
+    let mut args = tune_args(&cal, &out, &text, "3", "2e-3");
+    args.push("--no-qat");
+    let sum = ok(&args);
+    let size = |d: &Path| {
+        std::fs::metadata(d.join("model.safetensors"))
+            .unwrap()
+            .len()
+    };
+    assert_eq!(size(&cal), size(&out));
+    let f32_ppl = sum["after"]["perplexity"].as_f64().unwrap();
+    let stored = eval_ppl(&out, &text);
+    assert!(
+        (stored - f32_ppl).abs() < 0.02 * f32_ppl,
+        "stored {stored} vs f32 {f32_ppl}"
+    );
+    assert!((stored - eval_ppl(&cal, &text)).abs() > 1e-6 * stored);
+    let inspect = run(&["inspect", s(&out), "--check-weights"]);
+    assert!(inspect.status.success(), "{}", stderr(&inspect));
+}
+
 /// `--max-resident-mb 0`: no frozen layer stays on the GPU — each pass reads and dequantizes
 /// the layer again — and the result is the same bytes, for CALDERA's factors (the frozen
 /// weight is Q alone) and for a LoRA on the same checkpoint (Q + L·R frozen), with less GPU
