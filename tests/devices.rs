@@ -344,7 +344,6 @@ fn without_saved_hessians_a_groups_matrices_spread_and_the_result_is_unchanged()
 /// equal to one adapter's up to the order of the sums.
 #[test]
 fn hessians_from_two_adapters_are_the_sums_of_their_shares() {
-    use pumice::compress::hessdir::{HessiansInfo, LayerHessians};
     let d = tempfile::tempdir().unwrap();
     // 7 sequences of 64 tokens, so the shares are uneven.
     let collect = |name: &str, which: &str, value: &str| {
@@ -364,11 +363,25 @@ fn hessians_from_two_adapters_are_the_sums_of_their_shares() {
         .map(|d| d["sequences"].as_u64().unwrap())
         .collect();
     assert_eq!(shares, vec![3, 4], "{summary}");
-    let (info, _) = HessiansInfo::read(&one).unwrap();
+    for (l, g, diff, scale) in hessian_differences(&one, &two) {
+        assert!(
+            diff <= 1e-5 * scale,
+            "layer {l} {g}: max difference {diff:e} of {scale:e}"
+        );
+    }
+}
+
+/// Per layer and input group of two Hessian directories of the asset model: the largest
+/// difference between them and the largest entry of the first.
+fn hessian_differences(one: &Path, two: &Path) -> Vec<(usize, String, f64, f64)> {
+    use pumice::compress::hessdir::{HessiansInfo, LayerHessians};
+    let (info, _) = HessiansInfo::read(one).unwrap();
     let sha = &info.source.sha256;
+    let mut out = Vec::new();
     for l in 0..6 {
-        let a = LayerHessians::read(&one, l, sha).unwrap();
-        let b = LayerHessians::read(&two, l, sha).unwrap();
+        let a = LayerHessians::read(one, l, sha).unwrap();
+        let b = LayerHessians::read(two, l, sha).unwrap();
+        assert_eq!(a.groups.len(), 4);
         assert_eq!(a.groups.len(), b.groups.len());
         for ((ga, na, ha), (gb, nb, hb)) in a.groups.iter().zip(&b.groups) {
             assert_eq!((ga, na), (gb, nb));
@@ -377,12 +390,10 @@ fn hessians_from_two_adapters_are_the_sums_of_their_shares() {
                 .iter()
                 .zip(hb)
                 .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
-            assert!(
-                diff <= 1e-5 * scale,
-                "layer {l} {ga:?}: max difference {diff:e} of {scale:e}"
-            );
+            out.push((l, format!("{ga:?}"), diff, scale));
         }
     }
+    out
 }
 
 /// `--hessians-on host` (faer in f64; the default on a CPU adapter) and `gpu` (the
@@ -391,29 +402,15 @@ fn hessians_from_two_adapters_are_the_sums_of_their_shares() {
 /// were computed.
 #[test]
 fn hessians_on_the_host_equal_the_gpus_up_to_rounding() {
-    use pumice::compress::hessdir::{HessiansInfo, LayerHessians};
     let d = tempfile::tempdir().unwrap();
     let shape = ["7", "300"];
     let (host, _) = save_hessians_with(d.path(), "host", shape, &["--hessians-on", "host"]);
     let (gpu, _) = save_hessians_with(d.path(), "gpu", shape, &["--hessians-on", "gpu"]);
-    let (info, _) = HessiansInfo::read(&host).unwrap();
-    let sha = &info.source.sha256;
-    for l in 0..6 {
-        let a = LayerHessians::read(&host, l, sha).unwrap();
-        let b = LayerHessians::read(&gpu, l, sha).unwrap();
-        assert_eq!(a.groups.len(), 4);
-        for ((ga, na, ha), (gb, nb, hb)) in a.groups.iter().zip(&b.groups) {
-            assert_eq!((ga, na), (gb, nb));
-            let scale = ha.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-            let diff = ha
-                .iter()
-                .zip(hb)
-                .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
-            assert!(
-                diff <= 1e-6 * scale && diff > 0.0,
-                "layer {l} {ga:?}: max difference {diff:e} of {scale:e}"
-            );
-        }
+    for (l, g, diff, scale) in hessian_differences(&host, &gpu) {
+        assert!(
+            diff <= 1e-6 * scale && diff > 0.0,
+            "layer {l} {g}: max difference {diff:e} of {scale:e}"
+        );
     }
     let out = d.path().join("q");
     let auto = if common::gpu().caps().is_cpu {

@@ -266,19 +266,27 @@ fn dense_export_computes_what_the_compressed_checkpoint_does() {
 }
 
 fn refused(input: &Path, format: &str, want: &[&str]) {
+    refused_with(input, format, &[], want)
+}
+
+/// `export INPUT --format FORMAT EXTRA…` exits 2 before writing anything, its message holding
+/// every one of `want`.
+fn refused_with(input: &Path, format: &str, extra: &[&str], want: &[&str]) {
     let out = work().join(format!(
         "refused-{}-{format}",
         input.file_name().unwrap().to_str().unwrap()
     ));
     let _ = std::fs::remove_dir_all(&out);
-    let o = pumice(&[
+    let mut args = vec![
         "export",
         input.to_str().unwrap(),
         "-o",
         out.to_str().unwrap(),
         "--format",
         format,
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let o = pumice(&args);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{format}: {err}");
     for w in want {
@@ -1112,21 +1120,13 @@ fn gguf_lora_carries_a_peft_adapter_stacked_on_calderas_factors() {
     }
     // Other formats load the PEFT directory as it is: --lora is refused there, before work.
     let adapter = work().join("peft-gptq4");
-    let out = work().join("dense-lora-refused");
-    let o = pumice(&[
-        "export",
-        f.gptq4.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--format",
+    let a = adapter.to_str().unwrap();
+    refused_with(
+        &f.gptq4,
         "dense",
-        "--lora",
-        adapter.to_str().unwrap(),
-    ]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(err.contains("--lora is for --format gguf"), "{err}");
-    assert!(!out.exists());
+        &["--lora", a],
+        &["--lora is for --format gguf"],
+    );
     // An adapter that does not fit the model is refused by file and tensor.
     let bad = work().join("peft-bad");
     let _ = std::fs::remove_dir_all(&bad);
@@ -1141,24 +1141,12 @@ fn gguf_lora_carries_a_peft_adapter_stacked_on_calderas_factors() {
         }
     }
     std::fs::write(&st, bytes).unwrap();
-    let out = work().join("gguf-lora-refused");
-    let o = pumice(&[
-        "export",
-        f.gptq4.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--format",
+    refused_with(
+        &f.gptq4,
         "gguf",
-        "--lora",
-        bad.to_str().unwrap(),
-    ]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(
-        err.contains("adapter_model.safetensors") && err.contains("layers.9"),
-        "{err}"
+        &["--lora", bad.to_str().unwrap()],
+        &["adapter_model.safetensors", "layers.9"],
     );
-    assert!(!out.exists());
 }
 
 fn transformers_gguf_logits(dir: &Path, seqs: &[Vec<u32>]) -> Vec<f32> {

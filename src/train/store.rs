@@ -132,6 +132,19 @@ mod tests {
     use super::*;
     use crate::quant::GridKind;
 
+    /// L·R (m × k times k × n) in f64.
+    fn product(l: &[f32], r: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
+        let mut p = vec![0.0; m * n];
+        for i in 0..m {
+            for t in 0..k {
+                for j in 0..n {
+                    p[i * n + j] += l[i * k + t] as f64 * r[t * n + j] as f64;
+                }
+            }
+        }
+        p
+    }
+
     /// Re-solving L against the rounded R brings the stored product closer to the trained
     /// one than rounding both factors independently; with and without a rotation.
     #[test]
@@ -140,17 +153,7 @@ mod tests {
         let l = crate::base::rng::gaussian(m * k, 1);
         let r = crate::base::rng::gaussian(k * n, 2);
         let grid = Grid::new(4, 0, GridKind::Asymmetric).unwrap();
-        let product = |l: &[f32], r: &[f32]| -> Vec<f64> {
-            let mut p = vec![0.0; m * n];
-            for i in 0..m {
-                for t in 0..k {
-                    for j in 0..n {
-                        p[i * n + j] += l[i * k + t] as f64 * r[t * n + j] as f64;
-                    }
-                }
-            }
-            p
-        };
+        let product = |l: &[f32], r: &[f32]| product(l, r, m, k, n);
         let want = product(&l, &r);
         let err = |p: &[f64]| {
             p.iter()
@@ -199,16 +202,10 @@ mod tests {
             .unwrap()
             .with_clip(true);
         // ‖(L R − A B) Xᵀ‖² = tr(Δ H Δᵀ).
+        let want = product(&l, &r, m, k, n);
         let weighted = |a: &[f32], b: &[f32]| -> f64 {
-            let mut d = vec![0.0f64; m * n];
-            for i in 0..m {
-                for t in 0..k {
-                    for j in 0..n {
-                        d[i * n + j] += l[i * k + t] as f64 * r[t * n + j] as f64
-                            - a[i * k + t] as f64 * b[t * n + j] as f64;
-                    }
-                }
-            }
+            let got = product(a, b, m, k, n);
+            let d: Vec<f64> = want.iter().zip(&got).map(|(w, g)| w - g).collect();
             (0..m)
                 .map(|i| {
                     let di = &d[i * n..(i + 1) * n];
