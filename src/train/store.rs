@@ -23,8 +23,9 @@ pub struct FactorStore {
 impl FactorStore {
     /// Lᵀ (k × rows) and R (k × cols) as stored: rotated into the stored space, then
     /// quantized (`l`: rows × k, `r`: k × cols, as trained).
-    /// With `h` (the weight's input Hessian XᵀX, cols × cols, unrotated), the refit weighs the
-    /// product's error by the inputs: L' minimizes ‖(L R − L' R̂) Xᵀ‖_F.
+    /// With `refit` and `h` (the weight's input Hessian XᵀX, cols × cols, unrotated; rotated
+    /// here like the weight), R is rounded by LDLQ against H instead of RTN, and the refit
+    /// weighs the product's error by the inputs: L' minimizes ‖(L R − L' R̂) Xᵀ‖_F.
     pub fn quantize(
         &self,
         l: &[f32],
@@ -45,8 +46,9 @@ impl FactorStore {
             rht::rows(&mut lt, &Rht::new(m, s.rows), false);
             rht::rows(&mut rr, &Rht::new(n, s.cols), false);
         }
-        // R first; then (with `refit`) Lᵀ re-solved against the rounded R (least squares: the
-        // L minimizing ‖L R − L' R̂‖_F, so L absorbs what rounding R lost), then rounded.
+        // R first (by LDLQ when H is given); then (with `refit`) Lᵀ re-solved against the
+        // rounded R (least squares: the L minimizing ‖(L R − L' R̂) Xᵀ‖_F, X = I without H,
+        // so L absorbs what rounding R lost in R̂'s row space), then rounded.
         let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
         let hr = h.filter(|_| self.refit).map(|h| match self.rht {
             Some(s) => rht::rotate_hessian(h, n, &Rht::new(n, s.cols)),
