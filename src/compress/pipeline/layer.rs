@@ -242,7 +242,8 @@ fn per_batch<T>(
 }
 
 /// H = Σ XᵀX over `inputs` (f64, full symmetric), on the GPU or, where `on` says so, on the
-/// host (the inputs read back, the products in f64 faer: [`crate::compress::xtx`]).
+/// host (the inputs read back [`XTX_BLOCK`](crate::compress::xtx::XTX_BLOCK) rows at a time,
+/// so host memory stays bounded; the products in f64 faer: [`crate::compress::xtx`]).
 pub(crate) fn accumulate_hessian(
     gpu: &Gpu,
     n: usize,
@@ -250,9 +251,25 @@ pub(crate) fn accumulate_hessian(
     on: crate::lowrank::fit::Placement,
 ) -> Result<Vec<f64>> {
     if on.host_for(gpu.caps().is_cpu) {
+        use crate::compress::xtx::{xtx_accumulate, XTX_BLOCK};
         let mut h = vec![0.0f64; n * n];
+        // Rows read back at a time: a widened block's worth, within one binding.
+        let step = XTX_BLOCK.min(crate::gpu::rows_per_chunk(
+            gpu,
+            n,
+            crate::DType::F32,
+            "an input",
+        )?);
         for x in inputs {
-            crate::compress::xtx::xtx_accumulate(&mut h, &x.to_f32(gpu)?, x.rows(), n);
+            if x.rows() <= step || x.dtype() != crate::DType::F32 {
+                xtx_accumulate(&mut h, &x.to_f32(gpu)?, x.rows(), n);
+                continue;
+            }
+            for r0 in (0..x.rows()).step_by(step) {
+                let rows = r0..(r0 + step).min(x.rows());
+                let part = x.copy_rows(gpu, rows.clone())?.to_f32(gpu)?;
+                xtx_accumulate(&mut h, &part, rows.len(), n);
+            }
         }
         crate::compress::xtx::mirror_upper(&mut h, n);
         return Ok(h);
@@ -525,4 +542,59 @@ pub(crate) fn compress_layer(
         quantize_s,
         helper_work,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lowrank::fit::Placement;
+
+    /// Both placements accumulate the f64 reference's H over inputs read back in parts: rows
+    /// past one widened block, and a binding small enough to split them further (and the
+    /// matrix into chunks).
+    #[test]
+    fn hessians_of_inputs_read_in_parts_match_the_reference() {
+        use crate::compress::xtx::XTX_BLOCK;
+        for (n, cap) in [(5usize, None), (37, Some(32 * 1024u64))] {
+            let gpu = Gpu::new(&crate::gpu::GpuOptions {
+                max_binding_bytes: cap,
+                ..crate::gpu::GpuOptions::from_env().unwrap()
+            })
+            .expect("GPU tests need an adapter (install mesa-vulkan-drivers for lavapipe)");
+            let rows = [2 * XTX_BLOCK + 37, 3];
+            let xs: Vec<Vec<f32>> = rows
+                .iter()
+                .enumerate()
+                .map(|(s, &r)| {
+                    (0..r * n)
+                        .map(|i| ((i * 7 + s * 13) % 17) as f32 * 0.25 - 2.0)
+                        .collect()
+                })
+                .collect();
+            let inputs: Vec<GpuMatrix> = xs
+                .iter()
+                .zip(rows)
+                .map(|(x, r)| GpuMatrix::from_f32(&gpu, r, n, crate::DType::F32, x).unwrap())
+                .collect();
+            let mut want = vec![0.0f64; n * n];
+            for (x, &r) in xs.iter().zip(&rows) {
+                for (w, v) in want
+                    .iter_mut()
+                    .zip(crate::quant::reference::hessian_f64(x, r, n))
+                {
+                    *w += v;
+                }
+            }
+            let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            for on in [Placement::Host, Placement::Gpu] {
+                let h = accumulate_hessian(&gpu, n, &inputs, on).unwrap();
+                let d = h
+                    .iter()
+                    .zip(&want)
+                    .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+                let tol = if on == Placement::Host { 1e-12 } else { 1e-6 };
+                assert!(d <= tol * scale, "n {n} {on:?}: {d:e} of {scale:e}");
+            }
+        }
+    }
 }
