@@ -68,6 +68,16 @@ fn frozen_bytes(w: &LayerWeights) -> u64 {
     n
 }
 
+/// A forward over calibration sequences, one layer at a time, for the layers' input Hessians
+/// ([`TrainModel::input_hessians`]).
+pub struct HessianWalk {
+    /// The stream entering layer `layer`.
+    x: GpuMatrix,
+    pos: GpuBuffer,
+    t: usize,
+    layer: usize,
+}
+
 /// What a decoder layer's forward keeps for its backward.
 struct Acts {
     h1: GpuMatrix,
@@ -346,11 +356,8 @@ impl<'a> TrainModel<'a> {
         let lo = window.map_or(0, |w| w.layers.start.min(depth));
         let c = self.config().clone();
         let gpu = self.gpu();
-        self.engine.check_sequences(tokens, t)?;
         let rows = tokens.len();
-        let positions: Vec<u32> = (0..rows).map(|r| (r % t) as u32).collect();
-        let pos = ops::upload_u32(gpu, &positions)?;
-        let mut x = self.engine.embed_tokens(tokens, t)?;
+        let (mut x, pos) = self.stream_start(tokens, t)?;
         let mut saved = Vec::with_capacity(depth - lo);
         for l in 0..depth {
             let (out, _) = self.layer_forward(l, &x, &pos, t)?;
@@ -390,33 +397,37 @@ impl<'a> TrainModel<'a> {
         Ok(BatchLoss { loss })
     }
 
-    /// The residual stream entering each decoder layer for `tokens` (sequences of `t`), and
-    /// their positions: what [`layer_input_hessians`](Self::layer_input_hessians) reads.
-    pub fn layer_inputs(&self, tokens: &[u32], t: usize) -> Result<(Vec<GpuMatrix>, GpuBuffer)> {
+    /// The embedded `tokens` (sequences of `t`) and their positions: where a forward starts.
+    fn stream_start(&self, tokens: &[u32], t: usize) -> Result<(GpuMatrix, GpuBuffer)> {
         self.engine.check_sequences(tokens, t)?;
-        let rows = tokens.len();
-        let positions: Vec<u32> = (0..rows).map(|r| (r % t) as u32).collect();
+        let positions: Vec<u32> = (0..tokens.len()).map(|r| (r % t) as u32).collect();
         let pos = ops::upload_u32(self.gpu(), &positions)?;
-        let mut x = self.engine.embed_tokens(tokens, t)?;
-        let mut xs = Vec::with_capacity(self.layers.len());
-        for l in 0..self.layers.len() {
-            let (out, _) = self.layer_forward(l, &x, &pos, t)?;
-            xs.push(std::mem::replace(&mut x, out));
-        }
-        Ok((xs, pos))
+        Ok((self.engine.embed_tokens(tokens, t)?, pos))
     }
 
-    /// H = XᵀX of every linear's input in layer `l` of the model as tuned, from the stream
-    /// `x` entering it (sequences of `t`), by linear (the kinds that share an input share H).
-    pub fn layer_input_hessians(
+    /// Start a walk over the layers of the model as tuned on `tokens` (sequences of `t`) that
+    /// yields each layer's input Hessians in turn ([`next_input_hessians`]
+    /// (Self::next_input_hessians)): one forward per layer, one stream held.
+    pub fn input_hessians(&self, tokens: &[u32], t: usize) -> Result<HessianWalk> {
+        let (x, pos) = self.stream_start(tokens, t)?;
+        Ok(HessianWalk {
+            x,
+            pos,
+            t,
+            layer: 0,
+        })
+    }
+
+    /// H = XᵀX of every linear's input in the walk's next layer, by linear (the kinds that
+    /// share an input share H); the walk moves past the layer.
+    pub fn next_input_hessians(
         &self,
-        l: usize,
-        x: &GpuMatrix,
-        pos: &GpuBuffer,
-        t: usize,
+        walk: &mut HessianWalk,
     ) -> Result<Vec<(LinearKind, std::rc::Rc<Vec<f64>>)>> {
         let gpu = self.gpu();
-        let (_, acts) = self.layer_forward(l, x, pos, t)?;
+        let (out, acts) = self.layer_forward(walk.layer, &walk.x, &walk.pos, walk.t)?;
+        walk.x = out;
+        walk.layer += 1;
         let h = |m: &GpuMatrix| -> Result<std::rc::Rc<Vec<f64>>> {
             crate::compress::pipeline::accumulate_hessian(
                 gpu,

@@ -82,13 +82,13 @@ pub(crate) fn write(
         .adapters
         .iter()
         .any(|a| a.store.as_ref().is_some_and(|s| s.refit));
-    let streams = match calib {
-        Some((tokens, t)) if refit => Some((model.layer_inputs(tokens, t)?, t)),
+    let mut walk = match calib {
+        Some((tokens, t)) if refit => Some(model.input_hessians(tokens, t)?),
         _ => None,
     };
     for (l, entries) in planned.iter().enumerate() {
-        let hessians = match &streams {
-            Some(((xs, pos), t)) => model.layer_input_hessians(l, &xs[l], pos, *t)?,
+        let hessians = match &mut walk {
+            Some(w) => model.next_input_hessians(w)?,
             None => Vec::new(),
         };
         let mut layer = native::read_layer(student, l)?;

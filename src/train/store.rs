@@ -54,11 +54,7 @@ impl FactorStore {
             Some(s) => rht::rotate_hessian(h, n, &Rht::new(n, s.cols)),
             None => h.to_vec(),
         });
-        let opts = crate::quant::GptqOptions {
-            damp: 0.01,
-            act_order: false,
-            block: 128,
-        };
+        let opts = crate::quant::GptqOptions::default();
         let rq = match hr.as_deref().map(|h| prepare_hessian(h, n, &opts)) {
             Some(Ok(p)) => gptq(&f32s(&rr), k, n, &p, self.grid, opts.block),
             _ => rtn(&f32s(&rr), k, n, self.grid),
@@ -134,6 +130,16 @@ mod tests {
     use super::*;
     use crate::quant::GridKind;
 
+    fn refitting(grid: Grid, rht: Option<RhtSeeds>, m: usize, n: usize) -> FactorStore {
+        FactorStore {
+            grid,
+            rht,
+            rows: m,
+            cols: n,
+            refit: true,
+        }
+    }
+
     /// L·R (m × k times k × n) in f64.
     fn product(l: &[f32], r: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
         let mut p = vec![0.0; m * n];
@@ -164,13 +170,7 @@ mod tests {
                 .sum::<f64>()
         };
         for rht in [None, Some(RhtSeeds { rows: 3, cols: 4 })] {
-            let store = FactorStore {
-                grid,
-                rht,
-                rows: m,
-                cols: n,
-                refit: true,
-            };
+            let store = refitting(grid, rht, m, n);
             let (lq, rq) = store.round_trip(&l, &r, k, None);
             // Independent rounding, for comparison (no rotation).
             let lt: Vec<f32> = (0..k * m).map(|i| l[(i % m) * k + i / m]).collect();
@@ -218,13 +218,7 @@ mod tests {
                 .sum()
         };
         for rht in [None, Some(RhtSeeds { rows: 3, cols: 4 })] {
-            let store = FactorStore {
-                grid,
-                rht,
-                rows: m,
-                cols: n,
-                refit: true,
-            };
+            let store = refitting(grid, rht, m, n);
             let (la, ra) = store.round_trip(&l, &r, k, None);
             let (lb, rb) = store.round_trip(&l, &r, k, Some(&h));
             let (plain, with_h) = (weighted(&la, &ra), weighted(&lb, &rb));
