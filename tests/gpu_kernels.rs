@@ -119,14 +119,26 @@ fn every_tuning_candidate_matches_the_f64_reference() {
     let max = g.caps().max_invocations;
     let mut configs = Vec::new();
     for cpu_class in [true, false] {
-        for c in tune::gemm_candidates(cpu_class, max)
+        for c in tune::gemm_candidates(cpu_class, max, g.caps().fixed_subgroup())
             .into_iter()
-            .chain(tune::gemv_candidates(cpu_class, max))
+            .chain(tune::gemv_candidates(
+                cpu_class,
+                max,
+                g.caps().fixed_subgroup(),
+            ))
         {
             if !configs.contains(&c) {
                 configs.push(c);
             }
         }
+    }
+    // Where the adapter has one fixed subgroup size (lavapipe: 8), the subgroup variants are
+    // among them and take the subgroup path.
+    if g.caps().fixed_subgroup().is_some() {
+        assert!(
+            configs.iter().any(|c| c.subgroup_lanes(&g) > 0),
+            "{configs:?}"
+        );
     }
     for (ci, &cfg) in configs.iter().enumerate() {
         for (i, &(m, k, n)) in [

@@ -229,8 +229,8 @@ fn kernel_tuning_is_measured_once_then_cached() {
         }
         o => panic!("first tuning should measure and save, got {o:?}"),
     };
-    let n = gemm_candidates(caps.is_cpu, caps.max_invocations).len()
-        + gemv_candidates(caps.is_cpu, caps.max_invocations).len()
+    let n = gemm_candidates(caps.is_cpu, caps.max_invocations, caps.fixed_subgroup()).len()
+        + gemv_candidates(caps.is_cpu, caps.max_invocations, caps.fixed_subgroup()).len()
         + hessian_candidates(caps.is_cpu, caps.max_invocations).len();
     assert_eq!(first.trials.len(), n);
     // The chosen configurations are the fastest of their kind.
@@ -271,11 +271,11 @@ fn kernel_tuning_is_measured_once_then_cached() {
     assert_eq!(off.origin, Origin::Defaults);
     assert_eq!(
         off.gemm,
-        gemm_candidates(caps.is_cpu, caps.max_invocations)[0]
+        gemm_candidates(caps.is_cpu, caps.max_invocations, caps.fixed_subgroup())[0]
     );
     assert_eq!(
         off.gemv,
-        gemv_candidates(caps.is_cpu, caps.max_invocations)[0]
+        gemv_candidates(caps.is_cpu, caps.max_invocations, caps.fixed_subgroup())[0]
     );
 
     let files: Vec<_> = std::fs::read_dir(saved.parent().unwrap())

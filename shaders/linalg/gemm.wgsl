@@ -3,8 +3,12 @@
 // Each invocation computes a TM×(4·TN4) block of C held in TM·TN4 vec4 registers; a workgroup
 // of WG_X × WG_Y invocations covers a (TM·WG_Y) × (4·TN4·WG_X) tile. Operands are read straight from
 // storage with vec4 loads (no workgroup memory: on CPU adapters barriers cost more than they
-// save). The host picks the shape per adapter: on CPU adapters (lavapipe) WG_Y = 1 makes the
-// rows of A uniform across the SIMD lanes, so its loads are broadcasts and only B is gathered.
+// save). The host picks the shape per adapter: on CPU adapters (lavapipe) WG_Y = 1, so all
+// invocations of a workgroup compute the same rows of C. Mesa's CPU drivers still load a
+// value every lane needs once per lane (a loop over the lanes for every load), so with
+// SG = S > 0 (subgroups of one fixed size S) lane l loads rows l, S + l, … of A and the
+// others take them with subgroupBroadcast: TM/S loads of A per step instead of TM; with one
+// row per invocation (decode), lane l loads A's elements 4l..4l+3 of every 4·S instead.
 //
 // Specialized by the host (src/gpu/gemm.rs):
 //   OPERANDS  bindings 1 (A) and 2 (B) plus load_a4/load_a1/load_b4/load_b1, which decode
@@ -12,6 +16,9 @@
 //                 when the host picked the aligned variant.
 //   WG_X, WG_Y  workgroup shape; TM rows of C per invocation.
 //   B_T      true: C = A · Bᵀ with B stored [n, k]; false: C = A · B with B stored [k, n].
+//   SG_ARGS, EARLY_EXIT  with SG: the subgroup_invocation_id argument, and no early return
+//                 (every lane must reach the broadcasts; out-of-range lanes load clamped
+//                 indices and store nothing).
 //
 // All offsets are element offsets into the bound chunk buffers, so one pipeline serves every
 // (chunk of A, chunk of B, chunk of C) combination.
@@ -59,14 +66,12 @@ fn store(i: u32, j0: u32, v: vec4<f32>) {
 }
 
 @compute @workgroup_size(WG_X, WG_Y, 1)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>{{SG_ARGS}}) {
     let i0 = (wid.y * WG_Y + lid.y) * TM;
     // Column group g of this invocation starts at j0 + 4·g·WG_X: the groups of neighbouring
     // invocations interleave, so a workgroup covers 4·TN4·WG_X consecutive columns.
     let j0 = wid.x * WG_X * 4u * TN4 + lid.x * 4u;
-    if (i0 >= p.m || j0 >= p.n) {
-        return;
-    }
+{{EARLY_EXIT}}
     // Rows past m and columns past n are clamped for loading; their results are discarded in
     // store().
     let last_i = p.m - 1u;
@@ -77,11 +82,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     // in memory, which on CPU adapters costs a per-lane loop for every access.
     // a_R: offset of row R of A; acc_R_G: C[i0 + R, column group G].
 {{SETUP}}
+    // With the contraction shared across a subgroup (one row per invocation), k < kw runs in
+    // wide steps of 4·S (each lane loads four of A's values, all take them by broadcast);
+    // otherwise kw = 0.
+    let kw = {{WIDE_END}};
     if (B_T) {
         // B rows are C columns; both operands are contiguous along k.
         // bG: the offsets of the four B rows of column group G.
 {{NT_SETUP}}
-        for (var kk = 0u; kk < k4; kk = kk + 4u) {
+{{NT_WIDE}}
+        for (var kk = kw; kk < k4; kk = kk + 4u) {
             // yG: mat4x4 whose column c is B[j + c, kk..kk+3]; x · yG = (x·y0, …, x·y3).
 {{NT_STEP}}
         }
@@ -90,8 +100,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
         }
     } else {
         // A contiguous along k, B contiguous along n: four rank-1 updates per step.
-        for (var kk = 0u; kk < k4; kk = kk + 4u) {
-            let rb = p.b_off + kk * p.ldb;
+{{NN_WIDE}}
+        for (var kk = kw; kk < k4; kk = kk + 4u) {
             // yG: mat4x4 whose column t is B[kk + t, j..j+3]; yG · x = Σ_t x_t · B[kk + t, j..].
 {{NN_STEP}}
         }

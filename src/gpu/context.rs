@@ -25,6 +25,7 @@ pub struct Caps {
     pub subgroups: bool,
     pub timestamps: bool,
     pub subgroup_min: u32,
+    pub subgroup_max: u32,
     /// A software rasterizer (lavapipe, llvmpipe, WARP): prefers different tiles.
     pub is_cpu: bool,
     /// Loop iterations one invocation may run in all its loops together before the driver
@@ -35,6 +36,12 @@ pub struct Caps {
 }
 
 impl Caps {
+    /// The subgroup size when the adapter has subgroups of one fixed size (lavapipe: 8).
+    pub fn fixed_subgroup(&self) -> Option<u32> {
+        (self.subgroups && self.subgroup_min > 1 && self.subgroup_min == self.subgroup_max)
+            .then_some(self.subgroup_min)
+    }
+
     /// Iterations a kernel may plan per invocation: 7/8 of the measured limit (a margin for
     /// loops a kernel's estimate does not count), or effectively unlimited.
     pub fn loop_budget(&self) -> u64 {
@@ -128,6 +135,7 @@ impl Gpu {
             subgroups: features.contains(wgpu::Features::SUBGROUP),
             timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
             subgroup_min: report.limits.subgroup_min_size,
+            subgroup_max: report.limits.subgroup_max_size,
             is_cpu: adapter.get_info().device_type == wgpu::DeviceType::Cpu,
             loop_limit: None,
         };

@@ -25,13 +25,17 @@ const KERNEL: Kernel = Kernel {
 };
 
 /// Output tile per workgroup: each invocation computes `tm`×`tn` elements (`tn` a multiple of
-/// 4), a workgroup (`tm`·`wg_y`)×(`tn`·`wg_x`).
+/// 4), a workgroup (`tm`·`wg_y`)×(`tn`·`wg_x`). With `sg`, the lanes of a subgroup share the
+/// loads of A's rows (each loads one row in S, the others take it by broadcast) where the
+/// adapter has one fixed subgroup size S, `wg_y` is 1, and S divides `wg_x` and `tm`;
+/// elsewhere `sg` is ignored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GemmConfig {
     pub wg_x: u32,
     pub wg_y: u32,
     pub tm: u32,
     pub tn: u32,
+    pub sg: bool,
 }
 
 impl GemmConfig {
@@ -66,7 +70,7 @@ impl GemmConfig {
                 wg_x,
                 wg_y: 1,
                 tm,
-                tn: base.tn,
+                ..base
             };
         }
         if n < base.tile_n() {
@@ -90,28 +94,44 @@ impl GemmConfig {
         })
     }
 
-    /// `WGXxWGYxTM[xTN]`, e.g. `8x1x8` or `8x1x8x8` (the `PUMICE_GEMM_TILE` override used for
-    /// tuning; TN defaults to 4).
+    /// `WGXxWGYxTM[xTN][+sg]`, e.g. `8x1x8` or `8x1x32x8+sg` (the `PUMICE_GEMM_TILE` override
+    /// used for tuning; TN defaults to 4).
     pub fn parse(s: &str) -> Option<GemmConfig> {
-        match super::tune::parse_dims(s)?[..] {
-            [wg_x, wg_y, tm] if wg_x > 0 && wg_y > 0 && (1..=32).contains(&tm) => {
-                Some(GemmConfig {
-                    wg_x,
-                    wg_y,
-                    tm,
-                    tn: 4,
-                })
-            }
-            [wg_x, wg_y, tm, tn]
-                if wg_x > 0
-                    && wg_y > 0
-                    && (1..=32).contains(&tm)
-                    && tn.is_multiple_of(4)
-                    && (4..=32).contains(&tn) =>
+        let (dims, sg) = match s.trim().strip_suffix("+sg") {
+            Some(d) => (d, true),
+            None => (s, false),
+        };
+        let (wg_x, wg_y, tm, tn) = match super::tune::parse_dims(dims)?[..] {
+            [wg_x, wg_y, tm] => (wg_x, wg_y, tm, 4),
+            [wg_x, wg_y, tm, tn] => (wg_x, wg_y, tm, tn),
+            _ => return None,
+        };
+        let fits = wg_x > 0
+            && wg_y > 0
+            && (1..=32).contains(&tm)
+            && tn.is_multiple_of(4)
+            && (4..=32).contains(&tn);
+        fits.then_some(GemmConfig {
+            wg_x,
+            wg_y,
+            tm,
+            tn,
+            sg,
+        })
+    }
+    /// Subgroup lanes the kernel shares A's rows across on `gpu`: S where `sg` takes effect
+    /// (see [`GemmConfig`]), else 0.
+    pub fn subgroup_lanes(&self, gpu: &Gpu) -> u32 {
+        match gpu.caps().fixed_subgroup() {
+            Some(s)
+                if self.sg
+                    && self.wg_y == 1
+                    && self.wg_x.is_multiple_of(s)
+                    && (self.tm == 1 || self.tm.is_multiple_of(s)) =>
             {
-                Some(GemmConfig { wg_x, wg_y, tm, tn })
+                s
             }
-            _ => None,
+            _ => 0,
         }
     }
     pub fn tile_m(&self) -> usize {
@@ -125,7 +145,11 @@ impl GemmConfig {
 impl std::fmt::Display for GemmConfig {
     /// `WGXxWGYxTMxTN`, as [`GemmConfig::parse`] reads it.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}x{}x{}x{}", self.wg_x, self.wg_y, self.tm, self.tn)
+        write!(f, "{}x{}x{}x{}", self.wg_x, self.wg_y, self.tm, self.tn)?;
+        if self.sg {
+            f.write_str("+sg")?;
+        }
+        Ok(())
     }
 }
 
@@ -396,7 +420,8 @@ fn gemm_impl(
                                 .set("WG_Y", cfg.wg_y)
                                 .set("TM", cfg.tm)
                                 .set("TN4", cfg.tn / 4)
-                                .set("B_T", op == GemmOp::NT);
+                                .set("B_T", op == GemmOp::NT)
+                                .set("SG", cfg.subgroup_lanes(gpu));
                             let pipeline = gpu.pipeline(&KERNEL, &spec)?;
                             let wg = [
                                 cn.div_ceil(cfg.tile_n()) as u32,
@@ -418,101 +443,186 @@ fn gemm_impl(
 
 /// The kernel's register block written out for `cfg` (see shaders/linalg/gemm.wgsl): set-up,
 /// one contraction step of four and a tail step for each orientation, and the stores.
-/// The written-out register block, from the spec's WG_X, WG_Y, TM and TN4 (run when a
+/// The written-out register block, from the spec's WG_X, WG_Y, TM, TN4 and SG (run when a
 /// variant's pipeline is built; see [`Kernel::expand`]).
 fn expand(spec: &Spec) -> Result<Vec<(&'static str, String)>> {
-    Ok(write_unrolled(GemmConfig {
-        wg_x: spec.number("WG_X")?,
-        wg_y: spec.number("WG_Y")?,
-        tm: spec.number("TM")?,
-        tn: 4 * spec.number("TN4")?,
-    }))
+    let sg = spec.number("SG")?;
+    Ok(write_unrolled(
+        GemmConfig {
+            wg_x: spec.number("WG_X")?,
+            wg_y: spec.number("WG_Y")?,
+            tm: spec.number("TM")?,
+            tn: 4 * spec.number("TN4")?,
+            sg: sg > 0,
+        },
+        sg,
+    ))
 }
 
-fn write_unrolled(cfg: GemmConfig) -> Vec<(&'static str, String)> {
+fn write_unrolled(cfg: GemmConfig, sg: u32) -> Vec<(&'static str, String)> {
     use std::fmt::Write;
-    let (tm, tn4) = (cfg.tm, cfg.tn / 4);
-    let rows = || 0..tm;
-    let groups = || 0..tn4;
+    let tm = cfg.tm;
+    // Subgroup sharing (see GemmConfig): of A's rows (TM a multiple of S), or, for one row,
+    // of A's contraction: lane l loads elements 4l..4l+3 of each 4·S, a wide step of S.
+    let share_rows = sg > 0 && tm.is_multiple_of(sg);
+    let share_k = sg > 0 && tm == 1;
     // Column j of group g (WGSL expression).
     let col = |g: u32| format!("(j0 + {}u)", 4 * g * cfg.wg_x);
     let mut setup = String::new();
-    for r in rows() {
+    if share_rows {
+        for q in 0..tm / sg {
+            let _ = writeln!(
+                setup,
+                "    let as_{q} = p.a_off + min(i0 + {}u + sg_lane, last_i) * p.lda;",
+                q * sg
+            );
+        }
+    }
+    for r in 0..tm {
         let _ = writeln!(
             setup,
             "    let a_{r} = p.a_off + min(i0 + {r}u, last_i) * p.lda;"
         );
-        for g in groups() {
+        for g in 0..cfg.tn / 4 {
             let _ = writeln!(setup, "    var acc_{r}_{g} = vec4<f32>(0.0);");
         }
     }
     let mut nt_setup = String::new();
-    let mut nt_step = String::new();
-    let mut nt_tail = String::new();
-    let mut nn_step = String::new();
-    let mut nn_tail = String::new();
-    for g in groups() {
+    for g in 0..cfg.tn / 4 {
         let j = col(g);
         let _ = writeln!(
             nt_setup,
             "        let b{g} = p.b_off + min(vec4<u32>({j}, {j} + 1u, {j} + 2u, {j} + 3u), vec4<u32>(last_j)) * p.ldb;"
         );
-        let _ = writeln!(
-            nt_step,
-            "            let y{g} = mat4x4<f32>(load_b4(b{g}.x + kk), load_b4(b{g}.y + kk), load_b4(b{g}.z + kk), load_b4(b{g}.w + kk));"
-        );
+    }
+    let broadcast_rows = |r: u32| format!("subgroupBroadcast(xs{}, {}u)", r / sg, r % sg);
+    let load_rows = |r: u32| format!("load_a4(a_{r} + kk)");
+    let step_x: &dyn Fn(u32) -> String = if share_rows {
+        &broadcast_rows
+    } else {
+        &load_rows
+    };
+    let mut row_loads = String::new();
+    if share_rows {
+        for q in 0..tm / sg {
+            let _ = writeln!(row_loads, "            let xs{q} = load_a4(as_{q} + kk);");
+        }
+    }
+    let nt_step = row_loads.clone() + &step_body(cfg, true, "kk", step_x);
+    let nn_step = row_loads + &step_body(cfg, false, "kk", step_x);
+    // The wide step (one row, contraction shared): S sub-steps, each in its own block.
+    let (mut nt_wide, mut nn_wide) = (String::new(), String::new());
+    if share_k {
+        for (out, b_t) in [(&mut nt_wide, true), (&mut nn_wide, false)] {
+            let _ = writeln!(
+                out,
+                "        for (var kk = 0u; kk < kw; kk = kk + {}u) {{\n            let xs = load_a4(a_0 + kk + 4u * sg_lane);",
+                4 * sg
+            );
+            for t in 0..sg {
+                let k = format!("(kk + {}u)", 4 * t);
+                let x = |_r: u32| format!("subgroupBroadcast(xs, {t}u)");
+                let _ = writeln!(
+                    out,
+                    "            {{\n{}            }}",
+                    step_body(cfg, b_t, &k, &x)
+                );
+            }
+            out.push_str("        }");
+        }
+    }
+    let mut nt_tail = String::new();
+    let mut nn_tail = String::new();
+    for g in 0..cfg.tn / 4 {
+        let j = col(g);
         let _ = writeln!(
             nt_tail,
             "            let y{g} = vec4<f32>(load_b1(b{g}.x + kk), load_b1(b{g}.y + kk), load_b1(b{g}.z + kk), load_b1(b{g}.w + kk));"
-        );
-        let _ = writeln!(
-            nn_step,
-            "            let y{g} = mat4x4<f32>(load_b4_clamped(rb, {j}, p.n), load_b4_clamped(rb + p.ldb, {j}, p.n), load_b4_clamped(rb + 2u * p.ldb, {j}, p.n), load_b4_clamped(rb + 3u * p.ldb, {j}, p.n));"
         );
         let _ = writeln!(
             nn_tail,
             "            let y{g} = load_b4_clamped(p.b_off + kk * p.ldb, {j}, p.n);"
         );
     }
-    for r in rows() {
-        let _ = writeln!(nt_step, "            let x{r} = load_a4(a_{r} + kk);");
-        let _ = writeln!(nn_step, "            let x{r} = load_a4(a_{r} + kk);");
-        let _ = writeln!(nt_tail, "            let x{r} = load_a1(a_{r} + kk);");
-        let _ = writeln!(nn_tail, "            let x{r} = load_a1(a_{r} + kk);");
-        for g in groups() {
-            let _ = writeln!(
-                nt_step,
-                "            acc_{r}_{g} = acc_{r}_{g} + x{r} * y{g};"
-            );
-            let _ = writeln!(
-                nn_step,
-                "            acc_{r}_{g} = acc_{r}_{g} + y{g} * x{r};"
-            );
-            let _ = writeln!(
-                nt_tail,
-                "            acc_{r}_{g} = acc_{r}_{g} + x{r} * y{g};"
-            );
-            let _ = writeln!(
-                nn_tail,
-                "            acc_{r}_{g} = acc_{r}_{g} + x{r} * y{g};"
-            );
+    for r in 0..tm {
+        for tail in [&mut nt_tail, &mut nn_tail] {
+            let _ = writeln!(tail, "            let x{r} = load_a1(a_{r} + kk);");
+            for g in 0..cfg.tn / 4 {
+                let _ = writeln!(tail, "            acc_{r}_{g} = acc_{r}_{g} + x{r} * y{g};");
+            }
         }
     }
     let mut stores = String::new();
-    for r in rows() {
-        for g in groups() {
+    for r in 0..tm {
+        for g in 0..cfg.tn / 4 {
             let _ = writeln!(stores, "    store(i0 + {r}u, {}, acc_{r}_{g});", col(g));
         }
     }
+    let (args, exit) = if sg > 0 {
+        (", @builtin(subgroup_invocation_id) sg_lane: u32", "")
+    } else {
+        (
+            "",
+            "    if (i0 >= p.m || j0 >= p.n) {\n        return;\n    }",
+        )
+    };
+    let wide_end = if share_k {
+        format!("p.k - p.k % {}u", 4 * sg)
+    } else {
+        "0u".into()
+    };
     vec![
+        ("SG_ARGS", args.into()),
+        ("EARLY_EXIT", exit.into()),
         ("SETUP", setup),
+        ("WIDE_END", wide_end),
         ("NT_SETUP", nt_setup),
+        ("NT_WIDE", nt_wide),
         ("NT_STEP", nt_step),
         ("NT_TAIL", nt_tail),
+        ("NN_WIDE", nn_wide),
         ("NN_STEP", nn_step),
         ("NN_TAIL", nn_tail),
         ("STORES", stores),
     ]
+}
+
+/// One contraction step of four at `k` (a WGSL expression): B's TN columns over k..k+3 as
+/// mat4x4s, row r of A's four values from `x(r)`, TM·TN/4 products into the accumulators.
+fn step_body(cfg: GemmConfig, b_t: bool, k: &str, x: &dyn Fn(u32) -> String) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    if !b_t {
+        let _ = writeln!(out, "            let rb = p.b_off + {k} * p.ldb;");
+    }
+    for g in 0..cfg.tn / 4 {
+        let j = format!("(j0 + {}u)", 4 * g * cfg.wg_x);
+        let _ = if b_t {
+            writeln!(
+                out,
+                "            let y{g} = mat4x4<f32>(load_b4(b{g}.x + {k}), load_b4(b{g}.y + {k}), load_b4(b{g}.z + {k}), load_b4(b{g}.w + {k}));"
+            )
+        } else {
+            writeln!(
+                out,
+                "            let y{g} = mat4x4<f32>(load_b4_clamped(rb, {j}, p.n), load_b4_clamped(rb + p.ldb, {j}, p.n), load_b4_clamped(rb + 2u * p.ldb, {j}, p.n), load_b4_clamped(rb + 3u * p.ldb, {j}, p.n));"
+            )
+        };
+    }
+    for r in 0..cfg.tm {
+        let _ = writeln!(out, "            let x{r} = {};", x(r));
+        for g in 0..cfg.tn / 4 {
+            // NT: yG's column c is B[j + c, k..k+3], so x · yG = (x·y0, …, x·y3); NN: yG's
+            // column t is B[k + t, j..j+3], so yG · x = Σ_t x_t · B[k + t, j..].
+            let prod = if b_t {
+                format!("x{r} * y{g}")
+            } else {
+                format!("y{g} * x{r}")
+            };
+            let _ = writeln!(out, "            acc_{r}_{g} = acc_{r}_{g} + {prod};");
+        }
+    }
+    out
 }
 
 /// `A · op(B)` into a new f32 matrix, submitted at once.

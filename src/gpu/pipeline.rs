@@ -147,7 +147,9 @@ impl PipelineCache {
             });
         }
         let pipeline = Arc::new(pipeline);
-        profiler.add_build(kernel.name, started.elapsed().as_secs_f64());
+        let seconds = started.elapsed().as_secs_f64();
+        profiler.add_build(kernel.name, seconds);
+        tracing::debug!(kernel = %label, seconds, "built");
         self.names
             .lock()
             .unwrap_or_else(|p| p.into_inner())
