@@ -148,6 +148,17 @@ fn attention_matches_reference() {
     check_attention(&g, 2, 17, 2, 1, 8, 0, 5, 6);
     // Sequences spread over several chunks.
     check_attention(&gpu_limited(2048), 5, 7, 2, 1, 8, 0, 0, 7);
+    // Prefill long enough to share loads across a subgroup on CPU adapters (blocks padded
+    // to whole subgroups): exactly one subgroup of blocks, head dims below the subgroup
+    // size and not multiples of 4, a window, a chunked batch.
+    check_attention(&g, 3, 32, 4, 2, 64, 0, 0, 8);
+    check_attention(&g, 2, 45, 6, 2, 12, 0, 7, 9);
+    check_attention(&g, 1, 64, 2, 1, 6, 0, 0, 10);
+    check_attention(&gpu_limited(16 << 10), 6, 37, 2, 1, 8, 3, 0, 18);
+    let blocks = ops::attention_blocks_per_sequence(32);
+    if g.caps().is_cpu && g.caps().fixed_subgroup().is_some() {
+        assert!(ops::attention_lanes(&g, blocks) > 0, "{}", g.describe());
+    }
 }
 
 /// Mesa's CPU drivers (lavapipe, llvmpipe-GL) silently end an invocation's loops after 65,535

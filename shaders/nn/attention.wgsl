@@ -24,7 +24,11 @@
 //           (contiguous sequences: strides (s, 1); an interleaved KV cache of nseq sequences:
 //           strides (1, nseq))
 //   st:     [nseq · t, heads, 2] running (m, l) between dispatches
-// Specialized by the host: HD, VW (4 or 1), VT, DOTV, QR and the written-out blocks.
+// Specialized by the host: HD, VW (4 or 1), VT, DOTV, QR and the written-out blocks. With
+// SG = S > 0 (CPU adapters with one fixed subgroup size; src/gpu/ops.rs attention_lanes) a
+// workgroup is one subgroup of S blocks of the same sequence and head, the lanes load each key
+// and value once between them and share it with subgroupBroadcast (LIVE, RANGE: no early
+// return, the union of the lanes' key ranges, rows outside a row's range weigh nothing).
 
 struct Params {
     rows: u32,     // nseq · t query rows in this dispatch
@@ -67,14 +71,11 @@ fn dotv(a: VT, b: VT) -> f32 {
     return {{DOTV}};
 }
 
-@compute @workgroup_size(64, 1, 1)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+@compute @workgroup_size({{WG}}, 1, 1)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>{{SG_ARGS}}) {
     let head = gid.y;
-    let seq = gid.x / p.blocks;
+    {{LIVE}}
     let i0 = (gid.x % p.blocks) * QR;
-    if (seq * p.t >= p.rows || head >= p.heads) {
-        return;
-    }
     let kvh = head / (p.heads / p.kv_heads);
     let kv_stride = p.kv_heads * HV;
     let kv_base = p.k_off + seq * p.kv_seq_stride * kv_stride + kvh * HV;
@@ -91,7 +92,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         start = max(start, pos_first + 1u - p.window);
     }
     let end = min(min(pos_last + 1u, p.s), p.k_end);
-    for (var j = start; j < end; j = j + 1u) {
+    {{RANGE}}
+    for (var j = k_lo; j < k_hi; j = j + 1u) {
         let kb = kv_base + j * kv_step;
 {{STEP}}
     }

@@ -243,7 +243,8 @@ struct AttnParams {
 /// The attention kernel's specialization for a head dimension and `qr` query rows per
 /// invocation: vec4 arithmetic when the head dimension is a multiple of 4, and the per-row
 /// state written out as variables (see shaders/nn/attention.wgsl).
-fn attention_spec(head_dim: usize, qr: usize) -> Spec {
+/// `sg`: subgroup lanes sharing each key and value (0: none; see [`attention_lanes`]).
+fn attention_spec(head_dim: usize, qr: usize, sg: u32) -> Spec {
     let (vw, vt, dotv) = head_vector(head_dim);
     Spec::new()
         .set("HD", head_dim)
@@ -251,6 +252,20 @@ fn attention_spec(head_dim: usize, qr: usize) -> Spec {
         .set("VT", vt)
         .set("QR", qr)
         .set("DOTV", dotv)
+        .set("SG", sg)
+}
+
+/// Lanes that share each key and value load (by subgroupBroadcast) in an attention of
+/// `blocks` row blocks per sequence ([`attention_blocks_per_sequence`]), or 0. On a CPU
+/// adapter with one fixed subgroup size S (Mesa's drivers load a value every lane needs once
+/// per lane), when a sequence has at least S blocks: the blocks are then padded to a multiple
+/// of S and a workgroup is one subgroup, so its lanes are blocks of the same sequence and
+/// head, which read the same keys.
+pub fn attention_lanes(gpu: &Gpu, blocks: usize) -> u32 {
+    match gpu.caps().fixed_subgroup() {
+        Some(s) if gpu.caps().is_cpu && blocks >= s as usize => s,
+        _ => 0,
+    }
 }
 
 /// How the attention kernels (forward and backward) hold a head of `head_dim` values in
@@ -276,6 +291,7 @@ pub(super) fn flat_grid(gpu: &Gpu, n: usize) -> [u32; 3] {
 fn attention_blocks(spec: &Spec) -> Result<Vec<(&'static str, String)>> {
     use std::fmt::Write;
     let (hd, qr) = (spec.number("HD")? as usize, spec.number("QR")? as usize);
+    let sg = spec.number("SG")? as usize;
     let (vw, vt, _) = head_vector(hd);
     let hv = hd / vw;
     let (mut setup, mut step, mut finish) = (String::new(), String::new(), String::new());
@@ -306,11 +322,26 @@ fn attention_blocks(spec: &Spec) -> Result<Vec<(&'static str, String)>> {
         );
     }
     let _ = writeln!(setup, "    let pos_last = pos{};", qr - 1);
-    for d in 0..hv {
-        let _ = writeln!(step, "        let k{d} = k[kb + {d}u];");
-    }
-    for d in 0..hv {
-        let _ = writeln!(step, "        let v{d} = v[kb + {d}u];");
+    if sg > 0 {
+        // Lane l loads vectors l, S + l, … of the key and the value; all take them by
+        // broadcast.
+        for c in 0..hv.div_ceil(sg) {
+            let i = format!("min({}u + sg_lane, {}u)", c * sg, hv - 1);
+            let _ = writeln!(step, "        let kl{c} = k[kb + {i}];");
+            let _ = writeln!(step, "        let vl{c} = v[kb + {i}];");
+        }
+        for d in 0..hv {
+            let (c, l) = (d / sg, d % sg);
+            let _ = writeln!(step, "        let k{d} = subgroupBroadcast(kl{c}, {l}u);");
+            let _ = writeln!(step, "        let v{d} = subgroupBroadcast(vl{c}, {l}u);");
+        }
+    } else {
+        for d in 0..hv {
+            let _ = writeln!(step, "        let k{d} = k[kb + {d}u];");
+        }
+        for d in 0..hv {
+            let _ = writeln!(step, "        let v{d} = v[kb + {d}u];");
+        }
     }
     for r in 0..qr {
         let dots: Vec<String> = (0..hv).map(|d| format!("dotv(q{r}_{d}, k{d})")).collect();
@@ -330,7 +361,10 @@ fn attention_blocks(spec: &Spec) -> Result<Vec<(&'static str, String)>> {
             let _ = writeln!(step, "            a{r}_{d} = a{r}_{d} * c + w * v{d};");
         }
         let _ = writeln!(step, "        }}");
-        let _ = writeln!(finish, "    if (i0 + {r}u < p.t) {{\n        if (last) {{");
+        let _ = writeln!(
+            finish,
+            "    if (live && i0 + {r}u < p.t) {{\n        if (last) {{"
+        );
         let _ = writeln!(
             finish,
             "            let inv = select(0.0, 1.0 / l{r}, l{r} > 0.0);"
@@ -347,7 +381,33 @@ fn attention_blocks(spec: &Spec) -> Result<Vec<(&'static str, String)>> {
             "            st[si{r}] = m{r};\n            st[si{r} + 1u] = l{r};\n        }}\n    }}"
         );
     }
-    Ok(vec![("SETUP", setup), ("STEP", step), ("FINISH", finish)])
+    // With shared loads every lane of the subgroup runs every step (past the rows it may
+    // see, a key weighs nothing): the key range is the union of the lanes', and a lane past
+    // the last sequence computes on the last one and stores nothing.
+    let (wg, args, live, range) = if sg > 0 {
+        (
+            sg.to_string(),
+            ", @builtin(subgroup_invocation_id) sg_lane: u32",
+            "let live = gid.x / p.blocks * p.t < p.rows;\n    let seq = select(p.rows / p.t - 1u, gid.x / p.blocks, live);",
+            "let k_lo = subgroupMin(start);\n    let k_hi = subgroupMax(end);",
+        )
+    } else {
+        (
+            "64".to_string(),
+            "",
+            "let live = true;\n    let seq = gid.x / p.blocks;\n    if (seq * p.t >= p.rows) {\n        return;\n    }",
+            "let k_lo = start;\n    let k_hi = end;",
+        )
+    };
+    Ok(vec![
+        ("SETUP", setup),
+        ("STEP", step),
+        ("FINISH", finish),
+        ("WG", wg),
+        ("SG_ARGS", args.into()),
+        ("LIVE", live.into()),
+        ("RANGE", range.into()),
+    ])
 }
 
 /// Query rows per attention invocation for sequences of `t` queries: four for prefill (each
@@ -362,6 +422,11 @@ fn attention_rows(t: usize) -> usize {
             .filter(|&q| (1..=16).contains(&q))
     });
     o.unwrap_or(if t >= 4 { 4 } else { 1 }).min(t.max(1))
+}
+
+/// Row blocks per sequence of `t` queries (before any padding to whole subgroups).
+pub fn attention_blocks_per_sequence(t: usize) -> usize {
+    t.div_ceil(attention_rows(t))
 }
 
 /// Keys one attention dispatch may cover so that no invocation runs more than `budget` loop
@@ -414,8 +479,16 @@ pub fn attention(
     let gpu = batch.gpu();
     let qr = attention_rows(sh.t);
     let vw = if sh.head_dim.is_multiple_of(4) { 4 } else { 1 };
-    let pipeline = gpu.pipeline(&ATTENTION, &attention_spec(sh.head_dim, qr))?;
-    let blocks = sh.t.div_ceil(qr);
+    let blocks = attention_blocks_per_sequence(sh.t);
+    let sg = attention_lanes(gpu, blocks);
+    // With shared loads, each sequence's blocks are padded to whole subgroups.
+    let blocks = if sg > 0 {
+        blocks.next_multiple_of(sg as usize)
+    } else {
+        blocks
+    };
+    let wg_size = if sg > 0 { sg as usize } else { 64 };
+    let pipeline = gpu.pipeline(&ATTENTION, &attention_spec(sh.head_dim, qr, sg))?;
     let span = attention_keys_per_dispatch(sh.head_dim, gpu.caps().loop_budget());
     // Keys the longest row can see: the split only needs to cover those.
     let k_first = if sh.window > 0 {
@@ -463,7 +536,11 @@ pub fn attention(
             }
             KvLayout::Interleaved => (&k.chunks()[0], &v.chunks()[0], seq0 * kd, 1, nseq),
         };
-        let wg = [(nseq_c * blocks).div_ceil(64) as u32, sh.heads as u32, 1];
+        let wg = [
+            (nseq_c * blocks).div_ceil(wg_size) as u32,
+            sh.heads as u32,
+            1,
+        ];
         for (n, &(kb, ke)) in segments.iter().enumerate() {
             let flags = (n == 0) as u32 | (((n + 1 == segments.len()) as u32) << 1);
             let params = AttnParams {

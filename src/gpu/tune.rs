@@ -149,7 +149,11 @@ pub fn gemm_candidates(
         // 256×4096·4096ᵀ (seconds to build): 8x1x32x8+sg 42.6 / 40.4 / 60.2 (0.3 s),
         // 16x1x16x8+sg 30.6 / 26.7 / 46.3, 8x1x24x8+sg 35.5 / 34.3 / 53.5; without: the best
         // 20 / 18.6 / 28.3. 16x1x32x8+sg and TN 12 or 16 build for 4–17 s: not offered.
-        for (wg_x, tm, tn) in [(s.max(8), 32u32, 8), (s.max(8), 24, 8), (2 * s.max(8), 16, 8)] {
+        for (wg_x, tm, tn) in [
+            (s.max(8), 32u32, 8),
+            (s.max(8), 24, 8),
+            (2 * s.max(8), 16, 8),
+        ] {
             if wg_x.is_multiple_of(s) && tm.is_multiple_of(s) {
                 list.push((wg_x, 1, tm, tn, true));
             }
