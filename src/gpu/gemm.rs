@@ -26,9 +26,10 @@ const KERNEL: Kernel = Kernel {
 
 /// Output tile per workgroup: each invocation computes `tm`×`tn` elements (`tn` a multiple of
 /// 4), a workgroup (`tm`·`wg_y`)×(`tn`·`wg_x`). With `sg`, the lanes of a subgroup share the
-/// loads of A's rows (each loads one row in S, the others take it by broadcast) where the
-/// adapter has one fixed subgroup size S, `wg_y` is 1, and S divides `wg_x` and `tm`;
-/// elsewhere `sg` is ignored.
+/// loads of A (each loads one row in S, the others take it by broadcast; with `tm` = 1, four
+/// of every 4·S contraction values instead) where the adapter has one fixed subgroup size S,
+/// `wg_y` is 1, S divides `wg_x`, and `tm` is 1 or a multiple of S; elsewhere `sg` is
+/// ignored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GemmConfig {
     pub wg_x: u32,
@@ -441,10 +442,10 @@ fn gemm_impl(
     Ok(())
 }
 
-/// The kernel's register block written out for `cfg` (see shaders/linalg/gemm.wgsl): set-up,
-/// one contraction step of four and a tail step for each orientation, and the stores.
-/// The written-out register block, from the spec's WG_X, WG_Y, TM, TN4 and SG (run when a
-/// variant's pipeline is built; see [`Kernel::expand`]).
+/// The kernel's register block written out (see shaders/linalg/gemm.wgsl) from the spec's
+/// WG_X, WG_Y, TM, TN4 and SG: set-up, the shared wide step, one contraction step of four and
+/// a tail step for each orientation, and the stores (run when a variant's pipeline is built;
+/// see [`Kernel::expand`]).
 fn expand(spec: &Spec) -> Result<Vec<(&'static str, String)>> {
     let sg = spec.number("SG")?;
     Ok(write_unrolled(
