@@ -28,7 +28,7 @@
 // SG = S > 0 (CPU adapters with one fixed subgroup size; src/gpu/ops.rs attention_lanes) a
 // workgroup is one subgroup of S blocks of the same sequence and head, the lanes load each key
 // and value once between them and share it with subgroupBroadcast (LIVE, RANGE: no early
-// return, the union of the lanes' key ranges, rows outside a row's range weigh nothing).
+// return, the union of the lanes' key ranges; a key outside a row's range weighs nothing).
 
 struct Params {
     rows: u32,     // nseq · t query rows in this dispatch
