@@ -333,3 +333,28 @@ fn profile_times_every_dispatch_by_kernel() {
     assert!(plain.profile().gpu.is_empty());
     assert!(!plain.profile().builds.is_empty() || plain.pipelines_built() == 0);
 }
+
+/// Row ranges read straight back: across chunk boundaries, 16-bit rows that start halfway
+/// into a 4-byte word, an empty range, and a range past the end refused.
+#[test]
+fn row_ranges_read_back_as_stored() {
+    let g = common::gpu_limited(1024);
+    for (dtype, rows, cols) in [
+        (DType::F32, 37, 13),
+        (DType::BF16, 101, 7),
+        (DType::F16, 9, 5),
+    ] {
+        let vals: Vec<f32> = (0..rows * cols).map(|i| (i % 29) as f32 - 14.0).collect();
+        let m = GpuMatrix::from_f32(&g, rows, cols, dtype, &vals).unwrap();
+        assert!(m.chunks().len() > 1 || dtype == DType::F16, "{dtype}");
+        for r in [0..rows, 1..2, 3..rows - 1, 5..5] {
+            let got = m.rows_to_f32(&g, r.clone()).unwrap();
+            assert_eq!(
+                got,
+                vals[r.start * cols..r.end * cols],
+                "{dtype} rows {r:?}"
+            );
+        }
+        assert!(m.rows_to_f32(&g, rows - 1..rows + 1).is_err());
+    }
+}

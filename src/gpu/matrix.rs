@@ -331,11 +331,26 @@ impl GpuMatrix {
 
     /// Read the whole matrix back as f32.
     pub fn to_f32(&self, gpu: &Gpu) -> Result<Vec<f32>> {
-        let mut out = Vec::with_capacity(self.rows * self.cols);
-        for c in &self.chunks {
-            let n = (c.rows * self.cols * self.dtype.size()) as u64;
-            let bytes = gpu.read_bytes(&c.buf, 0, n)?;
-            self.dtype.decode_f32(&bytes, &mut out);
+        self.rows_to_f32(gpu, 0..self.rows)
+    }
+
+    /// Read rows `rows` back as f32 (straight from the chunks holding them).
+    pub fn rows_to_f32(&self, gpu: &Gpu, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        if rows.end > self.rows {
+            return Err(Error::Shape(format!(
+                "rows {rows:?} of a {}×{} matrix",
+                self.rows, self.cols
+            )));
+        }
+        let row_bytes = self.cols * self.dtype.size();
+        let mut out = Vec::with_capacity(rows.len() * self.cols);
+        for (c, first, count, _) in self.segments(rows) {
+            // Readbacks start at a multiple of 4 bytes: a 16-bit row may start halfway.
+            let start = first * row_bytes;
+            let skip = start % 4;
+            let len = count * row_bytes;
+            let bytes = gpu.read_bytes(&c.buf, (start - skip) as u64, (skip + len) as u64)?;
+            self.dtype.decode_f32(&bytes[skip..], &mut out);
         }
         Ok(out)
     }

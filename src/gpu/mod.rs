@@ -44,6 +44,5 @@ pub use gemm::{
     gemm, gemm_region, gemm_rows, gemm_scaled, gemm_with_config, matmul, GemmConfig, GemmOp,
 };
 pub use hessian::{HessianAccumulator, HessianConfig};
-pub(crate) use matrix::rows_per_chunk;
 pub use matrix::{Chunk, GpuMatrix};
 pub use tune::{TuneMode, Tuning};

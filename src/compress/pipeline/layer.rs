@@ -253,21 +253,11 @@ pub(crate) fn accumulate_hessian(
     if on.host_for(gpu.caps().is_cpu) {
         use crate::compress::xtx::{xtx_accumulate, XTX_BLOCK};
         let mut h = vec![0.0f64; n * n];
-        // Rows read back at a time: a widened block's worth, within one binding.
-        let step = XTX_BLOCK.min(crate::gpu::rows_per_chunk(
-            gpu,
-            n,
-            crate::DType::F32,
-            "an input",
-        )?);
+        // A widened block's worth of rows read back at a time.
         for x in inputs {
-            if x.rows() <= step || x.dtype() != crate::DType::F32 {
-                xtx_accumulate(&mut h, &x.to_f32(gpu)?, x.rows(), n);
-                continue;
-            }
-            for r0 in (0..x.rows()).step_by(step) {
-                let rows = r0..(r0 + step).min(x.rows());
-                let part = x.copy_rows(gpu, rows.clone())?.to_f32(gpu)?;
+            for r0 in (0..x.rows()).step_by(XTX_BLOCK) {
+                let rows = r0..(r0 + XTX_BLOCK).min(x.rows());
+                let part = x.rows_to_f32(gpu, rows.clone())?;
                 xtx_accumulate(&mut h, &part, rows.len(), n);
             }
         }
